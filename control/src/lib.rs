@@ -1,0 +1,1 @@
+//! flyball-control (placeholder)

@@ -1,0 +1,1 @@
+//! flyball-filter-core (placeholder)

@@ -1,0 +1,1 @@
+//! flyball-proto (placeholder)
