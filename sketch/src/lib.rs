@@ -1,1 +1,299 @@
-//! flyball-sketch (placeholder)
+//! Mergeable log-bucketed histograms (DDSketch's logarithmic mapping, dense buckets).
+//!
+//! The filter records latencies into a [`Sketch`] per (backend, model) key, the control service
+//! merges the sketches of every gateway into its windows, and the simulators use the same type, so
+//! a quantile means the same thing everywhere. Bucket `i` holds values `v` with
+//! `gamma^(i-1) < v <= gamma^i`, `gamma = (1 + a) / (1 - a)`: a bucket's representative value
+//! `2 gamma^i / (gamma + 1)` is within relative error `a` ([`RELATIVE_ACCURACY`], 2%) of every value
+//! in it, and two sketches merge exactly by adding their bucket counts.
+//!
+//! Why not the `sketches-ddsketch` crate: flyball needs the bucket layout itself on the wire
+//! (`flyball.v1.Sketch`: offset + contiguous counts) and a hard bound on memory for any input, and
+//! that crate keeps both private. This one is small, has no dependencies and builds for wasm32.
+//!
+//! Values are unit-free `f64`s; flyball records microseconds. Values below [`MIN_VALUE`] count as
+//! zero, values above [`MAX_VALUE`] (and NaN or infinities) land in the last bucket, so memory stays
+//! below [`MAX_BUCKETS`] counters whatever is recorded. Nothing here panics on input.
+#![forbid(unsafe_code)]
+
+use std::fmt;
+
+/// The relative error bound of every quantile and bucket value: 2%.
+pub const RELATIVE_ACCURACY: f64 = 0.02;
+
+/// Smallest value with a bucket of its own; smaller ones count as zero (1 us when recording us).
+pub const MIN_VALUE: f64 = 1.0;
+
+/// Largest value kept exactly; larger ones land in the last bucket (1e12 us is 11.6 days).
+pub const MAX_VALUE: f64 = 1.0e12;
+
+/// Number of buckets between [`MIN_VALUE`] and [`MAX_VALUE`]: the memory bound of one sketch.
+pub const MAX_BUCKETS: usize = (MAX_INDEX + 1) as usize;
+
+const GAMMA: f64 = (1.0 + RELATIVE_ACCURACY) / (1.0 - RELATIVE_ACCURACY);
+// ceil(ln(MAX_VALUE) / ln(GAMMA)) for the 2% mapping; `max_index_matches_mapping` pins it.
+const MAX_INDEX: i32 = 691;
+
+/// Why a sketch received from elsewhere was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SketchError {
+    #[error(
+        "relative_accuracy = {0}: must be {RELATIVE_ACCURACY} (sketches of other accuracies do not merge)"
+    )]
+    Accuracy(f64),
+    #[error("buckets {offset}..{end}: must lie within 0..={MAX_INDEX}")]
+    BucketRange { offset: i32, end: i64 },
+    #[error("counts add up to more than 2^64")]
+    CountOverflow,
+    #[error("{field} = {value}: must be a finite number")]
+    NotFinite { field: &'static str, value: f64 },
+}
+
+/// A mergeable histogram with a 2% relative error bound. See the crate docs.
+#[derive(Clone, Default, PartialEq)]
+pub struct Sketch {
+    /// Bucket index of `counts[0]`; meaningless while `counts` is empty.
+    offset: i32,
+    counts: Vec<u64>,
+    zero_count: u64,
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+/// The raw parts of a sketch, as they travel in `flyball.v1.Sketch`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SketchParts<'a> {
+    pub relative_accuracy: f64,
+    pub offset: i32,
+    pub counts: &'a [u64],
+    pub zero_count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+// === impl Sketch ===
+
+impl Sketch {
+    pub const fn new() -> Self {
+        Sketch {
+            offset: 0,
+            counts: Vec::new(),
+            zero_count: 0,
+            count: 0,
+            sum: 0.0,
+            min: 0.0,
+            max: 0.0,
+        }
+    }
+
+    /// The bucket index of `value`, or `None` for values that count as zero.
+    pub fn bucket_index(value: f64) -> Option<i32> {
+        if value.is_nan() {
+            return Some(MAX_INDEX);
+        }
+        if value < MIN_VALUE {
+            return None;
+        }
+        if value >= MAX_VALUE {
+            return Some(MAX_INDEX);
+        }
+        // `as` saturates, and the clamp keeps float error at the edges inside the range.
+        let index = (value.ln() / GAMMA.ln()).ceil() as i32;
+        Some(index.clamp(0, MAX_INDEX))
+    }
+
+    /// The value every member of bucket `index` is reported as.
+    pub fn bucket_value(index: i32) -> f64 {
+        2.0 * GAMMA.powi(index) / (GAMMA + 1.0)
+    }
+
+    pub fn record(&mut self, value: f64) {
+        self.record_n(value, 1);
+    }
+
+    pub fn record_n(&mut self, value: f64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let finite = if value.is_finite() {
+            value.max(0.0)
+        } else {
+            MAX_VALUE
+        };
+        match Self::bucket_index(finite) {
+            None => self.zero_count = self.zero_count.saturating_add(n),
+            Some(index) => self.add_to_bucket(index, n),
+        }
+        self.note_summary(finite, finite, n, finite * n as f64);
+    }
+
+    /// Adds every value of `other` to `self`. Exact: the result is the sketch of both inputs.
+    pub fn merge(&mut self, other: &Sketch) {
+        if other.count == 0 {
+            return;
+        }
+        for (i, &n) in other.counts.iter().enumerate() {
+            if n > 0 {
+                self.add_to_bucket(other.offset + i as i32, n);
+            }
+        }
+        self.zero_count = self.zero_count.saturating_add(other.zero_count);
+        self.note_summary(other.min, other.max, other.count, other.sum);
+    }
+
+    /// The value at quantile `q` (0..=1) within [`RELATIVE_ACCURACY`] of the true value at rank
+    /// `q * (count - 1)`, or `None` when the sketch is empty.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 || !(0.0..=1.0).contains(&q) {
+            return None;
+        }
+        let rank = (q * (self.count - 1) as f64).floor() as u64;
+        if rank < self.zero_count {
+            return Some(self.min.min(MIN_VALUE));
+        }
+        let mut seen = self.zero_count;
+        for (i, &n) in self.counts.iter().enumerate() {
+            seen = seen.saturating_add(n);
+            if seen > rank {
+                let value = Self::bucket_value(self.offset + i as i32);
+                return Some(value.clamp(self.min, self.max));
+            }
+        }
+        Some(self.max)
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn sum(&self) -> f64 {
+        self.sum
+    }
+
+    pub fn min(&self) -> Option<f64> {
+        (self.count > 0).then_some(self.min)
+    }
+
+    pub fn max(&self) -> Option<f64> {
+        (self.count > 0).then_some(self.max)
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+
+    /// Empties the sketch but keeps its bucket storage, so a reused sketch does not allocate
+    /// again (wasm linear memory never shrinks).
+    pub fn clear(&mut self) {
+        self.counts.clear();
+        *self = Sketch {
+            counts: std::mem::take(&mut self.counts),
+            ..Sketch::new()
+        };
+    }
+
+    /// The raw parts, for the wire.
+    pub fn parts(&self) -> SketchParts<'_> {
+        SketchParts {
+            relative_accuracy: RELATIVE_ACCURACY,
+            offset: self.offset,
+            counts: &self.counts,
+            zero_count: self.zero_count,
+            sum: self.sum,
+            min: self.min,
+            max: self.max,
+        }
+    }
+
+    /// Rebuilds a sketch from its raw parts, refusing anything that would break the accuracy or
+    /// the memory bound. Leading and trailing empty buckets are trimmed.
+    pub fn from_parts(parts: SketchParts<'_>) -> Result<Sketch, SketchError> {
+        if parts.relative_accuracy != RELATIVE_ACCURACY {
+            return Err(SketchError::Accuracy(parts.relative_accuracy));
+        }
+        for (field, value) in [("sum", parts.sum), ("min", parts.min), ("max", parts.max)] {
+            if !value.is_finite() {
+                return Err(SketchError::NotFinite { field, value });
+            }
+        }
+        let first = parts.counts.iter().position(|&n| n > 0);
+        let last = parts.counts.iter().rposition(|&n| n > 0);
+        let mut sketch = Sketch::new();
+        if let (Some(first), Some(last)) = (first, last) {
+            let start = i64::from(parts.offset) + first as i64;
+            let end = i64::from(parts.offset) + last as i64;
+            if start < 0 || end > i64::from(MAX_INDEX) {
+                return Err(SketchError::BucketRange {
+                    offset: parts.offset,
+                    end: i64::from(parts.offset) + parts.counts.len() as i64,
+                });
+            }
+            sketch.offset = start as i32;
+            sketch.counts.extend_from_slice(&parts.counts[first..=last]);
+        }
+        let mut count = parts.zero_count;
+        for &n in &sketch.counts {
+            count = count.checked_add(n).ok_or(SketchError::CountOverflow)?;
+        }
+        sketch.zero_count = parts.zero_count;
+        sketch.count = count;
+        if count > 0 {
+            sketch.sum = parts.sum;
+            sketch.min = parts.min;
+            sketch.max = parts.max;
+        }
+        Ok(sketch)
+    }
+
+    fn add_to_bucket(&mut self, index: i32, n: u64) {
+        if self.counts.is_empty() {
+            self.offset = index;
+            self.counts.push(n);
+            return;
+        }
+        if index < self.offset {
+            let grow = (self.offset - index) as usize;
+            self.counts.splice(0..0, std::iter::repeat_n(0, grow));
+            self.offset = index;
+        }
+        let at = (index - self.offset) as usize;
+        if at >= self.counts.len() {
+            self.counts.resize(at + 1, 0);
+        }
+        self.counts[at] = self.counts[at].saturating_add(n);
+    }
+
+    fn note_summary(&mut self, min: f64, max: f64, n: u64, sum: f64) {
+        if self.count == 0 {
+            self.min = min;
+            self.max = max;
+        } else {
+            self.min = self.min.min(min);
+            self.max = self.max.max(max);
+        }
+        self.count = self.count.saturating_add(n);
+        self.sum += sum;
+    }
+}
+
+impl fmt::Debug for Sketch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sketch")
+            .field("count", &self.count)
+            .field("p50", &self.quantile(0.5))
+            .field("p99", &self.quantile(0.99))
+            .field("min", &self.min())
+            .field("max", &self.max())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,77 @@
+//! The prost and tonic bindings under `src/gen/` are checked in, so building flyball needs no
+//! protobuf compiler. This test compiles `flyball/v1/telemetry.proto` again with protox (a pure
+//! Rust compiler) and fails on any difference. To update the bindings after editing the .proto:
+//!
+//!     FLYBALL_REGENERATE=1 cargo test -p flyball-proto --test generated_code
+
+use std::path::{Path, PathBuf};
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let messages = out.join("messages");
+    let grpc = out.join("grpc");
+    std::fs::create_dir_all(&messages)?;
+    std::fs::create_dir_all(&grpc)?;
+
+    let descriptors = protox::compile(["flyball/v1/telemetry.proto"], [crate_dir()])?;
+    prost_build::Config::new()
+        .out_dir(&messages)
+        .compile_fds(descriptors)?;
+
+    // Service code is generated apart from the messages so that the messages build for wasm32
+    // without tonic.
+    let report = tonic_build::manual::Method::builder()
+        .name("report")
+        .route_name("Report")
+        .input_type("crate::v1::ReportRequest")
+        .output_type("crate::v1::ReportResponse")
+        .codec_path("tonic_prost::ProstCodec")
+        .build();
+    let service = tonic_build::manual::Service::builder()
+        .name("TelemetryService")
+        .package("flyball.v1")
+        .method(report)
+        .build();
+    tonic_build::manual::Builder::new()
+        .out_dir(&grpc)
+        .compile(&[service]);
+    Ok(())
+}
+
+#[test]
+fn checked_in_bindings_match_the_proto() -> Result<(), Box<dyn std::error::Error>> {
+    let scratch = std::env::temp_dir().join(format!("flyball-proto-gen-{}", std::process::id()));
+    generate(&scratch)?;
+    let pairs = [
+        (
+            scratch.join("messages/flyball.v1.rs"),
+            crate_dir().join("src/gen/flyball.v1.rs"),
+        ),
+        (
+            scratch.join("grpc/flyball.v1.TelemetryService.rs"),
+            crate_dir().join("src/gen/grpc/flyball.v1.TelemetryService.rs"),
+        ),
+    ];
+    let regenerate = std::env::var_os("FLYBALL_REGENERATE").is_some();
+    let mut stale = Vec::new();
+    for (fresh, checked_in) in &pairs {
+        let fresh_text = std::fs::read_to_string(fresh)?;
+        let old_text = std::fs::read_to_string(checked_in).unwrap_or_default();
+        if fresh_text != old_text {
+            if regenerate {
+                std::fs::write(checked_in, &fresh_text)?;
+            } else {
+                stale.push(checked_in.display().to_string());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert!(
+        stale.is_empty(),
+        "generated bindings are out of date: {stale:?}; run FLYBALL_REGENERATE=1 cargo test -p flyball-proto --test generated_code"
+    );
+    Ok(())
+}

@@ -1,0 +1,158 @@
+use super::*;
+use proptest::prelude::*;
+
+fn exact_quantile(sorted: &[f64], q: f64) -> f64 {
+    let rank = (q * (sorted.len() - 1) as f64).floor() as usize;
+    sorted[rank]
+}
+
+fn within_accuracy(estimate: f64, truth: f64) -> bool {
+    if truth < MIN_VALUE {
+        return estimate <= MIN_VALUE;
+    }
+    (estimate - truth).abs() <= RELATIVE_ACCURACY * truth * (1.0 + 1e-9)
+}
+
+#[test]
+fn max_index_matches_mapping() {
+    let computed = (MAX_VALUE.ln() / GAMMA.ln()).ceil() as i32;
+    assert_eq!(computed, MAX_INDEX);
+}
+
+#[test]
+fn every_bucket_value_is_within_accuracy_of_its_members() {
+    for index in 1..=MAX_INDEX {
+        let low = GAMMA.powi(index - 1) * (1.0 + 1e-12);
+        let high = GAMMA.powi(index);
+        let value = Sketch::bucket_value(index);
+        assert!(within_accuracy(value, low), "bucket {index} low");
+        assert!(within_accuracy(value, high), "bucket {index} high");
+        assert_eq!(Sketch::bucket_index(high * (1.0 - 1e-12)), Some(index));
+    }
+}
+
+#[test]
+fn empty_sketch_has_no_quantile() {
+    let sketch = Sketch::new();
+    assert_eq!(sketch.quantile(0.5), None);
+    assert_eq!(sketch.min(), None);
+    assert!(sketch.is_empty());
+}
+
+#[test]
+fn garbage_values_stay_within_the_memory_bound() {
+    let mut sketch = Sketch::new();
+    for value in [
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        -5.0,
+        0.0,
+        1e300,
+        1e-300,
+    ] {
+        sketch.record(value);
+    }
+    assert_eq!(sketch.count(), 7);
+    assert!(sketch.parts().counts.len() <= MAX_BUCKETS);
+    assert!(sketch.sum().is_finite());
+}
+
+#[test]
+fn clear_keeps_storage_and_forgets_values() {
+    let mut sketch = Sketch::new();
+    sketch.record(10.0);
+    sketch.record(1e6);
+    sketch.clear();
+    assert!(sketch.is_empty());
+    assert_eq!(sketch, Sketch::new());
+    sketch.record(42.0);
+    assert_eq!(sketch.count(), 1);
+    assert!(within_accuracy(sketch.quantile(0.5).unwrap_or(0.0), 42.0));
+}
+
+#[test]
+fn from_parts_refuses_other_accuracies_and_out_of_range_buckets() {
+    let mut sketch = Sketch::new();
+    sketch.record(100.0);
+    let mut parts = sketch.parts();
+    parts.relative_accuracy = 0.01;
+    assert_eq!(Sketch::from_parts(parts), Err(SketchError::Accuracy(0.01)));
+    let counts = [1u64];
+    let parts = SketchParts {
+        offset: MAX_INDEX + 1,
+        counts: &counts,
+        ..sketch.parts()
+    };
+    assert!(matches!(
+        Sketch::from_parts(parts),
+        Err(SketchError::BucketRange { .. })
+    ));
+    let parts = SketchParts {
+        offset: -1,
+        counts: &counts,
+        ..sketch.parts()
+    };
+    assert!(matches!(
+        Sketch::from_parts(parts),
+        Err(SketchError::BucketRange { .. })
+    ));
+    let parts = SketchParts {
+        sum: f64::NAN,
+        ..sketch.parts()
+    };
+    assert!(matches!(
+        Sketch::from_parts(parts),
+        Err(SketchError::NotFinite { field: "sum", .. })
+    ));
+    let big = [u64::MAX, 1];
+    let parts = SketchParts {
+        offset: 3,
+        counts: &big,
+        ..sketch.parts()
+    };
+    assert_eq!(Sketch::from_parts(parts), Err(SketchError::CountOverflow));
+}
+
+proptest! {
+    #[test]
+    fn quantiles_are_within_the_stated_error(
+        values in prop::collection::vec(0.0f64..1.0e9, 1..400),
+        q in 0.0f64..=1.0,
+    ) {
+        let mut sketch = Sketch::new();
+        for &v in &values { sketch.record(v); }
+        let mut sorted = values.clone();
+        sorted.sort_by(f64::total_cmp);
+        let truth = exact_quantile(&sorted, q);
+        let estimate = sketch.quantile(q).unwrap_or(f64::NAN);
+        prop_assert!(within_accuracy(estimate, truth), "q={q} estimate={estimate} truth={truth}");
+    }
+
+    #[test]
+    fn merge_is_exact(
+        a in prop::collection::vec(0.0f64..1.0e10, 0..200),
+        b in prop::collection::vec(0.0f64..1.0e10, 0..200),
+    ) {
+        let mut left = Sketch::new();
+        let mut right = Sketch::new();
+        let mut both = Sketch::new();
+        for &v in &a { left.record(v); both.record(v); }
+        for &v in &b { right.record(v); both.record(v); }
+        left.merge(&right);
+        prop_assert_eq!(left.parts().counts, both.parts().counts);
+        prop_assert_eq!(left.parts().offset, both.parts().offset);
+        prop_assert_eq!(left.count(), both.count());
+        prop_assert_eq!(left.min(), both.min());
+        prop_assert_eq!(left.max(), both.max());
+        prop_assert!((left.sum() - both.sum()).abs() <= 1e-6 * both.sum().max(1.0));
+    }
+
+    #[test]
+    fn parts_round_trip(values in prop::collection::vec(0.0f64..1.0e9, 0..100)) {
+        let mut sketch = Sketch::new();
+        for &v in &values { sketch.record(v); }
+        let back = Sketch::from_parts(sketch.parts());
+        prop_assert_eq!(back, Ok(sketch));
+    }
+}
