@@ -1,0 +1,92 @@
+//! `GET /metrics`: a few series under vLLM's names, in the Prometheus text format as vLLM's
+//! Python client writes it (a counter `vllm:x` is exposed as the sample `vllm:x_total`), so
+//! scrapers and autoscalers configured for vLLM read the simulator unchanged.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use crate::pacing::LoadGauges;
+use crate::truth::TokenCounters;
+
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+pub(crate) fn render(model: &str, gauges: &LoadGauges, counters: &TokenCounters) -> String {
+    let label = escape_label(model);
+    let running = gauges.engine_running.load(Ordering::Relaxed)
+        + gauges.scripted_running.load(Ordering::Relaxed);
+    let waiting = gauges.engine_waiting.load(Ordering::Relaxed);
+    let prompt = counters.prompt_tokens_total.load(Ordering::Relaxed);
+    let generation = counters.generation_tokens_total.load(Ordering::Relaxed);
+
+    let mut out = String::new();
+    let mut series = |name: &str, kind: &str, help: &str, sample: &str, value: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{sample}{{model_name=\"{label}\"}} {value}.0");
+    };
+    series(
+        "vllm:num_requests_running",
+        "gauge",
+        "Number of requests in model execution batches.",
+        "vllm:num_requests_running",
+        running,
+    );
+    series(
+        "vllm:num_requests_waiting",
+        "gauge",
+        "Number of requests waiting to be processed.",
+        "vllm:num_requests_waiting",
+        waiting,
+    );
+    series(
+        "vllm:prompt_tokens",
+        "counter",
+        "Number of prefill tokens processed.",
+        "vllm:prompt_tokens_total",
+        prompt,
+    );
+    series(
+        "vllm:generation_tokens",
+        "counter",
+        "Number of generation tokens processed.",
+        "vllm:generation_tokens_total",
+        generation,
+    );
+    out
+}
+
+/// Escapes a label value per the text exposition format: backslash, quote, newline.
+fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_use_vllm_names_and_sum_scripted_and_engine_running() {
+        let gauges = LoadGauges::default();
+        gauges.engine_running.store(2, Ordering::Relaxed);
+        gauges.scripted_running.store(1, Ordering::Relaxed);
+        gauges.engine_waiting.store(4, Ordering::Relaxed);
+        let counters = TokenCounters::default();
+        counters.prompt_tokens_total.store(30, Ordering::Relaxed);
+        counters.generation_tokens_total.store(7, Ordering::Relaxed);
+        let text = render("m\"x", &gauges, &counters);
+        assert!(text.contains("vllm:num_requests_running{model_name=\"m\\\"x\"} 3.0\n"));
+        assert!(text.contains("vllm:num_requests_waiting{model_name=\"m\\\"x\"} 4.0\n"));
+        assert!(text.contains("# TYPE vllm:prompt_tokens counter\n"));
+        assert!(text.contains("vllm:prompt_tokens_total{model_name=\"m\\\"x\"} 30.0\n"));
+        assert!(text.contains("vllm:generation_tokens_total{model_name=\"m\\\"x\"} 7.0\n"));
+    }
+}
