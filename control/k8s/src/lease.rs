@@ -1,0 +1,235 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, through `kube-lease-manager`.
+//!
+//! The protocol (apply to take a free lease, strategic patches to renew and release, waiting
+//! out a holder's expiry) is the crate's; this module only turns it into a `watch::Receiver<bool>`
+//! and an orderly step-down: stop acting first, then release the lease.
+
+use std::time::Duration;
+
+use kube_lease_manager::{LeaseCreateMode, LeaseManagerBuilder, LeaseParams};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::error::Error;
+
+/// Which lease, who we are, and how long a claim lasts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub lease_name: String,
+    /// Unique per instance; the pod name is the usual choice.
+    pub identity: String,
+    /// How long a claim is valid after its last renewal. Whole seconds, at least 2.
+    pub lease_duration: Duration,
+    /// How long before expiry the holder renews. Whole seconds, at least 1, below
+    /// `lease_duration`; also the clock skew between nodes the claim tolerates.
+    pub renew_margin: Duration,
+}
+
+// === impl LeaseConfig ===
+
+impl LeaseConfig {
+    /// A 15 s lease renewed 5 s before expiry: a crashed leader is replaced within ~15 s,
+    /// and a live one renews every ~10 s.
+    pub fn new(namespace: &str, lease_name: &str, identity: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            lease_name: lease_name.to_string(),
+            identity: identity.to_string(),
+            lease_duration: Duration::from_secs(15),
+            renew_margin: Duration::from_secs(5),
+        }
+    }
+
+    /// The crate takes whole seconds and panics on inconsistent values; check them here.
+    fn params(&self) -> Result<LeaseParams, Error> {
+        let whole = |field: &'static str, d: Duration| -> Result<u64, Error> {
+            if d.subsec_nanos() != 0 {
+                return Err(Error::Config {
+                    field,
+                    value: format!("{d:?}"),
+                    rule: "must be whole seconds",
+                });
+            }
+            Ok(d.as_secs())
+        };
+        let duration = whole("leaseDuration", self.lease_duration)?;
+        let margin = whole("renewMargin", self.renew_margin)?;
+        if margin == 0 {
+            return Err(Error::Config {
+                field: "renewMargin",
+                value: format!("{margin}s"),
+                rule: "must be >= 1s",
+            });
+        }
+        if margin >= duration {
+            return Err(Error::Config {
+                field: "renewMargin",
+                value: format!("{margin}s"),
+                rule: "must be < leaseDuration",
+            });
+        }
+        if self.identity.is_empty() {
+            return Err(Error::Config {
+                field: "identity",
+                value: String::new(),
+                rule: "must not be empty",
+            });
+        }
+        Ok(LeaseParams::new(self.identity.clone(), duration, margin))
+    }
+}
+
+/// A running election. Dropping it steps down in the background; [`LeaderElection::step_down`]
+/// does so and waits for the release.
+#[derive(Debug)]
+pub struct LeaderElection {
+    lease: String,
+    is_leader: watch::Receiver<bool>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), Error>>>,
+}
+
+// === impl LeaderElection ===
+
+impl LeaderElection {
+    /// Create the Lease if needed and start competing for it.
+    pub async fn start(client: kube::Client, config: &LeaseConfig) -> Result<Self, Error> {
+        let params = config.params()?;
+        let lease = format!("{}/{}", config.namespace, config.lease_name);
+        let manager = LeaseManagerBuilder::new(client, &config.lease_name)
+            .with_namespace(&config.namespace)
+            .with_parameters(params)
+            .with_create_mode(LeaseCreateMode::AutoCreate)
+            .build()
+            .await
+            .map_err(|source| Error::Lease {
+                lease: lease.clone(),
+                source,
+            })?;
+        let (tx, is_leader) = watch::channel(false);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(run(
+            manager,
+            tx,
+            stop_rx,
+            lease.clone(),
+            config.identity.clone(),
+        ));
+        Ok(Self {
+            lease,
+            is_leader,
+            stop: Some(stop_tx),
+            task: Some(task),
+        })
+    }
+
+    /// `true` while this instance holds the lease. Act only while it reads `true`, and stop as
+    /// soon as it changes.
+    pub fn is_leader(&self) -> watch::Receiver<bool> {
+        self.is_leader.clone()
+    }
+
+    /// Stop acting as leader, release the lease so another instance takes over without waiting
+    /// for expiry, and wait for the release.
+    pub async fn step_down(mut self) -> Result<(), Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.unwrap_or_else(|e| {
+                Err(Error::ElectionTask {
+                    lease: self.lease.clone(),
+                    message: e.to_string(),
+                })
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+async fn run(
+    manager: kube_lease_manager::LeaseManager,
+    tx: watch::Sender<bool>,
+    mut stop: oneshot::Receiver<()>,
+    lease: String,
+    identity: String,
+) -> Result<(), Error> {
+    let (mut held, manager_task) = manager.watch().await;
+    loop {
+        tokio::select! {
+            // A send or a dropped `LeaderElection`: either way, step down.
+            _ = &mut stop => break,
+            changed = held.changed() => {
+                if changed.is_err() {
+                    // The manager's task ended on its own: we no longer know, so we do not lead.
+                    tx.send_replace(false);
+                    tracing::warn!(%lease, %identity, "lease manager stopped");
+                    return finish(manager_task, &lease).await;
+                }
+                let leading = *held.borrow_and_update();
+                tracing::info!(%lease, %identity, leading, "leadership changed");
+                tx.send_replace(leading);
+            }
+        }
+    }
+    // Stop acting before giving the lease away, so two leaders never overlap.
+    tx.send_replace(false);
+    // Closing the channel makes the manager release the lease and return.
+    drop(held);
+    let result = finish(manager_task, &lease).await;
+    tracing::info!(%lease, %identity, released = result.is_ok(), "stepped down");
+    result
+}
+
+async fn finish(
+    task: JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+    lease: &str,
+) -> Result<(), Error> {
+    match task.await {
+        Ok(Ok(_manager)) => Ok(()),
+        Ok(Err(source)) => Err(Error::Lease {
+            lease: lease.to_string(),
+            source,
+        }),
+        Err(join) => Err(Error::ElectionTask {
+            lease: lease.to_string(),
+            message: join.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn config(duration: Duration, margin: Duration) -> LeaseConfig {
+        LeaseConfig {
+            lease_duration: duration,
+            renew_margin: margin,
+            ..LeaseConfig::new("ns", "flyball", "pod-a")
+        }
+    }
+
+    #[test]
+    fn default_timings_are_accepted() {
+        assert!(LeaseConfig::new("ns", "flyball", "pod-a").params().is_ok());
+    }
+
+    #[test]
+    fn timings_the_lease_crate_would_panic_on_are_refused() {
+        let err = config(Duration::from_secs(5), Duration::from_secs(5))
+            .params()
+            .unwrap_err();
+        assert_eq!(err.to_string(), "renewMargin = 5s: must be < leaseDuration");
+        let err = config(Duration::from_secs(5), Duration::ZERO)
+            .params()
+            .unwrap_err();
+        assert_eq!(err.to_string(), "renewMargin = 0s: must be >= 1s");
+        let err = config(Duration::from_millis(2500), Duration::from_secs(1))
+            .params()
+            .unwrap_err();
+        assert_eq!(err.metric_label(), "config");
+    }
+}

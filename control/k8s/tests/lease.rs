@@ -1,0 +1,163 @@
+//! Leader election hand-over between two instances on one Lease.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use flyball_apiserver::TestCluster;
+use flyball_k8s::{LeaderElection, LeaseConfig};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use kube::core::ApiResource;
+use serde_json::Value;
+use support::WAIT;
+use tokio::sync::watch;
+
+/// The shortest timings the Lease API allows (whole seconds), so that the follower's wait for
+/// the old claim to lapse stays near 2 s.
+fn config(cluster: &TestCluster, lease: &str, identity: &str) -> LeaseConfig {
+    LeaseConfig {
+        lease_duration: Duration::from_secs(2),
+        renew_margin: Duration::from_secs(1),
+        ..LeaseConfig::new(cluster.namespace(), lease, identity)
+    }
+}
+
+async fn until_leading(rx: &mut watch::Receiver<bool>, who: &str) {
+    tokio::time::timeout(WAIT, rx.wait_for(|leading| *leading))
+        .await
+        .unwrap_or_else(|_| panic!("{who} did not become leader within {WAIT:?}"))
+        .unwrap();
+}
+
+#[tokio::test]
+async fn leadership_passes_to_the_second_instance_when_the_first_steps_down() {
+    let cluster = TestCluster::start().await.unwrap();
+    let lease_name = cluster.unique_name("flyball-leader");
+    cluster.track(
+        ApiResource::erase::<Lease>(&()),
+        Some(cluster.namespace().to_string()),
+        lease_name.clone(),
+    );
+
+    let a = LeaderElection::start(cluster.client(), &config(&cluster, &lease_name, "a"))
+        .await
+        .unwrap();
+    let mut a_leads = a.is_leader();
+    until_leading(&mut a_leads, "a").await;
+
+    let b = LeaderElection::start(cluster.client(), &config(&cluster, &lease_name, "b"))
+        .await
+        .unwrap();
+    let mut b_leads = b.is_leader();
+
+    a.step_down().await.unwrap();
+    assert!(
+        !*a_leads.borrow(),
+        "a still claims leadership after stepping down"
+    );
+    until_leading(&mut b_leads, "b").await;
+
+    let lease = Api::<Lease>::namespaced(cluster.client(), cluster.namespace())
+        .get(&lease_name)
+        .await
+        .unwrap();
+    let spec = lease.spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("b"));
+    assert_eq!(spec.lease_transitions, Some(2));
+
+    if let Some(fake) = cluster.fake() {
+        let path = format!(
+            "/apis/coordination.k8s.io/v1/namespaces/{}/leases/{lease_name}",
+            cluster.namespace()
+        );
+        let reqs = fake.requests();
+        let on_lease: Vec<_> = reqs.iter().filter(|r| r.path == path).collect();
+        let holder = |r: &flyball_apiserver::RecordedRequest| {
+            r.body
+                .as_ref()
+                .and_then(|b| b.pointer("/spec/holderIdentity"))
+                .cloned()
+        };
+        let is_apply = |r: &&&flyball_apiserver::RecordedRequest| {
+            r.content_type.as_deref() == Some("application/apply-patch+yaml")
+        };
+        // a takes the free lease with a server-side apply, as its own field manager.
+        let a_takes = on_lease
+            .iter()
+            .position(|r| is_apply(&r) && holder(r) == Some(Value::from("a")))
+            .expect("a's apply");
+        assert_eq!(
+            on_lease[a_takes].query_param("fieldManager").as_deref(),
+            Some("kube-lease-manager-a")
+        );
+        assert_eq!(on_lease[a_takes].status, Some(200));
+        // a releases with a strategic patch that clears the holder.
+        let a_releases = on_lease
+            .iter()
+            .position(|r| {
+                r.content_type.as_deref() == Some("application/strategic-merge-patch+json")
+                    && holder(r) == Some(Value::Null)
+            })
+            .expect("a's release");
+        // b takes over with its own apply, after the release, and it succeeds.
+        let b_takes = on_lease
+            .iter()
+            .position(|r| {
+                is_apply(&r) && holder(r) == Some(Value::from("b")) && r.status == Some(200)
+            })
+            .expect("b's successful apply");
+        assert!(a_takes < a_releases && a_releases < b_takes);
+        assert_eq!(
+            on_lease[b_takes].query_param("fieldManager").as_deref(),
+            Some("kube-lease-manager-b")
+        );
+        // The lease was created exactly once.
+        let creates = reqs.iter().filter(|r| r.method == "POST").count();
+        assert_eq!(creates, 1);
+    }
+
+    b.step_down().await.unwrap();
+    cluster.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn of_two_instances_started_together_only_the_lease_holder_leads() {
+    let cluster = TestCluster::start().await.unwrap();
+    let lease_name = cluster.unique_name("flyball-race");
+    cluster.track(
+        ApiResource::erase::<Lease>(&()),
+        Some(cluster.namespace().to_string()),
+        lease_name.clone(),
+    );
+    let (config_a, config_b) = (
+        config(&cluster, &lease_name, "a"),
+        config(&cluster, &lease_name, "b"),
+    );
+    let (a, b) = tokio::join!(
+        LeaderElection::start(cluster.client(), &config_a),
+        LeaderElection::start(cluster.client(), &config_b),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let (mut a_leads, mut b_leads) = (a.is_leader(), b.is_leader());
+    tokio::time::timeout(WAIT, async {
+        tokio::select! {
+            _ = a_leads.wait_for(|l| *l) => {}
+            _ = b_leads.wait_for(|l| *l) => {}
+        }
+    })
+    .await
+    .expect("someone leads");
+    let lease = Api::<Lease>::namespaced(cluster.client(), cluster.namespace())
+        .get(&lease_name)
+        .await
+        .unwrap();
+    let holder = lease.spec.unwrap().holder_identity.unwrap();
+    // The one the Lease names leads; the other does not.
+    assert_eq!(*a_leads.borrow(), holder == "a");
+    assert_eq!(*b_leads.borrow(), holder == "b");
+    a.step_down().await.unwrap();
+    b.step_down().await.unwrap();
+    cluster.cleanup().await.unwrap();
+}

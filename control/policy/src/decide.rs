@@ -1,0 +1,835 @@
+//! `decide`: one evaluation of one autoscaler.
+//!
+//! Per pool: freshness gate -> learn capacity -> panic check -> feed-forward and SLO feedback ->
+//! bounds -> stabilization -> gates (starting replicas, cooldown, steps, restart hold, N-1 check)
+//! -> GPU budget. Every path returns a decision with its rule; holding is a decision too.
+//!
+//! Sizing works in "serving replicas": feed-forward asks for `load / per-replica capacity`, SLO
+//! feedback for `ready * (measured / target)` when latency breaches. Replicas asked for and still
+//! starting within their expected time-to-ready count as on the way, so a shortfall they cover is
+//! not answered twice; once overdue they no longer count and the shortfall is asked for again.
+
+use std::time::Duration;
+
+use crate::budget::split_budget;
+use crate::decision::{
+    Action, AutoscalerDecision, CapacityEstimate, CapacitySource, CapacityUsed, LoadUsed,
+    PoolDecision, Reason, Rule, SloReading, Window,
+};
+use crate::inputs::{
+    AutoscalerInputs, Freshness, PoolInputs, PoolState, PoolTelemetry, WindowStats, rate,
+};
+use crate::memory::{LastDecision, LearnedCapacity, PolicyMemory, PoolMemory};
+use crate::pools::{Pools, Role, Topology};
+use crate::spec::{AutoscalerSpec, Behavior, CapacityHints, PoolSpec, Slo};
+
+/// Latency under this share of its objective is "well below": feed-forward may then size the pool
+/// down. Between it and the objective, the pool keeps its ready replicas.
+pub const WELL_BELOW_TARGET: f64 = 0.8;
+
+/// SLO feedback multiplies ready replicas by at most `1 + MAX_SLO_ERROR`: near saturation latency
+/// grows without bound, and one bad window must not ask for the whole cluster.
+pub const MAX_SLO_ERROR: f64 = 3.0;
+
+/// Assumed time-to-ready until one is measured: model servers commonly need minutes to pull an
+/// image and load weights.
+pub const DEFAULT_TIME_TO_READY: Duration = Duration::from_secs(300);
+
+/// Starting replicas count as on the way for this multiple of the time-to-ready after the last
+/// change; start-up times vary, and re-asking too early doubles the scale-up.
+pub const STARTING_GRACE_FACTOR: f64 = 1.5;
+
+/// After an SLO miss at `x` per replica, capacity is learned towards `x` times this: the true
+/// capacity is below `x`, by an unknown margin.
+pub const VIOLATION_BACKOFF: f64 = 0.9;
+
+/// Learning never takes a capacity below this share of its hint: a hint is a statement about the
+/// hardware, and a few bad windows (long prompts, a noisy neighbour) must not erase it.
+pub const MIN_LEARNED_SHARE_OF_HINT: f64 = 0.25;
+
+/// Windows with more failed requests than this share teach nothing: failing replicas do not show
+/// what healthy ones sustain.
+pub const MAX_ERROR_SHARE_FOR_LEARNING: f64 = 0.05;
+
+/// A short-window latency breach triggers panic only with at least this many requests in the
+/// window: the percentile of a handful of requests is noise.
+pub const MIN_PANIC_REQUESTS: f64 = 10.0;
+
+/// Slack for float noise when comparing ratios to integers and capacities.
+const EPSILON: f64 = 1e-9;
+
+/// Why `decide` could not run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecideError {
+    /// The inputs do not have the spec's pools (the caller built them for another spec).
+    #[error("the spec has {spec} pools but the inputs have {inputs} pools")]
+    TopologyMismatch { spec: Topology, inputs: Topology },
+}
+
+impl DecideError {
+    /// Stable snake_case name, usable as a metric label.
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            DecideError::TopologyMismatch { .. } => "topology_mismatch",
+        }
+    }
+}
+
+/// Decides replicas for every pool of one autoscaler at `now` (monotonic, since any fixed epoch).
+///
+/// Updates `memory` (stabilization history, learned capacity, panic time, last decisions); the
+/// caller keeps it for the next call. Reads no clock and does no I/O; allocates nothing once the
+/// memory's queues have warmed up. The only error is inputs shaped unlike the spec.
+pub fn decide(
+    spec: &AutoscalerSpec,
+    inputs: &AutoscalerInputs,
+    memory: &mut PolicyMemory,
+    now: Duration,
+) -> Result<AutoscalerDecision, DecideError> {
+    let cx = Context {
+        slo: spec.slo(),
+        behavior: spec.behavior(),
+        scale_to_zero: spec.scale_to_zero(),
+        started_at: memory.started_at(),
+        now,
+    };
+    let mut pools = match (spec.pools(), inputs) {
+        (Pools::Unified(pool), Pools::Unified(input)) => Pools::Unified(decide_pool(
+            &cx,
+            Role::Unified,
+            pool,
+            input,
+            memory.pool_mut(Role::Unified),
+        )),
+        (
+            Pools::Disaggregated { prefill, decode },
+            Pools::Disaggregated {
+                prefill: prefill_input,
+                decode: decode_input,
+            },
+        ) => Pools::Disaggregated {
+            prefill: decide_pool(
+                &cx,
+                Role::Prefill,
+                prefill,
+                prefill_input,
+                memory.pool_mut(Role::Prefill),
+            ),
+            decode: decide_pool(
+                &cx,
+                Role::Decode,
+                decode,
+                decode_input,
+                memory.pool_mut(Role::Decode),
+            ),
+        },
+        (pools, inputs) => {
+            return Err(DecideError::TopologyMismatch {
+                spec: pools.topology(),
+                inputs: inputs.topology(),
+            });
+        }
+    };
+    if let Some(budget) = spec.gpu_budget() {
+        match &mut pools {
+            Pools::Unified(pool) => split_budget(&mut [pool], budget),
+            Pools::Disaggregated { prefill, decode } => {
+                split_budget(&mut [prefill, decode], budget)
+            }
+        }
+    }
+    for pool in pools.iter_mut() {
+        memory.pool_mut(pool.role).set_last_decision(LastDecision {
+            at: now,
+            from: pool.from,
+            to: pool.to,
+            action: pool.action,
+            rule: pool.rule,
+        });
+    }
+    Ok(AutoscalerDecision {
+        at: now,
+        dry_run: spec.dry_run(),
+        pools,
+    })
+}
+
+/// What every pool of one evaluation shares.
+struct Context<'a> {
+    slo: &'a Slo,
+    behavior: &'a Behavior,
+    scale_to_zero: bool,
+    started_at: Duration,
+    now: Duration,
+}
+
+/// A load a replica has a capacity for.
+#[derive(Clone, Copy)]
+enum Dimension {
+    PrefillTokens,
+    DecodeTokens,
+    Sequences,
+}
+
+/// A latency objective.
+#[derive(Clone, Copy)]
+enum Signal {
+    Ttft,
+    Tpot,
+}
+
+fn dimensions(role: Role) -> &'static [Dimension] {
+    match role {
+        Role::Unified => &[
+            Dimension::PrefillTokens,
+            Dimension::DecodeTokens,
+            Dimension::Sequences,
+        ],
+        Role::Prefill => &[Dimension::PrefillTokens],
+        Role::Decode => &[Dimension::DecodeTokens, Dimension::Sequences],
+    }
+}
+
+/// TTFT drives prefill, TPOT drives decode; a unified pool answers to both.
+fn signals(role: Role) -> &'static [Signal] {
+    match role {
+        Role::Unified => &[Signal::Ttft, Signal::Tpot],
+        Role::Prefill => &[Signal::Ttft],
+        Role::Decode => &[Signal::Tpot],
+    }
+}
+
+// === impl Dimension ===
+
+impl Dimension {
+    fn load(self, window: &WindowStats, telemetry: &PoolTelemetry) -> f64 {
+        match self {
+            Dimension::PrefillTokens => rate(window.input_tokens_per_s),
+            Dimension::DecodeTokens => rate(window.output_tokens_per_s),
+            // In-flight counts are a snapshot, the same for both windows.
+            Dimension::Sequences => f64::from(telemetry.in_flight_decoding),
+        }
+    }
+
+    /// The higher of both windows: scale-up reacts to the short one, scale-down needs both low.
+    fn sizing_load(self, telemetry: &PoolTelemetry) -> f64 {
+        self.load(&telemetry.short, telemetry)
+            .max(self.load(&telemetry.stable, telemetry))
+    }
+
+    fn hint(self, hints: &CapacityHints) -> Option<f64> {
+        match self {
+            Dimension::PrefillTokens => hints.prefill_tokens_per_s,
+            Dimension::DecodeTokens => hints.decode_tokens_per_s,
+            Dimension::Sequences => hints.concurrent_sequences,
+        }
+    }
+
+    fn learned(self, learned: &LearnedCapacity) -> Option<f64> {
+        match self {
+            Dimension::PrefillTokens => learned.prefill_tokens_per_s,
+            Dimension::DecodeTokens => learned.decode_tokens_per_s,
+            Dimension::Sequences => learned.concurrent_sequences,
+        }
+    }
+
+    fn learned_mut(self, learned: &mut LearnedCapacity) -> &mut Option<f64> {
+        match self {
+            Dimension::PrefillTokens => &mut learned.prefill_tokens_per_s,
+            Dimension::DecodeTokens => &mut learned.decode_tokens_per_s,
+            Dimension::Sequences => &mut learned.concurrent_sequences,
+        }
+    }
+
+    fn slot(self, used: &mut CapacityUsed) -> &mut Option<CapacityEstimate> {
+        match self {
+            Dimension::PrefillTokens => &mut used.prefill_tokens_per_s,
+            Dimension::DecodeTokens => &mut used.decode_tokens_per_s,
+            Dimension::Sequences => &mut used.concurrent_sequences,
+        }
+    }
+
+    fn get(self, used: &CapacityUsed) -> Option<CapacityEstimate> {
+        match self {
+            Dimension::PrefillTokens => used.prefill_tokens_per_s,
+            Dimension::DecodeTokens => used.decode_tokens_per_s,
+            Dimension::Sequences => used.concurrent_sequences,
+        }
+    }
+
+    fn signal(self) -> Signal {
+        match self {
+            Dimension::PrefillTokens => Signal::Ttft,
+            Dimension::DecodeTokens | Dimension::Sequences => Signal::Tpot,
+        }
+    }
+}
+
+// === impl Signal ===
+
+impl Signal {
+    fn target(self, slo: &Slo) -> Option<Duration> {
+        match self {
+            Signal::Ttft => slo.ttft,
+            Signal::Tpot => slo.tpot,
+        }
+        .filter(|t| !t.is_zero())
+    }
+
+    fn measured(self, window: &WindowStats) -> Option<Duration> {
+        match self {
+            Signal::Ttft => window.ttft,
+            Signal::Tpot => window.tpot,
+        }
+    }
+
+    /// Whether a capacity stands behind this signal, so feed-forward can size without it.
+    fn covered(self, capacity: &CapacityUsed) -> bool {
+        match self {
+            Signal::Ttft => capacity.prefill_tokens_per_s.is_some(),
+            Signal::Tpot => {
+                capacity.decode_tokens_per_s.is_some() || capacity.concurrent_sequences.is_some()
+            }
+        }
+    }
+
+    fn reading(self, reason: &mut Reason) -> &mut Option<SloReading> {
+        match self {
+            Signal::Ttft => &mut reason.ttft,
+            Signal::Tpot => &mut reason.tpot,
+        }
+    }
+}
+
+/// A usable positive finite number (memory may come from a file).
+fn positive(value: Option<f64>) -> Option<f64> {
+    value.filter(|v| v.is_finite() && *v > 0.0)
+}
+
+/// Replicas for `load` at `per_replica` each, rounding up (float noise aside).
+fn replicas_for(load: f64, per_replica: f64) -> u32 {
+    if load <= 0.0 {
+        return 0;
+    }
+    // `as` saturates: an infinite load asks for u32::MAX, clamped to maxReplicas later.
+    (load / per_replica - EPSILON).ceil() as u32
+}
+
+fn ratio(measured: Duration, target: Duration) -> f64 {
+    measured.as_secs_f64() / target.as_secs_f64()
+}
+
+fn scale_duration(duration: Duration, factor: f64) -> Duration {
+    Duration::try_from_secs_f64(duration.as_secs_f64() * factor).unwrap_or(Duration::MAX)
+}
+
+fn later(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn decide_pool(
+    cx: &Context<'_>,
+    role: Role,
+    pool: &PoolSpec,
+    input: &PoolInputs,
+    mem: &mut PoolMemory,
+) -> PoolDecision {
+    let now = cx.now;
+    let t = &input.telemetry;
+    let state = &input.state;
+    let behavior = cx.behavior;
+    let bounds = pool.replicas;
+    let from = state.desired_replicas;
+    let ready = state.ready_replicas;
+
+    let horizon = behavior
+        .scale_up
+        .period
+        .max(behavior.scale_down.period)
+        .max(behavior.cooldown);
+    mem.observe(state, now, horizon);
+
+    let mut reason = Reason {
+        driver: Rule::NoChange,
+        freshness: t.freshness,
+        panic: false,
+        load: load_used(t),
+        ttft: None,
+        tpot: None,
+        capacity: CapacityUsed::default(),
+        feed_forward_replicas: None,
+        slo_feedback_replicas: None,
+        recommended_replicas: from,
+        ready_replicas: ready,
+        starting_replicas: state.starting_replicas,
+        starting_counted: true,
+        hold_until: None,
+        before_budget: None,
+    };
+    let decision = |to: u32, rule: Rule, reason: Reason| PoolDecision {
+        role,
+        from,
+        to,
+        action: Action::between(from, to),
+        rule,
+        min_replicas: bounds.min(),
+        gpus_per_replica: pool.gpus_per_replica,
+        reason,
+    };
+
+    // Without current data nothing is known about the load: hold, only honouring minReplicas.
+    let data_hold = match t.freshness {
+        Freshness::Fresh => None,
+        Freshness::Stale { .. } => Some(Rule::StaleTelemetryHold),
+        Freshness::Missing => Some(Rule::MissingTelemetryHold),
+    };
+    if let Some(rule) = data_hold {
+        reason.driver = rule;
+        return if from < bounds.min() {
+            reason.recommended_replicas = bounds.min();
+            decision(bounds.min(), Rule::MinReplicas, reason)
+        } else {
+            decision(from, rule, reason)
+        };
+    }
+
+    learn(cx, role, pool, t, state, mem);
+
+    for &dim in dimensions(role) {
+        let estimate = match positive(dim.learned(mem.learned())) {
+            Some(per_replica) => Some(CapacityEstimate {
+                per_replica,
+                source: CapacitySource::Learned,
+            }),
+            None => dim
+                .hint(&pool.capacity)
+                .map(|per_replica| CapacityEstimate {
+                    per_replica,
+                    source: CapacitySource::Hint,
+                }),
+        };
+        *dim.slot(&mut reason.capacity) = estimate;
+    }
+    let capacity = reason.capacity;
+    let has_load = t.has_load();
+
+    // Panic: the short window breaches an objective, short-window load reaches panicThreshold
+    // times what the ready replicas sustain, or nothing is ready to serve the load (the largest
+    // overload there is, e.g. waking from zero).
+    let mut panic_now = ready == 0 && has_load;
+    for &dim in dimensions(role) {
+        if let Some(cap) = dim.get(&capacity) {
+            let load = dim.load(&t.short, t);
+            let sustained = f64::from(ready) * cap.per_replica;
+            if load > 0.0 && (ready == 0 || load >= behavior.panic_threshold * sustained) {
+                panic_now = true;
+            }
+        }
+    }
+    let short_requests = rate(t.short.request_rate_per_s) * t.short.coverage.as_secs_f64();
+    if short_requests >= MIN_PANIC_REQUESTS {
+        for &signal in signals(role) {
+            if let (Some(target), Some(q)) = (signal.target(cx.slo), signal.measured(&t.short))
+                && q > target
+            {
+                panic_now = true;
+            }
+        }
+    }
+    if panic_now {
+        mem.set_last_panic_at(now);
+    }
+    let panic_until = mem
+        .last_panic_at()
+        .map(|at| at.saturating_add(t.stable.length));
+    let in_panic = panic_now || panic_until.is_some_and(|until| now < until);
+    reason.panic = in_panic;
+
+    // Feed-forward: load over per-replica capacity, per known dimension.
+    let mut feed_forward: Option<u32> = None;
+    for &dim in dimensions(role) {
+        if let Some(cap) = dim.get(&capacity) {
+            let n = replicas_for(dim.sizing_load(t), cap.per_replica);
+            feed_forward = Some(feed_forward.map_or(n, |f| f.max(n)));
+        }
+    }
+
+    // SLO feedback, per objective. In panic the worse window counts, otherwise the stable one.
+    let mut feedback: Option<u32> = None;
+    for &signal in signals(role) {
+        let Some(target) = signal.target(cx.slo) else {
+            continue;
+        };
+        let stable_q = signal.measured(&t.stable);
+        let short_q = signal.measured(&t.short);
+        let counted = match (stable_q, short_q) {
+            (Some(stable), Some(short)) if in_panic && short > stable => {
+                Some((short, Window::Short))
+            }
+            (Some(stable), _) => Some((stable, Window::Stable)),
+            (None, Some(short)) if in_panic => Some((short, Window::Short)),
+            (None, _) => None,
+        };
+        let covered = signal.covered(&capacity);
+        let wants = match counted {
+            Some((q, window)) => {
+                let r = ratio(q, target);
+                *signal.reading(&mut reason) = Some(SloReading {
+                    measured: q,
+                    target,
+                    window,
+                    error: r - 1.0,
+                });
+                if r > 1.0 {
+                    let factor = r.min(1.0 + MAX_SLO_ERROR);
+                    Some((f64::from(ready.max(1)) * factor - EPSILON).ceil() as u32)
+                } else if covered {
+                    // Near the objective the ready replicas stay; well below, feed-forward governs.
+                    (r >= WELL_BELOW_TARGET).then_some(ready)
+                } else if ready >= 2
+                    && worst_ratio(signal, t, target) * f64::from(ready) / f64::from(ready - 1)
+                        <= WELL_BELOW_TARGET
+                {
+                    // No capacity to size on: give up one replica only when the latency, scaled to
+                    // one replica fewer, would still be well below the objective.
+                    Some(ready - 1)
+                } else {
+                    Some(ready)
+                }
+            }
+            // Load but no completed request to judge it by: keep what serves it.
+            None if !covered && has_load => Some(ready.max(1)),
+            None => None,
+        };
+        if let Some(n) = wants {
+            feedback = Some(feedback.map_or(n, |f| f.max(n)));
+        }
+    }
+    reason.feed_forward_replicas = feed_forward;
+    reason.slo_feedback_replicas = feedback;
+
+    let mut need = feed_forward.unwrap_or(0).max(feedback.unwrap_or(0));
+    if has_load {
+        // Any load needs a replica, whatever the estimates (scale from zero).
+        need = need.max(1);
+    }
+    let mut driver = match (feed_forward, feedback) {
+        (Some(ff), Some(fb)) if fb > ff => Rule::SloFeedback,
+        (Some(_), _) => Rule::FeedForward,
+        (None, Some(_)) => Rule::SloFeedback,
+        (None, None) => Rule::NoChange,
+    };
+    if in_panic && need > from {
+        driver = Rule::Panic;
+    }
+
+    // Starting replicas are on the way within the grace after the last change; overdue ones stay
+    // asked for but no longer count, so the shortfall is asked for on top of them.
+    let last_change = later(state.last_scale_change_at, mem.last_event_at());
+    let grace = scale_duration(
+        state.time_to_ready.unwrap_or(DEFAULT_TIME_TO_READY),
+        STARTING_GRACE_FACTOR,
+    );
+    let starting_counted = last_change.is_none_or(|at| now.saturating_sub(at) <= grace);
+    reason.starting_counted = starting_counted;
+    let overdue = if starting_counted {
+        0
+    } else {
+        state.starting_replicas
+    };
+    let wanted = need.saturating_add(overdue);
+
+    let restart_until = cx.started_at.saturating_add(t.stable.length);
+    let restart_hold = now < restart_until;
+    // Staying at zero is not a scale-down, so an idle pool already at zero needs no full window.
+    let zero_allowed = cx.scale_to_zero
+        && !has_load
+        && (from == 0 || (t.stable.is_full() && !restart_hold && !in_panic));
+    let floor = if zero_allowed { 0 } else { bounds.min() };
+    let recommended = wanted.clamp(floor, bounds.max());
+    if recommended > wanted {
+        driver = Rule::MinReplicas;
+    } else if recommended < wanted {
+        driver = Rule::MaxReplicas;
+    } else if recommended == 0 {
+        driver = Rule::ScaleToZero;
+    }
+    reason.driver = driver;
+    reason.recommended_replicas = recommended;
+    mem.record(now, recommended);
+
+    // maxReplicas lowered under the current count is configuration, not data: apply it at once.
+    if from > bounds.max() {
+        return decision(bounds.max(), Rule::MaxReplicas, reason);
+    }
+
+    let cooldown_until = last_change.map(|at| at.saturating_add(behavior.cooldown));
+    let in_cooldown = cooldown_until.is_some_and(|until| now < until);
+
+    if recommended > from {
+        let rules = &behavior.scale_up;
+        let lowest = if in_panic {
+            recommended
+        } else {
+            mem.lowest_within(now, rules.stabilization_window)
+                .unwrap_or(recommended)
+                .min(recommended)
+        };
+        let covered_by_starting = starting_counted
+            && need > ready
+            && need <= ready.saturating_add(state.starting_replicas);
+        let (mut to, mut rule) = if lowest <= from {
+            (from, Rule::StabilizedUp)
+        } else if covered_by_starting {
+            (from, Rule::WaitingForStartingReplicas)
+        } else if in_cooldown && !in_panic {
+            reason.hold_until = cooldown_until;
+            (from, Rule::Cooldown)
+        } else {
+            let allowed = rules
+                .max_step
+                .saturating_sub(mem.moved_within(now, rules.period, true));
+            let to = lowest.min(from.saturating_add(allowed));
+            let rule = if to < lowest {
+                Rule::StepLimited
+            } else if lowest < recommended {
+                Rule::StabilizedUp
+            } else {
+                driver
+            };
+            (to, rule)
+        };
+        // minReplicas is a bound, not a recommendation: no gate holds a pool below it.
+        if to < bounds.min() {
+            to = bounds.min();
+            rule = Rule::MinReplicas;
+        }
+        return decision(to, rule, reason);
+    }
+
+    if recommended < from {
+        let rules = &behavior.scale_down;
+        let mut highest = mem
+            .highest_within(now, rules.stabilization_window)
+            .unwrap_or(recommended)
+            .max(recommended);
+        // Recommendations from before this controller started are unknown; assume they were the
+        // current count, so a restart never shortens the scale-down window.
+        if now.saturating_sub(rules.stabilization_window) < cx.started_at {
+            highest = highest.max(from);
+        }
+        let (to, rule) = if in_panic {
+            reason.hold_until = panic_until;
+            (from, Rule::Panic)
+        } else if restart_hold {
+            reason.hold_until = Some(restart_until);
+            (from, Rule::RestartHold)
+        } else if highest >= from {
+            (from, Rule::StabilizedDown)
+        } else if !t.stable.is_full() {
+            (from, Rule::PartialWindowHold)
+        } else if in_cooldown {
+            reason.hold_until = cooldown_until;
+            (from, Rule::Cooldown)
+        } else {
+            let allowed = rules
+                .max_step
+                .saturating_sub(mem.moved_within(now, rules.period, false));
+            let mut target = highest.max(from.saturating_sub(allowed));
+            if target > 0 && target < bounds.min() {
+                // Only a pool going to zero gets here (every other recommendation is at least
+                // minReplicas). It never rests between zero and minReplicas: it steps down to the
+                // minimum, then takes the last step to zero at once.
+                target = if from <= bounds.min() {
+                    0
+                } else {
+                    bounds.min()
+                };
+            }
+            // Check N-1 (and each count below it) before removing a replica.
+            let mut to = target;
+            while to < from && !fits(to, role, cx.slo, t, ready, &capacity, has_load) {
+                to += 1;
+            }
+            let rule = if to > target {
+                Rule::WouldNotFit
+            } else if target > highest {
+                Rule::StepLimited
+            } else if highest > recommended {
+                Rule::StabilizedDown
+            } else {
+                driver
+            };
+            (to, rule)
+        };
+        return decision(to, rule, reason);
+    }
+
+    let rule = if wanted > bounds.max() {
+        Rule::MaxReplicas
+    } else if starting_counted && state.starting_replicas > 0 && need > ready {
+        Rule::WaitingForStartingReplicas
+    } else {
+        Rule::NoChange
+    };
+    decision(from, rule, reason)
+}
+
+/// The worse of both windows' ratios for `signal` (0 without samples).
+fn worst_ratio(signal: Signal, t: &PoolTelemetry, target: Duration) -> f64 {
+    [signal.measured(&t.stable), signal.measured(&t.short)]
+        .into_iter()
+        .flatten()
+        .map(|q| ratio(q, target))
+        .fold(0.0, f64::max)
+}
+
+/// Whether the load would fit on `n` replicas within the SLO: under every known capacity, with no
+/// objective breached in either window (a short-window breach too small to panic on still forbids
+/// removing replicas), and, for objectives no capacity stands behind, with latency scaled to `n`
+/// serving replicas well below the objective.
+fn fits(
+    n: u32,
+    role: Role,
+    slo: &Slo,
+    t: &PoolTelemetry,
+    ready: u32,
+    capacity: &CapacityUsed,
+    has_load: bool,
+) -> bool {
+    if n == 0 {
+        return !has_load;
+    }
+    for &dim in dimensions(role) {
+        if let Some(cap) = dim.get(capacity)
+            && dim.sizing_load(t) / f64::from(n) > cap.per_replica * (1.0 + EPSILON)
+        {
+            return false;
+        }
+    }
+    for &signal in signals(role) {
+        if let Some(target) = signal.target(slo)
+            && worst_ratio(signal, t, target) > 1.0
+        {
+            return false;
+        }
+    }
+    if n >= ready {
+        // No serving replica is removed (only starting ones, or none).
+        return true;
+    }
+    for &signal in signals(role) {
+        let Some(target) = signal.target(slo) else {
+            continue;
+        };
+        if signal.covered(capacity) {
+            continue;
+        }
+        let has_samples =
+            signal.measured(&t.stable).is_some() || signal.measured(&t.short).is_some();
+        if !has_samples {
+            if has_load {
+                return false;
+            }
+            continue;
+        }
+        let projected = worst_ratio(signal, t, target) * f64::from(ready) / f64::from(n);
+        if projected > WELL_BELOW_TARGET {
+            return false;
+        }
+    }
+    true
+}
+
+fn load_used(t: &PoolTelemetry) -> LoadUsed {
+    LoadUsed {
+        request_rate_per_s: rate(t.short.request_rate_per_s).max(rate(t.stable.request_rate_per_s)),
+        input_tokens_per_s: Dimension::PrefillTokens.sizing_load(t),
+        output_tokens_per_s: Dimension::DecodeTokens.sizing_load(t),
+        error_rate_per_s: rate(t.short.error_rate_per_s).max(rate(t.stable.error_rate_per_s)),
+        decoding_sequences: t.in_flight_decoding,
+        waiting_sequences: t.in_flight_waiting,
+    }
+}
+
+/// Learns per-replica capacity from a steady pool: meeting the objective at `x` per ready replica
+/// shows capacity >= `x` (the estimate rises to `x`), missing it shows capacity < `x` (the estimate
+/// falls towards `x * VIOLATION_BACKOFF`, as an EWMA with the stable window as time constant, so
+/// the tick rate does not matter and one bad window does not erase what was learned).
+fn learn(
+    cx: &Context<'_>,
+    role: Role,
+    pool: &PoolSpec,
+    t: &PoolTelemetry,
+    state: &PoolState,
+    mem: &mut PoolMemory,
+) {
+    let now = cx.now;
+    let window = &t.stable;
+    let ready = state.ready_replicas;
+    if ready == 0 || !window.is_full() {
+        return;
+    }
+    // The window must show these ready replicas alone, not a mix of counts.
+    match mem.ready_since() {
+        Some(since) if now.saturating_sub(since) >= window.length => {}
+        _ => return,
+    }
+    let requests = rate(window.request_rate_per_s);
+    let errors = rate(window.error_rate_per_s);
+    if requests <= 0.0 || errors > MAX_ERROR_SHARE_FOR_LEARNING * (requests + errors) {
+        return;
+    }
+    let waiting_per_replica = f64::from(t.in_flight_waiting) / f64::from(ready);
+    let tau = window.length.as_secs_f64();
+    let learned = mem.learned_mut();
+    let dt = learned
+        .updated_at
+        .map_or(tau, |at| now.saturating_sub(at).as_secs_f64().min(tau));
+    let alpha = if tau > 0.0 {
+        1.0 - (-dt / tau).exp()
+    } else {
+        1.0
+    };
+    learned.updated_at = Some(now);
+    for &dim in dimensions(role) {
+        let signal = dim.signal();
+        let (Some(target), Some(q)) = (signal.target(cx.slo), signal.measured(window)) else {
+            continue;
+        };
+        let x = dim.load(window, t) / f64::from(ready);
+        if !(x.is_finite() && x > 0.0) {
+            continue;
+        }
+        let hint = dim.hint(&pool.capacity);
+        let slot = dim.learned_mut(learned);
+        let prior = positive(*slot).or(hint);
+        let next = if q <= target {
+            // Sustained within the objective: a proven lower bound, taken at once. Approaching it
+            // gradually would leave feed-forward asking for one replica more than the ones that
+            // just proved enough.
+            match prior {
+                Some(p) if x <= p => None,
+                _ => Some(x),
+            }
+        } else {
+            // A TTFT miss with no queue is the prompts' length, not a lack of replicas.
+            if matches!(signal, Signal::Ttft) && waiting_per_replica < 1.0 {
+                continue;
+            }
+            let goal = x * VIOLATION_BACKOFF;
+            let floor = hint.map_or(0.0, |h| h * MIN_LEARNED_SHARE_OF_HINT);
+            match prior {
+                None => Some(goal.max(floor)),
+                Some(p) if p > goal => Some((p + alpha * (goal - p)).max(floor)),
+                Some(_) => None,
+            }
+        };
+        if let Some(value) = positive(next) {
+            *slot = Some(value);
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! What the policy carries between evaluations of one autoscaler. The caller owns it (one per
+//! autoscaler), passes it to every `decide` call and may serialize it.
+//!
+//! Its size is bounded whatever the inputs: the stabilization windows are monotonic queues (a
+//! recommendation leaves as soon as a newer one dominates it), and scale events are pruned to the
+//! longest period that reads them and capped at [`MAX_SCALE_EVENTS`].
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::decision::{Action, Rule};
+use crate::inputs::PoolState;
+use crate::pools::Role;
+
+/// Scale events kept per pool; far above what any step limit reads (a period holds a handful).
+pub const MAX_SCALE_EVENTS: usize = 64;
+
+/// Samples kept per stabilization window. A monotonic queue holds at most one sample per distinct
+/// replica count, so this bound is only reached with absurd `maxReplicas`; then the oldest go.
+pub const MAX_WINDOW_SAMPLES: usize = 1024;
+
+/// Memory of one autoscaler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyMemory {
+    started_at: Duration,
+    unified: PoolMemory,
+    prefill: PoolMemory,
+    decode: PoolMemory,
+}
+
+/// Memory of one pool.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct PoolMemory {
+    /// Lowest recommendations of the scale-up window (increasing from front to back).
+    up_window: VecDeque<Sample>,
+    /// Highest recommendations of the scale-down window (decreasing from front to back).
+    down_window: VecDeque<Sample>,
+    learned: LearnedCapacity,
+    /// `desired_replicas` at the previous evaluation, to notice changes (ours or anyone's).
+    observed_desired: Option<u32>,
+    /// Ready replicas and since when that count has held.
+    ready_since: Option<(u32, Duration)>,
+    scale_events: VecDeque<ScaleEvent>,
+    last_panic_at: Option<Duration>,
+    last_decision: Option<LastDecision>,
+}
+
+/// Per-replica capacity learned from what ready replicas sustained (`None`: nothing learned).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct LearnedCapacity {
+    pub prefill_tokens_per_s: Option<f64>,
+    pub decode_tokens_per_s: Option<f64>,
+    pub concurrent_sequences: Option<f64>,
+    /// When learning last looked at a steady pool (the EWMA's clock).
+    pub updated_at: Option<Duration>,
+}
+
+/// The previous decision for a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastDecision {
+    pub at: Duration,
+    pub from: u32,
+    pub to: u32,
+    pub action: Action,
+    pub rule: Rule,
+}
+
+/// One recommendation in a stabilization window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Sample {
+    at: Duration,
+    replicas: u32,
+}
+
+/// An observed change of `desired_replicas`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct ScaleEvent {
+    at: Duration,
+    from: u32,
+    to: u32,
+}
+
+// === impl PolicyMemory ===
+
+impl PolicyMemory {
+    /// Memory for a controller that started (or became leader) at `started_at`: scale-down waits
+    /// for a full stable window from then (the restart hold).
+    pub fn new(started_at: Duration) -> Self {
+        Self {
+            started_at,
+            unified: PoolMemory::default(),
+            prefill: PoolMemory::default(),
+            decode: PoolMemory::default(),
+        }
+    }
+
+    pub fn started_at(&self) -> Duration {
+        self.started_at
+    }
+
+    /// Leadership regained at `at`: another leader may have acted meanwhile, so what this memory
+    /// saw is forgotten and the restart hold starts again. Learned capacity is kept: it describes
+    /// the replicas, not the controller.
+    pub fn restart(&mut self, at: Duration) {
+        self.started_at = at;
+        for role in [Role::Unified, Role::Prefill, Role::Decode] {
+            let pool = self.pool_mut(role);
+            *pool = PoolMemory {
+                learned: pool.learned,
+                ..PoolMemory::default()
+            };
+        }
+    }
+
+    pub fn pool(&self, role: Role) -> &PoolMemory {
+        match role {
+            Role::Unified => &self.unified,
+            Role::Prefill => &self.prefill,
+            Role::Decode => &self.decode,
+        }
+    }
+
+    pub(crate) fn pool_mut(&mut self, role: Role) -> &mut PoolMemory {
+        match role {
+            Role::Unified => &mut self.unified,
+            Role::Prefill => &mut self.prefill,
+            Role::Decode => &mut self.decode,
+        }
+    }
+
+    /// Forgets one pool entirely (e.g. its scale target changed to other hardware).
+    pub fn forget_pool(&mut self, role: Role) {
+        *self.pool_mut(role) = PoolMemory::default();
+    }
+}
+
+// === impl PoolMemory ===
+
+impl PoolMemory {
+    pub fn learned(&self) -> &LearnedCapacity {
+        &self.learned
+    }
+
+    pub fn last_decision(&self) -> Option<&LastDecision> {
+        self.last_decision.as_ref()
+    }
+
+    pub fn last_panic_at(&self) -> Option<Duration> {
+        self.last_panic_at
+    }
+
+    pub(crate) fn learned_mut(&mut self) -> &mut LearnedCapacity {
+        &mut self.learned
+    }
+
+    pub(crate) fn set_last_decision(&mut self, last: LastDecision) {
+        self.last_decision = Some(last);
+    }
+
+    pub(crate) fn set_last_panic_at(&mut self, at: Duration) {
+        self.last_panic_at = Some(at);
+    }
+
+    /// Notes the pool state: a changed `desired_replicas` is a scale event (at the state's change
+    /// time when given), a changed ready count restarts the steadiness clock. Events older than
+    /// `horizon` are dropped.
+    pub(crate) fn observe(&mut self, state: &PoolState, now: Duration, horizon: Duration) {
+        if let Some(previous) = self.observed_desired
+            && previous != state.desired_replicas
+        {
+            if self.scale_events.len() >= MAX_SCALE_EVENTS {
+                self.scale_events.pop_front();
+            }
+            self.scale_events.push_back(ScaleEvent {
+                at: state.last_scale_change_at.unwrap_or(now).min(now),
+                from: previous,
+                to: state.desired_replicas,
+            });
+        }
+        self.observed_desired = Some(state.desired_replicas);
+        match self.ready_since {
+            Some((ready, _)) if ready == state.ready_replicas => {}
+            _ => self.ready_since = Some((state.ready_replicas, now)),
+        }
+        while let Some(first) = self.scale_events.front() {
+            if now.saturating_sub(first.at) > horizon {
+                self.scale_events.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Since when the ready count has been what it is now.
+    pub(crate) fn ready_since(&self) -> Option<Duration> {
+        self.ready_since.map(|(_, since)| since)
+    }
+
+    /// The latest observed change of `desired_replicas`.
+    pub(crate) fn last_event_at(&self) -> Option<Duration> {
+        self.scale_events.back().map(|e| e.at)
+    }
+
+    /// Replicas added (`up`) or removed by observed events within `period` before `now`.
+    pub(crate) fn moved_within(&self, now: Duration, period: Duration, up: bool) -> u32 {
+        self.scale_events
+            .iter()
+            .rev()
+            .take_while(|e| now.saturating_sub(e.at) < period)
+            .map(|e| {
+                if up {
+                    e.to.saturating_sub(e.from)
+                } else {
+                    e.from.saturating_sub(e.to)
+                }
+            })
+            .fold(0u32, u32::saturating_add)
+    }
+
+    /// Records a recommendation in both stabilization windows.
+    pub(crate) fn record(&mut self, now: Duration, replicas: u32) {
+        // A clock that went backwards (a replayed trace, a bad caller) would break the queues'
+        // order; start them afresh rather than answer from a mixed history.
+        let went_back = |q: &VecDeque<Sample>| q.back().is_some_and(|s| s.at > now);
+        if went_back(&self.up_window) || went_back(&self.down_window) {
+            self.up_window.clear();
+            self.down_window.clear();
+        }
+        let sample = Sample { at: now, replicas };
+        while self
+            .up_window
+            .back()
+            .is_some_and(|s| s.replicas >= replicas)
+        {
+            self.up_window.pop_back();
+        }
+        if self.up_window.len() >= MAX_WINDOW_SAMPLES {
+            self.up_window.pop_front();
+        }
+        self.up_window.push_back(sample);
+        while self
+            .down_window
+            .back()
+            .is_some_and(|s| s.replicas <= replicas)
+        {
+            self.down_window.pop_back();
+        }
+        if self.down_window.len() >= MAX_WINDOW_SAMPLES {
+            self.down_window.pop_front();
+        }
+        self.down_window.push_back(sample);
+    }
+
+    /// Lowest recommendation within `window` before `now` (after [`Self::record`], never `None`).
+    pub(crate) fn lowest_within(&mut self, now: Duration, window: Duration) -> Option<u32> {
+        evict(&mut self.up_window, now, window);
+        self.up_window.front().map(|s| s.replicas)
+    }
+
+    /// Highest recommendation within `window` before `now`.
+    pub(crate) fn highest_within(&mut self, now: Duration, window: Duration) -> Option<u32> {
+        evict(&mut self.down_window, now, window);
+        self.down_window.front().map(|s| s.replicas)
+    }
+}
+
+fn evict(queue: &mut VecDeque<Sample>, now: Duration, window: Duration) {
+    // The sample recorded at `now` is never older than the window, so the current
+    // recommendation always stays.
+    while queue
+        .front()
+        .is_some_and(|s| now.saturating_sub(s.at) > window)
+    {
+        queue.pop_front();
+    }
+}

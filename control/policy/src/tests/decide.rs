@@ -1,0 +1,777 @@
+//! `decide`, case by case.
+
+use super::support::*;
+use crate::spec::ScalingRulesRaw;
+use crate::*;
+
+fn rules(window: &str, max_step: u32, period: &str) -> Option<ScalingRulesRaw> {
+    Some(ScalingRulesRaw {
+        stabilization_window: Some(window.to_owned()),
+        max_step: Some(max_step),
+        period: Some(period.to_owned()),
+    })
+}
+
+#[test]
+fn feed_forward_sizes_a_unified_pool_on_its_busiest_dimension() {
+    // Prefill needs 2 (16000 / 8000), sequences 2 (100 / 64), output tokens 3 (6000 / 2000).
+    let spec = spec(UNIFIED);
+    let d = decide_unified(
+        &spec,
+        telemetry(Load::tokens(16_000.0, 6_000.0, 100)),
+        state(2, 2),
+        &mut memory(),
+        T0,
+    );
+    assert_eq!((d.from, d.to, d.action), (2, 3, Action::ScaleUp));
+    assert_eq!(d.rule, Rule::FeedForward);
+    assert_eq!(d.reason.feed_forward_replicas, Some(3));
+    let cap = d.reason.capacity.decode_tokens_per_s.unwrap();
+    assert_eq!(
+        (cap.per_replica, cap.source),
+        (2000.0, CapacitySource::Hint)
+    );
+}
+
+#[test]
+fn a_ttft_breach_adds_replicas_in_proportion_to_the_error() {
+    let spec = spec_with(UNIFIED, without_hints);
+    // The stable window still shows a breach the short one has recovered from (no panic).
+    let recovering = Load::tokens(16_000.0, 1_000.0, 10).ttft(ms(450));
+    let slow = recovering.ttft(ms(750));
+    let d = decide_unified(
+        &spec,
+        windows(recovering, slow),
+        state(4, 4),
+        &mut memory(),
+        T0,
+    );
+    // 750 ms against 500 ms is a 50% error: 4 ready replicas become 6.
+    assert!(!d.reason.panic);
+    assert_eq!((d.to, d.rule), (6, Rule::SloFeedback));
+    let ttft = d.reason.ttft.unwrap();
+    assert!((ttft.error - 0.5).abs() < 1e-9, "{ttft:?}");
+}
+
+#[test]
+fn without_any_capacity_the_reason_says_slo_feedback_alone() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let recovering = Load::tokens(16_000.0, 1_000.0, 10).ttft(ms(450));
+    let slow = recovering.ttft(ms(750));
+    let d = decide_unified(
+        &spec,
+        windows(recovering, slow),
+        state(4, 4),
+        &mut memory(),
+        T0,
+    );
+    assert_eq!(d.reason.feed_forward_replicas, None);
+    assert!(d.text().contains("SLO feedback alone"), "{}", d.text());
+}
+
+#[test]
+fn slo_feedback_error_is_capped_so_one_bad_window_cannot_ask_for_everything() {
+    let spec = spec_with(UNIFIED, |raw| {
+        without_hints(raw);
+        raw.behavior.scale_up = rules("0s", 100, "1s");
+        if let Some(pool) = raw.pools.unified.as_mut() {
+            pool.max_replicas = 100;
+        }
+    });
+    let load = Load::tokens(1_000.0, 100.0, 4).ttft(secs(50));
+    let d = decide_unified(&spec, telemetry(load), state(2, 2), &mut memory(), T0);
+    assert_eq!(
+        d.to, 8,
+        "at most (1 + MAX_SLO_ERROR) times the ready replicas"
+    );
+}
+
+#[test]
+fn latency_near_its_objective_keeps_the_ready_replicas_though_feed_forward_wants_fewer() {
+    let spec = spec(UNIFIED);
+    let load = Load::tokens(1_000.0, 100.0, 4).ttft(ms(450));
+    let d = decide_unified(&spec, telemetry(load), state(4, 4), &mut memory(), T0);
+    assert_eq!(d.reason.feed_forward_replicas, Some(1));
+    assert_eq!(d.reason.slo_feedback_replicas, Some(4));
+    assert_eq!((d.to, d.rule), (4, Rule::NoChange));
+}
+
+#[test]
+fn latency_well_below_its_objective_lets_feed_forward_scale_down() {
+    let spec = spec(UNIFIED);
+    let load = Load::tokens(1_000.0, 100.0, 4).ttft(ms(100));
+    let d = decide_unified(&spec, telemetry(load), state(4, 4), &mut memory(), T0);
+    assert_eq!(d.reason.slo_feedback_replicas, None);
+    assert_eq!((d.to, d.action), (3, Action::ScaleDown));
+}
+
+#[test]
+fn a_short_window_breach_panics_and_scales_up_past_cooldown_and_the_up_window() {
+    let spec = spec_with(UNIFIED, |raw| {
+        raw.behavior.scale_up = rules("60s", 4, "1s");
+        raw.behavior.cooldown = Some("30s".into());
+    });
+    let calm = Load::tokens(8_000.0, 1_000.0, 20);
+    let burst = calm.ttft(ms(1_000)).requests(20.0);
+    let mut s = state(2, 2);
+    s.last_scale_change_at = Some(T0 - secs(5));
+    let d = decide_unified(&spec, windows(burst, calm), s, &mut memory(), T0);
+    assert!(d.reason.panic);
+    assert_eq!(d.reason.ttft.unwrap().window, Window::Short);
+    // TTFT at twice the objective in the short window: 2 ready become 4.
+    assert_eq!((d.to, d.rule), (4, Rule::Panic));
+}
+
+#[test]
+fn a_short_window_breach_on_a_handful_of_requests_is_not_panic() {
+    let spec = spec(UNIFIED);
+    let calm = Load::tokens(8_000.0, 1_000.0, 20);
+    let few = calm.ttft(ms(1_000)).requests(0.5);
+    let d = decide_unified(&spec, windows(few, calm), state(2, 2), &mut memory(), T0);
+    assert!(!d.reason.panic);
+}
+
+#[test]
+fn load_at_the_panic_threshold_panics() {
+    let spec = spec(UNIFIED);
+    let calm = Load::tokens(8_000.0, 1_000.0, 20);
+    // Twice what 2 ready replicas prefill (2 x 8000 tok/s).
+    let surge = Load::tokens(32_000.0, 1_000.0, 20);
+    let d = decide_unified(&spec, windows(surge, calm), state(2, 2), &mut memory(), T0);
+    assert!(d.reason.panic);
+    assert_eq!((d.to, d.rule), (4, Rule::Panic));
+}
+
+#[test]
+fn panic_mode_never_scales_down_until_a_stable_window_has_passed() {
+    let spec = spec(UNIFIED);
+    let mut mem = memory();
+    let calm = Load::tokens(8_000.0, 1_000.0, 20);
+    let burst = calm.ttft(ms(1_000)).requests(20.0);
+    let first = decide_unified(&spec, windows(burst, calm), state(4, 4), &mut mem, T0);
+    assert_eq!(first.action, Action::ScaleUp);
+
+    // Load gone 30 s later: feed-forward wants 1, panic holds.
+    let idle = Load::tokens(100.0, 10.0, 1);
+    let mut s = state(first.to, first.to);
+    s.last_scale_change_at = Some(T0);
+    let held = decide_unified(&spec, telemetry(idle), s, &mut mem, T0 + secs(30));
+    assert_eq!((held.action, held.rule), (Action::Hold, Rule::Panic));
+    assert_eq!(held.reason.hold_until, Some(T0 + STABLE));
+
+    let later = decide_unified(&spec, telemetry(idle), s, &mut mem, T0 + STABLE + secs(1));
+    assert_eq!(later.action, Action::ScaleDown);
+}
+
+#[test]
+fn scale_down_follows_the_highest_recommendation_of_its_window() {
+    let spec = spec_with(UNIFIED, |raw| {
+        raw.behavior.scale_down = rules("300s", 1, "1s");
+    });
+    let mut mem = memory();
+    let busy = Load::tokens(64_000.0, 1_000.0, 20);
+    let quiet = Load::tokens(8_000.0, 1_000.0, 20);
+    let d = decide_unified(&spec, telemetry(busy), state(8, 8), &mut mem, T0);
+    assert_eq!((d.to, d.rule), (8, Rule::NoChange));
+
+    for at in [T0 + secs(100), T0 + secs(300)] {
+        let d = decide_unified(&spec, telemetry(quiet), state(8, 8), &mut mem, at);
+        assert_eq!(d.reason.recommended_replicas, 1);
+        assert_eq!((d.to, d.rule), (8, Rule::StabilizedDown), "at {at:?}");
+    }
+    let d = decide_unified(
+        &spec,
+        telemetry(quiet),
+        state(8, 8),
+        &mut mem,
+        T0 + secs(301),
+    );
+    assert_eq!((d.to, d.action), (7, Action::ScaleDown));
+}
+
+#[test]
+fn scale_up_follows_the_lowest_recommendation_of_its_window() {
+    let spec = spec_with(UNIFIED, |raw| {
+        raw.behavior.scale_up = rules("60s", 4, "1s");
+    });
+    let mut mem = memory();
+    let steady = Load::tokens(16_000.0, 1_000.0, 20);
+    // 1.5x capacity: more needed, yet below the panic threshold. No latency samples, so the
+    // minute at 2 replicas teaches nothing that would move capacity off the hint.
+    let more = Load {
+        ttft: None,
+        tpot: None,
+        ..Load::tokens(24_000.0, 1_000.0, 20)
+    };
+    decide_unified(&spec, telemetry(steady), state(2, 2), &mut mem, T0);
+    let d = decide_unified(&spec, telemetry(more), state(2, 2), &mut mem, T0 + secs(30));
+    assert_eq!((d.to, d.rule), (2, Rule::StabilizedUp));
+    let d = decide_unified(&spec, telemetry(more), state(2, 2), &mut mem, T0 + secs(61));
+    assert_eq!((d.to, d.rule), (3, Rule::FeedForward));
+}
+
+#[test]
+fn scale_down_steps_are_limited_per_period() {
+    let spec = spec_with(UNIFIED, |raw| {
+        raw.behavior.scale_down = rules("0s", 1, "60s");
+    });
+    let mut mem = memory();
+    let quiet = Load::tokens(8_000.0, 1_000.0, 20);
+    let d = decide_unified(&spec, telemetry(quiet), state(8, 8), &mut mem, T0);
+    assert_eq!((d.to, d.action), (7, Action::ScaleDown));
+
+    let mut s = state(7, 7);
+    s.last_scale_change_at = Some(T0);
+    let d = decide_unified(&spec, telemetry(quiet), s, &mut mem, T0 + secs(30));
+    assert_eq!((d.to, d.rule), (7, Rule::StepLimited));
+    let d = decide_unified(&spec, telemetry(quiet), s, &mut mem, T0 + secs(61));
+    assert_eq!((d.to, d.action), (6, Action::ScaleDown));
+}
+
+#[test]
+fn scale_up_steps_are_limited_per_period() {
+    let spec = spec(UNIFIED);
+    let mut mem = memory();
+    // 12 replicas' worth of prefill at 1.5x the current capacity: no panic, plain steps.
+    let load = Load::tokens(96_000.0, 1_000.0, 20);
+    let d = decide_unified(&spec, telemetry(load), state(8, 8), &mut mem, T0);
+    assert_eq!((d.to, d.rule), (12, Rule::FeedForward));
+
+    let big = Load::tokens(120_000.0, 1_000.0, 20);
+    let d = decide_unified(&spec, telemetry(big), state(2, 2), &mut memory(), T0);
+    assert_eq!((d.to, d.rule), (6, Rule::StepLimited));
+}
+
+#[test]
+fn max_replicas_caps_the_recommendation_and_says_so() {
+    let spec = spec(UNIFIED);
+    let load = Load::tokens(400_000.0, 1_000.0, 20);
+    let d = decide_unified(&spec, telemetry(load), state(14, 14), &mut memory(), T0);
+    assert_eq!((d.to, d.rule), (16, Rule::MaxReplicas));
+    let d = decide_unified(&spec, telemetry(load), state(16, 16), &mut memory(), T0);
+    assert_eq!(
+        (d.to, d.action, d.rule),
+        (16, Action::Hold, Rule::MaxReplicas)
+    );
+}
+
+#[test]
+fn a_lowered_max_replicas_applies_at_once_on_fresh_data() {
+    let spec = spec(UNIFIED);
+    let load = Load::tokens(400_000.0, 1_000.0, 20);
+    let d = decide_unified(&spec, telemetry(load), state(20, 20), &mut memory(), T0);
+    assert_eq!((d.to, d.rule), (16, Rule::MaxReplicas));
+}
+
+#[test]
+fn min_replicas_holds_even_when_idle() {
+    let spec = spec(UNIFIED);
+    let d = decide_unified(
+        &spec,
+        telemetry(Load::idle()),
+        state(1, 1),
+        &mut memory(),
+        T0,
+    );
+    assert_eq!((d.to, d.rule), (1, Rule::NoChange));
+    assert_eq!(d.reason.driver, Rule::MinReplicas);
+    let d = decide_unified(
+        &spec,
+        telemetry(Load::idle()),
+        state(0, 0),
+        &mut memory(),
+        T0,
+    );
+    assert_eq!((d.to, d.rule), (1, Rule::MinReplicas));
+}
+
+#[test]
+fn stale_telemetry_holds_and_never_scales_down() {
+    let spec = spec(UNIFIED);
+    let mut t = telemetry(Load::idle());
+    t.freshness = Freshness::Stale { age: secs(45) };
+    let d = decide_unified(&spec, t, state(8, 8), &mut memory(), T0);
+    assert_eq!(
+        (d.to, d.action, d.rule),
+        (8, Action::Hold, Rule::StaleTelemetryHold)
+    );
+    assert!(d.text().contains("45s old"), "{}", d.text());
+}
+
+#[test]
+fn stale_telemetry_holds_even_a_scale_up() {
+    let spec = spec(UNIFIED);
+    let mut t = telemetry(Load::tokens(400_000.0, 1_000.0, 20).ttft(secs(3)));
+    t.freshness = Freshness::Stale { age: secs(45) };
+    let d = decide_unified(&spec, t, state(2, 2), &mut memory(), T0);
+    assert_eq!((d.to, d.rule), (2, Rule::StaleTelemetryHold));
+}
+
+#[test]
+fn missing_telemetry_holds_and_never_scales_down() {
+    let spec = spec(UNIFIED);
+    let mut t = telemetry(Load::idle());
+    t.freshness = Freshness::Missing;
+    let d = decide_unified(&spec, t, state(8, 8), &mut memory(), T0);
+    assert_eq!((d.to, d.rule), (8, Rule::MissingTelemetryHold));
+}
+
+#[test]
+fn stale_telemetry_still_honours_min_replicas() {
+    let spec = spec(UNIFIED);
+    let mut t = telemetry(Load::idle());
+    t.freshness = Freshness::Stale { age: secs(45) };
+    let d = decide_unified(&spec, t, state(0, 0), &mut memory(), T0);
+    assert_eq!((d.to, d.rule), (1, Rule::MinReplicas));
+}
+
+#[test]
+fn a_long_prompt_burst_grows_prefill_and_leaves_decode_alone() {
+    let spec = spec(DISAGGREGATED);
+    let base = Load::tokens(16_000.0, 4_000.0, 100);
+    let burst = Load::tokens(48_000.0, 4_000.0, 100).ttft(ms(900));
+    let inputs = disaggregated(
+        (telemetry(burst), state(2, 2)),
+        (telemetry(burst), state(2, 2)),
+    );
+    let d = run(&spec, &inputs, &mut memory(), T0);
+    let (prefill, decode) = (pool(&d, Role::Prefill), pool(&d, Role::Decode));
+    assert_eq!((prefill.from, prefill.to), (2, 6), "{prefill}");
+    assert_eq!((decode.to, decode.action), (2, Action::Hold), "{decode}");
+
+    // And the calm baseline moves neither.
+    let inputs = disaggregated(
+        (telemetry(base), state(2, 2)),
+        (telemetry(base), state(2, 2)),
+    );
+    let d = run(&spec, &inputs, &mut memory(), T0);
+    assert_eq!(pool(&d, Role::Prefill).action, Action::Hold);
+    assert_eq!(pool(&d, Role::Decode).action, Action::Hold);
+}
+
+#[test]
+fn a_long_output_burst_grows_decode_and_leaves_prefill_alone() {
+    let spec = spec(DISAGGREGATED);
+    let burst = Load::tokens(16_000.0, 12_000.0, 300).tpot(ms(80));
+    let inputs = disaggregated(
+        (telemetry(burst), state(2, 2)),
+        (telemetry(burst), state(2, 2)),
+    );
+    let d = run(&spec, &inputs, &mut memory(), T0);
+    let (prefill, decode) = (pool(&d, Role::Prefill), pool(&d, Role::Decode));
+    assert_eq!((prefill.to, prefill.action), (2, Action::Hold), "{prefill}");
+    // 12000 / 2000 = 6 by tokens, 300 / 64 = 5 by sequences, TPOT +60% on 2 = 4: 6, in one step of 4.
+    assert_eq!((decode.from, decode.to), (2, 6), "{decode}");
+}
+
+#[test]
+fn starting_replicas_prevent_a_second_scale_up_for_the_same_shortfall() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let mut mem = memory();
+    let slow = Load::tokens(16_000.0, 1_000.0, 10).ttft(ms(1_000));
+    let d = decide_unified(&spec, telemetry(slow), state(4, 4), &mut mem, T0);
+    assert_eq!((d.to, d.action), (8, Action::ScaleUp));
+
+    // Applied: 8 asked for, 4 ready, 4 loading; latency unchanged while they load.
+    let mut s = state(8, 4);
+    s.last_scale_change_at = Some(T0);
+    s.time_to_ready = Some(secs(120));
+    for after in [5, 60, 175] {
+        let d = decide_unified(&spec, telemetry(slow), s, &mut mem, T0 + secs(after));
+        assert_eq!(
+            (d.to, d.rule),
+            (8, Rule::WaitingForStartingReplicas),
+            "{after} s after the scale-up: {d}"
+        );
+        assert!(d.reason.starting_counted);
+    }
+}
+
+#[test]
+fn a_growing_shortfall_scales_up_again_while_replicas_start() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let mut mem = memory();
+    let mut s = state(8, 4);
+    s.last_scale_change_at = Some(T0 - secs(5));
+    s.time_to_ready = Some(secs(120));
+    // TTFT at 3x the objective: 4 ready need 12, more than the 8 on the way.
+    let worse = Load::tokens(16_000.0, 1_000.0, 10).ttft(ms(1_500));
+    let d = decide_unified(&spec, telemetry(worse), s, &mut mem, T0);
+    assert_eq!((d.to, d.action), (12, Action::ScaleUp), "{d}");
+}
+
+#[test]
+fn starting_replicas_past_their_expected_time_to_ready_no_longer_count() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let mut s = state(8, 4);
+    s.last_scale_change_at = Some(T0);
+    s.time_to_ready = Some(secs(120));
+    let slow = Load::tokens(16_000.0, 1_000.0, 10).ttft(ms(1_000));
+    // 1.5 x 120 s later the 4 starting replicas are overdue: ask for the shortfall on top of them.
+    let d = decide_unified(&spec, telemetry(slow), s, &mut memory(), T0 + secs(181));
+    assert!(!d.reason.starting_counted);
+    assert_eq!((d.to, d.action), (12, Action::ScaleUp), "{d}");
+}
+
+#[test]
+fn restart_hold_blocks_scale_down_until_the_stable_window_is_full() {
+    let spec = spec(UNIFIED);
+    let mut mem = PolicyMemory::new(T0);
+    let quiet = Load::tokens(8_000.0, 1_000.0, 20);
+    let d = decide_unified(
+        &spec,
+        telemetry(quiet),
+        state(8, 8),
+        &mut mem,
+        T0 + secs(30),
+    );
+    assert_eq!((d.to, d.rule), (8, Rule::RestartHold));
+    assert_eq!(d.reason.hold_until, Some(T0 + STABLE));
+    let d = decide_unified(&spec, telemetry(quiet), state(8, 8), &mut mem, T0 + STABLE);
+    assert_eq!((d.to, d.action), (7, Action::ScaleDown));
+}
+
+#[test]
+fn restart_hold_does_not_hold_a_scale_up() {
+    let spec = spec(UNIFIED);
+    let mut mem = PolicyMemory::new(T0);
+    let busy = Load::tokens(24_000.0, 1_000.0, 20);
+    let d = decide_unified(&spec, telemetry(busy), state(2, 2), &mut mem, T0 + secs(1));
+    assert_eq!((d.to, d.action), (3, Action::ScaleUp));
+}
+
+#[test]
+fn after_a_restart_the_scale_down_window_assumes_the_current_count_before_start() {
+    let spec = spec_with(UNIFIED, |raw| {
+        raw.behavior.scale_down = rules("300s", 1, "1s");
+    });
+    let mut mem = PolicyMemory::new(T0);
+    let quiet = Load::tokens(8_000.0, 1_000.0, 20);
+    let d = decide_unified(
+        &spec,
+        telemetry(quiet),
+        state(8, 8),
+        &mut mem,
+        T0 + secs(120),
+    );
+    assert_eq!((d.to, d.rule), (8, Rule::StabilizedDown));
+    let d = decide_unified(
+        &spec,
+        telemetry(quiet),
+        state(8, 8),
+        &mut mem,
+        T0 + secs(300),
+    );
+    assert_eq!(d.action, Action::ScaleDown);
+}
+
+#[test]
+fn regaining_leadership_restarts_the_hold() {
+    let spec = spec(UNIFIED);
+    let mut mem = memory();
+    let quiet = Load::tokens(8_000.0, 1_000.0, 20);
+    mem.restart(T0);
+    let d = decide_unified(
+        &spec,
+        telemetry(quiet),
+        state(8, 8),
+        &mut mem,
+        T0 + secs(10),
+    );
+    assert_eq!(d.rule, Rule::RestartHold);
+}
+
+#[test]
+fn n_minus_one_check_keeps_replicas_while_the_short_window_breaches() {
+    let spec = spec(UNIFIED);
+    let quiet = Load::tokens(8_000.0, 1_000.0, 20);
+    // Too few requests to panic on, but a breach all the same: do not remove capacity now.
+    let blip = quiet.ttft(ms(700)).requests(0.5);
+    let d = decide_unified(&spec, windows(blip, quiet), state(4, 4), &mut memory(), T0);
+    assert!(!d.reason.panic);
+    assert_eq!(d.reason.recommended_replicas, 1);
+    assert_eq!((d.to, d.rule), (4, Rule::WouldNotFit));
+}
+
+#[test]
+fn without_capacity_one_replica_goes_only_while_latency_on_the_rest_stays_well_below() {
+    let spec = spec_with(UNIFIED, |raw| {
+        without_hints(raw);
+        raw.behavior.scale_down = rules("0s", 4, "1s");
+    });
+    // SLO feedback alone: TTFT at 30% of the objective on 6 ready. One fewer projects to 36%.
+    let load = Load::tokens(8_000.0, 1_000.0, 20)
+        .ttft(ms(150))
+        .tpot(ms(10));
+    let d = decide_unified(&spec, telemetry(load), state(6, 6), &mut memory(), T0);
+    assert_eq!((d.to, d.action), (5, Action::ScaleDown), "{d}");
+
+    // Near the line: 55% on 4 projects to 73% on 3 (fits) ...
+    let near = Load::tokens(8_000.0, 1_000.0, 20)
+        .ttft(ms(275))
+        .tpot(ms(10));
+    let d = decide_unified(&spec, telemetry(near), state(4, 4), &mut memory(), T0);
+    assert_eq!(d.to, 3, "{d}");
+    // ... 65% on 4 projects to 87% on 3 (does not).
+    let over = Load::tokens(8_000.0, 1_000.0, 20)
+        .ttft(ms(325))
+        .tpot(ms(10));
+    let d = decide_unified(&spec, telemetry(over), state(4, 4), &mut memory(), T0);
+    assert_eq!((d.to, d.action), (4, Action::Hold), "{d}");
+}
+
+#[test]
+fn cooldown_holds_a_change_made_too_soon_after_the_last() {
+    let spec = spec_with(UNIFIED, |raw| raw.behavior.cooldown = Some("30s".into()));
+    let busy = Load::tokens(24_000.0, 1_000.0, 20);
+    let mut s = state(2, 2);
+    s.last_scale_change_at = Some(T0 - secs(10));
+    let d = decide_unified(&spec, telemetry(busy), s, &mut memory(), T0);
+    assert_eq!((d.to, d.rule), (2, Rule::Cooldown));
+    assert_eq!(d.reason.hold_until, Some(T0 + secs(20)));
+    let d = decide_unified(&spec, telemetry(busy), s, &mut memory(), T0 + secs(20));
+    assert_eq!((d.to, d.action), (3, Action::ScaleUp));
+}
+
+#[test]
+fn scale_to_zero_needs_permission_fresh_data_and_a_whole_idle_window() {
+    let forbidden = spec(UNIFIED);
+    let d = decide_unified(
+        &forbidden,
+        telemetry(Load::idle()),
+        state(1, 1),
+        &mut memory(),
+        T0,
+    );
+    assert_eq!(d.to, 1);
+
+    let allowed = spec_with(UNIFIED, |raw| raw.scale_to_zero = true);
+    let d = decide_unified(
+        &allowed,
+        telemetry(Load::idle()),
+        state(1, 1),
+        &mut memory(),
+        T0,
+    );
+    assert_eq!((d.to, d.rule), (0, Rule::ScaleToZero));
+
+    let mut partial = telemetry(Load::idle());
+    partial.stable.coverage = secs(30);
+    let d = decide_unified(&allowed, partial, state(1, 1), &mut memory(), T0);
+    assert_eq!(d.to, 1, "half a window of silence is not a whole one");
+
+    let mut stale = telemetry(Load::idle());
+    stale.freshness = Freshness::Stale { age: secs(90) };
+    let d = decide_unified(&allowed, stale, state(1, 1), &mut memory(), T0);
+    assert_eq!(d.to, 1);
+
+    let one_waiting = telemetry(Load::idle().waiting(1));
+    let d = decide_unified(&allowed, one_waiting, state(1, 1), &mut memory(), T0);
+    assert_eq!(d.to, 1);
+}
+
+#[test]
+fn any_load_wakes_a_pool_at_zero_at_once() {
+    let spec = spec_with(UNIFIED, |raw| {
+        raw.scale_to_zero = true;
+        raw.behavior.cooldown = Some("60s".into());
+    });
+    let mut s = state(0, 0);
+    s.last_scale_change_at = Some(T0 - secs(5));
+    let d = decide_unified(&spec, telemetry(Load::idle()), s, &mut memory(), T0);
+    assert_eq!((d.to, d.action), (0, Action::Hold));
+
+    // Requests refused at the gateway for lack of replicas are load too.
+    let mut refused = Load::idle();
+    refused.errors_per_s = 2.0;
+    let d = decide_unified(&spec, telemetry(refused), s, &mut memory(), T0);
+    assert_eq!((d.to, d.action), (1, Action::ScaleUp), "{d}");
+}
+
+#[test]
+fn capacity_is_learned_upwards_when_the_slo_is_met_above_the_hint() {
+    let spec = spec_with(UNIFIED, |raw| {
+        if let Some(pool) = raw.pools.unified.as_mut() {
+            pool.capacity = Some(crate::spec::CapacityHintsRaw {
+                prefill_tokens_per_second: Some(1_000.0),
+                ..Default::default()
+            });
+        }
+    });
+    let mut mem = memory();
+    // 4 ready replicas prefill 8000 tok/s within the TTFT objective: 2000 each, twice the hint.
+    let load = Load::tokens(8_000.0, 1_000.0, 20).ttft(ms(300));
+    let d = decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0);
+    assert_eq!(
+        d.reason.feed_forward_replicas,
+        Some(8),
+        "the hint alone says 8"
+    );
+    let d = decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0 + STABLE);
+    let learned = mem.pool(Role::Unified).learned().prefill_tokens_per_s;
+    assert_eq!(learned, Some(2_000.0));
+    let cap = d.reason.capacity.prefill_tokens_per_s.unwrap();
+    assert_eq!(cap.source, CapacitySource::Learned);
+    assert_eq!((d.to, d.action), (4, Action::Hold), "{d}");
+}
+
+#[test]
+fn capacity_is_learned_downwards_when_the_slo_is_missed_below_the_hint() {
+    let spec = spec(UNIFIED);
+    let mut mem = memory();
+    // 4000 tok/s per replica is half the 8000 hint, yet TTFT misses with requests queueing.
+    let load = Load::tokens(16_000.0, 1_000.0, 20)
+        .ttft(ms(600))
+        .waiting(12);
+    decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0);
+    let d = decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0 + STABLE);
+    let learned = mem
+        .pool(Role::Unified)
+        .learned()
+        .prefill_tokens_per_s
+        .unwrap();
+    // One stable window of EWMA from 8000 towards 3600 (0.9 x 4000): 8000 - (1 - 1/e) x 4400.
+    assert!((learned - 5_218.7).abs() < 1.0, "learned {learned}");
+    // The hint alone asked for 2; the learned capacity asks for 4.
+    assert_eq!(d.reason.feed_forward_replicas, Some(4), "{d}");
+}
+
+#[test]
+fn a_ttft_miss_without_a_queue_teaches_nothing_about_capacity() {
+    let spec = spec(UNIFIED);
+    let mut mem = memory();
+    let load = Load::tokens(16_000.0, 1_000.0, 20).ttft(ms(600));
+    decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0);
+    decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0 + STABLE);
+    assert_eq!(mem.pool(Role::Unified).learned().prefill_tokens_per_s, None);
+}
+
+#[test]
+fn without_hints_a_steady_window_within_the_slo_teaches_a_capacity() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let mut mem = memory();
+    let load = Load::tokens(8_000.0, 1_000.0, 20).ttft(ms(300));
+    decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0);
+    let d = decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0 + STABLE);
+    let learned = mem.pool(Role::Unified).learned();
+    assert_eq!(learned.prefill_tokens_per_s, Some(2_000.0));
+    assert_eq!(learned.decode_tokens_per_s, Some(250.0));
+    assert_eq!(learned.concurrent_sequences, Some(5.0));
+    assert_eq!(d.reason.feed_forward_replicas, Some(4));
+}
+
+#[test]
+fn a_changing_ready_count_teaches_nothing_until_it_has_held_a_stable_window() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let mut mem = memory();
+    let load = Load::tokens(8_000.0, 1_000.0, 20).ttft(ms(300));
+    decide_unified(&spec, telemetry(load), state(4, 3), &mut mem, T0);
+    decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0 + secs(30));
+    decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0 + secs(80));
+    assert_eq!(mem.pool(Role::Unified).learned().prefill_tokens_per_s, None);
+    decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0 + secs(90));
+    assert!(
+        mem.pool(Role::Unified)
+            .learned()
+            .prefill_tokens_per_s
+            .is_some()
+    );
+}
+
+#[test]
+fn dry_run_decides_the_same_and_is_flagged() {
+    let live = spec(UNIFIED);
+    let dry = spec_with(UNIFIED, |raw| raw.dry_run = true);
+    let inputs = unified(telemetry(Load::tokens(24_000.0, 1_000.0, 20)), state(2, 2));
+    let a = run(&live, &inputs, &mut memory(), T0);
+    let b = run(&dry, &inputs, &mut memory(), T0);
+    assert!(!a.dry_run && b.dry_run);
+    assert_eq!(a.pools, b.pools);
+}
+
+#[test]
+fn inputs_shaped_unlike_the_spec_are_an_error() {
+    let spec = spec(DISAGGREGATED);
+    let inputs = unified(telemetry(Load::idle()), state(1, 1));
+    let err = decide(&spec, &inputs, &mut memory(), T0).unwrap_err();
+    assert_eq!(
+        err,
+        DecideError::TopologyMismatch {
+            spec: Topology::Disaggregated,
+            inputs: Topology::Unified
+        }
+    );
+    assert_eq!(err.as_str(), "topology_mismatch");
+}
+
+#[test]
+fn the_last_decision_is_remembered_per_pool() {
+    let spec = spec(UNIFIED);
+    let mut mem = memory();
+    let d = decide_unified(
+        &spec,
+        telemetry(Load::tokens(24_000.0, 1_000.0, 20)),
+        state(2, 2),
+        &mut mem,
+        T0,
+    );
+    let last = mem.pool(Role::Unified).last_decision().unwrap();
+    assert_eq!(
+        (last.at, last.from, last.to, last.rule),
+        (T0, 2, d.to, d.rule)
+    );
+}
+
+#[test]
+fn memory_survives_serialization() {
+    let spec = spec(UNIFIED);
+    let mut mem = memory();
+    let load = Load::tokens(8_000.0, 1_000.0, 20).ttft(ms(300));
+    for step in 0..5 {
+        decide_unified(
+            &spec,
+            telemetry(load),
+            state(4, 4),
+            &mut mem,
+            T0 + secs(step * 30),
+        );
+    }
+    let json = serde_json::to_string(&mem).unwrap();
+    let back: PolicyMemory = serde_json::from_str(&json).unwrap();
+    assert_eq!(mem, back);
+}
+
+#[test]
+fn rule_labels_are_distinct_snake_case() {
+    let mut seen = std::collections::HashSet::new();
+    for rule in Rule::ALL {
+        let label = rule.as_str();
+        assert!(
+            label.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+            "{label}"
+        );
+        assert!(seen.insert(label), "duplicate label {label}");
+        assert_eq!(rule.to_string(), label);
+    }
+}
+
+#[test]
+fn the_decision_text_gives_the_rule_and_the_figures() {
+    let spec = spec(UNIFIED);
+    let load = Load::tokens(24_000.0, 1_000.0, 20).ttft(ms(300));
+    let d = decide_unified(&spec, telemetry(load), state(2, 2), &mut memory(), T0);
+    let text = d.text();
+    assert!(
+        text.starts_with("unified: 2 -> 3 (scale_up, feed_forward): "),
+        "{text}"
+    );
+    assert!(text.contains("feed-forward 3"), "{text}");
+    assert!(
+        text.contains("TTFT 300ms vs 500ms (-40%, stable window)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("capacity 8000 prefill tok/s/replica (hint)"),
+        "{text}"
+    );
+}
