@@ -1,1 +1,117 @@
-fn main() {}
+//! `flyball`: one binary, one subcommand per job. It parses arguments, starts the runtime, calls
+//! the library that does the work, and turns errors into a message and an exit code (64 for bad
+//! usage or configuration, as sysexits.h has it).
+//!
+//! - `flyball control`: the control service (flyball-control).
+//! - `flyball sim`: the OpenAI-compatible model-server simulator (flyball-sim).
+//! - `flyball demo`: simulator + real Envoy with the filter + control, on this machine
+//!   (flyball-local).
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "flyball",
+    version,
+    about = "Token-latency autoscaling for LLM inference behind Envoy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the OpenAI-compatible model-server simulator (a vLLM stand-in without GPUs).
+    Sim(SimArgs),
+    /// Run a local demo: the simulator, real Envoy with the filter, and flyball control.
+    Demo(flyball_local::demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Address to listen on (HTTP/1.1 and h2c).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Model name served and echoed.
+    #[arg(long, default_value = "sim-llama-3-8b")]
+    model: String,
+    /// Prompt tokens prefilled per second.
+    #[arg(long, default_value_t = 10_000.0)]
+    prefill_tokens_per_s: f64,
+    /// Fixed cost of one engine step, in milliseconds.
+    #[arg(long, default_value_t = 10.0)]
+    step_base_ms: f64,
+    /// Extra step cost per running sequence, in milliseconds.
+    #[arg(long, default_value_t = 0.2)]
+    step_per_sequence_ms: f64,
+    /// Most sequences decoding at once.
+    #[arg(long, default_value_t = 64)]
+    max_running_sequences: usize,
+}
+
+/// Exit code for bad usage or configuration (sysexits.h EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("flyball: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Sim(args) => run_sim(args).await,
+            Command::Demo(args) => flyball_local::demo::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("flyball: {error:#}");
+            if error.downcast_ref::<flyball_sim::SimError>().is_some() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
+    let config = flyball_sim::SimConfig {
+        model: args.model,
+        engine: flyball_sim::EngineModel {
+            prefill_tokens_per_s: args.prefill_tokens_per_s,
+            step_base: Duration::from_secs_f64(args.step_base_ms / 1000.0),
+            step_per_sequence: Duration::from_secs_f64(args.step_per_sequence_ms / 1000.0),
+            max_running_sequences: args.max_running_sequences,
+        },
+        ..flyball_sim::SimConfig::default()
+    };
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    tracing::info!(listen = %args.listen, "flyball sim serving");
+    flyball_sim::serve(config, listener, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}

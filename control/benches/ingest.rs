@@ -1,0 +1,496 @@
+//! Ingest under many gateways, over real gRPC: sustained reports/s, server CPU per report and
+//! server RSS, against a baseline server that decodes and acknowledges reports but merges nothing.
+//!
+//!     cargo bench -p flyball-control --bench ingest               # 10,000 gateways at 1 Hz
+//!     cargo bench -p flyball-control --bench ingest -- --quick    # 500 gateways, a few seconds
+//!     cargo bench -p flyball-control --bench ingest -- --gateways 2000 --rate 10 --seconds 30
+//!
+//! Each server runs in a child process of this one (this binary again, `--child`) on a
+//! current-thread runtime, i.e. on one core, so its CPU and memory are read from
+//! `/proc/<child>/stat` and `/proc/<child>/status` without the load generator's. Each synthetic
+//! gateway has its own HTTP/2 connection (as real gateways do; `--connections` caps it) and sends
+//! 4 keys with realistic TTFT/TPOT/ITL/e2e sketches. The target: 10,000 gateways at 1 Hz on one
+//! core at <= 25% CPU and <= 64 MB RSS. Nothing here asserts on time; it prints.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use flyball_proto::Sketch;
+use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
+use flyball_proto::grpc::telemetry_service_server::{TelemetryService, TelemetryServiceServer};
+use flyball_proto::v1;
+use tonic::transport::{Channel, Endpoint};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const KEYS: usize = 4;
+
+#[derive(Debug, Clone)]
+struct Options {
+    gateways: usize,
+    rate_hz: f64,
+    connections: usize,
+    warmup: Duration,
+    measure: Duration,
+}
+
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(at) = args.iter().position(|a| a == "--child") {
+        let mode = args.get(at + 1).cloned().unwrap_or_default();
+        return child(&mode);
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let gateways = value("--gateways").unwrap_or(if quick { 500.0 } else { 10_000.0 }) as usize;
+    let options = Options {
+        gateways,
+        rate_hz: value("--rate").unwrap_or(1.0),
+        connections: value("--connections")
+            .map_or(gateways, |c| c as usize)
+            .max(1),
+        warmup: Duration::from_secs_f64(value("--warmup").unwrap_or(if quick { 2.0 } else { 5.0 })),
+        measure: Duration::from_secs_f64(value("--seconds").unwrap_or(if quick {
+            4.0
+        } else {
+            20.0
+        })),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(parent(options))
+}
+
+// === the load generator ===
+
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    reports_per_s: f64,
+    cpu_per_report_us: f64,
+    cpu_share: f64,
+    rss_mb: f64,
+    peak_rss_mb: f64,
+    idle_rss_mb: f64,
+    after_rss_mb: f64,
+    errors: u64,
+}
+
+async fn parent(options: Options) -> Result<(), Error> {
+    println!(
+        "ingest bench: {} gateways x {} keys at {} Hz over {} connections; warm-up {:?}, measure {:?}",
+        options.gateways,
+        KEYS,
+        options.rate_hz,
+        options.connections,
+        options.warmup,
+        options.measure
+    );
+    let clk_tck = clock_ticks_per_s();
+    let baseline = run_mode("baseline", &options, clk_tck).await?;
+    let ingest = run_mode("ingest", &options, clk_tck).await?;
+    let target_rate = options.gateways as f64 * options.rate_hz;
+    println!();
+    println!(
+        "{:<32}{:>14}{:>14}{:>10}",
+        "", "baseline", "ingest", "ratio"
+    );
+    let row = |name: &str, b: f64, i: f64| {
+        let ratio = if b > 0.0 { i / b } else { f64::NAN };
+        println!("{name:<32}{b:>14.1}{i:>14.1}{ratio:>10.2}");
+    };
+    row("reports/s", baseline.reports_per_s, ingest.reports_per_s);
+    row(
+        "CPU per report (us)",
+        baseline.cpu_per_report_us,
+        ingest.cpu_per_report_us,
+    );
+    row(
+        "CPU (% of one core)",
+        baseline.cpu_share * 100.0,
+        ingest.cpu_share * 100.0,
+    );
+    row("RSS idle (MB)", baseline.idle_rss_mb, ingest.idle_rss_mb);
+    row("RSS under load (MB)", baseline.rss_mb, ingest.rss_mb);
+    row("RSS peak (MB)", baseline.peak_rss_mb, ingest.peak_rss_mb);
+    row(
+        "RSS after load (MB)",
+        baseline.after_rss_mb,
+        ingest.after_rss_mb,
+    );
+    row("failed calls", baseline.errors as f64, ingest.errors as f64);
+    println!();
+    println!(
+        "merge cost: {:+.1} us CPU per report over decode-and-ack",
+        ingest.cpu_per_report_us - baseline.cpu_per_report_us
+    );
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    if options.gateways != 10_000 || options.rate_hz != 1.0 {
+        println!("(the CPU and RSS targets are set for 10,000 gateways at 1 Hz)");
+    }
+    println!(
+        "target {:.0} reports/s: sustained {:.0} ({})",
+        target_rate,
+        ingest.reports_per_s,
+        verdict(ingest.reports_per_s >= 0.97 * target_rate)
+    );
+    println!(
+        "target <= 25% of one core: {:.1}% ({})",
+        ingest.cpu_share * 100.0,
+        verdict(ingest.cpu_share <= 0.25)
+    );
+    println!(
+        "target <= 64 MB RSS: peak {:.1} MB ({})",
+        ingest.peak_rss_mb,
+        verdict(ingest.peak_rss_mb <= 64.0)
+    );
+    println!(
+        "machine-readable: gateways={} rate_hz={} connections={} reports_per_s={:.1} cpu_us_per_report={:.2} \
+         cpu_share={:.4} rss_mb={:.1} peak_rss_mb={:.1} baseline_cpu_us_per_report={:.2} baseline_peak_rss_mb={:.1}",
+        options.gateways,
+        options.rate_hz,
+        options.connections,
+        ingest.reports_per_s,
+        ingest.cpu_per_report_us,
+        ingest.cpu_share,
+        ingest.rss_mb,
+        ingest.peak_rss_mb,
+        baseline.cpu_per_report_us,
+        baseline.peak_rss_mb,
+    );
+    Ok(())
+}
+
+async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measured, Error> {
+    let (mut child, addr) = spawn_child(mode)?;
+    let pid = child.id();
+    let idle_rss_mb = rss_mb(pid, "VmRSS:").unwrap_or(0.0);
+
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?;
+    let mut channels = Vec::with_capacity(options.connections);
+    let connecting = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut pending = tokio::task::JoinSet::new();
+    for i in 0..options.connections {
+        let endpoint = endpoint.clone();
+        let connecting = connecting.clone();
+        pending.spawn(async move {
+            let _permit = connecting.acquire().await;
+            (i, endpoint.connect().await)
+        });
+    }
+    let mut slots: Vec<Option<Channel>> = vec![None; options.connections];
+    while let Some(done) = pending.join_next().await {
+        let (i, channel) = done?;
+        slots[i] = Some(channel?);
+    }
+    channels.extend(slots.into_iter().flatten());
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let bodies = Arc::new(Bodies::new(64));
+    let period = Duration::from_secs_f64(1.0 / options.rate_hz);
+    let mut gateways = tokio::task::JoinSet::new();
+    for g in 0..options.gateways {
+        let client = TelemetryServiceClient::new(channels[g % channels.len()].clone());
+        let (sent, errors, bodies) = (sent.clone(), errors.clone(), bodies.clone());
+        let phase = period.mul_f64(g as f64 / options.gateways as f64);
+        gateways.spawn(gateway(client, g, phase, period, bodies, sent, errors));
+    }
+
+    tokio::time::sleep(options.warmup).await;
+    let cpu0 = cpu_ticks(pid)?;
+    let sent0 = sent.load(Ordering::Relaxed);
+    let errors0 = errors.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(options.measure).await;
+    let cpu1 = cpu_ticks(pid)?;
+    let sent1 = sent.load(Ordering::Relaxed);
+    let errors1 = errors.load(Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let rss = rss_mb(pid, "VmRSS:").unwrap_or(0.0);
+    let peak = rss_mb(pid, "VmHWM:").unwrap_or(0.0);
+    gateways.shutdown().await;
+    drop(channels);
+    // What stays once every connection is gone: the service's own state (and the allocator's
+    // reluctance to give memory back).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after_rss_mb = rss_mb(pid, "VmRSS:").unwrap_or(0.0);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let reports = (sent1 - sent0) as f64;
+    let cpu_s = (cpu1 - cpu0) as f64 / clk_tck;
+    let measured = Measured {
+        reports_per_s: reports / elapsed,
+        cpu_per_report_us: if reports > 0.0 {
+            cpu_s / reports * 1e6
+        } else {
+            f64::NAN
+        },
+        cpu_share: cpu_s / elapsed,
+        rss_mb: rss,
+        peak_rss_mb: peak,
+        idle_rss_mb,
+        after_rss_mb,
+        errors: errors1 - errors0,
+    };
+    println!("{mode:>8}: {measured:?}");
+    Ok(measured)
+}
+
+async fn gateway(
+    mut client: TelemetryServiceClient<Channel>,
+    index: usize,
+    phase: Duration,
+    period: Duration,
+    bodies: Arc<Bodies>,
+    sent: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+) {
+    let name = format!("gateway-{index:05}");
+    tokio::time::sleep(phase).await;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for sequence in 1.. {
+        tick.tick().await;
+        let mut report = bodies.pick(index as u64 ^ sequence);
+        report.reporter = Some(v1::Reporter {
+            gateway: name.clone(),
+            process_start_unix_ms: 1_700_000_000_000,
+            filter_version: "bench".into(),
+        });
+        report.sequence = sequence;
+        match client.report(report).await {
+            Ok(_) => sent.fetch_add(1, Ordering::Relaxed),
+            Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// Pre-built report bodies, so the load generator spends its CPU sending, not sampling.
+struct Bodies(Vec<v1::ReportRequest>);
+
+impl Bodies {
+    fn new(n: usize) -> Self {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        Bodies((0..n).map(|_| synthetic_report(&mut rng)).collect())
+    }
+
+    fn pick(&self, i: u64) -> v1::ReportRequest {
+        self.0[(i as usize) % self.0.len()].clone()
+    }
+}
+
+/// One second of a busy gateway: per key a handful of requests, latencies spread as real ones.
+fn synthetic_report(rng: &mut Rng) -> v1::ReportRequest {
+    let keys = (0..KEYS)
+        .map(|k| {
+            let requests = 2 + rng.below(8);
+            let mut ttft = Sketch::new();
+            let mut tpot = Sketch::new();
+            let mut itl = Sketch::new();
+            let mut e2e = Sketch::new();
+            let mut output = 0;
+            for _ in 0..requests {
+                let ttft_us = rng.log_uniform(50_000.0, 2_000_000.0);
+                let tpot_us = rng.log_uniform(15_000.0, 80_000.0);
+                let tokens = 20 + rng.below(400);
+                ttft.record(ttft_us);
+                tpot.record(tpot_us);
+                for _ in 0..8 {
+                    itl.record(tpot_us * rng.log_uniform(0.5, 2.0));
+                }
+                e2e.record(ttft_us + tpot_us * tokens as f64);
+                output += tokens;
+            }
+            v1::KeyTelemetry {
+                backend: format!("vllm-{k}"),
+                model: format!("model-{k}"),
+                requests: Some(v1::RequestOutcomes {
+                    ok: requests,
+                    server_error: u64::from(rng.below(20) == 0),
+                    ..Default::default()
+                }),
+                tokens: Some(v1::TokenUsage {
+                    input: requests * (200 + rng.below(2_000)),
+                    output,
+                    ..Default::default()
+                }),
+                ttft_us: Some(v1::Sketch::from(&ttft)),
+                tpot_us: Some(v1::Sketch::from(&tpot)),
+                itl_us: Some(v1::Sketch::from(&itl)),
+                e2e_us: Some(v1::Sketch::from(&e2e)),
+                in_flight: Some(v1::InFlight {
+                    waiting_first_token: rng.below(3),
+                    decoding: rng.below(10),
+                }),
+            }
+        })
+        .collect();
+    v1::ReportRequest {
+        reporter: None,
+        sequence: 0,
+        sent_at_unix_ms: 0,
+        keys,
+        dropped: None,
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn log_uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        (lo.ln() + self.unit() * (hi.ln() - lo.ln())).exp()
+    }
+}
+
+// === the server, in a child process ===
+
+fn spawn_child(mode: &str) -> Result<(Child, String), Error> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--child", mode])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no child stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .strip_prefix("LISTEN ")
+        .ok_or_else(|| format!("child said {line:?}"))?
+        .trim()
+        .to_owned();
+    Ok((child, addr))
+}
+
+/// Serves on one core until killed.
+fn child(mode: &str) -> Result<(), Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match mode {
+            "baseline" => {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                announce(&listener.local_addr()?.to_string())?;
+                // The same server settings as the control service's.
+                flyball_control::grpc_server()
+                    .add_service(TelemetryServiceServer::new(AckOnly))
+                    .serve_with_incoming(flyball_control::grpc_incoming(listener))
+                    .await?;
+            }
+            _ => {
+                let config = flyball_control::config::ControlConfig::from_yaml(&bench_config())?;
+                let args = <Cli as clap::Parser>::parse_from([
+                    "bench",
+                    "--grpc-listen",
+                    "127.0.0.1:0",
+                    "--http-listen",
+                    "127.0.0.1:0",
+                ])
+                .args;
+                let control = flyball_control::Control::bind_with_config(&args, config).await?;
+                let addr = control.grpc_addr().ok_or("no address")?;
+                announce(&addr.to_string())?;
+                control.serve(std::future::pending()).await?;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn announce(addr: &str) -> Result<(), Error> {
+    let mut out = std::io::stdout();
+    writeln!(out, "LISTEN {addr}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// One autoscaler per key, so every report feeds four pools and the control loop runs.
+fn bench_config() -> String {
+    let mut yaml = String::from("autoscalers:\n");
+    for k in 0..KEYS {
+        yaml.push_str(&format!(
+            "  - name: pool-{k}\n    spec:\n      selector: {{ backend: vllm-{k} }}\n      \
+             pools: {{ unified: {{ scaleTargetRef: {{ name: pool-{k} }}, maxReplicas: 100 }} }}\n      \
+             slo: {{ ttft: 500ms, tpot: 50ms }}\n"
+        ));
+    }
+    yaml
+}
+
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: flyball_control::ControlArgs,
+}
+
+struct AckOnly;
+
+#[tonic::async_trait]
+impl TelemetryService for AckOnly {
+    async fn report(
+        &self,
+        request: tonic::Request<v1::ReportRequest>,
+    ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
+        Ok(tonic::Response::new(v1::ReportResponse {
+            acknowledged_sequence: request.get_ref().sequence,
+        }))
+    }
+}
+
+// === /proc ===
+
+fn clock_ticks_per_s() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64, Error> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').ok_or("odd /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let utime: u64 = fields.get(11).ok_or("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).ok_or("no stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+fn rss_mb(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

@@ -1,0 +1,636 @@
+//! The control loop: windows -> `flyball_policy::decide` -> [`Actuator`].
+//!
+//! One task per autoscaler (the policy decides an autoscaler's pools together, so a prefill
+//! decision can see the decode pool). Ingest marks pools dirty after each merge; the task wakes on
+//! that, but evaluates at most once per `min_interval` (100 ms) so a burst of reports costs one
+//! evaluation, and at least once per `idle_interval` (1 s) so that time alone (cooldowns,
+//! stabilization windows, reporters going stale) is acted on without traffic.
+//!
+//! Each evaluation reads the pools' replicas from the actuator, builds the policy's inputs from
+//! the windows, decides, applies changes (unless dry-run) and publishes the pool status that
+//! `/v1/pools`, `/metrics` and the KEDA scaler read. It never scales on telemetry it cannot read:
+//! without replica counts it skips the evaluation; stale or missing telemetry is the policy's to
+//! judge (it holds).
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use flyball_policy::decision::{Action, PoolDecision, Rule};
+use flyball_policy::inputs::{Freshness, PoolInputs, PoolState, PoolTelemetry, WindowStats};
+use flyball_policy::memory::PolicyMemory;
+use flyball_policy::pools::{Pools, Role};
+use flyball_sketch::Sketch;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::{Autoscaler, ControlConfig, PoolDef, ScaleTarget};
+use crate::ingest::Telemetry;
+use crate::window::{PoolId, View, WindowSummary};
+
+/// Replica counts of one scale target as the actuator observes them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PoolReplicas {
+    /// Replicas asked for (`spec.replicas` of the `/scale` subresource).
+    pub desired: u32,
+    /// Replicas that exist (`status.replicas`).
+    pub current: u32,
+    /// Replicas ready to serve.
+    pub ready: u32,
+}
+
+/// Why an actuator call failed. `kind` is a stable snake_case name, usable as a metric label.
+#[derive(Debug, thiserror::Error)]
+#[error("{target}: {kind}: {source}")]
+pub struct ActuatorError {
+    pub target: String,
+    pub kind: &'static str,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// Where replica counts are read and set: Kubernetes `/scale` (flyball-k8s), local processes, or
+/// nowhere ([`DryRunActuator`]).
+pub trait Actuator: Send + Sync + 'static {
+    fn current(
+        &self,
+        target: &ScaleTarget,
+    ) -> impl Future<Output = Result<PoolReplicas, ActuatorError>> + Send;
+
+    fn set(
+        &self,
+        target: &ScaleTarget,
+        replicas: u32,
+    ) -> impl Future<Output = Result<(), ActuatorError>> + Send;
+}
+
+/// Records what would be set and pretends it happened at once: every replica asked for is
+/// instantly ready. Targets start at their pool's `minReplicas`.
+#[derive(Debug, Default)]
+pub struct DryRunActuator {
+    replicas: Mutex<HashMap<ScaleTarget, u32>>,
+    recommendations: Mutex<Vec<(ScaleTarget, u32)>>,
+}
+
+/// Timing of the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopConfig {
+    /// Evaluations of one autoscaler are at least this far apart.
+    pub min_interval: Duration,
+    /// And at most this far apart, traffic or not.
+    pub idle_interval: Duration,
+    /// Decisions kept per pool.
+    pub decision_log: usize,
+    /// Decide and publish, never set replicas.
+    pub dry_run: bool,
+    /// A pool's telemetry is stale after this much silence from every reporter.
+    pub stale_after: Duration,
+}
+
+/// One entry of a pool's decision log. Consecutive identical decisions (same from, to, rule) are
+/// folded into one entry whose `repeats` grows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DecisionRecord {
+    /// RFC 3339, UTC: when this decision was first reached.
+    pub at: String,
+    /// When it was last reached again (see `repeats`).
+    pub last_at: String,
+    #[serde(skip)]
+    pub at_instant: Instant,
+    pub from: u32,
+    pub to: u32,
+    pub action: Action,
+    pub rule: Rule,
+    /// The policy's explanation, one line.
+    pub reason: String,
+    /// The figures behind it, as the policy returned them.
+    pub details: flyball_policy::decision::Reason,
+    /// Whether the change was sent to the actuator (false for holds and dry runs).
+    pub applied: bool,
+    pub error: Option<String>,
+    /// Later evaluations that reached the same decision.
+    pub repeats: u64,
+}
+
+/// What the controller knows of one pool; published on a watch channel.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolStatus {
+    /// Replicas as last read from the actuator; `None` before the first read.
+    pub replicas: Option<PoolReplicas>,
+    /// Replicas the last decision asked for.
+    pub desired: Option<u32>,
+    /// The pool has load or wants replicas (KEDA's activation).
+    pub active: bool,
+    pub decisions: VecDeque<DecisionRecord>,
+    pub last_error: Option<String>,
+}
+
+/// Every pool's status, in pool order.
+#[derive(Debug)]
+pub struct Status {
+    pools: Vec<watch::Sender<PoolStatus>>,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub actuator_errors: Family<ActuatorErrorLabels, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub autoscaler: String,
+    pub pool: String,
+    pub role: &'static str,
+    pub action: &'static str,
+    pub rule: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ActuatorErrorLabels {
+    pub pool: String,
+    pub kind: &'static str,
+}
+
+/// Maps the service's instants to wall-clock times and to the policy's clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    pub epoch: Instant,
+    pub epoch_wall: SystemTime,
+}
+
+// === impl DryRunActuator ===
+
+impl DryRunActuator {
+    /// Targets start at their pool's `minReplicas`.
+    pub fn for_config(config: &ControlConfig) -> Self {
+        let mut replicas = HashMap::new();
+        for autoscaler in config.autoscalers() {
+            for (_, pool) in autoscaler.spec.pools().iter() {
+                let target = config
+                    .pools()
+                    .iter()
+                    .find(|p| p.name == pool.scale_target_ref.name)
+                    .map(|p| p.target.clone());
+                if let Some(target) = target {
+                    replicas.insert(target, pool.replicas.min());
+                }
+            }
+        }
+        DryRunActuator {
+            replicas: Mutex::new(replicas),
+            recommendations: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Every replica count set, in order.
+    pub fn recommendations(&self) -> Vec<(ScaleTarget, u32)> {
+        self.recommendations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Actuator for DryRunActuator {
+    async fn current(&self, target: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
+        let replicas = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        let n = replicas.get(target).copied().unwrap_or(1);
+        Ok(PoolReplicas {
+            desired: n,
+            current: n,
+            ready: n,
+        })
+    }
+
+    async fn set(&self, target: &ScaleTarget, replicas: u32) -> Result<(), ActuatorError> {
+        self.replicas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(target.clone(), replicas);
+        self.recommendations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((target.clone(), replicas));
+        Ok(())
+    }
+}
+
+// === impl Status ===
+
+impl Status {
+    pub fn new(pools: usize) -> Self {
+        Status {
+            pools: (0..pools)
+                .map(|_| watch::Sender::new(PoolStatus::default()))
+                .collect(),
+            decisions: Family::default(),
+            actuator_errors: Family::default(),
+        }
+    }
+
+    /// A copy of the pool's status.
+    pub fn get(&self, pool: PoolId) -> Option<PoolStatus> {
+        self.pools.get(pool.0).map(|tx| tx.borrow().clone())
+    }
+
+    /// Changes whenever the pool's status is published.
+    pub fn subscribe(&self, pool: PoolId) -> Option<watch::Receiver<PoolStatus>> {
+        self.pools.get(pool.0).map(watch::Sender::subscribe)
+    }
+
+    fn update(&self, pool: PoolId, f: impl FnOnce(&mut PoolStatus) -> bool) {
+        if let Some(tx) = self.pools.get(pool.0) {
+            tx.send_if_modified(f);
+        }
+    }
+
+    /// Whether every pool's replicas have been read at least once.
+    pub fn all_known(&self) -> bool {
+        self.pools.iter().all(|tx| tx.borrow().replicas.is_some())
+    }
+}
+
+// === impl Clock ===
+
+impl Clock {
+    pub fn new(epoch: Instant) -> Self {
+        Clock {
+            epoch,
+            epoch_wall: SystemTime::now(),
+        }
+    }
+
+    /// The policy's `now`: time since the service started.
+    pub fn policy_now(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.epoch)
+    }
+
+    pub fn wall(&self, at: Instant) -> SystemTime {
+        self.epoch_wall + at.saturating_duration_since(self.epoch)
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds, e.g. `2025-01-31T12:00:00.250Z`.
+pub fn rfc3339(at: SystemTime) -> String {
+    let since = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+// === inputs ===
+
+/// The policy's view of one window.
+pub fn window_stats(summary: &WindowSummary, length: Duration, percentile: f64) -> WindowStats {
+    let q = percentile / 100.0;
+    let quantile = |sketch: &Sketch| {
+        sketch
+            .quantile(q)
+            .map(|us| Duration::from_secs_f64(us.max(0.0) / 1e6))
+    };
+    WindowStats {
+        length,
+        coverage: summary.covered.min(length),
+        request_rate_per_s: summary.requests_per_s(),
+        input_tokens_per_s: summary.input_tokens_per_s(),
+        output_tokens_per_s: summary.output_tokens_per_s(),
+        error_rate_per_s: summary.errors_per_s(),
+        ttft: quantile(&summary.latency.ttft_us),
+        tpot: quantile(&summary.latency.tpot_us),
+    }
+}
+
+/// Fresh while some reporter is live and the newest report is within `stale_after`; missing
+/// until the first report. A pool none of whose keys are in recent reports is fresh and idle,
+/// not missing: gateways leave keys without deltas or requests in flight out of their reports
+/// (see `flyball.v1.ReportRequest.keys`), so silence about a key from a live gateway is a zero.
+pub fn freshness(
+    live_reporters: usize,
+    last_report: Option<Instant>,
+    stale_after: Duration,
+    now: Instant,
+) -> Freshness {
+    match last_report {
+        None => Freshness::Missing,
+        Some(last) => {
+            let age = now.saturating_duration_since(last);
+            if live_reporters == 0 || age > stale_after {
+                Freshness::Stale { age }
+            } else {
+                Freshness::Fresh
+            }
+        }
+    }
+}
+
+fn saturating_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// A pool's telemetry as the policy wants it.
+pub fn pool_telemetry(
+    view: &View,
+    freshness: Freshness,
+    short: Duration,
+    stable: Duration,
+    percentile: f64,
+) -> PoolTelemetry {
+    PoolTelemetry {
+        freshness,
+        short: window_stats(&view.short, short, percentile),
+        stable: window_stats(&view.stable, stable, percentile),
+        in_flight_waiting: saturating_u32(view.in_flight.waiting_first_token),
+        in_flight_decoding: saturating_u32(view.in_flight.decoding),
+    }
+}
+
+// === the loop ===
+
+/// What one autoscaler's task keeps between evaluations.
+struct AutoscalerLoop<A> {
+    autoscaler: Autoscaler,
+    pools: Vec<PoolDef>,
+    memory: PolicyMemory,
+    /// Per pool: the desired count last observed and when it changed, and an ask not ready yet.
+    observed: HashMap<PoolId, Observed>,
+    telemetry: Arc<Telemetry>,
+    status: Arc<Status>,
+    actuator: Arc<A>,
+    clock: Clock,
+    config: LoopConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Observed {
+    desired: Option<u32>,
+    changed_at: Option<Duration>,
+    /// Replicas asked for and when, until that many are ready.
+    pending: Option<(u32, Duration)>,
+    time_to_ready: Option<Duration>,
+}
+
+/// Runs one task per autoscaler until `shutdown` resolves.
+pub async fn run<A: Actuator>(
+    config: Arc<ControlConfig>,
+    telemetry: Arc<Telemetry>,
+    status: Arc<Status>,
+    actuator: Arc<A>,
+    clock: Clock,
+    loop_config: LoopConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for autoscaler in config.autoscalers() {
+        let pools = autoscaler
+            .pools
+            .iter()
+            .filter_map(|id| config.pool(*id).cloned())
+            .collect();
+        let task = AutoscalerLoop {
+            autoscaler: autoscaler.clone(),
+            pools,
+            memory: PolicyMemory::new(clock.policy_now(Instant::now())),
+            observed: HashMap::new(),
+            telemetry: telemetry.clone(),
+            status: status.clone(),
+            actuator: actuator.clone(),
+            clock,
+            config: loop_config,
+        };
+        tasks.spawn(task.run());
+    }
+    shutdown.await;
+    tasks.shutdown().await;
+}
+
+impl<A: Actuator> AutoscalerLoop<A> {
+    async fn run(mut self) {
+        let dirty: Vec<_> = self
+            .pools
+            .iter()
+            .filter_map(|p| self.telemetry.dirty(p.id))
+            .collect();
+        let mut last: Option<Instant> = None;
+        loop {
+            if let Some(last) = last {
+                tokio::time::sleep_until(last + self.config.min_interval).await;
+                let idle_until = last + self.config.idle_interval;
+                if dirty.is_empty() {
+                    // select_all panics on nothing to select; without pools, time alone wakes us.
+                    tokio::time::sleep_until(idle_until).await;
+                } else {
+                    let woken =
+                        futures::future::select_all(dirty.iter().map(|n| Box::pin(n.notified())));
+                    let _ = tokio::time::timeout_at(idle_until, woken).await;
+                }
+            }
+            let now = Instant::now();
+            last = Some(now);
+            self.evaluate(now).await;
+        }
+    }
+
+    async fn evaluate(&mut self, now: Instant) {
+        let policy_now = self.clock.policy_now(now);
+        let spec = &self.autoscaler.spec;
+        let percentile = spec.slo().percentile;
+        let windows = self.telemetry.windows_config();
+        let reporters = self.telemetry.reporters(now);
+        let last_report = self.telemetry.last_report();
+
+        let mut states = Vec::with_capacity(self.pools.len());
+        for pool in &self.pools {
+            let replicas = match self.actuator.current(&pool.target).await {
+                Ok(replicas) => replicas,
+                Err(error) => {
+                    tracing::warn!(pool = %pool.name, %error, "cannot read replicas; not deciding");
+                    self.status
+                        .actuator_errors
+                        .get_or_create(&ActuatorErrorLabels {
+                            pool: pool.name.clone(),
+                            kind: error.kind,
+                        })
+                        .inc();
+                    self.status.update(pool.id, |s| {
+                        s.last_error = Some(error.to_string());
+                        true
+                    });
+                    return;
+                }
+            };
+            let observed = self.observed.entry(pool.id).or_default();
+            if observed.desired != Some(replicas.desired) {
+                if observed.desired.is_some() {
+                    observed.changed_at = Some(policy_now);
+                }
+                if observed.desired.is_some_and(|d| replicas.desired > d) {
+                    observed.pending = Some((replicas.desired, policy_now));
+                }
+                observed.desired = Some(replicas.desired);
+            }
+            if let Some((asked, at)) = observed.pending
+                && replicas.ready >= asked
+            {
+                observed.time_to_ready = Some(policy_now.saturating_sub(at));
+                observed.pending = None;
+            }
+            let view = self.telemetry.pool(pool.id, now).unwrap_or_default();
+            let fresh = freshness(reporters.live, last_report, self.config.stale_after, now);
+            let inputs = PoolInputs {
+                telemetry: pool_telemetry(
+                    &view,
+                    fresh,
+                    windows.short(),
+                    windows.stable(),
+                    percentile,
+                ),
+                state: PoolState {
+                    desired_replicas: replicas.desired,
+                    current_replicas: replicas.current,
+                    ready_replicas: replicas.ready,
+                    starting_replicas: replicas.desired.saturating_sub(replicas.ready),
+                    last_scale_change_at: observed.changed_at,
+                    time_to_ready: observed.time_to_ready,
+                },
+            };
+            let has_load = view.in_flight.total() > 0 || view.short.requests.total() > 0;
+            states.push((pool.clone(), replicas, inputs, has_load));
+        }
+        let inputs = match states.as_slice() {
+            [(_, _, unified, _)] => Pools::Unified(unified.clone()),
+            [(_, _, prefill, _), (_, _, decode, _)] => Pools::Disaggregated {
+                prefill: prefill.clone(),
+                decode: decode.clone(),
+            },
+            _ => return,
+        };
+        let decision = match flyball_policy::decide(spec, &inputs, &mut self.memory, policy_now) {
+            Ok(decision) => decision,
+            Err(error) => {
+                // Pools are built from the same spec, so this is a bug; say so and hold.
+                tracing::error!(autoscaler = %self.autoscaler.name, %error, "policy refused inputs");
+                return;
+            }
+        };
+        let dry_run = self.config.dry_run || decision.dry_run;
+
+        for (pool, replicas, _, has_load) in states {
+            let Some(pool_decision) = decision.pools.get(pool.role) else {
+                continue;
+            };
+            let mut applied = false;
+            let mut error = None;
+            if pool_decision.to != replicas.desired && !dry_run {
+                match self.actuator.set(&pool.target, pool_decision.to).await {
+                    Ok(()) => applied = true,
+                    Err(e) => {
+                        tracing::warn!(pool = %pool.name, error = %e, "cannot set replicas");
+                        self.status
+                            .actuator_errors
+                            .get_or_create(&ActuatorErrorLabels {
+                                pool: pool.name.clone(),
+                                kind: e.kind,
+                            })
+                            .inc();
+                        error = Some(e.to_string());
+                    }
+                }
+            }
+            if pool_decision.action != Action::Hold {
+                tracing::info!(pool = %pool.name, decision = %pool_decision, applied, "decision");
+            }
+            self.status
+                .decisions
+                .get_or_create(&DecisionLabels {
+                    autoscaler: self.autoscaler.name.clone(),
+                    pool: pool.name.clone(),
+                    role: role_str(pool.role),
+                    action: pool_decision.action.as_str(),
+                    rule: pool_decision.rule.as_str(),
+                })
+                .inc();
+            let record = self.record(now, pool_decision, applied, error.clone());
+            let limit = self.config.decision_log;
+            self.status.update(pool.id, |s| {
+                s.replicas = Some(replicas);
+                s.desired = Some(pool_decision.to);
+                s.active = has_load || pool_decision.to > 0;
+                s.last_error = error;
+                push_decision(&mut s.decisions, record, limit);
+                true
+            });
+        }
+    }
+
+    fn record(
+        &self,
+        now: Instant,
+        decision: &PoolDecision,
+        applied: bool,
+        error: Option<String>,
+    ) -> DecisionRecord {
+        let at = rfc3339(self.clock.wall(now));
+        DecisionRecord {
+            last_at: at.clone(),
+            at,
+            at_instant: now,
+            from: decision.from,
+            to: decision.to,
+            action: decision.action,
+            rule: decision.rule,
+            reason: decision.to_string(),
+            details: decision.reason,
+            applied,
+            error,
+            repeats: 0,
+        }
+    }
+}
+
+fn push_decision(log: &mut VecDeque<DecisionRecord>, record: DecisionRecord, limit: usize) {
+    if let Some(last) = log.back_mut()
+        && last.from == record.from
+        && last.to == record.to
+        && last.rule == record.rule
+        && last.error == record.error
+        && !record.applied
+    {
+        last.repeats += 1;
+        last.last_at = record.last_at;
+        last.reason = record.reason;
+        last.details = record.details;
+        return;
+    }
+    log.push_back(record);
+    while log.len() > limit.max(1) {
+        log.pop_front();
+    }
+}
+
+pub fn role_str(role: Role) -> &'static str {
+    role.as_str()
+}
+
+#[cfg(test)]
+mod tests;

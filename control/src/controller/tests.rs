@@ -1,0 +1,264 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use super::*;
+use crate::ingest::IngestConfig;
+use crate::window::{Selector, WindowConfig};
+use flyball_proto::v1;
+
+#[test]
+fn rfc3339_renders_utc_with_milliseconds() {
+    let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+    assert_eq!(rfc3339(at(1_700_000_000_250)), "2023-11-14T22:13:20.250Z");
+    assert_eq!(rfc3339(at(951_782_400_000)), "2000-02-29T00:00:00.000Z");
+    assert_eq!(rfc3339(at(0)), "1970-01-01T00:00:00.000Z");
+}
+
+#[test]
+fn freshness_needs_a_live_reporter_heard_recently() {
+    let base = Instant::now();
+    let stale_after = Duration::from_secs(3);
+    let now = base + Duration::from_secs(2);
+    assert_eq!(freshness(1, Some(base), stale_after, now), Freshness::Fresh);
+    assert_eq!(freshness(0, None, stale_after, now), Freshness::Missing);
+    assert_eq!(
+        freshness(0, Some(base), stale_after, now),
+        Freshness::Stale {
+            age: Duration::from_secs(2)
+        }
+    );
+    let late = base + Duration::from_secs(4);
+    assert_eq!(
+        freshness(3, Some(base), stale_after, late),
+        Freshness::Stale {
+            age: Duration::from_secs(4)
+        }
+    );
+}
+
+#[test]
+fn window_stats_take_the_slo_percentile_in_durations() {
+    let mut summary = WindowSummary {
+        covered: Duration::from_secs(5),
+        ..WindowSummary::default()
+    };
+    summary.requests.ok = 50;
+    summary.tokens.output = 5_000;
+    for v in 1..=100 {
+        summary.latency.ttft_us.record(f64::from(v) * 1_000.0);
+    }
+    let stats = window_stats(&summary, Duration::from_secs(10), 95.0);
+    assert_eq!(stats.coverage, Duration::from_secs(5));
+    assert_eq!(stats.request_rate_per_s, 10.0);
+    assert_eq!(stats.output_tokens_per_s, 1_000.0);
+    let ttft = stats.ttft.unwrap().as_secs_f64();
+    assert!((ttft - 0.095).abs() <= 0.095 * 0.021, "{ttft}");
+    assert_eq!(stats.tpot, None);
+}
+
+const SPEC: &str = r#"
+autoscalers:
+  - name: llama
+    spec:
+      selector: { backend: vllm }
+      pools:
+        unified:
+          scaleTargetRef: { name: llama }
+          maxReplicas: 10
+          capacity: { prefillTokensPerSecond: 1000 }
+      slo: { ttft: 500ms }
+"#;
+
+struct Harness {
+    telemetry: Arc<Telemetry>,
+    status: Arc<Status>,
+    actuator: Arc<DryRunActuator>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn start(config: ControlConfig) -> Harness {
+    let epoch = Instant::now();
+    let config = Arc::new(config);
+    let telemetry = Arc::new(Telemetry::new(
+        IngestConfig::default(),
+        WindowConfig::default(),
+        config.selectors(),
+        epoch,
+    ));
+    let status = Arc::new(Status::new(config.pools().len()));
+    let actuator = Arc::new(DryRunActuator::for_config(&config));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(run(
+        config,
+        telemetry.clone(),
+        status.clone(),
+        actuator.clone(),
+        Clock::new(epoch),
+        LoopConfig {
+            min_interval: Duration::from_millis(100),
+            idle_interval: Duration::from_secs(1),
+            decision_log: 100,
+            dry_run: false,
+            stale_after: Duration::from_secs(3),
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Harness {
+        telemetry,
+        status,
+        actuator,
+        stop,
+    }
+}
+
+fn load(sequence: u64, input_tokens: u64) -> v1::ReportRequest {
+    v1::ReportRequest {
+        reporter: Some(v1::Reporter {
+            gateway: "gw".into(),
+            process_start_unix_ms: 1,
+            filter_version: "test".into(),
+        }),
+        sequence,
+        sent_at_unix_ms: 0,
+        keys: vec![v1::KeyTelemetry {
+            backend: "vllm".into(),
+            model: "llama".into(),
+            requests: Some(v1::RequestOutcomes {
+                ok: 10,
+                ..Default::default()
+            }),
+            tokens: Some(v1::TokenUsage {
+                input: input_tokens,
+                output: 100,
+                ..Default::default()
+            }),
+            in_flight: Some(v1::InFlight {
+                waiting_first_token: 2,
+                decoding: 3,
+            }),
+            ..Default::default()
+        }],
+        dropped: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn load_over_capacity_scales_the_pool_up_through_the_actuator() {
+    let h = start(ControlConfig::from_yaml(SPEC).unwrap());
+    let mut status = h.status.subscribe(PoolId(0)).unwrap();
+    status.wait_for(|s| s.replicas.is_some()).await.unwrap();
+    assert_eq!(status.borrow().replicas.unwrap().desired, 1);
+
+    // 5,000 input tokens per second against 1,000 per replica.
+    for s in 1..=3 {
+        h.telemetry.ingest(load(s, 5_000), Instant::now()).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let decided = status
+        .wait_for(|s| s.desired >= Some(5))
+        .await
+        .unwrap()
+        .clone();
+    assert!(decided.active);
+    let last = decided.decisions.back().unwrap();
+    assert!(last.to >= 5, "{last:?}");
+    let set = h.actuator.recommendations();
+    assert!(
+        set.iter()
+            .any(|(target, n)| target.name == "llama" && *n >= 5),
+        "{set:?}"
+    );
+    let _ = h.stop.send(());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_reports_costs_one_evaluation_per_interval() {
+    let h = start(ControlConfig::from_yaml(SPEC).unwrap());
+    let mut status = h.status.subscribe(PoolId(0)).unwrap();
+    status.wait_for(|s| s.replicas.is_some()).await.unwrap();
+    let evaluations = |s: &PoolStatus| -> u64 { s.decisions.iter().map(|d| d.repeats + 1).sum() };
+    let before = evaluations(&status.borrow());
+    // 100 reports 10 ms apart: one second of virtual time.
+    for s in 1..=100 {
+        h.telemetry.ingest(load(s, 10), Instant::now()).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = evaluations(&h.status.get(PoolId(0)).unwrap());
+    let n = after - before;
+    assert!((5..=11).contains(&n), "{n} evaluations in 1 s");
+    let _ = h.stop.send(());
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_reports_the_loop_still_evaluates_every_idle_interval() {
+    let h = start(ControlConfig::from_yaml(SPEC).unwrap());
+    let mut status = h.status.subscribe(PoolId(0)).unwrap();
+    status.wait_for(|s| s.replicas.is_some()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5_050)).await;
+    let s = h.status.get(PoolId(0)).unwrap();
+    let n: u64 = s.decisions.iter().map(|d| d.repeats + 1).sum();
+    assert_eq!(n, 6, "{:?}", s.decisions);
+    let last = s.decisions.back().unwrap();
+    assert_eq!(last.rule, Rule::MissingTelemetryHold);
+    let _ = h.stop.send(());
+}
+
+#[test]
+fn identical_decisions_fold_into_one_log_entry() {
+    let base = Instant::now();
+    let record = |to: u32, rule: Rule| DecisionRecord {
+        at: "t".into(),
+        last_at: "t".into(),
+        at_instant: base,
+        from: 1,
+        to,
+        action: Action::between(1, to),
+        rule,
+        reason: String::new(),
+        details: sample_reason(),
+        applied: false,
+        error: None,
+        repeats: 0,
+    };
+    let mut log = VecDeque::new();
+    push_decision(&mut log, record(1, Rule::NoChange), 3);
+    push_decision(&mut log, record(1, Rule::NoChange), 3);
+    push_decision(&mut log, record(2, Rule::FeedForward), 3);
+    push_decision(&mut log, record(1, Rule::Cooldown), 3);
+    push_decision(&mut log, record(1, Rule::NoChange), 3);
+    assert_eq!(log.len(), 3);
+    assert_eq!(log[0].rule, Rule::FeedForward);
+    assert_eq!(log[2].rule, Rule::NoChange);
+}
+
+fn sample_reason() -> flyball_policy::decision::Reason {
+    flyball_policy::decision::Reason {
+        driver: Rule::NoChange,
+        freshness: Freshness::Fresh,
+        panic: false,
+        load: Default::default(),
+        ttft: None,
+        tpot: None,
+        capacity: Default::default(),
+        feed_forward_replicas: None,
+        slo_feedback_replicas: None,
+        recommended_replicas: 1,
+        ready_replicas: 1,
+        starting_replicas: 0,
+        starting_counted: false,
+        hold_until: None,
+        before_budget: None,
+    }
+}
+
+#[test]
+fn selectors_follow_the_config() {
+    let config = ControlConfig::from_yaml(SPEC).unwrap();
+    assert_eq!(
+        config.selectors(),
+        vec![Selector {
+            backend: Some("vllm".into()),
+            model: None
+        }]
+    );
+}

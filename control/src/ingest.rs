@@ -1,0 +1,716 @@
+//! Ingest: gateways' `flyball.v1.TelemetryService/Report` calls merged into the windows.
+//!
+//! report -> [`parse`] (validate, decode sketches; no lock) -> [`Reporters::admit`] (identity,
+//! duplicates, gaps, restarts) -> [`Windows::record`] per key and pool -> pools marked dirty.
+//!
+//! A reporter is one gateway process: (gateway, process_start_unix_ms). All that is kept per
+//! reporter is its identity, sequence, timing and latest in-flight gauge per key, so memory grows
+//! with the number of gateways only by that much; their deltas go straight into the shared
+//! windows. A reporter silent for longer than `max(stale_after, stale_intervals x its interval)`
+//! is stale: its gauges leave the in-flight sums until it reports again. Ingest never trusts a
+//! remote clock; the time of arrival is what counts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use flyball_proto::grpc::telemetry_service_server::{TelemetryService, TelemetryServiceServer};
+use flyball_proto::v1;
+use flyball_sketch::{Sketch, SketchError};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::window::{
+    Delta, InFlight, KeyId, KeyView, Latencies, PoolId, Selector, View, WindowConfig, Windows,
+};
+
+/// Limits and timings of ingest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestConfig {
+    /// A reporter is stale after this much silence, or `stale_intervals` of its own report
+    /// interval if that is longer (so a slow reporter does not flap).
+    pub stale_after: Duration,
+    pub stale_intervals: u32,
+    /// A reporter silent this long is forgotten altogether; a later report starts it afresh.
+    pub forget_after: Duration,
+    /// Reports larger than this, encoded, are refused before they are decoded.
+    pub max_report_bytes: usize,
+    pub max_keys_per_report: usize,
+    /// Distinct (backend, model) keys tracked; telemetry for further keys is dropped and counted.
+    pub max_keys: usize,
+}
+
+/// Why a report was refused. The reasons double as metric labels ([`Refusal::reason`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refusal {
+    #[error("reporter.gateway is empty: every report names its gateway")]
+    NoGateway,
+    #[error("sequence = 0: sequences start at 1")]
+    ZeroSequence,
+    #[error("keys: {count} entries, at most {max} per report")]
+    TooManyKeys { count: usize, max: usize },
+    #[error("keys[{index}].{field} is empty")]
+    EmptyKeyName { index: usize, field: &'static str },
+    #[error("keys[{index}].{field}: {source}")]
+    BadSketch {
+        index: usize,
+        field: &'static str,
+        #[source]
+        source: SketchError,
+    },
+}
+
+/// How a reporter's report was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// New data, merged.
+    Fresh {
+        /// Sequence numbers skipped since the reporter's previous report.
+        missing: u64,
+        /// The first report of a new process of a gateway already known.
+        restart: bool,
+        /// The reporter had gone stale and is back.
+        revived: bool,
+    },
+    /// A resend (or older): acknowledged and ignored.
+    Duplicate,
+}
+
+/// Reporter identities and their latest gauges. Pure: `now` is a parameter.
+#[derive(Debug)]
+pub struct Reporters {
+    stale_after: Duration,
+    stale_intervals: u32,
+    forget_after: Duration,
+    gateways: HashMap<Box<str>, Gateway>,
+    live: usize,
+    stale: usize,
+}
+
+#[derive(Debug)]
+struct Gateway {
+    newest_start_ms: u64,
+    /// Usually one; two while an Envoy hot restart drains the old process.
+    processes: Vec<Process>,
+}
+
+#[derive(Debug)]
+struct Process {
+    start_ms: u64,
+    last_sequence: u64,
+    last_seen: Instant,
+    interval: Option<Duration>,
+    stale: bool,
+    dropped_reports: u64,
+    gauges: Vec<(KeyId, InFlight)>,
+}
+
+/// Live and stale reporter counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReporterCounts {
+    pub live: usize,
+    pub stale: usize,
+}
+
+/// A report that passed validation, its sketches decoded.
+#[derive(Debug)]
+pub struct ParsedReport {
+    gateway: String,
+    process_start_unix_ms: u64,
+    sequence: u64,
+    dropped_reports: u64,
+    keys: Vec<ParsedKey>,
+}
+
+#[derive(Debug)]
+struct ParsedKey {
+    backend: String,
+    model: String,
+    delta: Delta,
+    in_flight: InFlight,
+}
+
+/// What merging one report did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Merged {
+    pub admission: Admission,
+    /// Pools whose windows or in-flight sums changed, sorted and unique.
+    pub pools: Vec<PoolId>,
+    /// Keys dropped because `max_keys` keys are tracked already.
+    pub keys_over_limit: u64,
+    /// Reports the reporter says it gave up on since its previous report.
+    pub newly_dropped_reports: u64,
+}
+
+/// Ingest counters, exported on /metrics.
+#[derive(Debug, Clone, Default)]
+pub struct IngestCounters {
+    pub reports: Counter,
+    pub duplicates: Counter,
+    pub gaps: Counter,
+    pub missing_reports: Counter,
+    pub restarts: Counter,
+    pub revived: Counter,
+    pub reporter_dropped_reports: Counter,
+    pub keys_over_limit: Counter,
+    pub refused: Family<RefusedLabels, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub reason: &'static str,
+}
+
+/// The state every ingest call and every reader shares.
+#[derive(Debug)]
+pub struct Telemetry {
+    config: IngestConfig,
+    state: Mutex<IngestState>,
+    counters: IngestCounters,
+    dirty: Vec<Arc<Notify>>,
+}
+
+#[derive(Debug)]
+struct IngestState {
+    windows: Windows,
+    reporters: Reporters,
+    last_sweep: Option<Instant>,
+    /// When the newest report (of any reporter, duplicates aside) arrived.
+    last_report: Option<Instant>,
+}
+
+/// The tonic service.
+#[derive(Debug, Clone)]
+pub struct IngestService {
+    telemetry: Arc<Telemetry>,
+}
+
+/// Sweeping for stale reporters scans them all, so readers do it at most this often.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
+/// The refusal reason of reports over `max_report_bytes`, which tonic refuses before ingest
+/// sees them (the service rewrites and counts those refusals on their way out).
+pub const OVERSIZE: &str = "oversize";
+
+// === impl IngestConfig ===
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            stale_after: Duration::from_secs(3),
+            stale_intervals: 3,
+            forget_after: Duration::from_secs(600),
+            max_report_bytes: 1024 * 1024,
+            max_keys_per_report: 1024,
+            max_keys: 10_000,
+        }
+    }
+}
+
+// === impl Refusal ===
+
+impl Refusal {
+    /// A stable snake_case name, the `reason` label of `flyball_ingest_refused_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::NoGateway => "no_gateway",
+            Refusal::ZeroSequence => "zero_sequence",
+            Refusal::TooManyKeys { .. } => "too_many_keys",
+            Refusal::EmptyKeyName { .. } => "empty_key",
+            Refusal::BadSketch { .. } => "bad_sketch",
+        }
+    }
+
+    pub fn to_status(&self) -> tonic::Status {
+        match self {
+            Refusal::TooManyKeys { .. } => tonic::Status::resource_exhausted(self.to_string()),
+            _ => tonic::Status::invalid_argument(self.to_string()),
+        }
+    }
+}
+
+// === parse ===
+
+/// Validates a report and decodes its sketches; nothing shared is touched.
+pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedReport, Refusal> {
+    let reporter = report.reporter.unwrap_or_default();
+    if reporter.gateway.is_empty() {
+        return Err(Refusal::NoGateway);
+    }
+    if report.sequence == 0 {
+        return Err(Refusal::ZeroSequence);
+    }
+    if report.keys.len() > config.max_keys_per_report {
+        return Err(Refusal::TooManyKeys {
+            count: report.keys.len(),
+            max: config.max_keys_per_report,
+        });
+    }
+    let mut keys = Vec::with_capacity(report.keys.len());
+    for (index, key) in report.keys.into_iter().enumerate() {
+        if key.backend.is_empty() {
+            return Err(Refusal::EmptyKeyName {
+                index,
+                field: "backend",
+            });
+        }
+        if key.model.is_empty() {
+            return Err(Refusal::EmptyKeyName {
+                index,
+                field: "model",
+            });
+        }
+        let sketch = |field: &'static str, wire: &Option<v1::Sketch>| match wire {
+            None => Ok(Sketch::new()),
+            Some(wire) => Sketch::try_from(wire).map_err(|source| Refusal::BadSketch {
+                index,
+                field,
+                source,
+            }),
+        };
+        let latency = Latencies {
+            ttft_us: sketch("ttft_us", &key.ttft_us)?,
+            tpot_us: sketch("tpot_us", &key.tpot_us)?,
+            itl_us: sketch("itl_us", &key.itl_us)?,
+            e2e_us: sketch("e2e_us", &key.e2e_us)?,
+        };
+        let in_flight = key.in_flight.unwrap_or_default();
+        keys.push(ParsedKey {
+            backend: key.backend,
+            model: key.model,
+            delta: Delta {
+                requests: key.requests.unwrap_or_default(),
+                tokens: key.tokens.unwrap_or_default(),
+                latency,
+            },
+            in_flight: InFlight {
+                waiting_first_token: in_flight.waiting_first_token,
+                decoding: in_flight.decoding,
+            },
+        });
+    }
+    Ok(ParsedReport {
+        gateway: reporter.gateway,
+        process_start_unix_ms: reporter.process_start_unix_ms,
+        sequence: report.sequence,
+        dropped_reports: report.dropped.unwrap_or_default().reports,
+        keys,
+    })
+}
+
+// === impl ParsedReport ===
+
+impl ParsedReport {
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+}
+
+// === impl Reporters ===
+
+impl Reporters {
+    pub fn new(config: &IngestConfig) -> Self {
+        Reporters {
+            stale_after: config.stale_after,
+            stale_intervals: config.stale_intervals,
+            forget_after: config.forget_after,
+            gateways: HashMap::new(),
+            live: 0,
+            stale: 0,
+        }
+    }
+
+    pub fn counts(&self) -> ReporterCounts {
+        ReporterCounts {
+            live: self.live,
+            stale: self.stale,
+        }
+    }
+
+    /// Decides whether a report is new data, and if so notes its arrival. The returned process
+    /// is the reporter's, for its gauges to be replaced; on a restart the gauges of the gateway's
+    /// older processes are moved to `retired`.
+    fn admit(
+        &mut self,
+        gateway: &str,
+        start_ms: u64,
+        sequence: u64,
+        now: Instant,
+        retired: &mut Vec<(KeyId, InFlight)>,
+    ) -> (Admission, Option<&mut Process>) {
+        if !self.gateways.contains_key(gateway) {
+            self.gateways.insert(
+                gateway.into(),
+                Gateway {
+                    newest_start_ms: start_ms,
+                    processes: Vec::with_capacity(1),
+                },
+            );
+        }
+        let Some(entry) = self.gateways.get_mut(gateway) else {
+            return (Admission::Duplicate, None);
+        };
+        let restart = !entry.processes.is_empty() && start_ms > entry.newest_start_ms;
+        entry.newest_start_ms = entry.newest_start_ms.max(start_ms);
+        if restart {
+            // The old process crashed or is draining after a hot restart. Its gauge is most
+            // likely gone with it; if it is draining, its next report counts it again.
+            for old in entry.processes.iter_mut().filter(|p| !p.stale) {
+                old.stale = true;
+                self.live -= 1;
+                self.stale += 1;
+                retired.append(&mut old.gauges);
+            }
+        }
+        let position = match entry.processes.iter().position(|p| p.start_ms == start_ms) {
+            Some(position) => position,
+            None => {
+                entry.processes.push(Process {
+                    start_ms,
+                    last_sequence: 0,
+                    last_seen: now,
+                    interval: None,
+                    stale: false,
+                    dropped_reports: 0,
+                    gauges: Vec::new(),
+                });
+                self.live += 1;
+                let last = entry.processes.len() - 1;
+                let process = &mut entry.processes[last];
+                process.last_sequence = sequence;
+                let admission = Admission::Fresh {
+                    // Nothing is known of what came before the first report seen: a control
+                    // service restart must not count as lost reports.
+                    missing: 0,
+                    restart,
+                    revived: false,
+                };
+                return (admission, Some(process));
+            }
+        };
+        let process = &mut entry.processes[position];
+        if sequence <= process.last_sequence {
+            return (Admission::Duplicate, None);
+        }
+        let missing = sequence - process.last_sequence - 1;
+        process.last_sequence = sequence;
+        process.interval = Some(now.saturating_duration_since(process.last_seen));
+        process.last_seen = now;
+        let revived = std::mem::replace(&mut process.stale, false);
+        if revived {
+            self.stale -= 1;
+            self.live += 1;
+        }
+        let admission = Admission::Fresh {
+            missing,
+            restart: false,
+            revived,
+        };
+        (admission, Some(process))
+    }
+
+    /// Marks silent reporters stale and forgets long-silent ones; returns the gauges that
+    /// leave the in-flight sums.
+    fn sweep(&mut self, now: Instant) -> Vec<(KeyId, InFlight)> {
+        let mut dropped = Vec::new();
+        let (stale_after, intervals, forget_after) =
+            (self.stale_after, self.stale_intervals, self.forget_after);
+        let (mut live, mut stale) = (self.live, self.stale);
+        self.gateways.retain(|_, gateway| {
+            gateway.processes.retain_mut(|process| {
+                let silent = now.saturating_duration_since(process.last_seen);
+                if silent >= forget_after {
+                    if process.stale {
+                        stale -= 1;
+                    } else {
+                        live -= 1;
+                        dropped.append(&mut process.gauges);
+                    }
+                    return false;
+                }
+                let interval = process.interval.unwrap_or_default().min(forget_after);
+                let limit = stale_after.max(interval.saturating_mul(intervals));
+                if !process.stale && silent > limit {
+                    process.stale = true;
+                    live -= 1;
+                    stale += 1;
+                    dropped.append(&mut process.gauges);
+                }
+                true
+            });
+            !gateway.processes.is_empty()
+        });
+        self.live = live;
+        self.stale = stale;
+        dropped
+    }
+}
+
+// === impl IngestState ===
+
+impl IngestState {
+    fn merge(&mut self, report: ParsedReport, now: Instant) -> Merged {
+        let mut retired = Vec::new();
+        let (admission, process) = self.reporters.admit(
+            &report.gateway,
+            report.process_start_unix_ms,
+            report.sequence,
+            now,
+            &mut retired,
+        );
+        let mut merged = Merged {
+            admission,
+            pools: Vec::new(),
+            keys_over_limit: 0,
+            newly_dropped_reports: 0,
+        };
+        for (key, old) in retired {
+            self.windows
+                .replace_in_flight(key, old, InFlight::default());
+            merged.pools.extend_from_slice(self.windows.pools_of(key));
+        }
+        let Some(process) = process else {
+            return merged;
+        };
+        self.last_report = Some(now);
+        merged.newly_dropped_reports = report
+            .dropped_reports
+            .saturating_sub(process.dropped_reports);
+        process.dropped_reports = process.dropped_reports.max(report.dropped_reports);
+
+        for (key, old) in process.gauges.drain(..) {
+            self.windows
+                .replace_in_flight(key, old, InFlight::default());
+            merged.pools.extend_from_slice(self.windows.pools_of(key));
+        }
+        for key in &report.keys {
+            let Some(id) = self.windows.key(&key.backend, &key.model) else {
+                merged.keys_over_limit += 1;
+                continue;
+            };
+            self.windows.record(id, now, &key.delta);
+            if key.in_flight.total() > 0 {
+                self.windows
+                    .replace_in_flight(id, InFlight::default(), key.in_flight);
+                process.gauges.push((id, key.in_flight));
+            }
+            merged.pools.extend_from_slice(self.windows.pools_of(id));
+        }
+        merged.pools.sort_unstable();
+        merged.pools.dedup();
+        merged
+    }
+
+    fn sweep(&mut self, now: Instant) -> Vec<PoolId> {
+        self.last_sweep = Some(now);
+        let mut pools = Vec::new();
+        for (key, gauge) in self.reporters.sweep(now) {
+            self.windows
+                .replace_in_flight(key, gauge, InFlight::default());
+            pools.extend_from_slice(self.windows.pools_of(key));
+        }
+        pools.sort_unstable();
+        pools.dedup();
+        pools
+    }
+
+    fn sweep_if_due(&mut self, now: Instant) -> Vec<PoolId> {
+        match self.last_sweep {
+            Some(last) if now.saturating_duration_since(last) < SWEEP_EVERY => Vec::new(),
+            _ => self.sweep(now),
+        }
+    }
+}
+
+// === impl Telemetry ===
+
+impl Telemetry {
+    /// `pools[i]` selects the keys of pool `PoolId(i)`; `epoch` is when the service started.
+    pub fn new(
+        config: IngestConfig,
+        windows: WindowConfig,
+        pools: Vec<Selector>,
+        epoch: Instant,
+    ) -> Self {
+        let dirty = pools.iter().map(|_| Arc::new(Notify::new())).collect();
+        let mut windows = Windows::new(windows, epoch, config.max_keys);
+        windows.set_pools(pools);
+        let reporters = Reporters::new(&config);
+        Telemetry {
+            config,
+            state: Mutex::new(IngestState {
+                windows,
+                reporters,
+                last_sweep: None,
+                last_report: None,
+            }),
+            counters: IngestCounters::default(),
+            dirty,
+        }
+    }
+
+    pub fn config(&self) -> &IngestConfig {
+        &self.config
+    }
+
+    pub fn windows_config(&self) -> WindowConfig {
+        *self.lock().windows.config()
+    }
+
+    /// When the newest report of any reporter arrived.
+    pub fn last_report(&self) -> Option<Instant> {
+        self.lock().last_report
+    }
+
+    pub fn counters(&self) -> &IngestCounters {
+        &self.counters
+    }
+
+    fn lock(&self) -> MutexGuard<'_, IngestState> {
+        // A panic while holding the lock cannot leave the windows half-written in a way that
+        // matters more than losing the service, so carry on with the data.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Validates and merges one report that arrived at `now`.
+    pub fn ingest(&self, report: v1::ReportRequest, now: Instant) -> Result<Merged, Refusal> {
+        let parsed = match parse(report, &self.config) {
+            Ok(parsed) => parsed,
+            Err(refusal) => {
+                self.count_refusal(refusal.reason());
+                return Err(refusal);
+            }
+        };
+        let merged = self.lock().merge(parsed, now);
+        match merged.admission {
+            Admission::Duplicate => {
+                self.counters.duplicates.inc();
+            }
+            Admission::Fresh {
+                missing,
+                restart,
+                revived,
+            } => {
+                self.counters.reports.inc();
+                if missing > 0 {
+                    self.counters.gaps.inc();
+                    self.counters.missing_reports.inc_by(missing);
+                }
+                if restart {
+                    self.counters.restarts.inc();
+                }
+                if revived {
+                    self.counters.revived.inc();
+                }
+            }
+        }
+        if merged.keys_over_limit > 0 {
+            self.counters.keys_over_limit.inc_by(merged.keys_over_limit);
+        }
+        if merged.newly_dropped_reports > 0 {
+            self.counters
+                .reporter_dropped_reports
+                .inc_by(merged.newly_dropped_reports);
+        }
+        self.mark_dirty(&merged.pools);
+        Ok(merged)
+    }
+
+    pub fn count_refusal(&self, reason: &'static str) {
+        self.counters
+            .refused
+            .get_or_create(&RefusedLabels { reason })
+            .inc();
+    }
+
+    fn mark_dirty(&self, pools: &[PoolId]) {
+        for pool in pools {
+            if let Some(notify) = self.dirty.get(pool.0) {
+                notify.notify_one();
+            }
+        }
+    }
+
+    /// Marks silent reporters stale (at most every 100 ms); pools whose in-flight sums changed
+    /// are marked dirty.
+    pub fn sweep(&self, now: Instant) {
+        let pools = self.lock().sweep_if_due(now);
+        self.mark_dirty(&pools);
+    }
+
+    /// Notified whenever telemetry for the pool changed.
+    pub fn dirty(&self, pool: PoolId) -> Option<Arc<Notify>> {
+        self.dirty.get(pool.0).cloned()
+    }
+
+    pub fn pool_count(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// A pool's figures at `now`, after sweeping for stale reporters.
+    pub fn pool(&self, pool: PoolId, now: Instant) -> Option<View> {
+        let (view, dirty) = {
+            let mut state = self.lock();
+            let dirty = state.sweep_if_due(now);
+            (state.windows.pool(pool, now), dirty)
+        };
+        self.mark_dirty(&dirty);
+        view
+    }
+
+    pub fn keys(&self, now: Instant) -> Vec<KeyView> {
+        self.lock().windows.keys(now)
+    }
+
+    pub fn reporters(&self, now: Instant) -> ReporterCounts {
+        let (counts, dirty) = {
+            let mut state = self.lock();
+            let dirty = state.sweep_if_due(now);
+            (state.reporters.counts(), dirty)
+        };
+        self.mark_dirty(&dirty);
+        counts
+    }
+}
+
+// === impl IngestService ===
+
+impl IngestService {
+    pub fn new(telemetry: Arc<Telemetry>) -> Self {
+        IngestService { telemetry }
+    }
+
+    /// The tonic server, with the report size limit.
+    pub fn into_server(self) -> TelemetryServiceServer<IngestService> {
+        let limit = self.telemetry.config.max_report_bytes;
+        TelemetryServiceServer::new(self).max_decoding_message_size(limit)
+    }
+}
+
+#[tonic::async_trait]
+impl TelemetryService for IngestService {
+    async fn report(
+        &self,
+        request: tonic::Request<v1::ReportRequest>,
+    ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
+        let report = request.into_inner();
+        let sequence = report.sequence;
+        match self.telemetry.ingest(report, Instant::now()) {
+            Ok(_) => Ok(tonic::Response::new(v1::ReportResponse {
+                acknowledged_sequence: sequence,
+            })),
+            Err(refusal) => {
+                tracing::debug!(reason = refusal.reason(), %refusal, "report refused");
+                Err(refusal.to_status())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,396 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use super::*;
+use crate::window::WindowConfig;
+
+fn telemetry(base: Instant) -> Telemetry {
+    Telemetry::new(
+        IngestConfig::default(),
+        WindowConfig::default(),
+        vec![Selector {
+            backend: Some("vllm".into()),
+            model: None,
+        }],
+        base,
+    )
+}
+
+fn report(
+    gateway: &str,
+    start_ms: u64,
+    sequence: u64,
+    ok: u64,
+    in_flight: u64,
+) -> v1::ReportRequest {
+    v1::ReportRequest {
+        reporter: Some(v1::Reporter {
+            gateway: gateway.into(),
+            process_start_unix_ms: start_ms,
+            filter_version: "test".into(),
+        }),
+        sequence,
+        sent_at_unix_ms: 0,
+        keys: vec![v1::KeyTelemetry {
+            backend: "vllm".into(),
+            model: "llama".into(),
+            requests: Some(v1::RequestOutcomes {
+                ok,
+                ..Default::default()
+            }),
+            in_flight: Some(v1::InFlight {
+                waiting_first_token: 0,
+                decoding: in_flight,
+            }),
+            ..Default::default()
+        }],
+        dropped: None,
+    }
+}
+
+fn at(base: Instant, ms: u64) -> Instant {
+    base + Duration::from_millis(ms)
+}
+
+#[test]
+fn a_resent_or_older_report_is_acknowledged_and_merged_once() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    t.ingest(report("gw", 1, 1, 5, 0), at(base, 0)).unwrap();
+    t.ingest(report("gw", 1, 2, 5, 0), at(base, 1000)).unwrap();
+    let resent = t.ingest(report("gw", 1, 2, 5, 0), at(base, 1010)).unwrap();
+    assert_eq!(resent.admission, Admission::Duplicate);
+    let older = t.ingest(report("gw", 1, 1, 5, 0), at(base, 1020)).unwrap();
+    assert_eq!(older.admission, Admission::Duplicate);
+    assert_eq!(
+        t.pool(PoolId(0), at(base, 1030)).unwrap().totals.requests,
+        10
+    );
+    assert_eq!(t.counters().duplicates.get(), 2);
+    assert_eq!(t.counters().reports.get(), 2);
+}
+
+#[test]
+fn a_sequence_jump_counts_one_gap_and_every_missing_report() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    t.ingest(report("gw", 1, 1, 1, 0), at(base, 0)).unwrap();
+    let jumped = t.ingest(report("gw", 1, 5, 1, 0), at(base, 1000)).unwrap();
+    assert_eq!(
+        jumped.admission,
+        Admission::Fresh {
+            missing: 3,
+            restart: false,
+            revived: false
+        }
+    );
+    assert_eq!(t.counters().gaps.get(), 1);
+    assert_eq!(t.counters().missing_reports.get(), 3);
+}
+
+#[test]
+fn the_first_report_seen_is_no_gap_whatever_its_sequence() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    let first = t.ingest(report("gw", 1, 42, 1, 0), at(base, 0)).unwrap();
+    assert_eq!(
+        first.admission,
+        Admission::Fresh {
+            missing: 0,
+            restart: false,
+            revived: false
+        }
+    );
+    assert_eq!(t.counters().gaps.get(), 0);
+}
+
+#[test]
+fn a_new_process_start_for_a_known_gateway_is_a_restart_with_its_own_sequence() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    t.ingest(report("gw", 100, 1, 1, 0), at(base, 0)).unwrap();
+    t.ingest(report("gw", 100, 2, 1, 0), at(base, 1000))
+        .unwrap();
+    let restarted = t
+        .ingest(report("gw", 200, 1, 1, 0), at(base, 2000))
+        .unwrap();
+    assert_eq!(
+        restarted.admission,
+        Admission::Fresh {
+            missing: 0,
+            restart: true,
+            revived: false
+        }
+    );
+    assert_eq!(t.counters().restarts.get(), 1);
+    // A late report of the old process is its own reporter, not another restart.
+    let late = t
+        .ingest(report("gw", 100, 3, 1, 0), at(base, 2100))
+        .unwrap();
+    assert!(matches!(
+        late.admission,
+        Admission::Fresh { restart: false, .. }
+    ));
+    assert_eq!(t.counters().restarts.get(), 1);
+    assert_eq!(
+        t.pool(PoolId(0), at(base, 2200)).unwrap().totals.requests,
+        4
+    );
+}
+
+#[test]
+fn in_flight_is_the_sum_of_each_live_gateways_latest_gauge() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    t.ingest(report("a", 1, 1, 0, 4), at(base, 0)).unwrap();
+    t.ingest(report("b", 1, 1, 0, 3), at(base, 0)).unwrap();
+    t.ingest(report("a", 1, 2, 0, 1), at(base, 1000)).unwrap();
+    assert_eq!(
+        t.pool(PoolId(0), at(base, 1000))
+            .unwrap()
+            .in_flight
+            .decoding,
+        4
+    );
+    // A key absent from a report has nothing in flight at that gateway.
+    let mut empty = report("b", 1, 2, 0, 0);
+    empty.keys.clear();
+    t.ingest(empty, at(base, 1000)).unwrap();
+    assert_eq!(
+        t.pool(PoolId(0), at(base, 1100))
+            .unwrap()
+            .in_flight
+            .decoding,
+        1
+    );
+}
+
+#[test]
+fn a_silent_reporter_goes_stale_and_its_gauge_drops_out_until_it_reports_again() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    t.ingest(report("quiet", 1, 1, 0, 5), at(base, 0)).unwrap();
+    t.ingest(report("quiet", 1, 2, 0, 5), at(base, 1000))
+        .unwrap();
+    for s in 0..=4 {
+        t.ingest(report("busy", 1, s + 1, 0, 2), at(base, s * 1000))
+            .unwrap();
+    }
+    assert_eq!(t.reporters(at(base, 3_900)).live, 2);
+    assert_eq!(
+        t.pool(PoolId(0), at(base, 3_900))
+            .unwrap()
+            .in_flight
+            .decoding,
+        7
+    );
+    // Silent for just over 3 s (3 s bound; 3 x its 1 s interval is no longer).
+    assert_eq!(
+        t.pool(PoolId(0), at(base, 4_100))
+            .unwrap()
+            .in_flight
+            .decoding,
+        2
+    );
+    assert_eq!(
+        t.reporters(at(base, 4_200)),
+        ReporterCounts { live: 1, stale: 1 }
+    );
+
+    let back = t
+        .ingest(report("quiet", 1, 3, 0, 6), at(base, 5_000))
+        .unwrap();
+    assert!(matches!(
+        back.admission,
+        Admission::Fresh { revived: true, .. }
+    ));
+    assert_eq!(t.counters().revived.get(), 1);
+    assert_eq!(
+        t.pool(PoolId(0), at(base, 5_000))
+            .unwrap()
+            .in_flight
+            .decoding,
+        8
+    );
+}
+
+#[test]
+fn a_slow_reporter_gets_three_of_its_own_intervals_before_going_stale() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    t.ingest(report("slow", 1, 1, 0, 1), at(base, 0)).unwrap();
+    t.ingest(report("slow", 1, 2, 0, 1), at(base, 5_000))
+        .unwrap();
+    assert_eq!(t.reporters(at(base, 19_000)).live, 1);
+    assert_eq!(t.reporters(at(base, 20_200)).stale, 1);
+}
+
+#[test]
+fn a_long_silent_reporter_is_forgotten() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    t.ingest(report("gone", 1, 7, 0, 1), at(base, 0)).unwrap();
+    assert_eq!(t.reporters(at(base, 10_000)).stale, 1);
+    assert_eq!(
+        t.reporters(at(base, 601_000)),
+        ReporterCounts { live: 0, stale: 0 }
+    );
+    // Forgotten: an old sequence is new data again, and no gap.
+    let again = t
+        .ingest(report("gone", 1, 3, 0, 1), at(base, 602_000))
+        .unwrap();
+    assert!(matches!(
+        again.admission,
+        Admission::Fresh { missing: 0, .. }
+    ));
+}
+
+#[test]
+fn dropped_reports_count_what_the_reporter_newly_gave_up_on() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    let mut r = report("gw", 1, 1, 0, 0);
+    r.dropped = Some(v1::DroppedTelemetry {
+        reports: 2,
+        requests: 10,
+    });
+    t.ingest(r.clone(), at(base, 0)).unwrap();
+    r.sequence = 2;
+    r.dropped = Some(v1::DroppedTelemetry {
+        reports: 5,
+        requests: 30,
+    });
+    t.ingest(r, at(base, 1000)).unwrap();
+    assert_eq!(t.counters().reporter_dropped_reports.get(), 5);
+}
+
+#[test]
+fn malformed_reports_are_refused_with_the_reason() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    let mut no_gateway = report("", 1, 1, 1, 0);
+    assert_eq!(
+        t.ingest(no_gateway.clone(), base).unwrap_err(),
+        Refusal::NoGateway
+    );
+    no_gateway.reporter = None;
+    assert_eq!(t.ingest(no_gateway, base).unwrap_err(), Refusal::NoGateway);
+
+    let zero = report("gw", 1, 0, 1, 0);
+    assert_eq!(
+        t.ingest(zero, base).unwrap_err().to_string(),
+        "sequence = 0: sequences start at 1"
+    );
+
+    let mut no_model = report("gw", 1, 1, 1, 0);
+    no_model.keys[0].model.clear();
+    assert_eq!(
+        t.ingest(no_model, base).unwrap_err().to_string(),
+        "keys[0].model is empty"
+    );
+
+    let mut bad = report("gw", 1, 1, 1, 0);
+    let mut sketch = v1::Sketch::from(&Sketch::new());
+    sketch.relative_accuracy = 0.01;
+    bad.keys[0].tpot_us = Some(sketch);
+    let refusal = t.ingest(bad, base).unwrap_err();
+    assert_eq!(refusal.reason(), "bad_sketch");
+    assert!(
+        refusal
+            .to_string()
+            .starts_with("keys[0].tpot_us: relative_accuracy = 0.01")
+    );
+    assert_eq!(refusal.to_status().code(), tonic::Code::InvalidArgument);
+
+    let mut many = report("gw", 1, 1, 1, 0);
+    many.keys = vec![many.keys[0].clone(); 1025];
+    let refusal = t.ingest(many, base).unwrap_err();
+    assert_eq!(
+        refusal.to_string(),
+        "keys: 1025 entries, at most 1024 per report"
+    );
+    assert_eq!(refusal.to_status().code(), tonic::Code::ResourceExhausted);
+
+    // Nothing of the refused reports was merged, and each refusal was counted by reason.
+    assert_eq!(t.pool(PoolId(0), base).unwrap().totals.requests, 0);
+    let refused = |reason| {
+        t.counters()
+            .refused
+            .get_or_create(&RefusedLabels { reason })
+            .get()
+    };
+    assert_eq!(refused("no_gateway"), 2);
+    assert_eq!(refused("zero_sequence"), 1);
+    assert_eq!(refused("empty_key"), 1);
+    assert_eq!(refused("bad_sketch"), 1);
+    assert_eq!(refused("too_many_keys"), 1);
+}
+
+#[test]
+fn latency_sketches_merge_into_the_pool_window() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    let mut expected = Sketch::new();
+    for (i, values) in [[1_000.0, 90_000.0], [2_500.0, 400.0]].iter().enumerate() {
+        let mut sketch = Sketch::new();
+        for v in values {
+            sketch.record(*v);
+            expected.record(*v);
+        }
+        let mut r = report(&format!("gw{i}"), 1, 1, 2, 0);
+        r.keys[0].ttft_us = Some(v1::Sketch::from(&sketch));
+        t.ingest(r, at(base, 100)).unwrap();
+    }
+    let view = t.pool(PoolId(0), at(base, 200)).unwrap();
+    assert_eq!(view.short.latency.ttft_us, expected);
+}
+
+#[test]
+fn a_report_marks_only_the_pools_it_feeds_dirty() {
+    let base = Instant::now();
+    let t = Telemetry::new(
+        IngestConfig::default(),
+        WindowConfig::default(),
+        vec![
+            Selector {
+                backend: Some("vllm".into()),
+                model: None,
+            },
+            Selector {
+                backend: Some("other".into()),
+                model: None,
+            },
+        ],
+        base,
+    );
+    let merged = t.ingest(report("gw", 1, 1, 1, 0), base).unwrap();
+    assert_eq!(merged.pools, vec![PoolId(0)]);
+}
+
+#[test]
+fn a_restart_retires_the_old_process_gauge_until_it_reports_again() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    t.ingest(report("gw", 100, 1, 0, 4), at(base, 0)).unwrap();
+    t.ingest(report("gw", 200, 1, 0, 1), at(base, 500)).unwrap();
+    assert_eq!(
+        t.pool(PoolId(0), at(base, 600)).unwrap().in_flight.decoding,
+        1
+    );
+    assert_eq!(
+        t.reporters(at(base, 700)),
+        ReporterCounts { live: 1, stale: 1 }
+    );
+    // Still draining after a hot restart: counted again from its next report.
+    t.ingest(report("gw", 100, 2, 0, 2), at(base, 1000))
+        .unwrap();
+    assert_eq!(
+        t.pool(PoolId(0), at(base, 1100))
+            .unwrap()
+            .in_flight
+            .decoding,
+        3
+    );
+    assert_eq!(
+        t.reporters(at(base, 1200)),
+        ReporterCounts { live: 2, stale: 0 }
+    );
+}

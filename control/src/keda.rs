@@ -1,0 +1,239 @@
+//! KEDA's external scaler (`externalscaler.ExternalScaler`), for clusters that scale through KEDA.
+//!
+//! A ScaledObject names a flyball pool in its trigger's metadata: `pool: <name>` (a scale target's
+//! name), or `autoscaler: <name>` plus `role: unified|prefill|decode` when the autoscaler has two
+//! pools (and optionally `namespace:`, default the ScaledObject's).
+//!
+//! KEDA turns `GetMetricSpec` into an HPA external metric with an `AverageValue` target, and the
+//! HPA sets `desired = ceil(metricValue / targetSize)`. flyball reports `targetSize = 1` and
+//! `metricValue = desired replicas`, so the HPA lands on flyball's count. That path inherits the
+//! HPA's sync period (15 s by default) and its 10% tolerance (a change within 10% of the current
+//! count is ignored); flyball's own actuator has neither. `IsActive` / `StreamIsActive` carry
+//! activation (0 <-> 1): the stream pushes a change as soon as the controller sees load appear.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::watch;
+
+use crate::config::{ControlConfig, PoolDef};
+use crate::controller::{PoolStatus, Status};
+
+pub mod externalscaler {
+    #![allow(clippy::all)]
+    include!("gen/externalscaler.rs");
+}
+
+use externalscaler::external_scaler_server::{ExternalScaler, ExternalScalerServer};
+use externalscaler::{
+    GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
+    MetricValue, ScaledObjectRef,
+};
+
+/// The HPA target per replica: one unit of metric per replica.
+pub const TARGET_SIZE: i64 = 1;
+
+/// The scaler service.
+#[derive(Debug, Clone)]
+pub struct KedaScaler {
+    config: Arc<ControlConfig>,
+    status: Arc<Status>,
+    /// Turns true at shutdown: activation streams end then, rather than hold the server open.
+    stop: watch::Receiver<bool>,
+}
+
+// === impl KedaScaler ===
+
+impl KedaScaler {
+    pub fn new(
+        config: Arc<ControlConfig>,
+        status: Arc<Status>,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        KedaScaler {
+            config,
+            status,
+            stop,
+        }
+    }
+
+    pub fn into_server(self) -> ExternalScalerServer<KedaScaler> {
+        ExternalScalerServer::new(self)
+    }
+
+    /// The pool a ScaledObject names in its metadata.
+    fn resolve(&self, object: &ScaledObjectRef) -> Result<&PoolDef, tonic::Status> {
+        let metadata = &object.scaler_metadata;
+        if let Some(name) = metadata.get("pool") {
+            return self
+                .config
+                .pools()
+                .iter()
+                .find(|p| p.name == *name)
+                .ok_or_else(|| {
+                    tonic::Status::not_found(format!(
+                        "scalerMetadata.pool = {name:?}: no such pool (known: {})",
+                        self.pool_names()
+                    ))
+                });
+        }
+        let Some(name) = metadata.get("autoscaler") else {
+            return Err(tonic::Status::invalid_argument(
+                "scalerMetadata: give `pool` (a pool name) or `autoscaler` (plus `role` for a \
+                 prefill/decode autoscaler)",
+            ));
+        };
+        let candidates: Vec<_> = self
+            .config
+            .autoscalers()
+            .iter()
+            .filter(|a| a.name == *name)
+            .collect();
+        let namespace = metadata.get("namespace").unwrap_or(&object.namespace);
+        let autoscaler = match candidates.as_slice() {
+            [] => None,
+            [only] if !metadata.contains_key("namespace") => Some(*only),
+            several => several.iter().find(|a| a.namespace == *namespace).copied(),
+        }
+        .ok_or_else(|| {
+            tonic::Status::not_found(format!(
+                "scalerMetadata.autoscaler = {name:?}: no such autoscaler in namespace \
+                 {namespace:?}"
+            ))
+        })?;
+        let pools: Vec<&PoolDef> = autoscaler
+            .pools
+            .iter()
+            .filter_map(|id| self.config.pool(*id))
+            .collect();
+        match (metadata.get("role"), pools.as_slice()) {
+            (None, [only]) => Ok(*only),
+            (None, _) => Err(tonic::Status::invalid_argument(format!(
+                "scalerMetadata.role: required, autoscaler {name:?} has prefill and decode pools"
+            ))),
+            (Some(role), pools) => pools
+                .iter()
+                .find(|p| p.role.as_str() == role)
+                .copied()
+                .ok_or_else(|| {
+                    tonic::Status::not_found(format!(
+                        "scalerMetadata.role = {role:?}: autoscaler {name:?} has no such pool"
+                    ))
+                }),
+        }
+    }
+
+    fn pool_names(&self) -> String {
+        let names: Vec<&str> = self
+            .config
+            .pools()
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        names.join(", ")
+    }
+
+    fn status_of(&self, pool: &PoolDef) -> PoolStatus {
+        self.status.get(pool.id).unwrap_or_default()
+    }
+}
+
+/// The metric a pool is scaled on: `flyball-<pool>`.
+pub fn metric_name(pool: &PoolDef) -> String {
+    format!("flyball-{}", pool.name)
+}
+
+type ActiveStream = Pin<Box<dyn Stream<Item = Result<IsActiveResponse, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalScaler for KedaScaler {
+    async fn is_active(
+        &self,
+        request: tonic::Request<ScaledObjectRef>,
+    ) -> Result<tonic::Response<IsActiveResponse>, tonic::Status> {
+        let pool = self.resolve(request.get_ref())?;
+        let result = self.status_of(pool).active;
+        Ok(tonic::Response::new(IsActiveResponse { result }))
+    }
+
+    type StreamIsActiveStream = ActiveStream;
+
+    /// The current activation at once, then each change.
+    async fn stream_is_active(
+        &self,
+        request: tonic::Request<ScaledObjectRef>,
+    ) -> Result<tonic::Response<ActiveStream>, tonic::Status> {
+        let pool = self.resolve(request.get_ref())?;
+        let Some(receiver) = self.status.subscribe(pool.id) else {
+            return Err(tonic::Status::internal("pool has no status channel"));
+        };
+        type State = (
+            watch::Receiver<PoolStatus>,
+            watch::Receiver<bool>,
+            Option<bool>,
+        );
+        let stream = futures::stream::unfold(
+            (receiver, self.stop.clone(), None::<bool>),
+            |(mut receiver, mut stop, last): State| async move {
+                loop {
+                    let active = receiver.borrow_and_update().active;
+                    if last != Some(active) {
+                        let item = Ok(IsActiveResponse { result: active });
+                        return Some((item, (receiver, stop, Some(active))));
+                    }
+                    tokio::select! {
+                        changed = receiver.changed() => changed.ok()?,
+                        _ = stop.wait_for(|stop| *stop) => return None,
+                    }
+                }
+            },
+        );
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+
+    async fn get_metric_spec(
+        &self,
+        request: tonic::Request<ScaledObjectRef>,
+    ) -> Result<tonic::Response<GetMetricSpecResponse>, tonic::Status> {
+        let pool = self.resolve(request.get_ref())?;
+        Ok(tonic::Response::new(GetMetricSpecResponse {
+            metric_specs: vec![MetricSpec {
+                metric_name: metric_name(pool),
+                target_size: TARGET_SIZE,
+                target_size_float: TARGET_SIZE as f64,
+            }],
+        }))
+    }
+
+    /// `desired replicas x targetSize`; before the first decision, the replicas asked for now
+    /// (so the HPA holds); before any replica count is known, Unavailable.
+    async fn get_metrics(
+        &self,
+        request: tonic::Request<GetMetricsRequest>,
+    ) -> Result<tonic::Response<GetMetricsResponse>, tonic::Status> {
+        let request = request.into_inner();
+        let object = request.scaled_object_ref.unwrap_or_default();
+        let pool = self.resolve(&object)?;
+        let status = self.status_of(pool);
+        let Some(desired) = status.desired.or(status.replicas.map(|r| r.desired)) else {
+            return Err(tonic::Status::unavailable(format!(
+                "pool {:?}: no replica count known yet",
+                pool.name
+            )));
+        };
+        let value = i64::from(desired) * TARGET_SIZE;
+        let metric_name = if request.metric_name.is_empty() {
+            metric_name(pool)
+        } else {
+            request.metric_name
+        };
+        Ok(tonic::Response::new(GetMetricsResponse {
+            metric_values: vec![MetricValue {
+                metric_name,
+                metric_value: value,
+                metric_value_float: value as f64,
+            }],
+        }))
+    }
+}

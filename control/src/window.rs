@@ -1,0 +1,539 @@
+//! Sliding windows over merged gateway telemetry, per (backend, model) key and per pool.
+//!
+//! A [`Window`] is a ring of fixed-width time buckets (1 s by default) covering the stable window
+//! (60 s); the short window (10 s) is its newest buckets. Each bucket holds request outcomes, token
+//! sums and one merged [`Sketch`] per latency, so memory is bounded by keys x buckets x
+//! [`flyball_sketch::MAX_BUCKETS`] whatever the gateways send, and never grows with the number of
+//! gateways. [`Windows`] keeps one window per key and one per pool, the totals since start, and the
+//! in-flight sums that ingest maintains from each live gateway's latest gauge.
+//!
+//! Everything here is pure: `now` is a parameter and nothing reads a clock.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use flyball_proto::v1::{RequestOutcomes, TokenUsage};
+use flyball_sketch::Sketch;
+use tokio::time::Instant;
+
+/// The ring may not hold more buckets than this: one hour of 1 s buckets.
+const MAX_SLOTS: u128 = 3600;
+
+/// Bucket width and the two window lengths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowConfig {
+    bucket: Duration,
+    short: Duration,
+    stable: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowConfigError {
+    #[error("bucket = {0:?}: must be at least 10ms")]
+    Bucket(Duration),
+    #[error("short window = {short:?}: must be at least one bucket ({bucket:?})")]
+    Short { short: Duration, bucket: Duration },
+    #[error("stable window = {stable:?}: must be at least the short window ({short:?})")]
+    Stable { stable: Duration, short: Duration },
+    #[error("stable window = {stable:?}: at most {MAX_SLOTS} buckets of {bucket:?}")]
+    TooManyBuckets { stable: Duration, bucket: Duration },
+}
+
+/// The latency sketches of one bucket, one key's report, or a window, in microseconds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Latencies {
+    pub ttft_us: Sketch,
+    pub tpot_us: Sketch,
+    pub itl_us: Sketch,
+    pub e2e_us: Sketch,
+}
+
+/// One key's deltas from one report, already validated.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Delta {
+    pub requests: RequestOutcomes,
+    pub tokens: TokenUsage,
+    pub latency: Latencies,
+}
+
+/// Requests in flight, summed over live gateways.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InFlight {
+    pub waiting_first_token: u64,
+    pub decoding: u64,
+}
+
+/// Counts since the service started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Totals {
+    pub requests: u64,
+    pub errors: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// A ring of time buckets. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Window {
+    width: Duration,
+    epoch: Instant,
+    slots: Vec<Slot>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    /// Absolute bucket number since the epoch; `None` while never written.
+    index: Option<u64>,
+    requests: RequestOutcomes,
+    tokens: TokenUsage,
+    latency: Latencies,
+}
+
+/// What a window held over a span ending at `now`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WindowSummary {
+    /// The time the figures cover: the span, or less just after the epoch; never under one bucket.
+    pub covered: Duration,
+    pub requests: RequestOutcomes,
+    pub tokens: TokenUsage,
+    pub latency: Latencies,
+}
+
+/// Selects the keys that feed a pool: a backend, a model, or both.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Selector {
+    pub backend: Option<String>,
+    pub model: Option<String>,
+}
+
+/// Index of a (backend, model) key in [`Windows`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(u32);
+
+/// Index of a pool in [`Windows`], in the order the pools were given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolId(pub usize);
+
+/// Windows per key and per pool. See the module docs.
+#[derive(Debug)]
+pub struct Windows {
+    config: WindowConfig,
+    epoch: Instant,
+    max_keys: usize,
+    /// backend -> model -> key, nested so lookups borrow the report's strings.
+    index: HashMap<Box<str>, HashMap<Box<str>, KeyId>>,
+    keys: Vec<KeyState>,
+    pools: Vec<PoolState>,
+}
+
+#[derive(Debug)]
+struct KeyState {
+    backend: Box<str>,
+    model: Box<str>,
+    window: Window,
+    totals: Totals,
+    in_flight: InFlight,
+    pools: Vec<PoolId>,
+    last_update: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct PoolState {
+    selector: Selector,
+    window: Window,
+    totals: Totals,
+    keys: Vec<KeyId>,
+    last_update: Option<Instant>,
+}
+
+/// A pool's (or a key's) figures at `now`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct View {
+    pub short: WindowSummary,
+    pub stable: WindowSummary,
+    pub totals: Totals,
+    pub in_flight: InFlight,
+    /// When telemetry for this pool last arrived, if ever.
+    pub last_update: Option<Instant>,
+}
+
+/// A key's name and figures, for metrics.
+#[derive(Debug, Clone)]
+pub struct KeyView {
+    pub backend: String,
+    pub model: String,
+    pub view: View,
+}
+
+// === impl WindowConfig ===
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig {
+            bucket: Duration::from_secs(1),
+            short: Duration::from_secs(10),
+            stable: Duration::from_secs(60),
+        }
+    }
+}
+
+impl WindowConfig {
+    pub fn try_new(
+        bucket: Duration,
+        short: Duration,
+        stable: Duration,
+    ) -> Result<Self, WindowConfigError> {
+        if bucket < Duration::from_millis(10) {
+            return Err(WindowConfigError::Bucket(bucket));
+        }
+        if short < bucket {
+            return Err(WindowConfigError::Short { short, bucket });
+        }
+        if stable < short {
+            return Err(WindowConfigError::Stable { stable, short });
+        }
+        if stable.as_nanos().div_ceil(bucket.as_nanos()) > MAX_SLOTS {
+            return Err(WindowConfigError::TooManyBuckets { stable, bucket });
+        }
+        Ok(WindowConfig {
+            bucket,
+            short,
+            stable,
+        })
+    }
+
+    pub fn bucket(&self) -> Duration {
+        self.bucket
+    }
+
+    pub fn short(&self) -> Duration {
+        self.short
+    }
+
+    pub fn stable(&self) -> Duration {
+        self.stable
+    }
+
+    fn slots(&self) -> usize {
+        // Bounded by MAX_SLOTS in try_new.
+        self.stable.as_nanos().div_ceil(self.bucket.as_nanos()) as usize
+    }
+}
+
+// === impl Latencies ===
+
+impl Latencies {
+    pub fn merge(&mut self, other: &Latencies) {
+        self.ttft_us.merge(&other.ttft_us);
+        self.tpot_us.merge(&other.tpot_us);
+        self.itl_us.merge(&other.itl_us);
+        self.e2e_us.merge(&other.e2e_us);
+    }
+
+    fn clear(&mut self) {
+        self.ttft_us.clear();
+        self.tpot_us.clear();
+        self.itl_us.clear();
+        self.e2e_us.clear();
+    }
+}
+
+// === impl InFlight ===
+
+impl InFlight {
+    pub fn total(&self) -> u64 {
+        self.waiting_first_token.saturating_add(self.decoding)
+    }
+
+    fn add(&mut self, other: InFlight) {
+        self.waiting_first_token = self
+            .waiting_first_token
+            .saturating_add(other.waiting_first_token);
+        self.decoding = self.decoding.saturating_add(other.decoding);
+    }
+
+    fn sub(&mut self, other: InFlight) {
+        self.waiting_first_token = self
+            .waiting_first_token
+            .saturating_sub(other.waiting_first_token);
+        self.decoding = self.decoding.saturating_sub(other.decoding);
+    }
+}
+
+// === impl Totals ===
+
+impl Totals {
+    fn add(&mut self, delta: &Delta) {
+        self.requests = self.requests.saturating_add(delta.requests.total());
+        self.errors = self.errors.saturating_add(delta.requests.errors());
+        self.input_tokens = self.input_tokens.saturating_add(delta.tokens.input);
+        self.output_tokens = self.output_tokens.saturating_add(delta.tokens.output);
+    }
+}
+
+// === impl Window ===
+
+impl Window {
+    pub fn new(config: &WindowConfig, epoch: Instant) -> Self {
+        Window {
+            width: config.bucket,
+            epoch,
+            slots: vec![Slot::default(); config.slots()],
+        }
+    }
+
+    fn bucket_of(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.epoch).as_nanos();
+        u64::try_from(since / self.width.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Adds a delta to the bucket holding `now`, recycling the slot if it holds an older bucket.
+    pub fn record(&mut self, now: Instant, delta: &Delta) {
+        let bucket = self.bucket_of(now);
+        let len = self.slots.len() as u64;
+        let Some(slot) = self.slots.get_mut((bucket % len) as usize) else {
+            return;
+        };
+        if slot.index != Some(bucket) {
+            if slot.index.is_some_and(|old| old > bucket) {
+                // A late writer racing a newer one: the bucket it belongs to is already gone.
+                return;
+            }
+            slot.reset(bucket);
+        }
+        slot.requests.add(&delta.requests);
+        slot.tokens.add(&delta.tokens);
+        slot.latency.merge(&delta.latency);
+    }
+
+    /// The figures of the buckets overlapping the `span` before `now`.
+    pub fn summary(&self, now: Instant, span: Duration) -> WindowSummary {
+        let current = self.bucket_of(now);
+        let wanted = span.as_nanos().div_ceil(self.width.as_nanos()).max(1);
+        let n = u64::try_from(wanted)
+            .unwrap_or(u64::MAX)
+            .min(self.slots.len() as u64);
+        let oldest = current.saturating_sub(n - 1);
+        let mut summary = WindowSummary::default();
+        for slot in &self.slots {
+            if let Some(index) = slot.index
+                && (oldest..=current).contains(&index)
+            {
+                summary.requests.add(&slot.requests);
+                summary.tokens.add(&slot.tokens);
+                summary.latency.merge(&slot.latency);
+            }
+        }
+        // The oldest bucket's start to now: the time the summed deltas arrived in.
+        let since_ns = now.saturating_duration_since(self.epoch).as_nanos();
+        let covered_ns = since_ns.saturating_sub(u128::from(oldest) * self.width.as_nanos());
+        let covered = Duration::from_nanos(u64::try_from(covered_ns).unwrap_or(u64::MAX));
+        summary.covered = covered.max(self.width);
+        summary
+    }
+}
+
+impl Slot {
+    fn reset(&mut self, index: u64) {
+        self.index = Some(index);
+        self.requests = RequestOutcomes::default();
+        self.tokens = TokenUsage::default();
+        self.latency.clear();
+    }
+}
+
+// === impl WindowSummary ===
+
+impl WindowSummary {
+    fn per_s(&self, n: u64) -> f64 {
+        n as f64 / self.covered.as_secs_f64()
+    }
+
+    pub fn requests_per_s(&self) -> f64 {
+        self.per_s(self.requests.total())
+    }
+
+    pub fn errors_per_s(&self) -> f64 {
+        self.per_s(self.requests.errors())
+    }
+
+    pub fn input_tokens_per_s(&self) -> f64 {
+        self.per_s(self.tokens.input)
+    }
+
+    pub fn output_tokens_per_s(&self) -> f64 {
+        self.per_s(self.tokens.output)
+    }
+}
+
+// === impl Selector ===
+
+impl Selector {
+    pub fn matches(&self, backend: &str, model: &str) -> bool {
+        self.backend.as_deref().is_none_or(|b| b == backend)
+            && self.model.as_deref().is_none_or(|m| m == model)
+    }
+}
+
+// === impl Windows ===
+
+impl Windows {
+    /// `epoch` is when the service started: rates just after it cover the time since.
+    pub fn new(config: WindowConfig, epoch: Instant, max_keys: usize) -> Self {
+        Windows {
+            config,
+            epoch,
+            max_keys,
+            index: HashMap::new(),
+            keys: Vec::new(),
+            pools: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &WindowConfig {
+        &self.config
+    }
+
+    /// Replaces the pools; pool `i` of the result is `selectors[i]`. Pools whose selector is
+    /// unchanged at the same position keep their windows and totals.
+    pub fn set_pools(&mut self, selectors: Vec<Selector>) {
+        let mut old: Vec<Option<PoolState>> = std::mem::take(&mut self.pools)
+            .into_iter()
+            .map(Some)
+            .collect();
+        for (i, selector) in selectors.into_iter().enumerate() {
+            let kept = old
+                .get_mut(i)
+                .and_then(|slot| slot.take_if(|p| p.selector == selector));
+            let mut pool = kept.unwrap_or_else(|| PoolState {
+                selector,
+                window: Window::new(&self.config, self.epoch),
+                totals: Totals::default(),
+                keys: Vec::new(),
+                last_update: None,
+            });
+            pool.keys.clear();
+            self.pools.push(pool);
+        }
+        for key in &mut self.keys {
+            key.pools.clear();
+        }
+        for (k, key) in self.keys.iter_mut().enumerate() {
+            for (p, pool) in self.pools.iter_mut().enumerate() {
+                if pool.selector.matches(&key.backend, &key.model) {
+                    key.pools.push(PoolId(p));
+                    pool.keys.push(KeyId(k as u32));
+                }
+            }
+        }
+    }
+
+    pub fn pool_count(&self) -> usize {
+        self.pools.len()
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The key's id, registering it on first sight; `None` once `max_keys` keys exist.
+    pub fn key(&mut self, backend: &str, model: &str) -> Option<KeyId> {
+        if let Some(id) = self.index.get(backend).and_then(|m| m.get(model)) {
+            return Some(*id);
+        }
+        if self.keys.len() >= self.max_keys {
+            return None;
+        }
+        let id = KeyId(u32::try_from(self.keys.len()).ok()?);
+        let mut pools = Vec::new();
+        for (p, pool) in self.pools.iter_mut().enumerate() {
+            if pool.selector.matches(backend, model) {
+                pools.push(PoolId(p));
+                pool.keys.push(id);
+            }
+        }
+        self.keys.push(KeyState {
+            backend: backend.into(),
+            model: model.into(),
+            window: Window::new(&self.config, self.epoch),
+            totals: Totals::default(),
+            in_flight: InFlight::default(),
+            pools,
+            last_update: None,
+        });
+        self.index
+            .entry(backend.into())
+            .or_default()
+            .insert(model.into(), id);
+        Some(id)
+    }
+
+    /// The pools a key feeds.
+    pub fn pools_of(&self, key: KeyId) -> &[PoolId] {
+        self.keys
+            .get(key.0 as usize)
+            .map_or(&[], |k| k.pools.as_slice())
+    }
+
+    /// Merges one key's deltas into its window and its pools' windows.
+    pub fn record(&mut self, key: KeyId, now: Instant, delta: &Delta) {
+        let Some(state) = self.keys.get_mut(key.0 as usize) else {
+            return;
+        };
+        state.window.record(now, delta);
+        state.totals.add(delta);
+        state.last_update = Some(now);
+        for pool in &state.pools {
+            if let Some(pool) = self.pools.get_mut(pool.0) {
+                pool.window.record(now, delta);
+                pool.totals.add(delta);
+                pool.last_update = Some(now);
+            }
+        }
+    }
+
+    /// Replaces one gateway's contribution to a key's in-flight sum.
+    pub fn replace_in_flight(&mut self, key: KeyId, old: InFlight, new: InFlight) {
+        if let Some(state) = self.keys.get_mut(key.0 as usize) {
+            state.in_flight.sub(old);
+            state.in_flight.add(new);
+        }
+    }
+
+    pub fn pool(&self, pool: PoolId, now: Instant) -> Option<View> {
+        let state = self.pools.get(pool.0)?;
+        let mut in_flight = InFlight::default();
+        for key in &state.keys {
+            if let Some(key) = self.keys.get(key.0 as usize) {
+                in_flight.add(key.in_flight);
+            }
+        }
+        Some(View {
+            short: state.window.summary(now, self.config.short),
+            stable: state.window.summary(now, self.config.stable),
+            totals: state.totals,
+            in_flight,
+            last_update: state.last_update,
+        })
+    }
+
+    pub fn keys(&self, now: Instant) -> Vec<KeyView> {
+        self.keys
+            .iter()
+            .map(|key| KeyView {
+                backend: key.backend.to_string(),
+                model: key.model.to_string(),
+                view: View {
+                    short: key.window.summary(now, self.config.short),
+                    stable: key.window.summary(now, self.config.stable),
+                    totals: key.totals,
+                    in_flight: key.in_flight,
+                    last_update: key.last_update,
+                },
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

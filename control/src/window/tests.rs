@@ -1,0 +1,261 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use super::*;
+use proptest::prelude::*;
+
+fn at(base: Instant, ms: u64) -> Instant {
+    base + Duration::from_millis(ms)
+}
+
+fn requests(ok: u64, errors: u64) -> Delta {
+    Delta {
+        requests: RequestOutcomes {
+            ok,
+            server_error: errors,
+            ..Default::default()
+        },
+        tokens: TokenUsage {
+            input: 10 * ok,
+            output: 100 * ok,
+            ..Default::default()
+        },
+        latency: Latencies::default(),
+    }
+}
+
+fn ttft(values_us: &[f64]) -> Delta {
+    let mut delta = Delta::default();
+    for v in values_us {
+        delta.latency.ttft_us.record(*v);
+    }
+    delta
+}
+
+#[test]
+fn counts_leave_the_short_window_then_the_stable_window() {
+    let base = Instant::now();
+    let mut window = Window::new(&WindowConfig::default(), base);
+    window.record(at(base, 500), &requests(7, 0));
+
+    let short = Duration::from_secs(10);
+    let stable = Duration::from_secs(60);
+    assert_eq!(window.summary(at(base, 9_900), short).requests.ok, 7);
+    assert_eq!(window.summary(at(base, 10_000), short).requests.ok, 0);
+    assert_eq!(window.summary(at(base, 59_999), stable).requests.ok, 7);
+    assert_eq!(window.summary(at(base, 60_000), stable).requests.ok, 0);
+}
+
+#[test]
+fn rates_divide_by_the_time_the_buckets_cover() {
+    let base = Instant::now();
+    let mut window = Window::new(&WindowConfig::default(), base);
+    for s in 0..20 {
+        window.record(at(base, s * 1000 + 500), &requests(100, 5));
+    }
+    // Buckets 11..=20 at t = 20 s: nine full buckets of data over nine seconds.
+    let summary = window.summary(at(base, 20_000), Duration::from_secs(10));
+    assert_eq!(summary.covered, Duration::from_secs(9));
+    assert_eq!(summary.requests.total(), 9 * 105);
+    assert!((summary.requests_per_s() - 105.0).abs() < 1e-9);
+    assert!((summary.errors_per_s() - 5.0).abs() < 1e-9);
+    assert!((summary.output_tokens_per_s() - 10_000.0).abs() < 1e-9);
+}
+
+#[test]
+fn just_after_start_rates_cover_one_bucket_at_least() {
+    let base = Instant::now();
+    let mut window = Window::new(&WindowConfig::default(), base);
+    window.record(at(base, 10), &requests(50, 0));
+    let summary = window.summary(at(base, 20), Duration::from_secs(10));
+    assert_eq!(summary.covered, Duration::from_secs(1));
+    assert!((summary.requests_per_s() - 50.0).abs() < 1e-9);
+    let later = window.summary(at(base, 4_000), Duration::from_secs(10));
+    assert_eq!(later.covered, Duration::from_secs(4));
+}
+
+#[test]
+fn quantiles_come_from_the_merged_sketches_of_the_window() {
+    let base = Instant::now();
+    let mut window = Window::new(&WindowConfig::default(), base);
+    window.record(at(base, 100), &ttft(&[1_000.0, 2_000.0]));
+    window.record(at(base, 3_100), &ttft(&[3_000.0]));
+    window.record(at(base, 3_200), &ttft(&[400_000.0]));
+
+    let mut expected = Sketch::new();
+    for v in [1_000.0, 2_000.0, 3_000.0, 400_000.0] {
+        expected.record(v);
+    }
+    let summary = window.summary(at(base, 5_000), Duration::from_secs(10));
+    assert_eq!(summary.latency.ttft_us, expected);
+    assert_eq!(summary.latency.ttft_us.count(), 4);
+    assert_eq!(summary.latency.tpot_us.count(), 0);
+}
+
+#[test]
+fn a_recycled_slot_forgets_what_it_held_a_ring_ago() {
+    let base = Instant::now();
+    let config = WindowConfig::try_new(
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+        Duration::from_secs(4),
+    )
+    .unwrap();
+    let mut window = Window::new(&config, base);
+    window.record(at(base, 500), &requests(1, 0));
+    // Bucket 4 shares bucket 0's slot.
+    window.record(at(base, 4_500), &requests(2, 0));
+    let summary = window.summary(at(base, 4_600), Duration::from_secs(4));
+    assert_eq!(summary.requests.ok, 2);
+}
+
+#[test]
+fn a_late_record_for_a_recycled_bucket_is_dropped_not_mixed_in() {
+    let base = Instant::now();
+    let config = WindowConfig::try_new(
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+        Duration::from_secs(4),
+    )
+    .unwrap();
+    let mut window = Window::new(&config, base);
+    window.record(at(base, 4_500), &requests(2, 0));
+    window.record(at(base, 500), &requests(1, 0));
+    assert_eq!(
+        window
+            .summary(at(base, 4_600), Duration::from_secs(4))
+            .requests
+            .ok,
+        2
+    );
+}
+
+#[test]
+fn window_config_names_the_rule_it_breaks() {
+    let s = Duration::from_secs;
+    assert_eq!(
+        WindowConfig::try_new(s(1), s(10), s(5))
+            .unwrap_err()
+            .to_string(),
+        "stable window = 5s: must be at least the short window (10s)"
+    );
+    assert!(WindowConfig::try_new(Duration::from_millis(1), s(1), s(1)).is_err());
+    assert!(WindowConfig::try_new(s(1), Duration::from_millis(500), s(1)).is_err());
+    assert!(WindowConfig::try_new(Duration::from_millis(10), s(1), s(3600)).is_err());
+    assert!(WindowConfig::try_new(Duration::from_millis(100), s(1), s(60)).is_ok());
+}
+
+fn selector(backend: Option<&str>, model: Option<&str>) -> Selector {
+    Selector {
+        backend: backend.map(str::to_owned),
+        model: model.map(str::to_owned),
+    }
+}
+
+#[test]
+fn a_pool_sums_the_keys_its_selector_matches() {
+    let base = Instant::now();
+    let mut windows = Windows::new(WindowConfig::default(), base, 100);
+    windows.set_pools(vec![
+        selector(Some("vllm"), None),
+        selector(None, Some("llama")),
+    ]);
+    let a = windows.key("vllm", "llama").unwrap();
+    let b = windows.key("vllm", "qwen").unwrap();
+    let c = windows.key("sglang", "llama").unwrap();
+    assert_eq!(windows.pools_of(a), &[PoolId(0), PoolId(1)]);
+    assert_eq!(windows.pools_of(b), &[PoolId(0)]);
+    assert_eq!(windows.pools_of(c), &[PoolId(1)]);
+
+    let now = at(base, 1_500);
+    windows.record(a, now, &requests(1, 0));
+    windows.record(b, now, &requests(2, 1));
+    windows.record(c, now, &requests(4, 0));
+    let busy = InFlight {
+        waiting_first_token: 3,
+        decoding: 5,
+    };
+    windows.replace_in_flight(b, InFlight::default(), busy);
+    windows.replace_in_flight(c, InFlight::default(), busy);
+
+    let vllm = windows.pool(PoolId(0), now).unwrap();
+    assert_eq!(vllm.totals.requests, 4);
+    assert_eq!(vllm.totals.errors, 1);
+    assert_eq!(vllm.totals.output_tokens, 300);
+    assert_eq!(vllm.in_flight, busy);
+    assert_eq!(vllm.last_update, Some(now));
+    let llama = windows.pool(PoolId(1), now).unwrap();
+    assert_eq!(llama.short.requests.total(), 5);
+    assert_eq!(llama.in_flight.total(), 8);
+
+    windows.replace_in_flight(c, busy, InFlight::default());
+    assert_eq!(windows.pool(PoolId(1), now).unwrap().in_flight.total(), 0);
+}
+
+#[test]
+fn keys_beyond_the_limit_are_not_registered() {
+    let mut windows = Windows::new(WindowConfig::default(), Instant::now(), 2);
+    assert!(windows.key("a", "m").is_some());
+    assert!(windows.key("b", "m").is_some());
+    assert!(windows.key("c", "m").is_none());
+    assert!(windows.key("a", "m").is_some());
+    assert_eq!(windows.key_count(), 2);
+}
+
+#[test]
+fn replacing_pools_keeps_the_windows_of_unchanged_selectors() {
+    let base = Instant::now();
+    let mut windows = Windows::new(WindowConfig::default(), base, 100);
+    windows.set_pools(vec![selector(Some("vllm"), None)]);
+    let key = windows.key("vllm", "llama").unwrap();
+    windows.record(key, at(base, 100), &requests(3, 0));
+
+    windows.set_pools(vec![
+        selector(Some("vllm"), None),
+        selector(None, Some("llama")),
+    ]);
+    assert_eq!(windows.pools_of(key), &[PoolId(0), PoolId(1)]);
+    assert_eq!(
+        windows
+            .pool(PoolId(0), at(base, 200))
+            .unwrap()
+            .totals
+            .requests,
+        3
+    );
+    assert_eq!(
+        windows
+            .pool(PoolId(1), at(base, 200))
+            .unwrap()
+            .totals
+            .requests,
+        0
+    );
+}
+
+proptest! {
+    /// The ring agrees with a plain list of every record, filtered by time.
+    #[test]
+    fn window_sums_equal_the_records_inside_the_span(
+        steps in proptest::collection::vec((0u64..3_000, 0u64..1_000), 1..200),
+        span_s in 1u64..60,
+    ) {
+        let base = Instant::now();
+        let config = WindowConfig::default();
+        let mut window = Window::new(&config, base);
+        let mut log = Vec::new();
+        let mut t = 0;
+        for (advance_ms, ok) in steps {
+            t += advance_ms;
+            window.record(at(base, t), &requests(ok, 0));
+            log.push((t, ok));
+        }
+        let span = Duration::from_secs(span_s);
+        let current_bucket = t / 1000;
+        let oldest = current_bucket.saturating_sub(span_s - 1);
+        let expected: u64 = log
+            .iter()
+            .filter(|(time, _)| time / 1000 >= oldest)
+            .map(|(_, ok)| ok)
+            .sum();
+        prop_assert_eq!(window.summary(at(base, t), span).requests.ok, expected);
+    }
+}

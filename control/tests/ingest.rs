@@ -1,0 +1,335 @@
+//! Ingest through its real wire: a tonic client against the real server on loopback, totals read
+//! back from the real HTTP server.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use flyball_proto::Sketch;
+use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
+use flyball_proto::v1;
+use support::Error;
+use tonic::transport::Channel;
+
+const CONFIG: &str = r#"
+autoscalers:
+  - name: llama
+    spec:
+      selector: { backend: vllm }
+      pools:
+        unified: { scaleTargetRef: { name: llama }, maxReplicas: 10 }
+      slo: { ttft: 500ms }
+"#;
+
+fn report(gateway: &str, start_ms: u64, sequence: u64, ok: u64) -> v1::ReportRequest {
+    let mut ttft = Sketch::new();
+    ttft.record(150_000.0 + sequence as f64 * 1_000.0);
+    v1::ReportRequest {
+        reporter: Some(v1::Reporter {
+            gateway: gateway.into(),
+            process_start_unix_ms: start_ms,
+            filter_version: "test".into(),
+        }),
+        sequence,
+        sent_at_unix_ms: 0,
+        keys: vec![
+            v1::KeyTelemetry {
+                backend: "vllm".into(),
+                model: "llama".into(),
+                requests: Some(v1::RequestOutcomes {
+                    ok,
+                    server_error: 1,
+                    ..Default::default()
+                }),
+                tokens: Some(v1::TokenUsage {
+                    input: 100 * ok,
+                    output: 10 * ok,
+                    ..Default::default()
+                }),
+                ttft_us: Some(v1::Sketch::from(&ttft)),
+                in_flight: Some(v1::InFlight {
+                    waiting_first_token: 0,
+                    decoding: 1,
+                }),
+                ..Default::default()
+            },
+            // Another backend: tracked, but in no pool.
+            v1::KeyTelemetry {
+                backend: "other".into(),
+                model: "llama".into(),
+                requests: Some(v1::RequestOutcomes {
+                    ok: 1000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ],
+        dropped: None,
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Expected {
+    requests: u64,
+    errors: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+    duplicates: u64,
+    gaps: u64,
+    missing: u64,
+    restarts: u64,
+}
+
+impl Expected {
+    fn merged(&mut self, ok: u64) {
+        self.requests += ok + 1;
+        self.errors += 1;
+        self.input_tokens += 100 * ok;
+        self.output_tokens += 10 * ok;
+    }
+
+    fn add(&mut self, other: Expected) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.duplicates += other.duplicates;
+        self.gaps += other.gaps;
+        self.missing += other.missing;
+        self.restarts += other.restarts;
+    }
+}
+
+/// One gateway's 20 reports. Every tenth gateway resends every fifth report; another skips two
+/// sequence numbers; another restarts halfway and counts from 1 again.
+async fn gateway(mut client: TelemetryServiceClient<Channel>, i: usize) -> Result<Expected, Error> {
+    let name = format!("gw-{i}");
+    let mut expected = Expected::default();
+    let mut start_ms = 1_000;
+    let mut sequence = 0;
+    for k in 1..=20u64 {
+        let ok = 1 + k % 3;
+        sequence += 1;
+        if i % 10 == 1 && k == 7 {
+            sequence += 2;
+            expected.gaps += 1;
+            expected.missing += 2;
+        }
+        if i % 10 == 2 && k == 11 {
+            start_ms = 2_000;
+            sequence = 1;
+            expected.restarts += 1;
+        }
+        let ack = client.report(report(&name, start_ms, sequence, ok)).await?;
+        assert_eq!(ack.get_ref().acknowledged_sequence, sequence);
+        expected.merged(ok);
+        if i.is_multiple_of(10) && k.is_multiple_of(5) {
+            let again = client.report(report(&name, start_ms, sequence, ok)).await?;
+            assert_eq!(again.get_ref().acknowledged_sequence, sequence);
+            expected.duplicates += 1;
+        }
+    }
+    Ok(expected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_concurrent_reporters_add_up_exactly() -> Result<(), Error> {
+    let control = support::start(CONFIG, &[]).await?;
+    let mut channels = Vec::new();
+    for _ in 0..10 {
+        channels.push(Channel::from_shared(control.grpc_uri())?.connect().await?);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let client = TelemetryServiceClient::new(channels[i % channels.len()].clone());
+        tasks.spawn(gateway(client, i));
+    }
+    let mut expected = Expected::default();
+    while let Some(done) = tasks.join_next().await {
+        expected.add(done??);
+    }
+    assert_eq!(expected.duplicates, 30 * 4);
+    assert_eq!(expected.gaps, 30);
+    assert_eq!(expected.restarts, 30);
+
+    let pools = control.pools().await?;
+    let pool = &pools["pools"][0];
+    assert_eq!(pool["name"], "llama");
+    assert_eq!(pool["autoscaler"], "llama");
+    assert_eq!(pool["role"], "unified");
+    assert_eq!(pool["requests"], expected.requests);
+    assert_eq!(pool["errors"], expected.errors);
+    assert_eq!(pool["input_tokens"], expected.input_tokens);
+    assert_eq!(pool["output_tokens"], expected.output_tokens);
+    // Each gateway's latest gauge is one request decoding; restarted gateways' old processes
+    // are retired.
+    assert_eq!(pool["in_flight"], 300);
+    let p50 = pool["ttft_ms"]["p50"].as_f64().ok_or("no ttft p50")?;
+    assert!((150.0..=175.0).contains(&p50), "{p50}");
+
+    let total = |name: &str| {
+        let control = &control;
+        let series = format!("flyball_ingest_{name}_total");
+        async move { control.metric(&series).await }
+    };
+    let reports_sent = 300 * 20;
+    assert_eq!(total("reports").await?, Some(reports_sent as f64));
+    assert_eq!(total("duplicates").await?, Some(expected.duplicates as f64));
+    assert_eq!(total("gaps").await?, Some(expected.gaps as f64));
+    assert_eq!(
+        total("missing_reports").await?,
+        Some(expected.missing as f64)
+    );
+    assert_eq!(total("restarts").await?, Some(expected.restarts as f64));
+    assert_eq!(
+        control.metric("flyball_reporters{state=\"live\"}").await?,
+        Some(300.0)
+    );
+    assert_eq!(
+        control.metric("flyball_reporters{state=\"stale\"}").await?,
+        Some(30.0)
+    );
+    control.stop().await
+}
+
+#[tokio::test]
+async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), Error> {
+    let control = support::start(CONFIG, &["--max-report-bytes", "65536"]).await?;
+    let mut client = TelemetryServiceClient::connect(control.grpc_uri()).await?;
+
+    let mut bad_sketch = report("gw", 1, 1, 5);
+    if let Some(sketch) = bad_sketch.keys[0].ttft_us.as_mut() {
+        sketch.relative_accuracy = 0.01;
+    }
+    let status = client.report(bad_sketch).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .starts_with("keys[0].ttft_us: relative_accuracy = 0.01: must be 0.02"),
+        "{}",
+        status.message()
+    );
+
+    let status = client.report(report("gw", 1, 0, 5)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), "sequence = 0: sequences start at 1");
+
+    let status = client.report(report("", 1, 1, 5)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("gateway is empty"));
+
+    let mut oversize = report("gw", 1, 1, 5);
+    oversize.keys[0].ttft_us = Some(v1::Sketch {
+        relative_accuracy: 0.02,
+        counts: vec![u64::MAX; 100_000],
+        ..Default::default()
+    });
+    let status = client.report(oversize).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().starts_with("report over the size limit"),
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains("65536"), "{}", status.message());
+
+    // The connection is still good, and nothing refused was merged.
+    client.report(report("gw", 1, 1, 5)).await?;
+    let pools = control.pools().await?;
+    assert_eq!(pools["pools"][0]["requests"], 6);
+    for (reason, n) in [
+        ("bad_sketch", 1.0),
+        ("zero_sequence", 1.0),
+        ("no_gateway", 1.0),
+        ("oversize", 1.0),
+    ] {
+        let series = format!("flyball_ingest_refused_total{{reason=\"{reason}\"}}");
+        assert_eq!(control.metric(&series).await?, Some(n), "{series}");
+    }
+    control.stop().await
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer_once_serving() -> Result<(), Error> {
+    let control = support::start(CONFIG, &[]).await?;
+    assert_eq!(control.get("/healthz").await?.0, 200);
+    // Ready once the control loop has read every pool's replicas: poll for it, never sleep-and-hope.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut ready = control.get("/readyz").await?;
+    while ready.0 != 200 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        ready = control.get("/readyz").await?;
+    }
+    assert_eq!(ready, (200, "ok\n".to_owned()));
+    let (status, body) = control.get("/v1/decisions?pool=nope").await?;
+    assert_eq!(status, 404, "{body}");
+    control.stop().await
+}
+
+#[tokio::test]
+async fn pools_json_has_exactly_the_documented_shape() -> Result<(), Error> {
+    let control = support::start(CONFIG, &[]).await?;
+    let mut client = TelemetryServiceClient::connect(control.grpc_uri()).await?;
+    client.report(report("gw", 1, 1, 3)).await?;
+    // Wait for the control loop's first decision after the report.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let pool = loop {
+        let pools = control.pools().await?;
+        let pool = pools["pools"][0].clone();
+        if !pool["last_decision"].is_null() && pool["replicas"]["desired"].is_u64() {
+            break pool;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no decision: {pools}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    let keys = |v: &serde_json::Value| {
+        let mut keys: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        keys.sort();
+        keys
+    };
+    assert_eq!(
+        keys(&pool),
+        [
+            "autoscaler",
+            "errors",
+            "in_flight",
+            "input_tokens",
+            "last_decision",
+            "name",
+            "output_tokens",
+            "replicas",
+            "requests",
+            "role",
+            "tpot_ms",
+            "ttft_ms"
+        ]
+    );
+    assert_eq!(keys(&pool["ttft_ms"]), ["p50", "p95", "p99"]);
+    assert_eq!(keys(&pool["tpot_ms"]), ["p50", "p95", "p99"]);
+    assert!(
+        pool["tpot_ms"]["p50"].is_null(),
+        "no TPOT samples were sent"
+    );
+    assert_eq!(keys(&pool["replicas"]), ["current", "desired", "ready"]);
+    assert_eq!(keys(&pool["last_decision"]), ["at", "from", "reason", "to"]);
+    assert_eq!(pool["requests"], 4);
+    assert_eq!(pool["in_flight"], 1);
+    let at = pool["last_decision"]["at"].as_str().unwrap_or_default();
+    assert!(at.ends_with('Z') && at.len() == 24, "{at}");
+
+    let (status, body) = control.get("/v1/decisions?pool=llama").await?;
+    assert_eq!(status, 200);
+    let decisions: serde_json::Value = serde_json::from_str(&body)?;
+    let first = &decisions["pools"][0]["decisions"][0];
+    assert!(
+        first["rule"].is_string() && first["details"].is_object(),
+        "{first}"
+    );
+    control.stop().await
+}

@@ -1,0 +1,284 @@
+//! KEDA's external scaler through its real wire: a client generated from the same
+//! `externalscaler.proto` against the real gRPC server.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use flyball_control::config::ScaleTarget;
+use flyball_control::controller::{Actuator, ActuatorError, PoolReplicas};
+use flyball_control::keda::externalscaler::external_scaler_client::ExternalScalerClient;
+use flyball_control::keda::externalscaler::{GetMetricsRequest, ScaledObjectRef};
+use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
+use flyball_proto::v1;
+use support::Error;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+const CONFIG: &str = r#"
+autoscalers:
+  - name: llama
+    namespace: serving
+    spec:
+      selector: { backend: vllm }
+      scaleToZero: true
+      pools:
+        unified:
+          scaleTargetRef: { name: llama }
+          maxReplicas: 10
+          capacity: { prefillTokensPerSecond: 1000 }
+      slo: { ttft: 500ms }
+  - name: qwen
+    spec:
+      selector: { model: qwen }
+      pools:
+        prefill: { scaleTargetRef: { name: qwen-prefill }, maxReplicas: 4 }
+        decode: { scaleTargetRef: { name: qwen-decode }, maxReplicas: 4 }
+      slo: { ttft: 500ms, tpot: 50ms }
+"#;
+
+/// A workload scaled to zero (as KEDA leaves it), whose replicas are ready as soon as asked for.
+#[derive(Default)]
+struct ScaledToZero {
+    replicas: Mutex<HashMap<String, u32>>,
+}
+
+impl Actuator for ScaledToZero {
+    async fn current(&self, target: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
+        let n = self
+            .replicas
+            .lock()
+            .map_or(0, |r| r.get(&target.name).copied().unwrap_or(0));
+        Ok(PoolReplicas {
+            desired: n,
+            current: n,
+            ready: n,
+        })
+    }
+
+    async fn set(&self, target: &ScaleTarget, replicas: u32) -> Result<(), ActuatorError> {
+        if let Ok(mut r) = self.replicas.lock() {
+            r.insert(target.name.clone(), replicas);
+        }
+        Ok(())
+    }
+}
+
+fn object(metadata: &[(&str, &str)]) -> ScaledObjectRef {
+    ScaledObjectRef {
+        name: "llama-scaler".into(),
+        namespace: "serving".into(),
+        scaler_metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+async fn client(control: &support::Running) -> Result<ExternalScalerClient<Channel>, Error> {
+    let channel = Channel::from_shared(control.grpc_uri())?.connect().await?;
+    Ok(ExternalScalerClient::new(channel))
+}
+
+#[tokio::test]
+async fn the_metric_spec_makes_the_hpa_target_one_unit_per_replica() -> Result<(), Error> {
+    let control = support::start(CONFIG, &[]).await?;
+    let mut keda = client(&control).await?;
+    let spec = keda
+        .get_metric_spec(object(&[("autoscaler", "llama")]))
+        .await?
+        .into_inner();
+    assert_eq!(spec.metric_specs.len(), 1);
+    let metric = &spec.metric_specs[0];
+    assert_eq!(metric.metric_name, "flyball-llama");
+    assert_eq!(metric.target_size, 1);
+    assert_eq!(metric.target_size_float, 1.0);
+
+    let by_pool = keda
+        .get_metric_spec(object(&[("pool", "qwen-decode")]))
+        .await?
+        .into_inner();
+    assert_eq!(by_pool.metric_specs[0].metric_name, "flyball-qwen-decode");
+    control.stop().await
+}
+
+#[tokio::test]
+async fn scaler_metadata_that_names_no_pool_is_refused_with_the_reason() -> Result<(), Error> {
+    let control = support::start(CONFIG, &[]).await?;
+    let mut keda = client(&control).await?;
+    let none = keda.is_active(object(&[])).await.unwrap_err();
+    assert_eq!(none.code(), tonic::Code::InvalidArgument);
+    assert!(none.message().contains("give `pool`"), "{}", none.message());
+
+    let unknown = keda
+        .is_active(object(&[("pool", "nope")]))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert!(unknown.message().contains("llama"), "{}", unknown.message());
+
+    let no_role = keda
+        .is_active(object(&[("autoscaler", "qwen")]))
+        .await
+        .unwrap_err();
+    assert_eq!(no_role.code(), tonic::Code::InvalidArgument);
+    assert!(no_role.message().starts_with("scalerMetadata.role"));
+
+    let decode = keda
+        .get_metric_spec(object(&[("autoscaler", "qwen"), ("role", "decode")]))
+        .await?;
+    assert_eq!(
+        decode.get_ref().metric_specs[0].metric_name,
+        "flyball-qwen-decode"
+    );
+    control.stop().await
+}
+
+/// Fast behaviour and short windows, so an idle pool reaches zero within a second or two.
+const FAST: &str = r#"
+autoscalers:
+  - name: llama
+    spec:
+      selector: { backend: vllm }
+      scaleToZero: true
+      pools:
+        unified:
+          scaleTargetRef: { name: llama }
+          maxReplicas: 10
+          capacity: { prefillTokensPerSecond: 1000 }
+      slo: { ttft: 500ms }
+      behavior:
+        scaleUp: { stabilizationWindow: 0s, maxStep: 10, period: 100ms }
+        scaleDown: { stabilizationWindow: 0s, maxStep: 10, period: 100ms }
+        cooldown: 0s
+"#;
+
+const FAST_WINDOWS: &[&str] = &[
+    "--bucket",
+    "100ms",
+    "--short-window",
+    "500ms",
+    "--stable-window",
+    "1s",
+];
+
+fn report(sequence: u64, keys: Vec<v1::KeyTelemetry>) -> v1::ReportRequest {
+    v1::ReportRequest {
+        reporter: Some(v1::Reporter {
+            gateway: "gw".into(),
+            process_start_unix_ms: 1,
+            filter_version: "test".into(),
+        }),
+        sequence,
+        keys,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn load_on_a_pool_at_zero_is_pushed_as_activation_and_metrics_land_on_the_decision()
+-> Result<(), Error> {
+    let actuator = Arc::new(ScaledToZero::default());
+    let control = support::start_with(FAST, FAST_WINDOWS, actuator.clone()).await?;
+    let mut keda = client(&control).await?;
+    let llama = object(&[("pool", "llama")]);
+
+    // An idle gateway reports every 100 ms: fresh telemetry, no load.
+    let mut gateway = TelemetryServiceClient::connect(control.grpc_uri()).await?;
+    let sequence = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let idle = {
+        let mut gateway = gateway.clone();
+        let sequence = sequence.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let n = sequence.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                if gateway.report(report(n, Vec::new())).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
+    // Wait for the pool to be decided down to zero (scale-to-zero after a full stable window).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let pools = control.pools().await?;
+        if pools["pools"][0]["replicas"]["desired"] == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reached zero: {pools}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let mut activity = keda.stream_is_active(llama.clone()).await?.into_inner();
+    let first = activity.next().await.ok_or("stream ended")??;
+    assert!(!first.result, "the current value comes at once");
+    assert!(!keda.is_active(llama.clone()).await?.into_inner().result);
+
+    let n = sequence.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    let load = v1::KeyTelemetry {
+        backend: "vllm".into(),
+        model: "llama".into(),
+        tokens: Some(v1::TokenUsage {
+            input: 3_000,
+            ..Default::default()
+        }),
+        in_flight: Some(v1::InFlight {
+            waiting_first_token: 4,
+            decoding: 0,
+        }),
+        ..Default::default()
+    };
+    gateway.report(report(n, vec![load])).await?;
+
+    let next = activity.next().await.ok_or("stream ended")??;
+    assert!(next.result, "activation pushed when load appeared");
+    assert!(keda.is_active(llama.clone()).await?.into_inner().result);
+    idle.abort();
+
+    // HPA: ceil(metricValue / targetSize) with targetSize 1 is flyball's count. The count moves
+    // as the windows slide, so compare against a decision that held across the call.
+    let desired = || {
+        let control = &control;
+        async move {
+            let pools = control.pools().await?;
+            pools["pools"][0]["replicas"]["desired"]
+                .as_i64()
+                .ok_or_else(|| Error::from(format!("no desired replicas: {pools}")))
+        }
+    };
+    let mut compared = false;
+    for _ in 0..50 {
+        let before = desired().await?;
+        let metrics = keda
+            .get_metrics(GetMetricsRequest {
+                scaled_object_ref: Some(llama.clone()),
+                metric_name: "s0-flyball-llama".into(),
+            })
+            .await?
+            .into_inner();
+        let after = desired().await?;
+        if before != after {
+            continue;
+        }
+        let value = &metrics.metric_values[0];
+        assert_eq!(value.metric_name, "s0-flyball-llama");
+        assert!(before >= 1);
+        assert_eq!(value.metric_value, before);
+        assert_eq!(value.metric_value_float, before as f64);
+        compared = true;
+        break;
+    }
+    assert!(
+        compared,
+        "the decision never held across one GetMetrics call"
+    );
+    control.stop().await
+}

@@ -1,0 +1,136 @@
+//! A real control service on loopback ports, and a plain HTTP/1.1 client for its HTTP side.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use std::sync::Arc;
+
+use flyball_control::config::ControlConfig;
+use flyball_control::controller::Actuator;
+use flyball_control::{Control, ControlArgs};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: ControlArgs,
+}
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A running control service; stops when dropped.
+pub struct Running {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), flyball_control::ControlError>>>,
+}
+
+/// Flags as the binary would parse them, on loopback ports chosen by the OS.
+pub fn args(extra: &[&str]) -> ControlArgs {
+    let mut argv = vec![
+        "flyball-control",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ];
+    argv.extend_from_slice(extra);
+    Cli::parse_from(argv).args
+}
+
+pub async fn start(yaml: &str, extra: &[&str]) -> Result<Running, Error> {
+    let config = ControlConfig::from_yaml(yaml)?;
+    let control = Control::bind_with_config(&args(extra), config).await?;
+    spawn(control)
+}
+
+/// As [`start`], with another actuator.
+pub async fn start_with<A: Actuator>(
+    yaml: &str,
+    extra: &[&str],
+    actuator: Arc<A>,
+) -> Result<Running, Error> {
+    let config = ControlConfig::from_yaml(yaml)?;
+    let control = Control::bind_with_config(&args(extra), config)
+        .await?
+        .with_actuator(actuator, false);
+    spawn(control)
+}
+
+fn spawn<A: Actuator>(control: Control<A>) -> Result<Running, Error> {
+    let grpc = control.grpc_addr().ok_or("no gRPC address")?;
+    let http = control.http_addr().ok_or("no HTTP address")?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(control.serve(async move {
+        let _ = stopped.await;
+    }));
+    Ok(Running {
+        grpc,
+        http,
+        stop: Some(stop),
+        task: Some(task),
+    })
+}
+
+impl Running {
+    pub fn grpc_uri(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// Stops the service and returns how `serve` ended.
+    pub async fn stop(mut self) -> Result<(), Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await??;
+        }
+        Ok(())
+    }
+
+    pub async fn get(&self, path: &str) -> Result<(u16, String), Error> {
+        get(self.http, path).await
+    }
+
+    /// `GET /v1/pools` as JSON.
+    pub async fn pools(&self) -> Result<serde_json::Value, Error> {
+        let (status, body) = self.get("/v1/pools").await?;
+        assert_eq!(status, 200, "{body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// One sample's value from `/metrics`, by its full series text (name and labels).
+    pub async fn metric(&self, series: &str) -> Result<Option<f64>, Error> {
+        let (_, text) = self.get("/metrics").await?;
+        Ok(text.lines().find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        }))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), Error> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8(body.to_vec())?))
+}

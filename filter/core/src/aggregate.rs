@@ -1,0 +1,488 @@
+//! Worker-local accumulation of request records per (backend, model) key, with capped labels.
+//!
+//! Each Envoy worker has its own VM and its own [`Accumulator`]. Requests feed it without any
+//! host call; on each tick the glue takes a [`WorkerDelta`] and merges it into shared data
+//! (`crate::shared`). Label sets are capped ([`Labels`]) because both Envoy stats and the control
+//! service's key space must stay bounded whatever clients put in `model`.
+
+use crate::Nanos;
+use crate::config::FilterConfig;
+use crate::response::{Outcome, Phase, RequestRecord};
+use flyball_proto::v1;
+use flyball_sketch::Sketch;
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+/// The label for names beyond a cap.
+pub const OTHER: &str = "other";
+/// The model label of requests whose body named none (or was not inspected).
+pub const UNKNOWN: &str = "unknown";
+
+/// Index of a (backend, model) key in an [`Accumulator`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyId(pub u32);
+
+/// Interned, capped backend and model names.
+///
+/// At most `max_backends` distinct backends, then every new one is "other"; at most
+/// `max_models_per_backend` models per backend, then "other". The "other" and "unknown" labels do
+/// not count against the caps, so the number of keys is bounded by
+/// `(max_backends + 1) * (max_models_per_backend + 2)`.
+#[derive(Debug, Clone)]
+pub struct Labels {
+    max_backends: usize,
+    max_models_per_backend: usize,
+    backends: HashMap<String, usize>,
+    /// Per backend: its name, its models, and how many of them count against the cap.
+    entries: Vec<BackendEntry>,
+    keys: Vec<(usize, String)>,
+}
+
+#[derive(Debug, Clone)]
+struct BackendEntry {
+    name: String,
+    models: HashMap<String, KeyId>,
+    capped_models: usize,
+}
+
+// === impl Labels ===
+
+impl Labels {
+    pub fn new(max_backends: usize, max_models_per_backend: usize) -> Self {
+        Labels {
+            max_backends,
+            max_models_per_backend,
+            backends: HashMap::new(),
+            entries: Vec::new(),
+            keys: Vec::new(),
+        }
+    }
+
+    /// The key for `backend` and `model` (`None`: "unknown"), creating it if needed; the bool is
+    /// true when it was created.
+    pub fn key(&mut self, backend: &str, model: Option<&str>) -> (KeyId, bool) {
+        let b = self.backend_index(backend);
+        let model = model.unwrap_or(UNKNOWN);
+        let Some(entry) = self.entries.get_mut(b) else {
+            // Unreachable: backend_index returns an existing index.
+            return (KeyId(0), false);
+        };
+        if let Some(id) = entry.models.get(model) {
+            return (*id, false);
+        }
+        let special = model == OTHER || model == UNKNOWN;
+        let label = if special || entry.capped_models < self.max_models_per_backend {
+            model
+        } else {
+            OTHER
+        };
+        if let Some(id) = entry.models.get(label) {
+            return (*id, false);
+        }
+        if !special && label == model {
+            entry.capped_models += 1;
+        }
+        let id = KeyId(self.keys.len() as u32);
+        entry.models.insert(label.to_string(), id);
+        self.keys.push((b, label.to_string()));
+        (id, true)
+    }
+
+    fn backend_index(&mut self, backend: &str) -> usize {
+        if let Some(b) = self.backends.get(backend) {
+            return *b;
+        }
+        let capped = self.backends.len() - usize::from(self.backends.contains_key(OTHER));
+        let label = if backend == OTHER || capped < self.max_backends {
+            backend
+        } else {
+            OTHER
+        };
+        if let Some(b) = self.backends.get(label) {
+            return *b;
+        }
+        let b = self.entries.len();
+        self.backends.insert(label.to_string(), b);
+        self.entries.push(BackendEntry {
+            name: label.to_string(),
+            models: HashMap::new(),
+            capped_models: 0,
+        });
+        b
+    }
+
+    /// (backend, model) of a key; ("", "") for an id this table never issued.
+    pub fn get(&self, key: KeyId) -> (&str, &str) {
+        match self.keys.get(key.0 as usize) {
+            Some((b, model)) => (
+                self.entries.get(*b).map_or("", |e| e.name.as_str()),
+                model.as_str(),
+            ),
+            None => ("", ""),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// A name made safe for an Envoy stat name segment: anything but ASCII letters, digits, `_` and
+/// `-` becomes `_`. Envoy splits stat names on `.` and the usual tag regexes (`([^.]+)`) cannot
+/// carry a dot, and Prometheus names cannot carry most punctuation.
+pub fn stat_label(s: &str) -> Cow<'_, str> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if !s.is_empty() && s.chars().all(ok) {
+        Cow::Borrowed(s)
+    } else if s.is_empty() {
+        Cow::Borrowed("_")
+    } else {
+        Cow::Owned(s.chars().map(|c| if ok(c) { c } else { '_' }).collect())
+    }
+}
+
+/// What one worker accumulated for one key since the last take.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KeyDelta {
+    /// Deltas (outcomes, tokens, sketches); `in_flight` is always `None` here.
+    pub telemetry: v1::KeyTelemetry,
+    /// Signed changes of the in-flight gauges since the last take.
+    pub waiting_change: i64,
+    pub decoding_change: i64,
+}
+
+/// What one worker accumulated since the last take.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct WorkerDelta {
+    pub keys: Vec<KeyDelta>,
+}
+
+impl WorkerDelta {
+    /// Requests completed in this delta.
+    pub fn requests(&self) -> u64 {
+        self.keys
+            .iter()
+            .map(|k| {
+                k.telemetry
+                    .requests
+                    .as_ref()
+                    .map_or(0, v1::RequestOutcomes::total)
+            })
+            .fold(0, u64::saturating_add)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct KeyState {
+    outcomes: v1::RequestOutcomes,
+    tokens: v1::TokenUsage,
+    ttft_us: Sketch,
+    tpot_us: Sketch,
+    itl_us: Sketch,
+    e2e_us: Sketch,
+    waiting_change: i64,
+    decoding_change: i64,
+    dirty: bool,
+}
+
+/// Worker-local accumulation. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Accumulator {
+    labels: Labels,
+    keys: Vec<KeyState>,
+    dirty: Vec<u32>,
+}
+
+// === impl Accumulator ===
+
+impl Accumulator {
+    pub fn new(cfg: &FilterConfig) -> Self {
+        Accumulator {
+            labels: Labels::new(cfg.max_backends, cfg.max_models_per_backend),
+            keys: Vec::new(),
+            dirty: Vec::new(),
+        }
+    }
+
+    /// The key for a request; the bool is true when the key is new (the glue defines its stats).
+    pub fn key(&mut self, backend: &str, model: Option<&str>) -> (KeyId, bool) {
+        let (id, new) = self.labels.key(backend, model);
+        while self.keys.len() <= id.0 as usize {
+            self.keys.push(KeyState::default());
+        }
+        (id, new)
+    }
+
+    /// (backend, model) labels of a key.
+    pub fn labels(&self, key: KeyId) -> (&str, &str) {
+        self.labels.get(key)
+    }
+
+    pub fn request_started(&mut self, key: KeyId) {
+        if let Some(k) = self.touch(key) {
+            k.waiting_change += 1;
+        }
+    }
+
+    pub fn first_token(&mut self, key: KeyId) {
+        if let Some(k) = self.touch(key) {
+            k.waiting_change -= 1;
+            k.decoding_change += 1;
+        }
+    }
+
+    pub fn record_itl(&mut self, key: KeyId, gap_ns: u64) {
+        if let Some(k) = self.touch(key) {
+            k.itl_us.record(micros(gap_ns));
+        }
+    }
+
+    /// Counts a finished request; `phase_at_end` says which in-flight gauge it leaves.
+    pub fn request_finished(&mut self, key: KeyId, phase_at_end: Phase, record: &RequestRecord) {
+        let Some(k) = self.touch(key) else {
+            return;
+        };
+        match phase_at_end {
+            Phase::WaitingFirstToken => k.waiting_change -= 1,
+            Phase::Decoding => k.decoding_change -= 1,
+        }
+        let o = &mut k.outcomes;
+        let counter = match record.outcome {
+            Outcome::Ok => &mut o.ok,
+            Outcome::ClientError => &mut o.client_error,
+            Outcome::ServerError => &mut o.server_error,
+            Outcome::UpstreamReset => &mut o.upstream_reset,
+            Outcome::ClientCancel => &mut o.client_cancel,
+        };
+        *counter = counter.saturating_add(1);
+        let t = &mut k.tokens;
+        t.input = t.input.saturating_add(record.input_tokens);
+        t.output = t.output.saturating_add(record.output_tokens);
+        if record.input_estimated {
+            t.input_estimated = t.input_estimated.saturating_add(record.input_tokens);
+        }
+        if record.output_estimated {
+            t.output_estimated = t.output_estimated.saturating_add(record.output_tokens);
+        }
+        if record.input_estimated || record.output_estimated {
+            t.requests_estimated = t.requests_estimated.saturating_add(1);
+        }
+        if record.unmeasured {
+            t.requests_unmeasured = t.requests_unmeasured.saturating_add(1);
+        }
+        if let Some(ttft) = record.ttft {
+            k.ttft_us.record(micros(ttft));
+        }
+        if let Some(tpot) = record.tpot {
+            k.tpot_us.record(micros(tpot));
+        }
+        k.e2e_us.record(micros(record.e2e));
+    }
+
+    /// Everything accumulated since the last take, or `None` when nothing changed. Leaves the
+    /// accumulator zeroed with its storage kept.
+    pub fn take_delta(&mut self) -> Option<WorkerDelta> {
+        if self.dirty.is_empty() {
+            return None;
+        }
+        let mut delta = WorkerDelta {
+            keys: Vec::with_capacity(self.dirty.len()),
+        };
+        for &i in &self.dirty {
+            let Some(k) = self.keys.get_mut(i as usize) else {
+                continue;
+            };
+            let (backend, model) = self.labels.get(KeyId(i));
+            let key_delta = KeyDelta {
+                telemetry: v1::KeyTelemetry {
+                    backend: backend.to_string(),
+                    model: model.to_string(),
+                    requests: (k.outcomes.total() > 0).then(|| std::mem::take(&mut k.outcomes)),
+                    tokens: (k.tokens != v1::TokenUsage::default())
+                        .then(|| std::mem::take(&mut k.tokens)),
+                    ttft_us: wire(&mut k.ttft_us),
+                    tpot_us: wire(&mut k.tpot_us),
+                    itl_us: wire(&mut k.itl_us),
+                    e2e_us: wire(&mut k.e2e_us),
+                    in_flight: None,
+                },
+                waiting_change: std::mem::take(&mut k.waiting_change),
+                decoding_change: std::mem::take(&mut k.decoding_change),
+            };
+            k.dirty = false;
+            let empty = key_delta.waiting_change == 0
+                && key_delta.decoding_change == 0
+                && key_delta.telemetry.requests.is_none()
+                && key_delta.telemetry.tokens.is_none()
+                && key_delta.telemetry.itl_us.is_none();
+            if !empty {
+                delta.keys.push(key_delta);
+            }
+        }
+        self.dirty.clear();
+        (!delta.keys.is_empty()).then_some(delta)
+    }
+
+    fn touch(&mut self, key: KeyId) -> Option<&mut KeyState> {
+        let k = self.keys.get_mut(key.0 as usize)?;
+        if !k.dirty {
+            k.dirty = true;
+            self.dirty.push(key.0);
+        }
+        Some(k)
+    }
+}
+
+/// Nanoseconds to the microseconds sketches hold.
+fn micros(ns: Nanos) -> f64 {
+    ns as f64 / 1000.0
+}
+
+/// The wire form of a sketch, or `None` when empty; clears the sketch, keeping its storage.
+fn wire(sketch: &mut Sketch) -> Option<v1::Sketch> {
+    if sketch.is_empty() {
+        return None;
+    }
+    let out = v1::Sketch::from(&*sketch);
+    sketch.clear();
+    Some(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn config(max_backends: usize, max_models: usize) -> FilterConfig {
+        FilterConfig {
+            max_backends,
+            max_models_per_backend: max_models,
+            ..FilterConfig::default()
+        }
+    }
+
+    fn record(outcome: Outcome) -> RequestRecord {
+        RequestRecord {
+            outcome,
+            input_tokens: 10,
+            output_tokens: 5,
+            input_estimated: true,
+            output_estimated: false,
+            unmeasured: false,
+            ttft: Some(2_000_000),
+            tpot: Some(500_000),
+            e2e: 4_000_000,
+        }
+    }
+
+    #[test]
+    fn labels_beyond_the_caps_become_other() {
+        let mut acc = Accumulator::new(&config(2, 2));
+        let (a, new) = acc.key("a", Some("m1"));
+        assert!(new);
+        assert_eq!(acc.key("a", Some("m1")), (a, false));
+        acc.key("a", Some("m2"));
+        let (third, _) = acc.key("a", Some("m3"));
+        assert_eq!(acc.labels(third), ("a", OTHER));
+        let (fourth, new) = acc.key("a", Some("m4"));
+        assert_eq!((fourth, new), (third, false));
+        let (unknown, _) = acc.key("a", None);
+        assert_eq!(acc.labels(unknown), ("a", UNKNOWN));
+        acc.key("b", Some("m1"));
+        let (c, _) = acc.key("c", Some("m1"));
+        assert_eq!(acc.labels(c), (OTHER, "m1"));
+        let (d, _) = acc.key("d", Some("m1"));
+        assert_eq!(d, c);
+    }
+
+    #[test]
+    fn key_count_stays_bounded_for_any_names() {
+        let mut acc = Accumulator::new(&config(3, 4));
+        for b in 0..50 {
+            for m in 0..50 {
+                acc.key(&format!("b{b}"), Some(&format!("m{m}")));
+            }
+            acc.key(&format!("b{b}"), None);
+        }
+        assert!(
+            acc.labels.len() <= (3 + 1) * (4 + 2),
+            "{}",
+            acc.labels.len()
+        );
+    }
+
+    #[test]
+    fn stat_labels_lose_dots_and_punctuation() {
+        assert_eq!(stat_label("llama-3_1"), Cow::Borrowed("llama-3_1"));
+        assert_eq!(stat_label("meta/llama-3.1:8b"), "meta_llama-3_1_8b");
+        assert_eq!(stat_label("é"), "_");
+        assert_eq!(stat_label(""), "_");
+    }
+
+    #[test]
+    fn a_delta_carries_changes_and_then_the_accumulator_is_empty() {
+        let mut acc = Accumulator::new(&FilterConfig::default());
+        assert!(acc.take_delta().is_none());
+        let (k, _) = acc.key("vllm", Some("m"));
+        acc.request_started(k);
+        acc.request_started(k);
+        acc.first_token(k);
+        acc.record_itl(k, 30_000_000);
+        acc.request_finished(k, Phase::Decoding, &record(Outcome::Ok));
+
+        let delta = acc.take_delta().unwrap_or_default();
+        assert_eq!(delta.keys.len(), 1);
+        let key = &delta.keys[0];
+        assert_eq!((key.waiting_change, key.decoding_change), (1, 0));
+        assert_eq!(delta.requests(), 1);
+        let t = key.telemetry.tokens.unwrap_or_default();
+        assert_eq!(
+            (t.input, t.output, t.input_estimated, t.output_estimated),
+            (10, 5, 10, 0)
+        );
+        assert_eq!(t.requests_estimated, 1);
+        let ttft = key.telemetry.ttft_us.clone().unwrap_or_default();
+        let ttft = Sketch::try_from(&ttft).unwrap_or_default();
+        assert_eq!(ttft.count(), 1);
+        assert!((ttft.sum() - 2000.0).abs() < 1e-9);
+        assert!(key.telemetry.itl_us.is_some());
+        assert!(key.telemetry.in_flight.is_none());
+
+        assert!(acc.take_delta().is_none());
+        acc.request_finished(k, Phase::WaitingFirstToken, &record(Outcome::ClientCancel));
+        let delta = acc.take_delta().unwrap_or_default();
+        assert_eq!(delta.keys[0].waiting_change, -1);
+        assert_eq!(
+            delta.keys[0]
+                .telemetry
+                .requests
+                .as_ref()
+                .map(|r| r.client_cancel),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn touching_a_key_without_change_reports_nothing() {
+        let mut acc = Accumulator::new(&FilterConfig::default());
+        let (k, _) = acc.key("b", None);
+        acc.request_started(k);
+        let _ = acc.take_delta();
+        // Started and finished before any take: the gauges net to zero but the outcome counts.
+        acc.request_started(k);
+        acc.request_finished(k, Phase::WaitingFirstToken, &record(Outcome::ServerError));
+        let delta = acc.take_delta().unwrap_or_default();
+        assert_eq!(
+            (delta.keys[0].waiting_change, delta.keys[0].decoding_change),
+            (0, 0)
+        );
+        assert_eq!(delta.requests(), 1);
+        // An id this accumulator never issued is ignored.
+        acc.request_started(KeyId(99));
+        assert!(acc.take_delta().is_none());
+    }
+}

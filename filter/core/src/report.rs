@@ -1,0 +1,235 @@
+//! The reporter: at most one report call in flight per Envoy process, resent unchanged until
+//! acknowledged.
+//!
+//! Every worker ticks, and any of them may send; they agree through the [`ReporterState`] under
+//! [`REPORTER_KEY`] in shared data. A tick reads the state, calls [`plan_tick`], and writes the
+//! planned state back with the CAS it read: only the worker whose write succeeds sends, so two
+//! workers never send at once. A report is built once ([`build_report`], [`record_pending`]) and
+//! kept until the control service acknowledges it; a resend carries the same sequence and bytes,
+//! and the control service ignores a sequence it already merged, so a call that timed out after
+//! the server merged it never counts twice. A report unacknowledged past [`retention_ms`] is
+//! dropped and counted in `dropped`, and the sequence moves on.
+//!
+//! Times here are wall-clock unix milliseconds, the only clock all workers share
+//! (`proxy_get_current_time`); each worker's monotonic clock starts with its own VM. The code
+//! tolerates the clock stepping back.
+
+use flyball_proto::v1;
+use prost::Message;
+
+/// Shared-data key of the [`ReporterState`].
+pub const REPORTER_KEY: &str = "flyball.reporter";
+
+/// Version of the filter that builds the reports.
+pub const FILTER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The process-wide reporter state, shared by all workers.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReporterState {
+    /// The sequence the next new report gets; starts at 1.
+    #[prost(uint64, tag = "1")]
+    pub next_sequence: u64,
+    /// The encoded `ReportRequest` not yet acknowledged.
+    #[prost(bytes = "vec", optional, tag = "2")]
+    pub pending: Option<Vec<u8>>,
+    #[prost(uint64, tag = "3")]
+    pub pending_sequence: u64,
+    /// Requests whose figures are in the pending report (counted as dropped if it is).
+    #[prost(uint64, tag = "4")]
+    pub pending_requests: u64,
+    /// When the pending report was built.
+    #[prost(uint64, tag = "5")]
+    pub pending_since_ms: u64,
+    /// When the call in flight was sent; 0 when none is.
+    #[prost(uint64, tag = "6")]
+    pub dispatched_at_ms: u64,
+    /// The sequence of the call in flight.
+    #[prost(uint64, tag = "7")]
+    pub in_flight_sequence: u64,
+    /// No new call before this time.
+    #[prost(uint64, tag = "8")]
+    pub next_due_ms: u64,
+    /// `Reporter.process_start_unix_ms`: when the first worker created this state.
+    #[prost(uint64, tag = "9")]
+    pub process_start_ms: u64,
+    /// Reports given up on, cumulative.
+    #[prost(uint64, tag = "10")]
+    pub dropped_reports: u64,
+    /// Requests in those reports, cumulative.
+    #[prost(uint64, tag = "11")]
+    pub dropped_requests: u64,
+}
+
+/// What a worker's tick should do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TickPlan {
+    /// Nothing now: a call is in flight, or the next one is not due.
+    Wait,
+    /// Write `state` with the CAS read; if that succeeds, send `report` (the pending report,
+    /// unchanged) and remember `sequence` for [`on_response`].
+    Resend {
+        state: ReporterState,
+        report: Vec<u8>,
+        sequence: u64,
+    },
+    /// Write `state` with the CAS read; if that succeeds, take the keys from the accumulation,
+    /// [`build_report`] with `sequence`, store it with [`record_pending`] and send it.
+    BuildNew { state: ReporterState, sequence: u64 },
+}
+
+// === impl ReporterState ===
+
+impl ReporterState {
+    /// The state as read from shared data, or a fresh one (this process starts reporting now)
+    /// when there is none or it does not decode.
+    pub fn decode_or_new(shared: Option<&[u8]>, now_ms: u64) -> ReporterState {
+        shared
+            .and_then(|bytes| ReporterState::decode(bytes).ok())
+            .filter(|s| s.process_start_ms != 0)
+            .unwrap_or_else(|| ReporterState {
+                next_sequence: 1,
+                // Zero reads as "no state": keep a real value even for a clock at the epoch.
+                process_start_ms: now_ms.max(1),
+                ..Default::default()
+            })
+    }
+
+    /// What goes in the report's `dropped`: this state's counts plus the requests the
+    /// accumulation dropped (`ReportKeys::dropped_requests`).
+    pub fn dropped(&self, accumulation_dropped_requests: u64) -> v1::DroppedTelemetry {
+        v1::DroppedTelemetry {
+            reports: self.dropped_reports,
+            requests: self
+                .dropped_requests
+                .saturating_add(accumulation_dropped_requests),
+        }
+    }
+}
+
+/// How long an unacknowledged report is kept: 60 s, or 10 intervals when those are longer.
+pub fn retention_ms(interval_ms: u64) -> u64 {
+    interval_ms.saturating_mul(10).max(60_000)
+}
+
+/// How long a call may stay in flight before the state treats it as lost. Envoy calls back
+/// after `timeout_ms` in any case; the margin covers a worker that died before it could record
+/// the answer.
+pub fn in_flight_expiry_ms(timeout_ms: u64) -> u64 {
+    timeout_ms.saturating_add(timeout_ms.max(1000))
+}
+
+/// Decides a worker's tick. See [`TickPlan`].
+pub fn plan_tick(
+    state: &ReporterState,
+    now_ms: u64,
+    interval_ms: u64,
+    timeout_ms: u64,
+) -> TickPlan {
+    let mut s = state.clone();
+    if s.next_sequence == 0 {
+        s.next_sequence = 1;
+    }
+    if s.dispatched_at_ms != 0 {
+        let expiry = in_flight_expiry_ms(timeout_ms);
+        let expired = now_ms >= s.dispatched_at_ms.saturating_add(expiry)
+            // The clock stepped back by more than the expiry: do not wait for it to catch up.
+            || s.dispatched_at_ms > now_ms.saturating_add(expiry);
+        if !expired {
+            return TickPlan::Wait;
+        }
+        s.dispatched_at_ms = 0;
+        s.in_flight_sequence = 0;
+    }
+    let stepped_back = s.next_due_ms > now_ms.saturating_add(interval_ms);
+    if now_ms < s.next_due_ms && !stepped_back {
+        return TickPlan::Wait;
+    }
+    if s.pending.is_some() {
+        if s.pending_since_ms > now_ms {
+            s.pending_since_ms = now_ms;
+        }
+        if now_ms - s.pending_since_ms >= retention_ms(interval_ms) {
+            s.dropped_reports = s.dropped_reports.saturating_add(1);
+            s.dropped_requests = s.dropped_requests.saturating_add(s.pending_requests);
+            clear_pending(&mut s);
+        }
+    }
+    s.next_due_ms = now_ms.saturating_add(interval_ms);
+    s.dispatched_at_ms = now_ms.max(1);
+    match s.pending.clone() {
+        Some(report) => {
+            let sequence = s.pending_sequence;
+            s.in_flight_sequence = sequence;
+            TickPlan::Resend {
+                state: s,
+                report,
+                sequence,
+            }
+        }
+        None => {
+            let sequence = s.next_sequence;
+            s.next_sequence = sequence.saturating_add(1);
+            s.in_flight_sequence = sequence;
+            TickPlan::BuildNew { state: s, sequence }
+        }
+    }
+}
+
+/// Stores a freshly built report as pending (to be applied to the latest state, CAS loop).
+pub fn record_pending(
+    state: &ReporterState,
+    sequence: u64,
+    report: Vec<u8>,
+    requests: u64,
+    now_ms: u64,
+) -> ReporterState {
+    let mut s = state.clone();
+    s.pending = Some(report);
+    s.pending_sequence = sequence;
+    s.pending_requests = requests;
+    s.pending_since_ms = now_ms;
+    s
+}
+
+/// Applies the answer to the call that sent `sequence` (to the latest state, CAS loop). An
+/// answer for a call the state no longer tracks changes nothing it should not: a late success
+/// only clears the pending report if it is that same sequence.
+pub fn on_response(state: &ReporterState, sequence: u64, ok: bool) -> ReporterState {
+    let mut s = state.clone();
+    if s.in_flight_sequence == sequence {
+        s.dispatched_at_ms = 0;
+        s.in_flight_sequence = 0;
+    }
+    if ok && s.pending.is_some() && s.pending_sequence == sequence {
+        clear_pending(&mut s);
+    }
+    // A failure is retried at the next due time, which the dispatch already set.
+    s
+}
+
+fn clear_pending(s: &mut ReporterState) {
+    s.pending = None;
+    s.pending_sequence = 0;
+    s.pending_requests = 0;
+    s.pending_since_ms = 0;
+}
+
+/// Builds one report.
+pub fn build_report(
+    keys: Vec<v1::KeyTelemetry>,
+    reporter: &v1::Reporter,
+    sequence: u64,
+    now_unix_ms: u64,
+    dropped: v1::DroppedTelemetry,
+) -> v1::ReportRequest {
+    v1::ReportRequest {
+        reporter: Some(reporter.clone()),
+        sequence,
+        sent_at_unix_ms: now_unix_ms,
+        keys,
+        dropped: Some(dropped),
+    }
+}
+
+#[cfg(test)]
+mod tests;

