@@ -26,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the control service: gateway telemetry in, replica counts out.
+    Control(flyball_control::ControlArgs),
     /// Run the OpenAI-compatible model-server simulator (a vLLM stand-in without GPUs).
     Sim(SimArgs),
     /// Run a local demo: the simulator, real Envoy with the filter, and flyball control.
@@ -78,6 +80,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Control(args) => flyball_control::run(args, shutdown_signal())
+                .await
+                .map_err(anyhow::Error::from),
             Command::Sim(args) => run_sim(args).await,
             Command::Demo(args) => flyball_local::demo::run(args).await,
         }
@@ -86,7 +91,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("flyball: {error:#}");
-            if error.downcast_ref::<flyball_sim::SimError>().is_some() {
+            let usage = error.downcast_ref::<flyball_sim::SimError>().is_some()
+                || error
+                    .downcast_ref::<flyball_control::ControlError>()
+                    .is_some_and(flyball_control::ControlError::is_usage);
+            if usage {
                 ExitCode::from(EXIT_USAGE)
             } else {
                 ExitCode::FAILURE
@@ -109,9 +118,22 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
     config.validate()?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(listen = %args.listen, "flyball sim serving");
-    flyball_sim::serve(config, listener, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    flyball_sim::serve(config, listener, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM (what Kubernetes sends before it kills a pod).
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
 }

@@ -391,8 +391,8 @@ impl fmt::Display for Reason {
             if let Some(s) = reading {
                 write!(
                     f,
-                    "; {name} {} vs {} ({:+.0}%, {} window)",
-                    DurationDisplay(s.measured),
+                    "; {name} {:.1}ms vs {} ({:+.0}%, {} window)",
+                    s.measured.as_secs_f64() * 1e3,
                     DurationDisplay(s.target),
                     s.error * 100.0,
                     match s.window {

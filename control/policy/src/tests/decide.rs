@@ -767,7 +767,7 @@ fn the_decision_text_gives_the_rule_and_the_figures() {
     );
     assert!(text.contains("feed-forward 3"), "{text}");
     assert!(
-        text.contains("TTFT 300ms vs 500ms (-40%, stable window)"),
+        text.contains("TTFT 300.0ms vs 500ms (-40%, stable window)"),
         "{text}"
     );
     assert!(
