@@ -1,0 +1,206 @@
+//! The whole data path: real Envoy with the filter reports to the real ingest of flyball control
+//! (file configuration, dry-run actuator) in front of the simulator. A load step must produce a
+//! scale-up recommendation, and the control service's totals must equal the simulator's ground
+//! truth exactly.
+
+use flyball_control::Control;
+use flyball_control::config::ControlConfig;
+use flyball_local::client::{get, http_client, post};
+use flyball_local::envoy::{Envoy, EnvoyOptions};
+use flyball_local::wait_for;
+use flyball_sim::{SimConfig, SimServer};
+use flyball_tests::control_args;
+use std::time::{Duration, Instant};
+
+const CONFIG: &str = r#"
+autoscalers:
+  - name: e2e
+    spec:
+      selector: { backend: llm }
+      pools:
+        unified:
+          scaleTargetRef: { apiVersion: apps/v1, kind: Deployment, name: llama-e2e }
+          minReplicas: 1
+          maxReplicas: 10
+          capacity: { concurrentSequences: 2, decodeTokensPerSecond: 200 }
+      slo: { ttft: 400ms, tpot: 50ms, percentile: 95 }
+      dryRun: true
+"#;
+
+fn chat(i: usize) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "model": "llama-e2e",
+        "messages": [{"role": "user", "content": "the flyball governor ".repeat(1 + i % 30)}],
+        "stream": i % 5 != 0,
+    }))
+    .unwrap_or_default()
+}
+
+async fn pools(url: &str) -> Option<serde_json::Value> {
+    let (status, body) = get(&http_client(), url).await.ok()?;
+    if status != 200 {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(&body).ok()?;
+    value["pools"].as_array()?.first().cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let args = control_args(&[
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--dry-run",
+        "--bucket",
+        "250ms",
+        "--short-window",
+        "2s",
+        "--stable-window",
+        "10s",
+    ])?;
+    let control = Control::bind_with_config(&args, ControlConfig::from_yaml(CONFIG)?).await?;
+    let grpc = control
+        .grpc_addr()
+        .ok_or_else(|| anyhow::anyhow!("no gRPC address"))?;
+    let http = control
+        .http_addr()
+        .ok_or_else(|| anyhow::anyhow!("no HTTP address"))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(control.serve(async {
+        let _ = stopped.await;
+    }));
+    let plugin = serde_json::json!({
+        "controlCluster": "flyball_control",
+        "reportIntervalMs": 100,
+        "gateway": "e2e-control"
+    })
+    .to_string();
+    let envoy = Envoy::start(&EnvoyOptions::with_filter(
+        sim.local_addr().port(),
+        grpc.port(),
+        &plugin,
+    ))
+    .await?;
+    let url = format!("http://{http}/v1/pools");
+
+    // A trickle first: one request at a time, well within one replica's capacity.
+    let client = http_client();
+    let mut sent = 0usize;
+    for _ in 0..10 {
+        let headers = [
+            ("x-sim-ttft-ms", "20".to_owned()),
+            ("x-sim-itl-ms", "5".to_owned()),
+            ("x-sim-output-tokens", "8".to_owned()),
+        ];
+        let r = post(
+            &client,
+            envoy.listener(),
+            "/v1/chat/completions",
+            &chat(sent),
+            &headers,
+            None,
+        )
+        .await?;
+        anyhow::ensure!(r.status == 200, "trickle request: {}", r.status);
+        sent += 1;
+    }
+    let before = wait_for(
+        "control to see the trickle",
+        Duration::from_secs(10),
+        || {
+            let url = url.clone();
+            async move {
+                let pool = pools(&url).await?;
+                (pool["requests"].as_u64()? >= 10).then_some(pool)
+            }
+        },
+    )
+    .await?;
+    let desired_before = before["replicas"]["desired"].as_u64().unwrap_or(0);
+    assert_eq!(desired_before, 1, "a trickle needs one replica: {before}");
+
+    // The step: 24 long streams at once, far over 2 sequences per replica.
+    let step_started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let client = client.clone();
+        let addr = envoy.listener();
+        let body = chat(sent + i);
+        tasks.push(tokio::spawn(async move {
+            let headers = [
+                ("x-sim-ttft-ms", "50".to_owned()),
+                ("x-sim-itl-ms", "20".to_owned()),
+                ("x-sim-output-tokens", "120".to_owned()),
+            ];
+            post(&client, addr, "/v1/chat/completions", &body, &headers, None).await
+        }));
+    }
+    sent += 24;
+    let scaled = wait_for("a scale-up recommendation", Duration::from_secs(10), || {
+        let url = url.clone();
+        async move {
+            let pool = pools(&url).await?;
+            (pool["replicas"]["desired"].as_u64()? > 1).then_some(pool)
+        }
+    })
+    .await?;
+    let decision_latency = step_started.elapsed();
+    println!(
+        "load step -> scale-up recommendation in {decision_latency:?} (reports every 100 ms): {}",
+        scaled["last_decision"]
+    );
+    let desired = scaled["replicas"]["desired"].as_u64().unwrap_or(0);
+    assert!(desired >= 2, "{scaled}");
+    for task in tasks {
+        let response = task.await??;
+        anyhow::ensure!(response.status == 200, "step request: {}", response.status);
+    }
+
+    // Totals: exactly what the simulator served.
+    let truth = wait_for(
+        "the simulator to log every request",
+        Duration::from_secs(10),
+        || {
+            let log = sim.ground_truth();
+            async move { (log.len() >= sent).then_some(log) }
+        },
+    )
+    .await?;
+    let want_input: u64 = truth.iter().map(|t| t.prompt_tokens).sum();
+    let want_output: u64 = truth.iter().map(|t| t.completion_tokens_sent).sum();
+    assert!(
+        truth.iter().all(|t| t.usage_reported),
+        "every request here reports usage"
+    );
+    let pool = wait_for(
+        "control totals to cover every request",
+        Duration::from_secs(10),
+        || {
+            let url = url.clone();
+            async move {
+                let pool = pools(&url).await?;
+                (pool["requests"].as_u64()? >= sent as u64 && pool["in_flight"].as_u64()? == 0)
+                    .then_some(pool)
+            }
+        },
+    )
+    .await?;
+    assert_eq!(pool["requests"].as_u64(), Some(sent as u64), "{pool}");
+    assert_eq!(pool["errors"].as_u64(), Some(0), "{pool}");
+    assert_eq!(pool["input_tokens"].as_u64(), Some(want_input), "{pool}");
+    assert_eq!(pool["output_tokens"].as_u64(), Some(want_output), "{pool}");
+    let ttft_p50 = pool["ttft_ms"]["p50"].as_f64().unwrap_or(0.0);
+    assert!(
+        ttft_p50 >= 20.0,
+        "TTFT p50 reflects the simulator's delays: {pool}"
+    );
+
+    drop(envoy);
+    let _ = stop.send(());
+    let _ = served.await;
+    Ok(())
+}
