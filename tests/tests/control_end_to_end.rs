@@ -31,7 +31,7 @@ fn chat(i: usize) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "model": "llama-e2e",
         "messages": [{"role": "user", "content": "the flyball governor ".repeat(1 + i % 30)}],
-        "stream": i % 5 != 0,
+        "stream": !i.is_multiple_of(5),
     }))
     .unwrap_or_default()
 }
