@@ -23,6 +23,7 @@ struct Args {
     concurrency: usize,
     latency_requests: usize,
     tokens: usize,
+    plugin_config: String,
 }
 
 impl Args {
@@ -35,6 +36,7 @@ impl Args {
                 concurrency: 32,
                 latency_requests: 60,
                 tokens: 256,
+                plugin_config: String::new(),
             }
         } else {
             Args {
@@ -43,6 +45,7 @@ impl Args {
                 concurrency: 64,
                 latency_requests: 200,
                 tokens: 256,
+                plugin_config: String::new(),
             }
         };
         let argv: Vec<String> = std::env::args().collect();
@@ -52,6 +55,8 @@ impl Args {
                 "--seconds" => args.seconds = pair[1].parse().unwrap_or(args.seconds),
                 "--concurrency" => args.concurrency = pair[1].parse().unwrap_or(args.concurrency),
                 "--tokens" => args.tokens = pair[1].parse().unwrap_or(args.tokens),
+                // The filter's plugin configuration (JSON), e.g. to measure without usage injection.
+                "--plugin-config" => args.plugin_config = pair[1].clone(),
                 _ => {}
             }
         }
@@ -244,11 +249,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     baseline_options.plugin_config = None;
     baseline_options.worker_threads = 1;
     baseline_options.cpu_list = Some("0".to_owned());
-    let mut filter_options = EnvoyOptions::with_filter(
-        upstream,
-        control,
-        r#"{"controlCluster":"flyball_control","reportIntervalMs":1000}"#,
-    );
+    let plugin_config = if args.plugin_config.is_empty() {
+        r#"{"controlCluster":"flyball_control","reportIntervalMs":1000}"#.to_owned()
+    } else {
+        args.plugin_config.clone()
+    };
+    println!("filter configuration: {plugin_config}");
+    let mut filter_options = EnvoyOptions::with_filter(upstream, control, &plugin_config);
     filter_options.worker_threads = 1;
     filter_options.cpu_list = Some("0".to_owned());
     let baseline = Envoy::start(&baseline_options).await?;
