@@ -527,5 +527,33 @@ async fn mixed_traffic_through_two_workers_is_measured_exactly() -> anyhow::Resu
     assert_eq!((stats_input - stats_input_estimated) as u64, reported_input);
     let in_flight = prometheus_sum(&prometheus, "flyball_requests_in_flight", &[]);
     assert_eq!(in_flight, 0.0, "Envoy in-flight gauge back to zero");
+
+    // 6. Every TTFT the filter measured is in the access log, in Envoy's histogram (after a stats
+    //    flush) and in the reported sketches: the three counts agree.
+    let reported_ttfts: u64 = totals
+        .keys
+        .values()
+        .filter_map(|k| k.ttft_us.as_ref())
+        .filter_map(|s| flyball_sketch::Sketch::try_from(s).ok())
+        .map(|s| s.count())
+        .sum();
+    let logged_ttfts = filter_ttfts(&stack.envoy.log()).len() as u64;
+    assert_eq!(
+        reported_ttfts, logged_ttfts,
+        "reported TTFT samples vs access log"
+    );
+    let envoy = &stack.envoy;
+    wait_for(
+        "Envoy's TTFT histogram to flush",
+        Duration::from_secs(10),
+        || async move {
+            let count = envoy
+                .metric_sum("flyball_time_to_first_token_ms_count", &[])
+                .await
+                .ok()?;
+            (count as u64 == logged_ttfts).then_some(())
+        },
+    )
+    .await?;
     Ok(())
 }

@@ -130,6 +130,70 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_over_the_inspection_cap_passes_unread_and_is_still_counted() -> anyhow::Result<()>
+{
+    let receiver = Receiver::start().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let config = serde_json::json!({
+        "controlCluster": "flyball_control",
+        "reportIntervalMs": 100,
+        "maxRequestBodyBytes": 4096
+    })
+    .to_string();
+    let envoy = Envoy::start(&EnvoyOptions::with_filter(
+        sim.local_addr().port(),
+        receiver.port(),
+        &config,
+    ))
+    .await?;
+    let huge = serde_json::to_vec(&serde_json::json!({
+        "model": "big-prompt",
+        "messages": [{"role": "user", "content": "lorem ipsum ".repeat(4000)}],
+        "stream": true
+    }))?;
+    let headers = [("x-sim-output-tokens", "5".to_owned())];
+    let response = post(
+        &http_client(),
+        envoy.listener(),
+        "/v1/chat/completions",
+        &huge,
+        &headers,
+        None,
+    )
+    .await?;
+    assert_eq!(response.status, 200);
+    assert!(response.text().ends_with("data: [DONE]\n\n"));
+    // Unread, so no usage was injected: the client got exactly what the server sent.
+    assert!(!response.text().contains("\"usage\""));
+    let uninspected = wait_for("the request to be counted", Duration::from_secs(10), || {
+        let envoy = &envoy;
+        async move {
+            let n = envoy
+                .metric_sum("flyball_requests_uninspected_total", &[])
+                .await
+                .ok()?;
+            (n == 1.0).then_some(n)
+        }
+    })
+    .await?;
+    assert_eq!(uninspected, 1.0);
+    wait_for(
+        "the report to count it under model unknown",
+        Duration::from_secs(10),
+        || {
+            let found = receiver.totals().keys.iter().any(|((_, model), k)| {
+                model == "unknown" && k.requests.unwrap_or_default().ok == 1
+            });
+            async move { found.then_some(()) }
+        },
+    )
+    .await?;
+    drop(sim);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_plugin_configuration_is_refused_at_load_naming_the_field() -> anyhow::Result<()> {
     let bad =
         serde_json::json!({"controlCluster": "flyball_control", "reportIntervalMs": 5}).to_string();
