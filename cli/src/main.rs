@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the control service: gateway telemetry in, replica counts out.
-    Control(flyball_control::ControlArgs),
+    Control(Box<flyball_control::ControlArgs>),
     /// Run the OpenAI-compatible model-server simulator (a vLLM stand-in without GPUs).
     Sim(SimArgs),
     /// Run a local demo: the simulator, real Envoy with the filter, and flyball control.
@@ -80,7 +80,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Control(args) => flyball_control::run(args, shutdown_signal())
+            Command::Control(args) => flyball_control::run(*args, shutdown_signal())
                 .await
                 .map_err(anyhow::Error::from),
             Command::Sim(args) => run_sim(args).await,

@@ -17,14 +17,22 @@
 //! `autoscalers[0].spec.pools.decode.maxReplicas = 0: must be >= minReplicas (1)`.
 //!
 //! A pool is one autoscaler's selector plus one role; its name is its scale target's name.
+//!
+//! With `--source kubernetes` the same validated form is built from `FlyballAutoscaler`
+//! resources instead ([`ControlConfig::from_resources`]), one resource at a time so a bad one
+//! never takes the others down, and swapped in whole through [`LiveConfig`] whenever they change.
+//! Pool ids stay with their pool across such swaps ([`ControlConfig::renumbered`]) and are never
+//! reused, so whatever is keyed by id (windows, status) carries over.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use flyball_policy::pools::Role;
 use flyball_policy::spec::{AutoscalerSpec, AutoscalerSpecRaw, FieldError};
 use serde::Deserialize;
+use tokio::sync::watch;
 
 use crate::window::{PoolId, Selector};
 
@@ -50,6 +58,8 @@ pub struct AutoscalerEntryRaw {
 pub struct ControlConfig {
     autoscalers: Vec<Autoscaler>,
     pools: Vec<PoolDef>,
+    /// Every pool id ever handed out is below this, so a new pool's id is fresh.
+    id_limit: usize,
 }
 
 /// One validated autoscaler.
@@ -60,6 +70,47 @@ pub struct Autoscaler {
     pub spec: AutoscalerSpec,
     /// Its pools, in the policy's order (prefill before decode).
     pub pools: Vec<PoolId>,
+    pub origin: Origin,
+}
+
+/// Where an autoscaler was declared.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Origin {
+    /// The `--config` file.
+    #[default]
+    File,
+    /// A `FlyballAutoscaler` resource; its status and Events are written to it.
+    Resource {
+        uid: Option<String>,
+        /// `metadata.generation` of the spec in force.
+        generation: Option<i64>,
+    },
+}
+
+/// One `FlyballAutoscaler` as read from the API server, before validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoscalerResource {
+    pub name: String,
+    pub namespace: String,
+    pub uid: Option<String>,
+    pub generation: Option<i64>,
+    pub spec: AutoscalerSpecRaw,
+}
+
+/// A resource left out of the configuration, with every rule it breaks (paths from `spec`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub namespace: String,
+    pub name: String,
+    pub errors: Vec<FieldError>,
+}
+
+/// The configuration in force. File mode sets it once; the Kubernetes source replaces it as
+/// resources change. Readers take a snapshot ([`LiveConfig::current`]) per request or
+/// evaluation, so one answer never mixes two configurations.
+#[derive(Debug)]
+pub struct LiveConfig {
+    tx: watch::Sender<Arc<ControlConfig>>,
 }
 
 /// One pool: an autoscaler's selector plus a role.
@@ -156,12 +207,217 @@ impl ControlConfig {
     }
 
     pub fn pool(&self, id: PoolId) -> Option<&PoolDef> {
-        self.pools.get(id.0)
+        // Ids equal positions until pools come and go (see `renumbered`).
+        self.pools
+            .get(id.0)
+            .filter(|p| p.id == id)
+            .or_else(|| self.pools.iter().find(|p| p.id == id))
     }
 
     /// The selectors in pool order, for the windows.
     pub fn selectors(&self) -> Vec<Selector> {
         self.pools.iter().map(|p| p.selector.clone()).collect()
+    }
+
+    /// Each pool's id and selector, for the windows.
+    pub fn pool_selectors(&self) -> Vec<(PoolId, Selector)> {
+        self.pools
+            .iter()
+            .map(|p| (p.id, p.selector.clone()))
+            .collect()
+    }
+
+    /// Autoscalers from `FlyballAutoscaler` resources, in the order given: when two claim the
+    /// same scale target, the earlier keeps it. Each resource stands alone: one that breaks a
+    /// rule is left out with its errors (named from `spec`, as `kubectl explain` shows the
+    /// fields), and the others are used.
+    pub fn from_resources(resources: &[AutoscalerResource]) -> (ControlConfig, Vec<Rejected>) {
+        let mut config = ControlConfig::default();
+        let mut rejected = Vec::new();
+        // Pool name -> the resource that holds it.
+        let mut holders: HashMap<String, String> = HashMap::new();
+        for resource in resources {
+            let spec = match AutoscalerSpec::from_raw(&resource.spec, "spec") {
+                Ok(spec) => spec,
+                Err(e) => {
+                    rejected.push(Rejected {
+                        namespace: resource.namespace.clone(),
+                        name: resource.name.clone(),
+                        errors: e.errors().to_vec(),
+                    });
+                    continue;
+                }
+            };
+            let targets = targets(&spec, &resource.namespace);
+            let errors: Vec<FieldError> = targets
+                .iter()
+                .filter_map(|(role, target)| {
+                    let holder = holders.get(&target.name)?;
+                    Some(FieldError {
+                        path: format!("spec.pools.{role}.scaleTargetRef.name"),
+                        value: format!("{:?}", target.name),
+                        rule: format!(
+                            "already scaled by FlyballAutoscaler {holder} (a scale target's name \
+                             names its pool, so it must be unique)"
+                        ),
+                    })
+                })
+                .collect();
+            if !errors.is_empty() {
+                rejected.push(Rejected {
+                    namespace: resource.namespace.clone(),
+                    name: resource.name.clone(),
+                    errors,
+                });
+                continue;
+            }
+            for (_, target) in &targets {
+                holders.insert(
+                    target.name.clone(),
+                    format!("{}/{}", resource.namespace, resource.name),
+                );
+            }
+            config.push(
+                &resource.name,
+                &resource.namespace,
+                spec,
+                targets,
+                Origin::Resource {
+                    uid: resource.uid.clone(),
+                    generation: resource.generation,
+                },
+            );
+        }
+        (config, rejected)
+    }
+
+    /// Adds one validated autoscaler and its pools, with the next ids.
+    fn push(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        spec: AutoscalerSpec,
+        targets: Vec<(Role, ScaleTarget)>,
+        origin: Origin,
+    ) {
+        let selector = Selector {
+            backend: spec.selector().backend.clone(),
+            model: spec.selector().model.clone(),
+        };
+        let mut ids = Vec::with_capacity(targets.len());
+        for (role, target) in targets {
+            let id = PoolId(self.pools.len());
+            ids.push(id);
+            self.pools.push(PoolDef {
+                id,
+                name: target.name.clone(),
+                autoscaler: self.autoscalers.len(),
+                autoscaler_name: name.to_owned(),
+                role,
+                selector: selector.clone(),
+                target,
+            });
+        }
+        self.id_limit = self.pools.len();
+        self.autoscalers.push(Autoscaler {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            spec,
+            pools: ids,
+            origin,
+        });
+    }
+
+    /// This configuration with pool ids that continue `previous`: a pool that was there before
+    /// (same autoscaler, role, target and selector) keeps its id, any other gets one never used.
+    pub fn renumbered(mut self, previous: &ControlConfig) -> ControlConfig {
+        type Key = (String, String, Role, ScaleTarget, Selector);
+        let key = |config: &ControlConfig, pool: &PoolDef| -> Option<Key> {
+            let autoscaler = config.autoscalers.get(pool.autoscaler)?;
+            Some((
+                autoscaler.namespace.clone(),
+                autoscaler.name.clone(),
+                pool.role,
+                pool.target.clone(),
+                pool.selector.clone(),
+            ))
+        };
+        let mut old: HashMap<Key, PoolId> = previous
+            .pools
+            .iter()
+            .filter_map(|p| Some((key(previous, p)?, p.id)))
+            .collect();
+        let mut next = previous.id_limit.max(previous.pools.len());
+        let mut ids = HashMap::new();
+        for i in 0..self.pools.len() {
+            let kept = key(&self, &self.pools[i]).and_then(|k| old.remove(&k));
+            let id = kept.unwrap_or_else(|| {
+                next += 1;
+                PoolId(next - 1)
+            });
+            ids.insert(self.pools[i].id, id);
+            self.pools[i].id = id;
+        }
+        for autoscaler in &mut self.autoscalers {
+            for id in &mut autoscaler.pools {
+                *id = ids.get(id).copied().unwrap_or(*id);
+            }
+        }
+        let highest = self.pools.iter().map(|p| p.id.0 + 1).max().unwrap_or(0);
+        self.id_limit = next.max(highest);
+        self
+    }
+}
+
+/// Each role's scale target, its namespace resolved against the autoscaler's.
+fn targets(spec: &AutoscalerSpec, namespace: &str) -> Vec<(Role, ScaleTarget)> {
+    spec.pools()
+        .iter()
+        .map(|(role, pool)| {
+            let reference = &pool.scale_target_ref;
+            let target = ScaleTarget {
+                api_version: reference.api_version.clone(),
+                kind: reference.kind.clone(),
+                namespace: reference
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| namespace.to_owned()),
+                name: reference.name.clone(),
+            };
+            (role, target)
+        })
+        .collect()
+}
+
+// === impl LiveConfig ===
+
+impl LiveConfig {
+    pub fn new(config: ControlConfig) -> Self {
+        LiveConfig {
+            tx: watch::Sender::new(Arc::new(config)),
+        }
+    }
+
+    /// The configuration in force now.
+    pub fn current(&self) -> Arc<ControlConfig> {
+        self.tx.borrow().clone()
+    }
+
+    /// Changes whenever a new configuration is published.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ControlConfig>> {
+        self.tx.subscribe()
+    }
+
+    /// Puts `config` in force, unless it equals the one in force. Renumber it first
+    /// ([`ControlConfig::renumbered`]) and prepare whatever is keyed by its ids.
+    pub fn publish(&self, config: ControlConfig) -> bool {
+        self.tx.send_if_modified(|current| {
+            if **current == config {
+                return false;
+            }
+            *current = Arc::new(config);
+            true
+        })
     }
 }
 
@@ -204,22 +460,8 @@ impl TryFrom<&ConfigFileRaw> for ControlConfig {
                     continue;
                 }
             };
-            let selector = Selector {
-                backend: spec.selector().backend.clone(),
-                model: spec.selector().model.clone(),
-            };
-            let mut ids = Vec::new();
-            for (role, pool) in spec.pools().iter() {
-                let reference = &pool.scale_target_ref;
-                let target = ScaleTarget {
-                    api_version: reference.api_version.clone(),
-                    kind: reference.kind.clone(),
-                    namespace: reference
-                        .namespace
-                        .clone()
-                        .unwrap_or_else(|| namespace.clone()),
-                    name: reference.name.clone(),
-                };
+            let targets = targets(&spec, &namespace);
+            for (role, target) in &targets {
                 if !pool_names.insert(target.name.clone()) {
                     errors.push(field(
                         &at,
@@ -228,24 +470,8 @@ impl TryFrom<&ConfigFileRaw> for ControlConfig {
                         "must be unique across all autoscalers (it names the pool)",
                     ));
                 }
-                let id = PoolId(config.pools.len());
-                ids.push(id);
-                config.pools.push(PoolDef {
-                    id,
-                    name: target.name.clone(),
-                    autoscaler: config.autoscalers.len(),
-                    autoscaler_name: entry.name.clone(),
-                    role,
-                    selector: selector.clone(),
-                    target,
-                });
             }
-            config.autoscalers.push(Autoscaler {
-                name: entry.name.clone(),
-                namespace,
-                spec,
-                pools: ids,
-            });
+            config.push(&entry.name, &namespace, spec, targets, Origin::File);
         }
         if errors.is_empty() {
             Ok(config)

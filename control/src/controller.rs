@@ -11,10 +11,18 @@
 //! `/v1/pools`, `/metrics` and the KEDA scaler read. It never scales on telemetry it cannot read:
 //! without replica counts it skips the evaluation; stale or missing telemetry is the policy's to
 //! judge (it holds).
+//!
+//! Every replica of the service decides; only the leader sets replicas and tells the actuator
+//! what it did ([`Actuator::record`]: Events, the autoscaler's status). Followers decide dry, so
+//! their decision logs and windows stay warm, and a replica that becomes leader forgets what its
+//! policy memory saw ([`PolicyMemory::restart`]): another leader acted meanwhile, and scale-down
+//! waits a full stable window again. Autoscalers come and go with the configuration: a task per
+//! autoscaler is started, kept while its definition is unchanged, and replaced (with fresh memory)
+//! when it changes.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use flyball_policy::decision::{Action, PoolDecision, Rule};
@@ -29,7 +37,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::{Autoscaler, ControlConfig, PoolDef, ScaleTarget};
+use crate::config::{Autoscaler, ControlConfig, LiveConfig, PoolDef, ScaleTarget};
 use crate::ingest::Telemetry;
 use crate::window::{PoolId, View, WindowSummary};
 
@@ -54,8 +62,8 @@ pub struct ActuatorError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-/// Where replica counts are read and set: Kubernetes `/scale` (flyball-k8s), local processes, or
-/// nowhere ([`DryRunActuator`]).
+/// Where replica counts are read and set: Kubernetes `/scale` ([`crate::actuator`]), local
+/// processes, or nowhere ([`DryRunActuator`]).
 pub trait Actuator: Send + Sync + 'static {
     fn current(
         &self,
@@ -67,6 +75,45 @@ pub trait Actuator: Send + Sync + 'static {
         target: &ScaleTarget,
         replicas: u32,
     ) -> impl Future<Output = Result<(), ActuatorError>> + Send;
+
+    /// Told after each evaluation made while this replica leads: what was decided and done.
+    /// The Kubernetes actuator writes Events and the autoscaler's status from it. Default:
+    /// nothing.
+    fn record(&self, evaluation: &Evaluation<'_>) -> impl Future<Output = ()> + Send {
+        let _ = evaluation;
+        async {}
+    }
+
+    /// What an operator should know about `target` (another autoscaler scaling it), shown in
+    /// `/v1/pools`. Default: nothing.
+    fn warnings(&self, target: &ScaleTarget) -> Vec<String> {
+        let _ = target;
+        Vec::new()
+    }
+}
+
+/// One evaluation of one autoscaler, as [`Actuator::record`] sees it.
+#[derive(Debug)]
+pub struct Evaluation<'a> {
+    pub autoscaler: &'a Autoscaler,
+    /// Wall-clock time of the evaluation.
+    pub at: SystemTime,
+    /// Nothing was to be set: `--dry-run` or the spec's `dryRun`.
+    pub dry_run: bool,
+    pub pools: Vec<PoolOutcome<'a>>,
+}
+
+/// One pool's part of an [`Evaluation`].
+#[derive(Debug)]
+pub struct PoolOutcome<'a> {
+    pub pool: &'a PoolDef,
+    /// As read before deciding.
+    pub replicas: PoolReplicas,
+    pub decision: &'a PoolDecision,
+    /// The change was set.
+    pub applied: bool,
+    /// Setting it failed: the error's kind (as in [`ActuatorError::kind`]) and message.
+    pub error: Option<(&'static str, String)>,
 }
 
 /// Records what would be set and pretends it happened at once: every replica asked for is
@@ -128,12 +175,15 @@ pub struct PoolStatus {
     pub active: bool,
     pub decisions: VecDeque<DecisionRecord>,
     pub last_error: Option<String>,
+    /// From the actuator: e.g. an HPA scales the same target.
+    pub warnings: Vec<String>,
 }
 
-/// Every pool's status, in pool order.
+/// Every pool's status, by pool id.
 #[derive(Debug)]
 pub struct Status {
-    pools: Vec<watch::Sender<PoolStatus>>,
+    /// Indexed by [`PoolId`]; `None` for ids of pools that are gone.
+    pools: RwLock<Vec<Option<watch::Sender<PoolStatus>>>>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub actuator_errors: Family<ActuatorErrorLabels, Counter>,
 }
@@ -184,6 +234,16 @@ impl DryRunActuator {
         }
     }
 
+    /// Starts the target named `name` at `replicas` instead of its minReplicas.
+    pub fn preset(&self, name: &str, replicas: u32) {
+        let mut all = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        for (target, n) in all.iter_mut() {
+            if target.name == name {
+                *n = replicas;
+            }
+        }
+    }
+
     /// Every replica count set, in order.
     pub fn recommendations(&self) -> Vec<(ScaleTarget, u32)> {
         self.recommendations
@@ -222,34 +282,83 @@ impl Actuator for DryRunActuator {
 impl Status {
     pub fn new(pools: usize) -> Self {
         Status {
-            pools: (0..pools)
-                .map(|_| watch::Sender::new(PoolStatus::default()))
-                .collect(),
+            pools: RwLock::new(
+                (0..pools)
+                    .map(|_| Some(watch::Sender::new(PoolStatus::default())))
+                    .collect(),
+            ),
             decisions: Family::default(),
             actuator_errors: Family::default(),
         }
     }
 
-    /// A copy of the pool's status.
-    pub fn get(&self, pool: PoolId) -> Option<PoolStatus> {
-        self.pools.get(pool.0).map(|tx| tx.borrow().clone())
+    fn with_sender<T>(
+        &self,
+        pool: PoolId,
+        f: impl FnOnce(&watch::Sender<PoolStatus>) -> T,
+    ) -> Option<T> {
+        let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
+        pools.get(pool.0).and_then(Option::as_ref).map(f)
     }
 
-    /// Changes whenever the pool's status is published.
+    /// A copy of the pool's status.
+    pub fn get(&self, pool: PoolId) -> Option<PoolStatus> {
+        self.with_sender(pool, |tx| tx.borrow().clone())
+    }
+
+    /// Changes whenever the pool's status is published; closes when the pool goes away.
     pub fn subscribe(&self, pool: PoolId) -> Option<watch::Receiver<PoolStatus>> {
-        self.pools.get(pool.0).map(watch::Sender::subscribe)
+        self.with_sender(pool, watch::Sender::subscribe)
     }
 
     fn update(&self, pool: PoolId, f: impl FnOnce(&mut PoolStatus) -> bool) {
-        if let Some(tx) = self.pools.get(pool.0) {
-            tx.send_if_modified(f);
+        self.with_sender(pool, |tx| tx.send_if_modified(f));
+    }
+
+    /// Keeps the status of `pools`, starts one for each new id, and drops the rest.
+    pub fn set_pools(&self, pools: &[PoolId]) {
+        let mut slots = self.pools.write().unwrap_or_else(|p| p.into_inner());
+        let len = pools.iter().map(|id| id.0 + 1).max().unwrap_or(0);
+        if slots.len() < len {
+            slots.resize_with(len, || None);
+        }
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let wanted = pools.contains(&PoolId(i));
+            match (wanted, slot.is_some()) {
+                (true, false) => *slot = Some(watch::Sender::new(PoolStatus::default())),
+                (false, true) => *slot = None,
+                _ => {}
+            }
         }
     }
 
     /// Whether every pool's replicas have been read at least once.
     pub fn all_known(&self) -> bool {
-        self.pools.iter().all(|tx| tx.borrow().replicas.is_some())
+        let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
+        pools
+            .iter()
+            .flatten()
+            .all(|tx| tx.borrow().replicas.is_some())
     }
+}
+
+/// Puts `next` in force: its pool ids continue those in force (see
+/// [`ControlConfig::renumbered`]), status and windows are prepared for them, then it is published
+/// and the control loop follows. Returns whether anything changed.
+pub fn reconfigure(
+    live: &LiveConfig,
+    telemetry: &Telemetry,
+    status: &Status,
+    next: ControlConfig,
+) -> bool {
+    let next = next.renumbered(&live.current());
+    if *live.current() == next {
+        return false;
+    }
+    let ids: Vec<PoolId> = next.pools().iter().map(|p| p.id).collect();
+    status.set_pools(&ids);
+    telemetry.set_pools(next.pool_selectors());
+    live.publish(next)
 }
 
 // === impl Clock ===
@@ -379,6 +488,11 @@ struct AutoscalerLoop<A> {
     actuator: Arc<A>,
     clock: Clock,
     config: LoopConfig,
+    leading: watch::Receiver<bool>,
+    /// Leadership at the previous evaluation, to notice it being gained.
+    was_leading: bool,
+    /// False once every sender of `leading` is gone (leadership is then fixed).
+    leading_open: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -390,37 +504,75 @@ struct Observed {
     time_to_ready: Option<Duration>,
 }
 
-/// Runs one task per autoscaler until `shutdown` resolves.
+/// Runs one task per autoscaler of the configuration in force until `shutdown` resolves,
+/// following the configuration as it changes. Replicas are set only while `leading` is true.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<A: Actuator>(
-    config: Arc<ControlConfig>,
+    mut config: watch::Receiver<Arc<ControlConfig>>,
     telemetry: Arc<Telemetry>,
     status: Arc<Status>,
     actuator: Arc<A>,
     clock: Clock,
     loop_config: LoopConfig,
+    leading: watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
-    for autoscaler in config.autoscalers() {
-        let pools = autoscaler
-            .pools
-            .iter()
-            .filter_map(|id| config.pool(*id).cloned())
-            .collect();
-        let task = AutoscalerLoop {
-            autoscaler: autoscaler.clone(),
-            pools,
-            memory: PolicyMemory::new(clock.policy_now(Instant::now())),
-            observed: HashMap::new(),
-            telemetry: telemetry.clone(),
-            status: status.clone(),
-            actuator: actuator.clone(),
-            clock,
-            config: loop_config,
-        };
-        tasks.spawn(task.run());
+    let mut running: HashMap<(String, String), (Autoscaler, tokio::task::AbortHandle)> =
+        HashMap::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let current = config.borrow_and_update().clone();
+        running.retain(|key, (autoscaler, task)| {
+            let same = current
+                .autoscalers()
+                .iter()
+                .any(|a| (&a.namespace, &a.name) == (&key.0, &key.1) && a == autoscaler);
+            if !same {
+                tracing::info!(autoscaler = %key.1, namespace = %key.0, "autoscaler stopped");
+                task.abort();
+            }
+            same
+        });
+        for autoscaler in current.autoscalers() {
+            let key = (autoscaler.namespace.clone(), autoscaler.name.clone());
+            if running.contains_key(&key) {
+                continue;
+            }
+            let pools = autoscaler
+                .pools
+                .iter()
+                .filter_map(|id| current.pool(*id).cloned())
+                .collect();
+            let task = AutoscalerLoop {
+                autoscaler: autoscaler.clone(),
+                pools,
+                memory: PolicyMemory::new(clock.policy_now(Instant::now())),
+                observed: HashMap::new(),
+                telemetry: telemetry.clone(),
+                status: status.clone(),
+                actuator: actuator.clone(),
+                clock,
+                config: loop_config,
+                was_leading: *leading.borrow(),
+                leading: leading.clone(),
+                leading_open: true,
+            };
+            let handle = tasks.spawn(task.run());
+            running.insert(key, (autoscaler.clone(), handle));
+        }
+        while tasks.try_join_next().is_some() {}
+        tokio::select! {
+            () = &mut shutdown => break,
+            changed = config.changed() => {
+                if changed.is_err() {
+                    // The configuration is final: serve it until shutdown.
+                    shutdown.await;
+                    break;
+                }
+            }
+        }
     }
-    shutdown.await;
     tasks.shutdown().await;
 }
 
@@ -436,14 +588,25 @@ impl<A: Actuator> AutoscalerLoop<A> {
             if let Some(last) = last {
                 tokio::time::sleep_until(last + self.config.min_interval).await;
                 let idle_until = last + self.config.idle_interval;
-                if dirty.is_empty() {
-                    // select_all panics on nothing to select; without pools, time alone wakes us.
-                    tokio::time::sleep_until(idle_until).await;
-                } else {
-                    let woken =
-                        futures::future::select_all(dirty.iter().map(|n| Box::pin(n.notified())));
-                    let _ = tokio::time::timeout_at(idle_until, woken).await;
-                }
+                let woken = async {
+                    if dirty.is_empty() {
+                        // select_all panics on nothing to select; without pools, time alone
+                        // wakes us.
+                        std::future::pending::<()>().await;
+                    } else {
+                        futures::future::select_all(dirty.iter().map(|n| Box::pin(n.notified())))
+                            .await;
+                    }
+                };
+                // A new leader acts at once rather than at the next report or idle tick.
+                let leadership = leadership_changed(&mut self.leading, &mut self.leading_open);
+                let _ = tokio::time::timeout_at(idle_until, async {
+                    tokio::select! {
+                        () = woken => {}
+                        () = leadership => {}
+                    }
+                })
+                .await;
             }
             let now = Instant::now();
             last = Some(now);
@@ -453,6 +616,15 @@ impl<A: Actuator> AutoscalerLoop<A> {
 
     async fn evaluate(&mut self, now: Instant) {
         let policy_now = self.clock.policy_now(now);
+        let leading = *self.leading.borrow_and_update();
+        if leading && !self.was_leading {
+            self.memory.restart(policy_now);
+            tracing::info!(
+                autoscaler = %self.autoscaler.name,
+                "leading: acting from now on; no scale-down before a full stable window"
+            );
+        }
+        self.was_leading = leading;
         let spec = &self.autoscaler.spec;
         let percentile = spec.slo().percentile;
         let windows = self.telemetry.windows_config();
@@ -535,16 +707,22 @@ impl<A: Actuator> AutoscalerLoop<A> {
         };
         let dry_run = self.config.dry_run || decision.dry_run;
 
-        for (pool, replicas, _, has_load) in states {
+        let mut outcomes = Vec::with_capacity(states.len());
+        for (pool, replicas, _, has_load) in &states {
+            let (replicas, has_load) = (*replicas, *has_load);
             let Some(pool_decision) = decision.pools.get(pool.role) else {
                 continue;
             };
             let mut applied = false;
             let mut error = None;
-            if pool_decision.to != replicas.desired && !dry_run {
+            let mut failure = None;
+            // Leadership is read again right before writing: a step-down during this
+            // evaluation's reads must not be followed by a write.
+            if pool_decision.to != replicas.desired && !dry_run && *self.leading.borrow() {
                 match self.actuator.set(&pool.target, pool_decision.to).await {
                     Ok(()) => applied = true,
                     Err(e) => {
+                        failure = Some((e.kind, e.to_string()));
                         tracing::warn!(pool = %pool.name, error = %e, "cannot set replicas");
                         self.status
                             .actuator_errors
@@ -572,14 +750,33 @@ impl<A: Actuator> AutoscalerLoop<A> {
                 .inc();
             let record = self.record(now, pool_decision, applied, error.clone());
             let limit = self.config.decision_log;
+            let warnings = self.actuator.warnings(&pool.target);
             self.status.update(pool.id, |s| {
                 s.replicas = Some(replicas);
                 s.desired = Some(pool_decision.to);
                 s.active = has_load || pool_decision.to > 0;
                 s.last_error = error;
+                s.warnings = warnings;
                 push_decision(&mut s.decisions, record, limit);
                 true
             });
+            outcomes.push(PoolOutcome {
+                pool,
+                replicas,
+                decision: pool_decision,
+                applied,
+                error: failure,
+            });
+        }
+        // Only a replica that still leads writes Events and status.
+        if leading && *self.leading.borrow() {
+            let evaluation = Evaluation {
+                autoscaler: &self.autoscaler,
+                at: self.clock.wall(now),
+                dry_run,
+                pools: outcomes,
+            };
+            self.actuator.record(&evaluation).await;
         }
     }
 
@@ -606,6 +803,15 @@ impl<A: Actuator> AutoscalerLoop<A> {
             repeats: 0,
         }
     }
+}
+
+/// Resolves when leadership changes; never, once its senders are gone.
+async fn leadership_changed(leading: &mut watch::Receiver<bool>, open: &mut bool) {
+    if *open && leading.changed().await.is_ok() {
+        return;
+    }
+    *open = false;
+    std::future::pending::<()>().await;
 }
 
 fn push_decision(log: &mut VecDeque<DecisionRecord>, record: DecisionRecord, limit: usize) {

@@ -7,11 +7,14 @@
 //!   "requests":120,"errors":2,"input_tokens":4800,"output_tokens":36000,
 //!   "ttft_ms":{"p50":180.2,"p95":420.0,"p99":610.5},"tpot_ms":{"p50":21.0,"p95":30.1,"p99":35.9},
 //!   "in_flight":7,"replicas":{"current":2,"ready":2,"desired":3},
-//!   "last_decision":{"at":"2025-01-31T12:00:00.250Z","from":2,"to":3,"reason":"..."}}]}
+//!   "last_decision":{"at":"2025-01-31T12:00:00.250Z","from":2,"to":3,"reason":"..."}}],
+//!  "leading":true}
 //! ```
 //!
 //! Request, error and token counts are totals since the service started; quantiles cover the short
-//! window and are `null` without samples; replica counts are `null` until first read.
+//! window and are `null` without samples; replica counts are `null` until first read. `leading` is
+//! there with leader election only: a follower's decisions are what it would do, never applied. A
+//! pool's `warnings` (absent when empty) say what the actuator found, e.g. an HPA on the target.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +28,7 @@ use flyball_sketch::Sketch;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::config::{ControlConfig, PoolDef};
+use crate::config::{LiveConfig, PoolDef};
 use crate::controller::{DecisionRecord, Status};
 use crate::ingest::Telemetry;
 use crate::metrics::Metrics;
@@ -33,18 +36,27 @@ use crate::metrics::Metrics;
 /// What the handlers read.
 #[derive(Debug)]
 pub struct AppState {
-    pub config: Arc<ControlConfig>,
+    pub config: Arc<LiveConfig>,
     pub telemetry: Arc<Telemetry>,
     pub status: Arc<Status>,
     pub metrics: Metrics,
     /// Set once the gRPC server is serving.
     pub serving: AtomicBool,
+    /// Set once the autoscalers are known (at once from a file; after the first list of
+    /// FlyballAutoscalers with `--source kubernetes`).
+    pub configured: AtomicBool,
+    /// Whether this replica leads; `None` without leader election.
+    pub leading: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// `GET /v1/pools`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolsResponse {
     pub pools: Vec<PoolEntry>,
+    /// Whether this replica sets replicas (holds the leader Lease); absent without leader
+    /// election. A follower's decisions are what it would do, never applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leading: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +73,9 @@ pub struct PoolEntry {
     pub in_flight: u64,
     pub replicas: Replicas,
     pub last_decision: Option<LastDecision>,
+    /// e.g. a HorizontalPodAutoscaler scales the same target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -137,6 +152,13 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if !state.serving.load(Ordering::Acquire) {
         return (StatusCode::SERVICE_UNAVAILABLE, "ingest not serving yet\n").into_response();
     }
+    if !state.configured.load(Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "autoscalers not read yet\n",
+        )
+            .into_response();
+    }
     if !state.status.all_known() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -160,11 +182,15 @@ fn quantiles_ms(sketch: &Sketch) -> Quantiles {
 pub fn pools_response(state: &AppState, now: Instant) -> PoolsResponse {
     let pools = state
         .config
+        .current()
         .pools()
         .iter()
         .map(|pool| pool_entry(state, pool, now))
         .collect();
-    PoolsResponse { pools }
+    PoolsResponse {
+        pools,
+        leading: state.leading.as_ref().map(|rx| *rx.borrow()),
+    }
 }
 
 fn pool_entry(state: &AppState, pool: &PoolDef, now: Instant) -> PoolEntry {
@@ -192,6 +218,7 @@ fn pool_entry(state: &AppState, pool: &PoolDef, now: Instant) -> PoolEntry {
             to: d.to,
             reason: d.reason.clone(),
         }),
+        warnings: status.warnings,
     }
 }
 
@@ -205,6 +232,7 @@ async fn decisions(
 ) -> Response {
     let pools: Vec<PoolDecisions> = state
         .config
+        .current()
         .pools()
         .iter()
         .filter(|p| query.pool.as_ref().is_none_or(|name| *name == p.name))

@@ -11,7 +11,7 @@
 //! remote clock; the time of arrival is what counts.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use flyball_proto::grpc::telemetry_service_server::{TelemetryService, TelemetryServiceServer};
@@ -23,6 +23,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::forward::{FORWARDED_BY, Forwarder};
 use crate::window::{
     Delta, InFlight, KeyId, KeyView, Latencies, PoolId, Selector, View, WindowConfig, Windows,
 };
@@ -170,7 +171,8 @@ pub struct Telemetry {
     config: IngestConfig,
     state: Mutex<IngestState>,
     counters: IngestCounters,
-    dirty: Vec<Arc<Notify>>,
+    /// Indexed by [`PoolId`]; grows as pools are added, never shrinks (ids are not reused).
+    dirty: RwLock<Vec<Arc<Notify>>>,
 }
 
 #[derive(Debug)]
@@ -186,6 +188,8 @@ struct IngestState {
 #[derive(Debug, Clone)]
 pub struct IngestService {
     telemetry: Arc<Telemetry>,
+    /// Set on replicas that may follow: reports they merge go on to the leader.
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 /// Sweeping for stale reporters scans them all, so readers do it at most this often.
@@ -535,7 +539,7 @@ impl Telemetry {
         pools: Vec<Selector>,
         epoch: Instant,
     ) -> Self {
-        let dirty = pools.iter().map(|_| Arc::new(Notify::new())).collect();
+        let dirty = RwLock::new(pools.iter().map(|_| Arc::new(Notify::new())).collect());
         let mut windows = Windows::new(windows, epoch, config.max_keys);
         windows.set_pools(pools);
         let reporters = Reporters::new(&config);
@@ -629,11 +633,30 @@ impl Telemetry {
     }
 
     fn mark_dirty(&self, pools: &[PoolId]) {
+        if pools.is_empty() {
+            return;
+        }
+        let dirty = self.dirty.read().unwrap_or_else(|p| p.into_inner());
         for pool in pools {
-            if let Some(notify) = self.dirty.get(pool.0) {
+            if let Some(notify) = dirty.get(pool.0) {
                 notify.notify_one();
             }
         }
+    }
+
+    /// Replaces the pools (the autoscalers changed). See [`Windows::assign_pools`]: kept pools
+    /// keep their windows, new ones start with their keys' history.
+    pub fn set_pools(&self, pools: Vec<(PoolId, Selector)>) {
+        let len = pools.iter().map(|(id, _)| id.0 + 1).max().unwrap_or(0);
+        {
+            let mut dirty = self.dirty.write().unwrap_or_else(|p| p.into_inner());
+            while dirty.len() < len {
+                dirty.push(Arc::new(Notify::new()));
+            }
+        }
+        let changed: Vec<PoolId> = pools.iter().map(|(id, _)| *id).collect();
+        self.lock().windows.assign_pools(pools);
+        self.mark_dirty(&changed);
     }
 
     /// Marks silent reporters stale (at most every 100 ms); pools whose in-flight sums changed
@@ -645,11 +668,15 @@ impl Telemetry {
 
     /// Notified whenever telemetry for the pool changed.
     pub fn dirty(&self, pool: PoolId) -> Option<Arc<Notify>> {
-        self.dirty.get(pool.0).cloned()
+        self.dirty
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(pool.0)
+            .cloned()
     }
 
     pub fn pool_count(&self) -> usize {
-        self.dirty.len()
+        self.lock().windows.pool_count()
     }
 
     /// A pool's figures at `now`, after sweeping for stale reporters.
@@ -682,7 +709,16 @@ impl Telemetry {
 
 impl IngestService {
     pub fn new(telemetry: Arc<Telemetry>) -> Self {
-        IngestService { telemetry }
+        IngestService {
+            telemetry,
+            forwarder: None,
+        }
+    }
+
+    /// Forward what this replica merges while it follows (see [`crate::forward`]).
+    pub fn with_forwarder(mut self, forwarder: Arc<Forwarder>) -> Self {
+        self.forwarder = Some(forwarder);
+        self
     }
 
     /// The tonic server, with the report size limit.
@@ -698,12 +734,24 @@ impl TelemetryService for IngestService {
         &self,
         request: tonic::Request<v1::ReportRequest>,
     ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
+        // A forwarded report has made its one hop; forwarding it again could bounce it between
+        // two replicas that each think the other leads.
+        let forwarded = request.metadata().contains_key(FORWARDED_BY);
         let report = request.into_inner();
         let sequence = report.sequence;
+        let forwarder = self.forwarder.as_ref().filter(|f| !forwarded && f.active());
+        let copy = forwarder.map(|_| report.clone());
         match self.telemetry.ingest(report, Instant::now()) {
-            Ok(_) => Ok(tonic::Response::new(v1::ReportResponse {
-                acknowledged_sequence: sequence,
-            })),
+            Ok(merged) => {
+                if let (Some(forwarder), Some(copy)) = (forwarder, copy)
+                    && matches!(merged.admission, Admission::Fresh { .. })
+                {
+                    forwarder.offer(copy);
+                }
+                Ok(tonic::Response::new(v1::ReportResponse {
+                    acknowledged_sequence: sequence,
+                }))
+            }
             Err(refusal) => {
                 tracing::debug!(reason = refusal.reason(), %refusal, "report refused");
                 Err(refusal.to_status())

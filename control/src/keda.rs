@@ -17,7 +17,7 @@ use std::sync::Arc;
 use futures::Stream;
 use tokio::sync::watch;
 
-use crate::config::{ControlConfig, PoolDef};
+use crate::config::{ControlConfig, LiveConfig, PoolDef};
 use crate::controller::{PoolStatus, Status};
 
 pub mod externalscaler {
@@ -37,7 +37,7 @@ pub const TARGET_SIZE: i64 = 1;
 /// The scaler service.
 #[derive(Debug, Clone)]
 pub struct KedaScaler {
-    config: Arc<ControlConfig>,
+    config: Arc<LiveConfig>,
     status: Arc<Status>,
     /// Turns true at shutdown: activation streams end then, rather than hold the server open.
     stop: watch::Receiver<bool>,
@@ -46,11 +46,7 @@ pub struct KedaScaler {
 // === impl KedaScaler ===
 
 impl KedaScaler {
-    pub fn new(
-        config: Arc<ControlConfig>,
-        status: Arc<Status>,
-        stop: watch::Receiver<bool>,
-    ) -> Self {
+    pub fn new(config: Arc<LiveConfig>, status: Arc<Status>, stop: watch::Receiver<bool>) -> Self {
         KedaScaler {
             config,
             status,
@@ -62,81 +58,83 @@ impl KedaScaler {
         ExternalScalerServer::new(self)
     }
 
-    /// The pool a ScaledObject names in its metadata.
-    fn resolve(&self, object: &ScaledObjectRef) -> Result<&PoolDef, tonic::Status> {
-        let metadata = &object.scaler_metadata;
-        if let Some(name) = metadata.get("pool") {
-            return self
-                .config
-                .pools()
-                .iter()
-                .find(|p| p.name == *name)
-                .ok_or_else(|| {
-                    tonic::Status::not_found(format!(
-                        "scalerMetadata.pool = {name:?}: no such pool (known: {})",
-                        self.pool_names()
-                    ))
-                });
-        }
-        let Some(name) = metadata.get("autoscaler") else {
-            return Err(tonic::Status::invalid_argument(
-                "scalerMetadata: give `pool` (a pool name) or `autoscaler` (plus `role` for a \
-                 prefill/decode autoscaler)",
-            ));
-        };
-        let candidates: Vec<_> = self
-            .config
-            .autoscalers()
-            .iter()
-            .filter(|a| a.name == *name)
-            .collect();
-        let namespace = metadata.get("namespace").unwrap_or(&object.namespace);
-        let autoscaler = match candidates.as_slice() {
-            [] => None,
-            [only] if !metadata.contains_key("namespace") => Some(*only),
-            several => several.iter().find(|a| a.namespace == *namespace).copied(),
-        }
-        .ok_or_else(|| {
-            tonic::Status::not_found(format!(
-                "scalerMetadata.autoscaler = {name:?}: no such autoscaler in namespace \
-                 {namespace:?}"
-            ))
-        })?;
-        let pools: Vec<&PoolDef> = autoscaler
-            .pools
-            .iter()
-            .filter_map(|id| self.config.pool(*id))
-            .collect();
-        match (metadata.get("role"), pools.as_slice()) {
-            (None, [only]) => Ok(*only),
-            (None, _) => Err(tonic::Status::invalid_argument(format!(
-                "scalerMetadata.role: required, autoscaler {name:?} has prefill and decode pools"
-            ))),
-            (Some(role), pools) => pools
-                .iter()
-                .find(|p| p.role.as_str() == role)
-                .copied()
-                .ok_or_else(|| {
-                    tonic::Status::not_found(format!(
-                        "scalerMetadata.role = {role:?}: autoscaler {name:?} has no such pool"
-                    ))
-                }),
-        }
-    }
-
-    fn pool_names(&self) -> String {
-        let names: Vec<&str> = self
-            .config
-            .pools()
-            .iter()
-            .map(|p| p.name.as_str())
-            .collect();
-        names.join(", ")
+    /// The pool a ScaledObject names in its metadata, in the configuration in force.
+    fn resolve(&self, object: &ScaledObjectRef) -> Result<PoolDef, tonic::Status> {
+        let config = self.config.current();
+        resolve(&config, object).cloned()
     }
 
     fn status_of(&self, pool: &PoolDef) -> PoolStatus {
         self.status.get(pool.id).unwrap_or_default()
     }
+}
+
+/// The pool `object` names in its metadata.
+fn resolve<'a>(
+    config: &'a ControlConfig,
+    object: &ScaledObjectRef,
+) -> Result<&'a PoolDef, tonic::Status> {
+    let metadata = &object.scaler_metadata;
+    if let Some(name) = metadata.get("pool") {
+        return config
+            .pools()
+            .iter()
+            .find(|p| p.name == *name)
+            .ok_or_else(|| {
+                tonic::Status::not_found(format!(
+                    "scalerMetadata.pool = {name:?}: no such pool (known: {})",
+                    pool_names(config)
+                ))
+            });
+    }
+    let Some(name) = metadata.get("autoscaler") else {
+        return Err(tonic::Status::invalid_argument(
+            "scalerMetadata: give `pool` (a pool name) or `autoscaler` (plus `role` for a \
+             prefill/decode autoscaler)",
+        ));
+    };
+    let candidates: Vec<_> = config
+        .autoscalers()
+        .iter()
+        .filter(|a| a.name == *name)
+        .collect();
+    let namespace = metadata.get("namespace").unwrap_or(&object.namespace);
+    let autoscaler = match candidates.as_slice() {
+        [] => None,
+        [only] if !metadata.contains_key("namespace") => Some(*only),
+        several => several.iter().find(|a| a.namespace == *namespace).copied(),
+    }
+    .ok_or_else(|| {
+        tonic::Status::not_found(format!(
+            "scalerMetadata.autoscaler = {name:?}: no such autoscaler in namespace \
+             {namespace:?}"
+        ))
+    })?;
+    let pools: Vec<&PoolDef> = autoscaler
+        .pools
+        .iter()
+        .filter_map(|id| config.pool(*id))
+        .collect();
+    match (metadata.get("role"), pools.as_slice()) {
+        (None, [only]) => Ok(*only),
+        (None, _) => Err(tonic::Status::invalid_argument(format!(
+            "scalerMetadata.role: required, autoscaler {name:?} has prefill and decode pools"
+        ))),
+        (Some(role), pools) => pools
+            .iter()
+            .find(|p| p.role.as_str() == role)
+            .copied()
+            .ok_or_else(|| {
+                tonic::Status::not_found(format!(
+                    "scalerMetadata.role = {role:?}: autoscaler {name:?} has no such pool"
+                ))
+            }),
+    }
+}
+
+fn pool_names(config: &ControlConfig) -> String {
+    let names: Vec<&str> = config.pools().iter().map(|p| p.name.as_str()).collect();
+    names.join(", ")
 }
 
 /// The metric a pool is scaled on: `flyball-<pool>`.
@@ -153,7 +151,7 @@ impl ExternalScaler for KedaScaler {
         request: tonic::Request<ScaledObjectRef>,
     ) -> Result<tonic::Response<IsActiveResponse>, tonic::Status> {
         let pool = self.resolve(request.get_ref())?;
-        let result = self.status_of(pool).active;
+        let result = self.status_of(&pool).active;
         Ok(tonic::Response::new(IsActiveResponse { result }))
     }
 
@@ -199,7 +197,7 @@ impl ExternalScaler for KedaScaler {
         let pool = self.resolve(request.get_ref())?;
         Ok(tonic::Response::new(GetMetricSpecResponse {
             metric_specs: vec![MetricSpec {
-                metric_name: metric_name(pool),
+                metric_name: metric_name(&pool),
                 target_size: TARGET_SIZE,
                 target_size_float: TARGET_SIZE as f64,
             }],
@@ -215,7 +213,7 @@ impl ExternalScaler for KedaScaler {
         let request = request.into_inner();
         let object = request.scaled_object_ref.unwrap_or_default();
         let pool = self.resolve(&object)?;
-        let status = self.status_of(pool);
+        let status = self.status_of(&pool);
         let Some(desired) = status.desired.or(status.replicas.map(|r| r.desired)) else {
             return Err(tonic::Status::unavailable(format!(
                 "pool {:?}: no replica count known yet",
@@ -224,7 +222,7 @@ impl ExternalScaler for KedaScaler {
         };
         let value = i64::from(desired) * TARGET_SIZE;
         let metric_name = if request.metric_name.is_empty() {
-            metric_name(pool)
+            metric_name(&pool)
         } else {
             request.metric_name
         };

@@ -2,42 +2,54 @@
 //!
 //! gateways --gRPC Report--> [`ingest`] -> [`window`]s per key and pool -> [`controller`]
 //! (`flyball_policy::decide`, at most every 100 ms per autoscaler) -> [`controller::Actuator`]
-//! (Kubernetes `/scale` in flyball-k8s, or [`controller::DryRunActuator`]).
+//! (Kubernetes `/scale` through [`actuator::KubeActuator`], or [`controller::DryRunActuator`]).
 //!
 //! The same gRPC port serves KEDA's external scaler ([`keda`]) for clusters that scale through
 //! KEDA; the HTTP port serves `/metrics`, `/healthz`, `/readyz`, `/v1/pools` and `/v1/decisions`
-//! ([`http`]). Autoscalers come from a YAML file ([`config`]) with the CRD's rules.
+//! ([`http`]). Autoscalers come from a YAML file ([`config`]) or from `FlyballAutoscaler`
+//! resources ([`source`]), with the same rules. On Kubernetes every replica ingests and decides;
+//! only the holder of the leader Lease ([`leader`]) sets replicas, and followers forward what they
+//! receive to it ([`forward`]).
 //!
 //! It never trusts a gateway's clock, never lets a gateway grow its memory beyond the gateway's
 //! identity and latest gauges, never panics on a report (bad ones are refused with the reason),
-//! and never scales down on stale or missing telemetry (the policy holds).
+//! never scales down on stale or missing telemetry (the policy holds), and never sets replicas
+//! unless it leads.
 #![forbid(unsafe_code)]
 
+pub mod actuator;
 pub mod config;
 pub mod controller;
+pub mod forward;
 pub mod http;
 pub mod ingest;
 pub mod keda;
+pub mod leader;
 pub mod metrics;
+pub mod source;
 pub mod window;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::{ConfigError, ControlConfig};
+use crate::actuator::KubeActuator;
+use crate::config::{ConfigError, ControlConfig, LiveConfig};
 use crate::controller::{Actuator, Clock, DryRunActuator, LoopConfig, Status};
+use crate::forward::{ForwardCounters, Forwarder};
 use crate::http::AppState;
 use crate::ingest::{IngestConfig, IngestService, Telemetry};
 use crate::keda::KedaScaler;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
+use crate::source::KubernetesSource;
 use crate::window::{WindowConfig, WindowConfigError};
 
 /// `flyball control`'s flags.
@@ -49,12 +61,46 @@ pub struct ControlArgs {
     /// /metrics, /healthz, /readyz, /v1/pools, /v1/decisions.
     #[arg(long, env = "FLYBALL_HTTP_LISTEN", default_value = "0.0.0.0:9091")]
     pub http_listen: SocketAddr,
-    /// YAML file of autoscalers (see the README). Without it, ingest runs with no pools.
+    /// Where autoscalers come from: `file` (--config) or `kubernetes` (FlyballAutoscaler
+    /// resources).
+    #[arg(long, env = "FLYBALL_SOURCE", value_enum, default_value_t = Source::File)]
+    pub source: Source,
+    /// YAML file of autoscalers (see the README), with `--source file`. Without it, ingest runs
+    /// with no pools.
     #[arg(long, env = "FLYBALL_CONFIG")]
     pub config: Option<PathBuf>,
+    /// With `--source kubernetes`: the namespace whose FlyballAutoscalers to serve (default:
+    /// every namespace).
+    #[arg(long, env = "FLYBALL_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// With `--source kubernetes`: only FlyballAutoscalers matching this label selector.
+    #[arg(long, env = "FLYBALL_LABEL_SELECTOR")]
+    pub label_selector: Option<String>,
+    /// With `--source kubernetes`: how often the FlyballAutoscalers are listed again.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub resync: Duration,
     /// Decide and report, never change replicas.
     #[arg(long, env = "FLYBALL_DRY_RUN")]
     pub dry_run: bool,
+    /// This replica's name in the leader Lease and in Events (default: the host name and
+    /// process id).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Where other replicas reach this one's gRPC server, published in the Lease for followers
+    /// to forward reports to (default: `$POD_IP` and the gRPC port, or the gRPC listen address
+    /// when it names one).
+    #[arg(long, env = "FLYBALL_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// The leader Lease: only its holder sets replicas.
+    #[arg(long, env = "FLYBALL_LEASE_NAME", default_value = "flyball-control")]
+    pub lease_name: String,
+    /// The leader Lease's namespace (default: `$POD_NAMESPACE`, else the client's namespace).
+    #[arg(long, env = "FLYBALL_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// How long a leader's claim lasts without renewal: a crashed leader is replaced within
+    /// this. Whole seconds, at least 2; renewed a third of it before expiry.
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    pub lease_duration: Duration,
     /// A gateway silent this long (or 3 of its report intervals, if longer) is stale: its
     /// in-flight requests stop counting.
     #[arg(long, value_parser = parse_duration, default_value = "3s")]
@@ -91,6 +137,15 @@ pub struct ControlArgs {
     pub decision_log: usize,
 }
 
+/// Where autoscalers come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// The `--config` YAML file, read once.
+    File,
+    /// `FlyballAutoscaler` resources, listed every `--resync`.
+    Kubernetes,
+}
+
 /// Why the service could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -117,6 +172,12 @@ pub enum ControlError {
     Http(#[source] std::io::Error),
     #[error("a server task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
+    #[error("no Kubernetes client (is KUBECONFIG set, or is this a pod?): {0}")]
+    Kubernetes(#[source] kube::Error),
+    #[error("leader election: {0}")]
+    Lease(#[source] flyball_k8s::Error),
+    #[error("listing FlyballAutoscalers: {0}")]
+    Source(#[source] kube::Error),
 }
 
 /// A bound, configured control service, ready to serve.
@@ -124,14 +185,18 @@ pub enum ControlError {
 pub struct Control<A = DryRunActuator> {
     grpc: TcpListener,
     http: TcpListener,
-    config: Arc<ControlConfig>,
+    config: Arc<LiveConfig>,
     telemetry: Arc<Telemetry>,
     status: Arc<Status>,
-    app: Arc<AppState>,
     actuator: Arc<A>,
     clock: Clock,
     loop_config: LoopConfig,
     sweep_every: Duration,
+    leadership: Leadership,
+    source: Option<KubernetesSource>,
+    forward: ForwardCounters,
+    /// The autoscalers are known (false until a Kubernetes source has listed them).
+    configured: bool,
 }
 
 /// HTTP/2 flow-control windows of the gRPC server (hyper's defaults are 1 MiB).
@@ -158,13 +223,124 @@ impl ControlError {
     }
 }
 
-/// Serves until `shutdown` resolves, recording recommendations only (no actuator is built into
-/// this crate: flyball-k8s provides the Kubernetes one; see [`Control::with_actuator`]).
+/// Serves until `shutdown` resolves. Replicas are set through Kubernetes `/scale` (by the
+/// leader, see [`Control::bind_kubernetes`]) unless `--dry-run` is given or, reading a file, no
+/// Kubernetes client can be built; then they are only recommended ([`DryRunActuator`]).
 pub async fn run(
     args: ControlArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControlError> {
-    Control::bind(&args).await?.serve(shutdown).await
+    const DRY: &str = "actuator: dry run (replicas are decided and reported, never set)";
+    check_kubernetes_flags(&args)?;
+    if args.source == Source::File && args.config.is_none() {
+        // Nothing to scale: no lease, no client.
+        tracing::info!("{DRY}: no --config, so no autoscalers");
+        return Control::bind(&args).await?.serve(shutdown).await;
+    }
+    if args.dry_run {
+        tracing::info!("{DRY}: --dry-run");
+        let control = match args.source {
+            Source::File => Control::bind(&args).await?,
+            Source::Kubernetes => {
+                let client = kube::Client::try_default()
+                    .await
+                    .map_err(ControlError::Kubernetes)?;
+                Control::bind_with_config(&args, ControlConfig::default())
+                    .await?
+                    .with_kubernetes_source(kubernetes_source(&args, client)?)
+                    .await?
+            }
+        };
+        return control.serve(shutdown).await;
+    }
+    match kube::Client::try_default().await {
+        Ok(client) => {
+            tracing::info!(
+                "actuator: Kubernetes /scale (set by the holder of the leader Lease only)"
+            );
+            Control::bind_kubernetes(&args, client)
+                .await?
+                .serve(shutdown)
+                .await
+        }
+        Err(error) if args.source == Source::File => {
+            tracing::warn!(%error, "{DRY}: no Kubernetes client");
+            Control::bind(&args).await?.serve(shutdown).await
+        }
+        Err(error) => Err(ControlError::Kubernetes(error)),
+    }
+}
+
+/// The flags only Kubernetes reads, checked before any client is built.
+fn check_kubernetes_flags(args: &ControlArgs) -> Result<(), ControlError> {
+    if args.source == Source::Kubernetes
+        && let Some(path) = &args.config
+    {
+        return Err(ControlError::Flag {
+            flag: "config",
+            value: path.display().to_string(),
+            rule: "not with --source kubernetes (autoscalers come from FlyballAutoscalers)",
+        });
+    }
+    if args.lease_duration < Duration::from_secs(2) || args.lease_duration.subsec_nanos() != 0 {
+        return Err(ControlError::Flag {
+            flag: "lease-duration",
+            value: format!("{:?}", args.lease_duration),
+            rule: "must be whole seconds, at least 2s",
+        });
+    }
+    if args.resync.is_zero() {
+        return Err(ControlError::Flag {
+            flag: "resync",
+            value: "0".into(),
+            rule: "must be above 0",
+        });
+    }
+    Ok(())
+}
+
+fn kubernetes_source(
+    args: &ControlArgs,
+    client: kube::Client,
+) -> Result<KubernetesSource, ControlError> {
+    check_kubernetes_flags(args)?;
+    Ok(KubernetesSource::new(
+        client,
+        args.namespace.clone(),
+        args.label_selector.clone(),
+        args.resync,
+    ))
+}
+
+/// This replica's name: `--identity` (`$POD_NAME`), else the host name with the process id
+/// (two processes on one host must not share a Lease identity).
+fn instance_name(args: &ControlArgs) -> String {
+    if let Some(name) = args.identity.as_ref().filter(|n| !n.is_empty()) {
+        return name.clone();
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "flyball-control".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Where followers reach this replica: `--advertise-addr`, else `$POD_IP` with the gRPC port,
+/// else the gRPC listen address when it names a host.
+fn advertise_addr(args: &ControlArgs, grpc: Option<SocketAddr>) -> Option<String> {
+    if let Some(addr) = args.advertise_addr.as_ref().filter(|a| !a.is_empty()) {
+        return Some(addr.clone());
+    }
+    let grpc = grpc?;
+    if let Some(ip) = std::env::var("POD_IP")
+        .ok()
+        .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+    {
+        return Some(SocketAddr::new(ip, grpc.port()).to_string());
+    }
+    (!grpc.ip().is_unspecified()).then(|| grpc.to_string())
 }
 
 // === impl Control ===
@@ -238,25 +414,16 @@ impl Control<DryRunActuator> {
             })?;
 
         let epoch = Instant::now();
-        let config = Arc::new(config);
         let telemetry = Arc::new(Telemetry::new(ingest, windows, config.selectors(), epoch));
         let status = Arc::new(Status::new(config.pools().len()));
-        let metrics = Metrics::new(config.clone(), telemetry.clone(), status.clone());
-        let app = Arc::new(AppState {
-            config: config.clone(),
-            telemetry: telemetry.clone(),
-            status: status.clone(),
-            metrics,
-            serving: Default::default(),
-        });
         let actuator = Arc::new(DryRunActuator::for_config(&config));
+        let config = Arc::new(LiveConfig::new(config));
         Ok(Control {
             grpc,
             http,
             config,
             telemetry,
             status,
-            app,
             actuator,
             clock: Clock::new(epoch),
             loop_config: LoopConfig {
@@ -270,9 +437,70 @@ impl Control<DryRunActuator> {
             },
             sweep_every: (args.stale_after / 4)
                 .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+            leadership: Leadership::standalone(),
+            source: None,
+            forward: ForwardCounters::default(),
+            configured: true,
         })
     }
+}
 
+impl Control<KubeActuator> {
+    /// `flyball control` on Kubernetes: autoscalers from `--config` or from FlyballAutoscalers
+    /// (`--source kubernetes`), replicas set through `/scale` by the holder of the leader Lease
+    /// (`--lease-name` in `--lease-namespace`) and by no one else, and followers forwarding
+    /// the reports they receive to it. Nothing is served yet.
+    pub async fn bind_kubernetes(
+        args: &ControlArgs,
+        client: kube::Client,
+    ) -> Result<Self, ControlError> {
+        check_kubernetes_flags(args)?;
+        let source = match args.source {
+            Source::Kubernetes => Some(kubernetes_source(args, client.clone())?),
+            Source::File => None,
+        };
+        let base = match source {
+            Some(_) => Control::bind_with_config(args, ControlConfig::default()).await?,
+            None => Control::bind(args).await?,
+        };
+        let secs = args.lease_duration.as_secs();
+        let name = instance_name(args);
+        let identity = forward::identity(&name, advertise_addr(args, base.grpc_addr()).as_deref());
+        if !identity.contains('@') {
+            tracing::warn!(
+                %identity,
+                "no address to advertise (--advertise-addr or $POD_IP): while this replica \
+                 leads, followers cannot forward reports to it"
+            );
+        }
+        let namespace = args
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        let lease = flyball_k8s::LeaseConfig {
+            lease_duration: Duration::from_secs(secs),
+            renew_margin: Duration::from_secs((secs / 3).max(1)),
+            ..flyball_k8s::LeaseConfig::new(&namespace, &args.lease_name, &identity)
+        };
+        let poll_every =
+            (lease.lease_duration / 5).clamp(Duration::from_secs(1), Duration::from_secs(5));
+        let leadership = Leadership::elect(client.clone(), &lease, poll_every)
+            .await
+            .map_err(ControlError::Lease)?;
+        let actuator = Arc::new(KubeActuator::new(client, &identity));
+        let control = base
+            .with_actuator(actuator, false)
+            .with_leadership(leadership);
+        match source {
+            Some(source) => control.with_kubernetes_source(source).await,
+            None => Ok(control),
+        }
+    }
+}
+
+impl<A: Actuator> Control<A> {
     /// Uses `actuator` instead of the dry-run one. With `dry_run`, it is only read, never set.
     pub fn with_actuator<B: Actuator>(self, actuator: Arc<B>, dry_run: bool) -> Control<B> {
         Control {
@@ -281,7 +509,6 @@ impl Control<DryRunActuator> {
             config: self.config,
             telemetry: self.telemetry,
             status: self.status,
-            app: self.app,
             actuator,
             clock: self.clock,
             loop_config: LoopConfig {
@@ -289,11 +516,63 @@ impl Control<DryRunActuator> {
                 ..self.loop_config
             },
             sweep_every: self.sweep_every,
+            leadership: self.leadership,
+            source: self.source,
+            forward: self.forward,
+            configured: self.configured,
         }
     }
-}
 
-impl<A: Actuator> Control<A> {
+    /// Sets replicas only while `leadership` says so; with it, a follower forwards the reports
+    /// it receives to the leader ([`forward`]). Released when serving ends.
+    pub fn with_leadership(mut self, leadership: Leadership) -> Self {
+        self.leadership = leadership;
+        self
+    }
+
+    /// Takes the autoscalers from FlyballAutoscalers instead, listing them once now (a failed
+    /// list is retried while serving; `/readyz` waits for one to succeed).
+    pub async fn with_kubernetes_source(
+        mut self,
+        source: KubernetesSource,
+    ) -> Result<Self, ControlError> {
+        self.configured = false;
+        match source.list().await {
+            Ok(listed) => {
+                let app = self.app_state();
+                source.apply(&app, &listed, &mut Default::default());
+                self.configured = true;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot list FlyballAutoscalers yet; retrying while serving");
+            }
+        }
+        self.source = Some(source);
+        Ok(self)
+    }
+
+    /// What the HTTP handlers and the source read.
+    fn app_state(&self) -> Arc<AppState> {
+        let metrics = Metrics::new(
+            self.config.clone(),
+            self.telemetry.clone(),
+            self.status.clone(),
+            &self.forward,
+        );
+        Arc::new(AppState {
+            config: self.config.clone(),
+            telemetry: self.telemetry.clone(),
+            status: self.status.clone(),
+            metrics,
+            serving: AtomicBool::new(false),
+            configured: AtomicBool::new(self.configured),
+            leading: self
+                .leadership
+                .forward
+                .then(|| self.leadership.leading.clone()),
+        })
+    }
+
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
         self.grpc.local_addr().ok()
     }
@@ -314,15 +593,22 @@ impl<A: Actuator> Control<A> {
         &self.actuator
     }
 
-    pub fn config(&self) -> &Arc<ControlConfig> {
-        &self.config
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<ControlConfig> {
+        self.config.current()
     }
 
-    /// Serves gRPC, HTTP and the control loop until `shutdown` resolves or a server fails.
+    pub fn leading(&self) -> &watch::Receiver<bool> {
+        &self.leadership.leading
+    }
+
+    /// Serves gRPC, HTTP and the control loop until `shutdown` resolves or a server fails;
+    /// then steps down from leadership, if held, so another replica takes over at once.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ControlError> {
+        let app = self.app_state();
         let (stop_tx, stop_rx) = watch::channel(false);
         let keda = KedaScaler::new(self.config.clone(), self.status.clone(), stop_rx.clone());
         let stopped = move || {
@@ -333,6 +619,27 @@ impl<A: Actuator> Control<A> {
         };
         let mut tasks = tokio::task::JoinSet::new();
 
+        let mut ingest = IngestService::new(self.telemetry.clone());
+        if self.leadership.forward {
+            let (forwarder, lanes) = Forwarder::new(
+                &self.leadership.identity,
+                self.leadership.leading.clone(),
+                self.leadership.leader.clone(),
+                self.leadership.refresh.clone(),
+                self.forward.clone(),
+            );
+            ingest = ingest.with_forwarder(Arc::new(forwarder));
+            for lane in lanes {
+                let stop = stopped();
+                tasks.spawn(async move {
+                    tokio::select! {
+                        () = lane.run() => {}
+                        () = stop => {}
+                    }
+                    Ok(())
+                });
+            }
+        }
         let telemetry = self.telemetry.clone();
         let oversize = tower::util::MapResponseLayer::new(
             move |response: axum::http::Response<tonic::body::Body>| {
@@ -341,29 +648,39 @@ impl<A: Actuator> Control<A> {
         );
         let grpc = grpc_server()
             .layer(oversize)
-            .add_service(IngestService::new(self.telemetry.clone()).into_server())
+            .add_service(ingest.into_server())
             .add_service(keda.into_server())
             .serve_with_incoming_shutdown(grpc_incoming(self.grpc), stopped());
         tasks.spawn(async move { grpc.await.map_err(ControlError::Grpc) });
-        self.app.serving.store(true, Ordering::Release);
+        app.serving.store(true, Ordering::Release);
 
-        let router = http::router(self.app.clone());
+        let router = http::router(app.clone());
         let http = axum::serve(self.http, router).with_graceful_shutdown(stopped());
         tasks.spawn(async move { http.await.map_err(ControlError::Http) });
 
         let control_loop = controller::run(
-            self.config.clone(),
+            self.config.subscribe(),
             self.telemetry.clone(),
             self.status.clone(),
             self.actuator.clone(),
             self.clock,
             self.loop_config,
+            self.leadership.leading.clone(),
             stopped(),
         );
         tasks.spawn(async move {
             control_loop.await;
             Ok(())
         });
+
+        if let Some(source) = self.source.clone() {
+            let leading = self.leadership.leading.clone();
+            let run = source.run(app.clone(), leading, stopped());
+            tasks.spawn(async move {
+                run.await;
+                Ok(())
+            });
+        }
 
         let telemetry = self.telemetry.clone();
         let sweep_every = self.sweep_every;
@@ -384,9 +701,15 @@ impl<A: Actuator> Control<A> {
             Ok(())
         });
 
+        let config = self.config.current();
         tracing::info!(
-            pools = self.config.pools().len(),
-            autoscalers = self.config.autoscalers().len(),
+            pools = config.pools().len(),
+            autoscalers = config.autoscalers().len(),
+            source = if self.source.is_some() {
+                "kubernetes"
+            } else {
+                "file"
+            },
             "control service serving"
         );
         let mut result = tokio::select! {
@@ -405,6 +728,8 @@ impl<A: Actuator> Control<A> {
             tracing::debug!("servers still busy after {DRAIN:?}; cutting them off");
             tasks.shutdown().await;
         }
+        // Nothing acts any more: give the Lease away.
+        self.leadership.step_down().await;
         result
     }
 }

@@ -13,8 +13,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
-use crate::config::ControlConfig;
+use crate::config::LiveConfig;
 use crate::controller::Status;
+use crate::forward::ForwardCounters;
 use crate::ingest::Telemetry;
 
 /// The registry behind `/metrics`.
@@ -25,7 +26,7 @@ pub struct Metrics {
 
 #[derive(Debug)]
 struct PoolCollector {
-    config: Arc<ControlConfig>,
+    config: Arc<LiveConfig>,
     telemetry: Arc<Telemetry>,
     status: Arc<Status>,
 }
@@ -35,7 +36,12 @@ const QUANTILES: [(f64, &str); 3] = [(0.5, "0.5"), (0.95, "0.95"), (0.99, "0.99"
 // === impl Metrics ===
 
 impl Metrics {
-    pub fn new(config: Arc<ControlConfig>, telemetry: Arc<Telemetry>, status: Arc<Status>) -> Self {
+    pub fn new(
+        config: Arc<LiveConfig>,
+        telemetry: Arc<Telemetry>,
+        status: Arc<Status>,
+        forward: &ForwardCounters,
+    ) -> Self {
         let mut registry = Registry::default();
         let c = telemetry.counters();
         let counters = [
@@ -98,6 +104,16 @@ impl Metrics {
             "Failed reads or writes of replica counts, by pool and kind",
             status.actuator_errors.clone(),
         );
+        registry.register(
+            "flyball_forward_reports",
+            "Reports this replica forwarded to the leader while following",
+            forward.forwarded.clone(),
+        );
+        registry.register(
+            "flyball_forward_dropped",
+            "Reports a follower could not forward to the leader, by reason",
+            forward.dropped.clone(),
+        );
         registry.register_collector(Box::new(PoolCollector {
             config,
             telemetry,
@@ -133,8 +149,9 @@ impl Collector for PoolCollector {
             }
         }
 
+        let config = self.config.current();
         let mut rows = Vec::new();
-        for pool in self.config.pools() {
+        for pool in config.pools() {
             let view = self.telemetry.pool(pool.id, now).unwrap_or_default();
             let status = self.status.get(pool.id).unwrap_or_default();
             rows.push((pool, view, status));

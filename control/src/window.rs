@@ -123,7 +123,9 @@ pub struct Windows {
     /// backend -> model -> key, nested so lookups borrow the report's strings.
     index: HashMap<Box<str>, HashMap<Box<str>, KeyId>>,
     keys: Vec<KeyState>,
-    pools: Vec<PoolState>,
+    /// Indexed by [`PoolId`]; `None` for ids no pool holds (any more). Ids are never reused, so
+    /// a reader holding an older configuration never sees another pool's figures.
+    pools: Vec<Option<PoolState>>,
 }
 
 #[derive(Debug)]
@@ -263,6 +265,13 @@ impl InFlight {
 // === impl Totals ===
 
 impl Totals {
+    fn merge(&mut self, other: &Totals) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+    }
+
     fn add(&mut self, delta: &Delta) {
         self.requests = self.requests.saturating_add(delta.requests.total());
         self.errors = self.errors.saturating_add(delta.requests.errors());
@@ -331,6 +340,25 @@ impl Window {
         summary.covered = covered.max(self.width);
         summary
     }
+
+    /// Adds `other`'s buckets to this window's. Both must share the epoch and configuration
+    /// (all windows of one [`Windows`] do), so a bucket sits at the same slot in both.
+    fn merge(&mut self, other: &Window) {
+        for (mine, theirs) in self.slots.iter_mut().zip(&other.slots) {
+            let Some(index) = theirs.index else {
+                continue;
+            };
+            if mine.index != Some(index) {
+                if mine.index.is_some_and(|old| old > index) {
+                    continue;
+                }
+                mine.reset(index);
+            }
+            mine.requests.add(&theirs.requests);
+            mine.tokens.add(&theirs.tokens);
+            mine.latency.merge(&theirs.latency);
+        }
+    }
 }
 
 impl Slot {
@@ -394,33 +422,49 @@ impl Windows {
         &self.config
     }
 
-    /// Replaces the pools; pool `i` of the result is `selectors[i]`. Pools whose selector is
-    /// unchanged at the same position keep their windows and totals.
+    /// Replaces the pools; pool `i` of the result is `selectors[i]`. See [`Windows::assign_pools`].
     pub fn set_pools(&mut self, selectors: Vec<Selector>) {
-        let mut old: Vec<Option<PoolState>> = std::mem::take(&mut self.pools)
-            .into_iter()
-            .map(Some)
-            .collect();
-        for (i, selector) in selectors.into_iter().enumerate() {
+        self.assign_pools(
+            selectors
+                .into_iter()
+                .enumerate()
+                .map(|(i, selector)| (PoolId(i), selector))
+                .collect(),
+        );
+    }
+
+    /// Replaces the pools with `pools`; ids not listed are dropped. A pool whose id keeps its
+    /// selector keeps its windows and totals; any other is rebuilt from the windows of the keys
+    /// it selects, which hold every delta it would have seen (a pool is the sum of its keys), so
+    /// an autoscaler added while traffic flows starts with full windows rather than empty ones
+    /// that would read as a drop in load.
+    pub fn assign_pools(&mut self, pools: Vec<(PoolId, Selector)>) {
+        let mut old = std::mem::take(&mut self.pools);
+        let len = pools.iter().map(|(id, _)| id.0 + 1).max().unwrap_or(0);
+        self.pools = (0..len).map(|_| None).collect();
+        for (id, selector) in pools {
             let kept = old
-                .get_mut(i)
+                .get_mut(id.0)
                 .and_then(|slot| slot.take_if(|p| p.selector == selector));
-            let mut pool = kept.unwrap_or_else(|| PoolState {
-                selector,
-                window: Window::new(&self.config, self.epoch),
-                totals: Totals::default(),
-                keys: Vec::new(),
-                last_update: None,
-            });
-            pool.keys.clear();
-            self.pools.push(pool);
+            let pool = match kept {
+                Some(pool) => pool,
+                None => self.rebuild(selector),
+            };
+            if let Some(slot) = self.pools.get_mut(id.0) {
+                *slot = Some(pool);
+            }
         }
         for key in &mut self.keys {
             key.pools.clear();
         }
+        for pool in self.pools.iter_mut().flatten() {
+            pool.keys.clear();
+        }
         for (k, key) in self.keys.iter_mut().enumerate() {
             for (p, pool) in self.pools.iter_mut().enumerate() {
-                if pool.selector.matches(&key.backend, &key.model) {
+                if let Some(pool) = pool
+                    && pool.selector.matches(&key.backend, &key.model)
+                {
                     key.pools.push(PoolId(p));
                     pool.keys.push(KeyId(k as u32));
                 }
@@ -428,8 +472,27 @@ impl Windows {
         }
     }
 
+    /// A pool for `selector` with the history of the keys it selects.
+    fn rebuild(&self, selector: Selector) -> PoolState {
+        let mut pool = PoolState {
+            selector,
+            window: Window::new(&self.config, self.epoch),
+            totals: Totals::default(),
+            keys: Vec::new(),
+            last_update: None,
+        };
+        for key in &self.keys {
+            if pool.selector.matches(&key.backend, &key.model) {
+                pool.window.merge(&key.window);
+                pool.totals.merge(&key.totals);
+                pool.last_update = pool.last_update.max(key.last_update);
+            }
+        }
+        pool
+    }
+
     pub fn pool_count(&self) -> usize {
-        self.pools.len()
+        self.pools.iter().flatten().count()
     }
 
     pub fn key_count(&self) -> usize {
@@ -447,7 +510,9 @@ impl Windows {
         let id = KeyId(u32::try_from(self.keys.len()).ok()?);
         let mut pools = Vec::new();
         for (p, pool) in self.pools.iter_mut().enumerate() {
-            if pool.selector.matches(backend, model) {
+            if let Some(pool) = pool
+                && pool.selector.matches(backend, model)
+            {
                 pools.push(PoolId(p));
                 pool.keys.push(id);
             }
@@ -484,7 +549,7 @@ impl Windows {
         state.totals.add(delta);
         state.last_update = Some(now);
         for pool in &state.pools {
-            if let Some(pool) = self.pools.get_mut(pool.0) {
+            if let Some(Some(pool)) = self.pools.get_mut(pool.0) {
                 pool.window.record(now, delta);
                 pool.totals.add(delta);
                 pool.last_update = Some(now);
@@ -501,7 +566,7 @@ impl Windows {
     }
 
     pub fn pool(&self, pool: PoolId, now: Instant) -> Option<View> {
-        let state = self.pools.get(pool.0)?;
+        let state = self.pools.get(pool.0)?.as_ref()?;
         let mut in_flight = InFlight::default();
         for key in &state.keys {
             if let Some(key) = self.keys.get(key.0 as usize) {

@@ -5,6 +5,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 use crate::error::{self, Error};
+use crate::scale::HpaConflict;
 use crate::target::ScaleTargetRef;
 
 /// `reportingController` of every event flyball writes.
@@ -14,6 +15,8 @@ pub const REPORTING_CONTROLLER: &str = "flyball.dev/control";
 pub const REASON_SCALED_UP: &str = "ScaledUp";
 pub const REASON_SCALED_DOWN: &str = "ScaledDown";
 pub const REASON_SCALE_REFUSED: &str = "ScaleRefused";
+/// A HorizontalPodAutoscaler scales the same target.
+pub const REASON_HPA_CONFLICT: &str = "HPAConflict";
 /// The one action flyball takes.
 pub const ACTION_SCALE: &str = "Scale";
 
@@ -110,6 +113,27 @@ impl ScaleEvents {
             reason: REASON_SCALE_REFUSED.to_string(),
             note: Some(truncate(format!(
                 "did not scale {target} to {wanted}: {why}"
+            ))),
+            action: ACTION_SCALE.to_string(),
+            secondary: Some(target.object_reference()),
+        };
+        self.publish(event, autoscaler).await
+    }
+
+    /// `hpa` scales `target` too: the two will undo each other's changes.
+    pub async fn hpa_conflict(
+        &self,
+        autoscaler: &ObjectReference,
+        target: &ScaleTargetRef,
+        hpa: &HpaConflict,
+    ) -> Result<(), Error> {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: REASON_HPA_CONFLICT.to_string(),
+            note: Some(truncate(format!(
+                "HorizontalPodAutoscaler {}/{} also scales {target}; it and flyball will undo \
+                 each other's changes to spec.replicas",
+                hpa.namespace, hpa.name
             ))),
             action: ACTION_SCALE.to_string(),
             secondary: Some(target.object_reference()),

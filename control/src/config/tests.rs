@@ -137,3 +137,111 @@ fn a_missing_file_names_the_path() {
     let error = ControlConfig::load(Path::new("/nonexistent/flyball.yaml")).unwrap_err();
     assert!(error.to_string().starts_with("/nonexistent/flyball.yaml: "));
 }
+
+fn resource(name: &str, target: &str, max: u32) -> AutoscalerResource {
+    let spec = serde_yaml_ng::from_str(&format!(
+        "{{ selector: {{ model: {name} }}, pools: {{ unified: {{ scaleTargetRef: {{ name: {target} }}, maxReplicas: {max} }} }}, slo: {{ ttft: 1s }} }}"
+    ))
+    .unwrap();
+    AutoscalerResource {
+        name: name.into(),
+        namespace: "serving".into(),
+        uid: Some(format!("uid-{name}")),
+        generation: Some(2),
+        spec,
+    }
+}
+
+#[test]
+fn each_resource_stands_alone_and_a_bad_one_is_left_out_with_its_field_errors() {
+    let (config, rejected) = ControlConfig::from_resources(&[
+        resource("a", "a", 2),
+        resource("b", "b", 0),
+        resource("c", "c", 3),
+    ]);
+    let names: Vec<_> = config
+        .autoscalers()
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    assert_eq!(names, ["a", "c"]);
+    assert_eq!(
+        config.autoscalers()[1].origin,
+        Origin::Resource {
+            uid: Some("uid-c".into()),
+            generation: Some(2)
+        }
+    );
+    assert_eq!(config.pools()[1].target.namespace, "serving");
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(
+        (rejected[0].namespace.as_str(), rejected[0].name.as_str()),
+        ("serving", "b")
+    );
+    let errors: Vec<String> = rejected[0].errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errors,
+        ["spec.pools.unified.maxReplicas = 0: must be >= minReplicas (1)"]
+    );
+}
+
+#[test]
+fn a_scale_target_claimed_twice_stays_with_the_earlier_resource() {
+    let (config, rejected) =
+        ControlConfig::from_resources(&[resource("old", "vllm", 2), resource("new", "vllm", 4)]);
+    assert_eq!(config.autoscalers().len(), 1);
+    assert_eq!(config.autoscalers()[0].name, "old");
+    assert_eq!(rejected[0].name, "new");
+    assert_eq!(
+        rejected[0].errors[0].path,
+        "spec.pools.unified.scaleTargetRef.name"
+    );
+    assert!(
+        rejected[0].errors[0]
+            .rule
+            .contains("already scaled by FlyballAutoscaler serving/old"),
+        "{:?}",
+        rejected[0].errors
+    );
+}
+
+#[test]
+fn renumbering_keeps_the_ids_of_pools_that_stay_and_never_reuses_the_others() {
+    let (first, _) = ControlConfig::from_resources(&[resource("a", "a", 2), resource("b", "b", 2)]);
+    let first = first.renumbered(&ControlConfig::default());
+    let ids = |c: &ControlConfig| -> Vec<(String, PoolId)> {
+        c.pools().iter().map(|p| (p.name.clone(), p.id)).collect()
+    };
+    assert_eq!(
+        ids(&first),
+        [("a".into(), PoolId(0)), ("b".into(), PoolId(1))]
+    );
+
+    // a goes, c comes, b stays where it was (and its spec changed: same pool all the same).
+    let (second, _) =
+        ControlConfig::from_resources(&[resource("b", "b", 5), resource("c", "c", 2)]);
+    let second = second.renumbered(&first);
+    assert_eq!(
+        ids(&second),
+        [("b".into(), PoolId(1)), ("c".into(), PoolId(2))]
+    );
+    assert_eq!(second.pool(PoolId(2)).unwrap().name, "c");
+    assert_eq!(second.pool(PoolId(0)), None);
+    assert_eq!(second.autoscalers()[1].pools, [PoolId(2)]);
+
+    // a comes back: a new id, not its old one.
+    let (third, _) = ControlConfig::from_resources(&[
+        resource("a", "a", 2),
+        resource("b", "b", 5),
+        resource("c", "c", 2),
+    ]);
+    let third = third.renumbered(&second);
+    assert_eq!(
+        ids(&third),
+        [
+            ("a".into(), PoolId(3)),
+            ("b".into(), PoolId(1)),
+            ("c".into(), PoolId(2))
+        ]
+    );
+}

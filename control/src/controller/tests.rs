@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use super::*;
+use crate::config::LiveConfig;
 use crate::ingest::IngestConfig;
 use crate::window::{Selector, WindowConfig};
 use flyball_proto::v1;
@@ -71,12 +72,18 @@ struct Harness {
     telemetry: Arc<Telemetry>,
     status: Arc<Status>,
     actuator: Arc<DryRunActuator>,
+    live: LiveConfig,
+    leading: watch::Sender<bool>,
     stop: tokio::sync::oneshot::Sender<()>,
 }
 
 fn start(config: ControlConfig) -> Harness {
+    start_with(config, true, &[])
+}
+
+/// `replicas`: targets (by name) that start at a count other than their minReplicas.
+fn start_with(config: ControlConfig, leading: bool, replicas: &[(&str, u32)]) -> Harness {
     let epoch = Instant::now();
-    let config = Arc::new(config);
     let telemetry = Arc::new(Telemetry::new(
         IngestConfig::default(),
         WindowConfig::default(),
@@ -85,9 +92,14 @@ fn start(config: ControlConfig) -> Harness {
     ));
     let status = Arc::new(Status::new(config.pools().len()));
     let actuator = Arc::new(DryRunActuator::for_config(&config));
+    for (name, n) in replicas {
+        actuator.preset(name, *n);
+    }
+    let live = LiveConfig::new(config);
+    let (leading_tx, leading) = watch::channel(leading);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(run(
-        config,
+        live.subscribe(),
         telemetry.clone(),
         status.clone(),
         actuator.clone(),
@@ -99,6 +111,7 @@ fn start(config: ControlConfig) -> Harness {
             dry_run: false,
             stale_after: Duration::from_secs(3),
         },
+        leading,
         async move {
             let _ = stopped.await;
         },
@@ -107,6 +120,8 @@ fn start(config: ControlConfig) -> Harness {
         telemetry,
         status,
         actuator,
+        live,
+        leading: leading_tx,
         stop,
     }
 }
@@ -261,4 +276,157 @@ fn selectors_follow_the_config() {
             model: None
         }]
     );
+}
+
+const QUICK_DOWN: &str = r#"
+autoscalers:
+  - name: llama
+    spec:
+      selector: { backend: vllm }
+      pools:
+        unified:
+          scaleTargetRef: { name: llama }
+          maxReplicas: 10
+          capacity: { prefillTokensPerSecond: 1000 }
+      slo: { ttft: 500ms }
+      behavior:
+        cooldown: 0s
+        scaleDown: { stabilizationWindow: 0s, maxStep: 10, period: 1s }
+"#;
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_decides_but_sets_nothing_until_it_leads() {
+    let h = start_with(ControlConfig::from_yaml(SPEC).unwrap(), false, &[]);
+    let mut status = h.status.subscribe(PoolId(0)).unwrap();
+    status.wait_for(|s| s.replicas.is_some()).await.unwrap();
+    for s in 1..=3 {
+        h.telemetry.ingest(load(s, 5_000), Instant::now()).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let decided = status
+        .wait_for(|s| s.desired >= Some(5))
+        .await
+        .unwrap()
+        .clone();
+    let last = decided.decisions.back().unwrap();
+    assert!(!last.applied, "{last:?}");
+    assert_eq!(h.actuator.recommendations(), vec![]);
+
+    h.leading.send_replace(true);
+    h.telemetry.ingest(load(4, 5_000), Instant::now()).unwrap();
+    let applied = status
+        .wait_for(|s| s.decisions.iter().any(|d| d.applied))
+        .await
+        .unwrap()
+        .clone();
+    let set = h.actuator.recommendations();
+    assert_eq!(set.len(), 1, "{set:?}");
+    assert!(set[0].1 >= 5, "{set:?} {applied:?}");
+    let _ = h.stop.send(());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_leader_waits_a_stable_window_before_scaling_down() {
+    let config = ControlConfig::from_yaml(QUICK_DOWN).unwrap();
+    let h = start_with(config, false, &[("llama", 5)]);
+    let mut status = h.status.subscribe(PoolId(0)).unwrap();
+    // Fresh, light load for longer than the stable window (60 s): a leader would scale down.
+    let mut sequence = 0;
+    let mut feed = async |seconds: u64| {
+        for _ in 0..seconds {
+            sequence += 1;
+            h.telemetry
+                .ingest(load(sequence, 10), Instant::now())
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    feed(62).await;
+    let follower = status.borrow_and_update().clone();
+    let last = follower.decisions.back().unwrap();
+    assert_eq!(
+        (last.from, last.to, last.applied),
+        (5, 1, false),
+        "{last:?}"
+    );
+
+    h.leading.send_replace(true);
+    feed(2).await;
+    let leader = status.borrow_and_update().clone();
+    let last = leader.decisions.back().unwrap();
+    assert_eq!((last.to, last.rule), (5, Rule::RestartHold), "{last:?}");
+    assert_eq!(h.actuator.recommendations(), vec![]);
+
+    // A full stable window after gaining leadership, the scale-down goes through.
+    feed(60).await;
+    let set = h.actuator.recommendations();
+    assert_eq!(set.len(), 1, "{set:?}");
+    assert_eq!(set[0].1, 1);
+    let _ = h.stop.send(());
+}
+
+const TWO: &str = r#"
+autoscalers:
+  - name: llama
+    spec:
+      selector: { backend: vllm }
+      pools:
+        unified:
+          scaleTargetRef: { name: llama }
+          maxReplicas: 10
+          capacity: { prefillTokensPerSecond: 1000 }
+      slo: { ttft: 500ms }
+  - name: qwen
+    spec:
+      selector: { model: qwen }
+      pools:
+        unified: { scaleTargetRef: { name: qwen }, maxReplicas: 4 }
+      slo: { ttft: 500ms }
+"#;
+
+#[tokio::test(start_paused = true)]
+async fn a_new_configuration_starts_new_autoscalers_and_keeps_unchanged_ones() {
+    let h = start(ControlConfig::from_yaml(SPEC).unwrap());
+    let mut llama = h.status.subscribe(PoolId(0)).unwrap();
+    h.telemetry.ingest(load(1, 5_000), Instant::now()).unwrap();
+    llama.wait_for(|s| s.desired >= Some(5)).await.unwrap();
+    let before = llama.borrow().decisions.len();
+
+    // qwen added: llama keeps its id, its status and its task; qwen gets a new id.
+    let next = ControlConfig::from_yaml(TWO).unwrap();
+    assert!(reconfigure(&h.live, &h.telemetry, &h.status, next.clone()));
+    assert!(!reconfigure(&h.live, &h.telemetry, &h.status, next));
+    let config = h.live.current();
+    let ids: Vec<_> = config
+        .pools()
+        .iter()
+        .map(|p| (p.name.as_str(), p.id))
+        .collect();
+    assert_eq!(ids, vec![("llama", PoolId(0)), ("qwen", PoolId(1))]);
+    let mut qwen = h.status.subscribe(PoolId(1)).unwrap();
+    qwen.wait_for(|s| s.replicas.is_some()).await.unwrap();
+    let kept = h.status.get(PoolId(0)).unwrap();
+    assert!(kept.decisions.len() >= before);
+    assert_eq!(kept.decisions.front(), llama.borrow().decisions.front());
+
+    // llama removed: its status goes, and whoever watched it hears so.
+    let only_qwen = r#"
+autoscalers:
+  - name: qwen
+    spec:
+      selector: { model: qwen }
+      pools:
+        unified: { scaleTargetRef: { name: qwen }, maxReplicas: 4 }
+      slo: { ttft: 500ms }
+"#;
+    assert!(reconfigure(
+        &h.live,
+        &h.telemetry,
+        &h.status,
+        ControlConfig::from_yaml(only_qwen).unwrap()
+    ));
+    assert!(h.status.get(PoolId(0)).is_none());
+    assert!(llama.changed().await.is_err());
+    assert_eq!(h.live.current().pools()[0].id, PoolId(1));
+    let _ = h.stop.send(());
 }

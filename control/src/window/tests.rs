@@ -201,34 +201,55 @@ fn keys_beyond_the_limit_are_not_registered() {
 }
 
 #[test]
-fn replacing_pools_keeps_the_windows_of_unchanged_selectors() {
+fn replacing_pools_keeps_unchanged_pools_and_builds_new_ones_from_their_keys() {
     let base = Instant::now();
     let mut windows = Windows::new(WindowConfig::default(), base, 100);
     windows.set_pools(vec![selector(Some("vllm"), None)]);
     let key = windows.key("vllm", "llama").unwrap();
+    let other = windows.key("sglang", "qwen").unwrap();
     windows.record(key, at(base, 100), &requests(3, 0));
+    windows.record(other, at(base, 100), &requests(5, 0));
 
     windows.set_pools(vec![
         selector(Some("vllm"), None),
         selector(None, Some("llama")),
     ]);
     assert_eq!(windows.pools_of(key), &[PoolId(0), PoolId(1)]);
-    assert_eq!(
-        windows
-            .pool(PoolId(0), at(base, 200))
-            .unwrap()
-            .totals
-            .requests,
-        3
-    );
-    assert_eq!(
-        windows
-            .pool(PoolId(1), at(base, 200))
-            .unwrap()
-            .totals
-            .requests,
-        0
-    );
+    assert_eq!(windows.pools_of(other), &[] as &[PoolId]);
+    let totals = |w: &Windows, id| w.pool(id, at(base, 200)).unwrap().totals.requests;
+    assert_eq!(totals(&windows, PoolId(0)), 3);
+    // The new pool already holds what its key saw before it existed.
+    assert_eq!(totals(&windows, PoolId(1)), 3);
+}
+
+#[test]
+fn a_pool_built_from_its_keys_equals_one_that_was_there_all_along() {
+    let base = Instant::now();
+    let config = WindowConfig::try_new(
+        Duration::from_millis(100),
+        Duration::from_secs(1),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    let mut windows = Windows::new(config, base, 100);
+    windows.set_pools(vec![selector(None, Some("llama"))]);
+    let a = windows.key("vllm", "llama").unwrap();
+    let b = windows.key("sglang", "llama").unwrap();
+    // Six seconds of traffic: older buckets have been recycled in the ring.
+    for ms in (0..6_000).step_by(70) {
+        windows.record(a, at(base, ms), &requests(1 + ms % 3, ms % 2));
+        windows.record(b, at(base, ms), &ttft(&[1_000.0 + ms as f64]));
+    }
+    let now = at(base, 6_050);
+    let before = windows.pool(PoolId(0), now).unwrap();
+
+    // The same selector under a new id, and the old id dropped.
+    windows.assign_pools(vec![(PoolId(3), selector(None, Some("llama")))]);
+    assert_eq!(windows.pool(PoolId(0), now), None);
+    assert_eq!(windows.pool_count(), 1);
+    let rebuilt = windows.pool(PoolId(3), now).unwrap();
+    assert_eq!(rebuilt, before);
+    assert_eq!(windows.pools_of(a), &[PoolId(3)]);
 }
 
 proptest! {

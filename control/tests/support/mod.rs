@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use flyball_control::config::ControlConfig;
 use flyball_control::controller::Actuator;
+use flyball_control::leader::Leadership;
 use flyball_control::{Control, ControlArgs};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
@@ -61,7 +62,26 @@ pub async fn start_with<A: Actuator>(
     spawn(control)
 }
 
-fn spawn<A: Actuator>(control: Control<A>) -> Result<Running, Error> {
+/// As [`start`], acting and forwarding as `leadership` says.
+pub async fn start_led(
+    yaml: &str,
+    extra: &[&str],
+    leadership: Leadership,
+) -> Result<Running, Error> {
+    let config = ControlConfig::from_yaml(yaml)?;
+    let control = Control::bind_with_config(&args(extra), config)
+        .await?
+        .with_leadership(leadership);
+    spawn(control)
+}
+
+/// Binds the gRPC listener first, so `leadership` can name this replica's address.
+pub async fn bind(yaml: &str, extra: &[&str]) -> Result<Control, Error> {
+    let config = ControlConfig::from_yaml(yaml)?;
+    Ok(Control::bind_with_config(&args(extra), config).await?)
+}
+
+pub fn spawn<A: Actuator>(control: Control<A>) -> Result<Running, Error> {
     let grpc = control.grpc_addr().ok_or("no gRPC address")?;
     let http = control.http_addr().ok_or("no HTTP address")?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -94,6 +114,26 @@ impl Running {
 
     pub async fn get(&self, path: &str) -> Result<(u16, String), Error> {
         get(self.http, path).await
+    }
+
+    /// Polls `/metrics` until `series` reads `value`, or fails after `timeout` with what it read.
+    pub async fn wait_metric(
+        &self,
+        series: &str,
+        value: f64,
+        timeout: std::time::Duration,
+    ) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let now = self.metric(series).await?;
+            if now == Some(value) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("{series} = {now:?} after {timeout:?}, wanted {value}").into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// `GET /v1/pools` as JSON.

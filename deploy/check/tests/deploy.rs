@@ -793,7 +793,9 @@ fn chart_runs_the_control_service_as_documented() {
             "--grpc-listen",
             "0.0.0.0:9090",
             "--http-listen",
-            "0.0.0.0:9091"
+            "0.0.0.0:9091",
+            "--source",
+            "kubernetes"
         ])
     );
     assert_eq!(
@@ -905,7 +907,7 @@ fn chart_options_render_to_valid_objects() {
         json!("ghcr.io/flyball-dev/flyball:0.2.0-rc.1")
     );
     assert_eq!(
-        pod["spec"]["containers"][0]["args"].as_array().unwrap()[5..],
+        pod["spec"]["containers"][0]["args"].as_array().unwrap()[7..],
         [json!("--stale-after"), json!("5s")]
     );
     assert_eq!(pod["metadata"]["annotations"], values["podAnnotations"]);

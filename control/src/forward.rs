@@ -1,0 +1,352 @@
+//! Followers forward: a follower merges each report it receives AND sends it, unchanged, to the
+//! leader.
+//!
+//! report at a follower -> [`Forwarder::offer`] (bounded queue; full: dropped and counted) ->
+//! one of [`LANES`] tasks -> `TelemetryService/Report` at the leader's advertised address, marked
+//! with [`FORWARDED_BY`] so it is never forwarded again.
+//!
+//! Why forward rather than have gateways find the leader: gateways reach the control service
+//! through its Kubernetes Service, which spreads their connections over every replica, and a
+//! gateway knows nothing of leases. Rather than teach each gateway to chase the leader, every
+//! replica takes every report it is given, merges it into its own windows, and a follower passes
+//! it on. Every replica's windows therefore stay warm: a follower that becomes leader has full
+//! windows at once (it only needs the restart hold before scaling down) and loses at most the
+//! reports in flight to the old leader. Forwarding is idempotent because the leader admits
+//! reports by (reporter, sequence) as ingest always does: a report that reaches it twice (sent
+//! directly and forwarded) is merged once. What it cannot undo is order: a forwarded report
+//! that arrives after a newer one from the same gateway sent directly is taken as a resend and
+//! dropped, which only happens while a gateway's connection moves between replicas.
+//!
+//! The leader's address comes from the Lease: a holder identity `name@host:port` (see
+//! [`identity`]) names where its gRPC server listens. Forwarding never blocks ingest: reports
+//! wait in a bounded queue per lane, and when the queue is full, when no leader is known or when
+//! the leader does not answer, the report is dropped and counted in
+//! `flyball_forward_dropped_total{reason}`. Lanes are chosen by gateway so one gateway's reports
+//! keep their order.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
+use flyball_proto::v1;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::sync::{Notify, mpsc, watch};
+use tonic::transport::{Channel, Endpoint};
+
+/// gRPC metadata naming the replica that forwarded a report. A report carrying it is merged
+/// and never forwarded again, so two replicas that each think the other leads cannot bounce a
+/// report between them.
+pub const FORWARDED_BY: &str = "flyball-forwarded-by";
+
+/// Sending tasks. Each sends one report at a time, in order; several lanes keep one slow
+/// round trip from holding up every gateway's reports.
+pub const LANES: usize = 4;
+
+/// Reports waiting per lane. A gateway reports about once a second and a report is a few KB,
+/// so this holds a few seconds of a thousand gateways at a few MB at most; beyond that the
+/// leader is not keeping up and waiting longer only makes the data staler.
+pub const QUEUE_PER_LANE: usize = 1024;
+
+/// How long one forwarded report may take before it counts as failed.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Forwarding counters, on `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardCounters {
+    pub forwarded: Counter,
+    pub dropped: Family<DroppedLabels, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DroppedLabels {
+    /// `queue_full`, `no_leader` or `send_failed`.
+    pub reason: &'static str,
+}
+
+/// The follower's side of forwarding, shared by every ingest call.
+#[derive(Debug)]
+pub struct Forwarder {
+    lanes: Vec<mpsc::Sender<v1::ReportRequest>>,
+    leading: watch::Receiver<bool>,
+    hasher: RandomState,
+    counters: ForwardCounters,
+}
+
+/// One sending task; run it with [`Lane::run`].
+#[derive(Debug)]
+pub struct Lane {
+    queue: mpsc::Receiver<v1::ReportRequest>,
+    leader: watch::Receiver<Option<String>>,
+    refresh: Arc<Notify>,
+    identity: String,
+    counters: ForwardCounters,
+    timeout: Duration,
+}
+
+/// The identity a replica claims the Lease with: its name and, when known, where its gRPC
+/// server can be reached (`flyball-control-0@10.0.0.7:9090`).
+pub fn identity(name: &str, advertise: Option<&str>) -> String {
+    match advertise {
+        Some(addr) => format!("{name}@{addr}"),
+        None => name.to_owned(),
+    }
+}
+
+/// The gRPC URI of the replica holding the Lease as `holder`, if its identity names one.
+pub fn leader_uri(holder: &str) -> Option<String> {
+    let (_, addr) = holder.rsplit_once('@')?;
+    let uri = format!("http://{addr}");
+    let parsed: axum::http::Uri = uri.parse().ok()?;
+    // host:port and nothing else.
+    let authority = parsed.authority()?;
+    (authority.as_str() == addr && authority.port().is_some() && parsed.path() == "/")
+        .then_some(uri)
+}
+
+// === impl Forwarder ===
+
+impl Forwarder {
+    /// A forwarder and its lanes. `leader` is the leader's gRPC URI when known and not this
+    /// replica; `refresh` asks for it to be read again (after a failed send).
+    pub fn new(
+        identity: &str,
+        leading: watch::Receiver<bool>,
+        leader: watch::Receiver<Option<String>>,
+        refresh: Arc<Notify>,
+        counters: ForwardCounters,
+    ) -> (Self, Vec<Lane>) {
+        Self::with_capacity(
+            identity,
+            leading,
+            leader,
+            refresh,
+            counters,
+            QUEUE_PER_LANE,
+            SEND_TIMEOUT,
+        )
+    }
+
+    pub fn with_capacity(
+        identity: &str,
+        leading: watch::Receiver<bool>,
+        leader: watch::Receiver<Option<String>>,
+        refresh: Arc<Notify>,
+        counters: ForwardCounters,
+        queue_per_lane: usize,
+        timeout: Duration,
+    ) -> (Self, Vec<Lane>) {
+        let mut senders = Vec::with_capacity(LANES);
+        let mut lanes = Vec::with_capacity(LANES);
+        for _ in 0..LANES {
+            let (tx, rx) = mpsc::channel(queue_per_lane.max(1));
+            senders.push(tx);
+            lanes.push(Lane {
+                queue: rx,
+                leader: leader.clone(),
+                refresh: refresh.clone(),
+                identity: identity.to_owned(),
+                counters: counters.clone(),
+                timeout,
+            });
+        }
+        let forwarder = Forwarder {
+            lanes: senders,
+            leading,
+            hasher: RandomState::new(),
+            counters,
+        };
+        (forwarder, lanes)
+    }
+
+    /// Whether reports arriving now are to be forwarded: this replica is a follower.
+    pub fn active(&self) -> bool {
+        !*self.leading.borrow()
+    }
+
+    /// Queues `report` for the leader; never waits.
+    pub fn offer(&self, report: v1::ReportRequest) {
+        let gateway = report
+            .reporter
+            .as_ref()
+            .map(|r| r.gateway.as_str())
+            .unwrap_or_default();
+        let lane = (self.hasher.hash_one(gateway) % self.lanes.len().max(1) as u64) as usize;
+        let Some(lane) = self.lanes.get(lane) else {
+            return;
+        };
+        match lane.try_reserve() {
+            Ok(permit) => permit.send(report),
+            Err(_) => self.drop_report("queue_full"),
+        }
+    }
+
+    fn drop_report(&self, reason: &'static str) {
+        self.counters
+            .dropped
+            .get_or_create(&DroppedLabels { reason })
+            .inc();
+    }
+
+    pub fn counters(&self) -> &ForwardCounters {
+        &self.counters
+    }
+}
+
+// === impl Lane ===
+
+impl Lane {
+    /// Sends queued reports until every [`Forwarder`] handle is gone.
+    pub async fn run(mut self) {
+        let mut client: Option<(String, TelemetryServiceClient<Channel>)> = None;
+        while let Some(report) = self.queue.recv().await {
+            let Some(uri) = self.leader.borrow().clone() else {
+                self.drop_report("no_leader");
+                continue;
+            };
+            let reusable = client.as_ref().is_some_and(|(u, _)| *u == uri);
+            if !reusable {
+                match Endpoint::from_shared(uri.clone()) {
+                    Ok(endpoint) => {
+                        let channel = endpoint
+                            .connect_timeout(self.timeout)
+                            .tcp_nodelay(true)
+                            .connect_lazy();
+                        client = Some((uri.clone(), TelemetryServiceClient::new(channel)));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%uri, %error, "leader address is not a URI; not forwarding");
+                        self.drop_report("no_leader");
+                        continue;
+                    }
+                }
+            }
+            let Some((_, grpc)) = client.as_mut() else {
+                continue;
+            };
+            let mut request = tonic::Request::new(report);
+            if let Ok(value) = self.identity.parse() {
+                request.metadata_mut().insert(FORWARDED_BY, value);
+            }
+            request.set_timeout(self.timeout);
+            match tokio::time::timeout(self.timeout, grpc.report(request)).await {
+                Ok(Ok(_)) => {
+                    self.counters.forwarded.inc();
+                }
+                Ok(Err(status)) => {
+                    tracing::debug!(%uri, %status, "forwarding a report failed");
+                    self.drop_report("send_failed");
+                    // The holder may have changed; a new connection follows the new address.
+                    self.refresh.notify_one();
+                    client = None;
+                }
+                Err(_) => {
+                    tracing::debug!(%uri, "forwarding a report timed out");
+                    self.drop_report("send_failed");
+                    self.refresh.notify_one();
+                    client = None;
+                }
+            }
+        }
+    }
+
+    fn drop_report(&self, reason: &'static str) {
+        self.counters
+            .dropped
+            .get_or_create(&DroppedLabels { reason })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn report(gateway: &str, sequence: u64) -> v1::ReportRequest {
+        v1::ReportRequest {
+            reporter: Some(v1::Reporter {
+                gateway: gateway.into(),
+                process_start_unix_ms: 1,
+                filter_version: "test".into(),
+            }),
+            sequence,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_leader_address_is_the_part_of_its_identity_after_the_last_at() {
+        assert_eq!(
+            leader_uri("flyball-control-0@10.0.0.7:9090").as_deref(),
+            Some("http://10.0.0.7:9090")
+        );
+        assert_eq!(
+            leader_uri("odd@name@[fd00::7]:9090").as_deref(),
+            Some("http://[fd00::7]:9090")
+        );
+        assert_eq!(leader_uri("flyball-control-0"), None);
+        assert_eq!(leader_uri("a@10.0.0.7"), None, "a port is required");
+        assert_eq!(leader_uri("a@10.0.0.7:9090/x"), None);
+        assert_eq!(leader_uri("a@"), None);
+        assert_eq!(
+            identity("pod-a", Some("10.0.0.7:9090")),
+            "pod-a@10.0.0.7:9090"
+        );
+        assert_eq!(identity("pod-a", None), "pod-a");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let (_leading_tx, leading) = watch::channel(false);
+        let (_leader_tx, leader) = watch::channel(None);
+        let counters = ForwardCounters::default();
+        let (forwarder, lanes) = Forwarder::with_capacity(
+            "b",
+            leading,
+            leader,
+            Arc::new(Notify::new()),
+            counters.clone(),
+            2,
+            SEND_TIMEOUT,
+        );
+        assert!(forwarder.active());
+        // Nothing drains the lanes: one gateway's reports all go to one lane of 2.
+        for sequence in 1..=5 {
+            forwarder.offer(report("gw", sequence));
+        }
+        let full = DroppedLabels {
+            reason: "queue_full",
+        };
+        assert_eq!(counters.dropped.get_or_create(&full).get(), 3);
+        let queued: usize = lanes.iter().map(|l| l.queue.len()).sum();
+        assert_eq!(queued, 2);
+    }
+
+    #[tokio::test]
+    async fn without_a_known_leader_reports_are_dropped_and_counted() {
+        let (_leading_tx, leading) = watch::channel(false);
+        let (_leader_tx, leader) = watch::channel(None);
+        let counters = ForwardCounters::default();
+        let (forwarder, lanes) = Forwarder::new(
+            "b",
+            leading,
+            leader,
+            Arc::new(Notify::new()),
+            counters.clone(),
+        );
+        forwarder.offer(report("gw", 1));
+        forwarder.offer(report("gw", 2));
+        drop(forwarder);
+        for lane in lanes {
+            lane.run().await;
+        }
+        let none = DroppedLabels {
+            reason: "no_leader",
+        };
+        assert_eq!(counters.dropped.get_or_create(&none).get(), 2);
+        assert_eq!(counters.forwarded.get(), 0);
+    }
+}

@@ -1,0 +1,1014 @@
+//! `flyball control` acting on Kubernetes: reports over real gRPC, decisions through the real
+//! loop, and `/scale`, Events, statuses and the leader Lease through an ordinary `kube::Client`,
+//! against the in-process API server or, with `KUBECONFIG` set, that cluster. Exact request
+//! assertions and injected faults need the in-process server; those parts say so and are skipped
+//! on a real cluster.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flyball_apiserver::{RecordedRequest, TestCluster, Verb};
+use flyball_control::Control;
+use flyball_k8s::crd::{CONDITION_READY, CONDITION_VALID};
+use flyball_k8s::events::{
+    REASON_HPA_CONFLICT, REASON_SCALE_REFUSED, REASON_SCALED_DOWN, REASON_SCALED_UP,
+};
+use flyball_k8s::{FlyballAutoscaler, FlyballAutoscalerSpec};
+use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
+use flyball_proto::v1;
+use flyball_sketch::Sketch;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::events::v1::Event;
+use kube::CustomResourceExt;
+use kube::api::{Api, ListParams};
+use kube::core::ApiResource;
+use serde_json::{Value, json};
+use support::Running;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// Generous: the slowest step is a follower taking over a released 2 s Lease.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The label TestCluster puts on everything a test creates.
+const RUN_LABEL: &str = "flyball.dev/test-run";
+
+// === the world around the control service ===
+
+/// A Deployment with `replicas` wanted and `ready` ready (on a real cluster, its pods decide).
+async fn deployment(cluster: &TestCluster, prefix: &str, replicas: i32, ready: i32) -> String {
+    let name = cluster.unique_name(prefix);
+    cluster.create_deployment(&name, replicas).await.unwrap();
+    if let Some(fake) = cluster.fake() {
+        fake.set_ready_replicas("apps/v1", "Deployment", cluster.namespace(), &name, ready)
+            .unwrap();
+    }
+    name
+}
+
+fn scale_path(ns: &str, name: &str) -> String {
+    format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale")
+}
+
+/// `(status, body)` of every PATCH of the Deployment's `/scale`, in order.
+fn scale_patches(requests: &[RecordedRequest], ns: &str, name: &str) -> Vec<(Option<u16>, Value)> {
+    let path = scale_path(ns, name);
+    requests
+        .iter()
+        .filter(|r| r.is("PATCH", &path))
+        .map(|r| (r.status, r.body.clone().unwrap_or(Value::Null)))
+        .collect()
+}
+
+async fn spec_replicas(cluster: &TestCluster, name: &str) -> i32 {
+    Api::<Deployment>::namespaced(cluster.client(), cluster.namespace())
+        .get(name)
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.replicas)
+        .unwrap_or(0)
+}
+
+/// Events with `reason` about `name` (as the regarded object).
+async fn events(cluster: &TestCluster, reason: &str, name: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(cluster.client(), cluster.namespace())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect()
+}
+
+/// Polls `check` until it yields a value, or fails naming `what`.
+async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting {WAIT:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// === the control service ===
+
+/// An autoscaler for Deployment `target`: hints far below the load step below, at most two
+/// replicas added a minute (so each leader's first scale-up is exactly +2), scale-down as soon
+/// as the policy allows.
+fn spec(target: &str) -> Value {
+    json!({
+        "selector": {"backend": "vllm", "model": "llama"},
+        "pools": {"unified": {
+            "scaleTargetRef": {"name": target},
+            "maxReplicas": 10,
+            "capacity": {
+                "prefillTokensPerSecond": 2000.0,
+                "decodeTokensPerSecond": 400.0,
+                "concurrentSequences": 8
+            }
+        }},
+        "slo": {"ttft": "500ms", "tpot": "50ms"},
+        "behavior": {
+            "cooldown": "0s",
+            "scaleUp": {"maxStep": 2, "period": "60s"},
+            "scaleDown": {"stabilizationWindow": "0s", "maxStep": 4, "period": "1s"}
+        }
+    })
+}
+
+/// A `--config` file, removed when dropped (a failed test included).
+struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    fn to_str(&self) -> Option<&str> {
+        self.0.to_str()
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The `--config` file for one autoscaler named `name` in `ns`.
+fn config_file(name: &str, ns: &str, target: &str) -> ConfigFile {
+    let file = json!({"autoscalers": [{"name": name, "namespace": ns, "spec": spec(target)}]});
+    let path = std::env::temp_dir().join(format!("flyball-actuation-{name}.yaml"));
+    std::fs::write(&path, serde_yaml_ng::to_string(&file).unwrap()).unwrap();
+    ConfigFile(path)
+}
+
+/// Flags with windows short enough for a test: 2 s stable window, evaluations at least every
+/// 200 ms, reporters stale after 500 ms of silence, a 2 s Lease (the shortest allowed).
+fn flags(cluster: &TestCluster, lease: &str, identity: &str, extra: &[&str]) -> Vec<String> {
+    let mut flags: Vec<String> = [
+        "--lease-name",
+        lease,
+        "--lease-namespace",
+        cluster.namespace(),
+        "--identity",
+        identity,
+        "--lease-duration",
+        "2s",
+        "--bucket",
+        "100ms",
+        "--short-window",
+        "1s",
+        "--stable-window",
+        "2s",
+        "--max-evaluation-interval",
+        "200ms",
+        "--stale-after",
+        "500ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    flags
+}
+
+fn lease(cluster: &TestCluster) -> String {
+    let name = cluster.unique_name("flyball-leader");
+    cluster.track(
+        ApiResource::erase::<Lease>(&()),
+        Some(cluster.namespace().to_string()),
+        name.clone(),
+    );
+    name
+}
+
+/// `flyball control` as `run` starts it on Kubernetes, with `flags`, leading once it says so.
+async fn control(cluster: &TestCluster, flags: &[String]) -> Running {
+    let control = bind(cluster, flags).await;
+    let mut leading = control.leading().clone();
+    tokio::time::timeout(WAIT, leading.wait_for(|l| *l))
+        .await
+        .expect("the first replica leads")
+        .unwrap();
+    support::spawn(control).unwrap()
+}
+
+async fn bind(
+    cluster: &TestCluster,
+    flags: &[String],
+) -> Control<flyball_control::actuator::KubeActuator> {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Control::bind_kubernetes(&support::args(&flags), cluster.client())
+        .await
+        .unwrap()
+}
+
+// === gateways ===
+
+/// A load step, per 100 ms report: 200k input and 40k output tokens a second and 40 sequences
+/// decoding, against hints of 2k, 400 and 8 per replica; latencies within the objectives.
+fn step(sequence: u64) -> v1::ReportRequest {
+    let mut ttft = Sketch::new();
+    let mut tpot = Sketch::new();
+    for i in 0..50 {
+        ttft.record(250_000.0 + f64::from(i) * 1_000.0);
+        tpot.record(20_000.0 + f64::from(i) * 100.0);
+    }
+    report(sequence, 50, 20_000, 4_000, (10, 40), &ttft, &tpot)
+}
+
+/// A trickle: one short request per report, nothing in flight.
+fn idle(sequence: u64) -> v1::ReportRequest {
+    let mut ttft = Sketch::new();
+    ttft.record(80_000.0);
+    report(sequence, 1, 10, 5, (0, 0), &ttft, &Sketch::new())
+}
+
+fn report(
+    sequence: u64,
+    ok: u64,
+    input: u64,
+    output: u64,
+    (waiting, decoding): (u64, u64),
+    ttft: &Sketch,
+    tpot: &Sketch,
+) -> v1::ReportRequest {
+    v1::ReportRequest {
+        reporter: Some(v1::Reporter {
+            gateway: "envoy-0".into(),
+            process_start_unix_ms: 1_700_000_000_000,
+            filter_version: "test".into(),
+        }),
+        sequence,
+        sent_at_unix_ms: 0,
+        keys: vec![v1::KeyTelemetry {
+            backend: "vllm".into(),
+            model: "llama".into(),
+            requests: Some(v1::RequestOutcomes {
+                ok,
+                ..Default::default()
+            }),
+            tokens: Some(v1::TokenUsage {
+                input,
+                output,
+                ..Default::default()
+            }),
+            ttft_us: Some(v1::Sketch::from(ttft)),
+            tpot_us: Some(v1::Sketch::from(tpot)),
+            in_flight: Some(v1::InFlight {
+                waiting_first_token: waiting,
+                decoding,
+            }),
+            ..Default::default()
+        }],
+        dropped: None,
+    }
+}
+
+/// One gateway reporting every 100 ms over gRPC until stopped.
+struct Gateway {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Gateway {
+    /// Starts reporting `make(sequence)` to `uri`, from sequence `first`.
+    fn start(uri: String, first: u64, make: fn(u64) -> v1::ReportRequest) -> Gateway {
+        let (stop, mut stopped) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let channel = Channel::from_shared(uri).unwrap().connect().await.unwrap();
+            let mut client = TelemetryServiceClient::new(channel);
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut sequence = first;
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return sequence,
+                    _ = tick.tick() => {}
+                }
+                // A replica going away mid-test refuses; the next tick goes on.
+                let _ = client.report(make(sequence)).await;
+                sequence += 1;
+            }
+        });
+        Gateway {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Stops and returns the next sequence number.
+    async fn stop(mut self) -> u64 {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.unwrap()
+    }
+}
+
+/// `/v1/decisions` of the only pool.
+async fn decisions(control: &Running) -> Vec<Value> {
+    let (status, body) = control.get("/v1/decisions").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    body["pools"][0]["decisions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Evaluations behind `entries` (each entry folds `repeats` more).
+fn evaluations<'a>(entries: impl IntoIterator<Item = &'a Value>) -> u64 {
+    entries
+        .into_iter()
+        .map(|d| d["repeats"].as_u64().unwrap() + 1)
+        .sum()
+}
+
+// === tests ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_step_scales_the_deployment_through_its_scale_subresource() {
+    let cluster = TestCluster::start().await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 1, 1).await;
+    let config = config_file(&target, &ns, &target);
+    let lease = lease(&cluster);
+    let args = flags(
+        &cluster,
+        &lease,
+        "a",
+        &["--config", config.to_str().unwrap()],
+    );
+    let control = control(&cluster, &args).await;
+    if let Some(fake) = cluster.fake() {
+        fake.clear_requests();
+    }
+
+    let gateway = Gateway::start(control.grpc_uri(), 1, step);
+    wait_until("the Deployment at 3 replicas", || async {
+        (spec_replicas(&cluster, &target).await == 3).then_some(())
+    })
+    .await;
+    let scaled = wait_until("a ScaledUp Event", || async {
+        events(&cluster, REASON_SCALED_UP, &target).await.pop()
+    })
+    .await;
+    gateway.stop().await;
+
+    let note = scaled.note.unwrap_or_default();
+    assert!(
+        note.starts_with(&format!(
+            "scaled Deployment {ns}/{target} from 1 to 3: unified: 1 -> 3 (scale_up, step_limited)"
+        )),
+        "{note}"
+    );
+    assert_eq!(
+        scaled.reporting_instance.as_deref(),
+        Some(format!("a@{}", control.grpc).as_str())
+    );
+    let log = decisions(&control).await;
+    let applied: Vec<_> = log.iter().filter(|d| d["applied"] == true).collect();
+    assert_eq!(applied.len(), 1, "{log:?}");
+    assert_eq!(
+        (&applied[0]["from"], &applied[0]["to"]),
+        (&json!(1), &json!(3))
+    );
+
+    if let Some(fake) = cluster.fake() {
+        let requests = fake.requests();
+        assert_eq!(
+            scale_patches(&requests, &ns, &target),
+            vec![(Some(200), json!({"spec": {"replicas": 3}}))]
+        );
+        let patch = requests
+            .iter()
+            .find(|r| r.is("PATCH", &scale_path(&ns, &target)))
+            .unwrap();
+        assert_eq!(
+            patch.content_type.as_deref(),
+            Some("application/merge-patch+json")
+        );
+        let events_path = format!("/apis/events.k8s.io/v1/namespaces/{ns}/events");
+        let posted: Vec<_> = requests
+            .iter()
+            .filter(|r| r.is("POST", &events_path))
+            .collect();
+        assert_eq!(posted.len(), 1, "one change, one Event");
+    }
+    control.stop().await.unwrap();
+    drop(config);
+    cluster.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flyball_autoscalers_are_sized_and_told_how_it_went_and_bad_ones_why_not() {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 1, 1).await;
+    let good_spec: FlyballAutoscalerSpec = serde_json::from_value(spec(&target)).unwrap();
+    let good = cluster
+        .create(&FlyballAutoscaler::new(
+            &cluster.unique_name("llama"),
+            good_spec,
+        ))
+        .await
+        .unwrap();
+    let good_name = good.metadata.name.clone().unwrap();
+    let mut bad_spec = spec(&cluster.unique_name("other"));
+    bad_spec["pools"]["unified"]["minReplicas"] = json!(3);
+    bad_spec["pools"]["unified"]["maxReplicas"] = json!(2);
+    let bad_spec: FlyballAutoscalerSpec = serde_json::from_value(bad_spec).unwrap();
+    let bad = cluster
+        .create(&FlyballAutoscaler::new(
+            &cluster.unique_name("bad"),
+            bad_spec,
+        ))
+        .await
+        .unwrap();
+    let bad_name = bad.metadata.name.clone().unwrap();
+    // Only this test's resources: others may share the namespace on a real cluster.
+    let run = good.metadata.labels.as_ref().unwrap()[RUN_LABEL].clone();
+    let selector = format!("{RUN_LABEL}={run}");
+    let lease = lease(&cluster);
+    let args = flags(
+        &cluster,
+        &lease,
+        "a",
+        &[
+            "--source",
+            "kubernetes",
+            "--namespace",
+            &ns,
+            "--label-selector",
+            &selector,
+            "--resync",
+            "500ms",
+        ],
+    );
+    let control = control(&cluster, &args).await;
+    let pools = control.pools().await.unwrap();
+    assert_eq!(pools["pools"].as_array().unwrap().len(), 1, "{pools}");
+    assert_eq!(pools["pools"][0]["autoscaler"], good_name.as_str());
+
+    let gateway = Gateway::start(control.grpc_uri(), 1, step);
+    let api = Api::<FlyballAutoscaler>::namespaced(cluster.client(), &ns);
+    let status = wait_until("the FlyballAutoscaler's status after scaling", || async {
+        let status = api.get(&good_name).await.unwrap().status?;
+        let pool = status.pools.first()?;
+        (pool.last_decision.as_ref()?.to == 3).then_some(status)
+    })
+    .await;
+    gateway.stop().await;
+    assert_eq!(spec_replicas(&cluster, &target).await, 3);
+    assert_eq!(status.observed_generation, good.metadata.generation);
+    let condition = |type_: &str| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    assert_eq!(
+        condition(CONDITION_VALID),
+        Some(("True".into(), "SpecValid".into()))
+    );
+    assert_eq!(
+        condition(CONDITION_READY),
+        Some(("True".into(), "Sizing".into()))
+    );
+    let pool = &status.pools[0];
+    assert_eq!(pool.role, "unified");
+    assert_eq!(pool.target, format!("Deployment {ns}/{target}"));
+    assert_eq!((pool.current_replicas, pool.desired_replicas), (3, 3));
+    let last = pool.last_decision.as_ref().unwrap();
+    assert_eq!(
+        (last.from, last.to, last.reason.as_str()),
+        (1, 3, "StepLimited")
+    );
+    // The Event regards the autoscaler; the workload is the related object.
+    let scaled = wait_until("a ScaledUp Event on the autoscaler", || async {
+        events(&cluster, REASON_SCALED_UP, &good_name).await.pop()
+    })
+    .await;
+    let related = scaled.related.unwrap();
+    assert_eq!(related.name.as_deref(), Some(target.as_str()));
+    assert_eq!(
+        scaled.regarding.unwrap().uid,
+        good.metadata.uid,
+        "the Event names the autoscaler by uid"
+    );
+
+    let refused = wait_until("the invalid autoscaler's status", || async {
+        api.get(&bad_name).await.unwrap().status
+    })
+    .await;
+    let valid = refused
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION_VALID)
+        .unwrap();
+    assert_eq!(
+        (valid.status.as_str(), valid.reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+    assert_eq!(
+        valid.message,
+        "spec.pools.unified.maxReplicas = 2: must be >= minReplicas (3)"
+    );
+    assert_eq!(refused.observed_generation, bad.metadata.generation);
+
+    if let Some(fake) = cluster.fake() {
+        let status_path = format!(
+            "/apis/flyball.dev/v1alpha1/namespaces/{ns}/flyballautoscalers/{good_name}/status"
+        );
+        let requests = fake.requests();
+        let patch = requests
+            .iter()
+            .find(|r| r.is("PATCH", &status_path))
+            .expect("a status PATCH");
+        assert_eq!(
+            patch.content_type.as_deref(),
+            Some("application/merge-patch+json")
+        );
+        assert_eq!(
+            scale_patches(&requests, &ns, &target),
+            vec![(Some(200), json!({"spec": {"replicas": 3}}))]
+        );
+    }
+    control.stop().await.unwrap();
+    cluster.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_write_is_retried_and_lands_once() {
+    let cluster = TestCluster::start().await.unwrap();
+    let test = "a_conflicting_write_is_retried_and_lands_once";
+    let Some(fake) = cluster.fake_or_skip(test, "an injected 409") else {
+        return;
+    };
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 1, 1).await;
+    let config = config_file(&target, &ns, &target);
+    let lease = lease(&cluster);
+    let args = flags(
+        &cluster,
+        &lease,
+        "a",
+        &["--config", config.to_str().unwrap()],
+    );
+    let control = control(&cluster, &args).await;
+    fake.conflict_next(Some(Verb::Patch), &scale_path(&ns, &target), 1);
+    fake.clear_requests();
+
+    let gateway = Gateway::start(control.grpc_uri(), 1, step);
+    let requests = fake
+        .wait_for(
+            |r| {
+                scale_patches(r, &ns, &target)
+                    .iter()
+                    .any(|(s, _)| *s == Some(200))
+            },
+            WAIT,
+        )
+        .await
+        .unwrap();
+    wait_until("a ScaledUp Event", || async {
+        events(&cluster, REASON_SCALED_UP, &target).await.pop()
+    })
+    .await;
+    gateway.stop().await;
+    let body = json!({"spec": {"replicas": 3}});
+    assert_eq!(
+        scale_patches(&requests, &ns, &target),
+        vec![(Some(409), body.clone()), (Some(200), body)]
+    );
+    assert_eq!(spec_replicas(&cluster, &target).await, 3);
+    assert_eq!(events(&cluster, REASON_SCALED_UP, &target).await.len(), 1);
+    control.stop().await.unwrap();
+    drop(config);
+    cluster.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_write_becomes_one_refusal_event_and_no_retry_storm() {
+    let cluster = TestCluster::start().await.unwrap();
+    let test = "a_forbidden_write_becomes_one_refusal_event_and_no_retry_storm";
+    let Some(fake) = cluster.fake_or_skip(test, "an RBAC table that refuses /scale") else {
+        return;
+    };
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 1, 1).await;
+    let config = config_file(&target, &ns, &target);
+    let lease = lease(&cluster);
+    let args = flags(
+        &cluster,
+        &lease,
+        "a",
+        &["--config", config.to_str().unwrap()],
+    );
+    let control = control(&cluster, &args).await;
+    fake.deny(Verb::Patch, "apps", "deployments", Some("scale"));
+    fake.clear_requests();
+
+    let gateway = Gateway::start(control.grpc_uri(), 1, step);
+    let refusal = wait_until("a ScaleRefused Event", || async {
+        events(&cluster, REASON_SCALE_REFUSED, &target).await.pop()
+    })
+    .await;
+    // Keep deciding: at least 20 more evaluations want 3 replicas and cannot have them.
+    wait_until("20 evaluations after the refusal", || async {
+        let log = decisions(&control).await;
+        let failed = log.iter().filter(|d| !d["error"].is_null());
+        (evaluations(failed) >= 20).then_some(())
+    })
+    .await;
+    gateway.stop().await;
+
+    let note = refusal.note.unwrap_or_default();
+    assert!(
+        note.starts_with(&format!("did not scale Deployment {ns}/{target} to 3: ")),
+        "{note}"
+    );
+    assert!(note.contains("forbidden"), "{note}");
+    assert_eq!(refusal.type_.as_deref(), Some("Warning"));
+    let requests = fake.requests();
+    assert_eq!(
+        scale_patches(&requests, &ns, &target),
+        vec![(Some(403), json!({"spec": {"replicas": 3}}))],
+        "one write, then a hold instead of a write per evaluation"
+    );
+    assert_eq!(
+        events(&cluster, REASON_SCALE_REFUSED, &target).await.len(),
+        1
+    );
+    assert_eq!(
+        control
+            .metric(&format!(
+                "flyball_actuator_errors_total{{pool=\"{target}\",kind=\"forbidden\"}}"
+            ))
+            .await
+            .unwrap()
+            .map(|n| n >= 20.0),
+        Some(true),
+        "every evaluation that could not act is counted"
+    );
+    assert_eq!(spec_replicas(&cluster, &target).await, 1);
+    control.stop().await.unwrap();
+    drop(config);
+    cluster.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_scales_and_the_follower_takes_over_when_it_steps_down() {
+    let cluster = TestCluster::start().await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 1, 1).await;
+    let config = config_file(&target, &ns, &target);
+    let lease = lease(&cluster);
+    let config_flag = ["--config", config.to_str().unwrap()];
+    let a = control(&cluster, &flags(&cluster, &lease, "a", &config_flag)).await;
+    let b =
+        support::spawn(bind(&cluster, &flags(&cluster, &lease, "b", &config_flag)).await).unwrap();
+    assert_eq!(a.pools().await.unwrap()["leading"], true);
+    assert_eq!(b.pools().await.unwrap()["leading"], false);
+
+    // The gateway reaches b only; b forwards to a, which leads.
+    let gateway = Gateway::start(b.grpc_uri(), 1, step);
+    wait_until("the leader's scale-up to 3", || async {
+        (spec_replicas(&cluster, &target).await == 3).then_some(())
+    })
+    .await;
+    // b decides as well, on the same reports, and sets nothing.
+    wait_until("10 decisions of the follower after the change", || async {
+        let log = decisions(&b).await;
+        let at_3 = log.iter().filter(|d| d["from"] == 3);
+        (evaluations(at_3) >= 10).then_some(())
+    })
+    .await;
+    assert!(
+        decisions(&b).await.iter().all(|d| d["applied"] == false),
+        "a follower never applies"
+    );
+    let scaled = events(&cluster, REASON_SCALED_UP, &target).await;
+    assert_eq!(scaled.len(), 1, "{scaled:?}");
+    assert_eq!(
+        scaled[0].reporting_instance.as_deref(),
+        Some(format!("a@{}", a.grpc).as_str())
+    );
+    if let Some(fake) = cluster.fake() {
+        assert_eq!(
+            scale_patches(&fake.requests(), &ns, &target),
+            vec![(Some(200), json!({"spec": {"replicas": 3}}))]
+        );
+    }
+
+    // a goes away and gives up the Lease: b leads, and scales on.
+    a.stop().await.unwrap();
+    wait_until("the new leader's scale-up to 5", || async {
+        (spec_replicas(&cluster, &target).await == 5).then_some(())
+    })
+    .await;
+    gateway.stop().await;
+    assert_eq!(b.pools().await.unwrap()["leading"], true);
+    let by_b = wait_until("b's ScaledUp Event", || async {
+        events(&cluster, REASON_SCALED_UP, &target)
+            .await
+            .into_iter()
+            .find(|e| e.reporting_instance.as_deref() == Some(&format!("b@{}", b.grpc)))
+    })
+    .await;
+    assert!(
+        by_b.note
+            .unwrap_or_default()
+            .starts_with(&format!("scaled Deployment {ns}/{target} from 3 to 5")),
+    );
+    if let Some(fake) = cluster.fake() {
+        assert_eq!(
+            scale_patches(&fake.requests(), &ns, &target),
+            vec![
+                (Some(200), json!({"spec": {"replicas": 3}})),
+                (Some(200), json!({"spec": {"replicas": 5}})),
+            ]
+        );
+    }
+    b.stop().await.unwrap();
+    drop(config);
+    cluster.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_telemetry_never_scales_down() {
+    let cluster = TestCluster::start().await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 4, 4).await;
+    let config = config_file(&target, &ns, &target);
+    let lease = lease(&cluster);
+    let args = flags(
+        &cluster,
+        &lease,
+        "a",
+        &["--config", config.to_str().unwrap()],
+    );
+    let control = control(&cluster, &args).await;
+    if let Some(fake) = cluster.fake() {
+        fake.clear_requests();
+    }
+
+    // A few light reports, inside the restart hold, then silence.
+    let gateway = Gateway::start(control.grpc_uri(), 1, idle);
+    wait_until("the reports to arrive", || async {
+        let n = control
+            .metric("flyball_ingest_reports_total")
+            .await
+            .unwrap();
+        (n >= Some(3.0)).then_some(())
+    })
+    .await;
+    gateway.stop().await;
+    // Silent for well past the stable window (2 s) and the restart hold: 30 evaluations 200 ms
+    // apart see stale telemetry and hold.
+    let log = wait_until("30 evaluations on stale telemetry", || async {
+        let log = decisions(&control).await;
+        let stale = log.iter().filter(|d| d["rule"] == "staleTelemetryHold");
+        (evaluations(stale) >= 30).then_some(log)
+    })
+    .await;
+    assert!(log.iter().all(|d| d["to"] == 4), "{log:?}");
+    assert_eq!(spec_replicas(&cluster, &target).await, 4);
+    assert!(
+        events(&cluster, REASON_SCALED_DOWN, &target)
+            .await
+            .is_empty()
+    );
+    if let Some(fake) = cluster.fake() {
+        assert_eq!(scale_patches(&fake.requests(), &ns, &target), vec![]);
+    }
+    control.stop().await.unwrap();
+    drop(config);
+    cluster.cleanup().await.unwrap();
+}
+
+/// The same pool as above with fresh idle telemetry does scale down: the stale test holds
+/// because the telemetry is stale, not because this configuration never scales down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_idle_telemetry_scales_down_after_the_stable_window() {
+    let cluster = TestCluster::start().await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 4, 4).await;
+    let config = config_file(&target, &ns, &target);
+    let lease = lease(&cluster);
+    let args = flags(
+        &cluster,
+        &lease,
+        "a",
+        &["--config", config.to_str().unwrap()],
+    );
+    let control = control(&cluster, &args).await;
+    if let Some(fake) = cluster.fake() {
+        fake.clear_requests();
+    }
+
+    let gateway = Gateway::start(control.grpc_uri(), 1, idle);
+    wait_until("the Deployment at 1 replica", || async {
+        (spec_replicas(&cluster, &target).await == 1).then_some(())
+    })
+    .await;
+    gateway.stop().await;
+    if let Some(fake) = cluster.fake() {
+        assert_eq!(
+            scale_patches(&fake.requests(), &ns, &target),
+            vec![(Some(200), json!({"spec": {"replicas": 1}}))]
+        );
+    }
+    control.stop().await.unwrap();
+    drop(config);
+    cluster.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hpa_on_the_same_target_is_reported_once() {
+    let cluster = TestCluster::start().await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 1, 1).await;
+    let hpa: HorizontalPodAutoscaler = serde_json::from_value(json!({
+        "metadata": {"name": cluster.unique_name("hpa")},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
+            "minReplicas": 1,
+            "maxReplicas": 1
+        }
+    }))
+    .unwrap();
+    let hpa = cluster.create(&hpa).await.unwrap();
+    let hpa_name = hpa.metadata.name.unwrap();
+    let config = config_file(&target, &ns, &target);
+    let lease = lease(&cluster);
+    let args = flags(
+        &cluster,
+        &lease,
+        "a",
+        &["--config", config.to_str().unwrap()],
+    );
+    let control = control(&cluster, &args).await;
+
+    let warnings = wait_until("the warning in /v1/pools", || async {
+        let pools = control.pools().await.unwrap();
+        pools["pools"][0]["warnings"].as_array().cloned()
+    })
+    .await;
+    assert_eq!(
+        warnings,
+        vec![json!(format!(
+            "HorizontalPodAutoscaler {ns}/{hpa_name} also scales this target; it and flyball \
+             will undo each other's changes"
+        ))]
+    );
+    let event = wait_until("an HPAConflict Event", || async {
+        events(&cluster, REASON_HPA_CONFLICT, &target).await.pop()
+    })
+    .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    // More evaluations, no more Events about it.
+    wait_until("10 more evaluations", || async {
+        (evaluations(&decisions(&control).await) >= 10).then_some(())
+    })
+    .await;
+    assert_eq!(
+        events(&cluster, REASON_HPA_CONFLICT, &target).await.len(),
+        1
+    );
+    control.stop().await.unwrap();
+    drop(config);
+    cluster.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn kubernetes_flags_that_cannot_work_are_refused_before_anything_starts() {
+    for (flags, message) in [
+        (
+            &["--source", "kubernetes", "--config", "/etc/flyball.yaml"][..],
+            "--config = /etc/flyball.yaml: not with --source kubernetes (autoscalers come from \
+             FlyballAutoscalers)",
+        ),
+        (
+            &[
+                "--config",
+                "/etc/flyball.yaml",
+                "--lease-duration",
+                "1500ms",
+            ][..],
+            "--lease-duration = 1.5s: must be whole seconds, at least 2s",
+        ),
+    ] {
+        let error = flyball_control::run(support::args(flags), std::future::pending())
+            .await
+            .unwrap_err();
+        assert!(error.is_usage(), "{error}");
+        assert_eq!(error.to_string(), message);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoscalers_follow_flyball_autoscalers_as_they_come_and_change() {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 1, 1).await;
+    // The run label of this test's objects, read back from one of them.
+    let run = Api::<Deployment>::namespaced(cluster.client(), &ns)
+        .get(&target)
+        .await
+        .unwrap()
+        .metadata
+        .labels
+        .unwrap()[RUN_LABEL]
+        .clone();
+    let selector = format!("{RUN_LABEL}={run}");
+    let lease = lease(&cluster);
+    let source = [
+        "--source",
+        "kubernetes",
+        "--namespace",
+        &ns,
+        "--label-selector",
+        &selector,
+        "--resync",
+        "200ms",
+    ];
+    let control = control(&cluster, &flags(&cluster, &lease, "a", &source)).await;
+    assert_eq!(control.pools().await.unwrap()["pools"], json!([]));
+
+    // Created while serving: picked up at the next list, and sized.
+    let spec: FlyballAutoscalerSpec = serde_json::from_value(spec(&target)).unwrap();
+    let name = cluster.unique_name("llama");
+    cluster
+        .create(&FlyballAutoscaler::new(&name, spec))
+        .await
+        .unwrap();
+    wait_until("the new autoscaler's pool", || async {
+        let pools = control.pools().await.unwrap();
+        (pools["pools"][0]["autoscaler"] == name.as_str()).then_some(())
+    })
+    .await;
+    let gateway = Gateway::start(control.grpc_uri(), 1, step);
+    wait_until("the Deployment at 3 replicas", || async {
+        (spec_replicas(&cluster, &target).await == 3).then_some(())
+    })
+    .await;
+
+    // Broken by an edit: its pool goes, and its status says why.
+    let api = Api::<FlyballAutoscaler>::namespaced(cluster.client(), &ns);
+    let edit = json!({"spec": {"pools": {"unified": {"maxReplicas": 0}}}});
+    api.patch(
+        &name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&edit),
+    )
+    .await
+    .unwrap();
+    wait_until("the pool to go", || async {
+        let pools = control.pools().await.unwrap();
+        (pools["pools"] == json!([])).then_some(())
+    })
+    .await;
+    let status = wait_until("Valid=False on the edited autoscaler", || async {
+        let status = api.get(&name).await.unwrap().status?;
+        let valid = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_VALID)?;
+        (valid.status == "False").then_some(status)
+    })
+    .await;
+    gateway.stop().await;
+    let valid = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION_VALID)
+        .unwrap();
+    assert_eq!(valid.reason, "InvalidSpec");
+    assert_eq!(
+        valid.message,
+        "spec.pools.unified.maxReplicas = 0: must be >= minReplicas (1)"
+    );
+    assert_eq!(status.pools, vec![]);
+    assert_eq!(spec_replicas(&cluster, &target).await, 3, "left as it was");
+    control.stop().await.unwrap();
+    cluster.cleanup().await.unwrap();
+}

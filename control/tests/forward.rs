@@ -1,0 +1,235 @@
+//! Followers forward: two control services on loopback, reports sent over real gRPC to the
+//! follower, totals read back from the leader's real HTTP server.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use flyball_control::leader::Leadership;
+use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
+use flyball_proto::v1;
+use support::Error;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+const CONFIG: &str = r#"
+autoscalers:
+  - name: llama
+    spec:
+      selector: { backend: vllm }
+      pools:
+        unified: { scaleTargetRef: { name: llama }, maxReplicas: 10 }
+      slo: { ttft: 500ms }
+"#;
+
+/// Long enough for loopback, short enough to fail fast.
+const WAIT: Duration = Duration::from_secs(10);
+
+fn report(gateway: &str, sequence: u64, ok: u64) -> v1::ReportRequest {
+    v1::ReportRequest {
+        reporter: Some(v1::Reporter {
+            gateway: gateway.into(),
+            process_start_unix_ms: 1_000,
+            filter_version: "test".into(),
+        }),
+        sequence,
+        sent_at_unix_ms: 0,
+        keys: vec![v1::KeyTelemetry {
+            backend: "vllm".into(),
+            model: "llama".into(),
+            requests: Some(v1::RequestOutcomes {
+                ok,
+                client_error: 1,
+                ..Default::default()
+            }),
+            tokens: Some(v1::TokenUsage {
+                input: 100 * ok,
+                output: 7 * ok,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        dropped: None,
+    }
+}
+
+async fn client(uri: String) -> Result<TelemetryServiceClient<Channel>, Error> {
+    Ok(TelemetryServiceClient::new(
+        Channel::from_shared(uri)?.connect().await?,
+    ))
+}
+
+/// Leadership fixed by the test: `leading`, and the leader at `leader`.
+fn fixed(
+    identity: &str,
+    leading: bool,
+    leader: Option<String>,
+) -> (
+    Leadership,
+    watch::Sender<bool>,
+    watch::Sender<Option<String>>,
+) {
+    let (leading_tx, leading_rx) = watch::channel(leading);
+    let (leader_tx, leader_rx) = watch::channel(leader);
+    (
+        Leadership::from_channels(identity, leading_rx, leader_rx),
+        leading_tx,
+        leader_tx,
+    )
+}
+
+fn totals(pools: &serde_json::Value) -> (u64, u64, u64, u64) {
+    let pool = &pools["pools"][0];
+    let n = |k: &str| pool[k].as_u64().unwrap();
+    (
+        n("requests"),
+        n("errors"),
+        n("input_tokens"),
+        n("output_tokens"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_sent_to_the_follower_reach_the_leader_totals_exactly() -> Result<(), Error> {
+    let leader = support::bind(CONFIG, &[]).await?;
+    let leader_uri = format!("http://{}", leader.grpc_addr().unwrap());
+    let (a, _a_leading, _a_leader) = fixed("a", true, None);
+    let leader = support::spawn(leader.with_leadership(a))?;
+    let (b, _b_leading, _b_leader) = fixed("b", false, Some(leader_uri));
+    let follower = support::start_led(CONFIG, &[], b).await?;
+
+    // 12 gateways, 25 reports each, concurrently, all to the follower.
+    let mut tasks = Vec::new();
+    for g in 0..12 {
+        let mut grpc = client(follower.grpc_uri()).await?;
+        tasks.push(tokio::spawn(async move {
+            let mut sent = (0u64, 0u64, 0u64, 0u64);
+            for sequence in 1..=25u64 {
+                let ok = 1 + (g + sequence) % 4;
+                grpc.report(report(&format!("gw-{g}"), sequence, ok))
+                    .await
+                    .unwrap();
+                sent.0 += ok + 1;
+                sent.1 += 1;
+                sent.2 += 100 * ok;
+                sent.3 += 7 * ok;
+            }
+            sent
+        }));
+    }
+    let mut sent = (0, 0, 0, 0);
+    for task in tasks {
+        let s = task.await?;
+        sent = (sent.0 + s.0, sent.1 + s.1, sent.2 + s.2, sent.3 + s.3);
+    }
+
+    follower
+        .wait_metric("flyball_forward_reports_total", 300.0, WAIT)
+        .await?;
+    leader
+        .wait_metric("flyball_ingest_reports_total", 300.0, WAIT)
+        .await?;
+    assert_eq!(totals(&leader.pools().await?), sent);
+    assert_eq!(totals(&follower.pools().await?), sent);
+    assert_eq!(leader.pools().await?["leading"], true);
+    assert_eq!(follower.pools().await?["leading"], false);
+    assert_eq!(
+        follower
+            .metric("flyball_forward_dropped_total{reason=\"send_failed\"}")
+            .await?,
+        None
+    );
+    // The leader never forwards.
+    assert_eq!(
+        leader.metric("flyball_forward_reports_total").await?,
+        Some(0.0)
+    );
+    leader.stop().await?;
+    follower.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_report_that_reaches_the_leader_twice_is_merged_once() -> Result<(), Error> {
+    let leader = support::bind(CONFIG, &[]).await?;
+    let leader_uri = format!("http://{}", leader.grpc_addr().unwrap());
+    let (a, _a_leading, _a_leader) = fixed("a", true, None);
+    let leader = support::spawn(leader.with_leadership(a))?;
+    let (b, _b_leading, _b_leader) = fixed("b", false, Some(leader_uri));
+    let follower = support::start_led(CONFIG, &[], b).await?;
+
+    // The gateway's connection moved: each report went to the leader, then to the follower.
+    let mut direct = client(leader.grpc_uri()).await?;
+    let mut via_follower = client(follower.grpc_uri()).await?;
+    for sequence in 1..=10 {
+        direct.report(report("gw", sequence, 3)).await?;
+        via_follower.report(report("gw", sequence, 3)).await?;
+    }
+    follower
+        .wait_metric("flyball_forward_reports_total", 10.0, WAIT)
+        .await?;
+    leader
+        .wait_metric("flyball_ingest_duplicates_total", 10.0, WAIT)
+        .await?;
+    assert_eq!(
+        leader.metric("flyball_ingest_reports_total").await?,
+        Some(10.0)
+    );
+    assert_eq!(totals(&leader.pools().await?), (40, 10, 3_000, 210));
+    leader.stop().await?;
+    follower.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn replicas_that_each_think_the_other_leads_do_not_bounce_reports() -> Result<(), Error> {
+    let a = support::bind(CONFIG, &[]).await?;
+    let b = support::bind(CONFIG, &[]).await?;
+    let a_uri = format!("http://{}", a.grpc_addr().unwrap());
+    let b_uri = format!("http://{}", b.grpc_addr().unwrap());
+    let (a_led, _a_leading, _a_leader) = fixed("a", false, Some(b_uri));
+    let (b_led, _b_leading, _b_leader) = fixed("b", false, Some(a_uri));
+    let a = support::spawn(a.with_leadership(a_led))?;
+    let b = support::spawn(b.with_leadership(b_led))?;
+
+    let mut grpc = client(b.grpc_uri()).await?;
+    for sequence in 1..=5 {
+        grpc.report(report("gw", sequence, 1)).await?;
+    }
+    b.wait_metric("flyball_forward_reports_total", 5.0, WAIT)
+        .await?;
+    a.wait_metric("flyball_ingest_reports_total", 5.0, WAIT)
+        .await?;
+    // a merged what b forwarded and sent none of it back.
+    assert_eq!(a.metric("flyball_forward_reports_total").await?, Some(0.0));
+    assert_eq!(
+        b.metric("flyball_ingest_duplicates_total").await?,
+        Some(0.0)
+    );
+    a.stop().await?;
+    b.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_follower_without_a_known_leader_counts_what_it_could_not_forward() -> Result<(), Error> {
+    let (b, _leading, leader) = fixed("b", false, None);
+    let follower = support::start_led(CONFIG, &[], b).await?;
+    let mut grpc = client(follower.grpc_uri()).await?;
+    for sequence in 1..=3 {
+        grpc.report(report("gw", sequence, 1)).await?;
+    }
+    follower
+        .wait_metric(
+            "flyball_forward_dropped_total{reason=\"no_leader\"}",
+            3.0,
+            WAIT,
+        )
+        .await?;
+    // Its own windows have everything all the same.
+    assert_eq!(totals(&follower.pools().await?), (6, 3, 300, 21));
+    drop(leader);
+    follower.stop().await?;
+    Ok(())
+}
