@@ -9,9 +9,9 @@
 //! stack up for your own curl requests.
 
 use crate::client::{get, http_client, post};
+use crate::control::LocalControl;
 use crate::envoy::{Envoy, EnvoyOptions, prometheus_sum};
 use crate::wait_for;
-use flyball_control::{Control, ControlArgs};
 use flyball_sim::{SimConfig, SimServer};
 use std::time::{Duration, Instant};
 
@@ -59,24 +59,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let sim = SimServer::start(SimConfig::default(), listener).await?;
     println!("simulator      http://{}", sim.local_addr());
 
-    let control_config = flyball_control::config::ControlConfig::from_yaml(DEMO_CONTROL_CONFIG)?;
-    let mut control_args = <ControlArgs as clap::FromArgMatches>::from_arg_matches(
-        &<ControlArgs as clap::Args>::augment_args(clap::Command::new("demo"))
-            .get_matches_from(["demo", "--dry-run"]),
-    )?;
-    control_args.grpc_listen = "127.0.0.1:0".parse()?;
-    control_args.http_listen = "127.0.0.1:0".parse()?;
-    let control = Control::bind_with_config(&control_args, control_config).await?;
-    let grpc = control
-        .grpc_addr()
-        .ok_or_else(|| anyhow::anyhow!("control has no gRPC address"))?;
-    let http = control
-        .http_addr()
-        .ok_or_else(|| anyhow::anyhow!("control has no HTTP address"))?;
-    let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
-    let control_task = tokio::spawn(control.serve(async {
-        let _ = control_stopped.await;
-    }));
+    let control = LocalControl::start(DEMO_CONTROL_CONFIG, &["--dry-run"]).await?;
+    let (grpc, http) = (control.grpc, control.http);
     println!("flyball control gRPC {grpc}, HTTP http://{http}/v1/pools");
 
     let plugin = serde_json::json!({
@@ -229,8 +213,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
     }
     drop(envoy);
-    let _ = stop_control.send(());
-    let _ = control_task.await;
+    control.stop().await?;
     sim.shutdown().await;
     Ok(())
 }

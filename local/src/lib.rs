@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod control;
 pub mod demo;
 pub mod envoy;
 

@@ -7,13 +7,4 @@
 
 pub mod receiver;
 
-/// `flyball control`'s arguments as the command line would give them, for in-process instances.
-pub fn control_args(flags: &[&str]) -> anyhow::Result<flyball_control::ControlArgs> {
-    use clap::{Args, FromArgMatches};
-    let command = flyball_control::ControlArgs::augment_args(clap::Command::new("control"));
-    let matches =
-        command.try_get_matches_from(std::iter::once("control").chain(flags.iter().copied()))?;
-    Ok(flyball_control::ControlArgs::from_arg_matches(&matches)?)
-}
-
-pub use flyball_local::{client, envoy, free_port, repo_root, wait_for};
+pub use flyball_local::control::{LocalControl, control_args};

@@ -3,13 +3,11 @@
 //! scale-up recommendation, and the control service's totals must equal the simulator's ground
 //! truth exactly.
 
-use flyball_control::Control;
-use flyball_control::config::ControlConfig;
 use flyball_local::client::{get, http_client, post};
 use flyball_local::envoy::{Envoy, EnvoyOptions};
 use flyball_local::wait_for;
 use flyball_sim::{SimConfig, SimServer};
-use flyball_tests::control_args;
+use flyball_tests::LocalControl;
 use std::time::{Duration, Instant};
 
 const CONFIG: &str = r#"
@@ -49,30 +47,20 @@ async fn pools(url: &str) -> Option<serde_json::Value> {
 async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim = SimServer::start(SimConfig::default(), listener).await?;
-    let args = control_args(&[
-        "--grpc-listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--dry-run",
-        "--bucket",
-        "250ms",
-        "--short-window",
-        "2s",
-        "--stable-window",
-        "10s",
-    ])?;
-    let control = Control::bind_with_config(&args, ControlConfig::from_yaml(CONFIG)?).await?;
-    let grpc = control
-        .grpc_addr()
-        .ok_or_else(|| anyhow::anyhow!("no gRPC address"))?;
-    let http = control
-        .http_addr()
-        .ok_or_else(|| anyhow::anyhow!("no HTTP address"))?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(control.serve(async {
-        let _ = stopped.await;
-    }));
+    let control = LocalControl::start(
+        CONFIG,
+        &[
+            "--dry-run",
+            "--bucket",
+            "250ms",
+            "--short-window",
+            "2s",
+            "--stable-window",
+            "10s",
+        ],
+    )
+    .await?;
+    let grpc = control.grpc;
     let plugin = serde_json::json!({
         "controlCluster": "flyball_control",
         "reportIntervalMs": 100,
@@ -85,7 +73,7 @@ async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyho
         &plugin,
     ))
     .await?;
-    let url = format!("http://{http}/v1/pools");
+    let url = control.pools_url();
 
     // A trickle first: one request at a time, well within one replica's capacity.
     let client = http_client();
@@ -200,7 +188,6 @@ async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyho
     );
 
     drop(envoy);
-    let _ = stop.send(());
-    let _ = served.await;
+    control.stop().await?;
     Ok(())
 }

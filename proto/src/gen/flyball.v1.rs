@@ -109,7 +109,7 @@ pub struct InFlight {
     pub decoding: u64,
 }
 /// A log-bucketed histogram (DDSketch's logarithmic mapping) that merges exactly by adding counts.
-/// Bucket i holds values v with gamma^(i-1) < v <= gamma^i, gamma = (1 + a) / (1 - a) with
+/// Bucket i holds values v with gamma^(i-1) \< v \<= gamma^i, gamma = (1 + a) / (1 - a) with
 /// a = relative_accuracy; a bucket's representative value 2 gamma^i / (gamma + 1) is within a
 /// relative error a of every value in it. Values below 1 (microsecond) count in zero_count.
 #[derive(Clone, PartialEq, ::prost::Message)]
