@@ -253,3 +253,26 @@ fn every_envoy_config_in_the_repository_validates() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_benchmark_baseline_is_flyball_yaml_without_the_filter() -> anyhow::Result<()> {
+    // The benchmark's ratios are only fair if the two Envoys differ by the filter alone.
+    let dir = repo_root().join("envoy");
+    let with_filter = std::fs::read_to_string(dir.join("flyball.yaml"))?;
+    let baseline = std::fs::read_to_string(dir.join("baseline.yaml"))?;
+    let start = with_filter
+        .find("                  - name: flyball\n")
+        .ok_or_else(|| anyhow::anyhow!("no flyball filter in flyball.yaml"))?;
+    let end = with_filter
+        .find("                  - name: envoy.filters.http.router")
+        .ok_or_else(|| anyhow::anyhow!("no router in flyball.yaml"))?;
+    let without: String = format!("{}{}", &with_filter[..start], &with_filter[end..]);
+    let body = |text: &str| -> String {
+        text.lines()
+            .skip_while(|l| l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(body(&without), body(&baseline));
+    Ok(())
+}
