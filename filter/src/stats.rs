@@ -157,6 +157,8 @@ fn record_ms(id: Option<u32>, nanos: u64) {
 #[derive(Default)]
 pub(crate) struct StatsTable {
     slots: Vec<Slot>,
+    /// Indices of the `Held` slots, so defining them does not scan every key per request.
+    held: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -181,20 +183,28 @@ impl StatsTable {
     }
 
     fn move_gauges(&mut self, index: usize, waiting: i64, decoding: i64) {
-        match self.slot(index) {
+        let newly_held = match self.slot(index) {
             Some(Slot::Defined(stats)) => {
                 add(stats.waiting, waiting);
                 add(stats.decoding, decoding);
+                false
             }
-            Some(slot @ Slot::Unseen) => *slot = Slot::Held { waiting, decoding },
+            Some(slot @ Slot::Unseen) => {
+                *slot = Slot::Held { waiting, decoding };
+                true
+            }
             Some(Slot::Held {
                 waiting: held_waiting,
                 decoding: held_decoding,
             }) => {
                 *held_waiting += waiting;
                 *held_decoding += decoding;
+                false
             }
-            None => {}
+            None => false,
+        };
+        if newly_held {
+            self.held.push(index);
         }
     }
 
@@ -208,8 +218,10 @@ impl StatsTable {
 
     /// Creates the stats of every held key. `labels` names a key's (backend, model).
     pub(crate) fn define_held<'a>(&mut self, labels: impl Fn(usize) -> (&'a str, &'a str)) {
-        for (index, slot) in self.slots.iter_mut().enumerate() {
-            if let Slot::Held { waiting, decoding } = *slot {
+        for index in std::mem::take(&mut self.held) {
+            if let Some(slot) = self.slots.get_mut(index)
+                && let Slot::Held { waiting, decoding } = *slot
+            {
                 let (backend, model) = labels(index);
                 let stats = KeyStats::define(backend, model);
                 add(stats.waiting, waiting);
