@@ -90,7 +90,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("flyball: {error:#}");
+            eprintln!("flyball: {}", error_chain(&error));
             let usage = error.downcast_ref::<flyball_sim::SimError>().is_some()
                 || error
                     .downcast_ref::<flyball_control::ControlError>()
@@ -102,6 +102,20 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The error and its causes, skipping a cause whose text the message before it already shows
+/// (flyball's error types print their source inside their own message).
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
