@@ -97,6 +97,38 @@ impl v1::TokenUsage {
     }
 }
 
+// === impl v1::KeyTelemetry ===
+
+impl v1::KeyTelemetry {
+    /// Adds the deltas of `other` (counts, tokens, sketches) to `self`; the in-flight gauges,
+    /// which are absolute, are left alone. A sketch that does not convert (another accuracy,
+    /// corrupt) is skipped rather than poisoning the sum.
+    pub fn add_figures(&mut self, other: &Self) {
+        if let Some(r) = &other.requests {
+            self.requests.get_or_insert_with(Default::default).add(r);
+        }
+        if let Some(t) = &other.tokens {
+            self.tokens.get_or_insert_with(Default::default).add(t);
+        }
+        merge_sketch(&mut self.ttft_us, &other.ttft_us);
+        merge_sketch(&mut self.tpot_us, &other.tpot_us);
+        merge_sketch(&mut self.itl_us, &other.itl_us);
+        merge_sketch(&mut self.e2e_us, &other.e2e_us);
+    }
+}
+
+fn merge_sketch(into: &mut Option<v1::Sketch>, from: &Option<v1::Sketch>) {
+    let Some(from) = from.as_ref().and_then(|s| Sketch::try_from(s).ok()) else {
+        return;
+    };
+    let mut merged = into
+        .as_ref()
+        .and_then(|s| Sketch::try_from(s).ok())
+        .unwrap_or_default();
+    merged.merge(&from);
+    *into = Some(v1::Sketch::from(&merged));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,7 +132,10 @@ pub fn totals(reports: &[ReportRequest]) -> ReceivedTotals {
         out.reports += 1;
         for key in &report.keys {
             let name = (key.backend.clone(), key.model.clone());
-            merge_key(out.keys.entry(name).or_default(), key);
+            let sum = out.keys.entry(name).or_default();
+            sum.backend.clone_from(&key.backend);
+            sum.model.clone_from(&key.model);
+            sum.add_figures(key);
         }
         let newest = latest.entry(id).or_default();
         if report.sequence >= *newest {
@@ -156,32 +159,4 @@ pub fn totals(reports: &[ReportRequest]) -> ReceivedTotals {
         }
     }
     out
-}
-
-fn merge_key(into: &mut KeyTelemetry, from: &KeyTelemetry) {
-    into.backend.clone_from(&from.backend);
-    into.model.clone_from(&from.model);
-    into.requests
-        .get_or_insert_with(Default::default)
-        .add(&from.requests.unwrap_or_default());
-    into.tokens
-        .get_or_insert_with(Default::default)
-        .add(&from.tokens.unwrap_or_default());
-    for (into, from) in [
-        (&mut into.ttft_us, &from.ttft_us),
-        (&mut into.tpot_us, &from.tpot_us),
-        (&mut into.itl_us, &from.itl_us),
-        (&mut into.e2e_us, &from.e2e_us),
-    ] {
-        let Some(from) = from else { continue };
-        let Ok(from) = flyball_sketch::Sketch::try_from(from) else {
-            continue;
-        };
-        let mut merged = into
-            .as_ref()
-            .and_then(|s| flyball_sketch::Sketch::try_from(s).ok())
-            .unwrap_or_default();
-        merged.merge(&from);
-        *into = Some((&merged).into());
-    }
 }

@@ -10,7 +10,6 @@
 
 use crate::aggregate::WorkerDelta;
 use flyball_proto::v1;
-use flyball_sketch::Sketch;
 use prost::Message;
 use std::collections::HashMap;
 
@@ -117,33 +116,7 @@ fn shift(gauge: u64, change: i64) -> u64 {
 
 /// Adds the delta figures of `from` to `into` (not `in_flight`).
 pub fn add_figures(into: &mut v1::KeyTelemetry, from: &v1::KeyTelemetry) {
-    if let Some(r) = &from.requests {
-        into.requests.get_or_insert_with(Default::default).add(r);
-    }
-    if let Some(t) = &from.tokens {
-        into.tokens.get_or_insert_with(Default::default).add(t);
-    }
-    merge_sketch(&mut into.ttft_us, &from.ttft_us);
-    merge_sketch(&mut into.tpot_us, &from.tpot_us);
-    merge_sketch(&mut into.itl_us, &from.itl_us);
-    merge_sketch(&mut into.e2e_us, &from.e2e_us);
-}
-
-fn merge_sketch(into: &mut Option<v1::Sketch>, from: &Option<v1::Sketch>) {
-    let Some(from) = from else {
-        return;
-    };
-    let Ok(from) = Sketch::try_from(from) else {
-        // Sketches this filter built always convert; anything else is dropped rather than
-        // poisoning the merged sketch.
-        return;
-    };
-    let mut merged = into
-        .as_ref()
-        .and_then(|s| Sketch::try_from(s).ok())
-        .unwrap_or_default();
-    merged.merge(&from);
-    *into = Some(v1::Sketch::from(&merged));
+    into.add_figures(from);
 }
 
 fn has_figures(k: &v1::KeyTelemetry) -> bool {
@@ -206,6 +179,7 @@ pub fn take_report_keys(shared: &[u8]) -> (ReportKeys, Vec<u8>) {
 mod tests {
     use super::*;
     use crate::aggregate::KeyDelta;
+    use flyball_sketch::Sketch;
 
     fn delta(model: &str, ok: u64, waiting: i64, decoding: i64) -> WorkerDelta {
         let mut sketch = Sketch::new();
