@@ -4,12 +4,15 @@
 //!     cargo bench -p flyball-control --bench ingest               # 10,000 gateways at 1 Hz
 //!     cargo bench -p flyball-control --bench ingest -- --quick    # 500 gateways, a few seconds
 //!     cargo bench -p flyball-control --bench ingest -- --gateways 2000 --rate 10 --seconds 30
+//!     cargo bench -p flyball-control --bench ingest -- --rpc unary  # one call per report
 //!
 //! Each server runs in a child process of this one (this binary again, `--child`) on a
 //! current-thread runtime, i.e. on one core, so its CPU and memory are read from
 //! `/proc/<child>/stat` and `/proc/<child>/status` without the load generator's. Each synthetic
 //! gateway has its own HTTP/2 connection (as real gateways do; `--connections` caps it) and sends
-//! 4 keys with realistic TTFT/TPOT/ITL/e2e sketches. The target: 10,000 gateways at 1 Hz on one
+//! 4 keys with realistic TTFT/TPOT/ITL/e2e sketches, each report a message on its long-lived
+//! `ReportStream` awaiting its acknowledgement (as the filter does), or with `--rpc unary` a
+//! `Report` call of its own. The target: 10,000 gateways at 1 Hz on one
 //! core at <= 25% CPU and <= 64 MB RSS. Nothing here asserts on time; it prints.
 
 use std::io::{BufRead, BufReader, Write};
@@ -22,6 +25,7 @@ use flyball_proto::Sketch;
 use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
 use flyball_proto::grpc::telemetry_service_server::{TelemetryService, TelemetryServiceServer};
 use flyball_proto::v1;
+use futures::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -33,6 +37,7 @@ struct Options {
     gateways: usize,
     rate_hz: f64,
     connections: usize,
+    streaming: bool,
     warmup: Duration,
     measure: Duration,
 }
@@ -42,6 +47,33 @@ fn main() -> Result<(), Error> {
     if let Some(at) = args.iter().position(|a| a == "--child") {
         let mode = args.get(at + 1).cloned().unwrap_or_default();
         return child(&mode);
+    }
+    if args.iter().any(|a| a == "--scratch-decode") {
+        use prost::Message;
+        let bodies = Bodies::new(64);
+        let encoded: Vec<Vec<u8>> = bodies.0.iter().map(|b| b.encode_to_vec()).collect();
+        let bytes: usize = encoded.iter().map(Vec::len).sum();
+        let counts: usize = bodies
+            .0
+            .iter()
+            .flat_map(|b| b.keys.iter())
+            .map(|k| {
+                k.ttft_us.as_ref().map_or(0, |s| s.counts.len())
+                    + k.tpot_us.as_ref().map_or(0, |s| s.counts.len())
+                    + k.itl_us.as_ref().map_or(0, |s| s.counts.len())
+                    + k.e2e_us.as_ref().map_or(0, |s| s.counts.len())
+            })
+            .sum();
+        println!("avg bytes {} avg counts {}", bytes / 64, counts / 64);
+        let t = Instant::now();
+        for _ in 0..1000 {
+            for e in &encoded {
+                let r = v1::ReportRequest::decode(e.as_slice())?;
+                std::hint::black_box(r);
+            }
+        }
+        println!("decode {:?} per report", t.elapsed() / 64000);
+        return Ok(());
     }
     let quick = args.iter().any(|a| a == "--quick");
     let value = |flag: &str| {
@@ -57,6 +89,16 @@ fn main() -> Result<(), Error> {
         connections: value("--connections")
             .map_or(gateways, |c| c as usize)
             .max(1),
+        streaming: match args
+            .iter()
+            .position(|a| a == "--rpc")
+            .and_then(|i| args.get(i + 1))
+        {
+            None => true,
+            Some(rpc) if rpc == "stream" => true,
+            Some(rpc) if rpc == "unary" => false,
+            Some(other) => return Err(format!("--rpc {other}: expected stream or unary").into()),
+        },
         warmup: Duration::from_secs_f64(value("--warmup").unwrap_or(if quick { 2.0 } else { 5.0 })),
         measure: Duration::from_secs_f64(value("--seconds").unwrap_or(if quick {
             4.0
@@ -87,11 +129,16 @@ struct Measured {
 
 async fn parent(options: Options) -> Result<(), Error> {
     println!(
-        "ingest bench: {} gateways x {} keys at {} Hz over {} connections; warm-up {:?}, measure {:?}",
+        "ingest bench: {} gateways x {} keys at {} Hz over {} connections, {}; warm-up {:?}, measure {:?}",
         options.gateways,
         KEYS,
         options.rate_hz,
         options.connections,
+        if options.streaming {
+            "a ReportStream each"
+        } else {
+            "unary Report calls"
+        },
         options.warmup,
         options.measure
     );
@@ -154,8 +201,9 @@ async fn parent(options: Options) -> Result<(), Error> {
         verdict(ingest.peak_rss_mb <= 64.0)
     );
     println!(
-        "machine-readable: gateways={} rate_hz={} connections={} reports_per_s={:.1} cpu_us_per_report={:.2} \
+        "machine-readable: rpc={} gateways={} rate_hz={} connections={} reports_per_s={:.1} cpu_us_per_report={:.2} \
          cpu_share={:.4} rss_mb={:.1} peak_rss_mb={:.1} baseline_cpu_us_per_report={:.2} baseline_peak_rss_mb={:.1}",
+        if options.streaming { "stream" } else { "unary" },
         options.gateways,
         options.rate_hz,
         options.connections,
@@ -203,7 +251,16 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
         let client = TelemetryServiceClient::new(channels[g % channels.len()].clone());
         let (sent, errors, bodies) = (sent.clone(), errors.clone(), bodies.clone());
         let phase = period.mul_f64(g as f64 / options.gateways as f64);
-        gateways.spawn(gateway(client, g, phase, period, bodies, sent, errors));
+        let schedule = Schedule {
+            index: g,
+            phase,
+            period,
+        };
+        if options.streaming {
+            gateways.spawn(streaming_gateway(client, schedule, bodies, sent, errors));
+        } else {
+            gateways.spawn(unary_gateway(client, schedule, bodies, sent, errors));
+        }
     }
 
     tokio::time::sleep(options.warmup).await;
@@ -247,32 +304,106 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
     Ok(measured)
 }
 
-async fn gateway(
-    mut client: TelemetryServiceClient<Channel>,
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
     index: usize,
     phase: Duration,
     period: Duration,
+}
+
+impl Schedule {
+    /// Reports of this gateway, one per period, each stamped with its identity and sequence.
+    fn reports(self, bodies: Arc<Bodies>) -> impl futures::Stream<Item = v1::ReportRequest> {
+        let name = format!("gateway-{:05}", self.index);
+        futures::stream::unfold(
+            (None::<tokio::time::Interval>, 1u64),
+            move |(tick, sequence)| {
+                let (name, bodies) = (name.clone(), bodies.clone());
+                async move {
+                    let mut tick = match tick {
+                        Some(tick) => tick,
+                        None => {
+                            tokio::time::sleep(self.phase).await;
+                            let mut tick = tokio::time::interval(self.period);
+                            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            tick
+                        }
+                    };
+                    tick.tick().await;
+                    let mut report = bodies.pick(self.index as u64 ^ sequence);
+                    report.reporter = Some(v1::Reporter {
+                        gateway: name,
+                        process_start_unix_ms: 1_700_000_000_000,
+                        filter_version: "bench".into(),
+                    });
+                    report.sequence = sequence;
+                    Some((report, (Some(tick), sequence + 1)))
+                }
+            },
+        )
+    }
+}
+
+async fn unary_gateway(
+    mut client: TelemetryServiceClient<Channel>,
+    schedule: Schedule,
     bodies: Arc<Bodies>,
     sent: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
 ) {
-    let name = format!("gateway-{index:05}");
-    tokio::time::sleep(phase).await;
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for sequence in 1.. {
-        tick.tick().await;
-        let mut report = bodies.pick(index as u64 ^ sequence);
-        report.reporter = Some(v1::Reporter {
-            gateway: name.clone(),
-            process_start_unix_ms: 1_700_000_000_000,
-            filter_version: "bench".into(),
-        });
-        report.sequence = sequence;
+    let reports = schedule.reports(bodies);
+    futures::pin_mut!(reports);
+    while let Some(report) = reports.next().await {
         match client.report(report).await {
             Ok(_) => sent.fetch_add(1, Ordering::Relaxed),
             Err(_) => errors.fetch_add(1, Ordering::Relaxed),
         };
+    }
+}
+
+/// Like the filter: one report at a time on the stream, the next sent once the previous one is
+/// acknowledged (or its period has passed); a broken stream is counted and opened again.
+async fn streaming_gateway(
+    mut client: TelemetryServiceClient<Channel>,
+    schedule: Schedule,
+    bodies: Arc<Bodies>,
+    sent: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+) {
+    let reports = schedule.reports(bodies);
+    futures::pin_mut!(reports);
+    loop {
+        let (outbound, outbound_rx) = tokio::sync::mpsc::channel::<v1::ReportRequest>(1);
+        let opened = client
+            .report_stream(tokio_stream::wrappers::ReceiverStream::new(outbound_rx))
+            .await;
+        let mut acks = match opened {
+            Ok(response) => response.into_inner(),
+            Err(_) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(schedule.period).await;
+                continue;
+            }
+        };
+        loop {
+            let Some(report) = reports.next().await else {
+                return;
+            };
+            let sequence = report.sequence;
+            if outbound.send(report).await.is_err() {
+                errors.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            match acks.message().await {
+                Ok(Some(ack)) if ack.acknowledged_sequence == sequence => {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -371,20 +502,33 @@ impl Rng {
 
 // === the server, in a child process ===
 
+/// `FLYBALL_BENCH_WRAP` runs the server under a profiler, e.g. `heaptrack` or `perf record -g`.
 fn spawn_child(mode: &str) -> Result<(Child, String), Error> {
-    let mut child = Command::new(std::env::current_exe()?)
+    let exe = std::env::current_exe()?;
+    let wrapper = std::env::var("FLYBALL_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(&exe);
+            command
+        }
+        None => Command::new(&exe),
+    };
+    let mut child = command
         .args(["--child", mode])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().ok_or("no child stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line
-        .strip_prefix("LISTEN ")
-        .ok_or_else(|| format!("child said {line:?}"))?
-        .trim()
-        .to_owned();
+    let mut lines = BufReader::new(stdout).lines();
+    // A wrapper may print first; the server's own line is the one that says where it listens.
+    let addr = loop {
+        let line = lines.next().ok_or("the server exited before listening")??;
+        if let Some(addr) = line.strip_prefix("LISTEN ") {
+            break addr.trim().to_owned();
+        }
+    };
     Ok((child, addr))
 }
 
@@ -461,6 +605,20 @@ impl TelemetryService for AckOnly {
         Ok(tonic::Response::new(v1::ReportResponse {
             acknowledged_sequence: request.get_ref().sequence,
         }))
+    }
+
+    type ReportStreamStream = flyball_control::ingest::AckStream;
+
+    async fn report_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<v1::ReportRequest>>,
+    ) -> Result<tonic::Response<Self::ReportStreamStream>, tonic::Status> {
+        let acks = request.into_inner().map(|report| {
+            report.map(|report| v1::ReportResponse {
+                acknowledged_sequence: report.sequence,
+            })
+        });
+        Ok(tonic::Response::new(Box::pin(acks)))
     }
 }
 

@@ -1,4 +1,5 @@
-//! Ingest: gateways' `flyball.v1.TelemetryService/Report` calls merged into the windows.
+//! Ingest: gateways' `flyball.v1.TelemetryService` reports (unary `Report` calls, or messages on
+//! a `ReportStream`) merged into the windows.
 //!
 //! report -> [`parse`] (validate, decode sketches; no lock) -> [`Reporters::admit`] (identity,
 //! duplicates, gaps, restarts) -> [`Windows::record`] per key and pool -> pools marked dirty.
@@ -190,6 +191,9 @@ pub struct IngestService {
     telemetry: Arc<Telemetry>,
     /// Set on replicas that may follow: reports they merge go on to the leader.
     forwarder: Option<Arc<Forwarder>>,
+    /// Turns true when the service shuts down: open report streams end (gateways reconnect,
+    /// to another replica) instead of holding the graceful shutdown open.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Sweeping for stale reporters scans them all, so readers do it at most this often.
@@ -712,7 +716,14 @@ impl IngestService {
         IngestService {
             telemetry,
             forwarder: None,
+            stopping: tokio::sync::watch::channel(false).1,
         }
+    }
+
+    /// End report streams when `stopping` turns true.
+    pub fn with_stop(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = stopping;
+        self
     }
 
     /// Forward what this replica merges while it follows (see [`crate::forward`]).
@@ -728,16 +739,15 @@ impl IngestService {
     }
 }
 
-#[tonic::async_trait]
-impl TelemetryService for IngestService {
-    async fn report(
+impl IngestService {
+    /// Merges one report, unary or streamed, and answers with its acknowledgement or refusal.
+    fn merge(
         &self,
-        request: tonic::Request<v1::ReportRequest>,
-    ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
+        report: v1::ReportRequest,
+        forwarded: bool,
+    ) -> Result<v1::ReportResponse, tonic::Status> {
         // A forwarded report has made its one hop; forwarding it again could bounce it between
         // two replicas that each think the other leads.
-        let forwarded = request.metadata().contains_key(FORWARDED_BY);
-        let report = request.into_inner();
         let sequence = report.sequence;
         let forwarder = self.forwarder.as_ref().filter(|f| !forwarded && f.active());
         let copy = forwarder.map(|_| report.clone());
@@ -748,15 +758,67 @@ impl TelemetryService for IngestService {
                 {
                     forwarder.offer(copy);
                 }
-                Ok(tonic::Response::new(v1::ReportResponse {
+                Ok(v1::ReportResponse {
                     acknowledged_sequence: sequence,
-                }))
+                })
             }
             Err(refusal) => {
                 tracing::debug!(reason = refusal.reason(), %refusal, "report refused");
                 Err(refusal.to_status())
             }
         }
+    }
+}
+
+/// The acknowledgements of one `ReportStream`, in the order of its reports.
+pub type AckStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<v1::ReportResponse, tonic::Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl TelemetryService for IngestService {
+    async fn report(
+        &self,
+        request: tonic::Request<v1::ReportRequest>,
+    ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED_BY);
+        self.merge(request.into_inner(), forwarded)
+            .map(tonic::Response::new)
+    }
+
+    type ReportStreamStream = AckStream;
+
+    async fn report_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<v1::ReportRequest>>,
+    ) -> Result<tonic::Response<AckStream>, tonic::Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED_BY);
+        let reports = request.into_inner();
+        // Each report is merged when it arrives and acknowledged before the next is read. A
+        // refusal (or a message tonic could not decode, such as one over the size limit) is the
+        // stream's last answer: its status ends the stream, as it would end a unary call.
+        let acks = futures::stream::unfold(
+            (reports, Some(self.clone())),
+            move |(mut reports, service)| async move {
+                let mut service = service?;
+                let mut stopping = service.stopping.clone();
+                let received = tokio::select! {
+                    received = reports.message() => received,
+                    _ = stopping.wait_for(|stop| *stop) => Err(tonic::Status::unavailable(
+                        "the control service is shutting down; report to another replica",
+                    )),
+                };
+                let answer = match received {
+                    Ok(Some(report)) => service.merge(report, forwarded),
+                    Ok(None) => return None,
+                    Err(status) => Err(status),
+                };
+                service.stopping = stopping;
+                let next = answer.is_ok().then_some(service);
+                Some((answer, (reports, next)))
+            },
+        );
+        Ok(tonic::Response::new(Box::pin(acks)))
     }
 }
 

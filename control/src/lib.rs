@@ -611,6 +611,7 @@ impl<A: Actuator> Control<A> {
         let app = self.app_state();
         let (stop_tx, stop_rx) = watch::channel(false);
         let keda = KedaScaler::new(self.config.clone(), self.status.clone(), stop_rx.clone());
+        let ingest_stop = stop_rx.clone();
         let stopped = move || {
             let mut rx = stop_rx.clone();
             async move {
@@ -619,7 +620,7 @@ impl<A: Actuator> Control<A> {
         };
         let mut tasks = tokio::task::JoinSet::new();
 
-        let mut ingest = IngestService::new(self.telemetry.clone());
+        let mut ingest = IngestService::new(self.telemetry.clone()).with_stop(ingest_stop);
         if self.leadership.forward {
             let (forwarder, lanes) = Forwarder::new(
                 &self.leadership.identity,

@@ -99,9 +99,47 @@ impl Expected {
     }
 }
 
+/// How a test gateway reports: unary calls, or messages on one `ReportStream`.
+enum Reporting {
+    Unary(TelemetryServiceClient<Channel>),
+    Stream {
+        reports: tokio::sync::mpsc::Sender<v1::ReportRequest>,
+        acks: tonic::Streaming<v1::ReportResponse>,
+    },
+}
+
+impl Reporting {
+    async fn stream(mut client: TelemetryServiceClient<Channel>) -> Result<Reporting, Error> {
+        let (reports, outbound) = tokio::sync::mpsc::channel(1);
+        let acks = client
+            .report_stream(tokio_stream::wrappers::ReceiverStream::new(outbound))
+            .await?
+            .into_inner();
+        Ok(Reporting::Stream { reports, acks })
+    }
+
+    /// Sends one report; returns the sequence acknowledged, or the refusal.
+    async fn send(&mut self, report: v1::ReportRequest) -> Result<u64, tonic::Status> {
+        match self {
+            Reporting::Unary(client) => {
+                Ok(client.report(report).await?.get_ref().acknowledged_sequence)
+            }
+            Reporting::Stream { reports, acks } => {
+                if reports.send(report).await.is_err() {
+                    return Err(tonic::Status::unavailable("stream closed"));
+                }
+                match acks.message().await? {
+                    Some(ack) => Ok(ack.acknowledged_sequence),
+                    None => Err(tonic::Status::unavailable("stream ended without an ack")),
+                }
+            }
+        }
+    }
+}
+
 /// One gateway's 20 reports. Every tenth gateway resends every fifth report; another skips two
 /// sequence numbers; another restarts halfway and counts from 1 again.
-async fn gateway(mut client: TelemetryServiceClient<Channel>, i: usize) -> Result<Expected, Error> {
+async fn gateway(mut client: Reporting, i: usize) -> Result<Expected, Error> {
     let name = format!("gw-{i}");
     let mut expected = Expected::default();
     let mut start_ms = 1_000;
@@ -119,12 +157,12 @@ async fn gateway(mut client: TelemetryServiceClient<Channel>, i: usize) -> Resul
             sequence = 1;
             expected.restarts += 1;
         }
-        let ack = client.report(report(&name, start_ms, sequence, ok)).await?;
-        assert_eq!(ack.get_ref().acknowledged_sequence, sequence);
+        let ack = client.send(report(&name, start_ms, sequence, ok)).await?;
+        assert_eq!(ack, sequence);
         expected.merged(ok);
         if i.is_multiple_of(10) && k.is_multiple_of(5) {
-            let again = client.report(report(&name, start_ms, sequence, ok)).await?;
-            assert_eq!(again.get_ref().acknowledged_sequence, sequence);
+            let again = client.send(report(&name, start_ms, sequence, ok)).await?;
+            assert_eq!(again, sequence);
             expected.duplicates += 1;
         }
     }
@@ -139,9 +177,15 @@ async fn hundreds_of_concurrent_reporters_add_up_exactly() -> Result<(), Error> 
         channels.push(Channel::from_shared(control.grpc_uri())?.connect().await?);
     }
     let mut tasks = tokio::task::JoinSet::new();
+    // Half the gateways report on streams, half by unary calls, sharing connections.
     for i in 0..300 {
         let client = TelemetryServiceClient::new(channels[i % channels.len()].clone());
-        tasks.spawn(gateway(client, i));
+        let reporting = if i % 20 < 10 {
+            Reporting::stream(client).await?
+        } else {
+            Reporting::Unary(client)
+        };
+        tasks.spawn(gateway(reporting, i));
     }
     let mut expected = Expected::default();
     while let Some(done) = tasks.join_next().await {
@@ -247,6 +291,66 @@ async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), E
         assert_eq!(control.metric(&series).await?, Some(n), "{series}");
     }
     control.stop().await
+}
+
+#[tokio::test]
+async fn a_refused_report_ends_its_stream_with_the_reason() -> Result<(), Error> {
+    let control = support::start(CONFIG, &["--max-report-bytes", "65536"]).await?;
+    let client = TelemetryServiceClient::connect(control.grpc_uri()).await?;
+
+    let mut stream = Reporting::stream(client.clone()).await?;
+    assert_eq!(stream.send(report("gw", 1, 1, 5)).await?, 1);
+    let status = stream.send(report("gw", 1, 0, 5)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), "sequence = 0: sequences start at 1");
+    let closed = stream.send(report("gw", 1, 2, 5)).await.unwrap_err();
+    assert_eq!(closed.code(), tonic::Code::Unavailable, "{closed:?}");
+
+    // Over the size limit: refused as a unary call would be, with the limit named.
+    let mut stream = Reporting::stream(client.clone()).await?;
+    let mut oversize = report("gw", 1, 2, 5);
+    oversize.keys[0].ttft_us = Some(v1::Sketch {
+        relative_accuracy: 0.02,
+        counts: vec![u64::MAX; 100_000],
+        ..Default::default()
+    });
+    let status = stream.send(oversize).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("65536"), "{}", status.message());
+
+    // A new stream carries on where the gateway left off.
+    let mut stream = Reporting::stream(client).await?;
+    assert_eq!(stream.send(report("gw", 1, 2, 5)).await?, 2);
+    let pools = control.pools().await?;
+    assert_eq!(pools["pools"][0]["requests"], 12);
+    for (reason, n) in [("zero_sequence", 1.0), ("oversize", 1.0)] {
+        let series = format!("flyball_ingest_refused_total{{reason=\"{reason}\"}}");
+        assert_eq!(control.metric(&series).await?, Some(n), "{series}");
+    }
+    control.stop().await
+}
+
+#[tokio::test]
+async fn shutting_down_ends_open_report_streams() -> Result<(), Error> {
+    let control = support::start(CONFIG, &[]).await?;
+    let client = TelemetryServiceClient::connect(control.grpc_uri()).await?;
+    let mut stream = Reporting::stream(client).await?;
+    assert_eq!(stream.send(report("gw", 1, 1, 5)).await?, 1);
+    let Reporting::Stream { reports, mut acks } = stream else {
+        unreachable!("a stream")
+    };
+    // The stream stays open (its sender is alive) while the service stops.
+    let stopped = tokio::spawn(control.stop());
+    let status = acks.message().await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("shutting down"),
+        "{}",
+        status.message()
+    );
+    stopped.await??;
+    drop(reports);
+    Ok(())
 }
 
 #[tokio::test]

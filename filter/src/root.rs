@@ -1,5 +1,11 @@
 //! The root context of one worker's VM: configuration, the worker's accumulator, and the
 //! periodic tick that merges it into shared data and sends reports to the control service.
+//!
+//! Reports travel as messages on a `ReportStream` the worker keeps open (a message on an open
+//! HTTP/2 stream costs the control service about half what a unary call does), each awaiting its
+//! acknowledgement; a control service without streams (UNIMPLEMENTED) gets unary `Report` calls
+//! from then on. Either way one report per process is in flight, and its fate is recorded in
+//! the shared reporter state (`report::on_response`).
 
 use crate::http::FlyballRequest;
 use crate::shared::{self, ACCUMULATION_KEY, REPORTER_KEY};
@@ -18,7 +24,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 const SERVICE: &str = "flyball.v1.TelemetryService";
-const METHOD: &str = "Report";
+const UNARY_METHOD: &str = "Report";
+const STREAM_METHOD: &str = "ReportStream";
+const GRPC_UNIMPLEMENTED: u32 = 12;
 
 /// What the HTTP contexts of this VM share with the root: one VM runs one thread, so a
 /// `RefCell` is enough, and callbacks never nest.
@@ -55,8 +63,27 @@ pub(crate) struct FlyballRoot {
     /// Serialized `GrpcService` naming the control cluster; `None` = stats only.
     control_target: Option<String>,
     reporter: v1::Reporter,
-    /// The report call this worker has in flight: (token, sequence).
-    in_flight_call: Option<(u32, u64)>,
+    transport: Transport,
+    /// The report this worker has in flight.
+    in_flight: Option<InFlight>,
+}
+
+/// How this worker's reports travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// On a `ReportStream`: its token while one is open.
+    Stream(Option<u32>),
+    /// Unary calls: the control service has no `ReportStream` (an older version).
+    Unary,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    /// The call's token, or the stream's the report went on.
+    token: u32,
+    on_stream: bool,
+    sequence: u64,
+    sent_at_ms: u64,
 }
 
 // === impl FlyballRoot ===
@@ -68,7 +95,8 @@ impl FlyballRoot {
             epoch: Instant::now(),
             control_target: None,
             reporter: v1::Reporter::default(),
-            in_flight_call: None,
+            transport: Transport::Stream(None),
+            in_flight: None,
         }
     }
 
@@ -121,7 +149,7 @@ impl FlyballRoot {
         let Some(target) = self.control_target.clone() else {
             return;
         };
-        if self.in_flight_call.is_some() {
+        if self.in_flight.is_some() {
             return;
         }
         let config = &worker.config;
@@ -179,24 +207,92 @@ impl FlyballRoot {
                 }
             },
         };
-        let timeout = Duration::from_millis(config.report_timeout_ms);
-        match hostcalls::dispatch_grpc_call(
-            &target,
-            SERVICE,
-            METHOD,
-            Vec::new(),
-            Some(&message),
-            timeout,
-        ) {
-            Ok(token) => self.in_flight_call = Some((token, sequence)),
+        let sent = match self.transport {
+            Transport::Stream(open) => self.send_on_stream(&target, open, &message),
+            Transport::Unary => hostcalls::dispatch_grpc_call(
+                &target,
+                SERVICE,
+                UNARY_METHOD,
+                Vec::new(),
+                Some(&message),
+                Duration::from_millis(config.report_timeout_ms),
+            )
+            .map(|token| (token, false)),
+        };
+        match sent {
+            Ok((token, on_stream)) => {
+                self.in_flight = Some(InFlight {
+                    token,
+                    on_stream,
+                    sequence,
+                    sent_at_ms: now_ms,
+                });
+            }
             Err(status) => {
-                log::warn!(
-                    "flyball: report call to the control cluster failed to start: {status:?}"
-                );
+                log::warn!("flyball: report to the control cluster failed to start: {status:?}");
                 FilterStats::count(worker.filter_stats.reports_failed);
                 self.settle(sequence, false, worker);
             }
         }
+    }
+
+    /// Sends `message` on this worker's report stream, opening one if none is open. Returns the
+    /// stream's token.
+    fn send_on_stream(
+        &mut self,
+        target: &str,
+        open: Option<u32>,
+        message: &[u8],
+    ) -> Result<(u32, bool), proxy_wasm::types::Status> {
+        let token = match open {
+            Some(token) => token,
+            None => {
+                let token =
+                    hostcalls::open_grpc_stream(target, SERVICE, STREAM_METHOD, Vec::new())?;
+                self.transport = Transport::Stream(Some(token));
+                token
+            }
+        };
+        if let Err(status) = hostcalls::send_grpc_stream_message(token, Some(message), false) {
+            self.abandon_stream(token);
+            return Err(status);
+        }
+        Ok((token, true))
+    }
+
+    /// Resets the stream; the next report opens a new one. (Envoy calls nothing back for a
+    /// stream the filter cancels.)
+    fn abandon_stream(&mut self, token: u32) {
+        if let Err(status) = hostcalls::cancel_grpc_stream(token) {
+            log::debug!("flyball: report stream already gone: {status:?}");
+        }
+        if self.transport == Transport::Stream(Some(token)) {
+            self.transport = Transport::Stream(None);
+        }
+    }
+
+    /// Envoy ends a unary call at its timeout; a message on a stream has no deadline of its own.
+    /// Past the report timeout the stream is presumed dead (a peer that vanished without a FIN,
+    /// say) and the report is failed, to be resent on a new stream at the next due time.
+    fn expire_streamed_report(&mut self, worker: &Worker) {
+        let Some(in_flight) = self.in_flight.filter(|f| f.on_stream) else {
+            return;
+        };
+        let now_ms = Self::now_unix_ms();
+        let timeout = worker.config.report_timeout_ms;
+        let expired = now_ms >= in_flight.sent_at_ms.saturating_add(timeout)
+            // The clock stepped back: do not wait for it to catch up.
+            || in_flight.sent_at_ms > now_ms.saturating_add(timeout);
+        if !expired {
+            return;
+        }
+        log::info!(
+            "flyball: report {} unacknowledged after {timeout} ms; reopening the report stream",
+            in_flight.sequence
+        );
+        self.abandon_stream(in_flight.token);
+        FilterStats::count(worker.filter_stats.reports_failed);
+        self.settle(in_flight.sequence, false, worker);
     }
 
     /// Takes the accumulated deltas and stores them, as the pending report `sequence`, in the
@@ -245,7 +341,7 @@ impl FlyballRoot {
     }
 
     fn settle(&mut self, sequence: u64, ok: bool, worker: &Worker) {
-        self.in_flight_call = None;
+        self.in_flight = None;
         let now_ms = Self::now_unix_ms();
         let result = shared::update(REPORTER_KEY, |current| {
             let state = ReporterState::decode_or_new(current, now_ms);
@@ -263,15 +359,29 @@ impl FlyballRoot {
     }
 }
 
+impl FlyballRoot {
+    /// The report in flight on `token` (a unary call, or a stream), with the worker to settle
+    /// it with.
+    fn in_flight_on(&self, token: u32, on_stream: bool) -> Option<(InFlight, Rc<RefCell<Worker>>)> {
+        let in_flight = self
+            .in_flight
+            .filter(|f| f.token == token && f.on_stream == on_stream)?;
+        Some((in_flight, self.worker.clone()?))
+    }
+
+    fn count_failure(worker: &Worker, what: &str, status_code: u32) {
+        let message = hostcalls::get_grpc_status().ok().and_then(|(_, m)| m);
+        log::info!(
+            "flyball: {what} (grpc status {status_code}: {}); will resend",
+            message.unwrap_or_default()
+        );
+        FilterStats::count(worker.filter_stats.reports_failed);
+    }
+}
+
 impl Context for FlyballRoot {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, _response_size: usize) {
-        let Some((token, sequence)) = self.in_flight_call else {
-            return;
-        };
-        if token != token_id {
-            return;
-        }
-        let Some(worker) = self.worker.clone() else {
+        let Some((in_flight, worker)) = self.in_flight_on(token_id, false) else {
             return;
         };
         let Ok(worker) = worker.try_borrow() else {
@@ -279,14 +389,53 @@ impl Context for FlyballRoot {
         };
         let ok = status_code == 0;
         if !ok {
-            let message = hostcalls::get_grpc_status().ok().and_then(|(_, m)| m);
-            log::info!(
-                "flyball: report refused or undelivered (grpc status {status_code}: {}); will resend",
-                message.unwrap_or_default()
-            );
-            FilterStats::count(worker.filter_stats.reports_failed);
+            Self::count_failure(&worker, "report refused or undelivered", status_code);
         }
-        self.settle(sequence, ok, &worker);
+        self.settle(in_flight.sequence, ok, &worker);
+    }
+
+    fn on_grpc_stream_message(&mut self, token_id: u32, message_size: usize) {
+        let Some((in_flight, worker)) = self.in_flight_on(token_id, true) else {
+            return;
+        };
+        let Ok(worker) = worker.try_borrow() else {
+            return;
+        };
+        let ack = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, message_size)
+            .ok()
+            .flatten()
+            .and_then(|bytes| v1::ReportResponse::decode(bytes.as_slice()).ok());
+        match ack {
+            Some(ack) if ack.acknowledged_sequence == in_flight.sequence => {
+                self.settle(in_flight.sequence, true, &worker);
+            }
+            // Acks come in order, one per report: anything else is a confused peer. The
+            // report stays in flight until its timeout, then goes again on a new stream.
+            other => log::warn!(
+                "flyball: report stream answered {other:?} to report {}",
+                in_flight.sequence
+            ),
+        }
+    }
+
+    fn on_grpc_stream_close(&mut self, token_id: u32, status_code: u32) {
+        if self.transport != Transport::Stream(Some(token_id)) {
+            return;
+        }
+        self.transport = if status_code == GRPC_UNIMPLEMENTED {
+            log::info!("flyball: the control service has no ReportStream; sending unary reports");
+            Transport::Unary
+        } else {
+            Transport::Stream(None)
+        };
+        let Some((in_flight, worker)) = self.in_flight_on(token_id, true) else {
+            return;
+        };
+        let Ok(worker) = worker.try_borrow() else {
+            return;
+        };
+        Self::count_failure(&worker, "report stream ended", status_code);
+        self.settle(in_flight.sequence, false, &worker);
     }
 }
 
@@ -376,6 +525,7 @@ impl RootContext for FlyballRoot {
         };
         worker.define_held_stats();
         Self::merge_into_shared(&mut worker);
+        self.expire_streamed_report(&worker);
         self.send_report_if_due(&worker);
     }
 

@@ -16,6 +16,9 @@ pub mod v1 {
 }
 
 #[cfg(feature = "grpc")]
+pub mod codec;
+
+#[cfg(feature = "grpc")]
 pub mod grpc {
     #![allow(clippy::all)]
     include!("gen/grpc/flyball.v1.TelemetryService.rs");

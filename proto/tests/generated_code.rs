@@ -17,9 +17,10 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&grpc)?;
 
     let descriptors = protox::compile(["flyball/v1/telemetry.proto"], [crate_dir()])?;
+    let files = descriptors.clone();
     prost_build::Config::new()
         .out_dir(&messages)
-        .compile_fds(descriptors)?;
+        .compile_fds(files)?;
 
     // Service code is generated apart from the messages so that the messages build for wasm32
     // without tonic.
@@ -28,12 +29,46 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .route_name("Report")
         .input_type("crate::v1::ReportRequest")
         .output_type("crate::v1::ReportResponse")
-        .codec_path("tonic_prost::ProstCodec")
+        .codec_path("crate::codec::ReportCodec")
         .build();
+    let report_stream = tonic_build::manual::Method::builder()
+        .name("report_stream")
+        .route_name("ReportStream")
+        .input_type("crate::v1::ReportRequest")
+        .output_type("crate::v1::ReportResponse")
+        .codec_path("crate::codec::ReportCodec")
+        .client_streaming()
+        .server_streaming()
+        .build();
+    // The service is described by hand (tonic's manual builder takes no descriptors): check that
+    // the description says what the .proto says.
+    let methods: Vec<(String, bool, bool)> = descriptors
+        .file
+        .iter()
+        .flat_map(|file| file.service.iter())
+        .flat_map(|service| service.method.iter())
+        .map(|m| {
+            (
+                m.name().to_owned(),
+                m.client_streaming(),
+                m.server_streaming(),
+            )
+        })
+        .collect();
+    let described = vec![
+        ("Report".to_owned(), false, false),
+        ("ReportStream".to_owned(), true, true),
+    ];
+    if methods != described {
+        return Err(
+            format!("the .proto has methods {methods:?}, the generator {described:?}").into(),
+        );
+    }
     let service = tonic_build::manual::Service::builder()
         .name("TelemetryService")
         .package("flyball.v1")
         .method(report)
+        .method(report_stream)
         .build();
     tonic_build::manual::Builder::new()
         .out_dir(&grpc)

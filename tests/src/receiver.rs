@@ -5,35 +5,92 @@ use flyball_proto::grpc::telemetry_service_server::{TelemetryService, TelemetryS
 use flyball_proto::v1::{KeyTelemetry, ReportRequest, ReportResponse};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 #[derive(Clone, Default)]
 struct Recorder {
     reports: Arc<Mutex<Vec<ReportRequest>>>,
+    /// How many reports came on a `ReportStream`, and how many streams were opened.
+    streamed: Arc<AtomicU64>,
+    streams: Arc<AtomicU64>,
 }
 
-#[tonic::async_trait]
-impl TelemetryService for Recorder {
-    async fn report(
-        &self,
-        request: tonic::Request<ReportRequest>,
-    ) -> Result<tonic::Response<ReportResponse>, tonic::Status> {
-        let report = request.into_inner();
+impl Recorder {
+    fn record(&self, report: ReportRequest) -> ReportResponse {
         let sequence = report.sequence;
         if let Ok(mut reports) = self.reports.lock() {
             reports.push(report);
         }
-        Ok(tonic::Response::new(ReportResponse {
+        ReportResponse {
             acknowledged_sequence: sequence,
-        }))
+        }
+    }
+}
+
+/// One run of the server: the recorder, and whether streams are answered at all.
+#[derive(Clone)]
+struct RecorderService {
+    recorder: Recorder,
+    /// An older control service: no `ReportStream`.
+    unary_only: bool,
+    /// Turns true when the receiver stops: open streams end, as the control service's do.
+    stopping: watch::Receiver<bool>,
+}
+
+type AckStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<ReportResponse, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TelemetryService for RecorderService {
+    async fn report(
+        &self,
+        request: tonic::Request<ReportRequest>,
+    ) -> Result<tonic::Response<ReportResponse>, tonic::Status> {
+        Ok(tonic::Response::new(
+            self.recorder.record(request.into_inner()),
+        ))
+    }
+
+    type ReportStreamStream = AckStream;
+
+    async fn report_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<ReportRequest>>,
+    ) -> Result<tonic::Response<AckStream>, tonic::Status> {
+        if self.unary_only {
+            return Err(tonic::Status::unimplemented("no ReportStream here"));
+        }
+        self.recorder.streams.fetch_add(1, Ordering::Relaxed);
+        let state = (request.into_inner(), Some(self.clone()));
+        let acks = futures::stream::unfold(state, |(mut reports, service)| async move {
+            let mut service = service?;
+            let received = tokio::select! {
+                received = reports.message() => received,
+                _ = service.stopping.wait_for(|stop| *stop) => {
+                    Err(tonic::Status::unavailable("receiver stopping"))
+                }
+            };
+            match received {
+                Ok(Some(report)) => {
+                    service.recorder.streamed.fetch_add(1, Ordering::Relaxed);
+                    let ack = service.recorder.record(report);
+                    Some((Ok(ack), (reports, Some(service))))
+                }
+                Ok(None) => None,
+                Err(status) => Some((Err(status), (reports, None))),
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(acks)))
     }
 }
 
 pub struct Receiver {
     pub addr: SocketAddr,
     recorder: Recorder,
-    stop: Option<oneshot::Sender<()>>,
+    unary_only: bool,
+    stop: Option<watch::Sender<bool>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -54,29 +111,46 @@ pub struct ReceivedTotals {
 
 impl Receiver {
     pub async fn start() -> anyhow::Result<Receiver> {
-        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), Recorder::default()).await
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_on(any_port, Recorder::default(), false).await
     }
 
-    async fn start_on(addr: SocketAddr, recorder: Recorder) -> anyhow::Result<Receiver> {
+    /// A receiver like an older control service, without `ReportStream` (UNIMPLEMENTED).
+    pub async fn start_unary_only() -> anyhow::Result<Receiver> {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_on(any_port, Recorder::default(), true).await
+    }
+
+    async fn start_on(
+        addr: SocketAddr,
+        recorder: Recorder,
+        unary_only: bool,
+    ) -> anyhow::Result<Receiver> {
         let socket = tokio::net::TcpSocket::new_v4()?;
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
         let listener = socket.listen(128)?;
         let addr = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let service = TelemetryServiceServer::new(recorder.clone());
+        let (stop, stopping) = watch::channel(false);
+        let service = TelemetryServiceServer::new(RecorderService {
+            recorder: recorder.clone(),
+            unary_only,
+            stopping: stopping.clone(),
+        });
         let task = tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let mut stopping = stopping;
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stopping.wait_for(|stop| *stop).await;
                 })
                 .await;
         });
         Ok(Receiver {
             addr,
             recorder,
+            unary_only,
             stop: Some(stop),
             task: Some(task),
         })
@@ -89,7 +163,7 @@ impl Receiver {
     /// Takes the receiver down (connections refused) until [`Receiver::restart`].
     pub async fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(true);
         }
         if let Some(task) = self.task.take() {
             let _ = task.await;
@@ -99,7 +173,7 @@ impl Receiver {
     /// Brings the receiver back on the same port, keeping what it recorded.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop().await;
-        let again = Self::start_on(self.addr, self.recorder.clone()).await?;
+        let again = Self::start_on(self.addr, self.recorder.clone(), self.unary_only).await?;
         *self = again;
         Ok(())
     }
@@ -114,6 +188,16 @@ impl Receiver {
 
     pub fn totals(&self) -> ReceivedTotals {
         totals(&self.reports())
+    }
+
+    /// Reports that came as messages on a `ReportStream` (the rest were unary calls).
+    pub fn streamed_reports(&self) -> u64 {
+        self.recorder.streamed.load(Ordering::Relaxed)
+    }
+
+    /// `ReportStream`s opened.
+    pub fn streams_opened(&self) -> u64 {
+        self.recorder.streams.load(Ordering::Relaxed)
     }
 }
 

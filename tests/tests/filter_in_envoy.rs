@@ -437,6 +437,14 @@ async fn mixed_traffic_through_two_workers_is_measured_exactly() -> anyhow::Resu
     )
     .await?;
     assert_eq!(totals.gaps, 0, "no report lost");
+    // Every report travelled on a report stream (one per worker that sent, plus reopenings).
+    let received = stack.receiver.reports().len() as u64;
+    println!(
+        "reports: {received} received, {} on {} streams",
+        stack.receiver.streamed_reports(),
+        stack.receiver.streams_opened()
+    );
+    assert_eq!(stack.receiver.streamed_reports(), received);
     for model in MODELS {
         let key = (BACKEND.to_owned(), model.to_owned());
         let got = totals

@@ -125,6 +125,51 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() 
         .find(|((_, model), _)| model == "during")
         .map(|(_, k)| k.requests.unwrap_or_default().ok);
     assert_eq!(during, Some(50));
+    // Reports went as messages on report streams, and a new stream was opened once the
+    // receiver came back.
+    let (streamed, streams) = (receiver.streamed_reports(), receiver.streams_opened());
+    println!(
+        "reports on streams: {streamed} of {}; streams opened: {streams}",
+        totals.reports
+    );
+    assert!(
+        streamed > 0 && streams >= 2,
+        "{streamed} streamed, {streams} streams"
+    );
+    drop(sim);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_service_without_report_streams_gets_unary_reports() -> anyhow::Result<()> {
+    let receiver = Receiver::start_unary_only().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let config = serde_json::json!({"controlCluster": "flyball_control", "reportIntervalMs": 100})
+        .to_string();
+    let envoy = Envoy::start(&EnvoyOptions::with_filter(
+        sim.local_addr().port(),
+        receiver.port(),
+        &config,
+    ))
+    .await?;
+    send(&envoy, 30, "older-control").await?;
+    wait_for(
+        "all 30 requests to be reported by unary calls",
+        Duration::from_secs(10),
+        || {
+            let n = requests_in(&receiver);
+            async move { (n == 30).then_some(()) }
+        },
+    )
+    .await?;
+    let totals = receiver.totals();
+    assert_eq!(totals.gaps, 0);
+    assert_eq!(receiver.streamed_reports(), 0);
+    println!(
+        "unary reports: {} (+{} resent after the refused stream)",
+        totals.reports, totals.duplicates
+    );
     drop(sim);
     Ok(())
 }

@@ -104,7 +104,7 @@ pub mod telemetry_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::ReportCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/flyball.v1.TelemetryService/Report",
             );
@@ -112,6 +112,30 @@ pub mod telemetry_service_client {
             req.extensions_mut()
                 .insert(GrpcMethod::new("flyball.v1.TelemetryService", "Report"));
             self.inner.unary(req, path, codec).await
+        }
+        pub async fn report_stream(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = crate::v1::ReportRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<crate::v1::ReportResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::ReportCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/flyball.v1.TelemetryService/ReportStream",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("flyball.v1.TelemetryService", "ReportStream"));
+            self.inner.streaming(req, path, codec).await
         }
     }
 }
@@ -133,6 +157,19 @@ pub mod telemetry_service_server {
             request: tonic::Request<crate::v1::ReportRequest>,
         ) -> std::result::Result<
             tonic::Response<crate::v1::ReportResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the ReportStream method.
+        type ReportStreamStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<crate::v1::ReportResponse, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        async fn report_stream(
+            &self,
+            request: tonic::Request<tonic::Streaming<crate::v1::ReportRequest>>,
+        ) -> std::result::Result<
+            tonic::Response<Self::ReportStreamStream>,
             tonic::Status,
         >;
     }
@@ -242,7 +279,7 @@ pub mod telemetry_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReportSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::ReportCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -253,6 +290,55 @@ pub mod telemetry_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/flyball.v1.TelemetryService/ReportStream" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportStreamSvc<T: TelemetryService>(pub Arc<T>);
+                    impl<
+                        T: TelemetryService,
+                    > tonic::server::StreamingService<crate::v1::ReportRequest>
+                    for ReportStreamSvc<T> {
+                        type Response = crate::v1::ReportResponse;
+                        type ResponseStream = T::ReportStreamStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<crate::v1::ReportRequest>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as TelemetryService>::report_stream(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportStreamSvc(inner);
+                        let codec = crate::codec::ReportCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
