@@ -7,8 +7,10 @@
 //!     cargo bench -p flyball-control --bench ingest -- --rpc unary  # one call per report
 //!
 //! Each server runs in a child process of this one (this binary again, `--child`) on a
-//! current-thread runtime, i.e. on one core, so its CPU and memory are read from
-//! `/proc/<child>/stat` and `/proc/<child>/status` without the load generator's. Each synthetic
+//! current-thread runtime pinned to CPU 0 (the load generator to CPU 1), so its CPU and memory
+//! are read from `/proc/<child>/stat` and `/proc/<child>/status` without the load generator's.
+//! Timings here move by ~7% from run to run, so baseline and ingest alternate for `--rounds`
+//! (default 3) and the table gives medians with their spread. Each synthetic
 //! gateway has its own HTTP/2 connection (as real gateways do; `--connections` caps it) and sends
 //! 4 keys with realistic TTFT/TPOT/ITL/e2e sketches, each report a message on its long-lived
 //! `ReportStream` awaiting its acknowledgement (as the filter does), or with `--rpc unary` a
@@ -38,6 +40,7 @@ struct Options {
     rate_hz: f64,
     connections: usize,
     streaming: bool,
+    rounds: usize,
     warmup: Duration,
     measure: Duration,
 }
@@ -47,33 +50,6 @@ fn main() -> Result<(), Error> {
     if let Some(at) = args.iter().position(|a| a == "--child") {
         let mode = args.get(at + 1).cloned().unwrap_or_default();
         return child(&mode);
-    }
-    if args.iter().any(|a| a == "--scratch-decode") {
-        use prost::Message;
-        let bodies = Bodies::new(64);
-        let encoded: Vec<Vec<u8>> = bodies.0.iter().map(|b| b.encode_to_vec()).collect();
-        let bytes: usize = encoded.iter().map(Vec::len).sum();
-        let counts: usize = bodies
-            .0
-            .iter()
-            .flat_map(|b| b.keys.iter())
-            .map(|k| {
-                k.ttft_us.as_ref().map_or(0, |s| s.counts.len())
-                    + k.tpot_us.as_ref().map_or(0, |s| s.counts.len())
-                    + k.itl_us.as_ref().map_or(0, |s| s.counts.len())
-                    + k.e2e_us.as_ref().map_or(0, |s| s.counts.len())
-            })
-            .sum();
-        println!("avg bytes {} avg counts {}", bytes / 64, counts / 64);
-        let t = Instant::now();
-        for _ in 0..1000 {
-            for e in &encoded {
-                let r = v1::ReportRequest::decode(e.as_slice())?;
-                std::hint::black_box(r);
-            }
-        }
-        println!("decode {:?} per report", t.elapsed() / 64000);
-        return Ok(());
     }
     let quick = args.iter().any(|a| a == "--quick");
     let value = |flag: &str| {
@@ -89,6 +65,9 @@ fn main() -> Result<(), Error> {
         connections: value("--connections")
             .map_or(gateways, |c| c as usize)
             .max(1),
+        rounds: value("--rounds")
+            .map_or(if quick { 1 } else { 3 }, |r| r as usize)
+            .max(1),
         streaming: match args
             .iter()
             .position(|a| a == "--rpc")
@@ -103,9 +82,12 @@ fn main() -> Result<(), Error> {
         measure: Duration::from_secs_f64(value("--seconds").unwrap_or(if quick {
             4.0
         } else {
-            20.0
+            10.0
         })),
     };
+    // The servers run on CPU 0 (see `spawn_child`), the load generator on CPU 1; set before
+    // the runtime starts, so its threads inherit it.
+    pin_to_cpu(std::process::id(), 1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -129,7 +111,8 @@ struct Measured {
 
 async fn parent(options: Options) -> Result<(), Error> {
     println!(
-        "ingest bench: {} gateways x {} keys at {} Hz over {} connections, {}; warm-up {:?}, measure {:?}",
+        "ingest bench: {} gateways x {} keys at {} Hz over {} connections, {}; {} rounds of \
+         baseline then ingest, each warm-up {:?} + measure {:?}",
         options.gateways,
         KEYS,
         options.rate_hz,
@@ -139,46 +122,49 @@ async fn parent(options: Options) -> Result<(), Error> {
         } else {
             "unary Report calls"
         },
+        options.rounds,
         options.warmup,
         options.measure
     );
     let clk_tck = clock_ticks_per_s();
-    let baseline = run_mode("baseline", &options, clk_tck).await?;
-    let ingest = run_mode("ingest", &options, clk_tck).await?;
+    let (mut baseline, mut ingest) = (Vec::new(), Vec::new());
+    for _ in 0..options.rounds {
+        baseline.push(run_mode("baseline", &options, clk_tck).await?);
+        ingest.push(run_mode("ingest", &options, clk_tck).await?);
+    }
     let target_rate = options.gateways as f64 * options.rate_hz;
     println!();
     println!(
-        "{:<32}{:>14}{:>14}{:>10}",
-        "", "baseline", "ingest", "ratio"
+        "{:<24}{:>26}{:>26}{:>8}",
+        "median [min..max]", "baseline", "ingest", "ratio"
     );
-    let row = |name: &str, b: f64, i: f64| {
-        let ratio = if b > 0.0 { i / b } else { f64::NAN };
-        println!("{name:<32}{b:>14.1}{i:>14.1}{ratio:>10.2}");
+    let row = |name: &str, of: fn(&Measured) -> f64| {
+        let b = Spread::of(baseline.iter().map(of));
+        let i = Spread::of(ingest.iter().map(of));
+        let ratio = if b.median > 0.0 {
+            i.median / b.median
+        } else {
+            f64::NAN
+        };
+        println!(
+            "{name:<24}{:>26}{:>26}{ratio:>8.2}",
+            b.to_string(),
+            i.to_string()
+        );
+        (b, i)
     };
-    row("reports/s", baseline.reports_per_s, ingest.reports_per_s);
-    row(
-        "CPU per report (us)",
-        baseline.cpu_per_report_us,
-        ingest.cpu_per_report_us,
-    );
-    row(
-        "CPU (% of one core)",
-        baseline.cpu_share * 100.0,
-        ingest.cpu_share * 100.0,
-    );
-    row("RSS idle (MB)", baseline.idle_rss_mb, ingest.idle_rss_mb);
-    row("RSS under load (MB)", baseline.rss_mb, ingest.rss_mb);
-    row("RSS peak (MB)", baseline.peak_rss_mb, ingest.peak_rss_mb);
-    row(
-        "RSS after load (MB)",
-        baseline.after_rss_mb,
-        ingest.after_rss_mb,
-    );
-    row("failed calls", baseline.errors as f64, ingest.errors as f64);
+    let (_, rate) = row("reports/s", |m| m.reports_per_s);
+    let (base_cpu, cpu) = row("CPU per report (us)", |m| m.cpu_per_report_us);
+    let (_, share) = row("CPU (% of one core)", |m| m.cpu_share * 100.0);
+    row("RSS idle (MB)", |m| m.idle_rss_mb);
+    row("RSS under load (MB)", |m| m.rss_mb);
+    let (base_peak, peak) = row("RSS peak (MB)", |m| m.peak_rss_mb);
+    row("RSS after load (MB)", |m| m.after_rss_mb);
+    row("failed reports", |m| m.errors as f64);
     println!();
     println!(
-        "merge cost: {:+.1} us CPU per report over decode-and-ack",
-        ingest.cpu_per_report_us - baseline.cpu_per_report_us
+        "merge cost: {:+.1} us CPU per report over decode-and-ack (medians)",
+        cpu.median - base_cpu.median
     );
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     if options.gateways != 10_000 || options.rate_hz != 1.0 {
@@ -187,35 +173,87 @@ async fn parent(options: Options) -> Result<(), Error> {
     println!(
         "target {:.0} reports/s: sustained {:.0} ({})",
         target_rate,
-        ingest.reports_per_s,
-        verdict(ingest.reports_per_s >= 0.97 * target_rate)
+        rate.median,
+        verdict(rate.median >= 0.97 * target_rate)
     );
     println!(
         "target <= 25% of one core: {:.1}% ({})",
-        ingest.cpu_share * 100.0,
-        verdict(ingest.cpu_share <= 0.25)
+        share.median,
+        verdict(share.median <= 25.0)
     );
     println!(
-        "target <= 64 MB RSS: peak {:.1} MB ({})",
-        ingest.peak_rss_mb,
-        verdict(ingest.peak_rss_mb <= 64.0)
+        "target <= 64 MB RSS: peak {:.1} MB ({}); per connection {:.1} KB, baseline {:.1} KB",
+        peak.median,
+        verdict(peak.median <= 64.0),
+        peak.median * 1024.0 / options.connections as f64,
+        base_peak.median * 1024.0 / options.connections as f64,
     );
     println!(
-        "machine-readable: rpc={} gateways={} rate_hz={} connections={} reports_per_s={:.1} cpu_us_per_report={:.2} \
-         cpu_share={:.4} rss_mb={:.1} peak_rss_mb={:.1} baseline_cpu_us_per_report={:.2} baseline_peak_rss_mb={:.1}",
+        "machine-readable: rpc={} gateways={} rate_hz={} connections={} rounds={} reports_per_s={:.1} \
+         cpu_us_per_report={:.2} cpu_share={:.4} peak_rss_mb={:.1} baseline_cpu_us_per_report={:.2} \
+         baseline_peak_rss_mb={:.1}",
         if options.streaming { "stream" } else { "unary" },
         options.gateways,
         options.rate_hz,
         options.connections,
-        ingest.reports_per_s,
-        ingest.cpu_per_report_us,
-        ingest.cpu_share,
-        ingest.rss_mb,
-        ingest.peak_rss_mb,
-        baseline.cpu_per_report_us,
-        baseline.peak_rss_mb,
+        options.rounds,
+        rate.median,
+        cpu.median,
+        share.median / 100.0,
+        peak.median,
+        base_cpu.median,
+        base_peak.median,
     );
     Ok(())
+}
+
+/// The median of a few rounds, with the lowest and highest.
+#[derive(Debug, Clone, Copy)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: impl Iterator<Item = f64>) -> Spread {
+        let mut values: Vec<f64> = values.collect();
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = match n {
+            0 => f64::NAN,
+            _ if n % 2 == 1 => values[n / 2],
+            _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+        };
+        Spread {
+            median,
+            min: values.first().copied().unwrap_or(f64::NAN),
+            max: values.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1} [{:.1}..{:.1}]", self.median, self.min, self.max)
+    }
+}
+
+/// Pins a process (its main thread, and the threads it starts afterwards) to one CPU, where
+/// the machine has it and `taskset` is installed; otherwise runs unpinned and says so.
+fn pin_to_cpu(pid: u32, cpu: usize) {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus <= cpu {
+        eprintln!("only {cpus} CPU(s): running unpinned");
+        return;
+    }
+    let pinned = Command::new("taskset")
+        .args(["-cp", &cpu.to_string(), &pid.to_string()])
+        .stdout(Stdio::null())
+        .status();
+    if !matches!(pinned, Ok(status) if status.success()) {
+        eprintln!("taskset unavailable: running unpinned");
+    }
 }
 
 async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measured, Error> {
@@ -534,6 +572,7 @@ fn spawn_child(mode: &str) -> Result<(Child, String), Error> {
 
 /// Serves on one core until killed.
 fn child(mode: &str) -> Result<(), Error> {
+    pin_to_cpu(std::process::id(), 0);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

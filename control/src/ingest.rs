@@ -181,6 +181,8 @@ struct IngestState {
     windows: Windows,
     reporters: Reporters,
     last_sweep: Option<Instant>,
+    /// [`IngestConfig::sweep_every`]
+    sweep_every: Duration,
     /// When the newest report (of any reporter, duplicates aside) arrived.
     last_report: Option<Instant>,
 }
@@ -196,14 +198,20 @@ pub struct IngestService {
     stopping: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Sweeping for stale reporters scans them all, so readers do it at most this often.
-const SWEEP_EVERY: Duration = Duration::from_millis(100);
-
 /// The refusal reason of reports over `max_report_bytes`, which tonic refuses before ingest
 /// sees them (the service rewrites and counts those refusals on their way out).
 pub const OVERSIZE: &str = "oversize";
 
 // === impl IngestConfig ===
+
+impl IngestConfig {
+    /// How often silent reporters are looked for. Sweeping scans every reporter (10,000
+    /// gateways, 10,000 entries), so it runs a tenth of `stale_after` apart, not on every read:
+    /// staleness is then seen at most 10% late.
+    pub fn sweep_every(&self) -> Duration {
+        (self.stale_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+}
 
 impl Default for IngestConfig {
     fn default() -> Self {
@@ -527,7 +535,7 @@ impl IngestState {
 
     fn sweep_if_due(&mut self, now: Instant) -> Vec<PoolId> {
         match self.last_sweep {
-            Some(last) if now.saturating_duration_since(last) < SWEEP_EVERY => Vec::new(),
+            Some(last) if now.saturating_duration_since(last) < self.sweep_every => Vec::new(),
             _ => self.sweep(now),
         }
     }
@@ -547,12 +555,14 @@ impl Telemetry {
         let mut windows = Windows::new(windows, epoch, config.max_keys);
         windows.set_pools(pools);
         let reporters = Reporters::new(&config);
+        let sweep_every = config.sweep_every();
         Telemetry {
             config,
             state: Mutex::new(IngestState {
                 windows,
                 reporters,
                 last_sweep: None,
+                sweep_every,
                 last_report: None,
             }),
             counters: IngestCounters::default(),

@@ -414,6 +414,7 @@ impl Control<DryRunActuator> {
             })?;
 
         let epoch = Instant::now();
+        let sweep_every = ingest.sweep_every();
         let telemetry = Arc::new(Telemetry::new(ingest, windows, config.selectors(), epoch));
         let status = Arc::new(Status::new(config.pools().len()));
         let actuator = Arc::new(DryRunActuator::for_config(&config));
@@ -435,8 +436,7 @@ impl Control<DryRunActuator> {
                 dry_run: false,
                 stale_after: args.stale_after,
             },
-            sweep_every: (args.stale_after / 4)
-                .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+            sweep_every,
             leadership: Leadership::standalone(),
             source: None,
             forward: ForwardCounters::default(),

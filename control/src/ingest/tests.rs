@@ -182,16 +182,17 @@ fn a_silent_reporter_goes_stale_and_its_gauge_drops_out_until_it_reports_again()
             .decoding,
         7
     );
-    // Silent for just over 3 s (3 s bound; 3 x its 1 s interval is no longer).
+    // Silent for just over 3 s (3 s bound; 3 x its 1 s interval is no longer), seen at the
+    // next sweep (every 300 ms: a tenth of the bound).
     assert_eq!(
-        t.pool(PoolId(0), at(base, 4_100))
+        t.pool(PoolId(0), at(base, 4_200))
             .unwrap()
             .in_flight
             .decoding,
         2
     );
     assert_eq!(
-        t.reporters(at(base, 4_200)),
+        t.reporters(at(base, 4_300)),
         ReporterCounts { live: 1, stale: 1 }
     );
 
