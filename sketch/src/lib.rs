@@ -135,9 +135,18 @@ impl Sketch {
         if other.count == 0 {
             return;
         }
-        for (i, &n) in other.counts.iter().enumerate() {
-            if n > 0 {
-                self.add_to_bucket(other.offset + i as i32, n);
+        // Control merges every report's sketches into two windows: widen once to cover
+        // `other`'s buckets, then add slice to slice, instead of a bounds check per bucket.
+        if let (Some(first), Some(last)) = (
+            other.counts.iter().position(|&n| n > 0),
+            other.counts.iter().rposition(|&n| n > 0),
+        ) {
+            let (lo, hi) = (other.offset + first as i32, other.offset + last as i32);
+            self.cover(lo, hi);
+            let at = (lo - self.offset) as usize;
+            let added = &other.counts[first..=last];
+            for (mine, &n) in self.counts[at..at + added.len()].iter_mut().zip(added) {
+                *mine = mine.saturating_add(n);
             }
         }
         self.zero_count = self.zero_count.saturating_add(other.zero_count);
@@ -250,6 +259,24 @@ impl Sketch {
             sketch.max = parts.max;
         }
         Ok(sketch)
+    }
+
+    /// Widens `counts` so that buckets `lo..=hi` exist (`lo <= hi`).
+    fn cover(&mut self, lo: i32, hi: i32) {
+        if self.counts.is_empty() {
+            self.offset = lo;
+            self.counts.resize((hi - lo) as usize + 1, 0);
+            return;
+        }
+        if lo < self.offset {
+            let grow = (self.offset - lo) as usize;
+            self.counts.splice(0..0, std::iter::repeat_n(0, grow));
+            self.offset = lo;
+        }
+        let end = (hi - self.offset) as usize + 1;
+        if end > self.counts.len() {
+            self.counts.resize(end, 0);
+        }
     }
 
     fn add_to_bucket(&mut self, index: i32, n: u64) {
