@@ -49,6 +49,21 @@ async fn send(envoy: &Envoy, count: usize, model: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The simulator behind Envoy with the filter, reporting every 100 ms to `receiver`.
+async fn sim_and_envoy_reporting_to(receiver: &Receiver) -> anyhow::Result<(SimServer, Envoy)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let config = serde_json::json!({"controlCluster": "flyball_control", "reportIntervalMs": 100})
+        .to_string();
+    let envoy = Envoy::start(&EnvoyOptions::with_filter(
+        sim.local_addr().port(),
+        receiver.port(),
+        &config,
+    ))
+    .await?;
+    Ok((sim, envoy))
+}
+
 fn requests_in(receiver: &Receiver) -> u64 {
     receiver
         .totals()
@@ -62,16 +77,7 @@ fn requests_in(receiver: &Receiver) -> u64 {
 async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() -> anyhow::Result<()>
 {
     let mut receiver = Receiver::start().await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let sim = SimServer::start(SimConfig::default(), listener).await?;
-    let config = serde_json::json!({"controlCluster": "flyball_control", "reportIntervalMs": 100})
-        .to_string();
-    let envoy = Envoy::start(&EnvoyOptions::with_filter(
-        sim.local_addr().port(),
-        receiver.port(),
-        &config,
-    ))
-    .await?;
+    let (sim, envoy) = sim_and_envoy_reporting_to(&receiver).await?;
 
     send(&envoy, 20, "before").await?;
     wait_for(
@@ -143,16 +149,7 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_service_without_report_streams_gets_unary_reports() -> anyhow::Result<()> {
     let receiver = Receiver::start_unary_only().await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let sim = SimServer::start(SimConfig::default(), listener).await?;
-    let config = serde_json::json!({"controlCluster": "flyball_control", "reportIntervalMs": 100})
-        .to_string();
-    let envoy = Envoy::start(&EnvoyOptions::with_filter(
-        sim.local_addr().port(),
-        receiver.port(),
-        &config,
-    ))
-    .await?;
+    let (sim, envoy) = sim_and_envoy_reporting_to(&receiver).await?;
     send(&envoy, 30, "older-control").await?;
     wait_for(
         "all 30 requests to be reported by unary calls",
