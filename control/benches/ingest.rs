@@ -400,7 +400,7 @@ async fn unary_gateway(
 }
 
 /// Like the filter: one report at a time on the stream, the next sent once the previous one is
-/// acknowledged (or its period has passed); a broken stream is counted and opened again.
+/// acknowledged; a broken stream is counted and opened again.
 async fn streaming_gateway(
     mut client: TelemetryServiceClient<Channel>,
     schedule: Schedule,
