@@ -105,6 +105,7 @@ struct Measured {
     rss_mb: f64,
     peak_rss_mb: f64,
     idle_rss_mb: f64,
+    connected_rss_mb: f64,
     after_rss_mb: f64,
     errors: u64,
 }
@@ -156,7 +157,8 @@ async fn parent(options: Options) -> Result<(), Error> {
     let (_, rate) = row("reports/s", |m| m.reports_per_s);
     let (base_cpu, cpu) = row("CPU per report (us)", |m| m.cpu_per_report_us);
     let (_, share) = row("CPU (% of one core)", |m| m.cpu_share * 100.0);
-    row("RSS idle (MB)", |m| m.idle_rss_mb);
+    let (base_idle, idle) = row("RSS idle (MB)", |m| m.idle_rss_mb);
+    let (base_connected, connected) = row("RSS connected (MB)", |m| m.connected_rss_mb);
     row("RSS under load (MB)", |m| m.rss_mb);
     let (base_peak, peak) = row("RSS peak (MB)", |m| m.peak_rss_mb);
     row("RSS after load (MB)", |m| m.after_rss_mb);
@@ -181,12 +183,25 @@ async fn parent(options: Options) -> Result<(), Error> {
         share.median,
         verdict(share.median <= 25.0)
     );
+    // Per gateway: what the process holds above its RSS before the first connection.
+    let per_gateway_kb =
+        |mb: Spread, idle: Spread| (mb.median - idle.median) * 1024.0 / options.gateways as f64;
     println!(
-        "target <= 64 MB RSS: peak {:.1} MB ({}); per connection {:.1} KB, baseline {:.1} KB",
+        "target <= 64 MB RSS: peak {:.1} MB ({}); {:.1} KB per gateway, decode-and-ack only {:.1} KB",
         peak.median,
         verdict(peak.median <= 64.0),
-        peak.median * 1024.0 / options.connections as f64,
-        base_peak.median * 1024.0 / options.connections as f64,
+        per_gateway_kb(peak, idle),
+        per_gateway_kb(base_peak, base_idle),
+    );
+    println!(
+        "before any report: {:.1} KB per gateway connected{} (decode-and-ack only: {:.1} KB)",
+        per_gateway_kb(connected, idle),
+        if options.streaming {
+            " with its stream open"
+        } else {
+            ""
+        },
+        per_gateway_kb(base_connected, base_idle),
     );
     println!(
         "machine-readable: rpc={} gateways={} rate_hz={} connections={} rounds={} reports_per_s={:.1} \
@@ -284,6 +299,10 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
     let errors = Arc::new(AtomicU64::new(0));
     let bodies = Arc::new(Bodies::new(64));
     let period = Duration::from_secs_f64(1.0 / options.rate_hz);
+    // Every gateway connects (and opens its stream) first; the reports start together once the
+    // server's RSS with idle connections has been read: the gRPC stack's floor, in this run.
+    let ready = Arc::new(AtomicU64::new(0));
+    let (start, started) = tokio::sync::watch::channel(false);
     let mut gateways = tokio::task::JoinSet::new();
     for g in 0..options.gateways {
         let client = TelemetryServiceClient::new(channels[g % channels.len()].clone());
@@ -293,6 +312,8 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
             index: g,
             phase,
             period,
+            ready: ready.clone(),
+            started: started.clone(),
         };
         if options.streaming {
             gateways.spawn(streaming_gateway(client, schedule, bodies, sent, errors));
@@ -300,6 +321,21 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
             gateways.spawn(unary_gateway(client, schedule, bodies, sent, errors));
         }
     }
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ready.load(Ordering::Relaxed) < options.gateways as u64 {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {} gateways connected within 60 s",
+                ready.load(Ordering::Relaxed),
+                options.gateways
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let connected_rss_mb = rss_mb(pid, "VmRSS:").unwrap_or(0.0);
+    start.send_replace(true);
 
     tokio::time::sleep(options.warmup).await;
     let cpu0 = cpu_ticks(pid)?;
@@ -335,6 +371,7 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
         rss_mb: rss,
         peak_rss_mb: peak,
         idle_rss_mb,
+        connected_rss_mb,
         after_rss_mb,
         errors: errors1 - errors0,
     };
@@ -342,17 +379,31 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
     Ok(measured)
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Schedule {
     index: usize,
     phase: Duration,
     period: Duration,
+    /// Counts gateways connected and ready to report.
+    ready: Arc<AtomicU64>,
+    /// Turns true when reporting starts.
+    started: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Schedule {
+    /// Says this gateway is connected, and waits for the reports to start.
+    async fn connected(&mut self) {
+        self.ready.fetch_add(1, Ordering::Relaxed);
+        let _ = self.started.wait_for(|started| *started).await;
+    }
+
     /// Reports of this gateway, one per period, each stamped with its identity and sequence.
-    fn reports(self, bodies: Arc<Bodies>) -> impl futures::Stream<Item = v1::ReportRequest> {
+    fn reports(
+        &self,
+        bodies: Arc<Bodies>,
+    ) -> impl futures::Stream<Item = v1::ReportRequest> + use<> {
         let name = format!("gateway-{:05}", self.index);
+        let (index, phase, period) = (self.index, self.phase, self.period);
         futures::stream::unfold(
             (None::<tokio::time::Interval>, 1u64),
             move |(tick, sequence)| {
@@ -361,14 +412,14 @@ impl Schedule {
                     let mut tick = match tick {
                         Some(tick) => tick,
                         None => {
-                            tokio::time::sleep(self.phase).await;
-                            let mut tick = tokio::time::interval(self.period);
+                            tokio::time::sleep(phase).await;
+                            let mut tick = tokio::time::interval(period);
                             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                             tick
                         }
                     };
                     tick.tick().await;
-                    let mut report = bodies.pick(self.index as u64 ^ sequence);
+                    let mut report = bodies.pick(index as u64 ^ sequence);
                     report.reporter = Some(v1::Reporter {
                         gateway: name,
                         process_start_unix_ms: 1_700_000_000_000,
@@ -389,6 +440,8 @@ async fn unary_gateway(
     sent: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
 ) {
+    let mut schedule = schedule;
+    schedule.connected().await;
     let reports = schedule.reports(bodies);
     futures::pin_mut!(reports);
     while let Some(report) = reports.next().await {
@@ -408,8 +461,10 @@ async fn streaming_gateway(
     sent: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
 ) {
+    let mut schedule = schedule;
     let reports = schedule.reports(bodies);
     futures::pin_mut!(reports);
+    let mut waiting_to_start = true;
     loop {
         let (outbound, outbound_rx) = tokio::sync::mpsc::channel::<v1::ReportRequest>(1);
         let opened = client
@@ -423,6 +478,9 @@ async fn streaming_gateway(
                 continue;
             }
         };
+        if std::mem::take(&mut waiting_to_start) {
+            schedule.connected().await;
+        }
         loop {
             let Some(report) = reports.next().await else {
                 return;
