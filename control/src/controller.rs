@@ -331,15 +331,6 @@ impl Status {
             }
         }
     }
-
-    /// Whether every pool's replicas have been read at least once.
-    pub fn all_known(&self) -> bool {
-        let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
-        pools
-            .iter()
-            .flatten()
-            .all(|tx| tx.borrow().replicas.is_some())
-    }
 }
 
 /// Puts `next` in force: its pool ids continue those in force (see
@@ -434,9 +425,12 @@ pub fn window_stats(summary: &WindowSummary, length: Duration, percentile: f64) 
 /// until the first report. A pool none of whose keys are in recent reports is fresh and idle,
 /// not missing: gateways leave keys without deltas or requests in flight out of their reports
 /// (see `flyball.v1.ReportRequest.keys`), so silence about a key from a live gateway is a zero.
+/// Silence from a gateway that fed the pool is not: while `silent_feeders` of them are quiet
+/// (and not yet forgotten), the pool's telemetry is partial.
 pub fn freshness(
     live_reporters: usize,
     last_report: Option<Instant>,
+    silent_feeders: u32,
     stale_after: Duration,
     now: Instant,
 ) -> Freshness {
@@ -446,6 +440,10 @@ pub fn freshness(
             let age = now.saturating_duration_since(last);
             if live_reporters == 0 || age > stale_after {
                 Freshness::Stale { age }
+            } else if silent_feeders > 0 {
+                Freshness::Partial {
+                    silent_reporters: silent_feeders,
+                }
             } else {
                 Freshness::Fresh
             }
@@ -668,7 +666,13 @@ impl<A: Actuator> AutoscalerLoop<A> {
                 observed.pending = None;
             }
             let view = self.telemetry.pool(pool.id, now).unwrap_or_default();
-            let fresh = freshness(reporters.live, last_report, self.config.stale_after, now);
+            let fresh = freshness(
+                reporters.live,
+                last_report,
+                self.telemetry.silent_feeders(pool.id),
+                self.config.stale_after,
+                now,
+            );
             let inputs = PoolInputs {
                 telemetry: pool_telemetry(
                     &view,

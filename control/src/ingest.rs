@@ -106,8 +106,13 @@ struct Process {
     last_seen: Instant,
     interval: Option<Duration>,
     stale: bool,
+    /// Stale because the gateway restarted (a newer process reports), not because it went
+    /// quiet: nothing of its load is missing.
+    replaced: bool,
     dropped_reports: u64,
     gauges: Vec<(KeyId, InFlight)>,
+    /// The keys it reported on, each with when it last did (only the last stable window's).
+    fed: Vec<(KeyId, Instant)>,
 }
 
 /// Live and stale reporter counts.
@@ -185,6 +190,9 @@ struct IngestState {
     sweep_every: Duration,
     /// When the newest report (of any reporter, duplicates aside) arrived.
     last_report: Option<Instant>,
+    /// Per pool, the reporters that fed it in the stable window before they went quiet and
+    /// are not yet forgotten (recounted at every sweep); pools absent have none.
+    silent_feeders: HashMap<PoolId, u32>,
 }
 
 /// The tonic service.
@@ -374,7 +382,11 @@ impl Reporters {
         if restart {
             // The old process crashed or is draining after a hot restart. Its gauge is most
             // likely gone with it; if it is draining, its next report counts it again.
-            for old in entry.processes.iter_mut().filter(|p| !p.stale) {
+            for old in entry.processes.iter_mut() {
+                old.replaced = true;
+                if old.stale {
+                    continue;
+                }
                 old.stale = true;
                 self.live -= 1;
                 self.stale += 1;
@@ -390,8 +402,10 @@ impl Reporters {
                     last_seen: now,
                     interval: None,
                     stale: false,
+                    replaced: false,
                     dropped_reports: 0,
                     gauges: Vec::new(),
+                    fed: Vec::new(),
                 });
                 self.live += 1;
                 let last = entry.processes.len() - 1;
@@ -416,6 +430,7 @@ impl Reporters {
         process.interval = Some(now.saturating_duration_since(process.last_seen));
         process.last_seen = now;
         let revived = std::mem::replace(&mut process.stale, false);
+        process.replaced = false;
         if revived {
             self.stale -= 1;
             self.live += 1;
@@ -463,6 +478,41 @@ impl Reporters {
         self.stale = stale;
         dropped
     }
+
+    /// For every reporter gone quiet (stale, not replaced by a restart of its gateway), the
+    /// keys it reported on within `lookback` before it went quiet.
+    fn silent_feeds(
+        &self,
+        lookback: Duration,
+    ) -> impl Iterator<Item = impl Iterator<Item = KeyId> + '_> + '_ {
+        self.gateways
+            .values()
+            .flat_map(|gateway| &gateway.processes)
+            .filter(|process| process.stale && !process.replaced)
+            .map(move |process| {
+                let since = process.last_seen.checked_sub(lookback);
+                process
+                    .fed
+                    .iter()
+                    .filter(move |(_, at)| since.is_none_or(|since| *at >= since))
+                    .map(|(key, _)| *key)
+            })
+    }
+}
+
+impl Process {
+    /// Notes that this process reported on `key` at `now`, forgetting keys not reported on
+    /// within `lookback`.
+    fn note_fed(&mut self, key: KeyId, now: Instant, lookback: Duration) {
+        match self.fed.iter_mut().find(|(fed, _)| *fed == key) {
+            Some((_, at)) => *at = now,
+            None => {
+                self.fed
+                    .retain(|(_, at)| now.saturating_duration_since(*at) <= lookback);
+                self.fed.push((key, now));
+            }
+        }
+    }
 }
 
 // === impl IngestState ===
@@ -502,11 +552,13 @@ impl IngestState {
                 .replace_in_flight(key, old, InFlight::default());
             merged.pools.extend_from_slice(self.windows.pools_of(key));
         }
+        let lookback = self.windows.config().stable();
         for key in &report.keys {
             let Some(id) = self.windows.key(&key.backend, &key.model) else {
                 merged.keys_over_limit += 1;
                 continue;
             };
+            process.note_fed(id, now, lookback);
             self.windows.record(id, now, &key.delta);
             if key.in_flight.total() > 0 {
                 self.windows
@@ -528,9 +580,39 @@ impl IngestState {
                 .replace_in_flight(key, gauge, InFlight::default());
             pools.extend_from_slice(self.windows.pools_of(key));
         }
+        let silent_feeders = self.count_silent_feeders();
+        for (pool, count) in &silent_feeders {
+            if self.silent_feeders.get(pool) != Some(count) {
+                pools.push(*pool);
+            }
+        }
+        pools.extend(
+            self.silent_feeders
+                .keys()
+                .filter(|pool| !silent_feeders.contains_key(pool)),
+        );
+        self.silent_feeders = silent_feeders;
         pools.sort_unstable();
         pools.dedup();
         pools
+    }
+
+    /// Per pool, how many quiet reporters fed it within the stable window before going quiet.
+    fn count_silent_feeders(&self) -> HashMap<PoolId, u32> {
+        let mut counts: HashMap<PoolId, u32> = HashMap::new();
+        let mut pools = Vec::new();
+        for keys in self.reporters.silent_feeds(self.windows.config().stable()) {
+            pools.clear();
+            for key in keys {
+                pools.extend_from_slice(self.windows.pools_of(key));
+            }
+            pools.sort_unstable();
+            pools.dedup();
+            for pool in &pools {
+                *counts.entry(*pool).or_default() += 1;
+            }
+        }
+        counts
     }
 
     fn sweep_if_due(&mut self, now: Instant) -> Vec<PoolId> {
@@ -564,6 +646,7 @@ impl Telemetry {
                 last_sweep: None,
                 sweep_every,
                 last_report: None,
+                silent_feeders: HashMap::new(),
             }),
             counters: IngestCounters::default(),
             dirty,
@@ -702,6 +785,12 @@ impl Telemetry {
         };
         self.mark_dirty(&dirty);
         view
+    }
+
+    /// How many reporters that fed `pool` within the stable window have since gone quiet (as
+    /// of the last sweep): while any has, the pool's load may be short.
+    pub fn silent_feeders(&self, pool: PoolId) -> u32 {
+        self.lock().silent_feeders.get(&pool).copied().unwrap_or(0)
     }
 
     pub fn keys(&self, now: Instant) -> Vec<KeyView> {

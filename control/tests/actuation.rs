@@ -239,6 +239,15 @@ fn idle(sequence: u64) -> v1::ReportRequest {
     report(sequence, 1, 10, 5, (0, 0), &ttft, &Sketch::new())
 }
 
+/// [`idle`], from a second gateway.
+fn idle_from_another_gateway(sequence: u64) -> v1::ReportRequest {
+    let mut report = idle(sequence);
+    if let Some(reporter) = report.reporter.as_mut() {
+        reporter.gateway = "envoy-1".into();
+    }
+    report
+}
+
 fn report(
     sequence: u64,
     ok: u64,
@@ -799,6 +808,91 @@ async fn stale_telemetry_never_scales_down() {
     if let Some(fake) = cluster.fake() {
         assert_eq!(scale_patches(&fake.requests(), &ns, &target), vec![]);
     }
+    control.stop().await.unwrap();
+    drop(config);
+    cluster.cleanup().await.unwrap();
+}
+
+/// A target that does not exist is that pool's problem: the replica stays ready, so gateways
+/// keep reporting to it for every other pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_target_fails_its_pool_not_readiness() {
+    let cluster = TestCluster::start().await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = cluster.unique_name("no-such-deployment");
+    let config = config_file(&target, &ns, &target);
+    let lease = lease(&cluster);
+    let args = flags(
+        &cluster,
+        &lease,
+        "a",
+        &["--config", config.to_str().unwrap()],
+    );
+    let control = control(&cluster, &args).await;
+    wait_until("the failed read of the missing target counted", || async {
+        let (_, metrics) = control.get("/metrics").await.unwrap();
+        metrics
+            .lines()
+            .any(|l| l.starts_with("flyball_actuator_errors_total{") && l.contains(&target))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(control.get("/readyz").await.unwrap(), (200, "ok\n".into()));
+    control.stop().await.unwrap();
+    drop(config);
+    cluster.cleanup().await.unwrap();
+}
+
+/// Two gateways feed an idle pool and one goes quiet while the other keeps reporting: the
+/// telemetry is current but may be short of the quiet gateway's load, so the pool holds where
+/// one gateway's fresh idle telemetry scales it down (the test below).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_gone_quiet_holds_scale_down_while_the_others_report() {
+    let cluster = TestCluster::start().await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 4, 4).await;
+    let config = config_file(&target, &ns, &target);
+    let lease = lease(&cluster);
+    let args = flags(
+        &cluster,
+        &lease,
+        "a",
+        &["--config", config.to_str().unwrap()],
+    );
+    let control = control(&cluster, &args).await;
+    if let Some(fake) = cluster.fake() {
+        fake.clear_requests();
+    }
+
+    let quiet = Gateway::start(control.grpc_uri(), 1, idle_from_another_gateway);
+    let live = Gateway::start(control.grpc_uri(), 1, idle);
+    wait_until("both gateways' reports to arrive", || async {
+        let n = control
+            .metric("flyball_ingest_reports_total")
+            .await
+            .unwrap();
+        (n >= Some(6.0)).then_some(())
+    })
+    .await;
+    quiet.stop().await;
+    // Past the stable window (2 s) and the restart hold, 30 evaluations see the quiet gateway.
+    let log = wait_until("30 evaluations holding for the quiet gateway", || async {
+        let log = decisions(&control).await;
+        let held = log.iter().filter(|d| d["rule"] == "silentReporterHold");
+        (evaluations(held) >= 30).then_some(log)
+    })
+    .await;
+    assert!(log.iter().all(|d| d["to"] == 4), "{log:?}");
+    assert_eq!(spec_replicas(&cluster, &target).await, 4);
+    assert!(
+        events(&cluster, REASON_SCALED_DOWN, &target)
+            .await
+            .is_empty()
+    );
+    if let Some(fake) = cluster.fake() {
+        assert_eq!(scale_patches(&fake.requests(), &ns, &target), vec![]);
+    }
+    live.stop().await;
     control.stop().await.unwrap();
     drop(config);
     cluster.cleanup().await.unwrap();

@@ -357,7 +357,7 @@ async fn shutting_down_ends_open_report_streams() -> Result<(), Error> {
 async fn health_and_readiness_answer_once_serving() -> Result<(), Error> {
     let control = support::start(CONFIG, &[]).await?;
     assert_eq!(control.get("/healthz").await?.0, 200);
-    // Ready once the control loop has read every pool's replicas: poll for it, never sleep-and-hope.
+    // Ready once ingest serves and the autoscalers are read: poll for it, never sleep-and-hope.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut ready = control.get("/readyz").await?;
     while ready.0 != 200 && tokio::time::Instant::now() < deadline {

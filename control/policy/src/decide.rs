@@ -382,7 +382,7 @@ fn decide_pool(
 
     // Without current data nothing is known about the load: hold, only honouring minReplicas.
     let data_hold = match t.freshness {
-        Freshness::Fresh => None,
+        Freshness::Fresh | Freshness::Partial { .. } => None,
         Freshness::Stale { .. } => Some(Rule::StaleTelemetryHold),
         Freshness::Missing => Some(Rule::MissingTelemetryHold),
     };
@@ -624,6 +624,8 @@ fn decide_pool(
         let (to, rule) = if in_panic {
             reason.hold_until = panic_until;
             (from, Rule::Panic)
+        } else if matches!(t.freshness, Freshness::Partial { .. }) {
+            (from, Rule::SilentReporterHold)
         } else if restart_hold {
             reason.hold_until = Some(restart_until);
             (from, Rule::RestartHold)

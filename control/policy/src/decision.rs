@@ -77,6 +77,8 @@ pub enum Rule {
     StaleTelemetryHold,
     /// No telemetry ever: hold (never down).
     MissingTelemetryHold,
+    /// Gateways that fed the pool have gone quiet: the load seen may be short; no scale-down.
+    SilentReporterHold,
     /// The stable window is not full of data (after a gap): no scale-down yet.
     PartialWindowHold,
     /// The stable window has not been full since this controller started leading: no scale-down.
@@ -209,7 +211,7 @@ impl fmt::Display for Action {
 
 impl Rule {
     /// Every rule, for metric label sets and tests.
-    pub const ALL: [Rule; 18] = [
+    pub const ALL: [Rule; 19] = [
         Rule::FeedForward,
         Rule::SloFeedback,
         Rule::Panic,
@@ -222,6 +224,7 @@ impl Rule {
         Rule::WaitingForStartingReplicas,
         Rule::StaleTelemetryHold,
         Rule::MissingTelemetryHold,
+        Rule::SilentReporterHold,
         Rule::PartialWindowHold,
         Rule::RestartHold,
         Rule::WouldNotFit,
@@ -245,6 +248,7 @@ impl Rule {
             Rule::WaitingForStartingReplicas => "waiting_for_starting_replicas",
             Rule::StaleTelemetryHold => "stale_telemetry_hold",
             Rule::MissingTelemetryHold => "missing_telemetry_hold",
+            Rule::SilentReporterHold => "silent_reporter_hold",
             Rule::PartialWindowHold => "partial_window_hold",
             Rule::RestartHold => "restart_hold",
             Rule::WouldNotFit => "would_not_fit",
@@ -326,6 +330,14 @@ impl fmt::Display for PoolDecision {
                 "{} starting replica(s) cover the shortfall while they load",
                 r.starting_replicas
             )?,
+            Rule::SilentReporterHold => match r.freshness {
+                Freshness::Partial { silent_reporters } => write!(
+                    f,
+                    "{silent_reporters} gateway(s) that fed this pool went quiet, so the load \
+                     seen may be short; no scale-down until they report or are forgotten"
+                )?,
+                _ => f.write_str("gateways that fed this pool went quiet; no scale-down")?,
+            },
             Rule::PartialWindowHold => {
                 f.write_str("the stable window is not full of data yet; no scale-down")?
             }

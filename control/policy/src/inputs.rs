@@ -52,6 +52,10 @@ pub enum Freshness {
     Stale { age: Duration },
     /// No reporter has ever reported for this pool.
     Missing,
+    /// Reports arrive, but `silent_reporters` gateway processes that fed this pool within the
+    /// stable window have gone quiet (partitioned from the control service, or gone): the load
+    /// seen is a lower bound. Scale up on it, never down.
+    Partial { silent_reporters: u32 },
 }
 
 /// Aggregates over one sliding window.

@@ -395,3 +395,76 @@ fn a_restart_retires_the_old_process_gauge_until_it_reports_again() {
         ReporterCounts { live: 2, stale: 0 }
     );
 }
+
+/// A report of `gateway` on one key of `backend`.
+fn report_on(backend: &str, gateway: &str, start_ms: u64, sequence: u64) -> v1::ReportRequest {
+    let mut report = report(gateway, start_ms, sequence, 1, 0);
+    report.keys[0].backend = backend.into();
+    report
+}
+
+#[test]
+fn a_gateway_gone_quiet_leaves_only_the_pools_it_fed_with_silent_feeders() {
+    let base = Instant::now();
+    let t = Telemetry::new(
+        IngestConfig::default(),
+        WindowConfig::default(),
+        vec![
+            Selector {
+                backend: Some("a".into()),
+                model: None,
+            },
+            Selector {
+                backend: Some("b".into()),
+                model: None,
+            },
+        ],
+        base,
+    );
+    let (pool_a, pool_b) = (PoolId(0), PoolId(1));
+    for s in 0..=9 {
+        t.ingest(report_on("a", "gw-a", 1, s + 1), at(base, s * 1000))
+            .unwrap();
+        if s < 2 {
+            t.ingest(report_on("b", "gw-b", 1, s + 1), at(base, s * 1000))
+                .unwrap();
+        }
+    }
+    // gw-b went quiet after 1 s: stale past 3 s, seen at the next sweep.
+    let stale = t.reporters(at(base, 9_000));
+    assert_eq!(stale, ReporterCounts { live: 1, stale: 1 });
+    assert_eq!(t.silent_feeders(pool_b), 1);
+    assert_eq!(t.silent_feeders(pool_a), 0);
+
+    // Its gateway restarts: the new process reports, the old one's load is not missing.
+    t.ingest(report_on("b", "gw-b", 2, 1), at(base, 10_000))
+        .unwrap();
+    t.reporters(at(base, 10_400));
+    assert_eq!(t.silent_feeders(pool_b), 0);
+}
+
+#[test]
+fn a_quiet_gateway_counts_until_it_reports_again_or_is_forgotten() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    t.ingest(report("gw", 1, 1, 1, 0), at(base, 0)).unwrap();
+    let mut nothing = report("other", 1, 1, 0, 0);
+    nothing.keys.clear();
+    t.ingest(nothing, at(base, 0)).unwrap();
+    t.reporters(at(base, 4_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
+    // Quiet for longer than the stable window: its load is still unaccounted for.
+    t.reporters(at(base, 120_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
+    t.ingest(report("gw", 1, 2, 1, 0), at(base, 121_000))
+        .unwrap();
+    t.reporters(at(base, 121_400));
+    assert_eq!(t.silent_feeders(PoolId(0)), 0);
+
+    // Quiet again: stale after three of its own (121 s) intervals, forgotten 10 minutes after
+    // its last report.
+    t.reporters(at(base, 490_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 1, "gw is quiet again");
+    t.reporters(at(base, 722_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 0, "forgotten after 10 minutes");
+}

@@ -317,6 +317,28 @@ fn missing_telemetry_holds_and_never_scales_down() {
 }
 
 #[test]
+fn a_quiet_gateway_holds_scale_down_but_not_scale_up() {
+    let spec = spec(UNIFIED);
+    let partial = Freshness::Partial {
+        silent_reporters: 2,
+    };
+    let mut t = telemetry(Load::idle());
+    t.freshness = partial;
+    let d = decide_unified(&spec, t, state(8, 8), &mut memory(), T0);
+    assert_eq!(
+        (d.to, d.action, d.rule),
+        (8, Action::Hold, Rule::SilentReporterHold)
+    );
+    assert!(d.text().contains("2 gateway(s)"), "{}", d.text());
+
+    // What the live gateways see already needs more replicas: that much is certain.
+    let mut t = telemetry(Load::tokens(400_000.0, 1_000.0, 20).ttft(secs(3)));
+    t.freshness = partial;
+    let d = decide_unified(&spec, t, state(2, 2), &mut memory(), T0);
+    assert!(d.to > 2, "{}", d.text());
+}
+
+#[test]
 fn stale_telemetry_still_honours_min_replicas() {
     let spec = spec(UNIFIED);
     let mut t = telemetry(Load::idle());

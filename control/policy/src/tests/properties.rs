@@ -343,6 +343,24 @@ proptest! {
     }
 
     #[test]
+    fn partial_telemetry_never_scales_down(
+        (spec, inputs, earlier, started_ago) in scenario(),
+        silent_reporters in 1u32..100,
+    ) {
+        let mut mem = warmed_memory(&spec, started_ago, earlier.as_ref());
+        let inputs = inputs.map(|_, mut p| {
+            p.telemetry.freshness = Freshness::Partial { silent_reporters };
+            p
+        });
+        let d = decide(&spec, &inputs, &mut mem, T0).unwrap();
+        for ((_, pool), (_, pool_spec)) in d.pools.iter().zip(spec.pools().iter()) {
+            // Only a maxReplicas lowered under the current count (configuration) brings it down.
+            let floor = pool.from.min(pool_spec.replicas.max());
+            prop_assert!(pool.to >= floor, "{pool}");
+        }
+    }
+
+    #[test]
     fn decisions_respect_bounds_and_steps(
         (spec, inputs, earlier, started_ago) in scenario(),
     ) {
