@@ -9,9 +9,11 @@
 //! through its Kubernetes Service, which spreads their connections over every replica, and a
 //! gateway knows nothing of leases. Rather than teach each gateway to chase the leader, every
 //! replica takes every report it is given, merges it into its own windows, and a follower passes
-//! it on. Every replica's windows therefore stay warm: a follower that becomes leader has full
-//! windows at once (it only needs the restart hold before scaling down) and loses at most the
-//! reports in flight to the old leader. Forwarding is idempotent because the leader admits
+//! it on. A follower's windows hold only its own gateways' reports (nothing comes back from the
+//! leader), so a follower that becomes leader starts on partial windows: the restart hold keeps
+//! it from scaling down for a stable window, and it scales up only on load it has seen. Reports
+//! other followers forward to a leader that died are lost until its Lease expires (counted as
+//! dropped). Forwarding is idempotent because the leader admits
 //! reports by (reporter, sequence) as ingest always does: a report that reaches it twice (sent
 //! directly and forwarded) is merged once. What it cannot undo is order: a forwarded report
 //! that arrives after a newer one from the same gateway sent directly is taken as a resend and

@@ -10,6 +10,11 @@
 //! HPA's sync period (15 s by default) and its 10% tolerance (a change within 10% of the current
 //! count is ignored); flyball's own actuator has neither. `IsActive` / `StreamIsActive` carry
 //! activation (0 <-> 1): the stream pushes a change as soon as the controller sees load appear.
+//!
+//! KEDA reaches whichever replica its Service picks. Only the leader merges every gateway's
+//! reports; a follower merges those of the gateways connected to it, so what it sees is a part
+//! of the load: it may answer more replicas than run now (that much load is certain), never fewer,
+//! and never deactivates a pool that has replicas ([`answer`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,6 +44,8 @@ pub const TARGET_SIZE: i64 = 1;
 pub struct KedaScaler {
     config: Arc<LiveConfig>,
     status: Arc<Status>,
+    /// Whether this replica leads (decides on every gateway's reports).
+    leading: watch::Receiver<bool>,
     /// Turns true at shutdown: activation streams end then, rather than hold the server open.
     stop: watch::Receiver<bool>,
 }
@@ -46,10 +53,16 @@ pub struct KedaScaler {
 // === impl KedaScaler ===
 
 impl KedaScaler {
-    pub fn new(config: Arc<LiveConfig>, status: Arc<Status>, stop: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        config: Arc<LiveConfig>,
+        status: Arc<Status>,
+        leading: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
         KedaScaler {
             config,
             status,
+            leading,
             stop,
         }
     }
@@ -64,8 +77,40 @@ impl KedaScaler {
         resolve(&config, object).cloned()
     }
 
-    fn status_of(&self, pool: &PoolDef) -> PoolStatus {
-        self.status.get(pool.id).unwrap_or_default()
+    fn answer_for(&self, pool: &PoolDef) -> Answer {
+        answer(
+            &self.status.get(pool.id).unwrap_or_default(),
+            *self.leading.borrow(),
+        )
+    }
+}
+
+/// What KEDA is told of one pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    pub active: bool,
+    /// `None` before any replica count is known.
+    pub desired: Option<u32>,
+}
+
+/// The leader's decision as it stands; a follower's partial view only ever adds to what runs
+/// now (see the module docs). Before the first decision, the replicas asked for now, so the HPA
+/// holds.
+pub fn answer(status: &PoolStatus, leading: bool) -> Answer {
+    let current = status.replicas.map(|r| r.desired);
+    let decided = status.desired.or(current);
+    if leading {
+        return Answer {
+            active: status.active,
+            desired: decided,
+        };
+    }
+    Answer {
+        active: status.active || current.is_some_and(|n| n > 0),
+        desired: match (decided, current) {
+            (Some(decided), Some(current)) => Some(decided.max(current)),
+            (decided, current) => decided.or(current),
+        },
     }
 }
 
@@ -151,7 +196,7 @@ impl ExternalScaler for KedaScaler {
         request: tonic::Request<ScaledObjectRef>,
     ) -> Result<tonic::Response<IsActiveResponse>, tonic::Status> {
         let pool = self.resolve(request.get_ref())?;
-        let result = self.status_of(&pool).active;
+        let result = self.answer_for(&pool).active;
         Ok(tonic::Response::new(IsActiveResponse { result }))
     }
 
@@ -169,19 +214,27 @@ impl ExternalScaler for KedaScaler {
         type State = (
             watch::Receiver<PoolStatus>,
             watch::Receiver<bool>,
+            watch::Receiver<bool>,
             Option<bool>,
         );
         let stream = futures::stream::unfold(
-            (receiver, self.stop.clone(), None::<bool>),
-            |(mut receiver, mut stop, last): State| async move {
+            (
+                receiver,
+                self.leading.clone(),
+                self.stop.clone(),
+                None::<bool>,
+            ),
+            |(mut receiver, mut leading, mut stop, last): State| async move {
                 loop {
-                    let active = receiver.borrow_and_update().active;
+                    let leads = *leading.borrow_and_update();
+                    let active = answer(&receiver.borrow_and_update(), leads).active;
                     if last != Some(active) {
                         let item = Ok(IsActiveResponse { result: active });
-                        return Some((item, (receiver, stop, Some(active))));
+                        return Some((item, (receiver, leading, stop, Some(active))));
                     }
                     tokio::select! {
                         changed = receiver.changed() => changed.ok()?,
+                        changed = leading.changed() => changed.ok()?,
                         _ = stop.wait_for(|stop| *stop) => return None,
                     }
                 }
@@ -204,8 +257,8 @@ impl ExternalScaler for KedaScaler {
         }))
     }
 
-    /// `desired replicas x targetSize`; before the first decision, the replicas asked for now
-    /// (so the HPA holds); before any replica count is known, Unavailable.
+    /// `desired replicas x targetSize` ([`answer`]); before any replica count is known,
+    /// Unavailable.
     async fn get_metrics(
         &self,
         request: tonic::Request<GetMetricsRequest>,
@@ -213,8 +266,7 @@ impl ExternalScaler for KedaScaler {
         let request = request.into_inner();
         let object = request.scaled_object_ref.unwrap_or_default();
         let pool = self.resolve(&object)?;
-        let status = self.status_of(&pool);
-        let Some(desired) = status.desired.or(status.replicas.map(|r| r.desired)) else {
+        let Some(desired) = self.answer_for(&pool).desired else {
             return Err(tonic::Status::unavailable(format!(
                 "pool {:?}: no replica count known yet",
                 pool.name
@@ -233,5 +285,65 @@ impl ExternalScaler for KedaScaler {
                 metric_value_float: value as f64,
             }],
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::PoolReplicas;
+
+    fn status(running: u32, decided: Option<u32>, active: bool) -> PoolStatus {
+        PoolStatus {
+            replicas: Some(PoolReplicas {
+                desired: running,
+                current: running,
+                ready: running,
+            }),
+            desired: decided,
+            active,
+            ..PoolStatus::default()
+        }
+    }
+
+    #[test]
+    fn the_leader_answers_its_decision_either_way() {
+        let down = status(6, Some(2), true);
+        assert_eq!(
+            answer(&down, true),
+            Answer {
+                active: true,
+                desired: Some(2)
+            }
+        );
+        let to_zero = status(1, Some(0), false);
+        assert_eq!(
+            answer(&to_zero, true),
+            Answer {
+                active: false,
+                desired: Some(0)
+            }
+        );
+    }
+
+    #[test]
+    fn a_follower_answers_more_than_runs_but_never_less() {
+        // It sees only its own gateways: 2 is what that part of the load needs.
+        assert_eq!(answer(&status(6, Some(2), true), false).desired, Some(6));
+        assert_eq!(answer(&status(6, Some(9), true), false).desired, Some(9));
+        let idle = answer(&status(1, Some(0), false), false);
+        assert_eq!(
+            idle,
+            Answer {
+                active: true,
+                desired: Some(1)
+            }
+        );
+        // At zero, load it sees is certain: it may activate.
+        assert!(answer(&status(0, Some(1), true), false).active);
+        assert!(!answer(&status(0, Some(0), false), false).active);
+        // Before any decision: what runs now, so the HPA holds.
+        assert_eq!(answer(&status(3, None, false), false).desired, Some(3));
+        assert_eq!(answer(&PoolStatus::default(), false).desired, None);
     }
 }

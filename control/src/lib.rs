@@ -610,7 +610,12 @@ impl<A: Actuator> Control<A> {
     ) -> Result<(), ControlError> {
         let app = self.app_state();
         let (stop_tx, stop_rx) = watch::channel(false);
-        let keda = KedaScaler::new(self.config.clone(), self.status.clone(), stop_rx.clone());
+        let keda = KedaScaler::new(
+            self.config.clone(),
+            self.status.clone(),
+            self.leadership.leading.clone(),
+            stop_rx.clone(),
+        );
         let ingest_stop = stop_rx.clone();
         let stopped = move || {
             let mut rx = stop_rx.clone();
