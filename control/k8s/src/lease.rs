@@ -1,11 +1,19 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, through `kube-lease-manager`.
 //!
 //! The protocol (apply to take a free lease, strategic patches to renew and release, waiting
-//! out a holder's expiry) is the crate's; this module only turns it into a `watch::Receiver<bool>`
-//! and an orderly step-down: stop acting first, then release the lease.
+//! out a holder's expiry) is the crate's; this module turns it into a `watch::Receiver<bool>`
+//! and an orderly step-down (stop acting first, then release the lease), and adds the renew
+//! deadline the crate lacks: the crate keeps saying "leader" while its renewals fail (it logs
+//! and backs off), but after `lease_duration` another instance may take the lease. So the
+//! holder reads the Lease every `renew_margin / 4` and leads only while the claim it last saw
+//! there has more than `renew_margin / 2` left; when renewals fail (403 after an RBAC change,
+//! 5xx, a partition) it stops acting before the claim lapses, and acts again once a renewal
+//! lands.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
 use kube_lease_manager::{LeaseCreateMode, LeaseManagerBuilder, LeaseParams};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -97,7 +105,7 @@ impl LeaderElection {
     pub async fn start(client: kube::Client, config: &LeaseConfig) -> Result<Self, Error> {
         let params = config.params()?;
         let lease = format!("{}/{}", config.namespace, config.lease_name);
-        let manager = LeaseManagerBuilder::new(client, &config.lease_name)
+        let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
             .with_namespace(&config.namespace)
             .with_parameters(params)
             .with_create_mode(LeaseCreateMode::AutoCreate)
@@ -109,13 +117,15 @@ impl LeaderElection {
             })?;
         let (tx, is_leader) = watch::channel(false);
         let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(run(
-            manager,
-            tx,
-            stop_rx,
-            lease.clone(),
-            config.identity.clone(),
-        ));
+        let claim = Claim {
+            leases: Api::namespaced(client, &config.namespace),
+            lease_name: config.lease_name.clone(),
+            identity: config.identity.clone(),
+            lease_duration: config.lease_duration,
+            renew_margin: config.renew_margin,
+            valid_until: None,
+        };
+        let task = tokio::spawn(run(manager, claim, tx, stop_rx, lease.clone()));
         Ok(Self {
             lease,
             is_leader,
@@ -148,14 +158,63 @@ impl LeaderElection {
     }
 }
 
+/// This instance's claim on the Lease as last read from the API server.
+struct Claim {
+    leases: Api<Lease>,
+    lease_name: String,
+    identity: String,
+    lease_duration: Duration,
+    renew_margin: Duration,
+    /// Until when the claim last seen is valid; `None` when we hold none.
+    valid_until: Option<SystemTime>,
+}
+
+impl Claim {
+    /// Reads the Lease. A failed read changes nothing: the claim seen last stands until it is
+    /// too close to lapsing.
+    async fn refresh(&mut self) {
+        match self.leases.get(&self.lease_name).await {
+            Ok(lease) => {
+                let spec = lease.spec.unwrap_or_default();
+                self.valid_until = (spec.holder_identity.as_deref() == Some(&self.identity))
+                    .then_some(())
+                    .and(spec.renew_time)
+                    .zip(spec.lease_duration_seconds)
+                    .map(|(renewed, seconds)| {
+                        SystemTime::from(renewed.0)
+                            + Duration::from_secs(u64::try_from(seconds).unwrap_or(0))
+                    });
+            }
+            Err(error) => {
+                tracing::debug!(lease = %self.lease_name, %error, "cannot read the lease");
+            }
+        }
+    }
+
+    /// Whether the claim has more than half the renew margin left: time for the loop to stop
+    /// acting before another instance may take the lease.
+    fn firm(&self, now: SystemTime) -> bool {
+        self.valid_until
+            .is_some_and(|until| now + self.renew_margin / 2 < until)
+    }
+
+    fn check_every(&self) -> Duration {
+        (self.renew_margin / 4).max(Duration::from_millis(100))
+    }
+}
+
 async fn run(
     manager: kube_lease_manager::LeaseManager,
+    mut claim: Claim,
     tx: watch::Sender<bool>,
     mut stop: oneshot::Receiver<()>,
     lease: String,
-    identity: String,
 ) -> Result<(), Error> {
+    let identity = claim.identity.clone();
     let (mut held, manager_task) = manager.watch().await;
+    let mut check = tokio::time::interval(claim.check_every());
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut holds = false;
     loop {
         tokio::select! {
             // A send or a dropped `LeaderElection`: either way, step down.
@@ -167,10 +226,25 @@ async fn run(
                     tracing::warn!(%lease, %identity, "lease manager stopped");
                     return finish(manager_task, &lease).await;
                 }
-                let leading = *held.borrow_and_update();
-                tracing::info!(%lease, %identity, leading, "leadership changed");
-                tx.send_replace(leading);
+                holds = *held.borrow_and_update();
+                tracing::info!(%lease, %identity, leading = holds, "leadership changed");
+                // Just taken (or lost): what the manager wrote is the claim.
+                claim.valid_until = holds.then(|| SystemTime::now() + claim.lease_duration);
             }
+            _ = check.tick(), if holds => claim.refresh().await,
+        }
+        let leading = holds && claim.firm(SystemTime::now());
+        let was = *tx.borrow();
+        if leading != was {
+            if holds && !leading {
+                tracing::warn!(
+                    %lease, %identity,
+                    "the lease has not been renewed in time; stopped acting until a renewal lands"
+                );
+            } else if holds {
+                tracing::info!(%lease, %identity, "the lease is renewed again; acting");
+            }
+            tx.send_replace(leading);
         }
     }
     // Stop acting before giving the lease away, so two leaders never overlap.

@@ -161,3 +161,80 @@ async fn of_two_instances_started_together_only_the_lease_holder_leads() {
     b.step_down().await.unwrap();
     cluster.cleanup().await.unwrap();
 }
+
+/// A leader whose Lease calls fail stops acting before its claim lapses (another instance may
+/// take the Lease then), and acts again once a renewal lands. Needs injected faults: skipped on
+/// a real cluster.
+#[tokio::test]
+async fn a_leader_that_cannot_renew_stops_acting_before_its_claim_lapses() {
+    let cluster = TestCluster::start().await.unwrap();
+    let Some(fake) = cluster.fake() else {
+        eprintln!("skipped: injecting Lease faults needs the in-process API server");
+        return;
+    };
+    let lease_name = cluster.unique_name("flyball-renew");
+    cluster.track(
+        ApiResource::erase::<Lease>(&()),
+        Some(cluster.namespace().to_string()),
+        lease_name.clone(),
+    );
+    let a = LeaderElection::start(cluster.client(), &config(&cluster, &lease_name, "a"))
+        .await
+        .unwrap();
+    let mut a_leads = a.is_leader();
+    until_leading(&mut a_leads, "a").await;
+
+    // Every Lease call answers 500 for a while: no renewal lands.
+    let path = format!(
+        "/apis/coordination.k8s.io/v1/namespaces/{}/leases/{lease_name}",
+        cluster.namespace()
+    );
+    fake.clear_requests();
+    fake.fail_next(None, &path, 30, 500);
+    tokio::time::timeout(WAIT, a_leads.wait_for(|leading| !*leading))
+        .await
+        .expect("a stops acting while its renewals fail")
+        .unwrap();
+    let stopped_at = std::time::SystemTime::now();
+    // No renewal landed, and it stopped before the claim it last renewed could lapse (as stored;
+    // a GET now would meet the faults too).
+    let log = fake.requests();
+    assert!(
+        log.iter().all(|r| r.path != path || r.status == Some(500)),
+        "a renewal landed: {log:?}"
+    );
+    let stored = fake
+        .object(
+            "coordination.k8s.io/v1",
+            "Lease",
+            cluster.namespace(),
+            &lease_name,
+        )
+        .unwrap();
+    let spec = serde_json::from_value::<Lease>(stored)
+        .unwrap()
+        .spec
+        .unwrap();
+    let renewed = std::time::SystemTime::from(spec.renew_time.unwrap().0);
+    assert!(
+        stopped_at < renewed + Duration::from_secs(2),
+        "a acted past its claim"
+    );
+
+    // The faults run out, a renewal lands, and a acts again.
+    until_leading(&mut a_leads, "a after the faults").await;
+    let lease = Api::<Lease>::namespaced(cluster.client(), cluster.namespace());
+    assert_eq!(
+        lease
+            .get(&lease_name)
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .holder_identity
+            .as_deref(),
+        Some("a")
+    );
+    a.step_down().await.unwrap();
+    cluster.cleanup().await.unwrap();
+}
