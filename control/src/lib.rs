@@ -225,7 +225,10 @@ impl ControlError {
 
 /// Serves until `shutdown` resolves. Replicas are set through Kubernetes `/scale` (by the
 /// leader, see [`Control::bind_kubernetes`]) unless `--dry-run` is given or, reading a file, no
-/// Kubernetes client can be built; then they are only recommended ([`DryRunActuator`]).
+/// Kubernetes client can be built. `--dry-run` with `--source kubernetes` still reads the real
+/// replica counts, elects a leader and writes the recommendations to each resource's status,
+/// so a shadow trial on a cluster decides on what runs there; with a file it touches no cluster
+/// ([`DryRunActuator`]: targets start at their minReplicas and are ready at once).
 pub async fn run(
     args: ControlArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -237,21 +240,19 @@ pub async fn run(
         tracing::info!("{DRY}: no --config, so no autoscalers");
         return Control::bind(&args).await?.serve(shutdown).await;
     }
+    if args.dry_run && args.source == Source::File {
+        tracing::info!("{DRY}: --dry-run, no cluster");
+        return Control::bind(&args).await?.serve(shutdown).await;
+    }
     if args.dry_run {
-        tracing::info!("{DRY}: --dry-run");
-        let control = match args.source {
-            Source::File => Control::bind(&args).await?,
-            Source::Kubernetes => {
-                let client = kube::Client::try_default()
-                    .await
-                    .map_err(ControlError::Kubernetes)?;
-                Control::bind_with_config(&args, ControlConfig::default())
-                    .await?
-                    .with_kubernetes_source(kubernetes_source(&args, client)?)
-                    .await?
-            }
-        };
-        return control.serve(shutdown).await;
+        tracing::info!("{DRY}: --dry-run, reading replicas through Kubernetes /scale");
+        let client = kube::Client::try_default()
+            .await
+            .map_err(ControlError::Kubernetes)?;
+        return Control::bind_kubernetes(&args, client)
+            .await?
+            .serve(shutdown)
+            .await;
     }
     match kube::Client::try_default().await {
         Ok(client) => {
@@ -448,8 +449,9 @@ impl Control<DryRunActuator> {
 impl Control<KubeActuator> {
     /// `flyball control` on Kubernetes: autoscalers from `--config` or from FlyballAutoscalers
     /// (`--source kubernetes`), replicas set through `/scale` by the holder of the leader Lease
-    /// (`--lease-name` in `--lease-namespace`) and by no one else, and followers forwarding
-    /// the reports they receive to it. Nothing is served yet.
+    /// (`--lease-name` in `--lease-namespace`) and by no one else (with `--dry-run`, read and
+    /// recommended only), and followers forwarding the reports they receive to it. Nothing is
+    /// served yet.
     pub async fn bind_kubernetes(
         args: &ControlArgs,
         client: kube::Client,
@@ -491,7 +493,7 @@ impl Control<KubeActuator> {
             .map_err(ControlError::Lease)?;
         let actuator = Arc::new(KubeActuator::new(client, &identity));
         let control = base
-            .with_actuator(actuator, false)
+            .with_actuator(actuator, args.dry_run)
             .with_leadership(leadership);
         match source {
             Some(source) => control.with_kubernetes_source(source).await,

@@ -813,6 +813,61 @@ async fn stale_telemetry_never_scales_down() {
     cluster.cleanup().await.unwrap();
 }
 
+/// `--dry-run` on a cluster: decisions start from the replicas that really run (read through
+/// `/scale`), are recorded, and are never written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_decides_on_the_real_replicas_and_writes_none() {
+    let cluster = TestCluster::start().await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 3, 3).await;
+    let config = config_file(&target, &ns, &target);
+    let lease = lease(&cluster);
+    let args = flags(
+        &cluster,
+        &lease,
+        "a",
+        &["--config", config.to_str().unwrap(), "--dry-run"],
+    );
+    let control = control(&cluster, &args).await;
+    if let Some(fake) = cluster.fake() {
+        fake.clear_requests();
+    }
+
+    let gateway = Gateway::start(control.grpc_uri(), 1, step);
+    let recommended = wait_until("a scale-up recommendation", || async {
+        decisions(&control)
+            .await
+            .into_iter()
+            .find(|d| d["to"].as_u64() > d["from"].as_u64())
+    })
+    .await;
+    gateway.stop().await;
+    // From the 3 that run, not from a made-up count; within the step limit of 2.
+    assert_eq!(
+        (
+            &recommended["from"],
+            &recommended["to"],
+            &recommended["applied"]
+        ),
+        (&json!(3), &json!(5), &json!(false)),
+        "{recommended}"
+    );
+    assert_eq!(spec_replicas(&cluster, &target).await, 3);
+    if let Some(fake) = cluster.fake() {
+        let requests = fake.requests();
+        assert_eq!(scale_patches(&requests, &ns, &target), vec![]);
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.is("GET", &scale_path(&ns, &target))),
+            "replicas were read through /scale"
+        );
+    }
+    control.stop().await.unwrap();
+    drop(config);
+    cluster.cleanup().await.unwrap();
+}
+
 /// A target that does not exist is that pool's problem: the replica stays ready, so gateways
 /// keep reporting to it for every other pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
