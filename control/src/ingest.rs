@@ -210,6 +210,9 @@ pub struct IngestService {
 /// sees them (the service rewrites and counts those refusals on their way out).
 pub const OVERSIZE: &str = "oversize";
 
+/// The refusal reason of bytes that do not decode as a report (also refused by tonic first).
+pub const MALFORMED: &str = "malformed";
+
 // === impl IngestConfig ===
 
 impl IngestConfig {

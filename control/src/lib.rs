@@ -775,36 +775,48 @@ fn refuse_oversize(
     use http_body_util::BodyExt;
     let (mut parts, body) = response.into_parts();
     // A trailers-only response carries the status in its headers.
-    if rewrite_oversize(&mut parts.headers) {
-        telemetry.count_refusal(ingest::OVERSIZE);
+    if let Some(reason) = rewrite_refusal(&mut parts.headers) {
+        telemetry.count_refusal(reason);
     }
     let telemetry = telemetry.clone();
     let body = body.map_frame(move |mut frame| {
-        if let Some(trailers) = frame.trailers_mut()
-            && rewrite_oversize(trailers)
-        {
-            telemetry.count_refusal(ingest::OVERSIZE);
+        if let Some(reason) = frame.trailers_mut().and_then(rewrite_refusal) {
+            telemetry.count_refusal(reason);
         }
         frame
     });
     axum::http::Response::from_parts(parts, tonic::body::Body::new(body))
 }
 
-fn rewrite_oversize(headers: &mut axum::http::HeaderMap) -> bool {
-    let out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|status| status.as_bytes() == b"11");
-    if !out_of_range {
-        return false;
+/// tonic refuses what it cannot decode before ingest sees it: a report over the size limit
+/// (OUT_OF_RANGE) or bytes that are not a `ReportRequest` (INTERNAL, which tells a client the
+/// fault is the server's). Both become the status ingest gives a report it refuses, naming
+/// why, and are counted; returns the refusal reason.
+fn rewrite_refusal(headers: &mut axum::http::HeaderMap) -> Option<&'static str> {
+    let code = headers.get("grpc-status")?.as_bytes();
+    if code != b"11" && code != b"13" {
+        return None;
     }
-    let Some(status) = tonic::Status::from_header_map(headers) else {
-        return false;
+    let status = tonic::Status::from_header_map(headers)?;
+    let (reason, refusal) = if let Some((_, detail)) =
+        status.message().split_once("message length too large: ")
+    {
+        (
+            ingest::OVERSIZE,
+            tonic::Status::resource_exhausted(format!(
+                "report over the size limit (--max-report-bytes): {detail}"
+            )),
+        )
+    } else if let Some((_, detail)) = status
+        .message()
+        .split_once("failed to decode Protobuf message: ")
+    {
+        (
+            ingest::MALFORMED,
+            tonic::Status::invalid_argument(format!("not a flyball.v1.ReportRequest: {detail}")),
+        )
+    } else {
+        return None;
     };
-    let Some((_, detail)) = status.message().split_once("message length too large: ") else {
-        return false;
-    };
-    let refusal = tonic::Status::resource_exhausted(format!(
-        "report over the size limit (--max-report-bytes): {detail}"
-    ));
-    refusal.add_header(headers).is_ok()
+    refusal.add_header(headers).ok().map(|()| reason)
 }

@@ -235,6 +235,26 @@ async fn hundreds_of_concurrent_reporters_add_up_exactly() -> Result<(), Error> 
     control.stop().await
 }
 
+/// Field 1 of a `ReportRequest` is the reporter, a message; here it is a number.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotAReport {
+    #[prost(uint64, tag = "1")]
+    reporter: u64,
+}
+
+/// Sends bytes that do not decode as a `ReportRequest` to `Report`; returns the refusal.
+async fn send_not_a_report(uri: String) -> tonic::Status {
+    let channel = Channel::from_shared(uri).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<NotAReport, v1::ReportResponse>::default();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/flyball.v1.TelemetryService/Report");
+    grpc.unary(tonic::Request::new(NotAReport { reporter: 7 }), path, codec)
+        .await
+        .unwrap_err()
+}
+
 #[tokio::test]
 async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), Error> {
     let control = support::start(CONFIG, &["--max-report-bytes", "65536"]).await?;
@@ -277,6 +297,16 @@ async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), E
     );
     assert!(status.message().contains("65536"), "{}", status.message());
 
+    let status = send_not_a_report(control.grpc_uri()).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .starts_with("not a flyball.v1.ReportRequest: "),
+        "{}",
+        status.message()
+    );
+
     // The connection is still good, and nothing refused was merged.
     client.report(report("gw", 1, 1, 5)).await?;
     let pools = control.pools().await?;
@@ -286,6 +316,7 @@ async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), E
         ("zero_sequence", 1.0),
         ("no_gateway", 1.0),
         ("oversize", 1.0),
+        ("malformed", 1.0),
     ] {
         let series = format!("flyball_ingest_refused_total{{reason=\"{reason}\"}}");
         assert_eq!(control.metric(&series).await?, Some(n), "{series}");
