@@ -782,7 +782,8 @@ fn learn(
     }
     let requests = rate(window.request_rate_per_s);
     let errors = rate(window.error_rate_per_s);
-    if requests <= 0.0 || errors > MAX_ERROR_SHARE_FOR_LEARNING * (requests + errors) {
+    // `requests` counts every completed request, failed ones included.
+    if requests <= 0.0 || errors > MAX_ERROR_SHARE_FOR_LEARNING * requests {
         return;
     }
     let waiting_per_replica = f64::from(t.in_flight_waiting) / f64::from(ready);

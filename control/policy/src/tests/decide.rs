@@ -659,6 +659,26 @@ fn capacity_is_learned_downwards_when_the_slo_is_missed_below_the_hint() {
 }
 
 #[test]
+fn a_window_with_more_than_five_percent_failures_teaches_nothing() {
+    let spec = spec(UNIFIED);
+    let learned_with = |errors_per_s: f64| {
+        let mut mem = memory();
+        // As in the test above: replicas shown to sustain less than their hint.
+        let mut load = Load::tokens(16_000.0, 1_000.0, 20)
+            .ttft(ms(600))
+            .waiting(12);
+        // Of the requests completed (failed ones included), this many a second failed.
+        load.errors_per_s = errors_per_s;
+        decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0);
+        decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0 + STABLE);
+        mem.pool(Role::Unified).learned().prefill_tokens_per_s
+    };
+    let requests = Load::tokens(16_000.0, 1_000.0, 20).requests_per_s;
+    assert!(learned_with(0.04 * requests).is_some());
+    assert_eq!(learned_with(0.052 * requests), None);
+}
+
+#[test]
 fn a_ttft_miss_without_a_queue_teaches_nothing_about_capacity() {
     let spec = spec(UNIFIED);
     let mut mem = memory();
