@@ -523,6 +523,7 @@ impl Process {
 impl IngestState {
     fn merge(&mut self, report: ParsedReport, now: Instant) -> Merged {
         let mut retired = Vec::new();
+        let stale_after = self.reporters.stale_after;
         let (admission, process) = self.reporters.admit(
             &report.gateway,
             report.process_start_unix_ms,
@@ -556,13 +557,20 @@ impl IngestState {
             merged.pools.extend_from_slice(self.windows.pools_of(key));
         }
         let lookback = self.windows.config().stable();
+        // A report after a silence longer than the staleness bound carries the reporter's
+        // backlog (it kept accumulating while it could not report): shared out over the
+        // silence, not counted as one burst that would set off panic mode.
+        let backlog_since = process
+            .interval
+            .filter(|silence| *silence > stale_after)
+            .and_then(|silence| now.checked_sub(silence));
         for key in &report.keys {
             let Some(id) = self.windows.key(&key.backend, &key.model) else {
                 merged.keys_over_limit += 1;
                 continue;
             };
             process.note_fed(id, now, lookback);
-            self.windows.record(id, now, &key.delta);
+            self.windows.record(id, backlog_since, now, &key.delta);
             if key.in_flight.total() > 0 {
                 self.windows
                     .replace_in_flight(id, InFlight::default(), key.in_flight);

@@ -315,6 +315,41 @@ impl Window {
         slot.latency.merge(&delta.latency);
     }
 
+    /// Adds a delta that accumulated since `since` (a reporter's backlog after a silence): its
+    /// counts are shared out over the buckets from `since` (or the oldest kept) to `now`, so
+    /// the short window sees the rate they came at, not one burst; its latencies, samples rather
+    /// than rates, go to the bucket holding `now`. The shares add up to the delta exactly.
+    pub fn record_over(&mut self, since: Instant, now: Instant, delta: &Delta) {
+        let last = self.bucket_of(now);
+        let kept = self.slots.len() as u64;
+        let first = self.bucket_of(since).max(last.saturating_sub(kept - 1));
+        let parts = last - first.min(last) + 1;
+        if parts == 1 {
+            return self.record(now, delta);
+        }
+        for (i, bucket) in (first..=last).enumerate() {
+            let share = |total: u64| share(total, parts, i as u64);
+            let part = Delta {
+                requests: split_outcomes(&delta.requests, share),
+                tokens: split_tokens(&delta.tokens, share),
+                latency: Latencies::default(),
+            };
+            let start_ns = self.width.as_nanos().saturating_mul(u128::from(bucket));
+            let at = self.epoch + Duration::from_nanos(u64::try_from(start_ns).unwrap_or(u64::MAX));
+            if bucket == last {
+                self.record(
+                    now,
+                    &Delta {
+                        latency: delta.latency.clone(),
+                        ..part
+                    },
+                );
+            } else {
+                self.record(at, &part);
+            }
+        }
+    }
+
     /// The figures of the buckets overlapping the `span` before `now`.
     pub fn summary(&self, now: Instant, span: Duration) -> WindowSummary {
         let current = self.bucket_of(now);
@@ -540,17 +575,22 @@ impl Windows {
             .map_or(&[], |k| k.pools.as_slice())
     }
 
-    /// Merges one key's deltas into its window and its pools' windows.
-    pub fn record(&mut self, key: KeyId, now: Instant, delta: &Delta) {
+    /// Merges one key's deltas into its window and its pools' windows: at `now`, or shared
+    /// out from `since` when they are a backlog ([`Window::record_over`]).
+    pub fn record(&mut self, key: KeyId, since: Option<Instant>, now: Instant, delta: &Delta) {
         let Some(state) = self.keys.get_mut(key.0 as usize) else {
             return;
         };
-        state.window.record(now, delta);
+        let record = |window: &mut Window| match since {
+            Some(since) => window.record_over(since, now, delta),
+            None => window.record(now, delta),
+        };
+        record(&mut state.window);
         state.totals.add(delta);
         state.last_update = Some(now);
         for pool in &state.pools {
             if let Some(Some(pool)) = self.pools.get_mut(pool.0) {
-                pool.window.record(now, delta);
+                record(&mut pool.window);
                 pool.totals.add(delta);
                 pool.last_update = Some(now);
             }
@@ -597,6 +637,32 @@ impl Windows {
                 },
             })
             .collect()
+    }
+}
+
+/// Part `i` of `parts` of `total`: equal parts, the remainder on the newest ones.
+fn share(total: u64, parts: u64, i: u64) -> u64 {
+    total / parts + u64::from(i >= parts - total % parts)
+}
+
+fn split_outcomes(all: &RequestOutcomes, share: impl Fn(u64) -> u64) -> RequestOutcomes {
+    RequestOutcomes {
+        ok: share(all.ok),
+        client_error: share(all.client_error),
+        server_error: share(all.server_error),
+        upstream_reset: share(all.upstream_reset),
+        client_cancel: share(all.client_cancel),
+    }
+}
+
+fn split_tokens(all: &TokenUsage, share: impl Fn(u64) -> u64) -> TokenUsage {
+    TokenUsage {
+        input: share(all.input),
+        output: share(all.output),
+        input_estimated: share(all.input_estimated),
+        output_estimated: share(all.output_estimated),
+        requests_estimated: share(all.requests_estimated),
+        requests_unmeasured: share(all.requests_unmeasured),
     }
 }
 

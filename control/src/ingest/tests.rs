@@ -468,3 +468,20 @@ fn a_quiet_gateway_counts_until_it_reports_again_or_is_forgotten() {
     t.reporters(at(base, 722_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 0, "forgotten after 10 minutes");
 }
+
+#[test]
+fn a_report_after_a_silence_is_shared_out_over_it_not_taken_as_a_burst() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    for s in 0..5 {
+        t.ingest(report("gw", 1, s + 1, 10, 0), at(base, s * 1000))
+            .unwrap();
+    }
+    // Cut off for 30 s, the gateway kept counting: 300 requests at the usual 10 a second.
+    t.ingest(report("gw", 1, 6, 300, 0), at(base, 34_000))
+        .unwrap();
+    let view = t.pool(PoolId(0), at(base, 34_000)).unwrap();
+    let rate = view.short.requests_per_s();
+    assert!((9.0..12.0).contains(&rate), "short-window rate {rate}");
+    assert_eq!(view.totals.requests, 350);
+}

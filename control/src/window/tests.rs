@@ -166,9 +166,9 @@ fn a_pool_sums_the_keys_its_selector_matches() {
     assert_eq!(windows.pools_of(c), &[PoolId(1)]);
 
     let now = at(base, 1_500);
-    windows.record(a, now, &requests(1, 0));
-    windows.record(b, now, &requests(2, 1));
-    windows.record(c, now, &requests(4, 0));
+    windows.record(a, None, now, &requests(1, 0));
+    windows.record(b, None, now, &requests(2, 1));
+    windows.record(c, None, now, &requests(4, 0));
     let busy = InFlight {
         waiting_first_token: 3,
         decoding: 5,
@@ -207,8 +207,8 @@ fn replacing_pools_keeps_unchanged_pools_and_builds_new_ones_from_their_keys() {
     windows.set_pools(vec![selector(Some("vllm"), None)]);
     let key = windows.key("vllm", "llama").unwrap();
     let other = windows.key("sglang", "qwen").unwrap();
-    windows.record(key, at(base, 100), &requests(3, 0));
-    windows.record(other, at(base, 100), &requests(5, 0));
+    windows.record(key, None, at(base, 100), &requests(3, 0));
+    windows.record(other, None, at(base, 100), &requests(5, 0));
 
     windows.set_pools(vec![
         selector(Some("vllm"), None),
@@ -237,8 +237,8 @@ fn a_pool_built_from_its_keys_equals_one_that_was_there_all_along() {
     let b = windows.key("sglang", "llama").unwrap();
     // Six seconds of traffic: older buckets have been recycled in the ring.
     for ms in (0..6_000).step_by(70) {
-        windows.record(a, at(base, ms), &requests(1 + ms % 3, ms % 2));
-        windows.record(b, at(base, ms), &ttft(&[1_000.0 + ms as f64]));
+        windows.record(a, None, at(base, ms), &requests(1 + ms % 3, ms % 2));
+        windows.record(b, None, at(base, ms), &ttft(&[1_000.0 + ms as f64]));
     }
     let now = at(base, 6_050);
     let before = windows.pool(PoolId(0), now).unwrap();
@@ -279,4 +279,33 @@ proptest! {
             .sum();
         prop_assert_eq!(window.summary(at(base, t), span).requests.ok, expected);
     }
+}
+
+#[test]
+fn a_backlog_is_shared_out_over_the_silence_it_built_up_in() {
+    let base = Instant::now();
+    let mut window = Window::new(&WindowConfig::default(), base);
+    let mut delta = requests(301, 7);
+    delta.latency = ttft(&[250_000.0]).latency;
+    // 30 s of a gateway's requests, reported at once when it could reach the control again.
+    window.record_over(at(base, 30_500), at(base, 60_500), &delta);
+
+    let short = window.summary(at(base, 60_500), Duration::from_secs(10));
+    // 31 buckets (30..=60) share each count: 301 ok are 9 or 10 a bucket (the 22 left over
+    // on the newest), the 7 errors one each in the newest 7; the short window has the last 10.
+    assert_eq!(short.requests.ok, 10 * 10);
+    assert_eq!(short.requests.server_error, 7);
+    // About the 10 a second they came at; at once, they would read as 308 / 9.5 s = 32.
+    assert!(short.requests_per_s() < 12.0, "{}", short.requests_per_s());
+    assert_eq!(short.latency.ttft_us.count(), 1);
+    let stable = window.summary(at(base, 60_500), Duration::from_secs(60));
+    assert_eq!(stable.requests.ok, 301);
+    assert_eq!(stable.requests.server_error, 7);
+    assert_eq!(stable.tokens.output, 30_100);
+
+    // A silence longer than the window: what is kept goes into the buckets there are.
+    let mut window = Window::new(&WindowConfig::default(), base);
+    window.record_over(base, at(base, 600_000), &requests(1_000, 0));
+    let stable = window.summary(at(base, 600_000), Duration::from_secs(60));
+    assert!(stable.requests.ok <= 1_000 && stable.requests.ok > 0);
 }
