@@ -527,13 +527,17 @@ fn decide_pool(
     }
 
     // Starting replicas are on the way within the grace after the last change; overdue ones stay
-    // asked for but no longer count, so the shortfall is asked for on top of them.
+    // asked for but no longer count, so the shortfall is asked for on top of them. With no
+    // change seen since this controller started (a restart, a new leader), they were asked for
+    // before it: the grace runs from its start, so replicas stuck Pending do not block a
+    // scale-up for ever.
     let last_change = later(state.last_scale_change_at, mem.last_event_at());
     let grace = scale_duration(
         state.time_to_ready.unwrap_or(DEFAULT_TIME_TO_READY),
         STARTING_GRACE_FACTOR,
     );
-    let starting_counted = last_change.is_none_or(|at| now.saturating_sub(at) <= grace);
+    let starting_since = last_change.unwrap_or(cx.started_at);
+    let starting_counted = now.saturating_sub(starting_since) <= grace;
     reason.starting_counted = starting_counted;
     let overdue = if starting_counted {
         0

@@ -436,6 +436,23 @@ fn starting_replicas_past_their_expected_time_to_ready_no_longer_count() {
 }
 
 #[test]
+fn replicas_starting_before_a_restart_count_for_one_grace_from_the_start() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let slow = Load::tokens(16_000.0, 1_000.0, 10).ttft(ms(1_000));
+    // 8 asked for before this controller started, 4 ready: when is unknown.
+    let mut s = state(8, 4);
+    s.time_to_ready = Some(secs(120));
+    let mut mem = PolicyMemory::new(T0);
+    let d = decide_unified(&spec, telemetry(slow), s, &mut mem, T0 + secs(60));
+    assert_eq!((d.to, d.rule), (8, Rule::WaitingForStartingReplicas), "{d}");
+    // 1.5 x 120 s after the start they are overdue (stuck Pending, say): the shortfall is
+    // asked for on top of them.
+    let d = decide_unified(&spec, telemetry(slow), s, &mut mem, T0 + secs(181));
+    assert!(!d.reason.starting_counted);
+    assert_eq!((d.to, d.action), (12, Action::ScaleUp), "{d}");
+}
+
+#[test]
 fn restart_hold_blocks_scale_down_until_the_stable_window_is_full() {
     let spec = spec(UNIFIED);
     let mut mem = PolicyMemory::new(T0);
