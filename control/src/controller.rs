@@ -20,12 +20,12 @@
 //! autoscaler is started, kept while its definition is unchanged, and replaced (with fresh memory)
 //! when it changes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use flyball_policy::decision::{Action, PoolDecision, Rule};
+use flyball_policy::decision::{Action, AutoscalerDecision, PoolDecision, Rule};
 use flyball_policy::inputs::{Freshness, PoolInputs, PoolState, PoolTelemetry, WindowStats};
 use flyball_policy::memory::PolicyMemory;
 use flyball_policy::pools::{Pools, Role};
@@ -137,6 +137,105 @@ pub struct LoopConfig {
     pub dry_run: bool,
     /// A pool's telemetry is stale after this much silence from every reporter.
     pub stale_after: Duration,
+    /// GPUs shared by every autoscaler's pools (`--gpu-budget`), on top of each autoscaler's own
+    /// `gpuBudget`.
+    pub gpu_budget: Option<u32>,
+}
+
+/// The budget all autoscalers share: each evaluation puts its autoscaler's latest decision
+/// beside the others' and takes back its own, its growth cut to its share when together they
+/// want more GPUs than there are (split by need: `flyball_policy::apply_global_gpu_budget`).
+///
+/// Autoscalers evaluate on their own schedules, so when load comes to two at once the first to
+/// evaluate would see the other's want from before the load and take all the headroom (and a
+/// budget never takes replicas back). So an autoscaler the budget cuts grows only on a split in
+/// which every other autoscaler's want is at least as recent as the moment the cut began;
+/// until then it holds. Every loop evaluates at least every `--max-evaluation-interval`, so
+/// that wait is at most one such interval.
+#[derive(Debug)]
+pub struct SharedBudget {
+    gpus: u32,
+    state: Mutex<BudgetState>,
+}
+
+type AutoscalerKey = (String, String);
+
+#[derive(Debug, Default)]
+struct BudgetState {
+    /// Each running autoscaler's latest decision (before the budget) and when it was made;
+    /// `None` before its first.
+    latest: BTreeMap<AutoscalerKey, Option<(AutoscalerDecision, Instant)>>,
+    /// Since when the budget has been cutting each autoscaler's growth.
+    cut_since: HashMap<AutoscalerKey, Instant>,
+}
+
+impl SharedBudget {
+    pub fn new(gpus: u32) -> Self {
+        SharedBudget {
+            gpus,
+            state: Mutex::new(BudgetState::default()),
+        }
+    }
+
+    /// An autoscaler starts: until it has decided, the others' growth under a cut waits for it.
+    pub fn register(&self, autoscaler: &AutoscalerKey) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.latest.entry(autoscaler.clone()).or_insert(None);
+    }
+
+    /// Records `decision`, made at `now`, as what `autoscaler` (namespace, name) wants and
+    /// returns it within its share of the budget.
+    pub fn share(
+        &self,
+        autoscaler: &AutoscalerKey,
+        decision: AutoscalerDecision,
+        now: Instant,
+    ) -> AutoscalerDecision {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *state;
+        state
+            .latest
+            .insert(autoscaler.clone(), Some((decision.clone(), now)));
+        let decided: Vec<(&AutoscalerKey, &AutoscalerDecision)> = state
+            .latest
+            .iter()
+            .filter_map(|(key, latest)| latest.as_ref().map(|(d, _)| (key, d)))
+            .collect();
+        let Some(mine) = decided.iter().position(|(key, _)| *key == autoscaler) else {
+            return decision;
+        };
+        let mut all: Vec<AutoscalerDecision> = decided.iter().map(|(_, d)| (*d).clone()).collect();
+        flyball_policy::apply_global_gpu_budget(&mut all, self.gpus);
+        let shared = all.swap_remove(mine);
+        let cut = shared
+            .pools
+            .iter()
+            .zip(decision.pools.iter())
+            .any(|((_, got), (_, wanted))| got.to < wanted.to);
+        if !cut {
+            state.cut_since.remove(autoscaler);
+            return shared;
+        }
+        let since = *state.cut_since.entry(autoscaler.clone()).or_insert(now);
+        let others_current = state.latest.iter().all(|(key, latest)| {
+            key == autoscaler || latest.as_ref().is_some_and(|(_, at)| *at >= since)
+        });
+        if others_current {
+            return shared;
+        }
+        // Hold: a budget of nothing keeps every pool at what it has.
+        let mut held = [decision];
+        flyball_policy::apply_global_gpu_budget(&mut held, 0);
+        let [held] = held;
+        held
+    }
+
+    /// An autoscaler that stopped wants nothing any more.
+    pub fn forget(&self, autoscaler: &AutoscalerKey) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.latest.remove(autoscaler);
+        state.cut_since.remove(autoscaler);
+    }
 }
 
 /// One entry of a pool's decision log. Consecutive identical decisions (same from, to, rule) are
@@ -486,6 +585,8 @@ struct AutoscalerLoop<A> {
     actuator: Arc<A>,
     clock: Clock,
     config: LoopConfig,
+    /// `--gpu-budget`, shared with every other autoscaler.
+    budget: Option<Arc<SharedBudget>>,
     leading: watch::Receiver<bool>,
     /// Leadership at the previous evaluation, to notice it being gained.
     was_leading: bool,
@@ -518,6 +619,9 @@ pub async fn run<A: Actuator>(
     let mut tasks = tokio::task::JoinSet::new();
     let mut running: HashMap<(String, String), (Autoscaler, tokio::task::AbortHandle)> =
         HashMap::new();
+    let budget = loop_config
+        .gpu_budget
+        .map(|gpus| Arc::new(SharedBudget::new(gpus)));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let current = config.borrow_and_update().clone();
@@ -529,6 +633,9 @@ pub async fn run<A: Actuator>(
             if !same {
                 tracing::info!(autoscaler = %key.1, namespace = %key.0, "autoscaler stopped");
                 task.abort();
+                if let Some(budget) = &budget {
+                    budget.forget(key);
+                }
             }
             same
         });
@@ -552,10 +659,14 @@ pub async fn run<A: Actuator>(
                 actuator: actuator.clone(),
                 clock,
                 config: loop_config,
+                budget: budget.clone(),
                 was_leading: *leading.borrow(),
                 leading: leading.clone(),
                 leading_open: true,
             };
+            if let Some(budget) = &budget {
+                budget.register(&key);
+            }
             let handle = tasks.spawn(task.run());
             running.insert(key, (autoscaler.clone(), handle));
         }
@@ -708,6 +819,17 @@ impl<A: Actuator> AutoscalerLoop<A> {
                 tracing::error!(autoscaler = %self.autoscaler.name, %error, "policy refused inputs");
                 return;
             }
+        };
+        let decision = match &self.budget {
+            Some(budget) => budget.share(
+                &(
+                    self.autoscaler.namespace.clone(),
+                    self.autoscaler.name.clone(),
+                ),
+                decision,
+                now,
+            ),
+            None => decision,
         };
         let dry_run = self.config.dry_run || decision.dry_run;
 

@@ -123,6 +123,11 @@ pub struct ControlArgs {
     /// And at most this far apart, with or without traffic.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub max_evaluation_interval: Duration,
+    /// GPUs shared by the pools of every autoscaler (each pool's `gpusPerReplica` a replica):
+    /// when together they would grow past it, the growth is split by need. Never removes
+    /// replicas. Each autoscaler's own `gpuBudget` applies first.
+    #[arg(long)]
+    pub gpu_budget: Option<u32>,
     /// Reports larger than this (encoded) are refused.
     #[arg(long, default_value_t = 1024 * 1024)]
     pub max_report_bytes: usize,
@@ -436,6 +441,7 @@ impl Control<DryRunActuator> {
                 // means read replicas but never set them (see `with_actuator`).
                 dry_run: false,
                 stale_after: args.stale_after,
+                gpu_budget: args.gpu_budget,
             },
             sweep_every,
             leadership: Leadership::standalone(),

@@ -92,6 +92,15 @@ fn start(config: ControlConfig) -> Harness {
 
 /// `replicas`: targets (by name) that start at a count other than their minReplicas.
 fn start_with(config: ControlConfig, leading: bool, replicas: &[(&str, u32)]) -> Harness {
+    start_budgeted(config, leading, replicas, None)
+}
+
+fn start_budgeted(
+    config: ControlConfig,
+    leading: bool,
+    replicas: &[(&str, u32)],
+    gpu_budget: Option<u32>,
+) -> Harness {
     let epoch = Instant::now();
     let telemetry = Arc::new(Telemetry::new(
         IngestConfig::default(),
@@ -119,6 +128,7 @@ fn start_with(config: ControlConfig, leading: bool, replicas: &[(&str, u32)]) ->
             decision_log: 100,
             dry_run: false,
             stale_after: Duration::from_secs(3),
+            gpu_budget,
         },
         leading,
         async move {
@@ -437,5 +447,58 @@ autoscalers:
     assert!(h.status.get(PoolId(0)).is_none());
     assert!(llama.changed().await.is_err());
     assert_eq!(h.live.current().pools()[0].id, PoolId(1));
+    let _ = h.stop.send(());
+}
+
+#[tokio::test(start_paused = true)]
+async fn autoscalers_sharing_a_gpu_budget_split_it_by_need() {
+    let config = ControlConfig::from_yaml(
+        r#"
+autoscalers:
+  - name: llama
+    spec:
+      selector: { backend: vllm }
+      pools:
+        unified:
+          scaleTargetRef: { name: llama }
+          maxReplicas: 10
+          capacity: { prefillTokensPerSecond: 1000 }
+      slo: { ttft: 500ms }
+      behavior: { scaleUp: { maxStep: 10, period: 1s } }
+  - name: qwen
+    spec:
+      selector: { backend: tgi }
+      pools:
+        unified:
+          scaleTargetRef: { name: qwen }
+          maxReplicas: 10
+          capacity: { prefillTokensPerSecond: 1000 }
+      slo: { ttft: 500ms }
+      behavior: { scaleUp: { maxStep: 10, period: 1s } }
+"#,
+    )
+    .unwrap();
+    let h = start_budgeted(config, true, &[], Some(4));
+    // Each wants 5 replicas (5,000 input tokens a second over 1,000 each); 4 GPUs in all.
+    for s in 1..=6 {
+        h.telemetry.ingest(load(s, 5_000), Instant::now()).unwrap();
+        let mut other = load(s, 5_000);
+        other.reporter.as_mut().unwrap().gateway = "gw-tgi".into();
+        other.keys[0].backend = "tgi".into();
+        h.telemetry.ingest(other, Instant::now()).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let desired = |pool| h.status.get(PoolId(pool)).unwrap().desired.unwrap();
+    // Equal need, equal shares: 2 each, not 3 for whoever evaluated first.
+    assert_eq!((desired(0), desired(1)), (2, 2));
+    let last = h
+        .status
+        .get(PoolId(1))
+        .unwrap()
+        .decisions
+        .back()
+        .cloned()
+        .unwrap();
+    assert_eq!(last.rule, Rule::GpuBudget, "{last:?}");
     let _ = h.stop.send(());
 }
