@@ -28,9 +28,11 @@ pub struct ScaleObservation {
     /// `Scale.status.replicas`: pods the workload's controller currently runs.
     pub status_replicas: u32,
     /// `status.readyReplicas` of the target object itself. `Scale` has no ready count, so this
-    /// comes from a second GET of the object. `Some(0)` when the object has a status without
-    /// the field (Kubernetes omits zero counters); `None` when it has no status at all (its
-    /// controller has not reported yet) or a shape without ready replicas.
+    /// comes from a second GET of the object. For the kinds known to keep the field
+    /// ([`keeps_ready_replicas`]), `Some(0)` when the object has a status without it (Kubernetes
+    /// omits zero counters) and `None` when it has no status yet. Any other kind may simply not
+    /// have the field: then its running replicas (`status_replicas`) count as ready, rather than
+    /// none for ever.
     pub ready_replicas: Option<u32>,
     /// `Scale.status.selector`: the pods behind the target, in label-selector syntax.
     pub selector: Option<String>,
@@ -101,12 +103,28 @@ fn observation(scale: &Scale) -> (u32, u32, Option<String>, Option<String>) {
     )
 }
 
-/// `status.readyReplicas` with the omitempty rule spelled out in [`ScaleObservation`].
-fn ready_replicas(object: &DynamicObject) -> Option<u32> {
-    let status = object.data.get("status")?.as_object()?;
-    match status.get("readyReplicas") {
-        Some(v) => v.as_u64().and_then(|n| u32::try_from(n).ok()),
-        None => Some(0),
+/// Kinds whose status keeps `readyReplicas` (omitted when zero).
+pub fn keeps_ready_replicas(target: &ScaleTargetRef) -> bool {
+    let group = target.api_version.split_once('/').map_or("", |(g, _)| g);
+    matches!(
+        (group, target.kind.as_str()),
+        ("apps", "Deployment" | "StatefulSet" | "ReplicaSet")
+            | ("leaderworkerset.x-k8s.io", "LeaderWorkerSet")
+    )
+}
+
+/// `status.readyReplicas` with the rules spelled out in [`ScaleObservation`].
+fn ready_replicas(object: &DynamicObject, keeps_field: bool, running: u32) -> Option<u32> {
+    let field = object
+        .data
+        .get("status")
+        .and_then(|status| status.as_object())
+        .map(|status| status.get("readyReplicas"));
+    match field {
+        Some(Some(v)) => v.as_u64().and_then(|n| u32::try_from(n).ok()),
+        Some(None) if keeps_field => Some(0),
+        None if keeps_field => None,
+        _ => Some(running),
     }
 }
 
@@ -230,7 +248,7 @@ impl ScaleClient {
         Ok(ScaleObservation {
             spec_replicas,
             status_replicas,
-            ready_replicas: ready_replicas(&object),
+            ready_replicas: ready_replicas(&object, keeps_ready_replicas(target), status_replicas),
             selector,
             resource_version,
         })
@@ -334,25 +352,56 @@ mod tests {
         ));
     }
 
+    fn obj(data: serde_json::Value) -> DynamicObject {
+        let mut o = DynamicObject::new(
+            "x",
+            &ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&()),
+        );
+        o.data = data;
+        o
+    }
+
     #[test]
     fn ready_replicas_reads_omitted_zero_as_zero_and_missing_status_as_unknown() {
-        let obj = |data: serde_json::Value| {
-            let mut o = DynamicObject::new(
-                "x",
-                &ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&()),
-            );
-            o.data = data;
-            o
-        };
         assert_eq!(
-            ready_replicas(&obj(json!({"status": {"readyReplicas": 3}}))),
+            ready_replicas(&obj(json!({"status": {"readyReplicas": 3}})), true, 5),
             Some(3)
         );
         assert_eq!(
-            ready_replicas(&obj(json!({"status": {"replicas": 3}}))),
+            ready_replicas(&obj(json!({"status": {"replicas": 3}})), true, 3),
             Some(0)
         );
-        assert_eq!(ready_replicas(&obj(json!({"spec": {}}))), None);
+        assert_eq!(ready_replicas(&obj(json!({"spec": {}})), true, 0), None);
+    }
+
+    #[test]
+    fn a_kind_without_ready_replicas_counts_its_running_replicas_as_ready() {
+        let status_only = obj(json!({"status": {"replicas": 3, "phase": "Running"}}));
+        assert_eq!(ready_replicas(&status_only, false, 3), Some(3));
+        assert_eq!(ready_replicas(&obj(json!({"spec": {}})), false, 2), Some(2));
+        // A field it does have is read as it is.
+        let with_field = obj(json!({"status": {"readyReplicas": 1}}));
+        assert_eq!(ready_replicas(&with_field, false, 3), Some(1));
+
+        let target = |api_version: &str, kind: &str| ScaleTargetRef {
+            api_version: api_version.into(),
+            kind: kind.into(),
+            name: "x".into(),
+            namespace: "ns".into(),
+        };
+        assert!(keeps_ready_replicas(&target("apps/v1", "Deployment")));
+        assert!(keeps_ready_replicas(&target(
+            "leaderworkerset.x-k8s.io/v1",
+            "LeaderWorkerSet"
+        )));
+        assert!(!keeps_ready_replicas(&target(
+            "example.com/v1",
+            "Deployment"
+        )));
+        assert!(!keeps_ready_replicas(&target(
+            "serving.kserve.io/v1",
+            "InferencePool"
+        )));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!
 //! The control service calls [`decide`] for each autoscaler at each evaluation, with telemetry
 //! windows from its ingest and replica counts from the `/scale` subresource; the trace simulator
-//! calls the very same function at 10,000x real time. So the crate is pure and deterministic: time
+//! of the roadmap (not built yet) is to call the very same function faster than real time. So the
+//! crate is pure and deterministic: time
 //! is the `now` parameter, state is the caller-owned [`PolicyMemory`], and it reads no clock,
 //! socket or Kubernetes object. [`spec`] holds the autoscaler configuration shared by the CRD and
 //! the YAML file, validated into [`AutoscalerSpec`].
