@@ -385,14 +385,16 @@ impl Reporters {
         if restart {
             // The old process crashed or is draining after a hot restart. Its gauge is most
             // likely gone with it; if it is draining, its next report counts it again.
-            for old in entry.processes.iter_mut() {
+            // Replaced processes count as neither live nor stale: the gateway is there, and a
+            // rollout must not look like an outage.
+            for old in entry.processes.iter_mut().filter(|p| !p.replaced) {
                 old.replaced = true;
                 if old.stale {
+                    self.stale -= 1;
                     continue;
                 }
                 old.stale = true;
                 self.live -= 1;
-                self.stale += 1;
                 retired.append(&mut old.gauges);
             }
         }
@@ -433,9 +435,11 @@ impl Reporters {
         process.interval = Some(now.saturating_duration_since(process.last_seen));
         process.last_seen = now;
         let revived = std::mem::replace(&mut process.stale, false);
-        process.replaced = false;
+        let was_replaced = std::mem::replace(&mut process.replaced, false);
         if revived {
-            self.stale -= 1;
+            if !was_replaced {
+                self.stale -= 1;
+            }
             self.live += 1;
         }
         let admission = Admission::Fresh {
@@ -457,7 +461,9 @@ impl Reporters {
             gateway.processes.retain_mut(|process| {
                 let silent = now.saturating_duration_since(process.last_seen);
                 if silent >= forget_after {
-                    if process.stale {
+                    if process.replaced {
+                        // Counted out when it was replaced.
+                    } else if process.stale {
                         stale -= 1;
                     } else {
                         live -= 1;

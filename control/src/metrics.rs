@@ -139,7 +139,7 @@ impl Collector for PoolCollector {
         {
             let mut metric = encoder.encode_descriptor(
                 "flyball_reporters",
-                "Gateway processes known to ingest, by state",
+                "Gateway processes known to ingest, by state: live, or stale (quiet past --stale-after, until forgotten); processes replaced by a restart of their gateway are in neither",
                 None,
                 MetricType::Gauge,
             )?;

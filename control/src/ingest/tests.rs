@@ -376,9 +376,10 @@ fn a_restart_retires_the_old_process_gauge_until_it_reports_again() {
         t.pool(PoolId(0), at(base, 600)).unwrap().in_flight.decoding,
         1
     );
+    // The old process is replaced, neither live nor stale: a rollout is not an outage.
     assert_eq!(
         t.reporters(at(base, 700)),
-        ReporterCounts { live: 1, stale: 1 }
+        ReporterCounts { live: 1, stale: 0 }
     );
     // Still draining after a hot restart: counted again from its next report.
     t.ingest(report("gw", 100, 2, 0, 2), at(base, 1000))
@@ -393,6 +394,21 @@ fn a_restart_retires_the_old_process_gauge_until_it_reports_again() {
     assert_eq!(
         t.reporters(at(base, 1200)),
         ReporterCounts { live: 2, stale: 0 }
+    );
+    // Replaced again by a third process, then all silent: stale, then forgotten.
+    t.ingest(report("gw", 300, 1, 0, 1), at(base, 2000))
+        .unwrap();
+    assert_eq!(
+        t.reporters(at(base, 2100)),
+        ReporterCounts { live: 1, stale: 0 }
+    );
+    assert_eq!(
+        t.reporters(at(base, 10_000)),
+        ReporterCounts { live: 0, stale: 1 }
+    );
+    assert_eq!(
+        t.reporters(at(base, 700_000)),
+        ReporterCounts { live: 0, stale: 0 }
     );
 }
 
