@@ -761,81 +761,115 @@ async fn only_the_leader_scales_and_the_follower_takes_over_when_it_steps_down()
     cluster.cleanup().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_telemetry_never_scales_down() {
-    let cluster = TestCluster::start().await.unwrap();
-    let ns = cluster.namespace().to_string();
-    let target = deployment(&cluster, "vllm", 4, 4).await;
-    let config = config_file(&target, &ns, &target);
-    let lease = lease(&cluster);
-    let args = flags(
-        &cluster,
-        &lease,
-        "a",
-        &["--config", config.to_str().unwrap()],
-    );
-    let control = control(&cluster, &args).await;
-    if let Some(fake) = cluster.fake() {
-        fake.clear_requests();
+/// A Deployment (or a name with nothing behind it), one autoscaler for it in a `--config` file,
+/// and `flyball control` leading on it with `extra` flags, the request log cleared after start.
+struct Scene {
+    cluster: TestCluster,
+    ns: String,
+    target: String,
+    config: ConfigFile,
+    control: Running,
+}
+
+impl Scene {
+    /// With a Deployment of `replicas`, all ready.
+    async fn with_deployment(replicas: i32, extra: &[&str]) -> Scene {
+        let cluster = TestCluster::start().await.unwrap();
+        let target = deployment(&cluster, "vllm", replicas, replicas).await;
+        Scene::start(cluster, target, extra).await
     }
 
+    async fn start(cluster: TestCluster, target: String, extra: &[&str]) -> Scene {
+        let ns = cluster.namespace().to_string();
+        let config = config_file(&target, &ns, &target);
+        let lease = lease(&cluster);
+        let mut rest = vec!["--config", config.to_str().unwrap()];
+        rest.extend_from_slice(extra);
+        let args = flags(&cluster, &lease, "a", &rest);
+        let control = control(&cluster, &args).await;
+        if let Some(fake) = cluster.fake() {
+            fake.clear_requests();
+        }
+        Scene {
+            cluster,
+            ns,
+            target,
+            config,
+            control,
+        }
+    }
+
+    /// Waits for `n` evaluations that hold by `rule`; asserts they all stayed at `replicas`
+    /// and that nothing was written to the target.
+    async fn assert_holds(&self, rule: &str, n: u64, replicas: u32) {
+        let log = wait_until(&format!("{n} evaluations holding by {rule}"), || async {
+            let log = decisions(&self.control).await;
+            let held = log.iter().filter(|d| d["rule"] == rule);
+            (evaluations(held) >= n).then_some(log)
+        })
+        .await;
+        assert!(log.iter().all(|d| d["to"] == replicas), "{log:?}");
+        self.assert_untouched(replicas).await;
+    }
+
+    /// The target still has `replicas`, with no scale-down Event and no write to `/scale`.
+    async fn assert_untouched(&self, replicas: u32) {
+        let want = i32::try_from(replicas).unwrap();
+        assert_eq!(spec_replicas(&self.cluster, &self.target).await, want);
+        assert!(
+            events(&self.cluster, REASON_SCALED_DOWN, &self.target)
+                .await
+                .is_empty()
+        );
+        if let Some(fake) = self.cluster.fake() {
+            assert_eq!(
+                scale_patches(&fake.requests(), &self.ns, &self.target),
+                vec![]
+            );
+        }
+    }
+
+    /// Waits until ingest has merged `n` reports.
+    async fn reports_merged(&self, n: f64) {
+        wait_until(&format!("{n} reports merged"), || async {
+            let merged = self
+                .control
+                .metric("flyball_ingest_reports_total")
+                .await
+                .unwrap();
+            (merged >= Some(n)).then_some(())
+        })
+        .await;
+    }
+
+    async fn finish(self) {
+        self.control.stop().await.unwrap();
+        drop(self.config);
+        self.cluster.cleanup().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_telemetry_never_scales_down() {
+    let scene = Scene::with_deployment(4, &[]).await;
     // A few light reports, inside the restart hold, then silence.
-    let gateway = Gateway::start(control.grpc_uri(), 1, idle);
-    wait_until("the reports to arrive", || async {
-        let n = control
-            .metric("flyball_ingest_reports_total")
-            .await
-            .unwrap();
-        (n >= Some(3.0)).then_some(())
-    })
-    .await;
+    let gateway = Gateway::start(scene.control.grpc_uri(), 1, idle);
+    scene.reports_merged(3.0).await;
     gateway.stop().await;
     // Silent for well past the stable window (2 s) and the restart hold: 30 evaluations 200 ms
     // apart see stale telemetry and hold.
-    let log = wait_until("30 evaluations on stale telemetry", || async {
-        let log = decisions(&control).await;
-        let stale = log.iter().filter(|d| d["rule"] == "staleTelemetryHold");
-        (evaluations(stale) >= 30).then_some(log)
-    })
-    .await;
-    assert!(log.iter().all(|d| d["to"] == 4), "{log:?}");
-    assert_eq!(spec_replicas(&cluster, &target).await, 4);
-    assert!(
-        events(&cluster, REASON_SCALED_DOWN, &target)
-            .await
-            .is_empty()
-    );
-    if let Some(fake) = cluster.fake() {
-        assert_eq!(scale_patches(&fake.requests(), &ns, &target), vec![]);
-    }
-    control.stop().await.unwrap();
-    drop(config);
-    cluster.cleanup().await.unwrap();
+    scene.assert_holds("staleTelemetryHold", 30, 4).await;
+    scene.finish().await;
 }
 
 /// `--dry-run` on a cluster: decisions start from the replicas that really run (read through
 /// `/scale`), are recorded, and are never written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_decides_on_the_real_replicas_and_writes_none() {
-    let cluster = TestCluster::start().await.unwrap();
-    let ns = cluster.namespace().to_string();
-    let target = deployment(&cluster, "vllm", 3, 3).await;
-    let config = config_file(&target, &ns, &target);
-    let lease = lease(&cluster);
-    let args = flags(
-        &cluster,
-        &lease,
-        "a",
-        &["--config", config.to_str().unwrap(), "--dry-run"],
-    );
-    let control = control(&cluster, &args).await;
-    if let Some(fake) = cluster.fake() {
-        fake.clear_requests();
-    }
-
-    let gateway = Gateway::start(control.grpc_uri(), 1, step);
+    let scene = Scene::with_deployment(3, &["--dry-run"]).await;
+    let gateway = Gateway::start(scene.control.grpc_uri(), 1, step);
     let recommended = wait_until("a scale-up recommendation", || async {
-        decisions(&control)
+        decisions(&scene.control)
             .await
             .into_iter()
             .find(|d| d["to"].as_u64() > d["from"].as_u64())
@@ -852,20 +886,16 @@ async fn a_dry_run_decides_on_the_real_replicas_and_writes_none() {
         (&json!(3), &json!(5), &json!(false)),
         "{recommended}"
     );
-    assert_eq!(spec_replicas(&cluster, &target).await, 3);
-    if let Some(fake) = cluster.fake() {
-        let requests = fake.requests();
-        assert_eq!(scale_patches(&requests, &ns, &target), vec![]);
+    scene.assert_untouched(3).await;
+    if let Some(fake) = scene.cluster.fake() {
         assert!(
-            requests
+            fake.requests()
                 .iter()
-                .any(|r| r.is("GET", &scale_path(&ns, &target))),
+                .any(|r| r.is("GET", &scale_path(&scene.ns, &scene.target))),
             "replicas were read through /scale"
         );
     }
-    control.stop().await.unwrap();
-    drop(config);
-    cluster.cleanup().await.unwrap();
+    scene.finish().await;
 }
 
 /// A target that does not exist is that pool's problem: the replica stays ready, so gateways
@@ -873,29 +903,21 @@ async fn a_dry_run_decides_on_the_real_replicas_and_writes_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_target_fails_its_pool_not_readiness() {
     let cluster = TestCluster::start().await.unwrap();
-    let ns = cluster.namespace().to_string();
     let target = cluster.unique_name("no-such-deployment");
-    let config = config_file(&target, &ns, &target);
-    let lease = lease(&cluster);
-    let args = flags(
-        &cluster,
-        &lease,
-        "a",
-        &["--config", config.to_str().unwrap()],
-    );
-    let control = control(&cluster, &args).await;
+    let scene = Scene::start(cluster, target, &[]).await;
     wait_until("the failed read of the missing target counted", || async {
-        let (_, metrics) = control.get("/metrics").await.unwrap();
+        let (_, metrics) = scene.control.get("/metrics").await.unwrap();
         metrics
             .lines()
-            .any(|l| l.starts_with("flyball_actuator_errors_total{") && l.contains(&target))
+            .any(|l| l.starts_with("flyball_actuator_errors_total{") && l.contains(&scene.target))
             .then_some(())
     })
     .await;
-    assert_eq!(control.get("/readyz").await.unwrap(), (200, "ok\n".into()));
-    control.stop().await.unwrap();
-    drop(config);
-    cluster.cleanup().await.unwrap();
+    assert_eq!(
+        scene.control.get("/readyz").await.unwrap(),
+        (200, "ok\n".into())
+    );
+    scene.finish().await;
 }
 
 /// Two gateways feed an idle pool and one goes quiet while the other keeps reporting: the
@@ -903,91 +925,35 @@ async fn a_missing_target_fails_its_pool_not_readiness() {
 /// one gateway's fresh idle telemetry scales it down (the test below).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_gone_quiet_holds_scale_down_while_the_others_report() {
-    let cluster = TestCluster::start().await.unwrap();
-    let ns = cluster.namespace().to_string();
-    let target = deployment(&cluster, "vllm", 4, 4).await;
-    let config = config_file(&target, &ns, &target);
-    let lease = lease(&cluster);
-    let args = flags(
-        &cluster,
-        &lease,
-        "a",
-        &["--config", config.to_str().unwrap()],
-    );
-    let control = control(&cluster, &args).await;
-    if let Some(fake) = cluster.fake() {
-        fake.clear_requests();
-    }
-
-    let quiet = Gateway::start(control.grpc_uri(), 1, idle_from_another_gateway);
-    let live = Gateway::start(control.grpc_uri(), 1, idle);
-    wait_until("both gateways' reports to arrive", || async {
-        let n = control
-            .metric("flyball_ingest_reports_total")
-            .await
-            .unwrap();
-        (n >= Some(6.0)).then_some(())
-    })
-    .await;
+    let scene = Scene::with_deployment(4, &[]).await;
+    let quiet = Gateway::start(scene.control.grpc_uri(), 1, idle_from_another_gateway);
+    let live = Gateway::start(scene.control.grpc_uri(), 1, idle);
+    scene.reports_merged(6.0).await;
     quiet.stop().await;
     // Past the stable window (2 s) and the restart hold, 30 evaluations see the quiet gateway.
-    let log = wait_until("30 evaluations holding for the quiet gateway", || async {
-        let log = decisions(&control).await;
-        let held = log.iter().filter(|d| d["rule"] == "silentReporterHold");
-        (evaluations(held) >= 30).then_some(log)
-    })
-    .await;
-    assert!(log.iter().all(|d| d["to"] == 4), "{log:?}");
-    assert_eq!(spec_replicas(&cluster, &target).await, 4);
-    assert!(
-        events(&cluster, REASON_SCALED_DOWN, &target)
-            .await
-            .is_empty()
-    );
-    if let Some(fake) = cluster.fake() {
-        assert_eq!(scale_patches(&fake.requests(), &ns, &target), vec![]);
-    }
+    scene.assert_holds("silentReporterHold", 30, 4).await;
     live.stop().await;
-    control.stop().await.unwrap();
-    drop(config);
-    cluster.cleanup().await.unwrap();
+    scene.finish().await;
 }
 
 /// The same pool as above with fresh idle telemetry does scale down: the stale test holds
 /// because the telemetry is stale, not because this configuration never scales down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_idle_telemetry_scales_down_after_the_stable_window() {
-    let cluster = TestCluster::start().await.unwrap();
-    let ns = cluster.namespace().to_string();
-    let target = deployment(&cluster, "vllm", 4, 4).await;
-    let config = config_file(&target, &ns, &target);
-    let lease = lease(&cluster);
-    let args = flags(
-        &cluster,
-        &lease,
-        "a",
-        &["--config", config.to_str().unwrap()],
-    );
-    let control = control(&cluster, &args).await;
-    if let Some(fake) = cluster.fake() {
-        fake.clear_requests();
-    }
-
-    let gateway = Gateway::start(control.grpc_uri(), 1, idle);
+    let scene = Scene::with_deployment(4, &[]).await;
+    let gateway = Gateway::start(scene.control.grpc_uri(), 1, idle);
     wait_until("the Deployment at 1 replica", || async {
-        (spec_replicas(&cluster, &target).await == 1).then_some(())
+        (spec_replicas(&scene.cluster, &scene.target).await == 1).then_some(())
     })
     .await;
     gateway.stop().await;
-    if let Some(fake) = cluster.fake() {
+    if let Some(fake) = scene.cluster.fake() {
         assert_eq!(
-            scale_patches(&fake.requests(), &ns, &target),
+            scale_patches(&fake.requests(), &scene.ns, &scene.target),
             vec![(Some(200), json!({"spec": {"replicas": 1}}))]
         );
     }
-    control.stop().await.unwrap();
-    drop(config);
-    cluster.cleanup().await.unwrap();
+    scene.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,13 +3,22 @@ use super::*;
 use crate::window::WindowConfig;
 
 fn telemetry(base: Instant) -> Telemetry {
+    telemetry_of(base, &["vllm"])
+}
+
+/// One pool per backend, `PoolId(i)` selecting `backends[i]`.
+fn telemetry_of(base: Instant, backends: &[&str]) -> Telemetry {
+    let pools = backends
+        .iter()
+        .map(|backend| Selector {
+            backend: Some((*backend).into()),
+            model: None,
+        })
+        .collect();
     Telemetry::new(
         IngestConfig::default(),
         WindowConfig::default(),
-        vec![Selector {
-            backend: Some("vllm".into()),
-            model: None,
-        }],
+        pools,
         base,
     )
 }
@@ -347,21 +356,7 @@ fn latency_sketches_merge_into_the_pool_window() {
 #[test]
 fn a_report_marks_only_the_pools_it_feeds_dirty() {
     let base = Instant::now();
-    let t = Telemetry::new(
-        IngestConfig::default(),
-        WindowConfig::default(),
-        vec![
-            Selector {
-                backend: Some("vllm".into()),
-                model: None,
-            },
-            Selector {
-                backend: Some("other".into()),
-                model: None,
-            },
-        ],
-        base,
-    );
+    let t = telemetry_of(base, &["vllm", "other"]);
     let merged = t.ingest(report("gw", 1, 1, 1, 0), base).unwrap();
     assert_eq!(merged.pools, vec![PoolId(0)]);
 }
@@ -422,21 +417,7 @@ fn report_on(backend: &str, gateway: &str, start_ms: u64, sequence: u64) -> v1::
 #[test]
 fn a_gateway_gone_quiet_leaves_only_the_pools_it_fed_with_silent_feeders() {
     let base = Instant::now();
-    let t = Telemetry::new(
-        IngestConfig::default(),
-        WindowConfig::default(),
-        vec![
-            Selector {
-                backend: Some("a".into()),
-                model: None,
-            },
-            Selector {
-                backend: Some("b".into()),
-                model: None,
-            },
-        ],
-        base,
-    );
+    let t = telemetry_of(base, &["a", "b"]);
     let (pool_a, pool_b) = (PoolId(0), PoolId(1));
     for s in 0..=9 {
         t.ingest(report_on("a", "gw-a", 1, s + 1), at(base, s * 1000))
