@@ -63,7 +63,22 @@ pub enum Refusal {
         #[source]
         source: SketchError,
     },
+    /// A figure no gateway can have: merged, it would saturate the sums and scale the pool to
+    /// its maximum on one bad (or forged) report.
+    #[error("keys[{index}].{field} = {value}: above {max}, not a figure one gateway reports")]
+    Implausible {
+        index: usize,
+        field: &'static str,
+        value: u64,
+        max: u64,
+    },
 }
+
+/// Requests in flight at one gateway for one key, at most.
+pub const MAX_IN_FLIGHT: u64 = 1_000_000;
+
+/// A count (requests or tokens) in one report of one key, at most: 10^12.
+pub const MAX_COUNT: u64 = 1_000_000_000_000;
 
 /// How a reporter's report was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,6 +263,7 @@ impl Refusal {
             Refusal::TooManyKeys { .. } => "too_many_keys",
             Refusal::EmptyKeyName { .. } => "empty_key",
             Refusal::BadSketch { .. } => "bad_sketch",
+            Refusal::Implausible { .. } => "implausible",
         }
     }
 
@@ -305,12 +321,33 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
             e2e_us: sketch("e2e_us", &key.e2e_us)?,
         };
         let in_flight = key.in_flight.unwrap_or_default();
+        let requests = key.requests.unwrap_or_default();
+        let tokens = key.tokens.unwrap_or_default();
+        let figures = [
+            (
+                "in_flight.waiting_first_token",
+                in_flight.waiting_first_token,
+                MAX_IN_FLIGHT,
+            ),
+            ("in_flight.decoding", in_flight.decoding, MAX_IN_FLIGHT),
+            ("requests", requests.total(), MAX_COUNT),
+            ("tokens.input", tokens.input, MAX_COUNT),
+            ("tokens.output", tokens.output, MAX_COUNT),
+        ];
+        if let Some((field, value, max)) = figures.into_iter().find(|(_, v, max)| v > max) {
+            return Err(Refusal::Implausible {
+                index,
+                field,
+                value,
+                max,
+            });
+        }
         keys.push(ParsedKey {
             backend: key.backend,
             model: key.model,
             delta: Delta {
-                requests: key.requests.unwrap_or_default(),
-                tokens: key.tokens.unwrap_or_default(),
+                requests,
+                tokens,
                 latency,
             },
             in_flight: InFlight {

@@ -319,6 +319,23 @@ fn malformed_reports_are_refused_with_the_reason() {
     );
     assert_eq!(refusal.to_status().code(), tonic::Code::ResourceExhausted);
 
+    // One bad or forged gauge would otherwise saturate the pool's sums and scale it to its max.
+    let refusal = t.ingest(report("gw", 1, 1, 1, u64::MAX), base).unwrap_err();
+    assert_eq!(
+        refusal.to_string(),
+        format!(
+            "keys[0].in_flight.decoding = {}: above 1000000, not a figure one gateway reports",
+            u64::MAX
+        )
+    );
+    let mut tokens = report("gw", 1, 1, 1, 0);
+    tokens.keys[0].tokens = Some(v1::TokenUsage {
+        output: 1 << 50,
+        ..Default::default()
+    });
+    let refusal = t.ingest(tokens, base).unwrap_err();
+    assert!(refusal.to_string().starts_with("keys[0].tokens.output = "));
+
     // Nothing of the refused reports was merged, and each refusal was counted by reason.
     assert_eq!(t.pool(PoolId(0), base).unwrap().totals.requests, 0);
     let refused = |reason| {
@@ -332,6 +349,7 @@ fn malformed_reports_are_refused_with_the_reason() {
     assert_eq!(refused("empty_key"), 1);
     assert_eq!(refused("bad_sketch"), 1);
     assert_eq!(refused("too_many_keys"), 1);
+    assert_eq!(refused("implausible"), 2);
 }
 
 #[test]
