@@ -24,6 +24,26 @@ fn config(cluster: &TestCluster, lease: &str, identity: &str) -> LeaseConfig {
     }
 }
 
+/// A Lease name of its own for one test, removed with the test's other objects.
+fn tracked_lease(cluster: &TestCluster, prefix: &str) -> String {
+    let name = cluster.unique_name(prefix);
+    cluster.track(
+        ApiResource::erase::<Lease>(&()),
+        Some(cluster.namespace().to_string()),
+        name.clone(),
+    );
+    name
+}
+
+/// Starts an election for `identity` on `lease_name` and waits until it leads.
+async fn leading(cluster: &TestCluster, lease_name: &str, identity: &str) -> LeaderElection {
+    let election = LeaderElection::start(cluster.client(), &config(cluster, lease_name, identity))
+        .await
+        .unwrap();
+    until_leading(&mut election.is_leader(), identity).await;
+    election
+}
+
 async fn until_leading(rx: &mut watch::Receiver<bool>, who: &str) {
     tokio::time::timeout(WAIT, rx.wait_for(|leading| *leading))
         .await
@@ -34,18 +54,10 @@ async fn until_leading(rx: &mut watch::Receiver<bool>, who: &str) {
 #[tokio::test]
 async fn leadership_passes_to_the_second_instance_when_the_first_steps_down() {
     let cluster = TestCluster::start().await.unwrap();
-    let lease_name = cluster.unique_name("flyball-leader");
-    cluster.track(
-        ApiResource::erase::<Lease>(&()),
-        Some(cluster.namespace().to_string()),
-        lease_name.clone(),
-    );
+    let lease_name = tracked_lease(&cluster, "flyball-leader");
 
-    let a = LeaderElection::start(cluster.client(), &config(&cluster, &lease_name, "a"))
-        .await
-        .unwrap();
-    let mut a_leads = a.is_leader();
-    until_leading(&mut a_leads, "a").await;
+    let a = leading(&cluster, &lease_name, "a").await;
+    let a_leads = a.is_leader();
 
     let b = LeaderElection::start(cluster.client(), &config(&cluster, &lease_name, "b"))
         .await
@@ -125,12 +137,7 @@ async fn leadership_passes_to_the_second_instance_when_the_first_steps_down() {
 #[tokio::test]
 async fn of_two_instances_started_together_only_the_lease_holder_leads() {
     let cluster = TestCluster::start().await.unwrap();
-    let lease_name = cluster.unique_name("flyball-race");
-    cluster.track(
-        ApiResource::erase::<Lease>(&()),
-        Some(cluster.namespace().to_string()),
-        lease_name.clone(),
-    );
+    let lease_name = tracked_lease(&cluster, "flyball-race");
     let (config_a, config_b) = (
         config(&cluster, &lease_name, "a"),
         config(&cluster, &lease_name, "b"),
@@ -172,17 +179,9 @@ async fn a_leader_that_cannot_renew_stops_acting_before_its_claim_lapses() {
         eprintln!("skipped: injecting Lease faults needs the in-process API server");
         return;
     };
-    let lease_name = cluster.unique_name("flyball-renew");
-    cluster.track(
-        ApiResource::erase::<Lease>(&()),
-        Some(cluster.namespace().to_string()),
-        lease_name.clone(),
-    );
-    let a = LeaderElection::start(cluster.client(), &config(&cluster, &lease_name, "a"))
-        .await
-        .unwrap();
+    let lease_name = tracked_lease(&cluster, "flyball-renew");
+    let a = leading(&cluster, &lease_name, "a").await;
     let mut a_leads = a.is_leader();
-    until_leading(&mut a_leads, "a").await;
 
     // Every Lease call answers 500 for a while: no renewal lands.
     let path = format!(
