@@ -220,8 +220,16 @@ async fn a_leader_that_cannot_renew_stops_acting_before_its_claim_lapses() {
         "a acted past its claim"
     );
 
-    // The faults run out, a renewal lands, and a acts again.
-    until_leading(&mut a_leads, "a after the faults").await;
+    // The faults run out, a renewal lands, and a acts again. kube-lease-manager backs off after
+    // each failed call, doubling up to 30 s, and how many failures it met depends on timing: wait
+    // out its longest backoff.
+    tokio::time::timeout(
+        Duration::from_secs(45),
+        a_leads.wait_for(|leading| *leading),
+    )
+    .await
+    .expect("a leads again once a renewal lands after the faults")
+    .unwrap();
     let lease = Api::<Lease>::namespaced(cluster.client(), cluster.namespace());
     assert_eq!(
         lease
