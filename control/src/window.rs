@@ -334,18 +334,16 @@ impl Window {
                 tokens: split_tokens(&delta.tokens, share),
                 latency: Latencies::default(),
             };
-            let start_ns = self.width.as_nanos().saturating_mul(u128::from(bucket));
-            let at = self.epoch + Duration::from_nanos(u64::try_from(start_ns).unwrap_or(u64::MAX));
             if bucket == last {
-                self.record(
-                    now,
-                    &Delta {
-                        latency: delta.latency.clone(),
-                        ..part
-                    },
-                );
+                let part = Delta {
+                    latency: delta.latency.clone(),
+                    ..part
+                };
+                self.record(now, &part);
             } else {
-                self.record(at, &part);
+                let start_ns = self.width.as_nanos().saturating_mul(u128::from(bucket));
+                let start = Duration::from_nanos(u64::try_from(start_ns).unwrap_or(u64::MAX));
+                self.record(self.epoch + start, &part);
             }
         }
     }

@@ -176,14 +176,17 @@ impl Claim {
         match self.leases.get(&self.lease_name).await {
             Ok(lease) => {
                 let spec = lease.spec.unwrap_or_default();
-                self.valid_until = (spec.holder_identity.as_deref() == Some(&self.identity))
-                    .then_some(())
-                    .and(spec.renew_time)
-                    .zip(spec.lease_duration_seconds)
-                    .map(|(renewed, seconds)| {
-                        SystemTime::from(renewed.0)
-                            + Duration::from_secs(u64::try_from(seconds).unwrap_or(0))
-                    });
+                self.valid_until = match (
+                    spec.holder_identity,
+                    spec.renew_time,
+                    spec.lease_duration_seconds,
+                ) {
+                    (Some(holder), Some(renewed), Some(seconds)) if holder == self.identity => {
+                        let seconds = u64::try_from(seconds).unwrap_or(0);
+                        Some(SystemTime::from(renewed.0) + Duration::from_secs(seconds))
+                    }
+                    _ => None,
+                };
             }
             Err(error) => {
                 tracing::debug!(lease = %self.lease_name, %error, "cannot read the lease");
