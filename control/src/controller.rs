@@ -525,11 +525,13 @@ pub fn window_stats(summary: &WindowSummary, length: Duration, percentile: f64) 
 /// not missing: gateways leave keys without deltas or requests in flight out of their reports
 /// (see `flyball.v1.ReportRequest.keys`), so silence about a key from a live gateway is a zero.
 /// Silence from a gateway that fed the pool is not: while `silent_feeders` of them are quiet
-/// (and not yet forgotten), the pool's telemetry is partial.
+/// (and not yet forgotten), the pool's telemetry is partial; so it is while `keys_over_limit`
+/// (keys of the pool were dropped recently over `--max-keys`).
 pub fn freshness(
     live_reporters: usize,
     last_report: Option<Instant>,
     silent_feeders: u32,
+    keys_over_limit: bool,
     stale_after: Duration,
     now: Instant,
 ) -> Freshness {
@@ -539,9 +541,10 @@ pub fn freshness(
             let age = now.saturating_duration_since(last);
             if live_reporters == 0 || age > stale_after {
                 Freshness::Stale { age }
-            } else if silent_feeders > 0 {
+            } else if silent_feeders > 0 || keys_over_limit {
                 Freshness::Partial {
                     silent_reporters: silent_feeders,
+                    keys_over_limit,
                 }
             } else {
                 Freshness::Fresh
@@ -781,6 +784,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                 reporters.live,
                 last_report,
                 self.telemetry.silent_feeders(pool.id),
+                self.telemetry.keys_dropped_recently(pool.id, now),
                 self.config.stale_after,
                 now,
             );

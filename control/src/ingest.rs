@@ -11,7 +11,7 @@
 //! is stale: its gauges leave the in-flight sums until it reports again. Ingest never trusts a
 //! remote clock; the time of arrival is what counts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -208,6 +208,9 @@ struct IngestState {
     /// Per pool, the reporters that fed it in the stable window before they went quiet and
     /// are not yet forgotten (recounted at every sweep); pools absent have none.
     silent_feeders: HashMap<PoolId, u32>,
+    /// Per pool, when a key that would feed it was last dropped for want of room under
+    /// `max_keys`; pools absent never had one dropped.
+    keys_dropped_at: HashMap<PoolId, Instant>,
 }
 
 /// The tonic service.
@@ -525,6 +528,18 @@ impl Reporters {
         dropped
     }
 
+    /// Forgets evicted keys, whose ids will name other keys.
+    fn forget_keys(&mut self, keys: &[KeyId]) {
+        let keys: HashSet<KeyId> = keys.iter().copied().collect();
+        for process in self
+            .gateways
+            .values_mut()
+            .flat_map(|gateway| &mut gateway.processes)
+        {
+            process.forget_keys(&keys);
+        }
+    }
+
     /// For every reporter gone quiet (stale, not replaced by a restart of its gateway), the
     /// keys it reported on within `lookback` before it went quiet.
     fn silent_feeds(
@@ -547,6 +562,11 @@ impl Reporters {
 }
 
 impl Process {
+    fn forget_keys(&mut self, keys: &HashSet<KeyId>) {
+        self.fed.retain(|(key, _)| !keys.contains(key));
+        self.gauges.retain(|(key, _)| !keys.contains(key));
+    }
+
     /// Notes that this process reported on `key` at `now`, forgetting keys not reported on
     /// within `lookback`.
     fn note_fed(&mut self, key: KeyId, now: Instant, lookback: Duration) {
@@ -610,6 +630,10 @@ impl IngestState {
         for key in &report.keys {
             let Some(id) = self.windows.key(&key.backend, &key.model) else {
                 merged.keys_over_limit += 1;
+                for pool in self.windows.pools_selecting(&key.backend, &key.model) {
+                    self.keys_dropped_at.insert(pool, now);
+                    merged.pools.push(pool);
+                }
                 continue;
             };
             process.note_fed(id, now, lookback);
@@ -633,6 +657,14 @@ impl IngestState {
             self.windows
                 .replace_in_flight(key, gauge, InFlight::default());
             pools.extend_from_slice(self.windows.pools_of(key));
+        }
+        // Idle for the stable window past `forget_after`: every reporter that fed the key within
+        // the stable window before going quiet is forgotten already, so forgetting the key
+        // changes no count; it only frees its place.
+        let idle_for = self.reporters.forget_after + self.windows.config().stable();
+        let evicted = self.windows.evict_idle(now, idle_for);
+        if !evicted.is_empty() {
+            self.reporters.forget_keys(&evicted);
         }
         let silent_feeders = self.count_silent_feeders();
         for (pool, count) in &silent_feeders {
@@ -701,6 +733,7 @@ impl Telemetry {
                 sweep_every,
                 last_report: None,
                 silent_feeders: HashMap::new(),
+                keys_dropped_at: HashMap::new(),
             }),
             counters: IngestCounters::default(),
             dirty,
@@ -845,6 +878,17 @@ impl Telemetry {
     /// of the last sweep): while any has, the pool's load may be short.
     pub fn silent_feeders(&self, pool: PoolId) -> u32 {
         self.lock().silent_feeders.get(&pool).copied().unwrap_or(0)
+    }
+
+    /// Whether a key that would feed `pool` was dropped over `max_keys` within the stable
+    /// window before `now`: while one was, the pool's load may be short.
+    pub fn keys_dropped_recently(&self, pool: PoolId, now: Instant) -> bool {
+        let state = self.lock();
+        let stable = state.windows.config().stable();
+        state
+            .keys_dropped_at
+            .get(&pool)
+            .is_some_and(|at| now.saturating_duration_since(*at) < stable)
     }
 
     pub fn keys(&self, now: Instant) -> Vec<KeyView> {

@@ -134,7 +134,9 @@ pub struct ControlArgs {
     /// Keys (backend, model) in one report.
     #[arg(long, default_value_t = 1024)]
     pub max_keys_per_report: usize,
-    /// Distinct keys tracked; telemetry for more is dropped and counted.
+    /// Distinct keys tracked; telemetry for more is dropped and counted, and the pools it would
+    /// feed do not scale down meanwhile. A key unreported for `--forget-after` plus the stable
+    /// window frees its place.
     #[arg(long, default_value_t = 10_000)]
     pub max_keys: usize,
     /// Decisions kept per pool for /v1/decisions.

@@ -122,7 +122,9 @@ pub struct Windows {
     max_keys: usize,
     /// backend -> model -> key, nested so lookups borrow the report's strings.
     index: HashMap<Box<str>, HashMap<Box<str>, KeyId>>,
-    keys: Vec<KeyState>,
+    /// Indexed by [`KeyId`]; `None` for evicted keys, whose ids wait in `free` for reuse.
+    keys: Vec<Option<KeyState>>,
+    free: Vec<KeyId>,
     /// Indexed by [`PoolId`]; `None` for ids no pool holds (any more). Ids are never reused, so
     /// a reader holding an older configuration never sees another pool's figures.
     pools: Vec<Option<PoolState>>,
@@ -447,6 +449,7 @@ impl Windows {
             max_keys,
             index: HashMap::new(),
             keys: Vec::new(),
+            free: Vec::new(),
             pools: Vec::new(),
         }
     }
@@ -487,13 +490,14 @@ impl Windows {
                 *slot = Some(pool);
             }
         }
-        for key in &mut self.keys {
+        for key in self.keys.iter_mut().flatten() {
             key.pools.clear();
         }
         for pool in self.pools.iter_mut().flatten() {
             pool.keys.clear();
         }
         for (k, key) in self.keys.iter_mut().enumerate() {
+            let Some(key) = key else { continue };
             for (p, pool) in self.pools.iter_mut().enumerate() {
                 if let Some(pool) = pool
                     && pool.selector.matches(&key.backend, &key.model)
@@ -514,7 +518,7 @@ impl Windows {
             keys: Vec::new(),
             last_update: None,
         };
-        for key in &self.keys {
+        for key in self.keys.iter().flatten() {
             if pool.selector.matches(&key.backend, &key.model) {
                 pool.window.merge(&key.window);
                 pool.totals.merge(&key.totals);
@@ -529,7 +533,7 @@ impl Windows {
     }
 
     pub fn key_count(&self) -> usize {
-        self.keys.len()
+        self.keys.len() - self.free.len()
     }
 
     /// The key's id, registering it on first sight; `None` once `max_keys` keys exist.
@@ -537,10 +541,16 @@ impl Windows {
         if let Some(id) = self.index.get(backend).and_then(|m| m.get(model)) {
             return Some(*id);
         }
-        if self.keys.len() >= self.max_keys {
+        if self.key_count() >= self.max_keys {
             return None;
         }
-        let id = KeyId(u32::try_from(self.keys.len()).ok()?);
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.keys.push(None);
+                KeyId(u32::try_from(self.keys.len() - 1).ok()?)
+            }
+        };
         let mut pools = Vec::new();
         for (p, pool) in self.pools.iter_mut().enumerate() {
             if let Some(pool) = pool
@@ -550,7 +560,7 @@ impl Windows {
                 pool.keys.push(id);
             }
         }
-        self.keys.push(KeyState {
+        self.keys[id.0 as usize] = Some(KeyState {
             backend: backend.into(),
             model: model.into(),
             window: Window::new(&self.config, self.epoch),
@@ -568,15 +578,68 @@ impl Windows {
 
     /// The pools a key feeds.
     pub fn pools_of(&self, key: KeyId) -> &[PoolId] {
-        self.keys
-            .get(key.0 as usize)
-            .map_or(&[], |k| k.pools.as_slice())
+        self.state(key).map_or(&[], |k| k.pools.as_slice())
+    }
+
+    /// The pools a key would feed, whether it is registered or not.
+    pub fn pools_selecting(&self, backend: &str, model: &str) -> Vec<PoolId> {
+        self.pools
+            .iter()
+            .enumerate()
+            .filter(|(_, pool)| {
+                pool.as_ref()
+                    .is_some_and(|pool| pool.selector.matches(backend, model))
+            })
+            .map(|(p, _)| PoolId(p))
+            .collect()
+    }
+
+    /// Evicts the keys with nothing in flight and no delta since `idle_for` before `now`, so
+    /// models long gone free their place under `max_keys`; returns their ids, which later keys
+    /// reuse (whoever holds one must forget it). The pools keep their windows and totals.
+    pub fn evict_idle(&mut self, now: Instant, idle_for: Duration) -> Vec<KeyId> {
+        let mut evicted = Vec::new();
+        for (k, slot) in self.keys.iter_mut().enumerate() {
+            let idle = slot.as_ref().is_some_and(|key| {
+                key.in_flight.total() == 0
+                    && key
+                        .last_update
+                        .is_none_or(|at| now.saturating_duration_since(at) >= idle_for)
+            });
+            if !idle {
+                continue;
+            }
+            let Some(key) = slot.take() else { continue };
+            let id = KeyId(k as u32);
+            if let Some(models) = self.index.get_mut(&key.backend) {
+                models.remove(&key.model);
+                if models.is_empty() {
+                    self.index.remove(&key.backend);
+                }
+            }
+            for pool in &key.pools {
+                if let Some(Some(pool)) = self.pools.get_mut(pool.0) {
+                    pool.keys.retain(|k| *k != id);
+                }
+            }
+            evicted.push(id);
+        }
+        self.free.extend_from_slice(&evicted);
+        evicted
+    }
+
+    fn state(&self, key: KeyId) -> Option<&KeyState> {
+        self.keys.get(key.0 as usize)?.as_ref()
+    }
+
+    fn state_mut(&mut self, key: KeyId) -> Option<&mut KeyState> {
+        self.keys.get_mut(key.0 as usize)?.as_mut()
     }
 
     /// Merges one key's deltas into its window and its pools' windows: at `now`, or shared
     /// out from `since` when they are a backlog ([`Window::record_over`]).
     pub fn record(&mut self, key: KeyId, since: Option<Instant>, now: Instant, delta: &Delta) {
-        let Some(state) = self.keys.get_mut(key.0 as usize) else {
+        let Some(state) = self.keys.get_mut(key.0 as usize).and_then(Option::as_mut) else {
             return;
         };
         let record = |window: &mut Window| match since {
@@ -597,7 +660,7 @@ impl Windows {
 
     /// Replaces one gateway's contribution to a key's in-flight sum.
     pub fn replace_in_flight(&mut self, key: KeyId, old: InFlight, new: InFlight) {
-        if let Some(state) = self.keys.get_mut(key.0 as usize) {
+        if let Some(state) = self.state_mut(key) {
             state.in_flight.sub(old);
             state.in_flight.add(new);
         }
@@ -607,7 +670,7 @@ impl Windows {
         let state = self.pools.get(pool.0)?.as_ref()?;
         let mut in_flight = InFlight::default();
         for key in &state.keys {
-            if let Some(key) = self.keys.get(key.0 as usize) {
+            if let Some(key) = self.state(*key) {
                 in_flight.add(key.in_flight);
             }
         }
@@ -623,6 +686,7 @@ impl Windows {
     pub fn keys(&self, now: Instant) -> Vec<KeyView> {
         self.keys
             .iter()
+            .flatten()
             .map(|key| KeyView {
                 backend: key.backend.to_string(),
                 model: key.model.to_string(),

@@ -628,8 +628,16 @@ fn decide_pool(
         let (to, rule) = if in_panic {
             reason.hold_until = panic_until;
             (from, Rule::Panic)
-        } else if matches!(t.freshness, Freshness::Partial { .. }) {
-            (from, Rule::SilentReporterHold)
+        } else if let Freshness::Partial {
+            silent_reporters, ..
+        } = t.freshness
+        {
+            let rule = if silent_reporters > 0 {
+                Rule::SilentReporterHold
+            } else {
+                Rule::KeysOverLimitHold
+            };
+            (from, rule)
         } else if restart_hold {
             reason.hold_until = Some(restart_until);
             (from, Rule::RestartHold)

@@ -79,6 +79,9 @@ pub enum Rule {
     MissingTelemetryHold,
     /// Gateways that fed the pool have gone quiet: the load seen may be short; no scale-down.
     SilentReporterHold,
+    /// Keys that feed the pool were dropped over the control service's key limit: the load
+    /// seen may be short; no scale-down.
+    KeysOverLimitHold,
     /// The stable window is not full of data (after a gap): no scale-down yet.
     PartialWindowHold,
     /// The stable window has not been full since this controller started leading: no scale-down.
@@ -211,7 +214,7 @@ impl fmt::Display for Action {
 
 impl Rule {
     /// Every rule, for metric label sets and tests.
-    pub const ALL: [Rule; 19] = [
+    pub const ALL: [Rule; 20] = [
         Rule::FeedForward,
         Rule::SloFeedback,
         Rule::Panic,
@@ -225,6 +228,7 @@ impl Rule {
         Rule::StaleTelemetryHold,
         Rule::MissingTelemetryHold,
         Rule::SilentReporterHold,
+        Rule::KeysOverLimitHold,
         Rule::PartialWindowHold,
         Rule::RestartHold,
         Rule::WouldNotFit,
@@ -249,6 +253,7 @@ impl Rule {
             Rule::StaleTelemetryHold => "stale_telemetry_hold",
             Rule::MissingTelemetryHold => "missing_telemetry_hold",
             Rule::SilentReporterHold => "silent_reporter_hold",
+            Rule::KeysOverLimitHold => "keys_over_limit_hold",
             Rule::PartialWindowHold => "partial_window_hold",
             Rule::RestartHold => "restart_hold",
             Rule::WouldNotFit => "would_not_fit",
@@ -331,13 +336,19 @@ impl fmt::Display for PoolDecision {
                 r.starting_replicas
             )?,
             Rule::SilentReporterHold => match r.freshness {
-                Freshness::Partial { silent_reporters } => write!(
+                Freshness::Partial {
+                    silent_reporters, ..
+                } => write!(
                     f,
                     "{silent_reporters} gateway(s) that fed this pool went quiet, so the load \
                      seen may be short; no scale-down until they report or are forgotten"
                 )?,
                 _ => f.write_str("gateways that fed this pool went quiet; no scale-down")?,
             },
+            Rule::KeysOverLimitHold => f.write_str(
+                "keys that feed this pool were dropped over the control service's --max-keys, \
+                 so the load seen may be short; no scale-down",
+            )?,
             Rule::PartialWindowHold => {
                 f.write_str("the stable window is not full of data yet; no scale-down")?
             }

@@ -52,10 +52,16 @@ pub enum Freshness {
     Stale { age: Duration },
     /// No reporter has ever reported for this pool.
     Missing,
-    /// Reports arrive, but `silent_reporters` gateway processes that fed this pool within the
-    /// stable window have gone quiet (partitioned from the control service, or gone): the load
-    /// seen is a lower bound. Scale up on it, never down.
-    Partial { silent_reporters: u32 },
+    /// Reports arrive, but some of this pool's load is not in them, so the load seen is a lower
+    /// bound: scale up on it, never down. `silent_reporters` gateway processes that fed this pool
+    /// within the stable window have gone quiet (partitioned from the control service, or gone);
+    /// `keys_over_limit`: keys that select this pool were dropped within the stable window
+    /// because the control service tracks its maximum number of keys.
+    Partial {
+        silent_reporters: u32,
+        #[serde(default)]
+        keys_over_limit: bool,
+    },
 }
 
 /// Aggregates over one sliding window.

@@ -19,25 +19,36 @@ fn freshness_needs_a_live_reporter_heard_recently() {
     let stale_after = Duration::from_secs(3);
     let now = base + Duration::from_secs(2);
     assert_eq!(
-        freshness(1, Some(base), 0, stale_after, now),
+        freshness(1, Some(base), 0, false, stale_after, now),
         Freshness::Fresh
     );
-    assert_eq!(freshness(0, None, 0, stale_after, now), Freshness::Missing);
     assert_eq!(
-        freshness(1, Some(base), 2, stale_after, now),
+        freshness(0, None, 0, false, stale_after, now),
+        Freshness::Missing
+    );
+    assert_eq!(
+        freshness(1, Some(base), 2, false, stale_after, now),
         Freshness::Partial {
-            silent_reporters: 2
+            silent_reporters: 2,
+            keys_over_limit: false
         }
     );
     assert_eq!(
-        freshness(0, Some(base), 0, stale_after, now),
+        freshness(1, Some(base), 0, true, stale_after, now),
+        Freshness::Partial {
+            silent_reporters: 0,
+            keys_over_limit: true
+        }
+    );
+    assert_eq!(
+        freshness(0, Some(base), 0, true, stale_after, now),
         Freshness::Stale {
             age: Duration::from_secs(2)
         }
     );
     let late = base + Duration::from_secs(4);
     assert_eq!(
-        freshness(3, Some(base), 1, stale_after, late),
+        freshness(3, Some(base), 1, true, stale_after, late),
         Freshness::Stale {
             age: Duration::from_secs(4)
         }

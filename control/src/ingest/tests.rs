@@ -500,3 +500,82 @@ fn a_report_after_a_silence_is_shared_out_over_it_not_taken_as_a_burst() {
     assert!((9.0..12.0).contains(&rate), "short-window rate {rate}");
     assert_eq!(view.totals.requests, 350);
 }
+
+/// Pools on backends "a" and "b"; room for one key.
+fn telemetry_with_one_key(base: Instant) -> Telemetry {
+    let selector = |backend: &str| Selector {
+        backend: Some(backend.into()),
+        model: None,
+    };
+    let config = IngestConfig {
+        max_keys: 1,
+        ..IngestConfig::default()
+    };
+    Telemetry::new(
+        config,
+        WindowConfig::default(),
+        vec![selector("a"), selector("b")],
+        base,
+    )
+}
+
+#[test]
+fn a_key_dropped_over_the_limit_marks_the_pools_it_would_feed_for_a_stable_window() {
+    let base = Instant::now();
+    let t = telemetry_with_one_key(base);
+    let (pool_a, pool_b) = (PoolId(0), PoolId(1));
+    t.ingest(report_on("a", "gw", 1, 1), at(base, 0)).unwrap();
+    let merged = t
+        .ingest(report_on("b", "gw", 1, 2), at(base, 1_000))
+        .unwrap();
+    assert_eq!(merged.keys_over_limit, 1);
+    // Its pool is evaluated at once, and knows its load is short.
+    assert_eq!(merged.pools, vec![pool_b]);
+    assert!(t.keys_dropped_recently(pool_b, at(base, 1_000)));
+    assert!(!t.keys_dropped_recently(pool_a, at(base, 1_000)));
+    assert!(t.keys_dropped_recently(pool_b, at(base, 60_999)));
+    assert!(!t.keys_dropped_recently(pool_b, at(base, 61_000)));
+}
+
+#[test]
+fn a_key_idle_past_forget_after_and_the_stable_window_frees_its_place() {
+    let base = Instant::now();
+    let t = telemetry_with_one_key(base);
+    let (pool_a, pool_b) = (PoolId(0), PoolId(1));
+    t.ingest(report_on("a", "gw-a", 1, 1), at(base, 0)).unwrap();
+    // Its gateway goes on reporting, without key a: a's model is gone.
+    let mut sequence = 1;
+    let mut keep_reporting = |until_ms: u64| {
+        let mut ms = sequence * 1_000;
+        while ms <= until_ms {
+            sequence += 1;
+            let mut nothing = report_on("a", "gw-a", 1, sequence);
+            nothing.keys.clear();
+            t.ingest(nothing, at(base, ms)).unwrap();
+            ms += 1_000;
+        }
+    };
+    keep_reporting(659_000);
+    let refused = t.ingest(report_on("b", "gw-b", 1, 1), at(base, 659_000));
+    assert_eq!(
+        refused.unwrap().keys_over_limit,
+        1,
+        "a still holds the place"
+    );
+
+    keep_reporting(661_000);
+    // Keys are evicted as reporters are swept, at most a second apart.
+    t.reporters(at(base, 661_000));
+    let merged = t
+        .ingest(report_on("b", "gw-b", 1, 2), at(base, 661_000))
+        .unwrap();
+    assert_eq!(
+        merged.keys_over_limit, 0,
+        "a was evicted; b takes its place"
+    );
+    assert_eq!(merged.pools, vec![pool_b]);
+    assert_eq!(t.lock().windows.key_count(), 1);
+    // Pool a keeps what it counted; pool b counts only what merged.
+    let total = |pool| t.pool(pool, at(base, 661_000)).unwrap().totals.requests;
+    assert_eq!((total(pool_a), total(pool_b)), (1, 1));
+}

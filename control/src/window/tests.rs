@@ -201,6 +201,46 @@ fn keys_beyond_the_limit_are_not_registered() {
 }
 
 #[test]
+fn idle_keys_are_evicted_and_their_ids_reused_but_not_keys_with_requests_in_flight() {
+    let base = Instant::now();
+    let mut windows = Windows::new(WindowConfig::default(), base, 2);
+    windows.set_pools(vec![selector(None, Some("llama"))]);
+    let idle = windows.key("a", "llama").unwrap();
+    let busy = windows.key("b", "llama").unwrap();
+    windows.record(idle, None, base, &requests(3, 0));
+    windows.record(busy, None, base, &requests(5, 0));
+    let gauge = InFlight {
+        waiting_first_token: 0,
+        decoding: 2,
+    };
+    windows.replace_in_flight(busy, InFlight::default(), gauge);
+
+    let idle_for = Duration::from_secs(600);
+    assert_eq!(windows.evict_idle(at(base, 599_999), idle_for), vec![]);
+    assert_eq!(windows.evict_idle(at(base, 600_000), idle_for), vec![idle]);
+    assert_eq!(windows.key_count(), 1);
+    assert_eq!(windows.keys(base).len(), 1);
+    // The pool keeps its totals and the in-flight of the key that stays.
+    let pool = windows.pool(PoolId(0), at(base, 600_000)).unwrap();
+    assert_eq!((pool.totals.requests, pool.in_flight.total()), (8, 2));
+
+    // A new key takes the free id, with nothing of the old one's.
+    let next = windows.key("c", "llama").unwrap();
+    assert_eq!(next, idle);
+    assert_eq!(windows.pools_of(next), &[PoolId(0)]);
+    assert_eq!(
+        windows
+            .keys(base)
+            .iter()
+            .map(|k| k.view.totals.requests)
+            .sum::<u64>(),
+        5
+    );
+    // The old name is a new key again, over the limit now.
+    assert!(windows.key("a", "llama").is_none());
+}
+
+#[test]
 fn replacing_pools_keeps_unchanged_pools_and_builds_new_ones_from_their_keys() {
     let base = Instant::now();
     let mut windows = Windows::new(WindowConfig::default(), base, 100);

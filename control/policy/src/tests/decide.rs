@@ -321,6 +321,7 @@ fn a_quiet_gateway_holds_scale_down_but_not_scale_up() {
     let spec = spec(UNIFIED);
     let partial = Freshness::Partial {
         silent_reporters: 2,
+        keys_over_limit: false,
     };
     let mut t = telemetry(Load::idle());
     t.freshness = partial;
@@ -336,6 +337,22 @@ fn a_quiet_gateway_holds_scale_down_but_not_scale_up() {
     t.freshness = partial;
     let d = decide_unified(&spec, t, state(2, 2), &mut memory(), T0);
     assert!(d.to > 2, "{}", d.text());
+}
+
+#[test]
+fn keys_dropped_over_the_key_limit_hold_scale_down_and_say_so() {
+    let spec = spec(UNIFIED);
+    let mut t = telemetry(Load::idle());
+    t.freshness = Freshness::Partial {
+        silent_reporters: 0,
+        keys_over_limit: true,
+    };
+    let d = decide_unified(&spec, t, state(8, 8), &mut memory(), T0);
+    assert_eq!(
+        (d.to, d.action, d.rule),
+        (8, Action::Hold, Rule::KeysOverLimitHold)
+    );
+    assert!(d.text().contains("--max-keys"), "{}", d.text());
 }
 
 #[test]

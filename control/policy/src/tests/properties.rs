@@ -345,11 +345,13 @@ proptest! {
     #[test]
     fn partial_telemetry_never_scales_down(
         (spec, inputs, earlier, started_ago) in scenario(),
-        silent_reporters in 1u32..100,
+        silent_reporters in 0u32..100,
+        keys_over_limit: bool,
     ) {
+        prop_assume!(silent_reporters > 0 || keys_over_limit);
         let mut mem = warmed_memory(&spec, started_ago, earlier.as_ref());
         let inputs = inputs.map(|_, mut p| {
-            p.telemetry.freshness = Freshness::Partial { silent_reporters };
+            p.telemetry.freshness = Freshness::Partial { silent_reporters, keys_over_limit };
             p
         });
         let d = decide(&spec, &inputs, &mut mem, T0).unwrap();
