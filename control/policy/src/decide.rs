@@ -679,6 +679,11 @@ fn decide_pool(
             };
             (to, rule)
         };
+        // A count set below minReplicas from outside, held rather than taken to zero, rests at
+        // the minimum: a pool never rests between zero and minReplicas.
+        if to > 0 && to < bounds.min() {
+            return decision(bounds.min(), Rule::MinReplicas, reason);
+        }
         return decision(to, rule, reason);
     }
 
