@@ -5,6 +5,7 @@
 //!     cargo bench -p flyball-control --bench ingest -- --quick    # 500 gateways, a few seconds
 //!     cargo bench -p flyball-control --bench ingest -- --gateways 2000 --rate 10 --seconds 30
 //!     cargo bench -p flyball-control --bench ingest -- --rpc unary  # one call per report
+//!     cargo bench -p flyball-control --bench ingest -- --forward    # through a follower
 //!
 //! Each server runs in a child process of this one (this binary again, `--child`) on a
 //! current-thread runtime pinned to CPU 0 (the load generator to CPU 1), so its CPU and memory
@@ -16,6 +17,11 @@
 //! `ReportStream` awaiting its acknowledgement (as the filter does), or with `--rpc unary` a
 //! `Report` call of its own. The target: 10,000 gateways at 1 Hz on one
 //! core at <= 25% CPU and <= 64 MB RSS. Nothing here asserts on time; it prints.
+//!
+//! `--forward` compares instead a leader taking every report (the baseline) with a follower
+//! taking them and forwarding each to a leader in a third process (on CPU 1, beside the load
+//! generator): the worst case of a Service that sent every gateway to a follower. It prints the
+//! follower's CPU and memory, the reports it forwarded per second and any it dropped.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -40,6 +46,8 @@ struct Options {
     rate_hz: f64,
     connections: usize,
     streaming: bool,
+    /// Follower against leader, instead of ingest against decode-and-ack.
+    forward: bool,
     rounds: usize,
     warmup: Duration,
     measure: Duration,
@@ -48,8 +56,7 @@ struct Options {
 fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(at) = args.iter().position(|a| a == "--child") {
-        let mode = args.get(at + 1).cloned().unwrap_or_default();
-        return child(&mode);
+        return child(&args[at + 1..]);
     }
     let quick = args.iter().any(|a| a == "--quick");
     let value = |flag: &str| {
@@ -65,6 +72,7 @@ fn main() -> Result<(), Error> {
         connections: value("--connections")
             .map_or(gateways, |c| c as usize)
             .max(1),
+        forward: args.iter().any(|a| a == "--forward"),
         rounds: value("--rounds")
             .map_or(if quick { 1 } else { 3 }, |r| r as usize)
             .max(1),
@@ -108,12 +116,21 @@ struct Measured {
     connected_rss_mb: f64,
     after_rss_mb: f64,
     errors: u64,
+    /// Reports the follower forwarded, per second measured (`--forward` only).
+    forwarded_per_s: f64,
+    /// Reports the follower could not forward, all told (`--forward` only).
+    forward_dropped: f64,
 }
 
 async fn parent(options: Options) -> Result<(), Error> {
+    let (base_mode, mode) = if options.forward {
+        ("leader", "follower")
+    } else {
+        ("baseline", "ingest")
+    };
     println!(
         "ingest bench: {} gateways x {} keys at {} Hz over {} connections, {}; {} rounds of \
-         baseline then ingest, each warm-up {:?} + measure {:?}",
+         {base_mode} then {mode}, each warm-up {:?} + measure {:?}",
         options.gateways,
         KEYS,
         options.rate_hz,
@@ -130,14 +147,14 @@ async fn parent(options: Options) -> Result<(), Error> {
     let clk_tck = clock_ticks_per_s();
     let (mut baseline, mut ingest) = (Vec::new(), Vec::new());
     for _ in 0..options.rounds {
-        baseline.push(run_mode("baseline", &options, clk_tck).await?);
-        ingest.push(run_mode("ingest", &options, clk_tck).await?);
+        baseline.push(run_mode(base_mode, &options, clk_tck).await?);
+        ingest.push(run_mode(mode, &options, clk_tck).await?);
     }
     let target_rate = options.gateways as f64 * options.rate_hz;
     println!();
     println!(
         "{:<24}{:>26}{:>26}{:>8}",
-        "median [min..max]", "baseline", "ingest", "ratio"
+        "median [min..max]", base_mode, mode, "ratio"
     );
     let row = |name: &str, of: fn(&Measured) -> f64| {
         let b = Spread::of(baseline.iter().map(of));
@@ -163,6 +180,21 @@ async fn parent(options: Options) -> Result<(), Error> {
     let (base_peak, peak) = row("RSS peak (MB)", |m| m.peak_rss_mb);
     row("RSS after load (MB)", |m| m.after_rss_mb);
     row("failed reports", |m| m.errors as f64);
+    if options.forward {
+        let (_, forwarded) = row("forwarded/s", |m| m.forwarded_per_s);
+        let (_, dropped) = row("forward drops", |m| m.forward_dropped);
+        println!();
+        println!(
+            "follower: {:.1} us CPU per report ({:+.1} us over the leader), forwarded {:.0}/s of \
+             {:.0}/s taken, {:.0} dropped",
+            cpu.median,
+            cpu.median - base_cpu.median,
+            forwarded.median,
+            rate.median,
+            dropped.median
+        );
+        return Ok(());
+    }
     println!();
     println!(
         "merge cost: {:+.1} us CPU per report over decode-and-ack (medians)",
@@ -257,22 +289,26 @@ impl std::fmt::Display for Spread {
 /// Pins a process (its main thread, and the threads it starts afterwards) to one CPU, where
 /// the machine has it and `taskset` is installed; otherwise runs unpinned and says so.
 fn pin_to_cpu(pid: u32, cpu: usize) {
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    if cpus <= cpu {
-        eprintln!("only {cpus} CPU(s): running unpinned");
-        return;
-    }
     let pinned = Command::new("taskset")
         .args(["-cp", &cpu.to_string(), &pid.to_string()])
         .stdout(Stdio::null())
         .status();
     if !matches!(pinned, Ok(status) if status.success()) {
-        eprintln!("taskset unavailable: running unpinned");
+        eprintln!("could not pin to CPU {cpu} (taskset missing, or no such CPU): running unpinned");
     }
 }
 
 async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measured, Error> {
-    let (mut child, addr) = spawn_child(mode)?;
+    // A follower forwards to a leader of its own, on the load generator's CPU.
+    let mut leader = None;
+    let (mut child, addr, http) = match mode {
+        "follower" => {
+            let (upstream, grpc, _) = spawn_child("leader", 1, &[])?;
+            leader = Some(upstream);
+            spawn_child(mode, 0, &[&grpc])?
+        }
+        _ => spawn_child(mode, 0, &[])?,
+    };
     let pid = child.id();
     let idle_rss_mb = rss_mb(pid, "VmRSS:").unwrap_or(0.0);
 
@@ -338,6 +374,11 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
     start.send_replace(true);
 
     tokio::time::sleep(options.warmup).await;
+    let forwarded = async || match (&leader, &http) {
+        (Some(_), Some(http)) => metric(http, "flyball_forward_reports_total").await,
+        _ => Ok(0.0),
+    };
+    let forwarded0 = forwarded().await?;
     let cpu0 = cpu_ticks(pid)?;
     let sent0 = sent.load(Ordering::Relaxed);
     let errors0 = errors.load(Ordering::Relaxed);
@@ -347,6 +388,11 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
     let sent1 = sent.load(Ordering::Relaxed);
     let errors1 = errors.load(Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
+    let forwarded1 = forwarded().await?;
+    let forward_dropped = match (&leader, &http) {
+        (Some(_), Some(http)) => metric(http, "flyball_forward_dropped_total").await?,
+        _ => 0.0,
+    };
     let rss = rss_mb(pid, "VmRSS:").unwrap_or(0.0);
     let peak = rss_mb(pid, "VmHWM:").unwrap_or(0.0);
     gateways.shutdown().await;
@@ -355,8 +401,10 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
     // reluctance to give memory back).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after_rss_mb = rss_mb(pid, "VmRSS:").unwrap_or(0.0);
-    let _ = child.kill();
-    let _ = child.wait();
+    for process in std::iter::once(&mut child).chain(leader.as_mut()) {
+        let _ = process.kill();
+        let _ = process.wait();
+    }
 
     let reports = (sent1 - sent0) as f64;
     let cpu_s = (cpu1 - cpu0) as f64 / clk_tck;
@@ -374,6 +422,8 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
         connected_rss_mb,
         after_rss_mb,
         errors: errors1 - errors0,
+        forwarded_per_s: (forwarded1 - forwarded0) / elapsed,
+        forward_dropped,
     };
     println!("{mode:>8}: {measured:?}");
     Ok(measured)
@@ -598,8 +648,14 @@ impl Rng {
 
 // === the server, in a child process ===
 
-/// `FLYBALL_BENCH_WRAP` runs the server under a profiler, e.g. `heaptrack` or `perf record -g`.
-fn spawn_child(mode: &str) -> Result<(Child, String), Error> {
+/// Starts a server process on `cpu`; returns it with its gRPC address and, for a control
+/// service, its HTTP address. `FLYBALL_BENCH_WRAP` runs the server under a profiler, e.g.
+/// `heaptrack` or `perf record -g`.
+fn spawn_child(
+    mode: &str,
+    cpu: usize,
+    extra: &[&str],
+) -> Result<(Child, String, Option<String>), Error> {
     let exe = std::env::current_exe()?;
     let wrapper = std::env::var("FLYBALL_BENCH_WRAP").unwrap_or_default();
     let mut words = wrapper.split_whitespace();
@@ -612,25 +668,48 @@ fn spawn_child(mode: &str) -> Result<(Child, String), Error> {
         None => Command::new(&exe),
     };
     let mut child = command
-        .args(["--child", mode])
+        .args(["--child", mode, &cpu.to_string()])
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().ok_or("no child stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     // A wrapper may print first; the server's own line is the one that says where it listens.
-    let addr = loop {
+    let (grpc, http) = loop {
         let line = lines.next().ok_or("the server exited before listening")??;
-        if let Some(addr) = line.strip_prefix("LISTEN ") {
-            break addr.trim().to_owned();
+        if let Some(addrs) = line.strip_prefix("LISTEN ") {
+            let mut addrs = addrs.split_whitespace().map(str::to_owned);
+            break (addrs.next().ok_or("no address")?, addrs.next());
         }
     };
-    Ok((child, addr))
+    Ok((child, grpc, http))
 }
 
-/// Serves on one core until killed.
-fn child(mode: &str) -> Result<(), Error> {
-    pin_to_cpu(std::process::id(), 0);
+/// The sum of a metric's samples on a control service's `/metrics` (all label sets).
+async fn metric(http: &str, name: &str) -> Result<f64, Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(http).await?;
+    conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").as_bytes())
+        .await?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await?;
+    Ok(body
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |sum, value| sum + value))
+}
+
+/// Serves on one core until killed: `--child MODE CPU [LEADER]`.
+fn child(args: &[String]) -> Result<(), Error> {
+    let mode = args.first().map_or("", String::as_str);
+    let cpu = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let leader = args.get(2).map(|grpc| format!("http://{grpc}"));
+    pin_to_cpu(std::process::id(), cpu);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -656,8 +735,15 @@ fn child(mode: &str) -> Result<(), Error> {
                 ])
                 .args;
                 let control = flyball_control::Control::bind_with_config(&args, config).await?;
-                let addr = control.grpc_addr().ok_or("no address")?;
-                announce(&addr.to_string())?;
+                let grpc = control.grpc_addr().ok_or("no address")?;
+                let http = control.http_addr().ok_or("no address")?;
+                // Given a leader's address, a follower forwarding to it; otherwise the leader.
+                let (_leading, leading_rx) = tokio::sync::watch::channel(leader.is_none());
+                let (_leader, leader_rx) = tokio::sync::watch::channel(leader);
+                let control = control.with_leadership(
+                    flyball_control::leader::Leadership::from_channels(mode, leading_rx, leader_rx),
+                );
+                announce(&format!("{grpc} {http}"))?;
                 control.serve(std::future::pending()).await?;
             }
         }

@@ -2,8 +2,11 @@
 //! leader.
 //!
 //! report at a follower -> [`Forwarder::offer`] (bounded queue; full: dropped and counted) ->
-//! one of [`LANES`] tasks -> `TelemetryService/Report` at the leader's advertised address, marked
-//! with [`FORWARDED_BY`] so it is never forwarded again.
+//! one of [`LANES`] tasks -> a message on that lane's `TelemetryService/ReportStream` to the
+//! leader's advertised address, opened with [`FORWARDED_BY`] so its reports are never forwarded
+//! again. A lane sends without waiting for each acknowledgement (the leader acknowledges in
+//! order, and HTTP/2 flow control bounds what is outstanding), so its throughput is not one report
+//! per round trip; it counts a report forwarded when the leader acknowledges it.
 //!
 //! Why forward rather than have gateways find the leader: gateways reach the control service
 //! through its Kubernetes Service, which spreads their connections over every replica, and a
@@ -27,7 +30,7 @@
 //! keep their order.
 
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
@@ -36,23 +39,29 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::{Notify, mpsc, watch};
-use tonic::transport::{Channel, Endpoint};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
 
 /// gRPC metadata naming the replica that forwarded a report. A report carrying it is merged
 /// and never forwarded again, so two replicas that each think the other leads cannot bounce a
 /// report between them.
 pub const FORWARDED_BY: &str = "flyball-forwarded-by";
 
-/// Sending tasks. Each sends one report at a time, in order; several lanes keep one slow
-/// round trip from holding up every gateway's reports.
+/// Sending tasks, each with its own stream to the leader; one gateway's reports always take
+/// the same lane, so they arrive in order.
 pub const LANES: usize = 4;
+
+/// Reports a lane hands its stream before the stream takes them (beyond that the lane waits,
+/// and its queue fills): bounds, with the HTTP/2 window, what a broken stream can lose.
+const STREAM_BUFFER: usize = 64;
 
 /// Reports waiting per lane. A gateway reports about once a second and a report is a few KB,
 /// so this holds a few seconds of a thousand gateways at a few MB at most; beyond that the
 /// leader is not keeping up and waiting longer only makes the data staler.
 pub const QUEUE_PER_LANE: usize = 1024;
 
-/// How long one forwarded report may take before it counts as failed.
+/// How long a stream may go without an acknowledgement while reports await one, or take to
+/// open, before it counts as failed (and the reports it holds as dropped).
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Forwarding counters, on `/metrics`.
@@ -199,59 +208,110 @@ impl Forwarder {
 
 // === impl Lane ===
 
+/// A lane's open stream to one leader.
+#[derive(Debug)]
+struct LeaderStream {
+    uri: String,
+    reports: mpsc::Sender<v1::ReportRequest>,
+    state: Arc<Mutex<StreamState>>,
+}
+
+/// Shared by a lane and the task reading its stream's acknowledgements. Each report handed to
+/// the stream is counted once: forwarded when acknowledged, or dropped when the stream ends
+/// without acknowledging it. Once `over`, the lane hands the stream nothing more, so the count
+/// the reading task takes at the end is final.
+#[derive(Debug, Default)]
+struct StreamState {
+    unacked: u64,
+    over: bool,
+}
+
+impl LeaderStream {
+    /// Counts one more report on this stream, unless it is over.
+    fn take_one(&self) -> bool {
+        let mut state = lock(&self.state);
+        if !state.over {
+            state.unacked += 1;
+        }
+        !state.over
+    }
+}
+
+fn lock(state: &Mutex<StreamState>) -> std::sync::MutexGuard<'_, StreamState> {
+    // Counters only: a panic elsewhere cannot leave them half-updated.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Lane {
     /// Sends queued reports until every [`Forwarder`] handle is gone.
     pub async fn run(mut self) {
-        let mut client: Option<(String, TelemetryServiceClient<Channel>)> = None;
+        let mut stream: Option<LeaderStream> = None;
         while let Some(report) = self.queue.recv().await {
             let Some(uri) = self.leader.borrow().clone() else {
                 self.drop_report("no_leader");
                 continue;
             };
-            let reusable = client.as_ref().is_some_and(|(u, _)| *u == uri);
-            if !reusable {
-                match Endpoint::from_shared(uri.clone()) {
-                    Ok(endpoint) => {
-                        let channel = endpoint
-                            .connect_timeout(self.timeout)
-                            .tcp_nodelay(true)
-                            .connect_lazy();
-                        client = Some((uri.clone(), TelemetryServiceClient::new(channel)));
-                    }
-                    Err(error) => {
-                        tracing::warn!(%uri, %error, "leader address is not a URI; not forwarding");
-                        self.drop_report("no_leader");
-                        continue;
-                    }
+            // Replacing a stream ends the old one once the leader has what was sent on it; its
+            // reading task counts how that went.
+            if !stream
+                .as_ref()
+                .is_some_and(|s| s.uri == uri && s.take_one())
+            {
+                stream = self.open(uri);
+                if !stream.as_ref().is_some_and(LeaderStream::take_one) {
+                    self.drop_report("no_leader");
+                    continue;
                 }
             }
-            let Some((_, grpc)) = client.as_mut() else {
+            let Some(open) = stream.as_ref() else {
                 continue;
             };
-            let mut request = tonic::Request::new(report);
-            if let Ok(value) = self.identity.parse() {
-                request.metadata_mut().insert(FORWARDED_BY, value);
-            }
-            request.set_timeout(self.timeout);
-            match tokio::time::timeout(self.timeout, grpc.report(request)).await {
-                Ok(Ok(_)) => {
-                    self.counters.forwarded.inc();
-                }
-                Ok(Err(status)) => {
-                    tracing::debug!(%uri, %status, "forwarding a report failed");
-                    self.drop_report("send_failed");
-                    // The holder may have changed; a new connection follows the new address.
-                    self.refresh.notify_one();
-                    client = None;
-                }
-                Err(_) => {
-                    tracing::debug!(%uri, "forwarding a report timed out");
-                    self.drop_report("send_failed");
-                    self.refresh.notify_one();
-                    client = None;
-                }
+            let sent = tokio::time::timeout(self.timeout, open.reports.send(report)).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                // The stream took nothing for a whole timeout, or is gone: the report counts as
+                // unacknowledged on it, and the next report opens another.
+                tracing::debug!(uri = %open.uri, "forwarding stream stalled; reopening");
+                lock(&open.state).over = true;
             }
         }
+    }
+
+    /// Opens a stream to `uri` (in the background: the lane never waits for a connection).
+    fn open(&self, uri: String) -> Option<LeaderStream> {
+        let endpoint = match Endpoint::from_shared(uri.clone()) {
+            Ok(endpoint) => endpoint,
+            Err(error) => {
+                tracing::warn!(%uri, %error, "leader address is not a URI; not forwarding");
+                return None;
+            }
+        };
+        let channel = endpoint
+            .connect_timeout(self.timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Ok(value) = self.identity.parse() {
+            request.metadata_mut().insert(FORWARDED_BY, value);
+        }
+        let stream = LeaderStream {
+            uri: uri.clone(),
+            reports: tx,
+            state: Arc::default(),
+        };
+        let acks = Acknowledgements {
+            uri,
+            state: stream.state.clone(),
+            refresh: self.refresh.clone(),
+            counters: self.counters.clone(),
+            timeout: self.timeout,
+        };
+        let mut grpc = TelemetryServiceClient::new(channel);
+        tokio::spawn(async move {
+            let opened = tokio::time::timeout(acks.timeout, grpc.report_stream(request)).await;
+            acks.read(opened.ok()).await;
+        });
+        Some(stream)
     }
 
     fn drop_report(&self, reason: &'static str) {
@@ -259,6 +319,74 @@ impl Lane {
             .dropped
             .get_or_create(&DroppedLabels { reason })
             .inc();
+    }
+}
+
+/// Reads one stream's acknowledgements, counting each report forwarded.
+struct Acknowledgements {
+    uri: String,
+    state: Arc<Mutex<StreamState>>,
+    refresh: Arc<Notify>,
+    counters: ForwardCounters,
+    timeout: Duration,
+}
+
+impl Acknowledgements {
+    /// `opened` is `None` when opening timed out.
+    async fn read(
+        self,
+        opened: Option<
+            Result<tonic::Response<tonic::Streaming<v1::ReportResponse>>, tonic::Status>,
+        >,
+    ) {
+        let uri = &self.uri;
+        let failed = match opened {
+            None => true,
+            Some(Err(status)) => {
+                tracing::debug!(%uri, %status, "opening a forwarding stream failed");
+                true
+            }
+            Some(Ok(response)) => {
+                let mut acks = response.into_inner();
+                loop {
+                    match tokio::time::timeout(self.timeout, acks.message()).await {
+                        Ok(Ok(Some(_))) => {
+                            let mut state = lock(&self.state);
+                            state.unacked = state.unacked.saturating_sub(1);
+                            self.counters.forwarded.inc();
+                        }
+                        // The lane closed the stream, or the leader ended it.
+                        Ok(Ok(None)) => break lock(&self.state).unacked > 0,
+                        Ok(Err(status)) => {
+                            tracing::debug!(%uri, %status, "forwarding stream ended");
+                            break true;
+                        }
+                        Err(_) if lock(&self.state).unacked == 0 => {}
+                        Err(_) => {
+                            tracing::debug!(%uri, "forwarded reports not acknowledged in time");
+                            break true;
+                        }
+                    }
+                }
+            }
+        };
+        let lost = {
+            let mut state = lock(&self.state);
+            state.over = true;
+            std::mem::take(&mut state.unacked)
+        };
+        if lost > 0 {
+            self.counters
+                .dropped
+                .get_or_create(&DroppedLabels {
+                    reason: "send_failed",
+                })
+                .inc_by(lost);
+        }
+        if failed {
+            // The holder may have changed; the next stream follows the new address.
+            self.refresh.notify_one();
+        }
     }
 }
 

@@ -233,3 +233,49 @@ async fn a_follower_without_a_known_leader_counts_what_it_could_not_forward() ->
     follower.stop().await?;
     Ok(())
 }
+
+/// Every report a follower takes is counted once, forwarded or dropped, however the leader
+/// goes; forwarding follows the Lease to the next leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_are_counted_once_forwarded_or_dropped_across_a_leader_loss() -> Result<(), Error> {
+    let first = support::bind(CONFIG, &[]).await?;
+    let first_uri = format!("http://{}", first.grpc_addr().unwrap());
+    let (a, _a_leading, _a_leader) = fixed("a", true, None);
+    let first = support::spawn(first.with_leadership(a))?;
+    let (b, _b_leading, leader) = fixed("b", false, Some(first_uri));
+    let follower = support::start_led(CONFIG, &[], b).await?;
+    let mut grpc = client(follower.grpc_uri()).await?;
+    let mut sequence = 0;
+    let mut send = async |n: u64| -> Result<(), Error> {
+        for _ in 0..n {
+            sequence += 1;
+            grpc.report(report("gw", sequence, 1)).await?;
+        }
+        Ok(())
+    };
+    let forwarded = "flyball_forward_reports_total";
+    let failed = "flyball_forward_dropped_total{reason=\"send_failed\"}";
+
+    send(10).await?;
+    follower.wait_metric(forwarded, 10.0, WAIT).await?;
+    first.stop().await?;
+    // The leader is gone and the Lease still names it: nothing can land.
+    send(5).await?;
+    follower.wait_metric(failed, 5.0, WAIT).await?;
+
+    let next = support::bind(CONFIG, &[]).await?;
+    let next_uri = format!("http://{}", next.grpc_addr().unwrap());
+    let (c, _c_leading, _c_leader) = fixed("c", true, None);
+    let next = support::spawn(next.with_leadership(c))?;
+    leader.send(Some(next_uri))?;
+    send(7).await?;
+    follower.wait_metric(forwarded, 17.0, WAIT).await?;
+    next.wait_metric("flyball_ingest_reports_total", 7.0, WAIT)
+        .await?;
+    assert_eq!(follower.metric(failed).await?, Some(5.0));
+    assert_eq!(totals(&next.pools().await?), (14, 7, 700, 49));
+    assert_eq!(totals(&follower.pools().await?), (44, 22, 2_200, 154));
+    next.stop().await?;
+    follower.stop().await?;
+    Ok(())
+}
