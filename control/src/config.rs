@@ -117,7 +117,8 @@ pub struct LiveConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolDef {
     pub id: PoolId,
-    /// The scale target's name, unique within the configuration.
+    /// The scale target's name; with its namespace (`target.namespace`), unique within the
+    /// configuration, so teams in different namespaces may each have a pool named `vllm`.
     pub name: String,
     /// Index into [`ControlConfig::autoscalers`].
     pub autoscaler: usize,
@@ -234,8 +235,8 @@ impl ControlConfig {
     pub fn from_resources(resources: &[AutoscalerResource]) -> (ControlConfig, Vec<Rejected>) {
         let mut config = ControlConfig::default();
         let mut rejected = Vec::new();
-        // Pool name -> the resource that holds it.
-        let mut holders: HashMap<String, String> = HashMap::new();
+        // Pool (namespace, name) -> the resource that holds it.
+        let mut holders: HashMap<(String, String), String> = HashMap::new();
         for resource in resources {
             let spec = match AutoscalerSpec::from_raw(&resource.spec, "spec") {
                 Ok(spec) => spec,
@@ -252,13 +253,14 @@ impl ControlConfig {
             let errors: Vec<FieldError> = targets
                 .iter()
                 .filter_map(|(role, target)| {
-                    let holder = holders.get(&target.name)?;
+                    let holder = holders.get(&(target.namespace.clone(), target.name.clone()))?;
                     Some(FieldError {
                         path: format!("spec.pools.{role}.scaleTargetRef.name"),
                         value: format!("{:?}", target.name),
                         rule: format!(
                             "already scaled by FlyballAutoscaler {holder} (a scale target's name \
-                             names its pool, so it must be unique)"
+                             names its pool, so it must be unique within namespace {:?})",
+                            target.namespace
                         ),
                     })
                 })
@@ -273,7 +275,7 @@ impl ControlConfig {
             }
             for (_, target) in &targets {
                 holders.insert(
-                    target.name.clone(),
+                    (target.namespace.clone(), target.name.clone()),
                     format!("{}/{}", resource.namespace, resource.name),
                 );
             }
@@ -462,12 +464,16 @@ impl TryFrom<&ConfigFileRaw> for ControlConfig {
             };
             let targets = targets(&spec, &namespace);
             for (role, target) in &targets {
-                if !pool_names.insert(target.name.clone()) {
+                if !pool_names.insert((target.namespace.clone(), target.name.clone())) {
                     errors.push(field(
                         &at,
                         &format!("spec.pools.{role}.scaleTargetRef.name"),
                         format!("{:?}", target.name),
-                        "must be unique across all autoscalers (it names the pool)",
+                        format!(
+                            "must be unique within namespace {:?} across all autoscalers (it \
+                             names the pool)",
+                            target.namespace
+                        ),
                     ));
                 }
             }

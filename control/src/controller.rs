@@ -290,6 +290,7 @@ pub struct Status {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub autoscaler: String,
+    pub namespace: String,
     pub pool: String,
     pub role: &'static str,
     pub action: &'static str,
@@ -298,6 +299,7 @@ pub struct DecisionLabels {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ActuatorErrorLabels {
+    pub namespace: String,
     pub pool: String,
     pub kind: &'static str,
 }
@@ -315,16 +317,14 @@ impl DryRunActuator {
     /// Targets start at their pool's `minReplicas`.
     pub fn for_config(config: &ControlConfig) -> Self {
         let mut replicas = HashMap::new();
-        for autoscaler in config.autoscalers() {
-            for (_, pool) in autoscaler.spec.pools().iter() {
-                let target = config
-                    .pools()
-                    .iter()
-                    .find(|p| p.name == pool.scale_target_ref.name)
-                    .map(|p| p.target.clone());
-                if let Some(target) = target {
-                    replicas.insert(target, pool.replicas.min());
-                }
+        for pool in config.pools() {
+            let min = config
+                .autoscalers()
+                .get(pool.autoscaler)
+                .and_then(|a| a.spec.pools().get(pool.role))
+                .map(|spec| spec.replicas.min());
+            if let Some(min) = min {
+                replicas.insert(pool.target.clone(), min);
             }
         }
         DryRunActuator {
@@ -752,6 +752,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                     self.status
                         .actuator_errors
                         .get_or_create(&ActuatorErrorLabels {
+                            namespace: pool.target.namespace.clone(),
                             pool: pool.name.clone(),
                             kind: error.kind,
                         })
@@ -857,6 +858,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                         self.status
                             .actuator_errors
                             .get_or_create(&ActuatorErrorLabels {
+                                namespace: pool.target.namespace.clone(),
                                 pool: pool.name.clone(),
                                 kind: e.kind,
                             })
@@ -872,6 +874,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                 .decisions
                 .get_or_create(&DecisionLabels {
                     autoscaler: self.autoscaler.name.clone(),
+                    namespace: pool.target.namespace.clone(),
                     pool: pool.name.clone(),
                     role: role_str(pool.role),
                     action: pool_decision.action.as_str(),

@@ -62,6 +62,8 @@ pub struct PoolsResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolEntry {
     pub name: String,
+    /// The scale target's namespace: with `name`, what identifies the pool.
+    pub namespace: String,
     pub autoscaler: String,
     pub role: String,
     pub requests: u64,
@@ -100,7 +102,7 @@ pub struct LastDecision {
     pub reason: String,
 }
 
-/// `GET /v1/decisions[?pool=NAME]`: each pool's decision log, oldest first.
+/// `GET /v1/decisions[?pool=NAME[&namespace=NS]]`: each pool's decision log, oldest first.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionsResponse {
     pub pools: Vec<PoolDecisions>,
@@ -109,6 +111,7 @@ pub struct DecisionsResponse {
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolDecisions {
     pub name: String,
+    pub namespace: String,
     pub autoscaler: String,
     pub role: String,
     pub decisions: Vec<DecisionRecord>,
@@ -117,6 +120,7 @@ pub struct PoolDecisions {
 #[derive(Debug, Deserialize)]
 pub struct DecisionsQuery {
     pub pool: Option<String>,
+    pub namespace: Option<String>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -195,6 +199,7 @@ fn pool_entry(state: &AppState, pool: &PoolDef, now: Instant) -> PoolEntry {
     let status = state.status.get(pool.id).unwrap_or_default();
     PoolEntry {
         name: pool.name.clone(),
+        namespace: pool.target.namespace.clone(),
         autoscaler: pool.autoscaler_name.clone(),
         role: pool.role.as_str().to_owned(),
         requests: view.totals.requests,
@@ -233,8 +238,15 @@ async fn decisions(
         .pools()
         .iter()
         .filter(|p| query.pool.as_ref().is_none_or(|name| *name == p.name))
+        .filter(|p| {
+            query
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| *ns == p.target.namespace)
+        })
         .map(|pool| PoolDecisions {
             name: pool.name.clone(),
+            namespace: pool.target.namespace.clone(),
             autoscaler: pool.autoscaler_name.clone(),
             role: pool.role.as_str().to_owned(),
             decisions: state
@@ -247,7 +259,15 @@ async fn decisions(
     if pools.is_empty()
         && let Some(name) = query.pool
     {
-        return (StatusCode::NOT_FOUND, format!("no pool named {name:?}\n")).into_response();
+        let place = query
+            .namespace
+            .map(|ns| format!(" in namespace {ns:?}"))
+            .unwrap_or_default();
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no pool named {name:?}{place}\n"),
+        )
+            .into_response();
     }
     axum::Json(DecisionsResponse { pools }).into_response()
 }

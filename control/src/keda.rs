@@ -120,17 +120,25 @@ fn resolve<'a>(
     object: &ScaledObjectRef,
 ) -> Result<&'a PoolDef, tonic::Status> {
     let metadata = &object.scaler_metadata;
+    let namespace = metadata.get("namespace").unwrap_or(&object.namespace);
     if let Some(name) = metadata.get("pool") {
-        return config
-            .pools()
-            .iter()
-            .find(|p| p.name == *name)
-            .ok_or_else(|| {
-                tonic::Status::not_found(format!(
-                    "scalerMetadata.pool = {name:?}: no such pool (known: {})",
-                    pool_names(config)
-                ))
-            });
+        let named: Vec<&PoolDef> = config.pools().iter().filter(|p| p.name == *name).collect();
+        // Pool names are unique within a namespace: the ScaledObject's own (or
+        // `scalerMetadata.namespace`) picks among pools of that name, unless there is one.
+        let pool = match named.as_slice() {
+            [only] if !metadata.contains_key("namespace") => Some(*only),
+            several => several
+                .iter()
+                .find(|p| p.target.namespace == *namespace)
+                .copied(),
+        };
+        return pool.ok_or_else(|| {
+            tonic::Status::not_found(format!(
+                "scalerMetadata.pool = {name:?}: no such pool in namespace {namespace:?} (known: \
+                 {})",
+                pool_names(config)
+            ))
+        });
     }
     let Some(name) = metadata.get("autoscaler") else {
         return Err(tonic::Status::invalid_argument(
@@ -143,7 +151,6 @@ fn resolve<'a>(
         .iter()
         .filter(|a| a.name == *name)
         .collect();
-    let namespace = metadata.get("namespace").unwrap_or(&object.namespace);
     let autoscaler = match candidates.as_slice() {
         [] => None,
         [only] if !metadata.contains_key("namespace") => Some(*only),
@@ -178,7 +185,11 @@ fn resolve<'a>(
 }
 
 fn pool_names(config: &ControlConfig) -> String {
-    let names: Vec<&str> = config.pools().iter().map(|p| p.name.as_str()).collect();
+    let names: Vec<String> = config
+        .pools()
+        .iter()
+        .map(|p| format!("{}/{}", p.target.namespace, p.name))
+        .collect();
     names.join(", ")
 }
 
@@ -289,6 +300,7 @@ impl ExternalScaler for KedaScaler {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use crate::controller::PoolReplicas;
@@ -345,5 +357,48 @@ mod tests {
         // Before any decision: what runs now, so the HPA holds.
         assert_eq!(answer(&status(3, None, false), false).desired, Some(3));
         assert_eq!(answer(&PoolStatus::default(), false).desired, None);
+    }
+
+    #[test]
+    fn a_pool_name_in_two_namespaces_resolves_to_the_scaled_objects_own() {
+        let yaml = r#"
+autoscalers:
+  - name: llama
+    namespace: team-a
+    spec:
+      selector: { backend: a }
+      pools: { unified: { scaleTargetRef: { name: vllm }, maxReplicas: 2 } }
+      slo: { ttft: 1s }
+  - name: llama
+    namespace: team-b
+    spec:
+      selector: { backend: b }
+      pools: { unified: { scaleTargetRef: { name: vllm }, maxReplicas: 2 } }
+      slo: { ttft: 1s }
+"#;
+        let config = ControlConfig::from_yaml(yaml).unwrap();
+        let object = |namespace: &str, metadata: &[(&str, &str)]| ScaledObjectRef {
+            name: "scaler".into(),
+            namespace: namespace.into(),
+            scaler_metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let namespace_of =
+            |object: &ScaledObjectRef| resolve(&config, object).map(|p| p.target.namespace.clone());
+        assert_eq!(
+            namespace_of(&object("team-b", &[("pool", "vllm")])).unwrap(),
+            "team-b"
+        );
+        let named = object("team-b", &[("pool", "vllm"), ("namespace", "team-a")]);
+        assert_eq!(namespace_of(&named).unwrap(), "team-a");
+        let elsewhere = namespace_of(&object("keda", &[("pool", "vllm")])).unwrap_err();
+        assert_eq!(elsewhere.code(), tonic::Code::NotFound);
+        assert!(
+            elsewhere.message().contains("team-a/vllm, team-b/vllm"),
+            "{}",
+            elsewhere.message()
+        );
     }
 }

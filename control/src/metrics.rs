@@ -159,6 +159,7 @@ impl Collector for PoolCollector {
         let labels = |pool: &crate::config::PoolDef| {
             [
                 ("autoscaler", pool.autoscaler_name.clone()),
+                ("namespace", pool.target.namespace.clone()),
                 ("pool", pool.name.clone()),
                 ("role", pool.role.as_str().to_owned()),
             ]
@@ -185,8 +186,8 @@ impl Collector for PoolCollector {
                 };
                 for (q, label) in QUANTILES {
                     if let Some(us) = sketch.quantile(q) {
-                        let [a, p, r] = labels(pool);
-                        let set = [a, p, r, ("quantile", label.to_owned())];
+                        let [a, ns, p, r] = labels(pool);
+                        let set = [a, ns, p, r, ("quantile", label.to_owned())];
                         ConstGauge::new(us / 1e6).encode(metric.encode_family(&set)?)?;
                     }
                 }
@@ -236,8 +237,8 @@ impl Collector for PoolCollector {
                     ("waiting_first_token", view.in_flight.waiting_first_token),
                     ("decoding", view.in_flight.decoding),
                 ] {
-                    let [a, p, r] = labels(pool);
-                    let set = [a, p, r, ("state", state.to_owned())];
+                    let [a, ns, p, r] = labels(pool);
+                    let set = [a, ns, p, r, ("state", state.to_owned())];
                     ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
                         .encode(metric.encode_family(&set)?)?;
                 }
@@ -260,8 +261,8 @@ impl Collector for PoolCollector {
                 ];
                 for (state, n) in values {
                     if let Some(n) = n {
-                        let [a, p, r] = labels(pool);
-                        let set = [a, p, r, ("state", state.to_owned())];
+                        let [a, ns, p, r] = labels(pool);
+                        let set = [a, ns, p, r, ("state", state.to_owned())];
                         ConstGauge::new(i64::from(n)).encode(metric.encode_family(&set)?)?;
                     }
                 }

@@ -666,7 +666,8 @@ async fn a_forbidden_write_becomes_one_refusal_event_and_no_retry_storm() {
     assert_eq!(
         control
             .metric(&format!(
-                "flyball_actuator_errors_total{{pool=\"{target}\",kind=\"forbidden\"}}"
+                "flyball_actuator_errors_total{{namespace=\"{ns}\",pool=\"{target}\",\
+                 kind=\"forbidden\"}}"
             ))
             .await
             .unwrap()

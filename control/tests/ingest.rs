@@ -438,6 +438,7 @@ async fn pools_json_has_exactly_the_documented_shape() -> Result<(), Error> {
             "input_tokens",
             "last_decision",
             "name",
+            "namespace",
             "output_tokens",
             "replicas",
             "requests",

@@ -206,6 +206,57 @@ fn a_scale_target_claimed_twice_stays_with_the_earlier_resource() {
 }
 
 #[test]
+fn teams_in_different_namespaces_may_each_have_a_pool_of_the_same_name() {
+    let yaml = r#"
+autoscalers:
+  - name: llama
+    namespace: team-a
+    spec:
+      selector: { backend: a }
+      pools: { unified: { scaleTargetRef: { name: vllm }, maxReplicas: 2 } }
+      slo: { ttft: 1s }
+  - name: llama
+    namespace: team-b
+    spec:
+      selector: { backend: b }
+      pools: { unified: { scaleTargetRef: { name: vllm }, maxReplicas: 2 } }
+      slo: { ttft: 1s }
+  - name: other
+    namespace: team-c
+    spec:
+      selector: { backend: c }
+      pools: { unified: { scaleTargetRef: { name: vllm, namespace: team-b }, maxReplicas: 2 } }
+      slo: { ttft: 1s }
+"#;
+    let ConfigError::Invalid { errors } = ControlConfig::from_yaml(yaml).unwrap_err() else {
+        panic!("expected validation errors");
+    };
+    // Only the third, which names team-b's target again, is refused.
+    let refused: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        refused,
+        [
+            "autoscalers[2].spec.pools.unified.scaleTargetRef.name = \"vllm\": must be unique \
+             within namespace \"team-b\" across all autoscalers (it names the pool)"
+        ]
+    );
+    let two: String = yaml.lines().take(14).collect::<Vec<_>>().join("\n");
+    let config = ControlConfig::from_yaml(&two).unwrap();
+    let pools: Vec<_> = config
+        .pools()
+        .iter()
+        .map(|p| (p.target.namespace.as_str(), p.name.as_str()))
+        .collect();
+    assert_eq!(pools, [("team-a", "vllm"), ("team-b", "vllm")]);
+
+    let mut elsewhere = resource("new", "vllm", 4);
+    elsewhere.namespace = "team-b".into();
+    let (config, rejected) =
+        ControlConfig::from_resources(&[resource("old", "vllm", 2), elsewhere]);
+    assert_eq!((config.pools().len(), rejected.len()), (2, 0));
+}
+
+#[test]
 fn renumbering_keeps_the_ids_of_pools_that_stay_and_never_reuses_the_others() {
     let (first, _) = ControlConfig::from_resources(&[resource("a", "a", 2), resource("b", "b", 2)]);
     let first = first.renumbered(&ControlConfig::default());
