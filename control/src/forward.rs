@@ -6,7 +6,11 @@
 //! leader's advertised address, opened with [`FORWARDED_BY`] so its reports are never forwarded
 //! again. A lane sends without waiting for each acknowledgement (the leader acknowledges in
 //! order, and HTTP/2 flow control bounds what is outstanding), so its throughput is not one report
-//! per round trip; it counts a report forwarded when the leader acknowledges it.
+//! per round trip; it counts a report forwarded when the leader acknowledges it. What a stream
+//! leaves unacknowledged (the leader went away, or the Lease changed hands) is sent again, first,
+//! on the next stream, to whichever replica the Lease names by then, for up to [`RESEND_WITHIN`]:
+//! a hand-over loses nothing a follower took, and the leader merges each report once however
+//! often it arrives.
 //!
 //! Why forward rather than have gateways find the leader: gateways reach the control service
 //! through its Kubernetes Service, which spreads their connections over every replica, and a
@@ -15,8 +19,8 @@
 //! it on. A follower's windows hold only its own gateways' reports (nothing comes back from the
 //! leader), so a follower that becomes leader starts on partial windows: the restart hold keeps
 //! it from scaling down for a stable window, and it scales up only on load it has seen. Reports
-//! other followers forward to a leader that died are lost until its Lease expires (counted as
-//! dropped). Forwarding is idempotent because the leader admits
+//! that wait longer than [`RESEND_WITHIN`] for a new leader (a crashed one's Lease runs out
+//! first) are dropped and counted. Forwarding is idempotent because the leader admits
 //! reports by (reporter, sequence) as ingest always does: a report that reaches it twice (sent
 //! directly and forwarded) is merged once. What it cannot undo is order: a forwarded report
 //! that arrives after a newer one from the same gateway sent directly is taken as a resend and
@@ -24,11 +28,12 @@
 //!
 //! The leader's address comes from the Lease: a holder identity `name@host:port` (see
 //! [`identity`]) names where its gRPC server listens. Forwarding never blocks ingest: reports
-//! wait in a bounded queue per lane, and when the queue is full, when no leader is known or when
-//! the leader does not answer, the report is dropped and counted in
+//! wait in a bounded queue per lane, and when the queue is full, when no leader is known, when no
+//! leader took them in time or when the leader refused them, they are dropped and counted in
 //! `flyball_forward_dropped_total{reason}`. Lanes are chosen by gateway so one gateway's reports
 //! keep their order.
 
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -39,6 +44,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
@@ -61,8 +67,37 @@ const STREAM_BUFFER: usize = 64;
 pub const QUEUE_PER_LANE: usize = 1024;
 
 /// How long a stream may go without an acknowledgement while reports await one, or take to
-/// open, before it counts as failed (and the reports it holds as dropped).
+/// open, before it counts as failed (its reports are then sent again on the next stream).
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a report may wait for a leader to take it: long enough to cover a hand-over (the
+/// Lease changes hands, followers read the new holder within a few seconds), short enough that
+/// a report still lands in the leader's short window (10 s by default). Older ones are dropped.
+pub const RESEND_WITHIN: Duration = Duration::from_secs(10);
+
+/// While reports wait for a leader and none arrive to carry them, how often to try again.
+const RETRY_EVERY: Duration = Duration::from_millis(500);
+
+/// Bounds of forwarding; the defaults are the constants above.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardLimits {
+    /// Reports queued per lane, and reports a lane keeps unacknowledged.
+    pub queue_per_lane: usize,
+    /// [`SEND_TIMEOUT`]
+    pub timeout: Duration,
+    /// [`RESEND_WITHIN`]
+    pub resend_within: Duration,
+}
+
+impl Default for ForwardLimits {
+    fn default() -> Self {
+        ForwardLimits {
+            queue_per_lane: QUEUE_PER_LANE,
+            timeout: SEND_TIMEOUT,
+            resend_within: RESEND_WITHIN,
+        }
+    }
+}
 
 /// Forwarding counters, on `/metrics`.
 #[derive(Debug, Clone, Default)]
@@ -73,7 +108,9 @@ pub struct ForwardCounters {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DroppedLabels {
-    /// `queue_full`, `no_leader` or `send_failed`.
+    /// `queue_full`, `no_leader`, `send_failed` (not delivered within [`RESEND_WITHIN`]),
+    /// `refused` (the leader refused the report) or `leading` (held for a leader when this
+    /// replica took the lead: the report is in its own windows).
     pub reason: &'static str,
 }
 
@@ -90,11 +127,15 @@ pub struct Forwarder {
 #[derive(Debug)]
 pub struct Lane {
     queue: mpsc::Receiver<v1::ReportRequest>,
+    leading: watch::Receiver<bool>,
     leader: watch::Receiver<Option<String>>,
     refresh: Arc<Notify>,
     identity: String,
     counters: ForwardCounters,
     timeout: Duration,
+    resend_within: Duration,
+    max_outstanding: usize,
+    outstanding: Arc<Mutex<Outstanding>>,
 }
 
 /// The identity a replica claims the Lease with: its name and, when known, where its gRPC
@@ -129,38 +170,40 @@ impl Forwarder {
         refresh: Arc<Notify>,
         counters: ForwardCounters,
     ) -> (Self, Vec<Lane>) {
-        Self::with_capacity(
+        Self::with_limits(
             identity,
             leading,
             leader,
             refresh,
             counters,
-            QUEUE_PER_LANE,
-            SEND_TIMEOUT,
+            ForwardLimits::default(),
         )
     }
 
-    pub fn with_capacity(
+    pub fn with_limits(
         identity: &str,
         leading: watch::Receiver<bool>,
         leader: watch::Receiver<Option<String>>,
         refresh: Arc<Notify>,
         counters: ForwardCounters,
-        queue_per_lane: usize,
-        timeout: Duration,
+        limits: ForwardLimits,
     ) -> (Self, Vec<Lane>) {
         let mut senders = Vec::with_capacity(LANES);
         let mut lanes = Vec::with_capacity(LANES);
         for _ in 0..LANES {
-            let (tx, rx) = mpsc::channel(queue_per_lane.max(1));
+            let (tx, rx) = mpsc::channel(limits.queue_per_lane.max(1));
             senders.push(tx);
             lanes.push(Lane {
                 queue: rx,
+                leading: leading.clone(),
                 leader: leader.clone(),
                 refresh: refresh.clone(),
                 identity: identity.to_owned(),
                 counters: counters.clone(),
-                timeout,
+                timeout: limits.timeout,
+                resend_within: limits.resend_within,
+                max_outstanding: limits.queue_per_lane.max(1),
+                outstanding: Arc::default(),
             });
         }
         let forwarder = Forwarder {
@@ -208,80 +251,129 @@ impl Forwarder {
 
 // === impl Lane ===
 
-/// A lane's open stream to one leader.
+/// What a lane has handed to the leader and not had acknowledged, shared with the task reading
+/// the current stream's acknowledgements. Each report is counted once: forwarded when its ack
+/// comes, or dropped when it could not be delivered within [`RESEND_WITHIN`].
+#[derive(Debug, Default)]
+struct Outstanding {
+    /// Sent (or to be sent again) in order, each with when the lane first took it.
+    reports: VecDeque<(Instant, v1::ReportRequest)>,
+    /// Counts streams; a reading task acts only on the stream it was started for.
+    stream: u64,
+    /// The current stream ended (or stalled): the next report, or the retry timer, opens another
+    /// and sends `reports` again first.
+    over: bool,
+}
+
+fn lock(state: &Mutex<Outstanding>) -> std::sync::MutexGuard<'_, Outstanding> {
+    // Plain data: a panic elsewhere cannot leave it half-updated.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The open stream: where it goes and how reports are handed to it.
 #[derive(Debug)]
 struct LeaderStream {
     uri: String,
     reports: mpsc::Sender<v1::ReportRequest>,
-    state: Arc<Mutex<StreamState>>,
-}
-
-/// Shared by a lane and the task reading its stream's acknowledgements. Each report handed to
-/// the stream is counted once: forwarded when acknowledged, or dropped when the stream ends
-/// without acknowledging it. Once `over`, the lane hands the stream nothing more, so the count
-/// the reading task takes at the end is final.
-#[derive(Debug, Default)]
-struct StreamState {
-    unacked: u64,
-    over: bool,
-}
-
-impl LeaderStream {
-    /// Counts one more report on this stream, unless it is over.
-    fn take_one(&self) -> bool {
-        let mut state = lock(&self.state);
-        if !state.over {
-            state.unacked += 1;
-        }
-        !state.over
-    }
-}
-
-fn lock(state: &Mutex<StreamState>) -> std::sync::MutexGuard<'_, StreamState> {
-    // Counters only: a panic elsewhere cannot leave them half-updated.
-    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Lane {
     /// Sends queued reports until every [`Forwarder`] handle is gone.
     pub async fn run(mut self) {
         let mut stream: Option<LeaderStream> = None;
-        while let Some(report) = self.queue.recv().await {
-            let Some(uri) = self.leader.borrow().clone() else {
-                self.drop_report("no_leader");
-                continue;
+        loop {
+            // The stream may end while the lane waits here: with reports outstanding, look
+            // again now and then rather than only when the next report comes.
+            let waiting = !lock(&self.outstanding).reports.is_empty();
+            let report = tokio::select! {
+                report = self.queue.recv() => match report {
+                    Some(report) => Some(report),
+                    None => return,
+                },
+                // Reports wait for a leader to take them even when no new ones come.
+                () = tokio::time::sleep(RETRY_EVERY), if waiting => None,
             };
-            // Replacing a stream ends the old one once the leader has what was sent on it; its
-            // reading task counts how that went.
-            if !stream
-                .as_ref()
-                .is_some_and(|s| s.uri == uri && s.take_one())
-            {
-                stream = self.open(uri);
-                if !stream.as_ref().is_some_and(LeaderStream::take_one) {
-                    self.drop_report("no_leader");
-                    continue;
+            if *self.leading.borrow() {
+                // This replica leads now: what it held for the old leader is in its own windows.
+                let held = std::mem::take(&mut lock(&self.outstanding).reports);
+                self.count_dropped("leading", held.len() as u64);
+                stream = None;
+                if report.is_some() {
+                    self.count_dropped("leading", 1);
                 }
+                continue;
             }
-            let Some(open) = stream.as_ref() else {
+            let Some(uri) = self.leader.borrow().clone() else {
+                self.expire();
+                if report.is_some() {
+                    self.count_dropped("no_leader", 1);
+                }
                 continue;
             };
-            let sent = tokio::time::timeout(self.timeout, open.reports.send(report)).await;
-            if !matches!(sent, Ok(Ok(()))) {
-                // The stream took nothing for a whole timeout, or is gone: the report counts as
-                // unacknowledged on it, and the next report opens another.
-                tracing::debug!(uri = %open.uri, "forwarding stream stalled; reopening");
-                lock(&open.state).over = true;
+            let reopen = {
+                let state = lock(&self.outstanding);
+                state.over || stream.as_ref().is_none_or(|s| s.uri != uri)
+            };
+            if reopen {
+                stream = self.reopen(uri).await;
+            }
+            match (report, stream.as_ref()) {
+                (Some(report), Some(open)) => {
+                    lock(&self.outstanding)
+                        .reports
+                        .push_back((Instant::now(), report.clone()));
+                    self.trim();
+                    self.send(open, report).await;
+                }
+                (Some(_), None) => self.count_dropped("no_leader", 1),
+                (None, _) => {}
             }
         }
     }
 
-    /// Opens a stream to `uri` (in the background: the lane never waits for a connection).
-    fn open(&self, uri: String) -> Option<LeaderStream> {
+    /// Opens a stream to `uri` and sends again what the last one left unacknowledged (the
+    /// leader merges a report once, however often it comes). `None` when `uri` is unusable.
+    async fn reopen(&self, uri: String) -> Option<LeaderStream> {
+        let stream_id = {
+            let mut state = lock(&self.outstanding);
+            state.stream += 1;
+            state.over = false;
+            state.stream
+        };
+        self.expire();
+        let open = self.open(uri, stream_id)?;
+        let resend: Vec<v1::ReportRequest> = lock(&self.outstanding)
+            .reports
+            .iter()
+            .map(|(_, report)| report.clone())
+            .collect();
+        for report in resend {
+            if !self.send(&open, report).await {
+                break;
+            }
+        }
+        Some(open)
+    }
+
+    /// Hands `report` to the stream; on a stall or a closed stream, marks it over (the report
+    /// stays outstanding, for the next stream).
+    async fn send(&self, open: &LeaderStream, report: v1::ReportRequest) -> bool {
+        let sent = tokio::time::timeout(self.timeout, open.reports.send(report)).await;
+        let ok = matches!(sent, Ok(Ok(())));
+        if !ok {
+            tracing::debug!(uri = %open.uri, "forwarding stream stalled; reopening");
+            lock(&self.outstanding).over = true;
+        }
+        ok
+    }
+
+    /// Opens a stream to `uri` in the background (the lane never waits for a connection).
+    fn open(&self, uri: String, stream_id: u64) -> Option<LeaderStream> {
         let endpoint = match Endpoint::from_shared(uri.clone()) {
             Ok(endpoint) => endpoint,
             Err(error) => {
                 tracing::warn!(%uri, %error, "leader address is not a URI; not forwarding");
+                lock(&self.outstanding).over = true;
                 return None;
             }
         };
@@ -294,14 +386,10 @@ impl Lane {
         if let Ok(value) = self.identity.parse() {
             request.metadata_mut().insert(FORWARDED_BY, value);
         }
-        let stream = LeaderStream {
-            uri: uri.clone(),
-            reports: tx,
-            state: Arc::default(),
-        };
         let acks = Acknowledgements {
-            uri,
-            state: stream.state.clone(),
+            uri: uri.clone(),
+            stream_id,
+            outstanding: self.outstanding.clone(),
             refresh: self.refresh.clone(),
             counters: self.counters.clone(),
             timeout: self.timeout,
@@ -311,21 +399,57 @@ impl Lane {
             let opened = tokio::time::timeout(acks.timeout, grpc.report_stream(request)).await;
             acks.read(opened.ok()).await;
         });
-        Some(stream)
+        Some(LeaderStream { uri, reports: tx })
     }
 
-    fn drop_report(&self, reason: &'static str) {
-        self.counters
-            .dropped
-            .get_or_create(&DroppedLabels { reason })
-            .inc();
+    /// Drops (and counts) what has waited longer than `resend_within` for a leader to take it.
+    fn expire(&self) {
+        let now = Instant::now();
+        let expired = {
+            let mut state = lock(&self.outstanding);
+            let before = state.reports.len();
+            state
+                .reports
+                .retain(|(at, _)| now.saturating_duration_since(*at) < self.resend_within);
+            before - state.reports.len()
+        };
+        self.count_dropped("send_failed", expired as u64);
+    }
+
+    /// Keeps at most `max_outstanding` reports, dropping (and counting) the oldest.
+    fn trim(&self) {
+        let over = {
+            let mut state = lock(&self.outstanding);
+            let over = state.reports.len().saturating_sub(self.max_outstanding);
+            state.reports.drain(..over);
+            over
+        };
+        self.count_dropped("send_failed", over as u64);
+    }
+
+    fn count_dropped(&self, reason: &'static str, n: u64) {
+        if n > 0 {
+            self.counters
+                .dropped
+                .get_or_create(&DroppedLabels { reason })
+                .inc_by(n);
+        }
     }
 }
 
-/// Reads one stream's acknowledgements, counting each report forwarded.
+/// Whether `status` refuses a report (as ingest does, naming why), rather than failing the call.
+fn is_refusal(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+    )
+}
+
+/// Reads one stream's acknowledgements: each takes the oldest outstanding report as forwarded.
 struct Acknowledgements {
     uri: String,
-    state: Arc<Mutex<StreamState>>,
+    stream_id: u64,
+    outstanding: Arc<Mutex<Outstanding>>,
     refresh: Arc<Notify>,
     counters: ForwardCounters,
     timeout: Duration,
@@ -340,50 +464,54 @@ impl Acknowledgements {
         >,
     ) {
         let uri = &self.uri;
-        let failed = match opened {
-            None => true,
+        let mut acks = match opened {
+            None => return self.end("opening the stream timed out"),
             Some(Err(status)) => {
                 tracing::debug!(%uri, %status, "opening a forwarding stream failed");
-                true
+                return self.end("opening the stream failed");
             }
-            Some(Ok(response)) => {
-                let mut acks = response.into_inner();
-                loop {
-                    match tokio::time::timeout(self.timeout, acks.message()).await {
-                        Ok(Ok(Some(_))) => {
-                            let mut state = lock(&self.state);
-                            state.unacked = state.unacked.saturating_sub(1);
-                            self.counters.forwarded.inc();
-                        }
-                        // The lane closed the stream, or the leader ended it.
-                        Ok(Ok(None)) => break lock(&self.state).unacked > 0,
-                        Ok(Err(status)) => {
-                            tracing::debug!(%uri, %status, "forwarding stream ended");
-                            break true;
-                        }
-                        Err(_) if lock(&self.state).unacked == 0 => {}
-                        Err(_) => {
-                            tracing::debug!(%uri, "forwarded reports not acknowledged in time");
-                            break true;
-                        }
+            Some(Ok(response)) => response.into_inner(),
+        };
+        loop {
+            match tokio::time::timeout(self.timeout, acks.message()).await {
+                Ok(Ok(Some(_))) => {
+                    let mut state = lock(&self.outstanding);
+                    // An ack for a stream already replaced: the report is being sent again
+                    // and counts when the new stream acknowledges it.
+                    if state.stream == self.stream_id && state.reports.pop_front().is_some() {
+                        self.counters.forwarded.inc();
                     }
                 }
+                Ok(Ok(None)) => return self.end("the leader ended the stream"),
+                Ok(Err(status)) => {
+                    tracing::debug!(%uri, %status, "forwarding stream ended");
+                    if is_refusal(&status) {
+                        // The leader's answer to the oldest unacknowledged report: sending it
+                        // again would only hold up the others behind it.
+                        let mut state = lock(&self.outstanding);
+                        if state.stream == self.stream_id && state.reports.pop_front().is_some() {
+                            self.counters
+                                .dropped
+                                .get_or_create(&DroppedLabels { reason: "refused" })
+                                .inc();
+                        }
+                    }
+                    return self.end("the stream failed");
+                }
+                Err(_) if lock(&self.outstanding).reports.is_empty() => {}
+                Err(_) => return self.end("reports were not acknowledged in time"),
             }
-        };
-        let lost = {
-            let mut state = lock(&self.state);
-            state.over = true;
-            std::mem::take(&mut state.unacked)
-        };
-        if lost > 0 {
-            self.counters
-                .dropped
-                .get_or_create(&DroppedLabels {
-                    reason: "send_failed",
-                })
-                .inc_by(lost);
         }
-        if failed {
+    }
+
+    fn end(self, why: &str) {
+        let mut state = lock(&self.outstanding);
+        if state.stream != self.stream_id {
+            return;
+        }
+        state.over = true;
+        if !state.reports.is_empty() {
+            tracing::debug!(uri = %self.uri, why, waiting = state.reports.len(), "forwarding stream over");
             // The holder may have changed; the next stream follows the new address.
             self.refresh.notify_one();
         }
@@ -433,14 +561,17 @@ mod tests {
         let (_leading_tx, leading) = watch::channel(false);
         let (_leader_tx, leader) = watch::channel(None);
         let counters = ForwardCounters::default();
-        let (forwarder, lanes) = Forwarder::with_capacity(
+        let limits = ForwardLimits {
+            queue_per_lane: 2,
+            ..ForwardLimits::default()
+        };
+        let (forwarder, lanes) = Forwarder::with_limits(
             "b",
             leading,
             leader,
             Arc::new(Notify::new()),
             counters.clone(),
-            2,
-            SEND_TIMEOUT,
+            limits,
         );
         assert!(forwarder.active());
         // Nothing drains the lanes: one gateway's reports all go to one lane of 2.
@@ -478,5 +609,82 @@ mod tests {
         };
         assert_eq!(counters.dropped.get_or_create(&none).get(), 2);
         assert_eq!(counters.forwarded.get(), 0);
+    }
+
+    /// Waits (up to 10 s) until `reason` has counted `n` dropped reports.
+    async fn dropped(counters: &ForwardCounters, reason: &'static str, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let labels = DroppedLabels { reason };
+        while counters.dropped.get_or_create(&labels).get() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{reason}: not {n} dropped in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A follower whose leader is at a closed port, holding reports for `resend_within`.
+    fn unreachable_leader(
+        resend_within: Duration,
+    ) -> (
+        Forwarder,
+        ForwardCounters,
+        watch::Sender<bool>,
+        watch::Sender<Option<String>>,
+    ) {
+        let (leading_tx, leading) = watch::channel(false);
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let (leader_tx, leader) = watch::channel(Some(uri));
+        let counters = ForwardCounters::default();
+        let limits = ForwardLimits {
+            timeout: Duration::from_millis(200),
+            resend_within,
+            ..ForwardLimits::default()
+        };
+        let (forwarder, lanes) = Forwarder::with_limits(
+            "b",
+            leading,
+            leader,
+            Arc::new(Notify::new()),
+            counters.clone(),
+            limits,
+        );
+        for lane in lanes {
+            tokio::spawn(lane.run());
+        }
+        (forwarder, counters, leading_tx, leader_tx)
+    }
+
+    #[tokio::test]
+    async fn reports_no_leader_takes_in_time_are_dropped_and_counted_once() {
+        let (forwarder, counters, _leading, _leader) =
+            unreachable_leader(Duration::from_millis(300));
+        for sequence in 1..=3 {
+            forwarder.offer(report("gw", sequence));
+        }
+        dropped(&counters, "send_failed", 3).await;
+        // Each once, however often the lane tried again.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let failed = DroppedLabels {
+            reason: "send_failed",
+        };
+        assert_eq!(counters.dropped.get_or_create(&failed).get(), 3);
+        assert_eq!(counters.forwarded.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn reports_held_for_a_leader_are_let_go_when_this_replica_takes_the_lead() {
+        let (forwarder, counters, leading, _leader) = unreachable_leader(RESEND_WITHIN);
+        forwarder.offer(report("gw", 1));
+        forwarder.offer(report("gw", 2));
+        leading.send(true).unwrap();
+        dropped(&counters, "leading", 2).await;
+        let failed = DroppedLabels {
+            reason: "send_failed",
+        };
+        assert_eq!(counters.dropped.get_or_create(&failed).get(), 0);
     }
 }
