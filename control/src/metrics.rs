@@ -165,25 +165,33 @@ impl Collector for PoolCollector {
             ]
         };
 
-        for (name, help, pick) in [
+        type Pick = fn(&crate::window::Latencies) -> &flyball_sketch::Sketch;
+        let latencies: [(&str, &str, Pick); 4] = [
             (
                 "flyball_pool_ttft_seconds",
                 "Time to first token over the short window, by quantile",
-                0usize,
+                |l| &l.ttft_us,
             ),
             (
                 "flyball_pool_tpot_seconds",
                 "Time per output token over the short window, by quantile",
-                1,
+                |l| &l.tpot_us,
             ),
-        ] {
+            (
+                "flyball_pool_itl_seconds",
+                "Inter-token latency (between streamed chunks) over the short window, by quantile",
+                |l| &l.itl_us,
+            ),
+            (
+                "flyball_pool_e2e_seconds",
+                "End-to-end request latency over the short window, by quantile",
+                |l| &l.e2e_us,
+            ),
+        ];
+        for (name, help, pick) in latencies {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for (pool, view, _) in &rows {
-                let sketch = if pick == 0 {
-                    &view.short.latency.ttft_us
-                } else {
-                    &view.short.latency.tpot_us
-                };
+                let sketch = pick(&view.short.latency);
                 for (q, label) in QUANTILES {
                     if let Some(us) = sketch.quantile(q) {
                         let [a, ns, p, r] = labels(pool);
@@ -191,6 +199,21 @@ impl Collector for PoolCollector {
                         ConstGauge::new(us / 1e6).encode(metric.encode_family(&set)?)?;
                     }
                 }
+            }
+        }
+
+        {
+            let mut metric = encoder.encode_descriptor(
+                "flyball_pool_silent_reporters",
+                "Gateway processes that fed the pool within the stable window and have gone quiet: \
+                 while above zero the pool does not scale down (silent_reporter_hold)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (pool, _, _) in &rows {
+                let set = labels(pool);
+                let n = i64::from(self.telemetry.silent_feeders(pool.id));
+                ConstGauge::new(n).encode(metric.encode_family(&set)?)?;
             }
         }
 

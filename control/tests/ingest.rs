@@ -470,3 +470,43 @@ async fn pools_json_has_exactly_the_documented_shape() -> Result<(), Error> {
     );
     control.stop().await
 }
+
+/// Every latency the gateways measure reaches `/metrics` as short-window quantiles, labelled
+/// with the pool's identity, next to the gauge that explains a `silent_reporter_hold`.
+#[tokio::test]
+async fn pool_metrics_carry_each_latency_and_the_pool_identity() -> Result<(), Error> {
+    let control = support::start(CONFIG, &[]).await?;
+    let mut client = TelemetryServiceClient::connect(control.grpc_uri()).await?;
+    let sketch = |us: f64| {
+        let mut sketch = Sketch::new();
+        sketch.record(us);
+        Some(v1::Sketch::from(&sketch))
+    };
+    let mut measured = report("gw", 1, 1, 1);
+    let key = &mut measured.keys[0];
+    key.tpot_us = sketch(20_000.0);
+    key.itl_us = sketch(40_000.0);
+    key.e2e_us = sketch(3_000_000.0);
+    client.report(measured).await?;
+
+    let pool = r#"autoscaler="llama",namespace="default",pool="llama",role="unified""#;
+    let quantile = |name: &str| format!(r#"{name}{{{pool},quantile="0.5"}}"#);
+    let expected = [
+        ("flyball_pool_ttft_seconds", 0.151),
+        ("flyball_pool_tpot_seconds", 0.020),
+        ("flyball_pool_itl_seconds", 0.040),
+        ("flyball_pool_e2e_seconds", 3.0),
+    ];
+    for (name, seconds) in expected {
+        let value = control.metric(&quantile(name)).await?;
+        let value = value.unwrap_or_else(|| panic!("{name} missing"));
+        // The sketches' 2% relative accuracy.
+        assert!(
+            (value / seconds - 1.0).abs() <= 0.02,
+            "{name}: {value} vs {seconds}"
+        );
+    }
+    let silent = format!("flyball_pool_silent_reporters{{{pool}}}");
+    assert_eq!(control.metric(&silent).await?, Some(0.0));
+    control.stop().await
+}
