@@ -46,7 +46,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 
 /// gRPC metadata naming the replica that forwarded a report. A report carrying it is merged
 /// and never forwarded again, so two replicas that each think the other leads cannot bounce a
@@ -78,23 +78,26 @@ pub const RESEND_WITHIN: Duration = Duration::from_secs(10);
 /// While reports wait for a leader and none arrive to carry them, how often to try again.
 const RETRY_EVERY: Duration = Duration::from_millis(500);
 
-/// Bounds of forwarding; the defaults are the constants above.
-#[derive(Debug, Clone, Copy)]
-pub struct ForwardLimits {
+/// How forwarding connects, and its bounds; the defaults are the constants above.
+#[derive(Debug, Clone)]
+pub struct ForwardSettings {
     /// Reports queued per lane, and reports a lane keeps unacknowledged.
     pub queue_per_lane: usize,
     /// [`SEND_TIMEOUT`]
     pub timeout: Duration,
     /// [`RESEND_WITHIN`]
     pub resend_within: Duration,
+    /// TLS to the leader (`https`), when the gRPC port speaks it.
+    pub tls: Option<ClientTlsConfig>,
 }
 
-impl Default for ForwardLimits {
+impl Default for ForwardSettings {
     fn default() -> Self {
-        ForwardLimits {
+        ForwardSettings {
             queue_per_lane: QUEUE_PER_LANE,
             timeout: SEND_TIMEOUT,
             resend_within: RESEND_WITHIN,
+            tls: None,
         }
     }
 }
@@ -136,6 +139,7 @@ pub struct Lane {
     resend_within: Duration,
     max_outstanding: usize,
     outstanding: Arc<Mutex<Outstanding>>,
+    tls: Option<ClientTlsConfig>,
 }
 
 /// The identity a replica claims the Lease with: its name and, when known, where its gRPC
@@ -170,23 +174,23 @@ impl Forwarder {
         refresh: Arc<Notify>,
         counters: ForwardCounters,
     ) -> (Self, Vec<Lane>) {
-        Self::with_limits(
+        Self::with_settings(
             identity,
             leading,
             leader,
             refresh,
             counters,
-            ForwardLimits::default(),
+            ForwardSettings::default(),
         )
     }
 
-    pub fn with_limits(
+    pub fn with_settings(
         identity: &str,
         leading: watch::Receiver<bool>,
         leader: watch::Receiver<Option<String>>,
         refresh: Arc<Notify>,
         counters: ForwardCounters,
-        limits: ForwardLimits,
+        limits: ForwardSettings,
     ) -> (Self, Vec<Lane>) {
         let mut senders = Vec::with_capacity(LANES);
         let mut lanes = Vec::with_capacity(LANES);
@@ -204,6 +208,7 @@ impl Forwarder {
                 resend_within: limits.resend_within,
                 max_outstanding: limits.queue_per_lane.max(1),
                 outstanding: Arc::default(),
+                tls: limits.tls.clone(),
             });
         }
         let forwarder = Forwarder {
@@ -369,7 +374,16 @@ impl Lane {
 
     /// Opens a stream to `uri` in the background (the lane never waits for a connection).
     fn open(&self, uri: String, stream_id: u64) -> Option<LeaderStream> {
-        let endpoint = match Endpoint::from_shared(uri.clone()) {
+        // The Lease names the leader's address; the scheme is this replica's to choose.
+        let target = match (&self.tls, uri.strip_prefix("http://")) {
+            (Some(_), Some(authority)) => format!("https://{authority}"),
+            _ => uri.clone(),
+        };
+        let endpoint = Endpoint::from_shared(target).and_then(|endpoint| match &self.tls {
+            Some(tls) => endpoint.tls_config(tls.clone()),
+            None => Ok(endpoint),
+        });
+        let endpoint = match endpoint {
             Ok(endpoint) => endpoint,
             Err(error) => {
                 tracing::warn!(%uri, %error, "leader address is not a URI; not forwarding");
@@ -561,11 +575,11 @@ mod tests {
         let (_leading_tx, leading) = watch::channel(false);
         let (_leader_tx, leader) = watch::channel(None);
         let counters = ForwardCounters::default();
-        let limits = ForwardLimits {
+        let limits = ForwardSettings {
             queue_per_lane: 2,
-            ..ForwardLimits::default()
+            ..ForwardSettings::default()
         };
-        let (forwarder, lanes) = Forwarder::with_limits(
+        let (forwarder, lanes) = Forwarder::with_settings(
             "b",
             leading,
             leader,
@@ -639,12 +653,12 @@ mod tests {
         drop(closed);
         let (leader_tx, leader) = watch::channel(Some(uri));
         let counters = ForwardCounters::default();
-        let limits = ForwardLimits {
+        let limits = ForwardSettings {
             timeout: Duration::from_millis(200),
             resend_within,
-            ..ForwardLimits::default()
+            ..ForwardSettings::default()
         };
-        let (forwarder, lanes) = Forwarder::with_limits(
+        let (forwarder, lanes) = Forwarder::with_settings(
             "b",
             leading,
             leader,

@@ -27,6 +27,7 @@ pub mod keda;
 pub mod leader;
 pub mod metrics;
 pub mod source;
+pub mod tls;
 pub mod window;
 
 use std::future::Future;
@@ -142,6 +143,24 @@ pub struct ControlArgs {
     /// Decisions kept per pool for /v1/decisions.
     #[arg(long, default_value_t = 100)]
     pub decision_log: usize,
+    /// PEM certificate (chain) of the gRPC port: with `--grpc-tls-key`, the port speaks TLS only.
+    #[arg(long, env = "FLYBALL_GRPC_TLS_CERT")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// PEM private key of `--grpc-tls-cert`.
+    #[arg(long, env = "FLYBALL_GRPC_TLS_KEY")]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): clients must present a certificate they signed (mutual TLS), and
+    /// followers verify the leader by them when forwarding.
+    #[arg(long, env = "FLYBALL_GRPC_TLS_CA")]
+    pub grpc_tls_ca: Option<PathBuf>,
+    /// The name in the replicas' certificate that followers check when forwarding to the
+    /// leader (they connect to its pod address).
+    #[arg(
+        long,
+        env = "FLYBALL_GRPC_TLS_SERVER_NAME",
+        default_value = "flyball-control"
+    )]
+    pub grpc_tls_server_name: String,
 }
 
 /// Where autoscalers come from.
@@ -175,6 +194,8 @@ pub enum ControlError {
     },
     #[error("gRPC server: {0}")]
     Grpc(#[source] tonic::transport::Error),
+    #[error("{0}")]
+    Tls(#[source] tls::TlsError),
     #[error("HTTP server: {0}")]
     Http(#[source] std::io::Error),
     #[error("a server task failed: {0}")]
@@ -191,6 +212,8 @@ pub enum ControlError {
 #[derive(Debug)]
 pub struct Control<A = DryRunActuator> {
     grpc: TcpListener,
+    /// TLS on the gRPC port (and for forwarding to the leader); `None`: plaintext.
+    tls: Option<tls::GrpcTls>,
     http: TcpListener,
     config: Arc<LiveConfig>,
     telemetry: Arc<Telemetry>,
@@ -225,7 +248,10 @@ impl ControlError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            ControlError::Config(_) | ControlError::Windows(_) | ControlError::Flag { .. }
+            ControlError::Config(_)
+                | ControlError::Windows(_)
+                | ControlError::Flag { .. }
+                | ControlError::Tls(_)
         )
     }
 }
@@ -406,6 +432,13 @@ impl Control<DryRunActuator> {
             max_keys: args.max_keys,
             ..IngestConfig::default()
         };
+        let tls = tls::GrpcTls::load(tls::TlsFlags {
+            cert: args.grpc_tls_cert.as_deref(),
+            key: args.grpc_tls_key.as_deref(),
+            ca: args.grpc_tls_ca.as_deref(),
+            server_name: &args.grpc_tls_server_name,
+        })
+        .map_err(ControlError::Tls)?;
         let grpc = TcpListener::bind(args.grpc_listen)
             .await
             .map_err(|source| ControlError::Bind {
@@ -429,6 +462,7 @@ impl Control<DryRunActuator> {
         let config = Arc::new(LiveConfig::new(config));
         Ok(Control {
             grpc,
+            tls,
             http,
             config,
             telemetry,
@@ -515,6 +549,7 @@ impl<A: Actuator> Control<A> {
     pub fn with_actuator<B: Actuator>(self, actuator: Arc<B>, dry_run: bool) -> Control<B> {
         Control {
             grpc: self.grpc,
+            tls: self.tls,
             http: self.http,
             config: self.config,
             telemetry: self.telemetry,
@@ -637,12 +672,17 @@ impl<A: Actuator> Control<A> {
 
         let mut ingest = IngestService::new(self.telemetry.clone()).with_stop(ingest_stop);
         if self.leadership.forward {
-            let (forwarder, lanes) = Forwarder::new(
+            let settings = forward::ForwardSettings {
+                tls: self.tls.as_ref().and_then(|tls| tls.client.clone()),
+                ..forward::ForwardSettings::default()
+            };
+            let (forwarder, lanes) = Forwarder::with_settings(
                 &self.leadership.identity,
                 self.leadership.leading.clone(),
                 self.leadership.leader.clone(),
                 self.leadership.refresh.clone(),
                 self.forward.clone(),
+                settings,
             );
             ingest = ingest.with_forwarder(Arc::new(forwarder));
             for lane in lanes {
@@ -662,7 +702,13 @@ impl<A: Actuator> Control<A> {
                 refuse_oversize(response, &telemetry)
             },
         );
-        let grpc = grpc_server()
+        let mut server = grpc_server();
+        if let Some(tls) = &self.tls {
+            server = server
+                .tls_config(tls.server.clone())
+                .map_err(ControlError::Grpc)?;
+        }
+        let grpc = server
             .layer(oversize)
             .add_service(ingest.into_server())
             .add_service(keda.into_server())

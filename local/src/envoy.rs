@@ -83,6 +83,18 @@ pub struct EnvoyOptions {
     pub plugin_config: Option<String>,
     /// `taskset -c` CPU list to pin Envoy to, for benchmarks.
     pub cpu_list: Option<String>,
+    /// Mutual TLS to the control service (its `--grpc-tls-*` flags); `None`: plaintext.
+    pub control_tls: Option<ControlTls>,
+}
+
+/// The files and name of the control cluster's mutual TLS: Envoy presents `cert` and `key`,
+/// and accepts the control service's certificate if `ca` signed it for `server_name`.
+#[derive(Debug, Clone)]
+pub struct ControlTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub server_name: String,
 }
 
 impl EnvoyOptions {
@@ -93,6 +105,7 @@ impl EnvoyOptions {
             control_port,
             plugin_config: Some(plugin_config.to_owned()),
             cpu_list: None,
+            control_tls: None,
         }
     }
 }
@@ -135,6 +148,15 @@ pub fn render_config(
             &format!("filename: {}", wasm.display()),
         );
     }
+    if let Some(tls) = &options.control_tls {
+        let cluster =
+            "    - name: flyball_control\n      type: STATIC\n      connect_timeout: 1s\n";
+        let at = text
+            .find(cluster)
+            .map(|i| i + cluster.len())
+            .ok_or_else(|| anyhow::anyhow!("the flyball_control cluster not found in {file}"))?;
+        text.insert_str(at, &upstream_tls(tls));
+    }
     if let Some(plugin) = &options.plugin_config {
         let start = text
             .find("value: |\n")
@@ -151,6 +173,33 @@ pub fn render_config(
         text.replace_range(start..line_start, &quoted);
     }
     Ok(text)
+}
+
+/// The control cluster's `transport_socket`: TLS with a client certificate, the server's checked
+/// against the CA and its name (SNI and subject alternative name), HTTP/2 by ALPN.
+fn upstream_tls(tls: &ControlTls) -> String {
+    format!(
+        r#"      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: {name}
+          common_tls_context:
+            alpn_protocols: [h2]
+            tls_certificates:
+              - certificate_chain: {{ filename: {cert} }}
+                private_key: {{ filename: {key} }}
+            validation_context:
+              trusted_ca: {{ filename: {ca} }}
+              match_typed_subject_alt_names:
+                - san_type: DNS
+                  matcher: {{ exact: {name} }}
+"#,
+        name = tls.server_name,
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        ca = tls.ca.display(),
+    )
 }
 
 // === impl Envoy ===

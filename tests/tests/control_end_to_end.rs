@@ -4,7 +4,7 @@
 //! truth exactly.
 
 use flyball_local::client::{get, http_client, post};
-use flyball_local::envoy::{Envoy, EnvoyOptions};
+use flyball_local::envoy::{ControlTls, Envoy, EnvoyOptions};
 use flyball_local::wait_for;
 use flyball_sim::{SimConfig, SimServer};
 use flyball_tests::LocalControl;
@@ -185,6 +185,89 @@ async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyho
     assert!(
         ttft_p50 >= 20.0,
         "TTFT p50 reflects the simulator's delays: {pool}"
+    );
+
+    drop(envoy);
+    control.stop().await?;
+    Ok(())
+}
+
+/// The same path with mutual TLS between Envoy's control cluster and `flyball control`
+/// (`--grpc-tls-*`): every request still lands, exactly once, and over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_reach_control_over_mutual_tls() -> anyhow::Result<()> {
+    let certs = flyball_local::repo_root().join("control/tests/tls");
+    let cert = |name: &str| certs.join(name).display().to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let (replica_crt, replica_key, ca) = (cert("replica.crt"), cert("replica.key"), cert("ca.crt"));
+    let control = LocalControl::start(
+        CONFIG,
+        &[
+            "--dry-run",
+            "--grpc-tls-cert",
+            &replica_crt,
+            "--grpc-tls-key",
+            &replica_key,
+            "--grpc-tls-ca",
+            &ca,
+        ],
+    )
+    .await?;
+    let plugin = serde_json::json!({
+        "controlCluster": "flyball_control",
+        "reportIntervalMs": 100,
+        "gateway": "e2e-tls"
+    })
+    .to_string();
+    let mut options =
+        EnvoyOptions::with_filter(sim.local_addr().port(), control.grpc.port(), &plugin);
+    options.control_tls = Some(ControlTls {
+        cert: certs.join("replica.crt"),
+        key: certs.join("replica.key"),
+        ca: certs.join("ca.crt"),
+        server_name: "flyball-control".into(),
+    });
+    let envoy = Envoy::start(&options).await?;
+    let url = control.pools_url();
+
+    let client = http_client();
+    let sent = 6;
+    for i in 0..sent {
+        let headers = [("x-sim-output-tokens", "4".to_owned())];
+        let r = post(
+            &client,
+            envoy.listener(),
+            "/v1/chat/completions",
+            &chat(i),
+            &headers,
+            None,
+        )
+        .await?;
+        anyhow::ensure!(r.status == 200, "request {i}: {}", r.status);
+    }
+    let pool = wait_for(
+        "control to count every request",
+        Duration::from_secs(10),
+        || {
+            let url = url.clone();
+            async move {
+                let pool = pools(&url).await?;
+                (pool["requests"].as_u64()? >= sent as u64).then_some(pool)
+            }
+        },
+    )
+    .await?;
+    assert_eq!(pool["requests"].as_u64(), Some(sent as u64), "{pool}");
+    let handshakes = envoy
+        .metric_sum(
+            "envoy_cluster_ssl_handshake",
+            &[("envoy_cluster_name", "flyball_control")],
+        )
+        .await?;
+    assert!(
+        handshakes >= 1.0,
+        "the reports went over TLS: {handshakes} handshakes"
     );
 
     drop(envoy);

@@ -1,0 +1,183 @@
+//! TLS on the gRPC port over real loopback connections, with the test certificates in
+//! `tests/tls` (see its `generate.sh`): reports land only over mutual TLS with a certificate
+//! from the configured CA, and followers forward to the leader over the same.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flyball_control::leader::Leadership;
+use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
+use flyball_proto::v1;
+use support::Error;
+use tokio::sync::watch;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const CONFIG: &str = r#"
+autoscalers:
+  - name: llama
+    spec:
+      selector: { backend: vllm }
+      pools:
+        unified: { scaleTargetRef: { name: llama }, maxReplicas: 10 }
+      slo: { ttft: 500ms }
+"#;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn file(name: &str) -> String {
+    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "tls", name]
+        .iter()
+        .collect();
+    path.to_str().unwrap().to_owned()
+}
+
+fn pem(name: &str) -> Vec<u8> {
+    std::fs::read(file(name)).unwrap()
+}
+
+/// The flags of a replica with mutual TLS.
+fn tls_flags() -> Vec<String> {
+    [
+        ("--grpc-tls-cert", "replica.crt"),
+        ("--grpc-tls-key", "replica.key"),
+        ("--grpc-tls-ca", "ca.crt"),
+    ]
+    .iter()
+    .flat_map(|(flag, name)| [(*flag).to_owned(), file(name)])
+    .collect()
+}
+
+fn report(gateway: &str, sequence: u64) -> v1::ReportRequest {
+    v1::ReportRequest {
+        reporter: Some(v1::Reporter {
+            gateway: gateway.into(),
+            process_start_unix_ms: 1_000,
+            filter_version: "test".into(),
+        }),
+        sequence,
+        keys: vec![v1::KeyTelemetry {
+            backend: "vllm".into(),
+            model: "llama".into(),
+            requests: Some(v1::RequestOutcomes {
+                ok: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Sends one report over TLS as `client` (a certificate and key in `tests/tls`, or none).
+async fn send_over_tls(
+    control: &support::Running,
+    client: Option<&str>,
+) -> Result<v1::ReportResponse, Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pem("ca.crt")))
+        .domain_name("flyball-control");
+    if let Some(name) = client {
+        tls = tls.identity(Identity::from_pem(
+            pem(&format!("{name}.crt")),
+            pem(&format!("{name}.key")),
+        ));
+    }
+    let channel = Channel::from_shared(format!("https://{}", control.grpc))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    let mut grpc = TelemetryServiceClient::new(channel);
+    Ok(grpc.report(report("gw", 1)).await?.into_inner())
+}
+
+#[tokio::test]
+async fn reports_land_only_over_mutual_tls_with_a_certificate_from_the_ca() -> Result<(), Error> {
+    let flags = tls_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let control = support::start(CONFIG, &flags).await?;
+
+    // Plaintext, no client certificate, or one from another CA: nothing lands.
+    let plaintext = TelemetryServiceClient::connect(control.grpc_uri()).await;
+    let refused = match plaintext {
+        Ok(mut grpc) => grpc.report(report("gw", 1)).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a plaintext report was taken");
+    assert!(send_over_tls(&control, None).await.is_err());
+    assert!(send_over_tls(&control, Some("rogue")).await.is_err());
+    assert_eq!(
+        control.metric("flyball_ingest_reports_total").await?,
+        Some(0.0)
+    );
+
+    let ack = send_over_tls(&control, Some("replica")).await?;
+    assert_eq!(ack.acknowledged_sequence, 1);
+    assert_eq!(totals(&control).await?, 2);
+    control.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_forward_to_the_leader_over_mutual_tls() -> Result<(), Error> {
+    let flags = tls_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let leader = support::bind(CONFIG, &flags).await?;
+    let leader_uri = format!("http://{}", leader.grpc_addr().unwrap());
+    let (_a_leading, a_leading) = watch::channel(true);
+    let (_a_leader, a_leader) = watch::channel(None);
+    let leader = support::spawn(
+        leader.with_leadership(Leadership::from_channels("a", a_leading, a_leader)),
+    )?;
+    let (_b_leading, b_leading) = watch::channel(false);
+    let (_b_leader, b_leader) = watch::channel(Some(leader_uri));
+    let follower = support::start_led(
+        CONFIG,
+        &flags,
+        Leadership::from_channels("b", b_leading, b_leader),
+    )
+    .await?;
+
+    send_over_tls(&follower, Some("replica")).await?;
+    follower
+        .wait_metric("flyball_forward_reports_total", 1.0, WAIT)
+        .await?;
+    assert_eq!(totals(&leader).await?, 2);
+    leader.stop().await?;
+    follower.stop().await
+}
+
+#[tokio::test]
+async fn tls_flags_that_cannot_work_stop_the_start_naming_the_flag() {
+    let cert = file("replica.crt");
+    let start = |extra: Vec<String>| async move {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        support::start(CONFIG, &extra)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        start(vec!["--grpc-tls-cert".into(), cert.clone()]).await,
+        "--grpc-tls-key is required with --grpc-tls-cert"
+    );
+    // A certificate and a key that do not belong together.
+    let mismatched = start(vec![
+        "--grpc-tls-cert".into(),
+        cert.clone(),
+        "--grpc-tls-key".into(),
+        file("rogue.key"),
+    ])
+    .await;
+    assert!(
+        mismatched.starts_with(&format!("--grpc-tls-cert = {cert}: with --grpc-tls-key")),
+        "{mismatched}"
+    );
+}
+
+async fn totals(control: &support::Running) -> Result<u64, Error> {
+    let pools = control.pools().await?;
+    Ok(pools["pools"][0]["requests"].as_u64().unwrap())
+}
