@@ -922,3 +922,55 @@ fn chart_options_render_to_valid_objects() {
     let budget = one(&documents, "PodDisruptionBudget");
     assert_eq!(budget.value["spec"]["maxUnavailable"], json!("50%"));
 }
+
+#[test]
+fn chart_turns_on_mutual_tls_from_a_secret() {
+    let values = helm::with_value(
+        &chart().values,
+        "grpcTLS.secretName",
+        json!("flyball-control-tls"),
+    );
+    assert!(values_schema().is_valid(&values));
+    let documents = render(&values);
+    for document in &documents {
+        let problems =
+            builtin::check(document).unwrap_or_else(|| panic!("{document}: not built in"));
+        assert!(problems.is_empty(), "{document}: {problems:?}");
+    }
+    let deployment = one(&documents, "Deployment");
+    let pod = &deployment.value["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let flag = |name: &str| {
+        let at = args
+            .iter()
+            .position(|a| *a == name)
+            .unwrap_or_else(|| panic!("{name}"));
+        args[at + 1]
+    };
+    assert_eq!(flag("--grpc-tls-cert"), "/etc/flyball/tls/tls.crt");
+    assert_eq!(flag("--grpc-tls-key"), "/etc/flyball/tls/tls.key");
+    assert_eq!(flag("--grpc-tls-ca"), "/etc/flyball/tls/ca.crt");
+    assert_eq!(
+        flag("--grpc-tls-server-name"),
+        format!("{}-control.{}.svc", RELEASE.name, RELEASE.namespace)
+    );
+    assert_eq!(
+        container["volumeMounts"],
+        json!([{"name": "grpc-tls", "mountPath": "/etc/flyball/tls", "readOnly": true}])
+    );
+    assert_eq!(
+        pod["volumes"],
+        json!([{"name": "grpc-tls", "secret": {"secretName": "flyball-control-tls"}}])
+    );
+    // The flags are the control service's own.
+    let named = helm::with_value(&values, "grpcTLS.serverName", json!("control.example"));
+    let deployment = one(&render(&named), "Deployment");
+    let args = &deployment.value["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(args.as_array().unwrap().contains(&json!("control.example")));
+}
