@@ -430,12 +430,18 @@ impl Lane {
         self.count_dropped("send_failed", expired as u64);
     }
 
-    /// Keeps at most `max_outstanding` reports, dropping (and counting) the oldest.
+    /// Keeps at most `max_outstanding` reports, dropping (and counting) the oldest. Acks answer
+    /// reports in the order sent, so once reports leave from the front the stream's acks no
+    /// longer line up with them: it is replaced, and what remains is sent again.
     fn trim(&self) {
         let over = {
             let mut state = lock(&self.outstanding);
             let over = state.reports.len().saturating_sub(self.max_outstanding);
-            state.reports.drain(..over);
+            if over > 0 {
+                state.reports.drain(..over);
+                state.stream += 1;
+                state.over = true;
+            }
             over
         };
         self.count_dropped("send_failed", over as u64);
