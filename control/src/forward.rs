@@ -167,23 +167,6 @@ pub fn leader_uri(holder: &str) -> Option<String> {
 impl Forwarder {
     /// A forwarder and its lanes. `leader` is the leader's gRPC URI when known and not this
     /// replica; `refresh` asks for it to be read again (after a failed send).
-    pub fn new(
-        identity: &str,
-        leading: watch::Receiver<bool>,
-        leader: watch::Receiver<Option<String>>,
-        refresh: Arc<Notify>,
-        counters: ForwardCounters,
-    ) -> (Self, Vec<Lane>) {
-        Self::with_settings(
-            identity,
-            leading,
-            leader,
-            refresh,
-            counters,
-            ForwardSettings::default(),
-        )
-    }
-
     pub fn with_settings(
         identity: &str,
         leading: watch::Receiver<bool>,
@@ -576,66 +559,77 @@ mod tests {
         assert_eq!(identity("pod-a", None), "pod-a");
     }
 
-    #[tokio::test]
-    async fn a_full_queue_drops_and_counts_instead_of_waiting() {
-        let (_leading_tx, leading) = watch::channel(false);
-        let (_leader_tx, leader) = watch::channel(None);
+    /// A follower's forwarder and lanes, with the senders of its leadership and its counters.
+    struct Follower {
+        forwarder: Forwarder,
+        lanes: Vec<Lane>,
+        counters: ForwardCounters,
+        leading: watch::Sender<bool>,
+        _leader: watch::Sender<Option<String>>,
+    }
+
+    fn follower(leader: Option<String>, settings: ForwardSettings) -> Follower {
+        let (leading_tx, leading) = watch::channel(false);
+        let (leader_tx, leader) = watch::channel(leader);
         let counters = ForwardCounters::default();
-        let limits = ForwardSettings {
-            queue_per_lane: 2,
-            ..ForwardSettings::default()
-        };
         let (forwarder, lanes) = Forwarder::with_settings(
             "b",
             leading,
             leader,
             Arc::new(Notify::new()),
             counters.clone(),
-            limits,
+            settings,
         );
-        assert!(forwarder.active());
+        Follower {
+            forwarder,
+            lanes,
+            counters,
+            leading: leading_tx,
+            _leader: leader_tx,
+        }
+    }
+
+    fn dropped_now(counters: &ForwardCounters, reason: &'static str) -> u64 {
+        counters
+            .dropped
+            .get_or_create(&DroppedLabels { reason })
+            .get()
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let settings = ForwardSettings {
+            queue_per_lane: 2,
+            ..ForwardSettings::default()
+        };
+        let f = follower(None, settings);
+        assert!(f.forwarder.active());
         // Nothing drains the lanes: one gateway's reports all go to one lane of 2.
         for sequence in 1..=5 {
-            forwarder.offer(report("gw", sequence));
+            f.forwarder.offer(report("gw", sequence));
         }
-        let full = DroppedLabels {
-            reason: "queue_full",
-        };
-        assert_eq!(counters.dropped.get_or_create(&full).get(), 3);
-        let queued: usize = lanes.iter().map(|l| l.queue.len()).sum();
+        assert_eq!(dropped_now(&f.counters, "queue_full"), 3);
+        let queued: usize = f.lanes.iter().map(|l| l.queue.len()).sum();
         assert_eq!(queued, 2);
     }
 
     #[tokio::test]
     async fn without_a_known_leader_reports_are_dropped_and_counted() {
-        let (_leading_tx, leading) = watch::channel(false);
-        let (_leader_tx, leader) = watch::channel(None);
-        let counters = ForwardCounters::default();
-        let (forwarder, lanes) = Forwarder::new(
-            "b",
-            leading,
-            leader,
-            Arc::new(Notify::new()),
-            counters.clone(),
-        );
-        forwarder.offer(report("gw", 1));
-        forwarder.offer(report("gw", 2));
-        drop(forwarder);
-        for lane in lanes {
+        let f = follower(None, ForwardSettings::default());
+        f.forwarder.offer(report("gw", 1));
+        f.forwarder.offer(report("gw", 2));
+        drop(f.forwarder);
+        for lane in f.lanes {
             lane.run().await;
         }
-        let none = DroppedLabels {
-            reason: "no_leader",
-        };
-        assert_eq!(counters.dropped.get_or_create(&none).get(), 2);
-        assert_eq!(counters.forwarded.get(), 0);
+        assert_eq!(dropped_now(&f.counters, "no_leader"), 2);
+        assert_eq!(f.counters.forwarded.get(), 0);
     }
 
     /// Waits (up to 10 s) until `reason` has counted `n` dropped reports.
     async fn dropped(counters: &ForwardCounters, reason: &'static str, n: u64) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let labels = DroppedLabels { reason };
-        while counters.dropped.get_or_create(&labels).get() < n {
+        while dropped_now(counters, reason) < n {
             assert!(
                 Instant::now() < deadline,
                 "{reason}: not {n} dropped in 10 s"
@@ -644,67 +638,44 @@ mod tests {
         }
     }
 
-    /// A follower whose leader is at a closed port, holding reports for `resend_within`.
-    fn unreachable_leader(
-        resend_within: Duration,
-    ) -> (
-        Forwarder,
-        ForwardCounters,
-        watch::Sender<bool>,
-        watch::Sender<Option<String>>,
-    ) {
-        let (leading_tx, leading) = watch::channel(false);
+    /// A follower whose leader is at a closed port, holding reports for `resend_within`, its
+    /// lanes running.
+    fn unreachable_leader(resend_within: Duration) -> Follower {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let uri = format!("http://{}", closed.local_addr().unwrap());
         drop(closed);
-        let (leader_tx, leader) = watch::channel(Some(uri));
-        let counters = ForwardCounters::default();
-        let limits = ForwardSettings {
+        let settings = ForwardSettings {
             timeout: Duration::from_millis(200),
             resend_within,
             ..ForwardSettings::default()
         };
-        let (forwarder, lanes) = Forwarder::with_settings(
-            "b",
-            leading,
-            leader,
-            Arc::new(Notify::new()),
-            counters.clone(),
-            limits,
-        );
-        for lane in lanes {
+        let mut f = follower(Some(uri), settings);
+        for lane in f.lanes.drain(..) {
             tokio::spawn(lane.run());
         }
-        (forwarder, counters, leading_tx, leader_tx)
+        f
     }
 
     #[tokio::test]
     async fn reports_no_leader_takes_in_time_are_dropped_and_counted_once() {
-        let (forwarder, counters, _leading, _leader) =
-            unreachable_leader(Duration::from_millis(300));
+        let f = unreachable_leader(Duration::from_millis(300));
         for sequence in 1..=3 {
-            forwarder.offer(report("gw", sequence));
+            f.forwarder.offer(report("gw", sequence));
         }
-        dropped(&counters, "send_failed", 3).await;
+        dropped(&f.counters, "send_failed", 3).await;
         // Each once, however often the lane tried again.
         tokio::time::sleep(Duration::from_millis(600)).await;
-        let failed = DroppedLabels {
-            reason: "send_failed",
-        };
-        assert_eq!(counters.dropped.get_or_create(&failed).get(), 3);
-        assert_eq!(counters.forwarded.get(), 0);
+        assert_eq!(dropped_now(&f.counters, "send_failed"), 3);
+        assert_eq!(f.counters.forwarded.get(), 0);
     }
 
     #[tokio::test]
     async fn reports_held_for_a_leader_are_let_go_when_this_replica_takes_the_lead() {
-        let (forwarder, counters, leading, _leader) = unreachable_leader(RESEND_WITHIN);
-        forwarder.offer(report("gw", 1));
-        forwarder.offer(report("gw", 2));
-        leading.send(true).unwrap();
-        dropped(&counters, "leading", 2).await;
-        let failed = DroppedLabels {
-            reason: "send_failed",
-        };
-        assert_eq!(counters.dropped.get_or_create(&failed).get(), 0);
+        let f = unreachable_leader(RESEND_WITHIN);
+        f.forwarder.offer(report("gw", 1));
+        f.forwarder.offer(report("gw", 2));
+        f.leading.send(true).unwrap();
+        dropped(&f.counters, "leading", 2).await;
+        assert_eq!(dropped_now(&f.counters, "send_failed"), 0);
     }
 }

@@ -84,6 +84,15 @@ fn chart() -> Chart {
     Chart::load(&deploy(CHART)).unwrap()
 }
 
+/// Every document is a kind Kubernetes builds in, and valid as one.
+fn assert_built_in_and_valid(documents: &[Document]) {
+    for document in documents {
+        let problems =
+            builtin::check(document).unwrap_or_else(|| panic!("{document}: not built in"));
+        assert!(problems.is_empty(), "{document}: {problems:?}");
+    }
+}
+
 fn render(values: &Value) -> Vec<Document> {
     let chart = chart();
     let rendered = chart.render(values, RELEASE).unwrap();
@@ -894,11 +903,7 @@ fn chart_options_render_to_valid_objects() {
     }
     assert!(values_schema().is_valid(&values));
     let documents = render(&values);
-    for document in &documents {
-        let problems =
-            builtin::check(document).unwrap_or_else(|| panic!("{document}: not built in"));
-        assert!(problems.is_empty(), "{document}: {problems:?}");
-    }
+    assert_built_in_and_valid(&documents);
     let deployment = one(&documents, "Deployment");
     let pod = &deployment.value["spec"]["template"];
     assert_eq!(deployment.value["spec"]["replicas"], json!(3));
@@ -932,11 +937,7 @@ fn chart_turns_on_mutual_tls_from_a_secret() {
     );
     assert!(values_schema().is_valid(&values));
     let documents = render(&values);
-    for document in &documents {
-        let problems =
-            builtin::check(document).unwrap_or_else(|| panic!("{document}: not built in"));
-        assert!(problems.is_empty(), "{document}: {problems:?}");
-    }
+    assert_built_in_and_valid(&documents);
     let deployment = one(&documents, "Deployment");
     let pod = &deployment.value["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
