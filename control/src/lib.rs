@@ -499,6 +499,16 @@ impl Control<KubeActuator> {
         client: kube::Client,
     ) -> Result<Self, ControlError> {
         check_kubernetes_flags(args)?;
+        if args.grpc_tls_cert.is_some() && args.grpc_tls_ca.is_none() {
+            // Replicas elect a leader here, and followers forward to it over TLS: they need the
+            // CA to check its certificate by.
+            return Err(ControlError::Flag {
+                flag: "grpc-tls-ca",
+                value: "(none)".into(),
+                rule: "required with --grpc-tls-cert on Kubernetes: followers check the leader's \
+                       certificate by it when they forward reports",
+            });
+        }
         let source = match args.source {
             Source::Kubernetes => Some(kubernetes_source(args, client.clone())?),
             Source::File => None,

@@ -1036,6 +1036,30 @@ async fn kubernetes_flags_that_cannot_work_are_refused_before_anything_starts() 
     }
 }
 
+#[tokio::test]
+async fn tls_without_a_ca_is_refused_where_replicas_forward_to_a_leader() {
+    let cluster = TestCluster::start().await.unwrap();
+    let tls = |name: &str| format!("{}/tests/tls/{name}", env!("CARGO_MANIFEST_DIR"));
+    let (cert, key) = (tls("replica.crt"), tls("replica.key"));
+    let args = [
+        "--grpc-tls-cert",
+        cert.as_str(),
+        "--grpc-tls-key",
+        key.as_str(),
+    ];
+    let error = Control::bind_kubernetes(&support::args(&args), cluster.client())
+        .await
+        .unwrap_err();
+    assert!(error.is_usage(), "{error}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("--grpc-tls-ca = (none): required with --grpc-tls-cert on Kubernetes"),
+        "{error}"
+    );
+    cluster.cleanup().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn autoscalers_follow_flyball_autoscalers_as_they_come_and_change() {
     let cluster = TestCluster::start().await.unwrap();
