@@ -269,6 +269,9 @@ impl Lane {
     /// Sends queued reports until every [`Forwarder`] handle is gone.
     pub async fn run(mut self) {
         let mut stream: Option<LeaderStream> = None;
+        // One timer for the lane's life, not one per report.
+        let mut retry = tokio::time::interval(RETRY_EVERY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // The stream may end while the lane waits here: with reports outstanding, look
             // again now and then rather than only when the next report comes.
@@ -279,7 +282,7 @@ impl Lane {
                     None => return,
                 },
                 // Reports wait for a leader to take them even when no new ones come.
-                () = tokio::time::sleep(RETRY_EVERY), if waiting => None,
+                _ = retry.tick(), if waiting => None,
             };
             if *self.leading.borrow() {
                 // This replica leads now: what it held for the old leader is in its own windows.
