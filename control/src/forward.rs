@@ -109,6 +109,17 @@ pub struct ForwardCounters {
     pub dropped: Family<DroppedLabels, Counter>,
 }
 
+impl ForwardCounters {
+    /// Counts `n` reports dropped for `reason`.
+    fn drop(&self, reason: &'static str, n: u64) {
+        if n > 0 {
+            self.dropped
+                .get_or_create(&DroppedLabels { reason })
+                .inc_by(n);
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DroppedLabels {
     /// `queue_full`, `no_leader`, `send_failed` (not delivered within [`RESEND_WITHIN`]),
@@ -221,15 +232,8 @@ impl Forwarder {
         };
         match lane.try_reserve() {
             Ok(permit) => permit.send(report),
-            Err(_) => self.drop_report("queue_full"),
+            Err(_) => self.counters.drop("queue_full", 1),
         }
-    }
-
-    fn drop_report(&self, reason: &'static str) {
-        self.counters
-            .dropped
-            .get_or_create(&DroppedLabels { reason })
-            .inc();
     }
 
     pub fn counters(&self) -> &ForwardCounters {
@@ -287,17 +291,17 @@ impl Lane {
             if *self.leading.borrow() {
                 // This replica leads now: what it held for the old leader is in its own windows.
                 let held = std::mem::take(&mut lock(&self.outstanding).reports);
-                self.count_dropped("leading", held.len() as u64);
+                self.counters.drop("leading", held.len() as u64);
                 stream = None;
                 if report.is_some() {
-                    self.count_dropped("leading", 1);
+                    self.counters.drop("leading", 1);
                 }
                 continue;
             }
             let Some(uri) = self.leader.borrow().clone() else {
                 self.expire();
                 if report.is_some() {
-                    self.count_dropped("no_leader", 1);
+                    self.counters.drop("no_leader", 1);
                 }
                 continue;
             };
@@ -316,7 +320,7 @@ impl Lane {
                     self.trim();
                     self.send(open, report).await;
                 }
-                (Some(_), None) => self.count_dropped("no_leader", 1),
+                (Some(_), None) => self.counters.drop("no_leader", 1),
                 (None, _) => {}
             }
         }
@@ -413,7 +417,7 @@ impl Lane {
                 .retain(|(at, _)| now.saturating_duration_since(*at) < self.resend_within);
             before - state.reports.len()
         };
-        self.count_dropped("send_failed", expired as u64);
+        self.counters.drop("send_failed", expired as u64);
     }
 
     /// Keeps at most `max_outstanding` reports, dropping (and counting) the oldest. Acks answer
@@ -430,16 +434,7 @@ impl Lane {
             }
             over
         };
-        self.count_dropped("send_failed", over as u64);
-    }
-
-    fn count_dropped(&self, reason: &'static str, n: u64) {
-        if n > 0 {
-            self.counters
-                .dropped
-                .get_or_create(&DroppedLabels { reason })
-                .inc_by(n);
-        }
+        self.counters.drop("send_failed", over as u64);
     }
 }
 
@@ -496,10 +491,7 @@ impl Acknowledgements {
                         // again would only hold up the others behind it.
                         let mut state = lock(&self.outstanding);
                         if state.stream == self.stream_id && state.reports.pop_front().is_some() {
-                            self.counters
-                                .dropped
-                                .get_or_create(&DroppedLabels { reason: "refused" })
-                                .inc();
+                            self.counters.drop("refused", 1);
                         }
                     }
                     return self.end("the stream failed");

@@ -121,17 +121,16 @@ fn resolve<'a>(
 ) -> Result<&'a PoolDef, tonic::Status> {
     let metadata = &object.scaler_metadata;
     let namespace = metadata.get("namespace").unwrap_or(&object.namespace);
+    // Names are unique within a namespace: the ScaledObject's own (or `scalerMetadata.namespace`)
+    // picks among several of one name; a single one needs no namespace unless one is given.
+    let pick = |namespaces: &[&str]| match namespaces {
+        [_] if !metadata.contains_key("namespace") => Some(0),
+        several => several.iter().position(|ns| *ns == namespace.as_str()),
+    };
     if let Some(name) = metadata.get("pool") {
         let named: Vec<&PoolDef> = config.pools().iter().filter(|p| p.name == *name).collect();
-        // Pool names are unique within a namespace: the ScaledObject's own (or
-        // `scalerMetadata.namespace`) picks among pools of that name, unless there is one.
-        let pool = match named.as_slice() {
-            [only] if !metadata.contains_key("namespace") => Some(*only),
-            several => several
-                .iter()
-                .find(|p| p.target.namespace == *namespace)
-                .copied(),
-        };
+        let namespaces: Vec<&str> = named.iter().map(|p| p.target.namespace.as_str()).collect();
+        let pool = pick(&namespaces).map(|i| named[i]);
         return pool.ok_or_else(|| {
             tonic::Status::not_found(format!(
                 "scalerMetadata.pool = {name:?}: no such pool in namespace {namespace:?} (known: \
@@ -151,12 +150,8 @@ fn resolve<'a>(
         .iter()
         .filter(|a| a.name == *name)
         .collect();
-    let autoscaler = match candidates.as_slice() {
-        [] => None,
-        [only] if !metadata.contains_key("namespace") => Some(*only),
-        several => several.iter().find(|a| a.namespace == *namespace).copied(),
-    }
-    .ok_or_else(|| {
+    let namespaces: Vec<&str> = candidates.iter().map(|a| a.namespace.as_str()).collect();
+    let autoscaler = pick(&namespaces).map(|i| candidates[i]).ok_or_else(|| {
         tonic::Status::not_found(format!(
             "scalerMetadata.autoscaler = {name:?}: no such autoscaler in namespace \
              {namespace:?}"
