@@ -46,7 +46,9 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::Endpoint;
+
+use crate::tls::GrpcTls;
 
 /// gRPC metadata naming the replica that forwarded a report. A report carrying it is merged
 /// and never forwarded again, so two replicas that each think the other leads cannot bounce a
@@ -87,8 +89,9 @@ pub struct ForwardSettings {
     pub timeout: Duration,
     /// [`RESEND_WITHIN`]
     pub resend_within: Duration,
-    /// TLS to the leader (`https`), when the gRPC port speaks it.
-    pub tls: Option<ClientTlsConfig>,
+    /// TLS to the leader (`https`), when the gRPC port speaks it: each new stream takes the
+    /// client config current then, so renewed certificates are used without a restart.
+    pub tls: Option<Arc<GrpcTls>>,
 }
 
 impl Default for ForwardSettings {
@@ -150,7 +153,7 @@ pub struct Lane {
     resend_within: Duration,
     max_outstanding: usize,
     outstanding: Arc<Mutex<Outstanding>>,
-    tls: Option<ClientTlsConfig>,
+    tls: Option<Arc<GrpcTls>>,
 }
 
 /// The identity a replica claims the Lease with: its name and, when known, where its gRPC
@@ -365,12 +368,13 @@ impl Lane {
     /// Opens a stream to `uri` in the background (the lane never waits for a connection).
     fn open(&self, uri: String, stream_id: u64) -> Option<LeaderStream> {
         // The Lease names the leader's address; the scheme is this replica's to choose.
-        let target = match (&self.tls, uri.strip_prefix("http://")) {
+        let tls = self.tls.as_ref().and_then(|tls| tls.client_config());
+        let target = match (&tls, uri.strip_prefix("http://")) {
             (Some(_), Some(authority)) => format!("https://{authority}"),
             _ => uri.clone(),
         };
-        let endpoint = Endpoint::from_shared(target).and_then(|endpoint| match &self.tls {
-            Some(tls) => endpoint.tls_config(tls.clone()),
+        let endpoint = Endpoint::from_shared(target).and_then(|endpoint| match tls {
+            Some(tls) => endpoint.tls_config(tls),
             None => Ok(endpoint),
         });
         let endpoint = match endpoint {

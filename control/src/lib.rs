@@ -161,6 +161,10 @@ pub struct ControlArgs {
         default_value = "flyball-control"
     )]
     pub grpc_tls_server_name: String,
+    /// How often the `--grpc-tls-*` files are read again; a change serves new connections
+    /// (renewed certificates need no restart).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub grpc_tls_reload_every: Duration,
 }
 
 /// Where autoscalers come from.
@@ -213,7 +217,8 @@ pub enum ControlError {
 pub struct Control<A = DryRunActuator> {
     grpc: TcpListener,
     /// TLS on the gRPC port (and for forwarding to the leader); `None`: plaintext.
-    tls: Option<tls::GrpcTls>,
+    tls: Option<Arc<tls::GrpcTls>>,
+    tls_reload_every: Duration,
     http: TcpListener,
     config: Arc<LiveConfig>,
     telemetry: Arc<Telemetry>,
@@ -424,6 +429,9 @@ impl Control<DryRunActuator> {
         if args.max_keys_per_report == 0 || args.max_keys == 0 {
             return Err(flag("max-keys", &0, "must be >= 1"));
         }
+        if args.grpc_tls_reload_every.is_zero() {
+            return Err(flag("grpc-tls-reload-every", &"0", "must be above 0"));
+        }
         let ingest = IngestConfig {
             stale_after: args.stale_after,
             forget_after: args.forget_after,
@@ -438,7 +446,8 @@ impl Control<DryRunActuator> {
             ca: args.grpc_tls_ca.as_deref(),
             server_name: &args.grpc_tls_server_name,
         })
-        .map_err(ControlError::Tls)?;
+        .map_err(ControlError::Tls)?
+        .map(Arc::new);
         let grpc = TcpListener::bind(args.grpc_listen)
             .await
             .map_err(|source| ControlError::Bind {
@@ -463,6 +472,7 @@ impl Control<DryRunActuator> {
         Ok(Control {
             grpc,
             tls,
+            tls_reload_every: args.grpc_tls_reload_every,
             http,
             config,
             telemetry,
@@ -560,6 +570,7 @@ impl<A: Actuator> Control<A> {
         Control {
             grpc: self.grpc,
             tls: self.tls,
+            tls_reload_every: self.tls_reload_every,
             http: self.http,
             config: self.config,
             telemetry: self.telemetry,
@@ -613,6 +624,7 @@ impl<A: Actuator> Control<A> {
             self.telemetry.clone(),
             self.status.clone(),
             &self.forward,
+            self.tls.as_deref().map(tls::GrpcTls::counters),
         );
         Arc::new(AppState {
             config: self.config.clone(),
@@ -683,7 +695,7 @@ impl<A: Actuator> Control<A> {
         let mut ingest = IngestService::new(self.telemetry.clone()).with_stop(ingest_stop);
         if self.leadership.forward {
             let settings = forward::ForwardSettings {
-                tls: self.tls.as_ref().and_then(|tls| tls.client.clone()),
+                tls: self.tls.clone(),
                 ..forward::ForwardSettings::default()
             };
             let (forwarder, lanes) = Forwarder::with_settings(
@@ -712,18 +724,27 @@ impl<A: Actuator> Control<A> {
                 refuse_oversize(response, &telemetry)
             },
         );
-        let mut server = grpc_server();
-        if let Some(tls) = &self.tls {
-            server = server
-                .tls_config(tls.server.clone())
-                .map_err(ControlError::Grpc)?;
-        }
-        let grpc = server
+        let router = grpc_server()
             .layer(oversize)
             .add_service(ingest.into_server())
-            .add_service(keda.into_server())
-            .serve_with_incoming_shutdown(grpc_incoming(self.grpc), stopped());
-        tasks.spawn(async move { grpc.await.map_err(ControlError::Grpc) });
+            .add_service(keda.into_server());
+        let incoming = grpc_incoming(self.grpc);
+        match self.tls.clone() {
+            Some(tls) => {
+                let grpc =
+                    router.serve_with_incoming_shutdown(tls.clone().incoming(incoming), stopped());
+                tasks.spawn(async move { grpc.await.map_err(ControlError::Grpc) });
+                let (every, stop) = (self.tls_reload_every, stopped());
+                tasks.spawn(async move {
+                    tls.reload_every(every, stop).await;
+                    Ok(())
+                });
+            }
+            None => {
+                let grpc = router.serve_with_incoming_shutdown(incoming, stopped());
+                tasks.spawn(async move { grpc.await.map_err(ControlError::Grpc) });
+            }
+        }
         app.serving.store(true, Ordering::Release);
 
         let router = http::router(app.clone());

@@ -17,6 +17,7 @@ use crate::config::LiveConfig;
 use crate::controller::Status;
 use crate::forward::ForwardCounters;
 use crate::ingest::Telemetry;
+use crate::tls::TlsCounters;
 
 /// The registry behind `/metrics`.
 #[derive(Debug)]
@@ -41,6 +42,7 @@ impl Metrics {
         telemetry: Arc<Telemetry>,
         status: Arc<Status>,
         forward: &ForwardCounters,
+        tls: Option<&TlsCounters>,
     ) -> Self {
         let mut registry = Registry::default();
         let c = telemetry.counters();
@@ -114,6 +116,18 @@ impl Metrics {
             "Reports a follower could not forward to the leader, by reason",
             forward.dropped.clone(),
         );
+        if let Some(tls) = tls {
+            registry.register(
+                "flyball_grpc_tls_reloads",
+                "Changes of the --grpc-tls-* files, by result (failed: the previous files stay in use)",
+                tls.reloads.clone(),
+            );
+            registry.register(
+                "flyball_grpc_tls_handshake_failures",
+                "gRPC connections refused in the TLS handshake, by reason",
+                tls.handshake_failures.clone(),
+            );
+        }
         registry.register_collector(Box::new(PoolCollector {
             config,
             telemetry,

@@ -7,18 +7,100 @@
 //! the layout of a cert-manager `Certificate` secret (`tls.crt`, `tls.key`, `ca.crt`); the
 //! certificate needs both server and client authentication in its extended key usage.
 //!
-//! Files are read once, at start; a bad one stops the service with the flag that named it.
+//! files -> [`GrpcTls::load`] at start (a bad file stops the start, naming its flag) ->
+//! [`GrpcTls::reload`] every `--grpc-tls-reload-every` -> the server config each new
+//! connection's handshake uses ([`GrpcTls::incoming`]) and the client config each new forwarding
+//! stream uses ([`GrpcTls::client_config`]).
+//!
+//! Certificates are renewed while the service runs (cert-manager renews at two thirds of their
+//! life and kubelet rewrites the mounted Secret), so the files are read again on a timer and a
+//! change applies to new connections; open connections keep the session they negotiated. A
+//! change that does not load (say the certificate is new and the key not yet) keeps the last
+//! good set, logs the flag and the reason, is counted, and is tried again once the files change
+//! again. Reading is a timer rather than inotify because kubelet swaps a symlinked directory,
+//! which file watches follow badly, and three small reads every few seconds cost nothing.
 
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use futures::StreamExt;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
-/// The gRPC port's TLS settings, read from their files.
-#[derive(Debug, Clone)]
+/// A client that connects and never finishes its handshake is let go after this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepted connections waiting for the gRPC server to take them.
+const ACCEPTED_BUFFER: usize = 64;
+
+/// The gRPC port's TLS: what its files hold now, and how they fared.
+#[derive(Debug)]
 pub struct GrpcTls {
-    pub server: ServerTlsConfig,
+    paths: TlsPaths,
+    server_name: String,
+    current: RwLock<Loaded>,
+    /// The bytes last read, loaded or not (`None`: unreadable), so a change is tried once.
+    tried: Mutex<Option<TlsFiles>>,
+    counters: TlsCounters,
+}
+
+#[derive(Debug, Clone)]
+struct TlsPaths {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TlsFiles {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone)]
+struct Loaded {
+    server: Arc<ServerConfig>,
     /// How a follower reaches the leader; `None` without a CA to verify it by.
-    pub client: Option<ClientTlsConfig>,
+    client: Option<ClientTlsConfig>,
+}
+
+/// TLS counters, on `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct TlsCounters {
+    /// Files re-read after they changed, by result.
+    pub reloads: Family<ReloadLabels, Counter>,
+    /// Connections refused in the handshake, by reason.
+    pub handshake_failures: Family<HandshakeLabels, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `applied`, or `failed` (the previous files stay in use).
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `certificate` (the client's is missing, expired or not from the CA), `protocol` (not
+    /// TLS, or nothing in common), `timeout` (no handshake within [`HANDSHAKE_TIMEOUT`]) or
+    /// `io` (the connection failed).
+    pub reason: &'static str,
 }
 
 /// A TLS flag that cannot work, and why.
@@ -34,7 +116,7 @@ pub enum TlsError {
         flag: &'static str,
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
     #[error("--{flag} = {path}: {what}")]
     Invalid {
@@ -56,7 +138,7 @@ pub struct TlsFlags<'a> {
 impl GrpcTls {
     /// `None` when no TLS flag is given: the gRPC port is plaintext.
     pub fn load(flags: TlsFlags<'_>) -> Result<Option<GrpcTls>, TlsError> {
-        let (cert_path, key_path) = match (flags.cert, flags.key, flags.ca) {
+        let (cert, key) = match (flags.cert, flags.key, flags.ca) {
             (None, None, None) => return Ok(None),
             (Some(cert), Some(key), _) => (cert, key),
             (None, _, _) => {
@@ -77,31 +159,230 @@ impl GrpcTls {
                 });
             }
         };
-        let cert = read_pem("grpc-tls-cert", cert_path, "CERTIFICATE")?;
-        let key = read_pem("grpc-tls-key", key_path, "PRIVATE KEY")?;
-        let identity = Identity::from_pem(&cert, &key);
-        let mut server = ServerTlsConfig::new().identity(identity.clone());
-        let mut client = None;
-        if let Some(ca_path) = flags.ca {
-            let ca = Certificate::from_pem(read_pem("grpc-tls-ca", ca_path, "CERTIFICATE")?);
-            server = server.client_ca_root(ca.clone());
-            client = Some(
-                ClientTlsConfig::new()
-                    .ca_certificate(ca)
-                    .identity(identity)
-                    .domain_name(flags.server_name),
-            );
+        let paths = TlsPaths {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            ca: flags.ca.map(Path::to_owned),
+        };
+        let files = paths.read()?;
+        let loaded = paths.build(&files, flags.server_name)?;
+        Ok(Some(GrpcTls {
+            paths,
+            server_name: flags.server_name.to_owned(),
+            current: RwLock::new(loaded),
+            tried: Mutex::new(Some(files)),
+            counters: TlsCounters::default(),
+        }))
+    }
+
+    /// Reads the files again: `Ok(true)` if they changed and now serve new connections,
+    /// `Ok(false)` if they are as last tried, `Err` (the previous set stays) if they changed and
+    /// do not load. A fault is reported once, not on every read until it is fixed.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let read = self.paths.read();
+        {
+            let mut tried = self.tried.lock().unwrap_or_else(PoisonError::into_inner);
+            let same = match (&read, &*tried) {
+                (Ok(files), Some(last)) => files == last,
+                (Err(_), None) => true,
+                _ => false,
+            };
+            if same {
+                return Ok(false);
+            }
+            *tried = read.as_ref().ok().cloned();
         }
-        // tonic checks the certificate and key only when the server is built: check them now,
-        // so a bad file stops the start with its flag, not the first connection.
-        tonic::transport::Server::builder()
-            .tls_config(server.clone())
-            .map_err(|e| TlsError::Invalid {
-                flag: "grpc-tls-cert",
-                path: cert_path.to_owned(),
-                what: format!("with --grpc-tls-key {}: {e}", key_path.display()),
-            })?;
-        Ok(Some(GrpcTls { server, client }))
+        match read.and_then(|files| self.paths.build(&files, &self.server_name)) {
+            Ok(loaded) => {
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = loaded;
+                self.count_reload("applied");
+                Ok(true)
+            }
+            Err(error) => {
+                self.count_reload("failed");
+                Err(error)
+            }
+        }
+    }
+
+    /// Reloads every `every` until `stop` resolves, logging what changed.
+    pub async fn reload_every(&self, every: Duration, stop: impl Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            match self.reload() {
+                Ok(true) => tracing::info!("gRPC TLS files changed; new connections use them"),
+                Ok(false) => {}
+                Err(error) => tracing::warn!(
+                    %error,
+                    "gRPC TLS files do not load; new connections keep the previous ones"
+                ),
+            }
+        }
+    }
+
+    /// The server side, for the next handshake.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.loaded().server
+    }
+
+    /// How a follower reaches the leader now; `None` without `--grpc-tls-ca`.
+    pub fn client_config(&self) -> Option<ClientTlsConfig> {
+        self.loaded().client
+    }
+
+    pub fn counters(&self) -> &TlsCounters {
+        &self.counters
+    }
+
+    fn loaded(&self) -> Loaded {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn count_reload(&self, result: &'static str) {
+        self.counters
+            .reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+    }
+
+    /// TLS connections from accepted TCP ones, each handshake on a task of its own (with the
+    /// config current when it was accepted) so a slow client holds up nobody. Failed handshakes
+    /// are counted and dropped; accept errors pass through, for tonic to judge as it does
+    /// without TLS.
+    pub fn incoming(
+        self: Arc<Self>,
+        mut tcp: TcpIncoming,
+    ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+        let (accepted, incoming) = mpsc::channel(ACCEPTED_BUFFER);
+        tokio::spawn(async move {
+            let mut handshakes = JoinSet::new();
+            loop {
+                tokio::select! {
+                    () = accepted.closed() => return,
+                    connection = tcp.next() => match connection {
+                        None => return,
+                        Some(Ok(stream)) => {
+                            let acceptor = TlsAcceptor::from(self.server_config());
+                            handshakes.spawn(tokio::time::timeout(
+                                HANDSHAKE_TIMEOUT,
+                                acceptor.accept(stream),
+                            ));
+                        }
+                        Some(Err(error)) => {
+                            if accepted.send(Err(error)).await.is_err() {
+                                return;
+                            }
+                        }
+                    },
+                    Some(done) = handshakes.join_next() => {
+                        let failed = match done {
+                            Ok(Ok(Ok(stream))) => {
+                                if accepted.send(Ok(stream)).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                            Ok(Ok(Err(error))) => {
+                                tracing::debug!(%error, "gRPC TLS handshake failed");
+                                handshake_failure(&error)
+                            }
+                            Ok(Err(_elapsed)) => "timeout",
+                            // Only a panic in rustls ends a handshake task otherwise.
+                            Err(_) => "io",
+                        };
+                        self.counters
+                            .handshake_failures
+                            .get_or_create(&HandshakeLabels { reason: failed })
+                            .inc();
+                    }
+                }
+            }
+        });
+        ReceiverStream::new(incoming)
+    }
+}
+
+/// The `reason` label of a failed handshake.
+fn handshake_failure(error: &io::Error) -> &'static str {
+    match error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => {
+            "certificate"
+        }
+        Some(_) => "protocol",
+        None => "io",
+    }
+}
+
+impl TlsPaths {
+    fn read(&self) -> Result<TlsFiles, TlsError> {
+        Ok(TlsFiles {
+            cert: read_pem("grpc-tls-cert", &self.cert, "CERTIFICATE")?,
+            key: read_pem("grpc-tls-key", &self.key, "PRIVATE KEY")?,
+            ca: match &self.ca {
+                Some(ca) => Some(read_pem("grpc-tls-ca", ca, "CERTIFICATE")?),
+                None => None,
+            },
+        })
+    }
+
+    /// Both sides' configs from `files`, each fault named by its flag.
+    fn build(&self, files: &TlsFiles, server_name: &str) -> Result<Loaded, TlsError> {
+        let invalid = |flag, path: &Path| {
+            let path = path.to_owned();
+            move |what: String| TlsError::Invalid { flag, path, what }
+        };
+        let chain = CertificateDer::pem_slice_iter(&files.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("grpc-tls-cert", &self.cert)(e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(&files.key)
+            .map_err(|e| invalid("grpc-tls-key", &self.key)(e.to_string()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("grpc-tls-cert", &self.cert)(e.to_string()))?;
+        let (builder, client) = match (&files.ca, &self.ca) {
+            (Some(ca), Some(ca_path)) => {
+                let to_error = invalid("grpc-tls-ca", ca_path);
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca) {
+                    let cert = cert.map_err(|e| to_error.clone()(e.to_string()))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| to_error.clone()(e.to_string()))?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| to_error(e.to_string()))?;
+                let client = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .identity(Identity::from_pem(&files.cert, &files.key))
+                    .domain_name(server_name);
+                (builder.with_client_cert_verifier(verifier), Some(client))
+            }
+            _ => (builder.with_no_client_auth(), None),
+        };
+        let mut server = builder.with_single_cert(chain, key).map_err(|e| {
+            invalid("grpc-tls-cert", &self.cert)(format!(
+                "with --grpc-tls-key {}: {e}",
+                self.key.display()
+            ))
+        })?;
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Loaded {
+            server: Arc::new(server),
+            client,
+        })
     }
 }
 
@@ -142,6 +423,60 @@ mod tests {
         }
     }
 
+    fn test_cert(name: &str) -> PathBuf {
+        [env!("CARGO_MANIFEST_DIR"), "tests", "tls", name]
+            .iter()
+            .collect()
+    }
+
+    /// A directory of its own holding `replica.crt`, `replica.key` and `ca.crt`.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(test: &str) -> Dir {
+            let dir =
+                std::env::temp_dir().join(format!("flyball-tls-{test}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let dir = Dir(dir);
+            for name in ["replica.crt", "replica.key", "ca.crt"] {
+                dir.copy(name, name);
+            }
+            dir
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.0.join(name).to_str().unwrap().to_owned()
+        }
+
+        fn copy(&self, from: &str, to: &str) {
+            std::fs::copy(test_cert(from), self.0.join(to)).unwrap();
+        }
+
+        fn load(&self) -> GrpcTls {
+            let (cert, key, ca) = (
+                self.path("replica.crt"),
+                self.path("replica.key"),
+                self.path("ca.crt"),
+            );
+            GrpcTls::load(flags(Some(&cert), Some(&key), Some(&ca)))
+                .unwrap()
+                .unwrap()
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn reloads(tls: &GrpcTls, result: &'static str) -> u64 {
+        tls.counters()
+            .reloads
+            .get_or_create(&ReloadLabels { result })
+            .get()
+    }
+
     #[test]
     fn without_flags_the_port_is_plaintext() {
         assert!(GrpcTls::load(flags(None, None, None)).unwrap().is_none());
@@ -170,16 +505,74 @@ mod tests {
                 .starts_with("--grpc-tls-cert = /no/such/cert.pem: "),
             "{missing}"
         );
-        let dir = std::env::temp_dir().join(format!("flyball-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let not_pem = dir.join("cert.pem");
-        std::fs::write(&not_pem, "hello").unwrap();
-        let path = not_pem.to_str().unwrap();
-        let invalid = GrpcTls::load(flags(Some(path), Some(path), None)).unwrap_err();
+        let dir = Dir::new("not-pem");
+        let path = dir.path("cert.pem");
+        std::fs::write(&path, "hello").unwrap();
+        let invalid = GrpcTls::load(flags(Some(&path), Some(&path), None)).unwrap_err();
         assert_eq!(
             invalid.to_string(),
             format!("--grpc-tls-cert = {path}: no PEM block ending in \"CERTIFICATE\"")
         );
-        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unchanged_files_are_not_reloaded() {
+        let dir = Dir::new("unchanged");
+        let tls = dir.load();
+        let before = tls.server_config();
+        assert!(!tls.reload().unwrap());
+        assert!(Arc::ptr_eq(&before, &tls.server_config()));
+        assert_eq!(reloads(&tls, "applied") + reloads(&tls, "failed"), 0);
+    }
+
+    #[test]
+    fn changed_files_serve_new_connections() {
+        let dir = Dir::new("changed");
+        let tls = dir.load();
+        let before = tls.server_config();
+        dir.copy("next.crt", "replica.crt");
+        dir.copy("next.key", "replica.key");
+        dir.copy("next-ca.crt", "ca.crt");
+        assert!(tls.reload().unwrap());
+        assert!(!Arc::ptr_eq(&before, &tls.server_config()));
+        assert_eq!(reloads(&tls, "applied"), 1);
+        assert!(!tls.reload().unwrap(), "the same files again");
+        assert_eq!(reloads(&tls, "applied"), 1);
+    }
+
+    #[test]
+    fn a_change_that_does_not_load_keeps_the_last_good_files_and_is_reported_once() {
+        let dir = Dir::new("half-rotated");
+        let tls = dir.load();
+        let before = tls.server_config();
+        // The certificate is new, its key not yet.
+        dir.copy("next.crt", "replica.crt");
+        let error = tls.reload().unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!(
+                "--grpc-tls-cert = {}: with --grpc-tls-key",
+                dir.path("replica.crt")
+            )),
+            "{error}"
+        );
+        assert!(Arc::ptr_eq(&before, &tls.server_config()));
+        assert!(!tls.reload().unwrap(), "reported once");
+        assert_eq!(reloads(&tls, "failed"), 1);
+
+        // A file gone is reported once too, and its return loads.
+        std::fs::remove_file(dir.path("replica.key")).unwrap();
+        assert!(
+            tls.reload()
+                .unwrap_err()
+                .to_string()
+                .starts_with("--grpc-tls-key = ")
+        );
+        assert!(!tls.reload().unwrap());
+        assert_eq!(reloads(&tls, "failed"), 2);
+        dir.copy("next.key", "replica.key");
+        dir.copy("next-ca.crt", "ca.crt");
+        assert!(tls.reload().unwrap());
+        assert!(!Arc::ptr_eq(&before, &tls.server_config()));
+        assert_eq!(reloads(&tls, "applied"), 1);
     }
 }

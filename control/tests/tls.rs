@@ -1,6 +1,7 @@
 //! TLS on the gRPC port over real loopback connections, with the test certificates in
 //! `tests/tls` (see its `generate.sh`): reports land only over mutual TLS with a certificate
-//! from the configured CA, and followers forward to the leader over the same.
+//! from the configured CA, followers forward to the leader over the same, and renewed
+//! certificates serve new connections without a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -71,13 +72,15 @@ fn report(gateway: &str, sequence: u64) -> v1::ReportRequest {
     }
 }
 
-/// Sends one report over TLS as `client` (a certificate and key in `tests/tls`, or none).
-async fn send_over_tls(
+/// A client of `control` that trusts the CA in `trust` and presents `client` (a certificate
+/// and key in `tests/tls`, or none).
+async fn connect(
     control: &support::Running,
+    trust: &str,
     client: Option<&str>,
-) -> Result<v1::ReportResponse, Error> {
+) -> Result<TelemetryServiceClient<Channel>, Error> {
     let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(pem("ca.crt")))
+        .ca_certificate(Certificate::from_pem(pem(trust)))
         .domain_name("flyball-control");
     if let Some(name) = client {
         tls = tls.identity(Identity::from_pem(
@@ -89,7 +92,15 @@ async fn send_over_tls(
         .tls_config(tls)?
         .connect()
         .await?;
-    let mut grpc = TelemetryServiceClient::new(channel);
+    Ok(TelemetryServiceClient::new(channel))
+}
+
+/// Sends one report over TLS as `client`, trusting `ca.crt`.
+async fn send_over_tls(
+    control: &support::Running,
+    client: Option<&str>,
+) -> Result<v1::ReportResponse, Error> {
+    let mut grpc = connect(control, "ca.crt", client).await?;
     Ok(grpc.report(report("gw", 1)).await?.into_inner())
 }
 
@@ -112,6 +123,15 @@ async fn reports_land_only_over_mutual_tls_with_a_certificate_from_the_ca() -> R
         control.metric("flyball_ingest_reports_total").await?,
         Some(0.0)
     );
+    // Each refusal is counted: operators see a gateway with the wrong certificate.
+    let failures =
+        |reason| format!("flyball_grpc_tls_handshake_failures_total{{reason=\"{reason}\"}}");
+    control
+        .wait_metric(&failures("certificate"), 2.0, WAIT)
+        .await?;
+    control
+        .wait_metric(&failures("protocol"), 1.0, WAIT)
+        .await?;
 
     let ack = send_over_tls(&control, Some("replica")).await?;
     assert_eq!(ack.acknowledged_sequence, 1);
@@ -175,6 +195,89 @@ async fn tls_flags_that_cannot_work_stop_the_start_naming_the_flag() {
         mismatched.starts_with(&format!("--grpc-tls-cert = {cert}: with --grpc-tls-key")),
         "{mismatched}"
     );
+    assert_eq!(
+        start(vec!["--grpc-tls-reload-every".into(), "0s".into()]).await,
+        "--grpc-tls-reload-every = 0: must be above 0"
+    );
+}
+
+#[tokio::test]
+async fn renewed_certificates_serve_new_connections_without_a_restart() -> Result<(), Error> {
+    // The files as a mounted Secret holds them, in a directory of this test's own.
+    let dir = std::env::temp_dir().join(format!("flyball-tls-renewal-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mounted = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let mount = |from: &str, to: &str| std::fs::copy(file(from), dir.join(to)).map(drop);
+    mount("replica.crt", "tls.crt")?;
+    mount("replica.key", "tls.key")?;
+    mount("ca.crt", "ca.crt")?;
+    let flags = [
+        "--grpc-tls-cert".to_owned(),
+        mounted("tls.crt"),
+        "--grpc-tls-key".to_owned(),
+        mounted("tls.key"),
+        "--grpc-tls-ca".to_owned(),
+        mounted("ca.crt"),
+        "--grpc-tls-reload-every".to_owned(),
+        "50ms".to_owned(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let control = support::start(CONFIG, &flags).await?;
+    let mut before = connect(&control, "ca.crt", Some("replica")).await?;
+    before.report(report("before", 1)).await?;
+
+    // Renewed: a new certificate from a new CA. A certificate without its key first, as a
+    // careless copy would leave them: refused, and the old pair still serves.
+    mount("next.crt", "tls.crt")?;
+    control
+        .wait_metric(
+            r#"flyball_grpc_tls_reloads_total{result="failed"}"#,
+            1.0,
+            WAIT,
+        )
+        .await?;
+    let mut old = connect(&control, "ca.crt", Some("replica")).await?;
+    old.report(report("old", 1)).await?;
+    mount("next.key", "tls.key")?;
+    mount("next-ca.crt", "ca.crt")?;
+    control
+        .wait_metric(
+            r#"flyball_grpc_tls_reloads_total{result="applied"}"#,
+            1.0,
+            WAIT,
+        )
+        .await?;
+
+    // New connections: the server presents the new certificate, and wants client certificates
+    // from the new CA.
+    assert!(connect(&control, "ca.crt", Some("replica")).await.is_err());
+    let mut stale_client = connect(&control, "next-ca.crt", Some("replica")).await;
+    if let Ok(grpc) = &mut stale_client {
+        // TLS 1.3 reports a refused client certificate only on the first read.
+        assert!(grpc.report(report("stale", 1)).await.is_err());
+    }
+    let mut renewed = connect(&control, "next-ca.crt", Some("next")).await?;
+    renewed.report(report("renewed", 1)).await?;
+    // A connection made before keeps its session.
+    before.report(report("before", 2)).await?;
+
+    assert_eq!(totals(&control).await?, 4 * 2);
+    assert_eq!(
+        control
+            .metric(r#"flyball_grpc_tls_handshake_failures_total{reason="certificate"}"#)
+            .await?,
+        Some(1.0),
+        "the old client certificate, refused by the new CA"
+    );
+    assert_eq!(
+        control
+            .metric(r#"flyball_grpc_tls_reloads_total{result="applied"}"#)
+            .await?,
+        Some(1.0)
+    );
+    control.stop().await?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
 }
 
 async fn totals(control: &support::Running) -> Result<u64, Error> {

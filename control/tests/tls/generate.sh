@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Test-only certificates for control/tests/tls.rs: a CA, one certificate for every replica and
-# gateway (server and client authentication, DNS name flyball-control, IP 127.0.0.1), and a
-# client certificate from another CA that the control service must refuse. Valid for 100 years;
-# the CA keys are thrown away. Run from this directory to regenerate.
+# gateway (server and client authentication, DNS name flyball-control, IP 127.0.0.1), a client
+# certificate from another CA that the control service must refuse, and the CA and certificate
+# a rotation moves to (next-ca.crt, next.crt, next.key). Valid for 100 years; the CA keys are
+# thrown away. Run from this directory to regenerate.
 set -euo pipefail
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -31,4 +32,7 @@ ca ca
 ca rogue-ca
 leaf replica ca
 leaf rogue rogue-ca
+ca next-ca
+leaf next next-ca
 cp "$work/ca.crt" ca.crt
+cp "$work/next-ca.crt" next-ca.crt
