@@ -87,6 +87,18 @@ pub enum Origin {
     },
 }
 
+impl Origin {
+    /// Whether `self` and `other` declare the same object: the file, or a resource with the
+    /// same uid (one deleted and created again under its name is another).
+    pub fn same_object(&self, other: &Origin) -> bool {
+        match (self, other) {
+            (Origin::File, Origin::File) => true,
+            (Origin::Resource { uid: a, .. }, Origin::Resource { uid: b, .. }) => a == b,
+            _ => false,
+        }
+    }
+}
+
 /// One `FlyballAutoscaler` as read from the API server, before validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AutoscalerResource {

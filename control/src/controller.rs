@@ -17,8 +17,11 @@
 //! their decision logs and windows stay warm, and a replica that becomes leader forgets what its
 //! policy memory saw ([`PolicyMemory::restart`]): another leader acted meanwhile, and scale-down
 //! waits a full stable window again. Autoscalers come and go with the configuration: a task per
-//! autoscaler is started, kept while its definition is unchanged, and replaced (with fresh memory)
-//! when it changes.
+//! autoscaler is started when it appears and stopped when it goes; an edit is handed to the running
+//! task, which applies it at once and keeps the policy memory that still describes the same
+//! replicas ([`PolicyMemory::carry_over`]), so raising `maxReplicas` mid-incident neither forgets
+//! learned capacity nor restarts the scale-down hold. A resource deleted and created again (a new
+//! uid) starts afresh.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
@@ -576,10 +579,27 @@ pub fn pool_telemetry(
 
 // === the loop ===
 
+/// A running autoscaler task, as [`run`] tracks it.
+struct RunningAutoscaler {
+    /// The definition it was last given.
+    autoscaler: Autoscaler,
+    redefine: watch::Sender<Definition>,
+    handle: tokio::task::AbortHandle,
+}
+
+/// An autoscaler and its pools, as the configuration in force defines them.
+#[derive(Debug, Clone)]
+struct Definition {
+    autoscaler: Autoscaler,
+    pools: Vec<PoolDef>,
+}
+
 /// What one autoscaler's task keeps between evaluations.
 struct AutoscalerLoop<A> {
     autoscaler: Autoscaler,
     pools: Vec<PoolDef>,
+    /// Edits of the definition, applied before the next evaluation.
+    redefined: watch::Receiver<Definition>,
     memory: PolicyMemory,
     /// Per pool: the desired count last observed and when it changed, and an ask not ready yet.
     observed: HashMap<PoolId, Observed>,
@@ -620,41 +640,55 @@ pub async fn run<A: Actuator>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
-    let mut running: HashMap<(String, String), (Autoscaler, tokio::task::AbortHandle)> =
-        HashMap::new();
+    let mut running: HashMap<(String, String), RunningAutoscaler> = HashMap::new();
     let budget = loop_config
         .gpu_budget
         .map(|gpus| Arc::new(SharedBudget::new(gpus)));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let current = config.borrow_and_update().clone();
-        running.retain(|key, (autoscaler, task)| {
-            let same = current
+        let definition = |autoscaler: &Autoscaler| Definition {
+            autoscaler: autoscaler.clone(),
+            pools: autoscaler
+                .pools
+                .iter()
+                .filter_map(|id| current.pool(*id).cloned())
+                .collect(),
+        };
+        running.retain(|key, task| {
+            let next = current
                 .autoscalers()
                 .iter()
-                .any(|a| (&a.namespace, &a.name) == (&key.0, &key.1) && a == autoscaler);
-            if !same {
-                tracing::info!(autoscaler = %key.1, namespace = %key.0, "autoscaler stopped");
-                task.abort();
-                if let Some(budget) = &budget {
-                    budget.forget(key);
+                .find(|a| (&a.namespace, &a.name) == (&key.0, &key.1));
+            match next {
+                Some(next) if *next == task.autoscaler => true,
+                // Edited: the task applies it, keeping what it knows.
+                Some(next) if next.origin.same_object(&task.autoscaler.origin) => {
+                    task.autoscaler = next.clone();
+                    task.redefine.send_replace(definition(next));
+                    true
+                }
+                _ => {
+                    tracing::info!(autoscaler = %key.1, namespace = %key.0, "autoscaler stopped");
+                    task.handle.abort();
+                    if let Some(budget) = &budget {
+                        budget.forget(key);
+                    }
+                    false
                 }
             }
-            same
         });
         for autoscaler in current.autoscalers() {
             let key = (autoscaler.namespace.clone(), autoscaler.name.clone());
             if running.contains_key(&key) {
                 continue;
             }
-            let pools = autoscaler
-                .pools
-                .iter()
-                .filter_map(|id| current.pool(*id).cloned())
-                .collect();
+            let first = definition(autoscaler);
+            let (redefine, redefined) = watch::channel(first.clone());
             let task = AutoscalerLoop {
-                autoscaler: autoscaler.clone(),
-                pools,
+                autoscaler: first.autoscaler,
+                pools: first.pools,
+                redefined,
                 memory: PolicyMemory::new(clock.policy_now(Instant::now())),
                 observed: HashMap::new(),
                 telemetry: telemetry.clone(),
@@ -671,7 +705,14 @@ pub async fn run<A: Actuator>(
                 budget.register(&key);
             }
             let handle = tasks.spawn(task.run());
-            running.insert(key, (autoscaler.clone(), handle));
+            running.insert(
+                key,
+                RunningAutoscaler {
+                    autoscaler: autoscaler.clone(),
+                    redefine,
+                    handle,
+                },
+            );
         }
         while tasks.try_join_next().is_some() {}
         tokio::select! {
@@ -690,13 +731,13 @@ pub async fn run<A: Actuator>(
 
 impl<A: Actuator> AutoscalerLoop<A> {
     async fn run(mut self) {
-        let dirty: Vec<_> = self
-            .pools
-            .iter()
-            .filter_map(|p| self.telemetry.dirty(p.id))
-            .collect();
         let mut last: Option<Instant> = None;
         loop {
+            let dirty: Vec<_> = self
+                .pools
+                .iter()
+                .filter_map(|p| self.telemetry.dirty(p.id))
+                .collect();
             if let Some(last) = last {
                 tokio::time::sleep_until(last + self.config.min_interval).await;
                 let idle_until = last + self.config.idle_interval;
@@ -710,20 +751,51 @@ impl<A: Actuator> AutoscalerLoop<A> {
                             .await;
                     }
                 };
-                // A new leader acts at once rather than at the next report or idle tick.
+                // A new leader acts at once rather than at the next report or idle tick, and
+                // so does an edit.
                 let leadership = leadership_changed(&mut self.leading, &mut self.leading_open);
+                let redefined = async {
+                    if self.redefined.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
                 let _ = tokio::time::timeout_at(idle_until, async {
                     tokio::select! {
                         () = woken => {}
                         () = leadership => {}
+                        () = redefined => {}
                     }
                 })
                 .await;
+            }
+            if self.redefined.has_changed().unwrap_or(false) {
+                let next = self.redefined.borrow_and_update().clone();
+                self.redefine(next);
             }
             let now = Instant::now();
             last = Some(now);
             self.evaluate(now).await;
         }
+    }
+
+    /// Applies an edit of the definition, keeping the memory that still holds.
+    fn redefine(&mut self, next: Definition) {
+        let carried = self
+            .memory
+            .carry_over(&self.autoscaler.spec, &next.autoscaler.spec);
+        let pools: Vec<PoolId> = next.pools.iter().map(|p| p.id).collect();
+        // Pool ids follow (role, scale target, selector): an id kept is the same replicas.
+        self.observed.retain(|id, _| pools.contains(id));
+        tracing::info!(
+            autoscaler = %next.autoscaler.name,
+            namespace = %next.autoscaler.namespace,
+            kept = ?carried.kept,
+            capacity_forgotten = ?carried.unlearned,
+            forgotten = ?carried.forgotten,
+            "autoscaler edited; in force from this evaluation"
+        );
+        self.autoscaler = next.autoscaler;
+        self.pools = next.pools;
     }
 
     async fn evaluate(&mut self, now: Instant) {

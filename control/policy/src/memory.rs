@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::decision::{Action, Rule};
 use crate::inputs::PoolState;
 use crate::pools::Role;
+use crate::spec::AutoscalerSpec;
 
 /// Scale events kept per pool; far above what any step limit reads (a period holds a handful).
 pub const MAX_SCALE_EVENTS: usize = 64;
@@ -134,6 +135,48 @@ impl PolicyMemory {
     pub fn forget_pool(&mut self, role: Role) {
         *self.pool_mut(role) = PoolMemory::default();
     }
+
+    /// The autoscaler's spec was edited from `old` to `new` while it ran: what still describes
+    /// the same replicas is kept, so an edit (a higher `maxReplicas` mid-incident) neither
+    /// restarts the scale-down hold nor throws away what was learned. A pool gone, or moved to
+    /// another scale target or GPU count, is forgotten; capacity learned against other SLO
+    /// targets, or overridden by new hints from the user, is forgotten.
+    pub fn carry_over(&mut self, old: &AutoscalerSpec, new: &AutoscalerSpec) -> CarriedOver {
+        let mut carried = CarriedOver::default();
+        let slo_changed = old.slo() != new.slo();
+        for role in [Role::Unified, Role::Prefill, Role::Decode] {
+            let (Some(before), Some(after)) = (old.pools().get(role), new.pools().get(role)) else {
+                if *self.pool(role) != PoolMemory::default() {
+                    carried.forgotten.push(role);
+                }
+                self.forget_pool(role);
+                continue;
+            };
+            if before.scale_target_ref != after.scale_target_ref
+                || before.gpus_per_replica != after.gpus_per_replica
+            {
+                self.forget_pool(role);
+                carried.forgotten.push(role);
+            } else if slo_changed || before.capacity != after.capacity {
+                self.pool_mut(role).learned = LearnedCapacity::default();
+                carried.unlearned.push(role);
+            } else {
+                carried.kept.push(role);
+            }
+        }
+        carried
+    }
+}
+
+/// What [`PolicyMemory::carry_over`] did with each pool of the edited spec.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CarriedOver {
+    /// Kept whole.
+    pub kept: Vec<Role>,
+    /// Kept, but for the capacity learned.
+    pub unlearned: Vec<Role>,
+    /// Forgotten (gone, or other replicas now).
+    pub forgotten: Vec<Role>,
 }
 
 // === impl PoolMemory ===

@@ -395,6 +395,51 @@ async fn a_new_leader_waits_a_stable_window_before_scaling_down() {
     let _ = h.stop.send(());
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_edit_applies_without_restarting_the_scale_down_hold() {
+    let h = start_with(
+        ControlConfig::from_yaml(QUICK_DOWN).unwrap(),
+        true,
+        &[("llama", 5)],
+    );
+    let mut status = h.status.subscribe(PoolId(0)).unwrap();
+    let mut sequence = 0;
+    let mut feed = async |seconds: u64| {
+        for _ in 0..seconds {
+            sequence += 1;
+            h.telemetry
+                .ingest(load(sequence, 10), Instant::now())
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    // Light load: one replica would do, but the service has not seen a stable window yet.
+    feed(30).await;
+    let last = status
+        .borrow_and_update()
+        .decisions
+        .back()
+        .cloned()
+        .unwrap();
+    assert_eq!((last.to, last.rule), (5, Rule::RestartHold), "{last:?}");
+
+    // Edited halfway through: a higher maxReplicas, the same replicas.
+    let edited = QUICK_DOWN.replace("maxReplicas: 10", "maxReplicas: 12");
+    assert!(reconfigure(
+        &h.live,
+        &h.telemetry,
+        &h.status,
+        ControlConfig::from_yaml(&edited).unwrap()
+    ));
+    assert_eq!(h.live.current().pools()[0].id, PoolId(0));
+    // The hold ends a stable window after the start, not after the edit.
+    feed(32).await;
+    let set = h.actuator.recommendations();
+    assert_eq!(set.len(), 1, "{set:?}");
+    assert_eq!(set[0].1, 1);
+    let _ = h.stop.send(());
+}
+
 const TWO: &str = r#"
 autoscalers:
   - name: llama

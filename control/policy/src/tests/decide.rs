@@ -851,3 +851,78 @@ fn the_decision_text_gives_the_rule_and_the_figures() {
         "{text}"
     );
 }
+
+/// Memory with capacity learned for the unified pool (2,000 prefill tokens/s a replica) and a
+/// decision on record, after a full stable window at 4 ready replicas.
+fn memory_with_learned_capacity(spec: &AutoscalerSpec) -> PolicyMemory {
+    let mut mem = memory();
+    let load = Load::tokens(8_000.0, 1_000.0, 20).ttft(ms(300));
+    decide_unified(spec, telemetry(load), state(4, 4), &mut mem, T0);
+    decide_unified(spec, telemetry(load), state(4, 4), &mut mem, T0 + STABLE);
+    assert!(
+        mem.pool(Role::Unified)
+            .learned()
+            .prefill_tokens_per_s
+            .is_some()
+    );
+    mem
+}
+
+#[test]
+fn an_edit_keeps_what_still_describes_the_same_replicas() {
+    let low_hint = |raw: &mut crate::spec::AutoscalerSpecRaw| {
+        if let Some(pool) = raw.pools.unified.as_mut() {
+            pool.capacity = Some(crate::spec::CapacityHintsRaw {
+                prefill_tokens_per_second: Some(1_000.0),
+                ..Default::default()
+            });
+        }
+    };
+    let before = spec_with(UNIFIED, low_hint);
+    let learned = memory_with_learned_capacity(&before);
+
+    // A higher maxReplicas: everything kept, the start too (no new restart hold).
+    let more_replicas = spec_with(UNIFIED, |raw| {
+        low_hint(raw);
+        if let Some(pool) = raw.pools.unified.as_mut() {
+            pool.max_replicas = 32;
+        }
+    });
+    let mut mem = learned.clone();
+    let carried = mem.carry_over(&before, &more_replicas);
+    assert_eq!(carried.kept, [Role::Unified]);
+    assert_eq!(mem, learned);
+
+    // Another TTFT target: capacity was learned against the old one.
+    let tighter = spec_with(UNIFIED, |raw| {
+        low_hint(raw);
+        raw.slo.ttft = Some("200ms".into());
+    });
+    let mut mem = learned.clone();
+    assert_eq!(mem.carry_over(&before, &tighter).unlearned, [Role::Unified]);
+    assert_eq!(mem.pool(Role::Unified).learned(), &Default::default());
+    assert_eq!(
+        mem.pool(Role::Unified).last_decision(),
+        learned.pool(Role::Unified).last_decision(),
+        "the rest is kept"
+    );
+
+    // New hints: the user's word replaces what was learned.
+    let mut mem = learned.clone();
+    assert_eq!(
+        mem.carry_over(&before, &spec(UNIFIED)).unlearned,
+        [Role::Unified]
+    );
+
+    // Another scale target: other replicas, nothing carried.
+    let moved = spec_with(UNIFIED, |raw| {
+        low_hint(raw);
+        if let Some(pool) = raw.pools.unified.as_mut() {
+            pool.scale_target_ref.name = "llama-h100".into();
+        }
+    });
+    let mut mem = learned.clone();
+    assert_eq!(mem.carry_over(&before, &moved).forgotten, [Role::Unified]);
+    assert_eq!(mem.pool(Role::Unified), &PoolMemory::default());
+    assert_eq!(mem.started_at(), learned.started_at());
+}
