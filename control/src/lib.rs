@@ -77,9 +77,6 @@ pub struct ControlArgs {
     /// With `--source kubernetes`: only FlyballAutoscalers matching this label selector.
     #[arg(long, env = "FLYBALL_LABEL_SELECTOR")]
     pub label_selector: Option<String>,
-    /// With `--source kubernetes`: how often the FlyballAutoscalers are listed again.
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
-    pub resync: Duration,
     /// Decide and report, never change replicas.
     #[arg(long, env = "FLYBALL_DRY_RUN")]
     pub dry_run: bool,
@@ -172,7 +169,7 @@ pub struct ControlArgs {
 pub enum Source {
     /// The `--config` YAML file, read once.
     File,
-    /// `FlyballAutoscaler` resources, listed every `--resync`.
+    /// `FlyballAutoscaler` resources, watched.
     Kubernetes,
 }
 
@@ -328,13 +325,6 @@ fn check_kubernetes_flags(args: &ControlArgs) -> Result<(), ControlError> {
             rule: "must be whole seconds, at least 2s",
         });
     }
-    if args.resync.is_zero() {
-        return Err(ControlError::Flag {
-            flag: "resync",
-            value: "0".into(),
-            rule: "must be above 0",
-        });
-    }
     Ok(())
 }
 
@@ -347,7 +337,6 @@ fn kubernetes_source(
         client,
         args.namespace.clone(),
         args.label_selector.clone(),
-        args.resync,
     ))
 }
 

@@ -1,15 +1,16 @@
 //! Autoscalers from `FlyballAutoscaler` resources (`--source kubernetes`).
 //!
-//! list FlyballAutoscalers (one namespace or all, optionally by label) every `resync` ->
-//! [`ControlConfig::from_resources`] (each validated on its own, oldest first) ->
-//! [`reconfigure`] (windows, status and the control loop follow) ; each rejected resource ->
-//! its status: `Valid=False`, reason `InvalidSpec`, the field errors as the message (leader only)
+//! watch FlyballAutoscalers (one namespace or all, optionally by label) into a reflector's
+//! store -> on each change, the store's objects -> [`ControlConfig::from_resources`] (each
+//! validated on its own, oldest first) -> [`reconfigure`] (windows, status and the control loop
+//! follow) ; each rejected resource -> its status: `Valid=False`, reason `InvalidSpec`, the field
+//! errors as the message (leader only)
 //!
-//! A periodic list rather than a watch: autoscalers change rarely and are few, so listing them
-//! every few seconds costs the API server next to nothing; a list needs no bookmark, relist or
-//! expiry handling to stay correct across API server restarts; and it is what the in-process
-//! API server the tests use (which does not implement watch) can serve, so the tests run this
-//! very code. The price is that a change takes up to `resync` to apply.
+//! A watch (kube-runtime's watcher: list, then watch from the list's resourceVersion, relisting
+//! when the API server says the version is too old) rather than a periodic list, so an edit made
+//! during an incident (a higher `maxReplicas`, a looser SLO) applies within a round trip, and
+//! the API server is not listed every few seconds by every replica. While the watch fails (RBAC,
+//! API server down) the last autoscalers read stay in force, and the failure is logged once.
 //!
 //! It never drops a working autoscaler because another resource is invalid, and never writes
 //! anything but the status of a resource it rejects.
@@ -17,13 +18,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use flyball_k8s::crd::{CONDITION_READY, CONDITION_VALID, ConditionUpdate, set_condition};
 use flyball_k8s::{FlyballAutoscaler, FlyballAutoscalerStatus, patch_status};
+use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::watch;
 
 use crate::config::{AutoscalerResource, ControlConfig, Rejected};
@@ -33,14 +35,13 @@ use crate::http::AppState;
 /// The reason of the `Valid` and `Ready` conditions of a rejected resource.
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
 
-/// Where and how often FlyballAutoscalers are read.
+/// Where FlyballAutoscalers are read.
 #[derive(Clone)]
 pub struct KubernetesSource {
     client: kube::Client,
     /// `None`: every namespace.
     namespace: Option<String>,
     label_selector: Option<String>,
-    resync: Duration,
 }
 
 impl std::fmt::Debug for KubernetesSource {
@@ -48,7 +49,6 @@ impl std::fmt::Debug for KubernetesSource {
         f.debug_struct("KubernetesSource")
             .field("namespace", &self.namespace)
             .field("label_selector", &self.label_selector)
-            .field("resync", &self.resync)
             .finish_non_exhaustive()
     }
 }
@@ -114,18 +114,16 @@ pub fn rejected_status(
 
 impl KubernetesSource {
     /// FlyballAutoscalers in `namespace` (every namespace when `None`) matching
-    /// `label_selector`, listed every `resync`.
+    /// `label_selector`.
     pub fn new(
         client: kube::Client,
         namespace: Option<String>,
         label_selector: Option<String>,
-        resync: Duration,
     ) -> Self {
         KubernetesSource {
             client,
             namespace,
             label_selector,
-            resync,
         }
     }
 
@@ -136,31 +134,13 @@ impl KubernetesSource {
         }
     }
 
-    /// Lists the resources and builds the configuration from them, oldest first (so a resource
-    /// created later never takes a scale target from one that has it).
+    /// Lists the resources and builds the configuration from them.
     pub async fn list(&self) -> Result<Listed, kube::Error> {
         let mut params = ListParams::default();
         if let Some(selector) = &self.label_selector {
             params = params.labels(selector);
         }
-        let mut objects = self.api().list(&params).await?.items;
-        objects.sort_by(|a, b| {
-            let key = |o: &FlyballAutoscaler| {
-                (
-                    o.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                    o.metadata.namespace.clone(),
-                    o.metadata.name.clone(),
-                )
-            };
-            key(a).cmp(&key(b))
-        });
-        let resources: Vec<AutoscalerResource> = objects.iter().map(resource).collect();
-        let (config, rejected) = ControlConfig::from_resources(&resources);
-        Ok(Listed {
-            config,
-            rejected,
-            objects,
-        })
+        Ok(Listed::from_objects(self.api().list(&params).await?.items))
     }
 
     /// Puts a list's configuration in force; logs what changed.
@@ -232,36 +212,89 @@ impl KubernetesSource {
         }
     }
 
-    /// Lists every `resync` until `stop` resolves; only the leader writes statuses.
+    /// Watches until `stop` resolves, applying each change; only the leader writes statuses
+    /// (and a replica that becomes the leader writes what is due at once).
     pub(crate) async fn run(
         self,
         app: Arc<AppState>,
-        leading: watch::Receiver<bool>,
+        mut leading: watch::Receiver<bool>,
         stop: impl std::future::Future<Output = ()>,
     ) {
+        let (store, writer) = reflector::store();
+        let mut config = watcher::Config::default();
+        if let Some(selector) = &self.label_selector {
+            config = config.labels(selector);
+        }
+        let events = reflector(writer, watcher(self.api(), config)).default_backoff();
+        let mut events = std::pin::pin!(events);
+        let mut stop = std::pin::pin!(stop);
         let mut logged = Logged::new();
         let mut failing = false;
-        let mut stop = std::pin::pin!(stop);
+        // The store holds every object only once the first list is done.
+        let mut synced = false;
         loop {
-            match self.list().await {
-                Ok(listed) => {
-                    failing = false;
-                    self.apply(&app, &listed, &mut logged);
-                    if *leading.borrow() {
-                        self.report_rejected(&listed).await;
-                    }
-                }
-                Err(error) => {
-                    if !failing {
-                        tracing::warn!(%error, "cannot list FlyballAutoscalers; keeping the last ones read");
-                    }
-                    failing = true;
-                }
-            }
             tokio::select! {
-                () = tokio::time::sleep(self.resync) => {}
                 () = &mut stop => return,
+                changed = leading.changed() => {
+                    if changed.is_err() || !synced || !*leading.borrow_and_update() {
+                        continue;
+                    }
+                }
+                event = events.next() => match event {
+                    None => return,
+                    Some(Err(error)) => {
+                        if !failing {
+                            tracing::warn!(%error, "watching FlyballAutoscalers failed; keeping the last ones read");
+                        }
+                        failing = true;
+                        continue;
+                    }
+                    Some(Ok(event)) => {
+                        if failing {
+                            tracing::info!("watching FlyballAutoscalers again");
+                        }
+                        failing = false;
+                        synced |= matches!(event, watcher::Event::InitDone);
+                        if !synced || matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
+                            continue;
+                        }
+                        // A burst (a relist, a kubectl apply of many) is applied once.
+                        while let Some(Some(Ok(_))) = futures::FutureExt::now_or_never(events.next()) {}
+                    }
+                },
             }
+            let objects = store.state().iter().map(|o| o.as_ref().clone()).collect();
+            let listed = Listed::from_objects(objects);
+            self.apply(&app, &listed, &mut logged);
+            if *leading.borrow() {
+                self.report_rejected(&listed).await;
+            }
+        }
+    }
+}
+
+// === impl Listed ===
+
+impl Listed {
+    /// The configuration from `objects`, oldest first (so a resource created later never takes
+    /// a scale target from one that has it).
+    pub fn from_objects(mut objects: Vec<FlyballAutoscaler>) -> Listed {
+        objects.sort_by(|a, b| {
+            let key = |o: &FlyballAutoscaler| {
+                (
+                    o.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    o.metadata.namespace.clone(),
+                    o.metadata.name.clone(),
+                )
+            };
+            key(a).cmp(&key(b))
+        });
+        let resources: Vec<AutoscalerResource> = objects.iter().map(resource).collect();
+        let (config, rejected) = ControlConfig::from_resources(&resources);
+        Listed {
+            config,
+            rejected,
+            objects,
         }
     }
 }

@@ -463,8 +463,6 @@ async fn flyball_autoscalers_are_sized_and_told_how_it_went_and_bad_ones_why_not
             &ns,
             "--label-selector",
             &selector,
-            "--resync",
-            "500ms",
         ],
     );
     let control = control(&cluster, &args).await;
@@ -1084,13 +1082,11 @@ async fn autoscalers_follow_flyball_autoscalers_as_they_come_and_change() {
         &ns,
         "--label-selector",
         &selector,
-        "--resync",
-        "200ms",
     ];
     let control = control(&cluster, &flags(&cluster, &lease, "a", &source)).await;
     assert_eq!(control.pools().await.unwrap()["pools"], json!([]));
 
-    // Created while serving: picked up at the next list, and sized.
+    // Created while serving: seen through the watch, and sized.
     let spec: FlyballAutoscalerSpec = serde_json::from_value(spec(&target)).unwrap();
     let name = cluster.unique_name("llama");
     cluster
@@ -1145,6 +1141,20 @@ async fn autoscalers_follow_flyball_autoscalers_as_they_come_and_change() {
     );
     assert_eq!(status.pools, vec![]);
     assert_eq!(spec_replicas(&cluster, &target).await, 3, "left as it was");
+    if let Some(fake) = cluster.fake() {
+        // Changes came through one watch, not by listing again and again.
+        let reads: Vec<Verb> = fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with("/flyballautoscalers"))
+            .map(|r| r.verb)
+            .collect();
+        assert_eq!(
+            reads,
+            [Verb::List, Verb::List, Verb::Watch],
+            "the start's list, the watcher's list, its watch"
+        );
+    }
     control.stop().await.unwrap();
     cluster.cleanup().await.unwrap();
 }

@@ -161,6 +161,12 @@ impl ApiError {
         Self::new(422, "Invalid", message, None)
     }
 
+    /// 410 for a watch from a resourceVersion whose history is gone
+    /// (`too old resource version: N (M)`).
+    pub fn expired(message: String) -> Self {
+        Self::new(410, "Expired", message, None)
+    }
+
     pub fn bad_request(message: String) -> Self {
         Self::new(400, "BadRequest", message, None)
     }

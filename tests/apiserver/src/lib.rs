@@ -10,9 +10,20 @@
 //!
 //! It serves discovery, the objects flyball touches (Deployments, StatefulSets, HPAs, Leases,
 //! Events, CustomResourceDefinitions and the custom resources they declare), the `/status` and
-//! `/scale` subresources, merge / strategic / JSON patches and server-side apply. It must never
-//! answer a request it does not understand with a plausible success: anything it does not
-//! implement (watch, some patch directives) fails loudly with a 500 that says so.
+//! `/scale` subresources, merge / strategic / JSON patches, server-side apply, and watches, so
+//! `kube::runtime::watcher` and reflectors run against it. It must never answer a request it does
+//! not understand with a plausible success: anything it does not implement (streaming lists,
+//! watching one object by name, some patch directives) fails loudly with a 500 that says so.
+//!
+//! Watch follows the real server's watch cache. Every committed change is kept in a history
+//! (the last 1,000 by default, see [`ApiServer::set_watch_history`]). A collection `GET` with
+//! `watch=true` streams one `{"type":...,"object":...}` line per event on an HTTP 200 chunked
+//! body: with `resourceVersion` "" or "0", an ADDED for every current object first; with `N`,
+//! every change after `N`, or a single `410 Expired` ERROR event if that history is gone. Then
+//! live changes (ADDED, MODIFIED, DELETED, objects as a GET would return them; a change that makes
+//! an object leave the `labelSelector` / `fieldSelector` arrives as DELETED), BOOKMARKs every
+//! [`ApiServer::set_watch_bookmark_interval`] with `allowWatchBookmarks=true`, until
+//! `timeoutSeconds` (30 minutes when absent) or the server stops.
 //!
 //! [`TestCluster`] runs the same test against a real cluster when `KUBECONFIG` is set.
 //!
@@ -33,6 +44,7 @@ mod patch;
 mod resources;
 mod server;
 mod store;
+mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -105,6 +117,7 @@ impl std::fmt::Debug for ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
+        self.shared.stop();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -236,6 +249,23 @@ impl ApiServer {
     /// The next `times` matching requests are held for `delay`, then answered 504 Timeout.
     pub fn stall_next(&self, verb: Option<Verb>, path_prefix: &str, times: usize, delay: Duration) {
         self.push_fault(verb, path_prefix, times, FaultAction::Stall(delay));
+    }
+
+    // --- watch ---
+
+    /// Keep only the last `events` changes for watchers (1,000 by default); trims at once. A
+    /// watch from a resourceVersion whose changes are gone gets a `410 Expired` ERROR event, and
+    /// an open watch that has not yet sent a change that falls out is ended, as the real server
+    /// ends a watcher that cannot keep up; its client re-watches and gets the 410.
+    pub fn set_watch_history(&self, events: usize) {
+        self.shared.lock().store.set_history_limit(events);
+        self.shared.notify();
+    }
+
+    /// How often watches opened from now on with `allowWatchBookmarks=true` get a BOOKMARK
+    /// (60 s by default, as the real watch cache).
+    pub fn set_watch_bookmark_interval(&self, interval: Duration) {
+        self.shared.lock().watch_bookmark_interval = interval;
     }
 
     // --- the request log ---

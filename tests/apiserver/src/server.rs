@@ -1,8 +1,9 @@
 //! HTTP: path routing, faults, RBAC, and dispatch to the store.
 //!
-//! request -> record -> route -> injected fault? -> RBAC -> store -> `Status` or object
+//! request -> record -> route -> injected fault? -> RBAC -> store -> `Status`, object or watch
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -16,6 +17,7 @@ use crate::control::{Fault, FaultAction, Rbac, RecordedRequest, Verb};
 use crate::errors::ApiError;
 use crate::resources::{self, ResourceType};
 use crate::store::{Caller, PatchKind, Store, parse_body};
+use crate::watch::{DEFAULT_BOOKMARK_INTERVAL, Watch, query_flag};
 
 pub(crate) struct Inner {
     pub store: Store,
@@ -23,6 +25,10 @@ pub(crate) struct Inner {
     pub faults: Vec<Fault>,
     pub rbac: Rbac,
     pub user: String,
+    /// The bookmark interval new watches get.
+    pub watch_bookmark_interval: Duration,
+    /// Set when the handle is dropped: open watches end.
+    pub stopped: bool,
 }
 
 pub(crate) struct Shared {
@@ -43,6 +49,8 @@ impl Shared {
                 faults: Vec::new(),
                 rbac: Rbac::default(),
                 user: "system:serviceaccount:flyball-system:flyball".into(),
+                watch_bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
+                stopped: false,
             }),
             changes: watch::Sender::new(0),
             server_address,
@@ -56,6 +64,12 @@ impl Shared {
 
     pub fn notify(&self) {
         self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// End every open watch; graceful shutdown would otherwise wait for them.
+    pub fn stop(&self) {
+        self.lock().stopped = true;
+        self.notify();
     }
 }
 
@@ -135,9 +149,9 @@ fn object_route(store: &Store, group: &str, version: &str, rest: &[&str]) -> Rou
 
 fn verb_of(method: &Method, route: &Route, query: Option<&str>) -> Verb {
     let named = matches!(route, Route::Object(o) if o.name.is_some());
-    let watch = query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    let watch = query_param(query, "watch").is_some_and(|v| query_flag(&v));
     match *method {
-        Method::GET if !named && watch => Verb::Watch,
+        Method::GET if watch && matches!(route, Route::Object(_)) => Verb::Watch,
         Method::GET if named || !matches!(route, Route::Object(_)) => Verb::Get,
         Method::GET => Verb::List,
         Method::POST => Verb::Create,
@@ -170,9 +184,15 @@ impl Reply {
     }
 }
 
+/// What a request gets: one JSON answer, or a watch streamed from the store.
+enum Answer {
+    Reply(Reply),
+    Watch(Box<Watch>),
+}
+
 const AGGREGATED: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
 
-fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+pub(crate) fn query_param(query: Option<&str>, key: &str) -> Option<String> {
     let probe = RecordedRequest {
         method: String::new(),
         path: String::new(),
@@ -239,19 +259,19 @@ pub(crate) async fn handle(
     };
     shared.notify();
 
-    let reply = match fault {
+    let answer = match fault {
         Some(FaultAction::Stall(d)) => {
             tokio::time::sleep(d).await;
-            Reply::err(ApiError::injected(504))
+            Answer::Reply(Reply::err(ApiError::injected(504)))
         }
-        Some(FaultAction::Status(code)) => Reply::err(ApiError::injected(code)),
-        Some(FaultAction::Conflict) => match &route {
+        Some(FaultAction::Status(code)) => Answer::Reply(Reply::err(ApiError::injected(code))),
+        Some(FaultAction::Conflict) => Answer::Reply(match &route {
             Route::Object(o) if o.name.is_some() => Reply::err(ApiError::conflict(
                 &o.rt,
                 o.name.as_deref().unwrap_or_default(),
             )),
             _ => Reply::err(ApiError::injected(409)),
-        },
+        }),
         None => {
             let mut inner = shared.lock();
             let manager = query_param(query.as_deref(), "fieldManager")
@@ -275,19 +295,27 @@ pub(crate) async fn handle(
         }
     };
 
+    let (code, content_type, body) = match answer {
+        Answer::Reply(reply) => (
+            reply.code,
+            reply.content_type,
+            Body::from(serde_json::to_vec(&reply.body).unwrap_or_default()),
+        ),
+        // Failures after the watch has started travel inside the stream; the status stays 200.
+        Answer::Watch(w) => (200, "application/json", w.into_body(shared.clone())),
+    };
     {
         let mut inner = shared.lock();
         if let Some(r) = inner.log.get_mut(index) {
-            r.status = Some(reply.code);
+            r.status = Some(code);
         }
     }
     shared.notify();
 
-    let bytes = serde_json::to_vec(&reply.body).unwrap_or_default();
     Response::builder()
-        .status(StatusCode::from_u16(reply.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-        .header(header::CONTENT_TYPE, reply.content_type)
-        .body(Body::from(bytes))
+        .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(header::CONTENT_TYPE, content_type)
+        .body(body)
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
@@ -301,16 +329,18 @@ struct Request<'a> {
     caller: Caller,
 }
 
-fn dispatch(inner: &mut Inner, server_address: &str, req: Request<'_>) -> Reply {
+fn dispatch(inner: &mut Inner, server_address: &str, req: Request<'_>) -> Answer {
     let wants_aggregated = req.accept.contains("as=APIGroupDiscoveryList");
     let discovery = |v: Option<Value>| match v {
         Some(v) => Reply::ok(200, v),
         None => Reply::err(ApiError::path_not_found()),
     };
     if !matches!(req.route, Route::Object(_)) && *req.method != Method::GET {
-        return Reply::err(ApiError::method_not_allowed(req.method.as_str()));
+        return Answer::Reply(Reply::err(ApiError::method_not_allowed(
+            req.method.as_str(),
+        )));
     }
-    match req.route {
+    let reply = match req.route {
         Route::CoreVersions if wants_aggregated => Reply {
             code: 200,
             content_type: AGGREGATED,
@@ -329,13 +359,14 @@ fn dispatch(inner: &mut Inner, server_address: &str, req: Request<'_>) -> Reply 
         }
         Route::NotFound => Reply::err(ApiError::path_not_found()),
         Route::Object(o) => match object(inner, o, &req) {
-            Ok(reply) => reply,
+            Ok(answer) => return answer,
             Err(e) => Reply::err(e),
         },
-    }
+    };
+    Answer::Reply(reply)
 }
 
-fn object(inner: &mut Inner, o: &ObjRoute, req: &Request<'_>) -> Result<Reply, ApiError> {
+fn object(inner: &mut Inner, o: &ObjRoute, req: &Request<'_>) -> Result<Answer, ApiError> {
     let verb = verb_of(req.method, req.route, req.query);
     let resource = match &o.sub {
         Some(s) => format!("{}/{s}", o.rt.plural),
@@ -358,12 +389,25 @@ fn object(inner: &mut Inner, o: &ObjRoute, req: &Request<'_>) -> Result<Reply, A
         ));
     }
     let ns = o.namespace.as_deref();
+    if verb == Verb::Watch {
+        if o.name.is_some() {
+            return Err(ApiError::internal(
+                "flyball fake apiserver does not implement watching one object by name; \
+                 watch the collection with fieldSelector=metadata.name=NAME",
+            ));
+        }
+        let watch = Watch::start(
+            &inner.store,
+            &o.rt,
+            ns,
+            req.query,
+            inner.watch_bookmark_interval,
+        )?;
+        return Ok(Answer::Watch(Box::new(watch)));
+    }
     let store = &mut inner.store;
     let body = || parse_body(req.body, false);
-    match (verb, o.name.as_deref()) {
-        (Verb::Watch, _) => Err(ApiError::internal(
-            "flyball fake apiserver does not implement watch",
-        )),
+    let reply = match (verb, o.name.as_deref()) {
         (Verb::List, None) => store
             .list(
                 &o.rt,
@@ -428,5 +472,6 @@ fn object(inner: &mut Inner, o: &ObjRoute, req: &Request<'_>) -> Result<Reply, A
             "flyball fake apiserver does not implement deletecollection",
         )),
         _ => Err(ApiError::method_not_allowed(req.method.as_str())),
-    }
+    };
+    reply.map(Answer::Reply)
 }

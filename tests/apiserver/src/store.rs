@@ -4,7 +4,7 @@
 //! Everything here is synchronous and runs under the server's one lock, so every request is
 //! atomic, as a single etcd transaction is for the real server.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 
 use serde_json::{Map, Value, json};
@@ -60,12 +60,52 @@ pub(crate) struct Caller {
     pub manager: String,
 }
 
+/// What a committed change did to its object, as a watch event's `type` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ChangeType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl ChangeType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeType::Added => "ADDED",
+            ChangeType::Modified => "MODIFIED",
+            ChangeType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One committed change, kept so that watchers can replay it.
+#[derive(Clone, Debug)]
+pub(crate) struct Change {
+    pub resource_version: u64,
+    pub key: ObjKey,
+    pub change_type: ChangeType,
+    /// As stored after the change; for a deletion, as last stored but carrying the deletion's
+    /// resourceVersion, as the real server sends it.
+    pub object: Value,
+    /// As stored before the change (`None` for a creation): a watcher whose selector matched only
+    /// the old object must see the change as a deletion.
+    pub previous: Option<Value>,
+}
+
+/// How many changes the store keeps for watchers unless a test says otherwise.
+pub(crate) const DEFAULT_HISTORY_LIMIT: usize = 1000;
+
 pub(crate) struct Store {
     pub types: Vec<ResourceType>,
     objects: BTreeMap<ObjKey, Stored>,
     resource_version: u64,
     uid_counter: u64,
     uid_seed: RandomState,
+    /// Every change, oldest first; each resourceVersion bump is exactly one change.
+    history: VecDeque<Change>,
+    history_limit: usize,
+    /// Every change above this resourceVersion is still in `history`.
+    history_floor: u64,
 }
 
 fn now() -> String {
@@ -118,6 +158,51 @@ fn render_label_selector(sel: &Value) -> String {
         .map(|(_, r)| r)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// A request's `labelSelector` and `fieldSelector`, checked as list and watch check them.
+#[derive(Debug)]
+pub(crate) struct Selector {
+    labels: Vec<Requirement>,
+    fields: Vec<Requirement>,
+}
+
+impl Selector {
+    pub fn parse(
+        label_selector: Option<&str>,
+        field_selector: Option<&str>,
+    ) -> Result<Self, ApiError> {
+        let labels = parse_selector(label_selector.unwrap_or("")).map_err(ApiError::bad_request)?;
+        let fields = parse_selector(field_selector.unwrap_or("")).map_err(ApiError::bad_request)?;
+        for r in &fields {
+            let key = match r {
+                Requirement::Eq(k, _) | Requirement::NotEq(k, _) => k,
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid field selector requirement {other:?}: only =, == and != are supported"
+                    )));
+                }
+            };
+            if key != "metadata.name" && key != "metadata.namespace" {
+                return Err(ApiError::bad_request(format!(
+                    "field label not supported: {key}"
+                )));
+            }
+        }
+        Ok(Self { labels, fields })
+    }
+
+    pub fn matches(&self, obj: &Value) -> bool {
+        matches(&self.labels, |k| {
+            obj.get("metadata")?
+                .get("labels")?
+                .get(k)?
+                .as_str()
+                .map(str::to_string)
+        }) && matches(&self.fields, |k| {
+            meta_str(obj, k.trim_start_matches("metadata.")).map(str::to_string)
+        })
+    }
 }
 
 /// A parsed `labelSelector` / `fieldSelector` requirement.
@@ -299,6 +384,9 @@ impl Store {
             resource_version: 1000,
             uid_counter: 0,
             uid_seed: RandomState::new(),
+            history: VecDeque::new(),
+            history_limit: DEFAULT_HISTORY_LIMIT,
+            history_floor: 1000,
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             // Cannot fail: the namespace type is built in and the names are valid.
@@ -345,6 +433,56 @@ impl Store {
         self.resource_version.to_string()
     }
 
+    pub fn resource_version(&self) -> u64 {
+        self.resource_version
+    }
+
+    // --- change history, for watchers ---
+
+    fn record(
+        &mut self,
+        change_type: ChangeType,
+        key: ObjKey,
+        object: Value,
+        previous: Option<Value>,
+    ) {
+        self.history.push_back(Change {
+            resource_version: self.resource_version,
+            key,
+            change_type,
+            object,
+            previous,
+        });
+        self.trim_history();
+    }
+
+    fn trim_history(&mut self) {
+        while self.history.len() > self.history_limit {
+            if let Some(dropped) = self.history.pop_front() {
+                self.history_floor = dropped.resource_version;
+            }
+        }
+    }
+
+    /// Keep only the last `events` changes from now on.
+    pub fn set_history_limit(&mut self, events: usize) {
+        self.history_limit = events;
+        self.trim_history();
+    }
+
+    /// Every change above this resourceVersion is kept; a watch from below it is too old.
+    pub fn history_floor(&self) -> u64 {
+        self.history_floor
+    }
+
+    /// Every kept change after `resource_version`, oldest first.
+    pub fn changes_after(&self, resource_version: u64) -> impl Iterator<Item = &Change> {
+        let start = self
+            .history
+            .partition_point(|c| c.resource_version <= resource_version);
+        self.history.range(start..)
+    }
+
     fn key(rt: &ResourceType, namespace: Option<&str>, name: &str) -> ObjKey {
         ObjKey {
             group: rt.group.clone(),
@@ -382,7 +520,7 @@ impl Store {
     }
 
     /// The object as served at `rt`'s version.
-    fn present(rt: &ResourceType, obj: &Value) -> Value {
+    pub fn present(rt: &ResourceType, obj: &Value) -> Value {
         let mut out = obj.clone();
         out["apiVersion"] = json!(rt.api_version());
         out["kind"] = json!(rt.kind);
@@ -409,6 +547,19 @@ impl Store {
         Ok(Self::present(rt, &self.stored(rt, namespace, name)?.object))
     }
 
+    /// The stored objects of `rt`, in `namespace` when given, in key order.
+    pub fn objects_of<'a>(
+        &'a self,
+        rt: &'a ResourceType,
+        namespace: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Value> + 'a {
+        self.objects
+            .iter()
+            .filter(move |(k, _)| k.group == rt.group && k.plural == rt.plural)
+            .filter(move |(k, _)| namespace.is_none_or(|ns| k.namespace == ns))
+            .map(|(_, s)| &s.object)
+    }
+
     pub fn list(
         &self,
         rt: &ResourceType,
@@ -416,43 +567,10 @@ impl Store {
         label_selector: Option<&str>,
         field_selector: Option<&str>,
     ) -> Result<Value, ApiError> {
-        let labels = parse_selector(label_selector.unwrap_or("")).map_err(ApiError::bad_request)?;
-        let fields = parse_selector(field_selector.unwrap_or("")).map_err(ApiError::bad_request)?;
-        for r in &fields {
-            let key = match r {
-                Requirement::Eq(k, _) | Requirement::NotEq(k, _) => k,
-                other => {
-                    return Err(ApiError::bad_request(format!(
-                        "invalid field selector requirement {other:?}: only =, == and != are supported"
-                    )));
-                }
-            };
-            if key != "metadata.name" && key != "metadata.namespace" {
-                return Err(ApiError::bad_request(format!(
-                    "field label not supported: {key}"
-                )));
-            }
-        }
+        let selector = Selector::parse(label_selector, field_selector)?;
         let items: Vec<Value> = self
-            .objects
-            .iter()
-            .filter(|(k, _)| k.group == rt.group && k.plural == rt.plural)
-            .filter(|(k, _)| namespace.is_none_or(|ns| k.namespace == ns))
-            .map(|(_, s)| &s.object)
-            .filter(|o| {
-                matches(&labels, |k| {
-                    o.get("metadata")?
-                        .get("labels")?
-                        .get(k)?
-                        .as_str()
-                        .map(str::to_string)
-                })
-            })
-            .filter(|o| {
-                matches(&fields, |k| {
-                    meta_str(o, k.trim_start_matches("metadata.")).map(str::to_string)
-                })
-            })
+            .objects_of(rt, namespace)
+            .filter(|o| selector.matches(o))
             .map(|o| {
                 // Built-in lists carry no apiVersion/kind on items; custom resources do.
                 if rt.builtin {
@@ -587,12 +705,17 @@ impl Store {
             self.establish_crd(&mut new);
         }
         self.objects.insert(
-            key,
+            key.clone(),
             Stored {
                 object: new.clone(),
                 managers,
             },
         );
+        let (change_type, previous) = match old {
+            Some(o) => (ChangeType::Modified, Some(o.object)),
+            None => (ChangeType::Added, None),
+        };
+        self.record(change_type, key, new.clone(), previous);
         new
     }
 
@@ -645,8 +768,21 @@ impl Store {
         &mut self,
         rt: &ResourceType,
         namespace: Option<&str>,
+        obj: Value,
+        caller: &Caller,
+    ) -> Result<Value, ApiError> {
+        self.create_managed(rt, namespace, obj, caller, None)
+    }
+
+    /// `apply_managers`: the managedFields a server-side apply computed, which own the fields as
+    /// Apply instead of the Update entry a create records for `caller`.
+    fn create_managed(
+        &mut self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
         mut obj: Value,
         caller: &Caller,
+        apply_managers: Option<Vec<ManagedEntry>>,
     ) -> Result<Value, ApiError> {
         require_object(&obj)?;
         Self::check_kind(rt, &obj)?;
@@ -712,19 +848,25 @@ impl Store {
         }
         Self::defaults(rt, &mut obj);
         Self::validate(rt, &obj, &name)?;
-        let mut managers = Vec::new();
-        let t = now();
-        fields::record_update(
-            &mut managers,
-            &Writer {
-                manager: &caller.manager,
-                api_version: &rt.api_version(),
-                subresource: None,
-                now: &t,
-            },
-            &Value::Null,
-            &obj,
-        );
+        let managers = match apply_managers {
+            Some(managers) => managers,
+            None => {
+                let mut managers = Vec::new();
+                let t = now();
+                fields::record_update(
+                    &mut managers,
+                    &Writer {
+                        manager: &caller.manager,
+                        api_version: &rt.api_version(),
+                        subresource: None,
+                        now: &t,
+                    },
+                    &Value::Null,
+                    &obj,
+                );
+                managers
+            }
+        };
         Ok(Self::present(rt, &self.commit(rt, key, obj, managers)))
     }
 
@@ -973,15 +1115,7 @@ impl Store {
                 }
                 let mut obj = candidate;
                 set_meta(&mut obj, "name", json!(name));
-                let created = self.create(rt, namespace, obj, caller)?;
-                // `create` recorded an Update entry; an apply owns its fields as Apply.
-                let key = Self::key(rt, namespace, name);
-                if let Some(s) = self.objects.get_mut(&key) {
-                    s.managers = managers;
-                    let rendered = fields::render(&s.managers);
-                    set_meta(&mut s.object, "managedFields", rendered);
-                    return Ok((201, Self::present(rt, &s.object)));
-                }
+                let created = self.create_managed(rt, namespace, obj, caller, Some(managers))?;
                 Ok((201, created))
             }
         }
@@ -994,11 +1128,14 @@ impl Store {
         name: &str,
     ) -> Result<Value, ApiError> {
         let key = Self::key(rt, namespace, name);
-        let Some(stored) = self.objects.remove(&key) else {
+        let Some(stored) = self.objects.get(&key).cloned() else {
             return Err(ApiError::not_found(rt, name));
         };
+        // What the namespace controller and the CRD finalizer would delete, each its own change,
+        // before the owner goes.
+        let mut contents: Vec<ObjKey> = Vec::new();
         if rt.group.is_empty() && rt.plural == "namespaces" {
-            self.objects.retain(|k, _| k.namespace != name);
+            contents.extend(self.objects.keys().filter(|k| k.namespace == name).cloned());
         }
         if rt.group == "apiextensions.k8s.io"
             && rt.plural == "customresourcedefinitions"
@@ -1007,11 +1144,18 @@ impl Store {
             for t in &types {
                 self.types
                     .retain(|x| !(x.group == t.group && x.plural == t.plural));
-                self.objects
-                    .retain(|k, _| !(k.group == t.group && k.plural == t.plural));
+                contents.extend(
+                    self.objects
+                        .keys()
+                        .filter(|k| k.group == t.group && k.plural == t.plural)
+                        .cloned(),
+                );
             }
         }
-        self.resource_version += 1;
+        for k in contents {
+            self.remove(k);
+        }
+        self.remove(key);
         let mut details = json!({"name": name, "group": rt.group, "kind": rt.plural});
         if let Some(uid) = meta_str(&stored.object, "uid") {
             details["uid"] = json!(uid);
@@ -1023,6 +1167,20 @@ impl Store {
             "status": "Success",
             "details": details,
         }))
+    }
+
+    fn remove(&mut self, key: ObjKey) {
+        let Some(stored) = self.objects.remove(&key) else {
+            return;
+        };
+        self.resource_version += 1;
+        let mut last = stored.object.clone();
+        set_meta(
+            &mut last,
+            "resourceVersion",
+            json!(self.resource_version.to_string()),
+        );
+        self.record(ChangeType::Deleted, key, last, Some(stored.object));
     }
 
     // --- scale subresource ---
@@ -1284,6 +1442,97 @@ mod tests {
             _ => None,
         };
         assert!(matches(&reqs, labels));
+    }
+
+    fn leases(store: &Store) -> ResourceType {
+        store.lookup("coordination.k8s.io", "v1", "leases").unwrap()
+    }
+
+    fn caller() -> Caller {
+        Caller {
+            manager: "test".into(),
+        }
+    }
+
+    fn lease(name: &str, holder: &str) -> Value {
+        json!({"metadata": {"name": name}, "spec": {"holderIdentity": holder}})
+    }
+
+    fn history(store: &Store, after: u64) -> Vec<(ChangeType, u64, String)> {
+        store
+            .changes_after(after)
+            .map(|c| (c.change_type, c.resource_version, c.key.name.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn every_committed_change_is_one_event_and_no_op_writes_are_none() {
+        let mut store = Store::new();
+        let rt = leases(&store);
+        let from = store.resource_version();
+        let ns = Some("default");
+        store.create(&rt, ns, lease("l", "a"), &caller()).unwrap();
+        let patch = json!({"spec": {"holderIdentity": "b"}});
+        for _ in 0..2 {
+            store
+                .patch(&rt, ns, "l", None, PatchKind::Merge, &patch, &caller())
+                .unwrap();
+        }
+        store.delete(&rt, ns, "l").unwrap();
+        use ChangeType::*;
+        assert_eq!(
+            history(&store, from),
+            [
+                (Added, from + 1, "l".into()),
+                (Modified, from + 2, "l".into()),
+                (Deleted, from + 3, "l".into())
+            ]
+        );
+        assert_eq!(store.resource_version(), from + 3);
+        let deleted = store.changes_after(from + 2).next().unwrap();
+        let rv_of = |v: &Value| v["metadata"]["resourceVersion"].clone();
+        assert_eq!(rv_of(&deleted.object), json!((from + 3).to_string()));
+        assert_eq!(
+            rv_of(deleted.previous.as_ref().unwrap()),
+            json!((from + 2).to_string())
+        );
+    }
+
+    #[test]
+    fn deleting_a_namespace_deletes_its_objects_first_each_at_its_own_resource_version() {
+        let mut store = Store::new();
+        let rt = leases(&store);
+        store.ensure_namespace("team").unwrap();
+        for name in ["a", "b"] {
+            store
+                .create(&rt, Some("team"), lease(name, "x"), &caller())
+                .unwrap();
+        }
+        let from = store.resource_version();
+        let namespaces = store.lookup("", "v1", "namespaces").unwrap();
+        store.delete(&namespaces, None, "team").unwrap();
+        use ChangeType::Deleted;
+        assert_eq!(
+            history(&store, from),
+            [
+                (Deleted, from + 1, "a".into()),
+                (Deleted, from + 2, "b".into()),
+                (Deleted, from + 3, "team".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn trimming_the_history_moves_the_floor_to_the_last_dropped_change() {
+        let mut store = Store::new();
+        let newest = store.resource_version();
+        assert!(store.history_floor() < newest);
+        store.set_history_limit(1);
+        assert_eq!(store.history_floor(), newest - 1);
+        assert_eq!(history(&store, 0).len(), 1);
+        store.set_history_limit(0);
+        assert_eq!(store.history_floor(), newest);
+        assert!(history(&store, 0).is_empty());
     }
 
     #[test]
