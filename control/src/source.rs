@@ -232,11 +232,14 @@ impl KubernetesSource {
         let mut failing = false;
         // The store holds every object only once the first list is done.
         let mut synced = false;
+        let mut leading_open = true;
         loop {
             tokio::select! {
                 () = &mut stop => return,
-                changed = leading.changed() => {
-                    if changed.is_err() || !synced || !*leading.borrow_and_update() {
+                changed = leading.changed(), if leading_open => {
+                    // Without a sender, leadership is fixed: stop listening for it.
+                    leading_open = changed.is_ok();
+                    if !leading_open || !synced || !*leading.borrow_and_update() {
                         continue;
                     }
                 }
