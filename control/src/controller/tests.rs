@@ -355,22 +355,27 @@ async fn a_follower_decides_but_sets_nothing_until_it_leads() {
     let _ = h.stop.send(());
 }
 
+/// Feeds light load to `telemetry`, one report a second for the seconds asked.
+fn light_load(telemetry: Arc<Telemetry>) -> impl AsyncFnMut(u64) {
+    let mut sequence = 0;
+    async move |seconds: u64| {
+        for _ in 0..seconds {
+            sequence += 1;
+            telemetry
+                .ingest(load(sequence, 10), Instant::now())
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_new_leader_waits_a_stable_window_before_scaling_down() {
     let config = ControlConfig::from_yaml(QUICK_DOWN).unwrap();
     let h = start_with(config, false, &[("llama", 5)]);
     let mut status = h.status.subscribe(PoolId(0)).unwrap();
     // Fresh, light load for longer than the stable window (60 s): a leader would scale down.
-    let mut sequence = 0;
-    let mut feed = async |seconds: u64| {
-        for _ in 0..seconds {
-            sequence += 1;
-            h.telemetry
-                .ingest(load(sequence, 10), Instant::now())
-                .unwrap();
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    };
+    let mut feed = light_load(h.telemetry.clone());
     feed(62).await;
     let follower = status.borrow_and_update().clone();
     let last = follower.decisions.back().unwrap();
@@ -403,16 +408,7 @@ async fn an_edit_applies_without_restarting_the_scale_down_hold() {
         &[("llama", 5)],
     );
     let mut status = h.status.subscribe(PoolId(0)).unwrap();
-    let mut sequence = 0;
-    let mut feed = async |seconds: u64| {
-        for _ in 0..seconds {
-            sequence += 1;
-            h.telemetry
-                .ingest(load(sequence, 10), Instant::now())
-                .unwrap();
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    };
+    let mut feed = light_load(h.telemetry.clone());
     // Light load: one replica would do, but the service has not seen a stable window yet.
     feed(30).await;
     let last = status
