@@ -8,51 +8,12 @@ use std::time::Duration;
 
 use flyball_control::leader::Leadership;
 use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
-use flyball_proto::v1;
-use support::Error;
+use support::{Error, ONE_POOL, report};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-const CONFIG: &str = r#"
-autoscalers:
-  - name: llama
-    spec:
-      selector: { backend: vllm }
-      pools:
-        unified: { scaleTargetRef: { name: llama }, maxReplicas: 10 }
-      slo: { ttft: 500ms }
-"#;
-
 /// Long enough for loopback, short enough to fail fast.
 const WAIT: Duration = Duration::from_secs(10);
-
-fn report(gateway: &str, sequence: u64, ok: u64) -> v1::ReportRequest {
-    v1::ReportRequest {
-        reporter: Some(v1::Reporter {
-            gateway: gateway.into(),
-            process_start_unix_ms: 1_000,
-            filter_version: "test".into(),
-        }),
-        sequence,
-        sent_at_unix_ms: 0,
-        keys: vec![v1::KeyTelemetry {
-            backend: "vllm".into(),
-            model: "llama".into(),
-            requests: Some(v1::RequestOutcomes {
-                ok,
-                client_error: 1,
-                ..Default::default()
-            }),
-            tokens: Some(v1::TokenUsage {
-                input: 100 * ok,
-                output: 7 * ok,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
-        dropped: None,
-    }
-}
 
 async fn client(uri: String) -> Result<TelemetryServiceClient<Channel>, Error> {
     Ok(TelemetryServiceClient::new(
@@ -92,12 +53,12 @@ fn totals(pools: &serde_json::Value) -> (u64, u64, u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_sent_to_the_follower_reach_the_leader_totals_exactly() -> Result<(), Error> {
-    let leader = support::bind(CONFIG, &[]).await?;
+    let leader = support::bind(ONE_POOL, &[]).await?;
     let leader_uri = format!("http://{}", leader.grpc_addr().unwrap());
     let (a, _a_leading, _a_leader) = fixed("a", true, None);
     let leader = support::spawn(leader.with_leadership(a))?;
     let (b, _b_leading, _b_leader) = fixed("b", false, Some(leader_uri));
-    let follower = support::start_led(CONFIG, &[], b).await?;
+    let follower = support::start_led(ONE_POOL, &[], b).await?;
 
     // 12 gateways, 25 reports each, concurrently, all to the follower.
     let mut tasks = Vec::new();
@@ -152,12 +113,12 @@ async fn reports_sent_to_the_follower_reach_the_leader_totals_exactly() -> Resul
 
 #[tokio::test]
 async fn a_report_that_reaches_the_leader_twice_is_merged_once() -> Result<(), Error> {
-    let leader = support::bind(CONFIG, &[]).await?;
+    let leader = support::bind(ONE_POOL, &[]).await?;
     let leader_uri = format!("http://{}", leader.grpc_addr().unwrap());
     let (a, _a_leading, _a_leader) = fixed("a", true, None);
     let leader = support::spawn(leader.with_leadership(a))?;
     let (b, _b_leading, _b_leader) = fixed("b", false, Some(leader_uri));
-    let follower = support::start_led(CONFIG, &[], b).await?;
+    let follower = support::start_led(ONE_POOL, &[], b).await?;
 
     // The gateway's connection moved: each report went to the leader, then to the follower.
     let mut direct = client(leader.grpc_uri()).await?;
@@ -184,8 +145,8 @@ async fn a_report_that_reaches_the_leader_twice_is_merged_once() -> Result<(), E
 
 #[tokio::test]
 async fn replicas_that_each_think_the_other_leads_do_not_bounce_reports() -> Result<(), Error> {
-    let a = support::bind(CONFIG, &[]).await?;
-    let b = support::bind(CONFIG, &[]).await?;
+    let a = support::bind(ONE_POOL, &[]).await?;
+    let b = support::bind(ONE_POOL, &[]).await?;
     let a_uri = format!("http://{}", a.grpc_addr().unwrap());
     let b_uri = format!("http://{}", b.grpc_addr().unwrap());
     let (a_led, _a_leading, _a_leader) = fixed("a", false, Some(b_uri));
@@ -215,7 +176,7 @@ async fn replicas_that_each_think_the_other_leads_do_not_bounce_reports() -> Res
 #[tokio::test]
 async fn a_follower_without_a_known_leader_counts_what_it_could_not_forward() -> Result<(), Error> {
     let (b, _leading, leader) = fixed("b", false, None);
-    let follower = support::start_led(CONFIG, &[], b).await?;
+    let follower = support::start_led(ONE_POOL, &[], b).await?;
     let mut grpc = client(follower.grpc_uri()).await?;
     for sequence in 1..=3 {
         grpc.report(report("gw", sequence, 1)).await?;
@@ -238,12 +199,12 @@ async fn a_follower_without_a_known_leader_counts_what_it_could_not_forward() ->
 /// `RESEND_WITHIN`) and go to the next leader once the Lease names it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_taken_while_the_leader_is_gone_reach_the_next_one() -> Result<(), Error> {
-    let first = support::bind(CONFIG, &[]).await?;
+    let first = support::bind(ONE_POOL, &[]).await?;
     let first_uri = format!("http://{}", first.grpc_addr().unwrap());
     let (a, _a_leading, _a_leader) = fixed("a", true, None);
     let first = support::spawn(first.with_leadership(a))?;
     let (b, _b_leading, leader) = fixed("b", false, Some(first_uri));
-    let follower = support::start_led(CONFIG, &[], b).await?;
+    let follower = support::start_led(ONE_POOL, &[], b).await?;
     let mut grpc = client(follower.grpc_uri()).await?;
     let mut sequence = 0;
     let mut send = async |n: u64| -> Result<(), Error> {
@@ -261,7 +222,7 @@ async fn reports_taken_while_the_leader_is_gone_reach_the_next_one() -> Result<(
     // The leader is gone and the Lease still names it: these wait.
     send(5).await?;
 
-    let next = support::bind(CONFIG, &[]).await?;
+    let next = support::bind(ONE_POOL, &[]).await?;
     let next_uri = format!("http://{}", next.grpc_addr().unwrap());
     let (c, _c_leading, _c_leader) = fixed("c", true, None);
     let next = support::spawn(next.with_leadership(c))?;

@@ -7,18 +7,8 @@ mod support;
 use flyball_proto::Sketch;
 use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
 use flyball_proto::v1;
-use support::Error;
+use support::{Error, ONE_POOL};
 use tonic::transport::Channel;
-
-const CONFIG: &str = r#"
-autoscalers:
-  - name: llama
-    spec:
-      selector: { backend: vllm }
-      pools:
-        unified: { scaleTargetRef: { name: llama }, maxReplicas: 10 }
-      slo: { ttft: 500ms }
-"#;
 
 fn report(gateway: &str, start_ms: u64, sequence: u64, ok: u64) -> v1::ReportRequest {
     let mut ttft = Sketch::new();
@@ -171,7 +161,7 @@ async fn gateway(mut client: Reporting, i: usize) -> Result<Expected, Error> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_concurrent_reporters_add_up_exactly() -> Result<(), Error> {
-    let control = support::start(CONFIG, &[]).await?;
+    let control = support::start(ONE_POOL, &[]).await?;
     let mut channels = Vec::new();
     for _ in 0..10 {
         channels.push(Channel::from_shared(control.grpc_uri())?.connect().await?);
@@ -258,7 +248,7 @@ async fn send_not_a_report(uri: String) -> tonic::Status {
 
 #[tokio::test]
 async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), Error> {
-    let control = support::start(CONFIG, &["--max-report-bytes", "65536"]).await?;
+    let control = support::start(ONE_POOL, &["--max-report-bytes", "65536"]).await?;
     let mut client = TelemetryServiceClient::connect(control.grpc_uri()).await?;
 
     let mut bad_sketch = report("gw", 1, 1, 5);
@@ -327,7 +317,7 @@ async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), E
 
 #[tokio::test]
 async fn a_refused_report_ends_its_stream_with_the_reason() -> Result<(), Error> {
-    let control = support::start(CONFIG, &["--max-report-bytes", "65536"]).await?;
+    let control = support::start(ONE_POOL, &["--max-report-bytes", "65536"]).await?;
     let client = TelemetryServiceClient::connect(control.grpc_uri()).await?;
 
     let mut stream = Reporting::stream(client.clone()).await?;
@@ -364,7 +354,7 @@ async fn a_refused_report_ends_its_stream_with_the_reason() -> Result<(), Error>
 
 #[tokio::test]
 async fn shutting_down_ends_open_report_streams() -> Result<(), Error> {
-    let control = support::start(CONFIG, &[]).await?;
+    let control = support::start(ONE_POOL, &[]).await?;
     let client = TelemetryServiceClient::connect(control.grpc_uri()).await?;
     let mut stream = Reporting::stream(client).await?;
     assert_eq!(stream.send(report("gw", 1, 1, 5)).await?, 1);
@@ -387,7 +377,7 @@ async fn shutting_down_ends_open_report_streams() -> Result<(), Error> {
 
 #[tokio::test]
 async fn health_and_readiness_answer_once_serving() -> Result<(), Error> {
-    let control = support::start(CONFIG, &[]).await?;
+    let control = support::start(ONE_POOL, &[]).await?;
     assert_eq!(control.get("/healthz").await?.0, 200);
     // Ready once ingest serves and the autoscalers are read: poll for it, never sleep-and-hope.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -404,7 +394,7 @@ async fn health_and_readiness_answer_once_serving() -> Result<(), Error> {
 
 #[tokio::test]
 async fn pools_json_has_exactly_the_documented_shape() -> Result<(), Error> {
-    let control = support::start(CONFIG, &[]).await?;
+    let control = support::start(ONE_POOL, &[]).await?;
     let mut client = TelemetryServiceClient::connect(control.grpc_uri()).await?;
     client.report(report("gw", 1, 1, 3)).await?;
     // Wait for the control loop's first decision after the report.
@@ -475,7 +465,7 @@ async fn pools_json_has_exactly_the_documented_shape() -> Result<(), Error> {
 /// with the pool's identity, next to the gauge that explains a `silent_reporter_hold`.
 #[tokio::test]
 async fn pool_metrics_carry_each_latency_and_the_pool_identity() -> Result<(), Error> {
-    let control = support::start(CONFIG, &[]).await?;
+    let control = support::start(ONE_POOL, &[]).await?;
     let mut client = TelemetryServiceClient::connect(control.grpc_uri()).await?;
     let sketch = |us: f64| {
         let mut sketch = Sketch::new();

@@ -12,19 +12,9 @@ use std::time::Duration;
 use flyball_control::leader::Leadership;
 use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
 use flyball_proto::v1;
-use support::Error;
+use support::{Error, ONE_POOL, report};
 use tokio::sync::watch;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-const CONFIG: &str = r#"
-autoscalers:
-  - name: llama
-    spec:
-      selector: { backend: vllm }
-      pools:
-        unified: { scaleTargetRef: { name: llama }, maxReplicas: 10 }
-      slo: { ttft: 500ms }
-"#;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -49,27 +39,6 @@ fn tls_flags() -> Vec<String> {
     .iter()
     .flat_map(|(flag, name)| [(*flag).to_owned(), file(name)])
     .collect()
-}
-
-fn report(gateway: &str, sequence: u64) -> v1::ReportRequest {
-    v1::ReportRequest {
-        reporter: Some(v1::Reporter {
-            gateway: gateway.into(),
-            process_start_unix_ms: 1_000,
-            filter_version: "test".into(),
-        }),
-        sequence,
-        keys: vec![v1::KeyTelemetry {
-            backend: "vllm".into(),
-            model: "llama".into(),
-            requests: Some(v1::RequestOutcomes {
-                ok: 2,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
 }
 
 /// A client of `control` that trusts the CA in `trust` and presents `client` (a certificate
@@ -101,19 +70,19 @@ async fn send_over_tls(
     client: Option<&str>,
 ) -> Result<v1::ReportResponse, Error> {
     let mut grpc = connect(control, "ca.crt", client).await?;
-    Ok(grpc.report(report("gw", 1)).await?.into_inner())
+    Ok(grpc.report(report("gw", 1, 1)).await?.into_inner())
 }
 
 #[tokio::test]
 async fn reports_land_only_over_mutual_tls_with_a_certificate_from_the_ca() -> Result<(), Error> {
     let flags = tls_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let control = support::start(CONFIG, &flags).await?;
+    let control = support::start(ONE_POOL, &flags).await?;
 
     // Plaintext, no client certificate, or one from another CA: nothing lands.
     let plaintext = TelemetryServiceClient::connect(control.grpc_uri()).await;
     let refused = match plaintext {
-        Ok(mut grpc) => grpc.report(report("gw", 1)).await.is_err(),
+        Ok(mut grpc) => grpc.report(report("gw", 1, 1)).await.is_err(),
         Err(_) => true,
     };
     assert!(refused, "a plaintext report was taken");
@@ -143,7 +112,7 @@ async fn reports_land_only_over_mutual_tls_with_a_certificate_from_the_ca() -> R
 async fn followers_forward_to_the_leader_over_mutual_tls() -> Result<(), Error> {
     let flags = tls_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let leader = support::bind(CONFIG, &flags).await?;
+    let leader = support::bind(ONE_POOL, &flags).await?;
     let leader_uri = format!("http://{}", leader.grpc_addr().unwrap());
     let (_a_leading, a_leading) = watch::channel(true);
     let (_a_leader, a_leader) = watch::channel(None);
@@ -153,7 +122,7 @@ async fn followers_forward_to_the_leader_over_mutual_tls() -> Result<(), Error> 
     let (_b_leading, b_leading) = watch::channel(false);
     let (_b_leader, b_leader) = watch::channel(Some(leader_uri));
     let follower = support::start_led(
-        CONFIG,
+        ONE_POOL,
         &flags,
         Leadership::from_channels("b", b_leading, b_leader),
     )
@@ -173,7 +142,7 @@ async fn tls_flags_that_cannot_work_stop_the_start_naming_the_flag() {
     let cert = file("replica.crt");
     let start = |extra: Vec<String>| async move {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        support::start(CONFIG, &extra)
+        support::start(ONE_POOL, &extra)
             .await
             .err()
             .map(|e| e.to_string())
@@ -222,9 +191,9 @@ async fn renewed_certificates_serve_new_connections_without_a_restart() -> Resul
         "50ms".to_owned(),
     ];
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let control = support::start(CONFIG, &flags).await?;
+    let control = support::start(ONE_POOL, &flags).await?;
     let mut before = connect(&control, "ca.crt", Some("replica")).await?;
-    before.report(report("before", 1)).await?;
+    before.report(report("before", 1, 1)).await?;
 
     // Renewed: a new certificate from a new CA. A certificate without its key first, as a
     // careless copy would leave them: refused, and the old pair still serves.
@@ -237,7 +206,7 @@ async fn renewed_certificates_serve_new_connections_without_a_restart() -> Resul
         )
         .await?;
     let mut old = connect(&control, "ca.crt", Some("replica")).await?;
-    old.report(report("old", 1)).await?;
+    old.report(report("old", 1, 1)).await?;
     mount("next.key", "tls.key")?;
     mount("next-ca.crt", "ca.crt")?;
     control
@@ -254,12 +223,12 @@ async fn renewed_certificates_serve_new_connections_without_a_restart() -> Resul
     let mut stale_client = connect(&control, "next-ca.crt", Some("replica")).await;
     if let Ok(grpc) = &mut stale_client {
         // TLS 1.3 reports a refused client certificate only on the first read.
-        assert!(grpc.report(report("stale", 1)).await.is_err());
+        assert!(grpc.report(report("stale", 1, 1)).await.is_err());
     }
     let mut renewed = connect(&control, "next-ca.crt", Some("next")).await?;
-    renewed.report(report("renewed", 1)).await?;
+    renewed.report(report("renewed", 1, 1)).await?;
     // A connection made before keeps its session.
-    before.report(report("before", 2)).await?;
+    before.report(report("before", 2, 1)).await?;
 
     assert_eq!(totals(&control).await?, 4 * 2);
     assert_eq!(

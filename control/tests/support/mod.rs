@@ -11,6 +11,7 @@ use flyball_control::config::ControlConfig;
 use flyball_control::controller::Actuator;
 use flyball_control::leader::Leadership;
 use flyball_control::{Control, ControlArgs};
+use flyball_proto::v1;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 
@@ -21,6 +22,47 @@ struct Cli {
 }
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// One autoscaler with one unified pool, fed by backend `vllm`.
+pub const ONE_POOL: &str = r#"
+autoscalers:
+  - name: llama
+    spec:
+      selector: { backend: vllm }
+      pools:
+        unified: { scaleTargetRef: { name: llama }, maxReplicas: 10 }
+      slo: { ttft: 500ms }
+"#;
+
+/// A report from `gateway`: `ok` requests and one client error for backend `vllm`, model
+/// `llama`, with 100 input and 7 output tokens per ok request.
+pub fn report(gateway: &str, sequence: u64, ok: u64) -> v1::ReportRequest {
+    v1::ReportRequest {
+        reporter: Some(v1::Reporter {
+            gateway: gateway.into(),
+            process_start_unix_ms: 1_000,
+            filter_version: "test".into(),
+        }),
+        sequence,
+        sent_at_unix_ms: 0,
+        keys: vec![v1::KeyTelemetry {
+            backend: "vllm".into(),
+            model: "llama".into(),
+            requests: Some(v1::RequestOutcomes {
+                ok,
+                client_error: 1,
+                ..Default::default()
+            }),
+            tokens: Some(v1::TokenUsage {
+                input: 100 * ok,
+                output: 7 * ok,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        dropped: None,
+    }
+}
 
 /// A running control service; stops when dropped.
 pub struct Running {
