@@ -127,6 +127,11 @@ impl Metrics {
                 "gRPC connections refused in the TLS handshake, by reason",
                 tls.handshake_failures.clone(),
             );
+            registry.register(
+                "flyball_grpc_tls_certificate_expiration_timestamp_seconds",
+                "When the --grpc-tls-* certificates in use expire (Unix seconds), by file: cert, or the soonest of ca",
+                tls.expiry.clone(),
+            );
         }
         registry.register_collector(Box::new(PoolCollector {
             config,

@@ -29,6 +29,7 @@ use futures::StreamExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -41,6 +42,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+use x509_cert::der::Decode;
 
 /// A client that connects and never finishes its handshake is let go after this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,6 +80,16 @@ struct Loaded {
     server: Arc<ServerConfig>,
     /// How a follower reaches the leader; `None` without a CA to verify it by.
     client: Option<ClientTlsConfig>,
+    expiry: Expiry,
+}
+
+/// When what was loaded stops being valid, in Unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Expiry {
+    /// The serving certificate (the first of `--grpc-tls-cert`).
+    cert: i64,
+    /// The first of `--grpc-tls-ca`'s certificates to expire.
+    ca: Option<i64>,
 }
 
 /// TLS counters, on `/metrics`.
@@ -87,6 +99,16 @@ pub struct TlsCounters {
     pub reloads: Family<ReloadLabels, Counter>,
     /// Connections refused in the handshake, by reason.
     pub handshake_failures: Family<HandshakeLabels, Counter>,
+    /// The `notAfter` of the files in use, by file: alerts fire on this when renewal stalls,
+    /// whatever the reason (cert-manager's own metric describes the Secret, not what this
+    /// process serves).
+    pub expiry: Family<ExpiryLabels, Gauge>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ExpiryLabels {
+    /// `cert` (`--grpc-tls-cert`) or `ca` (`--grpc-tls-ca`, its earliest).
+    pub file: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -166,13 +188,15 @@ impl GrpcTls {
         };
         let files = paths.read()?;
         let loaded = paths.build(&files, flags.server_name)?;
-        Ok(Some(GrpcTls {
+        let tls = GrpcTls {
             paths,
             server_name: flags.server_name.to_owned(),
-            current: RwLock::new(loaded),
+            current: RwLock::new(loaded.clone()),
             tried: Mutex::new(Some(files)),
             counters: TlsCounters::default(),
-        }))
+        };
+        tls.in_use(&loaded);
+        Ok(Some(tls))
     }
 
     /// Reads the files again: `Ok(true)` if they changed and now serve new connections,
@@ -194,6 +218,7 @@ impl GrpcTls {
         }
         match read.and_then(|files| self.paths.build(&files, &self.server_name)) {
             Ok(loaded) => {
+                self.in_use(&loaded);
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = loaded;
                 self.count_reload("applied");
                 Ok(true)
@@ -243,6 +268,38 @@ impl GrpcTls {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Publishes the expiry of what now serves, and warns if it already has expired: every
+    /// client that checks it will refuse it until the files are renewed.
+    fn in_use(&self, loaded: &Loaded) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| {
+                i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+            });
+        let ca = loaded.expiry.ca.zip(self.paths.ca.as_ref());
+        let files = [
+            ("cert", Some((loaded.expiry.cert, &self.paths.cert))),
+            ("ca", ca),
+        ];
+        for (file, in_use) in files {
+            let Some((not_after, path)) = in_use else {
+                continue;
+            };
+            self.counters
+                .expiry
+                .get_or_create(&ExpiryLabels { file })
+                .set(not_after);
+            if not_after <= now {
+                tracing::warn!(
+                    flag = %format!("grpc-tls-{file}"),
+                    path = %path.display(),
+                    expired_seconds_ago = now - not_after,
+                    "the gRPC TLS certificate in use has expired; clients that check it refuse it"
+                );
+            }
+        }
     }
 
     fn count_reload(&self, result: &'static str) {
@@ -344,6 +401,12 @@ impl TlsPaths {
         let chain = CertificateDer::pem_slice_iter(&files.cert)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid("grpc-tls-cert", &self.cert)(e.to_string()))?;
+        let cert_expiry = chain
+            .first()
+            .ok_or_else(|| "holds no certificate".to_owned())
+            .and_then(not_after)
+            .map_err(invalid("grpc-tls-cert", &self.cert))?;
+        let mut ca_expiry = None;
         let key = PrivateKeyDer::from_pem_slice(&files.key)
             .map_err(|e| invalid("grpc-tls-key", &self.key)(e.to_string()))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -356,6 +419,9 @@ impl TlsPaths {
                 let mut roots = RootCertStore::empty();
                 for cert in CertificateDer::pem_slice_iter(ca) {
                     let cert = cert.map_err(|e| to_error.clone()(e.to_string()))?;
+                    let expires = not_after(&cert).map_err(to_error.clone())?;
+                    ca_expiry =
+                        Some(ca_expiry.map_or(expires, |soonest: i64| soonest.min(expires)));
                     roots
                         .add(cert)
                         .map_err(|e| to_error.clone()(e.to_string()))?;
@@ -382,8 +448,20 @@ impl TlsPaths {
         Ok(Loaded {
             server: Arc::new(server),
             client,
+            expiry: Expiry {
+                cert: cert_expiry,
+                ca: ca_expiry,
+            },
         })
     }
+}
+
+/// A certificate's `notAfter`, in Unix seconds.
+fn not_after(cert: &CertificateDer<'_>) -> Result<i64, String> {
+    let parsed = x509_cert::Certificate::from_der(cert)
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let not_after = parsed.tbs_certificate.validity.not_after.to_unix_duration();
+    Ok(i64::try_from(not_after.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The file's bytes, if it holds at least one PEM block whose label ends with `label`.
@@ -475,6 +553,47 @@ mod tests {
             .reloads
             .get_or_create(&ReloadLabels { result })
             .get()
+    }
+
+    fn expiry(tls: &GrpcTls, file: &'static str) -> i64 {
+        tls.counters()
+            .expiry
+            .get_or_create(&ExpiryLabels { file })
+            .get()
+    }
+
+    /// `notAfter` of the test certificates (`openssl x509 -noout -enddate -in ...`).
+    const REPLICA_AND_CA_EXPIRE: i64 = 4_949_170_715;
+    const NEXT_AND_NEXT_CA_EXPIRE: i64 = 4_949_170_716;
+
+    #[test]
+    fn the_expiry_of_the_files_in_use_is_published() {
+        let dir = Dir::new("expiry");
+        let tls = dir.load();
+        assert_eq!(expiry(&tls, "cert"), REPLICA_AND_CA_EXPIRE);
+        assert_eq!(expiry(&tls, "ca"), REPLICA_AND_CA_EXPIRE);
+
+        // Half a renewal does not load, so what serves, and its expiry, stay.
+        dir.copy("next.crt", "replica.crt");
+        tls.reload().unwrap_err();
+        assert_eq!(expiry(&tls, "cert"), REPLICA_AND_CA_EXPIRE);
+
+        dir.copy("next.key", "replica.key");
+        let bundle = [test_cert("next-ca.crt"), test_cert("ca.crt")]
+            .map(|path| std::fs::read_to_string(path).unwrap())
+            .concat();
+        std::fs::write(dir.path("ca.crt"), bundle).unwrap();
+        assert!(tls.reload().unwrap());
+        assert_eq!(expiry(&tls, "cert"), NEXT_AND_NEXT_CA_EXPIRE);
+        assert_eq!(
+            expiry(&tls, "ca"),
+            REPLICA_AND_CA_EXPIRE,
+            "the soonest of the bundle"
+        );
+
+        dir.copy("next-ca.crt", "ca.crt");
+        assert!(tls.reload().unwrap());
+        assert_eq!(expiry(&tls, "ca"), NEXT_AND_NEXT_CA_EXPIRE);
     }
 
     #[test]

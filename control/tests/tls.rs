@@ -105,6 +105,13 @@ async fn reports_land_only_over_mutual_tls_with_a_certificate_from_the_ca() -> R
     let ack = send_over_tls(&control, Some("replica")).await?;
     assert_eq!(ack.acknowledged_sequence, 1);
     assert_eq!(totals(&control).await?, 2);
+    // What an expiry alert reads: replica.crt's notAfter (`openssl x509 -noout -enddate`).
+    assert_eq!(
+        control
+            .metric(r#"flyball_grpc_tls_certificate_expiration_timestamp_seconds{file="cert"}"#)
+            .await?,
+        Some(4_949_170_715.0)
+    );
     control.stop().await
 }
 
