@@ -509,7 +509,7 @@ pub fn window_stats(summary: &WindowSummary, length: Duration, percentile: f64) 
     let quantile = |sketch: &Sketch| {
         sketch
             .quantile(q)
-            .map(|us| Duration::from_secs_f64(us.max(0.0) / 1e6))
+            .and_then(|us| Duration::try_from_secs_f64(us.max(0.0) / 1e6).ok())
     };
     WindowStats {
         length,
@@ -580,6 +580,9 @@ pub fn pool_telemetry(
 // === the loop ===
 
 /// A running autoscaler task, as [`run`] tracks it.
+/// How long an autoscaler whose task panicked waits before it starts again.
+const PANIC_RESTART_DELAY: Duration = Duration::from_secs(1);
+
 struct RunningAutoscaler {
     /// The definition it was last given.
     autoscaler: Autoscaler,
@@ -714,9 +717,32 @@ pub async fn run<A: Actuator>(
                 },
             );
         }
-        while tasks.try_join_next().is_some() {}
         tokio::select! {
             () = &mut shutdown => break,
+            Some(ended) = tasks.join_next_with_id() => {
+                // Tasks run until aborted, so one that ends by itself panicked: start it again
+                // (its memory is lost, so it holds scale-down as after a restart) rather than
+                // leave its pools unattended while everything else looks healthy.
+                let Err(error) = ended else { continue };
+                if !error.is_panic() {
+                    continue;
+                }
+                let id = error.id();
+                running.retain(|key, task| {
+                    if task.handle.id() != id {
+                        return true;
+                    }
+                    tracing::error!(
+                        autoscaler = %key.1,
+                        namespace = %key.0,
+                        %error,
+                        "autoscaler task panicked; starting it again in 1 s"
+                    );
+                    false
+                });
+                // A panic that recurs at once must not spin.
+                tokio::time::sleep(PANIC_RESTART_DELAY).await;
+            }
             changed = config.changed() => {
                 if changed.is_err() {
                     // The configuration is final: serve it until shutdown.

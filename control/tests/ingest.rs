@@ -265,6 +265,19 @@ async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), E
         status.message()
     );
 
+    // A summary no recording produces: its quantiles would panic downstream.
+    let mut swapped = report("gw", 1, 1, 5);
+    if let Some(sketch) = swapped.keys[0].ttft_us.as_mut() {
+        (sketch.min, sketch.max) = (sketch.max + 1.0, sketch.min);
+    }
+    let status = client.report(swapped).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("keys[0].ttft_us: min = "),
+        "{}",
+        status.message()
+    );
+
     let status = client.report(report("gw", 1, 0, 5)).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert_eq!(status.message(), "sequence = 0: sequences start at 1");
@@ -303,7 +316,7 @@ async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), E
     let pools = control.pools().await?;
     assert_eq!(pools["pools"][0]["requests"], 6);
     for (reason, n) in [
-        ("bad_sketch", 1.0),
+        ("bad_sketch", 2.0),
         ("zero_sequence", 1.0),
         ("no_gateway", 1.0),
         ("oversize", 1.0),

@@ -47,6 +47,10 @@ pub enum SketchError {
     CountOverflow,
     #[error("{field} = {value}: must be a finite number")]
     NotFinite { field: &'static str, value: f64 },
+    #[error("{field} = {value}: must lie within 0..={MAX_VALUE}, as every recorded value does")]
+    OutOfRange { field: &'static str, value: f64 },
+    #[error("min = {min} is above max = {max}")]
+    MinAboveMax { min: f64, max: f64 },
 }
 
 /// A mergeable histogram with a 2% relative error bound. See the crate docs.
@@ -168,7 +172,8 @@ impl Sketch {
             seen = seen.saturating_add(n);
             if seen > rank {
                 let value = Self::bucket_value(self.offset + i as i32);
-                return Some(value.clamp(self.min, self.max));
+                // Not `clamp`: it panics should `min > max` ever reach here.
+                return Some(value.max(self.min).min(self.max));
             }
         }
         Some(self.max)
@@ -254,6 +259,24 @@ impl Sketch {
         sketch.zero_count = parts.zero_count;
         sketch.count = count;
         if count > 0 {
+            // A summary no recording can produce would corrupt every quantile it merges into.
+            for (field, value) in [("min", parts.min), ("max", parts.max)] {
+                if !(0.0..=MAX_VALUE).contains(&value) {
+                    return Err(SketchError::OutOfRange { field, value });
+                }
+            }
+            if parts.sum < 0.0 {
+                return Err(SketchError::OutOfRange {
+                    field: "sum",
+                    value: parts.sum,
+                });
+            }
+            if parts.min > parts.max {
+                return Err(SketchError::MinAboveMax {
+                    min: parts.min,
+                    max: parts.max,
+                });
+            }
             sketch.sum = parts.sum;
             sketch.min = parts.min;
             sketch.max = parts.max;

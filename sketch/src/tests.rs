@@ -114,6 +114,54 @@ fn from_parts_refuses_other_accuracies_and_out_of_range_buckets() {
     assert_eq!(Sketch::from_parts(parts), Err(SketchError::CountOverflow));
 }
 
+#[test]
+fn from_parts_refuses_a_summary_no_recording_produces() {
+    let mut sketch = Sketch::new();
+    sketch.record(100.0);
+    let swapped = SketchParts {
+        min: 1000.0,
+        max: 10.0,
+        ..sketch.parts()
+    };
+    assert_eq!(
+        Sketch::from_parts(swapped),
+        Err(SketchError::MinAboveMax {
+            min: 1000.0,
+            max: 10.0
+        })
+    );
+    let huge = SketchParts {
+        min: 1e300,
+        max: 1e300,
+        ..sketch.parts()
+    };
+    assert_eq!(
+        Sketch::from_parts(huge),
+        Err(SketchError::OutOfRange {
+            field: "min",
+            value: 1e300
+        })
+    );
+    let negative = SketchParts {
+        sum: -1.0,
+        ..sketch.parts()
+    };
+    assert_eq!(
+        Sketch::from_parts(negative).map_err(|e| e.to_string()),
+        Err(format!(
+            "sum = -1: must lie within 0..={MAX_VALUE}, as every recorded value does"
+        ))
+    );
+    // An empty sketch's summary means nothing, so it is not judged.
+    let empty = Sketch::new();
+    let ignored = SketchParts {
+        min: 5.0,
+        max: 1.0,
+        ..empty.parts()
+    };
+    assert_eq!(Sketch::from_parts(ignored), Ok(Sketch::new()));
+}
+
 proptest! {
     #[test]
     fn quantiles_are_within_the_stated_error(

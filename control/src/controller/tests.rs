@@ -88,10 +88,10 @@ autoscalers:
       slo: { ttft: 500ms }
 "#;
 
-struct Harness {
+struct Harness<A = DryRunActuator> {
     telemetry: Arc<Telemetry>,
     status: Arc<Status>,
-    actuator: Arc<DryRunActuator>,
+    actuator: Arc<A>,
     live: LiveConfig,
     leading: watch::Sender<bool>,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -112,6 +112,19 @@ fn start_budgeted(
     replicas: &[(&str, u32)],
     gpu_budget: Option<u32>,
 ) -> Harness {
+    let actuator = Arc::new(DryRunActuator::for_config(&config));
+    for (name, n) in replicas {
+        actuator.preset(name, *n);
+    }
+    start_on(config, actuator, leading, gpu_budget)
+}
+
+fn start_on<A: Actuator>(
+    config: ControlConfig,
+    actuator: Arc<A>,
+    leading: bool,
+    gpu_budget: Option<u32>,
+) -> Harness<A> {
     let epoch = Instant::now();
     let telemetry = Arc::new(Telemetry::new(
         IngestConfig::default(),
@@ -120,10 +133,6 @@ fn start_budgeted(
         epoch,
     ));
     let status = Arc::new(Status::new(config.pools().len()));
-    let actuator = Arc::new(DryRunActuator::for_config(&config));
-    for (name, n) in replicas {
-        actuator.preset(name, *n);
-    }
     let live = LiveConfig::new(config);
     let (leading_tx, leading) = watch::channel(leading);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -552,5 +561,58 @@ autoscalers:
         .cloned()
         .unwrap();
     assert_eq!(last.rule, Rule::GpuBudget, "{last:?}");
+    let _ = h.stop.send(());
+}
+
+/// The dry-run actuator, except that its first `set` panics (a bug anywhere in an evaluation).
+struct PanicsOnce {
+    inner: DryRunActuator,
+    panicked: std::sync::atomic::AtomicBool,
+}
+
+impl Actuator for PanicsOnce {
+    async fn current(&self, target: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
+        self.inner.current(target).await
+    }
+
+    async fn set(&self, target: &ScaleTarget, replicas: u32) -> Result<(), ActuatorError> {
+        if !self
+            .panicked
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("a bug in an evaluation");
+        }
+        self.inner.set(target, replicas).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_autoscaler_whose_task_panics_starts_again() {
+    let config = ControlConfig::from_yaml(SPEC).unwrap();
+    let actuator = Arc::new(PanicsOnce {
+        inner: DryRunActuator::for_config(&config),
+        panicked: false.into(),
+    });
+    let h = start_on(config, actuator, true, None);
+    let started = Instant::now();
+    let mut sequence = 0;
+    // Reports keep coming, as they would; the first scale-up panics, the restarted task makes it.
+    while h.actuator.inner.recommendations().is_empty() {
+        sequence += 1;
+        h.telemetry
+            .ingest(load(sequence, 5_000), Instant::now())
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never restarted"
+        );
+    }
+    assert!(
+        h.actuator
+            .panicked
+            .load(std::sync::atomic::Ordering::SeqCst)
+    );
+    assert!(started.elapsed() >= PANIC_RESTART_DELAY);
     let _ = h.stop.send(());
 }
