@@ -522,18 +522,26 @@ pub fn autoscaler_status(
     for outcome in &evaluation.pools {
         let decision = outcome.decision;
         let role = outcome.pool.role.as_str();
-        let changed = outcome.applied || (evaluation.dry_run && decision.to != decision.from);
-        let last_decision = if changed {
+        let reason = format!("{:?}", decision.rule);
+        let earlier = previous
+            .and_then(|p| p.pools.iter().find(|pool| pool.role == role))
+            .and_then(|pool| pool.last_decision.clone());
+        // A recommendation made again keeps the time it was first made: a dry run may repeat
+        // one for hours (KEDA's HPA ignores it inside its tolerance), and a new time at every
+        // evaluation would rewrite the status ten times a second.
+        let repeated = earlier.as_ref().is_some_and(|last| {
+            (last.from, last.to, &last.reason) == (decision.from, decision.to, &reason)
+        });
+        let recommended = evaluation.dry_run && decision.to != decision.from && !repeated;
+        let last_decision = if outcome.applied || recommended {
             Some(LastDecisionStatus {
                 at: now.clone(),
                 from: decision.from,
                 to: decision.to,
-                reason: format!("{:?}", decision.rule),
+                reason,
             })
         } else {
-            previous
-                .and_then(|p| p.pools.iter().find(|pool| pool.role == role))
-                .and_then(|pool| pool.last_decision.clone())
+            earlier
         };
         status.pools.push(flyball_k8s::PoolStatus {
             role: role.to_owned(),

@@ -559,6 +559,76 @@ async fn flyball_autoscalers_are_sized_and_told_how_it_went_and_bad_ones_why_not
     cluster.cleanup().await.unwrap();
 }
 
+/// A dry run whose recommendation stays the same (KEDA's HPA may never follow it, inside its
+/// tolerance) writes the autoscaler's status once, not at every evaluation: each write is a
+/// watch event for every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_dry_run_recommendation_writes_the_status_once() {
+    let cluster = TestCluster::start().await.unwrap();
+    let test = "a_steady_dry_run_recommendation_writes_the_status_once";
+    let Some(fake) = cluster.fake_or_skip(test, "its request log") else {
+        return;
+    };
+    cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 1, 1).await;
+    let mut dry = spec(&target);
+    dry["dryRun"] = json!(true);
+    let dry: FlyballAutoscalerSpec = serde_json::from_value(dry).unwrap();
+    let created = cluster
+        .create(&FlyballAutoscaler::new(&cluster.unique_name("llama"), dry))
+        .await
+        .unwrap();
+    let name = created.metadata.name.clone().unwrap();
+    let run = created.metadata.labels.as_ref().unwrap()[RUN_LABEL].clone();
+    let selector = format!("{RUN_LABEL}={run}");
+    let lease = lease(&cluster);
+    let source = [
+        "--source",
+        "kubernetes",
+        "--namespace",
+        &ns,
+        "--label-selector",
+        &selector,
+    ];
+    let control = control(&cluster, &flags(&cluster, &lease, "a", &source)).await;
+    let gateway = Gateway::start(control.grpc_uri(), 1, step);
+    let api = Api::<FlyballAutoscaler>::namespaced(cluster.client(), &ns);
+    wait_until("the recommendation in the status", || async {
+        let status = api.get(&name).await.unwrap().status?;
+        let last = status.pools.first()?.last_decision.clone()?;
+        ((last.from, last.to) == (1, 3)).then_some(())
+    })
+    .await;
+    let status_path =
+        format!("/apis/flyball.dev/v1alpha1/namespaces/{ns}/flyballautoscalers/{name}/status");
+    let writes = || {
+        fake.requests()
+            .iter()
+            .filter(|r| r.is("PATCH", &status_path))
+            .count()
+    };
+    let log = decisions(&control).await;
+    let before = (writes(), evaluations(&log), log.len());
+    // Reports keep the pool dirty, so it is evaluated every 100 ms.
+    let log = wait_until("20 more evaluations", || async {
+        let log = decisions(&control).await;
+        (evaluations(&log) >= before.1 + 20).then_some(log)
+    })
+    .await;
+    gateway.stop().await;
+    // The log folds repeated decisions, so its new entries are the changes of recommendation.
+    let changes = log.len() - before.2;
+    let written = writes() - before.0;
+    assert!(
+        written <= changes && changes < 10,
+        "{written} status writes for {changes} changes in 20 evaluations"
+    );
+    assert_eq!(scale_patches(&fake.requests(), &ns, &target), vec![]);
+    control.stop().await.unwrap();
+    cluster.cleanup().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflicting_write_is_retried_and_lands_once() {
     let cluster = TestCluster::start().await.unwrap();
