@@ -789,7 +789,9 @@ fn learn(
     let now = cx.now;
     let window = &t.stable;
     let ready = state.ready_replicas;
-    if ready == 0 || !window.is_full() {
+    // Partial telemetry sees only part of the load (a lower bound): a miss at the load seen
+    // would teach a capacity below the truth, and nothing learned later would undo it.
+    if t.freshness != Freshness::Fresh || ready == 0 || !window.is_full() {
         return;
     }
     // The window must show these ready replicas alone, not a mix of counts.

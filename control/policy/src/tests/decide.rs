@@ -723,6 +723,36 @@ fn a_ttft_miss_without_a_queue_teaches_nothing_about_capacity() {
 }
 
 #[test]
+fn partial_telemetry_teaches_nothing_about_capacity() {
+    let spec = spec(UNIFIED);
+    let mut mem = memory();
+    // Three gateways silent: 8000 of the 16000 tok/s served are seen. TTFT misses with a queue,
+    // which on Fresh data would pull the capacity towards 0.9 x 8000 / 4.
+    let seen = Load::tokens(8_000.0, 1_000.0, 20).ttft(ms(600)).waiting(12);
+    let mut t = telemetry(seen);
+    t.freshness = Freshness::Partial {
+        silent_reporters: 3,
+        keys_over_limit: false,
+    };
+    for i in 0..=10 {
+        decide_unified(&spec, t.clone(), state(4, 4), &mut mem, T0 + secs(i * 60));
+    }
+    assert_eq!(
+        mem.pool(Role::Unified).learned(),
+        &LearnedCapacity::default()
+    );
+    // The same windows once the gateways are back do teach (the guard is the freshness).
+    t.freshness = Freshness::Fresh;
+    decide_unified(&spec, t, state(4, 4), &mut mem, T0 + secs(11 * 60));
+    assert!(
+        mem.pool(Role::Unified)
+            .learned()
+            .prefill_tokens_per_s
+            .is_some()
+    );
+}
+
+#[test]
 fn without_hints_a_steady_window_within_the_slo_teaches_a_capacity() {
     let spec = spec_with(UNIFIED, without_hints);
     let mut mem = memory();
