@@ -381,6 +381,9 @@ fn decide_pool(
     };
 
     // Without current data nothing is known about the load: hold, only honouring minReplicas.
+    // A scaleToZero pool at zero is asleep, not below its minimum: waking it on no data would
+    // start every sleeping pool at each control-service start (telemetry is Missing until the
+    // first report) or gateway outage, for a model load and a whole scale-down window each.
     let data_hold = match t.freshness {
         Freshness::Fresh | Freshness::Partial { .. } => None,
         Freshness::Stale { .. } => Some(Rule::StaleTelemetryHold),
@@ -388,7 +391,8 @@ fn decide_pool(
     };
     if let Some(rule) = data_hold {
         reason.driver = rule;
-        return if from < bounds.min() {
+        let asleep = cx.scale_to_zero && from == 0;
+        return if from < bounds.min() && !asleep {
             reason.recommended_replicas = bounds.min();
             decision(bounds.min(), Rule::MinReplicas, reason)
         } else {

@@ -300,13 +300,15 @@ impl fmt::Display for PoolDecision {
                     }
                     _ => f.write_str("telemetry is stale")?,
                 }
-                return f.write_str("; holding, never scaling down on stale data");
+                f.write_str("; holding, never scaling down on stale data")?;
+                return asleep_note(f, self.to);
             }
             Rule::MissingTelemetryHold => {
-                return f.write_str(
+                f.write_str(
                     "no telemetry has ever been reported for this pool; holding, never scaling \
                      down without data",
-                );
+                )?;
+                return asleep_note(f, self.to);
             }
             Rule::FeedForward => f.write_str("load over per-replica capacity")?,
             Rule::SloFeedback => f.write_str("latency against its objective")?,
@@ -368,6 +370,18 @@ impl fmt::Display for PoolDecision {
         }
         write!(f, "; {r}")
     }
+}
+
+/// A data hold at zero: only a scaleToZero pool rests there (minReplicas is at least 1), and
+/// users ask why a pool with traffic did not wake, so say it waits for data.
+fn asleep_note(f: &mut fmt::Formatter<'_>, to: u32) -> fmt::Result {
+    if to == 0 {
+        f.write_str(
+            "; the pool is at zero (scaleToZero) and is not woken without data: load in \
+             fresh telemetry wakes it",
+        )?;
+    }
+    Ok(())
 }
 
 /// The figures, as one line.

@@ -365,6 +365,27 @@ fn stale_telemetry_still_honours_min_replicas() {
 }
 
 #[test]
+fn a_pool_asleep_at_zero_is_not_woken_by_missing_or_stale_telemetry() {
+    let to_zero = spec_with(UNIFIED, |raw| raw.scale_to_zero = true);
+    for freshness in [Freshness::Missing, Freshness::Stale { age: secs(40) }] {
+        let mut t = telemetry(Load::idle());
+        t.freshness = freshness;
+        // A controller just started (Missing until the first report) and one long running.
+        for mut mem in [PolicyMemory::new(T0), memory()] {
+            let d = decide_unified(&to_zero, t.clone(), state(0, 0), &mut mem, T0);
+            assert_eq!((d.to, d.action), (0, Action::Hold), "{d}");
+            assert_ne!(d.rule, Rule::MinReplicas, "{d}");
+            assert!(d.text().contains("not woken without data"), "{d}");
+        }
+    }
+    // Without scaleToZero, zero is below the minimum: minReplicas still applies on no data.
+    let mut t = telemetry(Load::idle());
+    t.freshness = Freshness::Missing;
+    let d = decide_unified(&spec(UNIFIED), t, state(0, 0), &mut memory(), T0);
+    assert_eq!((d.to, d.rule), (1, Rule::MinReplicas));
+}
+
+#[test]
 fn a_long_prompt_burst_grows_prefill_and_leaves_decode_alone() {
     let spec = spec(DISAGGREGATED);
     let base = Load::tokens(16_000.0, 4_000.0, 100);
