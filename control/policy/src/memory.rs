@@ -44,6 +44,11 @@ pub struct PoolMemory {
     /// Ready replicas and since when that count has held.
     ready_since: Option<(u32, Duration)>,
     scale_events: VecDeque<ScaleEvent>,
+    /// When `desired_replicas` last changed. Kept apart from `scale_events`, which are pruned to
+    /// the step-limit periods (a minute by default): the starting-replicas grace reads it for
+    /// 1.5 x time-to-ready (minutes), and a caller that does not know the change time relies on it.
+    #[serde(default)]
+    last_change_at: Option<Duration>,
     last_panic_at: Option<Duration>,
     last_decision: Option<LastDecision>,
 }
@@ -216,11 +221,13 @@ impl PoolMemory {
             if self.scale_events.len() >= MAX_SCALE_EVENTS {
                 self.scale_events.pop_front();
             }
+            let at = state.last_scale_change_at.unwrap_or(now).min(now);
             self.scale_events.push_back(ScaleEvent {
-                at: state.last_scale_change_at.unwrap_or(now).min(now),
+                at,
                 from: previous,
                 to: state.desired_replicas,
             });
+            self.last_change_at = Some(at);
         }
         self.observed_desired = Some(state.desired_replicas);
         match self.ready_since {
@@ -241,9 +248,9 @@ impl PoolMemory {
         self.ready_since.map(|(_, since)| since)
     }
 
-    /// The latest observed change of `desired_replicas`.
+    /// The latest observed change of `desired_replicas`, however long ago.
     pub(crate) fn last_event_at(&self) -> Option<Duration> {
-        self.scale_events.back().map(|e| e.at)
+        self.last_change_at
     }
 
     /// Replicas added (`up`) or removed by observed events within `period` before `now`.

@@ -474,6 +474,32 @@ fn starting_replicas_past_their_expected_time_to_ready_no_longer_count() {
 }
 
 #[test]
+fn starting_replicas_count_for_the_whole_grace_when_the_caller_does_not_know_the_change_time() {
+    // The spec's step-limit periods are 1 s, so the scale event is pruned from the step-limit
+    // memory long before the 450 s grace (1.5 x 300 s) ends.
+    let spec = spec_with(UNIFIED, without_hints);
+    let mut mem = memory();
+    let slow = Load::tokens(16_000.0, 1_000.0, 10).ttft(ms(1_000));
+    let d = decide_unified(&spec, telemetry(slow), state(4, 4), &mut mem, T0);
+    assert_eq!((d.to, d.action), (8, Action::ScaleUp), "{d}");
+    // Applied by a caller that does not report when (`last_scale_change_at: None`): the policy
+    // sees the change at its next evaluation, T0 + 1 s.
+    let mut s = state(8, 4);
+    s.time_to_ready = Some(secs(300));
+    for after in [1, 30, 61, 300, 451] {
+        let d = decide_unified(&spec, telemetry(slow), s, &mut mem, T0 + secs(after));
+        assert_eq!(
+            (d.to, d.rule),
+            (8, Rule::WaitingForStartingReplicas),
+            "{after} s after the scale-up: {d}"
+        );
+    }
+    let d = decide_unified(&spec, telemetry(slow), s, &mut mem, T0 + secs(452));
+    assert!(!d.reason.starting_counted, "{d}");
+    assert_eq!((d.to, d.action), (12, Action::ScaleUp), "{d}");
+}
+
+#[test]
 fn replicas_starting_before_a_restart_count_for_one_grace_from_the_start() {
     let spec = spec_with(UNIFIED, without_hints);
     let slow = Load::tokens(16_000.0, 1_000.0, 10).ttft(ms(1_000));
