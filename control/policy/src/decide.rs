@@ -392,12 +392,14 @@ fn decide_pool(
     if let Some(rule) = data_hold {
         reason.driver = rule;
         let asleep = cx.scale_to_zero && from == 0;
-        return if from < bounds.min() && !asleep {
+        let (to, rule) = if from < bounds.min() && !asleep {
             reason.recommended_replicas = bounds.min();
-            decision(bounds.min(), Rule::MinReplicas, reason)
+            (bounds.min(), Rule::MinReplicas)
         } else {
-            decision(from, rule, reason)
+            (from, rule)
         };
+        mem.record_held(now, to);
+        return decision(to, rule, reason);
     }
 
     learn(cx, role, pool, t, state, mem);
@@ -568,6 +570,11 @@ fn decide_pool(
     reason.driver = driver;
     reason.recommended_replicas = recommended;
     mem.record(now, recommended);
+    if matches!(t.freshness, Freshness::Partial { .. }) {
+        // The load seen is short, so is the recommendation: like a gap, it must not stand in the
+        // scale-down window for the load that was really there.
+        mem.record_held(now, from);
+    }
 
     // maxReplicas lowered under the current count is configuration, not data: apply it at once.
     if from > bounds.max() {

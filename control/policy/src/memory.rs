@@ -271,13 +271,7 @@ impl PoolMemory {
 
     /// Records a recommendation in both stabilization windows.
     pub(crate) fn record(&mut self, now: Duration, replicas: u32) {
-        // A clock that went backwards (a replayed trace, a bad caller) would break the queues'
-        // order; start them afresh rather than answer from a mixed history.
-        let went_back = |q: &VecDeque<Sample>| q.back().is_some_and(|s| s.at > now);
-        if went_back(&self.up_window) || went_back(&self.down_window) {
-            self.up_window.clear();
-            self.down_window.clear();
-        }
+        self.clear_if_clock_went_back(now);
         let sample = Sample { at: now, replicas };
         while self
             .up_window
@@ -290,10 +284,23 @@ impl PoolMemory {
             self.up_window.pop_front();
         }
         self.up_window.push_back(sample);
+        self.push_down(sample);
+    }
+
+    /// Records a count held while the load was unknown (or known short) in the scale-down window
+    /// only: a data gap is an unknown like a restart, so scale-down waits a whole window of data
+    /// after it rather than trusting the few samples that survived it. The scale-up window is
+    /// left alone, as after a restart, so load found after a gap is answered at once.
+    pub(crate) fn record_held(&mut self, now: Duration, replicas: u32) {
+        self.clear_if_clock_went_back(now);
+        self.push_down(Sample { at: now, replicas });
+    }
+
+    fn push_down(&mut self, sample: Sample) {
         while self
             .down_window
             .back()
-            .is_some_and(|s| s.replicas <= replicas)
+            .is_some_and(|s| s.replicas <= sample.replicas)
         {
             self.down_window.pop_back();
         }
@@ -301,6 +308,16 @@ impl PoolMemory {
             self.down_window.pop_front();
         }
         self.down_window.push_back(sample);
+    }
+
+    fn clear_if_clock_went_back(&mut self, now: Duration) {
+        // A clock that went backwards (a replayed trace, a bad caller) would break the queues'
+        // order; start them afresh rather than answer from a mixed history.
+        let went_back = |q: &VecDeque<Sample>| q.back().is_some_and(|s| s.at > now);
+        if went_back(&self.up_window) || went_back(&self.down_window) {
+            self.up_window.clear();
+            self.down_window.clear();
+        }
     }
 
     /// Lowest recommendation within `window` before `now` (after [`Self::record`], never `None`).

@@ -190,6 +190,57 @@ fn scale_down_follows_the_highest_recommendation_of_its_window() {
 }
 
 #[test]
+fn a_telemetry_gap_does_not_shorten_the_scale_down_window() {
+    let spec = spec_with(UNIFIED, |raw| {
+        raw.behavior.scale_down = rules("300s", 1, "1s");
+    });
+    let busy = Load::tokens(64_000.0, 1_000.0, 20);
+    let quiet = Load::tokens(8_000.0, 1_000.0, 20);
+    let stale = Freshness::Stale { age: secs(30) };
+    // Gateways partitioned (the load seen is a quarter of the truth) is a gap too.
+    let partial = Freshness::Partial {
+        silent_reporters: 3,
+        keys_over_limit: false,
+    };
+    for (gap, seen) in [(stale, busy), (partial, quiet)] {
+        let mut mem = memory();
+        let d = decide_unified(&spec, telemetry(busy), state(8, 8), &mut mem, T0);
+        assert_eq!((d.to, d.rule), (8, Rule::NoChange));
+        // 400 s without (full) data: longer than the window, so the busy sample is evicted.
+        let mut t = telemetry(seen);
+        t.freshness = gap;
+        for i in 1..=40 {
+            let d = decide_unified(&spec, t.clone(), state(8, 8), &mut mem, T0 + secs(i * 10));
+            assert_eq!(d.to, 8, "{d}");
+        }
+        // Data back at +410 s, quiet. The window must be full of data before a scale-down:
+        // from the end of the gap, as from a restart.
+        for after in [465, 600, 700] {
+            let d = decide_unified(
+                &spec,
+                telemetry(quiet),
+                state(8, 8),
+                &mut mem,
+                T0 + secs(after),
+            );
+            assert_eq!(
+                (d.to, d.rule),
+                (8, Rule::StabilizedDown),
+                "{gap:?}, {after} s: {d}"
+            );
+        }
+        let d = decide_unified(
+            &spec,
+            telemetry(quiet),
+            state(8, 8),
+            &mut mem,
+            T0 + secs(701),
+        );
+        assert_eq!((d.to, d.action), (7, Action::ScaleDown), "{gap:?}: {d}");
+    }
+}
+
+#[test]
 fn scale_up_follows_the_lowest_recommendation_of_its_window() {
     let spec = spec_with(UNIFIED, |raw| {
         raw.behavior.scale_up = rules("60s", 4, "1s");
