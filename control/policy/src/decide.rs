@@ -7,7 +7,8 @@
 //! Sizing works in "serving replicas": feed-forward asks for `load / per-replica capacity`, SLO
 //! feedback for `ready * (measured / target)` when latency breaches. Replicas asked for and still
 //! starting within their expected time-to-ready count as on the way, so a shortfall they cover is
-//! not answered twice; once overdue they no longer count and the shortfall is asked for again.
+//! not answered twice; once overdue they no longer count and the shortfall is asked for again,
+//! once: overdue replicas beyond the shortfall (an earlier re-ask) are not asked for again.
 
 use std::time::Duration;
 
@@ -545,10 +546,15 @@ fn decide_pool(
     let starting_since = last_change.unwrap_or(cx.started_at);
     let starting_counted = now.saturating_sub(starting_since) <= grace;
     reason.starting_counted = starting_counted;
+    // The re-ask is the shortfall asked for once more, not one replica per overdue one: the
+    // replicas of an earlier re-ask are starting (and overdue) too, and counting them again would
+    // grow the pool by the shortfall at every grace, up to maxReplicas, while pods stay Pending
+    // for want of nodes; then all start at once when nodes come. A growing shortfall still asks
+    // for more.
     let overdue = if starting_counted {
         0
     } else {
-        state.starting_replicas
+        state.starting_replicas.min(need.saturating_sub(ready))
     };
     let wanted = need.saturating_add(overdue);
 

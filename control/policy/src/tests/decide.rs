@@ -551,6 +551,37 @@ fn starting_replicas_count_for_the_whole_grace_when_the_caller_does_not_know_the
 }
 
 #[test]
+fn replicas_stuck_pending_are_asked_for_again_once_not_at_every_grace() {
+    let spec = spec_with(UNIFIED, |raw| {
+        without_hints(raw);
+        raw.pools.unified.as_mut().unwrap().max_replicas = 64;
+        raw.behavior.scale_down = rules("300s", 1, "60s");
+        raw.behavior.cooldown = Some("5s".into());
+    });
+    let mut mem = memory();
+    // TTFT 2x the objective on 4 ready replicas; no node for a new pod, so 4 stay ready for
+    // 40 minutes while the desired count follows the decisions.
+    let slow = Load::tokens(16_000.0, 1_000.0, 10).ttft(ms(1_000));
+    let (mut desired, mut changed) = (4, None);
+    let mut trace = Vec::new();
+    for i in 0..240u64 {
+        let now = T0 + secs(i * 10);
+        let mut s = state(desired, 4);
+        s.last_scale_change_at = changed;
+        s.time_to_ready = Some(secs(120));
+        let d = decide_unified(&spec, telemetry(slow), s, &mut mem, now);
+        if d.to != desired {
+            trace.push((i * 10, desired, d.to));
+            desired = d.to;
+            changed = Some(now);
+        }
+    }
+    // 4 -> 8 for the shortfall, then 8 -> 12 once the 4 are overdue (180 s): the shortfall asked
+    // for again. Nothing more while it stays the same.
+    assert_eq!(trace, [(0, 4, 8), (190, 8, 12)]);
+}
+
+#[test]
 fn replicas_starting_before_a_restart_count_for_one_grace_from_the_start() {
     let spec = spec_with(UNIFIED, without_hints);
     let slow = Load::tokens(16_000.0, 1_000.0, 10).ttft(ms(1_000));
