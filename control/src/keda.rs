@@ -11,25 +11,35 @@
 //! count is ignored); flyball's own actuator has neither. `IsActive` / `StreamIsActive` carry
 //! activation (0 <-> 1): the stream pushes a change as soon as the controller sees load appear.
 //!
-//! KEDA reaches whichever replica its Service picks. Only the leader merges every gateway's
-//! reports; a follower merges those of the gateways connected to it, so what it sees is a part
-//! of the load: it may answer more replicas than run now (that much load is certain), never fewer,
-//! and never deactivates a pool that has replicas ([`answer`]).
+//! KEDA reaches whichever replica its Service picks, and holds that connection. Only the leader
+//! merges every gateway's reports, so a follower asks the leader ([`LeaderLink`]): `IsActive` and
+//! `GetMetrics` are passed on as they come, and a follower's `StreamIsActive` asks the leader's
+//! `IsActive` every [`FOLLOWER_POLL`] (activation through a follower is that much slower). Asked
+//! calls carry the forwarding mark, so a replica never passes on what another passed to it. When
+//! the leader cannot be asked (none known, unreachable), the follower answers from what it sees,
+//! a part of the load: it may answer more replicas than run now (that much load is certain),
+//! never fewer, and never deactivates a pool that has replicas ([`answer`]).
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use futures::Stream;
 use tokio::sync::watch;
+use tonic::transport::Channel;
 
 use crate::config::{ControlConfig, LiveConfig, PoolDef};
 use crate::controller::{PoolStatus, Status};
+use crate::forward::FORWARDED_BY;
+use crate::leader::leader_channel;
+use crate::tls::GrpcTls;
 
 pub mod externalscaler {
     #![allow(clippy::all)]
     include!("gen/externalscaler.rs");
 }
 
+use externalscaler::external_scaler_client::ExternalScalerClient;
 use externalscaler::external_scaler_server::{ExternalScaler, ExternalScalerServer};
 use externalscaler::{
     GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
@@ -39,6 +49,13 @@ use externalscaler::{
 /// The HPA target per replica: one unit of metric per replica.
 pub const TARGET_SIZE: i64 = 1;
 
+/// How often a follower's activation stream asks the leader.
+pub const FOLLOWER_POLL: Duration = Duration::from_secs(1);
+
+/// How long a follower waits for the leader's answer before it answers from what it sees: KEDA
+/// calls with a deadline of its own.
+const LEADER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The scaler service.
 #[derive(Debug, Clone)]
 pub struct KedaScaler {
@@ -46,8 +63,21 @@ pub struct KedaScaler {
     status: Arc<Status>,
     /// Whether this replica leads (decides on every gateway's reports).
     leading: watch::Receiver<bool>,
+    link: Arc<LeaderLink>,
     /// Turns true at shutdown: activation streams end then, rather than hold the server open.
     stop: watch::Receiver<bool>,
+}
+
+/// How a follower asks the leader.
+#[derive(Debug)]
+pub struct LeaderLink {
+    /// This replica's Lease identity, sent as the forwarding mark.
+    identity: String,
+    /// The leader's gRPC URI, when known and not this replica.
+    leader: watch::Receiver<Option<String>>,
+    tls: Option<Arc<GrpcTls>>,
+    /// The client for the leader last asked, by its URI.
+    client: Mutex<Option<(String, ExternalScalerClient<Channel>)>>,
 }
 
 // === impl KedaScaler ===
@@ -57,14 +87,22 @@ impl KedaScaler {
         config: Arc<LiveConfig>,
         status: Arc<Status>,
         leading: watch::Receiver<bool>,
+        link: LeaderLink,
         stop: watch::Receiver<bool>,
     ) -> Self {
         KedaScaler {
             config,
             status,
             leading,
+            link: Arc::new(link),
             stop,
         }
+    }
+
+    /// Whether this call is the leader's to answer: this replica follows, and the call was not
+    /// already passed on by another replica.
+    fn for_the_leader<T>(&self, request: &tonic::Request<T>) -> bool {
+        !*self.leading.borrow() && !request.metadata().contains_key(FORWARDED_BY)
     }
 
     pub fn into_server(self) -> ExternalScalerServer<KedaScaler> {
@@ -193,6 +231,81 @@ pub fn metric_name(pool: &PoolDef) -> String {
     format!("flyball-{}", pool.name)
 }
 
+// === impl LeaderLink ===
+
+impl LeaderLink {
+    pub fn new(
+        identity: String,
+        leader: watch::Receiver<Option<String>>,
+        tls: Option<Arc<GrpcTls>>,
+    ) -> Self {
+        LeaderLink {
+            identity,
+            leader,
+            tls,
+            client: Mutex::new(None),
+        }
+    }
+
+    /// A link that never asks: for a replica that always leads, and for tests.
+    pub fn none() -> Self {
+        let (_, leader) = watch::channel(None);
+        LeaderLink::new(String::new(), leader, None)
+    }
+
+    fn client(&self) -> Option<ExternalScalerClient<Channel>> {
+        let uri = self.leader.borrow().clone()?;
+        let mut cached = self.client.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((known, client)) = cached.as_ref()
+            && *known == uri
+        {
+            return Some(client.clone());
+        }
+        let channel = match leader_channel(&uri, self.tls.as_deref(), LEADER_TIMEOUT) {
+            Ok(channel) => channel,
+            Err(error) => {
+                tracing::warn!(%uri, %error, "cannot reach the leader for KEDA; answering locally");
+                return None;
+            }
+        };
+        let client = ExternalScalerClient::new(channel);
+        *cached = Some((uri, client.clone()));
+        Some(client)
+    }
+
+    /// The leader's answer to `message`, or `None` (answer locally) if it cannot be had in time.
+    async fn ask<M, T, F, Fut>(&self, message: M, call: F) -> Option<T>
+    where
+        F: FnOnce(ExternalScalerClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let client = self.client()?;
+        let mut request = tonic::Request::new(message);
+        if let Ok(identity) = self.identity.parse() {
+            request.metadata_mut().insert(FORWARDED_BY, identity);
+        }
+        match tokio::time::timeout(LEADER_TIMEOUT, call(client, request)).await {
+            Ok(Ok(response)) => Some(response.into_inner()),
+            Ok(Err(status)) => {
+                tracing::debug!(%status, "the leader did not answer KEDA's call; answering locally");
+                None
+            }
+            Err(_elapsed) => {
+                tracing::debug!("the leader did not answer KEDA's call in time; answering locally");
+                None
+            }
+        }
+    }
+
+    async fn is_active(&self, object: ScaledObjectRef) -> Option<bool> {
+        self.ask(object, |mut client, request| async move {
+            client.is_active(request).await
+        })
+        .await
+        .map(|answer| answer.result)
+    }
+}
+
 type ActiveStream = Pin<Box<dyn Stream<Item = Result<IsActiveResponse, tonic::Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -202,6 +315,11 @@ impl ExternalScaler for KedaScaler {
         request: tonic::Request<ScaledObjectRef>,
     ) -> Result<tonic::Response<IsActiveResponse>, tonic::Status> {
         let pool = self.resolve(request.get_ref())?;
+        if self.for_the_leader(&request)
+            && let Some(result) = self.link.is_active(request.get_ref().clone()).await
+        {
+            return Ok(tonic::Response::new(IsActiveResponse { result }));
+        }
         let result = self.answer_for(&pool).active;
         Ok(tonic::Response::new(IsActiveResponse { result }))
     }
@@ -217,35 +335,20 @@ impl ExternalScaler for KedaScaler {
         let Some(receiver) = self.status.subscribe(pool.id) else {
             return Err(tonic::Status::internal("pool has no status channel"));
         };
-        type State = (
-            watch::Receiver<PoolStatus>,
-            watch::Receiver<bool>,
-            watch::Receiver<bool>,
-            Option<bool>,
-        );
-        let stream = futures::stream::unfold(
-            (
-                receiver,
-                self.leading.clone(),
-                self.stop.clone(),
-                None::<bool>,
-            ),
-            |(mut receiver, mut leading, mut stop, last): State| async move {
-                loop {
-                    let leads = *leading.borrow_and_update();
-                    let active = answer(&receiver.borrow_and_update(), leads).active;
-                    if last != Some(active) {
-                        let item = Ok(IsActiveResponse { result: active });
-                        return Some((item, (receiver, leading, stop, Some(active))));
-                    }
-                    tokio::select! {
-                        changed = receiver.changed() => changed.ok()?,
-                        changed = leading.changed() => changed.ok()?,
-                        _ = stop.wait_for(|stop| *stop) => return None,
-                    }
-                }
-            },
-        );
+        let activation = Activation {
+            object: request.get_ref().clone(),
+            // A call passed on by another replica is answered from here, never passed on.
+            ask_leader: !request.metadata().contains_key(FORWARDED_BY),
+            link: self.link.clone(),
+            receiver,
+            leading: self.leading.clone(),
+            stop: self.stop.clone(),
+            last: None,
+        };
+        let stream = futures::stream::unfold(activation, |mut activation| async move {
+            let active = activation.next_change().await?;
+            Some((Ok(IsActiveResponse { result: active }), activation))
+        });
         Ok(tonic::Response::new(Box::pin(stream)))
     }
 
@@ -269,6 +372,18 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: tonic::Request<GetMetricsRequest>,
     ) -> Result<tonic::Response<GetMetricsResponse>, tonic::Status> {
+        if self.for_the_leader(&request) {
+            let asked = self
+                .link
+                .ask(
+                    request.get_ref().clone(),
+                    |mut client, request| async move { client.get_metrics(request).await },
+                )
+                .await;
+            if let Some(answer) = asked {
+                return Ok(tonic::Response::new(answer));
+            }
+        }
         let request = request.into_inner();
         let object = request.scaled_object_ref.unwrap_or_default();
         let pool = self.resolve(&object)?;
@@ -291,6 +406,48 @@ impl ExternalScaler for KedaScaler {
                 metric_value_float: value as f64,
             }],
         }))
+    }
+}
+
+/// One `StreamIsActive` call: the activation, each time it changes.
+struct Activation {
+    object: ScaledObjectRef,
+    /// Ask the leader while this replica follows.
+    ask_leader: bool,
+    link: Arc<LeaderLink>,
+    receiver: watch::Receiver<PoolStatus>,
+    leading: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    last: Option<bool>,
+}
+
+impl Activation {
+    /// The activation when it differs from the last sent (at once for the first); `None` at
+    /// shutdown or when the pool goes.
+    async fn next_change(&mut self) -> Option<bool> {
+        loop {
+            let leads = *self.leading.borrow_and_update();
+            let local = answer(&self.receiver.borrow_and_update(), leads).active;
+            let following = self.ask_leader && !leads;
+            let active = if following {
+                self.link
+                    .is_active(self.object.clone())
+                    .await
+                    .unwrap_or(local)
+            } else {
+                local
+            };
+            if self.last != Some(active) {
+                self.last = Some(active);
+                return Some(active);
+            }
+            tokio::select! {
+                changed = self.receiver.changed() => changed.ok()?,
+                changed = self.leading.changed() => changed.ok()?,
+                () = tokio::time::sleep(FOLLOWER_POLL), if following => {}
+                _ = self.stop.wait_for(|stop| *stop) => return None,
+            }
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::forward::leader_uri;
+use crate::tls::GrpcTls;
 
 /// Reads asked for by failed forwards are at least this far apart.
 const MIN_REFRESH_GAP: Duration = Duration::from_secs(1);
@@ -201,4 +202,27 @@ async fn follow_holder(
             }
         }
     }
+}
+
+/// A channel to the leader at `uri` (as the Lease names it), connected on first use: over TLS
+/// when this replica's gRPC port has it, checking the leader against the same CA.
+pub fn leader_channel(
+    uri: &str,
+    tls: Option<&GrpcTls>,
+    connect_timeout: Duration,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let tls = tls.and_then(GrpcTls::client_config);
+    // The Lease names the leader's address; the scheme is this replica's to choose.
+    let target = match (&tls, uri.strip_prefix("http://")) {
+        (Some(_), Some(authority)) => format!("https://{authority}"),
+        _ => uri.to_owned(),
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(target)?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(endpoint
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .connect_lazy())
 }

@@ -670,6 +670,11 @@ impl<A: Actuator> Control<A> {
             self.config.clone(),
             self.status.clone(),
             self.leadership.leading.clone(),
+            keda::LeaderLink::new(
+                self.leadership.identity.clone(),
+                self.leadership.leader.clone(),
+                self.tls.clone(),
+            ),
             stop_rx.clone(),
         );
         let ingest_stop = stop_rx.clone();

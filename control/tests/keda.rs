@@ -282,3 +282,122 @@ async fn load_on_a_pool_at_zero_is_pushed_as_activation_and_metrics_land_on_the_
     );
     control.stop().await
 }
+
+/// `FAST` on an actuator at zero, leading or following `leader` as told.
+async fn replica(leading: bool, leader: Option<String>) -> Result<support::Running, Error> {
+    let identity = if leading { "a" } else { "b" };
+    let (_keep_leading, leading) = tokio::sync::watch::channel(leading);
+    let (_keep_leader, leader) = tokio::sync::watch::channel(leader);
+    let control = support::bind(FAST, FAST_WINDOWS)
+        .await?
+        .with_actuator(Arc::new(ScaledToZero::default()), false)
+        .with_leadership(flyball_control::leader::Leadership::from_channels(
+            identity, leading, leader,
+        ));
+    support::spawn(control)
+}
+
+/// KEDA holds one connection to whichever replica its Service picked. A follower sees only its
+/// own gateways' reports, so it passes KEDA's calls to the leader: were it to answer from its
+/// own view, a pool would never scale down, nor go to zero, while KEDA sits on a follower.
+#[tokio::test]
+async fn a_follower_gives_keda_the_leaders_answer() -> Result<(), Error> {
+    let leader = replica(true, None).await?;
+    let follower = replica(false, Some(leader.grpc_uri())).await?;
+    let llama = object(&[("pool", "llama")]);
+
+    // Load reaches the leader only.
+    let mut gateway = TelemetryServiceClient::connect(leader.grpc_uri()).await?;
+    let feeding = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        for sequence in 1.. {
+            tick.tick().await;
+            let load = v1::KeyTelemetry {
+                backend: "vllm".into(),
+                model: "llama".into(),
+                tokens: Some(v1::TokenUsage {
+                    input: 300,
+                    ..Default::default()
+                }),
+                in_flight: Some(v1::InFlight {
+                    waiting_first_token: 4,
+                    decoding: 0,
+                }),
+                ..Default::default()
+            };
+            if gateway.report(report(sequence, vec![load])).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut at_leader = client(&leader).await?;
+    let mut at_follower = client(&follower).await?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !at_leader
+        .is_active(llama.clone())
+        .await?
+        .into_inner()
+        .result
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never active");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    assert!(
+        at_follower
+            .is_active(llama.clone())
+            .await?
+            .into_inner()
+            .result
+    );
+    let mut activity = at_follower
+        .stream_is_active(llama.clone())
+        .await?
+        .into_inner();
+    assert!(activity.next().await.ok_or("stream ended")??.result);
+    // The follower's own view, as a call another replica passed on gets it: no load, nothing.
+    let mut passed_on = tonic::Request::new(llama.clone());
+    passed_on
+        .metadata_mut()
+        .insert("flyball-forwarded-by", "c".parse()?);
+    assert!(!at_follower.is_active(passed_on).await?.into_inner().result);
+
+    let metrics = |mut keda: ExternalScalerClient<Channel>| {
+        let llama = llama.clone();
+        async move {
+            let answer = keda
+                .get_metrics(GetMetricsRequest {
+                    scaled_object_ref: Some(llama),
+                    metric_name: "s0-flyball-llama".into(),
+                })
+                .await?
+                .into_inner();
+            Ok::<_, Error>(answer.metric_values[0].metric_value)
+        }
+    };
+    // The leader's count moves as its windows slide: compare answers that agree on both sides.
+    let mut same = false;
+    for _ in 0..50 {
+        let before = metrics(at_leader.clone()).await?;
+        let through_follower = metrics(at_follower.clone()).await?;
+        let after = metrics(at_leader.clone()).await?;
+        if before == after {
+            assert!(before >= 1, "{before}");
+            assert_eq!(through_follower, before);
+            same = true;
+            break;
+        }
+    }
+    assert!(same, "the leader's count never held across three calls");
+
+    // Without a leader to ask, the follower answers from what it sees, at once.
+    feeding.abort();
+    leader.stop().await?;
+    let alone = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        at_follower.is_active(llama.clone()),
+    )
+    .await??;
+    assert!(!alone.into_inner().result);
+    follower.stop().await
+}
