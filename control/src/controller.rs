@@ -855,8 +855,16 @@ impl<A: Actuator> AutoscalerLoop<A> {
                             kind: error.kind,
                         })
                         .inc();
+                    // Load comes from telemetry, not from /scale: KEDA's activation must not
+                    // fall to false (and scale a loaded pool to zero) because replicas cannot be
+                    // read, say for want of RBAC on /scale when KEDA owns the replicas.
+                    let has_load = self
+                        .telemetry
+                        .pool(pool.id, now)
+                        .is_some_and(|view| view.has_load());
                     self.status.update(pool.id, |s| {
                         s.last_error = Some(error.to_string());
+                        s.active |= has_load;
                         true
                     });
                     return;
@@ -904,7 +912,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                     time_to_ready: observed.time_to_ready,
                 },
             };
-            let has_load = view.in_flight.total() > 0 || view.short.requests.total() > 0;
+            let has_load = view.has_load();
             states.push((pool.clone(), replicas, inputs, has_load));
         }
         let inputs = match states.as_slice() {

@@ -161,6 +161,13 @@ pub struct View {
     pub last_update: Option<Instant>,
 }
 
+impl View {
+    /// Requests in flight, or seen in the short window: KEDA's activation.
+    pub fn has_load(&self) -> bool {
+        self.in_flight.total() > 0 || self.short.requests.total() > 0
+    }
+}
+
 /// A key's name and figures, for metrics.
 #[derive(Debug, Clone)]
 pub struct KeyView {

@@ -401,3 +401,52 @@ async fn a_follower_gives_keda_the_leaders_answer() -> Result<(), Error> {
     assert!(!alone.into_inner().result);
     follower.stop().await
 }
+
+/// `/scale` that cannot be read: flyball has no RBAC on it, as some KEDA setups choose.
+struct Unreadable;
+
+impl Actuator for Unreadable {
+    async fn current(&self, target: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
+        Err(ActuatorError {
+            target: target.name.clone(),
+            kind: "forbidden",
+            source: "deployments.apps/scale is forbidden".into(),
+        })
+    }
+
+    async fn set(&self, _: &ScaleTarget, _: u32) -> Result<(), ActuatorError> {
+        unreachable!("nothing is set without a replica count")
+    }
+}
+
+/// Activation comes from the load in telemetry: replicas that cannot be read must not leave a
+/// loaded pool inactive, which KEDA would scale to zero.
+#[tokio::test]
+async fn load_activates_a_pool_whose_replicas_cannot_be_read() -> Result<(), Error> {
+    let control = support::start_with(FAST, FAST_WINDOWS, Arc::new(Unreadable)).await?;
+    let mut keda = client(&control).await?;
+    let llama = object(&[("pool", "llama")]);
+    let mut activity = keda.stream_is_active(llama.clone()).await?.into_inner();
+    assert!(!activity.next().await.ok_or("stream ended")??.result);
+
+    let mut gateway = TelemetryServiceClient::connect(control.grpc_uri()).await?;
+    let load = v1::KeyTelemetry {
+        backend: "vllm".into(),
+        model: "llama".into(),
+        in_flight: Some(v1::InFlight {
+            waiting_first_token: 2,
+            decoding: 0,
+        }),
+        ..Default::default()
+    };
+    gateway.report(report(1, vec![load])).await?;
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), activity.next())
+        .await?
+        .ok_or("stream ended")??;
+    assert!(
+        next.result,
+        "activation pushed although /scale is unreadable"
+    );
+    assert!(keda.is_active(llama).await?.into_inner().result);
+    control.stop().await
+}
