@@ -44,6 +44,10 @@ pub const STARTING_GRACE_FACTOR: f64 = 1.5;
 /// capacity is below `x`, by an unknown margin.
 pub const VIOLATION_BACKOFF: f64 = 0.9;
 
+/// While latency stays well below its objective, learned capacity rises by at most this factor
+/// per stable window (see `learn`).
+pub const MAX_PROBE_GROWTH: f64 = 1.2;
+
 /// Learning never takes a capacity below this share of its hint: a hint is a statement about the
 /// hardware, and a few bad windows (long prompts, a noisy neighbour) must not erase it.
 pub const MIN_LEARNED_SHARE_OF_HINT: f64 = 0.25;
@@ -792,7 +796,8 @@ fn load_used(t: &PoolTelemetry) -> LoadUsed {
 }
 
 /// Learns per-replica capacity from a steady pool: meeting the objective at `x` per ready replica
-/// shows capacity >= `x` (the estimate rises to `x`), missing it shows capacity < `x` (the estimate
+/// shows capacity >= `x` (the estimate rises to `x`, and further by [`probe`] while latency is well
+/// below the objective), missing it shows capacity < `x` (the estimate
 /// falls towards `x * VIOLATION_BACKOFF`, as an EWMA with the stable window as time constant, so
 /// the tick rate does not matter and one bad window does not erase what was learned).
 fn learn(
@@ -828,8 +833,10 @@ fn learn(
     let dt = learned
         .updated_at
         .map_or(tau, |at| now.saturating_sub(at).as_secs_f64().min(tau));
+    // The share of a stable window since learning last looked.
+    let windows = if tau > 0.0 { dt / tau } else { 1.0 };
     let alpha = if tau > 0.0 {
-        1.0 - (-dt / tau).exp()
+        1.0 - (-windows).exp()
     } else {
         1.0
     };
@@ -846,12 +853,13 @@ fn learn(
         let hint = dim.hint(&pool.capacity);
         let slot = dim.learned_mut(learned);
         let prior = positive(*slot).or(hint);
+        let r = ratio(q, target);
         let next = if q <= target {
             // Sustained within the objective: a proven lower bound, taken at once. Approaching it
             // gradually would leave feed-forward asking for one replica more than the ones that
             // just proved enough.
             match prior {
-                Some(p) if x <= p => None,
+                Some(p) if x <= p => probe(p, x, r, windows),
                 _ => Some(x),
             }
         } else {
@@ -871,4 +879,30 @@ fn learn(
             *slot = Some(value);
         }
     }
+}
+
+/// A capacity `p` that the pool sustains at `x` per replica with latency at `r` of its objective.
+///
+/// A window within the objective only proves capacity >= `x`, and feed-forward sizes the pool so
+/// that per-replica load stays at or under `p`: taken alone, the estimate would stay at the
+/// lowest utilisation it first saw (a quiet night) and the pool over-provisioned for good. So
+/// while latency is well below its objective, `p` is raised towards what the headroom suggests,
+/// slowly (at most [`MAX_PROBE_GROWTH`] per stable window, `elapsed` in windows) and never past
+/// `x * (1 + (WELL_BELOW_TARGET - r) / 2)`: the more headroom, the further beyond the proven
+/// load, but at most 1.4 x it, and not at all where latency was near the objective. Latency rises
+/// steeply near saturation, so a bolder bound overshoots the true capacity from half-loaded
+/// replicas; this one may leave a small pool a replica above the least it could run on. An
+/// overshoot shows as a miss, which SLO feedback answers at once and the EWMA on misses learns
+/// from.
+fn probe(p: f64, x: f64, r: f64, elapsed: f64) -> Option<f64> {
+    if !(r < WELL_BELOW_TARGET && r.is_finite() && elapsed > 0.0) {
+        return None;
+    }
+    let growth = if r > 0.0 {
+        (WELL_BELOW_TARGET / r).min(MAX_PROBE_GROWTH)
+    } else {
+        MAX_PROBE_GROWTH
+    };
+    let next = (p * growth.powf(elapsed.min(1.0))).min(x * (1.0 + (WELL_BELOW_TARGET - r) / 2.0));
+    (next > p).then_some(next)
 }

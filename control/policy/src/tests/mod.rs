@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod budget;
+mod closed_loop;
 mod decide;
 mod properties;
 mod spec;

@@ -1,0 +1,293 @@
+//! Closed loop: decisions are applied, new replicas become ready after a time-to-ready, and
+//! latency follows from per-replica load against a true capacity the policy does not know.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use super::support::*;
+use crate::spec::ScalingRulesRaw;
+use crate::*;
+
+/// Prefill tokens a second one replica serves at exactly the objectives.
+const TRUE_CAPACITY: f64 = 8_000.0;
+const TICK: u64 = 5;
+const TIME_TO_READY: u64 = 120;
+
+/// Latency as a share of the objective at utilisation `u` (per-replica load over the true
+/// capacity): a queue's `1 / (1 - rho)` shape, 10% at idle and exactly the objective at `u = 1`,
+/// growing linearly past it (the queue keeps growing; the window percentile does not explode).
+fn latency_ratio(u: f64) -> f64 {
+    if u < 1.0 {
+        0.1 / (1.0 - 0.9 * u)
+    } else {
+        1.0 + 5.0 * (u - 1.0)
+    }
+}
+
+fn ratio_of(d: Duration, target_ms: f64) -> f64 {
+    d.as_secs_f64() * 1e3 / target_ms
+}
+
+/// One tick of the modelled world.
+struct Tick {
+    load: f64,
+    /// Latency over its objective, for both TTFT and TPOT.
+    ratio: f64,
+}
+
+/// The pool as Kubernetes would run it.
+struct World {
+    desired: u32,
+    ready: u32,
+    /// When each starting replica was asked for (oldest first).
+    starting: VecDeque<Duration>,
+    changed: Option<Duration>,
+    history: VecDeque<Tick>,
+}
+
+impl World {
+    fn new(replicas: u32) -> Self {
+        Self {
+            desired: replicas,
+            ready: replicas,
+            starting: VecDeque::new(),
+            changed: None,
+            history: VecDeque::new(),
+        }
+    }
+
+    /// Advances to `now` with `load` (prefill tokens/s; output a quarter of it, one decoding
+    /// sequence per 100 tokens/s) and returns the telemetry the ingest would compute.
+    fn observe(&mut self, now: Duration, load: f64) -> (PoolTelemetry, PoolState) {
+        while self
+            .starting
+            .front()
+            .is_some_and(|at| now >= *at + secs(TIME_TO_READY))
+        {
+            self.starting.pop_front();
+            self.ready += 1;
+        }
+        let u = load / (f64::from(self.ready) * TRUE_CAPACITY);
+        let ratio = if self.ready == 0 {
+            10.0
+        } else {
+            latency_ratio(u)
+        };
+        self.history.push_back(Tick { load, ratio });
+        if self.history.len() > (STABLE.as_secs() / TICK) as usize {
+            self.history.pop_front();
+        }
+        let mean = |ticks: &mut dyn Iterator<Item = &Tick>| {
+            let (sum, n) = ticks.fold((0.0, 0.0), |(s, n), t| (s + t.load, n + 1.0));
+            sum / n
+        };
+        let worst =
+            |ticks: &mut dyn Iterator<Item = &Tick>| ticks.map(|t| t.ratio).fold(0.0, f64::max);
+        let short_n = (SHORT.as_secs() / TICK) as usize;
+        let short_load = mean(&mut self.history.iter().rev().take(short_n));
+        let short_ratio = worst(&mut self.history.iter().rev().take(short_n));
+        let stable_load = mean(&mut self.history.iter());
+        let stable_ratio = worst(&mut self.history.iter());
+        let load_of = |tokens: f64, ratio: f64| {
+            Load::tokens(tokens, tokens / 4.0, (load / 100.0) as u32)
+                .requests(tokens / 1_000.0)
+                .ttft(Duration::from_secs_f64(0.5 * ratio))
+                .tpot(Duration::from_secs_f64(0.05 * ratio))
+                .waiting(if ratio > 1.0 {
+                    2 * self.ready.max(1)
+                } else {
+                    0
+                })
+        };
+        let telemetry = windows(
+            load_of(short_load, short_ratio),
+            load_of(stable_load, stable_ratio),
+        );
+        let starting = self.starting.len() as u32;
+        let state = PoolState {
+            desired_replicas: self.desired,
+            current_replicas: self.desired,
+            ready_replicas: self.ready,
+            starting_replicas: starting,
+            last_scale_change_at: self.changed,
+            time_to_ready: Some(secs(TIME_TO_READY)),
+        };
+        (telemetry, state)
+    }
+
+    /// Applies a decision: new replicas start; removals take starting ones first.
+    fn apply(&mut self, now: Duration, to: u32) {
+        if to == self.desired {
+            return;
+        }
+        if to > self.desired {
+            for _ in self.desired..to {
+                self.starting.push_back(now);
+            }
+        } else {
+            for _ in to..self.desired {
+                if self.starting.pop_back().is_none() {
+                    self.ready -= 1;
+                }
+            }
+        }
+        self.desired = to;
+        self.changed = Some(now);
+    }
+}
+
+/// What a run saw at each tick.
+struct Step {
+    at: u64,
+    load: f64,
+    desired: u32,
+    ready: u32,
+    ratio: f64,
+    text: String,
+}
+
+fn run_loop(
+    spec: &AutoscalerSpec,
+    start: u32,
+    seconds: u64,
+    load: impl Fn(u64) -> f64,
+) -> Vec<Step> {
+    let mut mem = memory();
+    let mut world = World::new(start);
+    let mut steps = Vec::new();
+    for i in 0..seconds / TICK {
+        let now = T0 + secs(i * TICK);
+        let l = load(i * TICK);
+        let (telemetry, state) = world.observe(now, l);
+        let ratio = ratio_of(telemetry.short.ttft.unwrap(), 500.0);
+        let d = decide_unified(spec, telemetry, state, &mut mem, now);
+        world.apply(now, d.to);
+        steps.push(Step {
+            at: i * TICK,
+            load: l,
+            desired: world.desired,
+            ready: world.ready,
+            ratio,
+            text: d.to_string(),
+        });
+    }
+    steps
+}
+
+fn hintless() -> AutoscalerSpec {
+    spec_with(UNIFIED, |raw| {
+        without_hints(raw);
+        let pool = raw.pools.unified.as_mut().unwrap();
+        pool.min_replicas = 1;
+        pool.max_replicas = 64;
+        raw.behavior.scale_down = Some(ScalingRulesRaw {
+            stabilization_window: Some("300s".into()),
+            max_step: Some(1),
+            period: Some("60s".into()),
+        });
+        raw.behavior.cooldown = Some("5s".into());
+    })
+}
+
+/// 10 minutes of night at 400 tokens/s, a one-hour ramp to `peak`, then an hour flat.
+fn night_ramp_day(peak: f64) -> impl Fn(u64) -> f64 {
+    move |t| {
+        if t < 600 {
+            400.0
+        } else if t < 4_200 {
+            400.0 + (peak - 400.0) * (t - 600) as f64 / 3_600.0
+        } else {
+            peak
+        }
+    }
+}
+
+fn trace(steps: &[Step]) -> String {
+    let mut out = String::new();
+    let mut last = None;
+    for s in steps {
+        if last != Some(s.desired) {
+            out.push_str(&format!(
+                "+{}s load {:.0} desired {} ready {} latency {:.2}: {}\n",
+                s.at, s.load, s.desired, s.ready, s.ratio, s.text
+            ));
+            last = Some(s.desired);
+        }
+    }
+    out
+}
+
+#[test]
+fn without_hints_a_ramped_pool_converges_near_load_over_true_capacity() {
+    let peak = 20_000.0;
+    let steps = run_loop(&hintless(), 1, 7_800, night_ramp_day(peak));
+    let trace = trace(&steps);
+    eprintln!("{trace}");
+    // The last half hour of the flat hour: 2.5 replicas' worth of load.
+    let ideal = peak / TRUE_CAPACITY;
+    let upper = (ideal.ceil() + 1.0).max(ideal * 1.3) as u32;
+    for s in steps.iter().filter(|s| s.at >= 6_000) {
+        assert!(
+            s.desired >= ideal.ceil() as u32 && s.desired <= upper,
+            "+{}s: {} replicas for {ideal:.1} replicas' worth of load\n{trace}",
+            s.at,
+            s.desired
+        );
+    }
+    // It never gets there by going under: no scale-down leaves fewer replicas than the load
+    // needs, and once the load is flat latency stays within the objective. (On the ramp the
+    // pool runs at the capacity it has proven, so each step up comes after a brief breach that
+    // SLO feedback and panic answer; that is feed-forward without a trend, hints or not.)
+    for pair in steps.windows(2) {
+        let (before, after) = (&pair[0], &pair[1]);
+        if after.desired < before.desired {
+            let needed = (after.load / TRUE_CAPACITY).ceil() as u32;
+            assert!(
+                after.desired >= needed,
+                "+{}s: down to {} for {needed} replicas' worth\n{trace}",
+                after.at,
+                after.desired
+            );
+        }
+    }
+    for s in steps.iter().filter(|s| s.at >= 4_200) {
+        assert!(
+            s.ratio <= 1.0,
+            "+{}s: latency {:.2} of the objective\n{trace}",
+            s.at,
+            s.ratio
+        );
+    }
+}
+
+#[test]
+fn a_capacity_hint_far_too_low_is_learned_up_from() {
+    let spec = spec_with(UNIFIED, |raw| {
+        let pool = raw.pools.unified.as_mut().unwrap();
+        pool.max_replicas = 64;
+        // An eighth of what a replica really serves; the other dimensions are learned.
+        pool.capacity = Some(crate::spec::CapacityHintsRaw {
+            prefill_tokens_per_second: Some(TRUE_CAPACITY / 8.0),
+            ..Default::default()
+        });
+        raw.behavior.scale_down = Some(ScalingRulesRaw {
+            stabilization_window: Some("300s".into()),
+            max_step: Some(1),
+            period: Some("60s".into()),
+        });
+        raw.behavior.cooldown = Some("5s".into());
+    });
+    let peak = 20_000.0;
+    let steps = run_loop(&spec, 20, 7_200, |_| peak);
+    let trace = trace(&steps);
+    eprintln!("{trace}");
+    let ideal = peak / TRUE_CAPACITY;
+    let upper = (ideal.ceil() + 1.0).max(ideal * 1.3) as u32;
+    let last = steps.last().unwrap();
+    assert!(
+        last.desired >= ideal.ceil() as u32 && last.desired <= upper,
+        "{} replicas after 2 h for {ideal:.1} replicas' worth\n{trace}",
+        last.desired
+    );
+    assert!(steps.iter().all(|s| s.ratio <= 1.0), "{trace}");
+}
