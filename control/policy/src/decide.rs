@@ -496,7 +496,16 @@ fn decide_pool(
                 });
                 if r > 1.0 {
                     let factor = r.min(1.0 + MAX_SLO_ERROR);
-                    Some((f64::from(ready.max(1)) * factor - EPSILON).ceil() as u32)
+                    // The latency was measured on the replicas that served during the window:
+                    // replicas that became ready since (the answer to this very breach) did not
+                    // shape it, and multiplying them too would scale up a second time for the
+                    // same shortfall.
+                    let length = match window {
+                        Window::Short => t.short.length,
+                        Window::Stable => t.stable.length,
+                    };
+                    let served = mem.ready_within(now, length).unwrap_or(ready).min(ready);
+                    Some((f64::from(served.max(1)) * factor - EPSILON).ceil() as u32)
                 } else if covered {
                     // Near the objective the ready replicas stay; well below, feed-forward governs.
                     (r >= WELL_BELOW_TARGET).then_some(ready)

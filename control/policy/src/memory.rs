@@ -43,6 +43,10 @@ pub struct PoolMemory {
     observed_desired: Option<u32>,
     /// Ready replicas and since when that count has held.
     ready_since: Option<(u32, Duration)>,
+    /// The ready count before that: what latency measured over a window reaching back past the
+    /// change was served by.
+    #[serde(default)]
+    ready_before: Option<u32>,
     scale_events: VecDeque<ScaleEvent>,
     /// When `desired_replicas` last changed. Kept apart from `scale_events`, which are pruned to
     /// the step-limit periods (a minute by default): the starting-replicas grace reads it for
@@ -232,7 +236,10 @@ impl PoolMemory {
         self.observed_desired = Some(state.desired_replicas);
         match self.ready_since {
             Some((ready, _)) if ready == state.ready_replicas => {}
-            _ => self.ready_since = Some((state.ready_replicas, now)),
+            previous => {
+                self.ready_before = previous.map(|(ready, _)| ready);
+                self.ready_since = Some((state.ready_replicas, now));
+            }
         }
         while let Some(first) = self.scale_events.front() {
             if now.saturating_sub(first.at) > horizon {
@@ -246,6 +253,16 @@ impl PoolMemory {
     /// Since when the ready count has been what it is now.
     pub(crate) fn ready_since(&self) -> Option<Duration> {
         self.ready_since.map(|(_, since)| since)
+    }
+
+    /// The fewest replicas that served within `window` before `now`, as far as this memory saw:
+    /// the ready count before a change within the window, if lower.
+    pub(crate) fn ready_within(&self, now: Duration, window: Duration) -> Option<u32> {
+        let (ready, since) = self.ready_since?;
+        match self.ready_before {
+            Some(before) if now.saturating_sub(since) < window => Some(ready.min(before)),
+            _ => Some(ready),
+        }
     }
 
     /// The latest observed change of `desired_replicas`, however long ago.

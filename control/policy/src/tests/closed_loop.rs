@@ -258,6 +258,16 @@ fn without_hints_a_ramped_pool_converges_near_load_over_true_capacity() {
             s.ratio
         );
     }
+    // The load never falls, so no replica asked for was too many: each breach is answered
+    // once, not again when the replicas answering it become ready while the stable window
+    // still shows it.
+    for pair in steps.windows(2) {
+        assert!(
+            pair[1].desired >= pair[0].desired,
+            "+{}s: scaled down on a rising load\n{trace}",
+            pair[1].at
+        );
+    }
 }
 
 #[test]

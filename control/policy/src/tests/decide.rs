@@ -499,6 +499,41 @@ fn starting_replicas_prevent_a_second_scale_up_for_the_same_shortfall() {
 }
 
 #[test]
+fn replicas_that_just_became_ready_do_not_scale_the_breach_they_answer() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let mut mem = memory();
+    // Stable-window TTFT 2x the objective on 4 ready: ask for 8.
+    let slow = Load::tokens(16_000.0, 1_000.0, 10).ttft(ms(1_000));
+    let d = decide_unified(&spec, telemetry(slow), state(4, 4), &mut mem, T0);
+    assert_eq!((d.to, d.action), (8, Action::ScaleUp), "{d}");
+    let mut s = state(8, 4);
+    s.last_scale_change_at = Some(T0);
+    s.time_to_ready = Some(secs(120));
+    let d = decide_unified(&spec, telemetry(slow), s, &mut mem, T0 + secs(60));
+    assert_eq!((d.to, d.rule), (8, Rule::WaitingForStartingReplicas), "{d}");
+    // The 4 new replicas are ready at +120 s. The short window has recovered; the stable one
+    // (60 s) still holds the slow minute, measured on 4 replicas, not 8.
+    let recovering = slow.ttft(ms(400));
+    let mut s = state(8, 8);
+    s.last_scale_change_at = Some(T0);
+    s.time_to_ready = Some(secs(120));
+    for after in [125, 175] {
+        let d = decide_unified(
+            &spec,
+            windows(recovering, slow),
+            s,
+            &mut mem,
+            T0 + secs(after),
+        );
+        assert_eq!((d.to, d.action), (8, Action::Hold), "+{after} s: {d}");
+        assert_eq!(d.reason.slo_feedback_replicas, Some(8), "+{after} s: {d}");
+    }
+    // A breach still there a whole window after they became ready is theirs: 8 x 2.
+    let d = decide_unified(&spec, windows(slow, slow), s, &mut mem, T0 + secs(186));
+    assert_eq!(d.reason.slo_feedback_replicas, Some(16), "{d}");
+}
+
+#[test]
 fn a_growing_shortfall_scales_up_again_while_replicas_start() {
     let spec = spec_with(UNIFIED, without_hints);
     let mut mem = memory();
