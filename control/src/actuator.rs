@@ -416,14 +416,20 @@ impl Actuator for KubeActuator {
             if let Some(Err(error)) = published {
                 tracing::warn!(%target, %error, "cannot write an Event");
             }
-            let found = std::mem::take(
-                &mut self
-                    .lock()
-                    .hpas
-                    .entry(outcome.pool.target.clone())
-                    .or_default()
-                    .unannounced,
-            );
+            // In a dry run flyball writes no replicas, so an HPA (KEDA's own, in the KEDA setup)
+            // is no conflict; it is announced if the autoscaler starts acting.
+            let found = if evaluation.dry_run {
+                Vec::new()
+            } else {
+                std::mem::take(
+                    &mut self
+                        .lock()
+                        .hpas
+                        .entry(outcome.pool.target.clone())
+                        .or_default()
+                        .unannounced,
+                )
+            };
             for hpa in found {
                 if let Err(error) = self.events.hpa_conflict(&about, &target, &hpa).await {
                     tracing::warn!(%target, %error, "cannot write an Event");
@@ -445,7 +451,8 @@ impl Actuator for KubeActuator {
                     .map(|hpa| {
                         format!(
                             "HorizontalPodAutoscaler {}/{} also scales this target; it and \
-                             flyball will undo each other's changes",
+                             flyball will undo each other's changes unless flyball only \
+                             recommends (dry run, as with KEDA)",
                             hpa.namespace, hpa.name
                         )
                     })

@@ -1056,7 +1056,8 @@ async fn an_hpa_on_the_same_target_is_reported_once() {
         warnings,
         vec![json!(format!(
             "HorizontalPodAutoscaler {ns}/{hpa_name} also scales this target; it and flyball \
-             will undo each other's changes"
+             will undo each other's changes unless flyball only recommends (dry run, as with \
+             KEDA)"
         ))]
     );
     let event = wait_until("an HPAConflict Event", || async {
