@@ -869,6 +869,13 @@ fn learn(
             // just proved enough.
             match prior {
                 Some(p) if x <= p => probe(p, x, r, windows),
+                // Sequences in flight are a snapshot, compared with a latency over the whole
+                // window: a burst seconds old shows many sequences at a latency it has not yet
+                // moved. Taken at once it would be learned as capacity and cancel the scale-up
+                // it calls for, so it rises as a probe does.
+                Some(p) if matches!(dim, Dimension::Sequences) => {
+                    Some(x.min(p * MAX_PROBE_GROWTH.powf(windows.min(1.0))))
+                }
                 _ => Some(x),
             }
         } else {

@@ -1120,3 +1120,27 @@ fn an_edit_keeps_what_still_describes_the_same_replicas() {
     assert_eq!(mem.pool(Role::Unified), &PoolMemory::default());
     assert_eq!(mem.started_at(), learned.started_at());
 }
+
+#[test]
+fn a_burst_of_decoding_sequences_is_not_learned_as_capacity() {
+    let spec = spec(DISAGGREGATED);
+    let mut mem = memory();
+    let calm = Load::tokens(8_000.0, 2_000.0, 120).tpot(ms(30));
+    let steady = disaggregated(
+        (telemetry(calm), state(4, 4)),
+        (telemetry(calm), state(4, 4)),
+    );
+    run(&spec, &steady, &mut mem, T0);
+    // After a steady window, 400 sequences in flight; TPOT has not moved yet (the burst is
+    // seconds old), output tokens neither.
+    let burst = Load::tokens(8_000.0, 2_000.0, 400).tpot(ms(30));
+    let inputs = disaggregated(
+        (telemetry(burst), state(4, 4)),
+        (telemetry(burst), state(4, 4)),
+    );
+    let d = run(&spec, &inputs, &mut mem, T0 + STABLE);
+    let decode = pool(&d, Role::Decode);
+    assert!(decode.to > 4, "{decode}");
+    let learned = mem.pool(Role::Decode).learned().concurrent_sequences;
+    assert!(learned.is_some_and(|n| n < 100.0), "{learned:?}");
+}
