@@ -119,7 +119,10 @@ struct Process {
     start_ms: u64,
     last_sequence: u64,
     last_seen: Instant,
+    /// The gap between its last two reports, a silence counting only up to the stale limit.
     interval: Option<Duration>,
+    /// The same gap whole: what its latest report's deltas accumulated over.
+    gap: Option<Duration>,
     stale: bool,
     /// Stale because the gateway restarted (a newer process reports), not because it went
     /// quiet: nothing of its load is missing.
@@ -446,6 +449,7 @@ impl Reporters {
                     last_sequence: 0,
                     last_seen: now,
                     interval: None,
+                    gap: None,
                     stale: false,
                     replaced: false,
                     dropped_reports: 0,
@@ -472,7 +476,20 @@ impl Reporters {
         }
         let missing = sequence - process.last_sequence - 1;
         process.last_sequence = sequence;
-        process.interval = Some(now.saturating_duration_since(process.last_seen));
+        // A gap past the stale limit was a silence (a partition, a paused process), not the
+        // reporter's cadence. Learned whole, it would keep a reporter that dies right after
+        // coming back live, its in-flight gauge in the sums, for `stale_intervals` times that
+        // silence. Capped at the limit, a reporter that really is slower still gets there, its
+        // limit growing by at most `stale_intervals` times per report.
+        let gap = now.saturating_duration_since(process.last_seen);
+        let limit = stale_limit(
+            self.stale_after,
+            self.stale_intervals,
+            self.forget_after,
+            process.interval,
+        );
+        process.interval = Some(gap.min(limit));
+        process.gap = Some(gap);
         process.last_seen = now;
         let revived = std::mem::replace(&mut process.stale, false);
         let was_replaced = std::mem::replace(&mut process.replaced, false);
@@ -511,8 +528,7 @@ impl Reporters {
                     }
                     return false;
                 }
-                let interval = process.interval.unwrap_or_default().min(forget_after);
-                let limit = stale_after.max(interval.saturating_mul(intervals));
+                let limit = stale_limit(stale_after, intervals, forget_after, process.interval);
                 if !process.stale && silent > limit {
                     process.stale = true;
                     live -= 1;
@@ -559,6 +575,17 @@ impl Reporters {
                     .map(|(key, _)| *key)
             })
     }
+}
+
+/// How long a process reporting every `interval` may be silent before it is stale.
+fn stale_limit(
+    stale_after: Duration,
+    intervals: u32,
+    forget_after: Duration,
+    interval: Option<Duration>,
+) -> Duration {
+    let interval = interval.unwrap_or_default().min(forget_after);
+    stale_after.max(interval.saturating_mul(intervals))
 }
 
 impl Process {
@@ -624,7 +651,7 @@ impl IngestState {
         // backlog (it kept accumulating while it could not report): shared out over the
         // silence, not counted as one burst that would set off panic mode.
         let backlog_since = process
-            .interval
+            .gap
             .filter(|silence| *silence > stale_after)
             .and_then(|silence| now.checked_sub(silence));
         for key in &report.keys {

@@ -226,11 +226,36 @@ fn a_silent_reporter_goes_stale_and_its_gauge_drops_out_until_it_reports_again()
 fn a_slow_reporter_gets_three_of_its_own_intervals_before_going_stale() {
     let base = Instant::now();
     let t = telemetry(base);
-    t.ingest(report("slow", 1, 1, 0, 1), at(base, 0)).unwrap();
-    t.ingest(report("slow", 1, 2, 0, 1), at(base, 5_000))
+    // Its first 5 s gap is past the 3 s bound, so it counts only up to it (3 s, a 9 s bound);
+    // the next one fits and is its interval.
+    for s in 0..3 {
+        t.ingest(report("slow", 1, s + 1, 0, 1), at(base, s * 5_000))
+            .unwrap();
+    }
+    assert_eq!(t.reporters(at(base, 24_000)).live, 1);
+    assert_eq!(t.reporters(at(base, 25_200)).stale, 1);
+}
+
+#[test]
+fn a_reporter_back_from_a_long_silence_goes_stale_at_its_usual_bound_if_it_dies_again() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    for s in 0..5 {
+        t.ingest(report("gw", 1, s + 1, 1, 0), at(base, s * 1_000))
+            .unwrap();
+    }
+    // Back after 240 s with 50 in flight, then gone: the 240 s silence is not its cadence, so
+    // its gauge leaves the sums within a few seconds, not after 3 x 240 s (past forget_after).
+    t.ingest(report("gw", 1, 6, 1, 50), at(base, 244_000))
         .unwrap();
-    assert_eq!(t.reporters(at(base, 19_000)).live, 1);
-    assert_eq!(t.reporters(at(base, 20_200)).stale, 1);
+    let in_flight = |ms| t.pool(PoolId(0), at(base, ms)).unwrap().in_flight.decoding;
+    assert_eq!(in_flight(244_000), 50);
+    assert_eq!(in_flight(264_000), 0);
+    assert_eq!(
+        t.reporters(at(base, 264_000)),
+        ReporterCounts { live: 0, stale: 1 }
+    );
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
 }
 
 #[test]
@@ -476,9 +501,9 @@ fn a_quiet_gateway_counts_until_it_reports_again_or_is_forgotten() {
     t.reporters(at(base, 121_400));
     assert_eq!(t.silent_feeders(PoolId(0)), 0);
 
-    // Quiet again: stale after three of its own (121 s) intervals, forgotten 10 minutes after
-    // its last report.
-    t.reporters(at(base, 490_000));
+    // Quiet again: stale soon (the 121 s silence is not its interval), forgotten 10 minutes
+    // after its last report.
+    t.reporters(at(base, 131_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1, "gw is quiet again");
     t.reporters(at(base, 722_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 0, "forgotten after 10 minutes");
