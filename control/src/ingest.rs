@@ -124,8 +124,9 @@ struct Process {
     /// The same gap whole: what its latest report's deltas accumulated over.
     gap: Option<Duration>,
     stale: bool,
-    /// Stale because the gateway restarted (a newer process reports), not because it went
-    /// quiet: nothing of its load is missing.
+    /// Its gateway started a newer process. It may go on reporting while it drains (live
+    /// meanwhile), but once quiet it is neither live nor stale: it finished draining or
+    /// crashed, and the newer process carries the gateway's load, so nothing is missing.
     replaced: bool,
     dropped_reports: u64,
     gauges: Vec<(KeyId, InFlight)>,
@@ -426,19 +427,21 @@ impl Reporters {
         let restart = !entry.processes.is_empty() && start_ms > entry.newest_start_ms;
         entry.newest_start_ms = entry.newest_start_ms.max(start_ms);
         if restart {
-            // The old process crashed or is draining after a hot restart. Its gauge is most
-            // likely gone with it; if it is draining, its next report counts it again.
-            // Replaced processes count as neither live nor stale: the gateway is there, and a
-            // rollout must not look like an outage.
-            for old in entry.processes.iter_mut().filter(|p| !p.replaced) {
-                old.replaced = true;
-                if old.stale {
-                    self.stale -= 1;
-                    continue;
+            // The old processes crashed or are draining after a hot restart. Their gauges are
+            // most likely gone with them; one that is draining counts again from its next
+            // report. Quiet replaced processes count as neither live nor stale: the gateway is
+            // there, and a rollout must not look like an outage.
+            for old in &mut entry.processes {
+                match (old.stale, old.replaced) {
+                    (false, _) => {
+                        old.stale = true;
+                        self.live -= 1;
+                        retired.append(&mut old.gauges);
+                    }
+                    (true, false) => self.stale -= 1,
+                    (true, true) => {}
                 }
-                old.stale = true;
-                self.live -= 1;
-                retired.append(&mut old.gauges);
+                old.replaced = true;
             }
         }
         let position = match entry.processes.iter().position(|p| p.start_ms == start_ms) {
@@ -451,7 +454,9 @@ impl Reporters {
                     interval: None,
                     gap: None,
                     stale: false,
-                    replaced: false,
+                    // First seen after its gateway's newer process (this service restarted
+                    // during a hot restart's drain).
+                    replaced: start_ms < entry.newest_start_ms,
                     dropped_reports: 0,
                     gauges: Vec::new(),
                     fed: Vec::new(),
@@ -491,10 +496,11 @@ impl Reporters {
         process.interval = Some(gap.min(limit));
         process.gap = Some(gap);
         process.last_seen = now;
+        // A replaced process stays replaced while it drains, so that when it finishes and goes
+        // quiet it is not taken for a gateway whose load went missing.
         let revived = std::mem::replace(&mut process.stale, false);
-        let was_replaced = std::mem::replace(&mut process.replaced, false);
         if revived {
-            if !was_replaced {
+            if !process.replaced {
                 self.stale -= 1;
             }
             self.live += 1;
@@ -518,13 +524,11 @@ impl Reporters {
             gateway.processes.retain_mut(|process| {
                 let silent = now.saturating_duration_since(process.last_seen);
                 if silent >= forget_after {
-                    if process.replaced {
-                        // Counted out when it was replaced.
-                    } else if process.stale {
-                        stale -= 1;
-                    } else {
+                    if !process.stale {
                         live -= 1;
                         dropped.append(&mut process.gauges);
+                    } else if !process.replaced {
+                        stale -= 1;
                     }
                     return false;
                 }
@@ -532,7 +536,9 @@ impl Reporters {
                 if !process.stale && silent > limit {
                     process.stale = true;
                     live -= 1;
-                    stale += 1;
+                    if !process.replaced {
+                        stale += 1;
+                    }
                     dropped.append(&mut process.gauges);
                 }
                 true

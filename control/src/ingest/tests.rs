@@ -444,10 +444,102 @@ fn a_restart_retires_the_old_process_gauge_until_it_reports_again() {
         t.reporters(at(base, 10_000)),
         ReporterCounts { live: 0, stale: 1 }
     );
+    assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 1 });
     assert_eq!(
         t.reporters(at(base, 700_000)),
         ReporterCounts { live: 0, stale: 0 }
     );
+}
+
+/// The live and stale counts, recounted from the processes: a live process is not stale; a
+/// stale one counts as stale unless replaced.
+fn recounted(t: &Telemetry) -> ReporterCounts {
+    let state = t.lock();
+    let processes = state.reporters.gateways.values().flat_map(|g| &g.processes);
+    let mut counts = ReporterCounts::default();
+    for p in processes {
+        match (p.stale, p.replaced) {
+            (false, _) => counts.live += 1,
+            (true, false) => counts.stale += 1,
+            (true, true) => {}
+        }
+    }
+    counts
+}
+
+#[test]
+fn after_a_hot_restart_the_old_process_that_drains_then_exits_is_not_a_silent_reporter() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    for s in 1..=5 {
+        t.ingest(report("gw", 100, s, 1, 1), at(base, s * 1_000))
+            .unwrap();
+    }
+    // Hot restart: the new process reports while the old one drains (and reports) for 5 s.
+    for s in 6..=10 {
+        t.ingest(report("gw", 200, s - 5, 1, 1), at(base, s * 1_000 - 500))
+            .unwrap();
+        t.ingest(report("gw", 100, s, 1, 1), at(base, s * 1_000))
+            .unwrap();
+    }
+    assert_eq!(
+        t.reporters(at(base, 10_000)),
+        ReporterCounts { live: 2, stale: 0 }
+    );
+    assert_eq!(
+        t.pool(PoolId(0), at(base, 10_000))
+            .unwrap()
+            .in_flight
+            .decoding,
+        2
+    );
+    // The old process exits; the new one goes on.
+    for s in 6..=30 {
+        t.ingest(report("gw", 200, s, 1, 1), at(base, 5_500 + s * 1_000))
+            .unwrap();
+    }
+    let now = at(base, 35_500);
+    assert_eq!(t.reporters(now), ReporterCounts { live: 1, stale: 0 });
+    assert_eq!(recounted(&t), ReporterCounts { live: 1, stale: 0 });
+    assert_eq!(t.silent_feeders(PoolId(0)), 0);
+    assert_eq!(t.pool(PoolId(0), now).unwrap().in_flight.decoding, 1);
+    // Forgotten later without the counts going wrong.
+    let mut ms = 35_500;
+    let mut s = 31;
+    while ms < 700_000 {
+        ms += 1_000;
+        t.ingest(report("gw", 200, s, 1, 1), at(base, ms)).unwrap();
+        s += 1;
+    }
+    assert_eq!(
+        t.reporters(at(base, ms)),
+        ReporterCounts { live: 1, stale: 0 }
+    );
+    assert_eq!(recounted(&t), ReporterCounts { live: 1, stale: 0 });
+    assert_eq!(t.lock().reporters.gateways["gw"].processes.len(), 1);
+}
+
+#[test]
+fn an_old_process_first_seen_after_its_gateways_newer_one_is_replaced_from_the_start() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    // This service restarted during a hot restart's drain: the new process reports first.
+    t.ingest(report("gw", 200, 7, 1, 0), at(base, 0)).unwrap();
+    t.ingest(report("gw", 100, 40, 1, 3), at(base, 500))
+        .unwrap();
+    assert_eq!(
+        t.reporters(at(base, 600)),
+        ReporterCounts { live: 2, stale: 0 }
+    );
+    for s in 8..=12 {
+        t.ingest(report("gw", 200, s, 1, 0), at(base, (s - 7) * 1_000))
+            .unwrap();
+    }
+    assert_eq!(
+        t.reporters(at(base, 5_000)),
+        ReporterCounts { live: 1, stale: 0 }
+    );
+    assert_eq!(t.silent_feeders(PoolId(0)), 0);
 }
 
 /// A report of `gateway` on one key of `backend`.
