@@ -10,7 +10,9 @@
 //! leaves unacknowledged (the leader went away, or the Lease changed hands) is sent again, first,
 //! on the next stream, to whichever replica the Lease names by then, for up to [`RESEND_WITHIN`]:
 //! a hand-over loses nothing a follower took, and the leader merges each report once however
-//! often it arrives.
+//! often it arrives. A replica that does not lead answers forwarded reports `UNAVAILABLE` ("not
+//! the leader") rather than taking them, so a leader that lost the Lease but is still named by it
+//! does not swallow them: they stay outstanding and go to the next holder.
 //!
 //! Why forward rather than have gateways find the leader: gateways reach the control service
 //! through its Kubernetes Service, which spreads their connections over every replica, and a
@@ -72,10 +74,15 @@ pub const QUEUE_PER_LANE: usize = 1024;
 /// open, before it counts as failed (its reports are then sent again on the next stream).
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long a report may wait for a leader to take it: long enough to cover a hand-over (the
-/// Lease changes hands, followers read the new holder within a few seconds), short enough that
-/// a report still lands in the leader's short window (10 s by default). Older ones are dropped.
-pub const RESEND_WITHIN: Duration = Duration::from_secs(10);
+/// How long a report may wait for a leader to take it. A leader whose renewals fail stops
+/// leading, and refuses forwarded reports, while the Lease still names it: for up to a Lease
+/// duration (15 s by default) before another replica may take it, then that replica's claim,
+/// then followers' next read of the holder (within a second of a failed send). 20 s covers the
+/// default Lease; waiting only 10 s, the reports taken in the first part of that hand-over would
+/// be dropped. The cost is that the last of them reach the new leader up to 20 s late, as one
+/// burst in its short window, while its restart hold keeps it from scaling down; older ones are
+/// dropped. (Under heavy load, `queue_per_lane` bounds what a lane keeps before this does.)
+pub const RESEND_WITHIN: Duration = Duration::from_secs(20);
 
 /// While reports wait for a leader and none arrive to carry them, how often to try again.
 const RETRY_EVERY: Duration = Duration::from_millis(500);
@@ -443,6 +450,8 @@ impl Lane {
 }
 
 /// Whether `status` refuses a report (as ingest does, naming why), rather than failing the call.
+/// `UNAVAILABLE` is not a refusal: it is how a replica that does not lead (any more) answers
+/// forwarded reports, which then wait, outstanding, for the next leader.
 fn is_refusal(status: &tonic::Status) -> bool {
     matches!(
         status.code(),

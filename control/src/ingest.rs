@@ -235,6 +235,10 @@ pub const OVERSIZE: &str = "oversize";
 /// The refusal reason of bytes that do not decode as a report (also refused by tonic first).
 pub const MALFORMED: &str = "malformed";
 
+/// The refusal reason of a report another replica forwarded to this one while it does not
+/// lead (answered `UNAVAILABLE`: the forwarder keeps it for the next leader).
+pub const NOT_LEADER: &str = "not_leader";
+
 // === impl IngestConfig ===
 
 impl IngestConfig {
@@ -976,8 +980,24 @@ impl IngestService {
         report: v1::ReportRequest,
         forwarded: bool,
     ) -> Result<v1::ReportResponse, tonic::Status> {
+        // A follower forwards to the replica the Lease names, which may have stopped leading
+        // (its renewals fail) while the Lease still names it, until it expires. Taken and
+        // acknowledged there, the report would be lost to whoever leads next: refused as
+        // unavailable, it stays with the follower, which sends it again to the next holder.
+        // Gateways' own reports are taken by every replica, leading or not.
+        if forwarded && self.forwarder.as_ref().is_some_and(|f| f.active()) {
+            self.telemetry.count_refusal(NOT_LEADER);
+            tracing::debug!(
+                sequence = report.sequence,
+                "forwarded report refused: this replica does not lead"
+            );
+            return Err(tonic::Status::unavailable(
+                "not the leader: send forwarded reports to the Lease holder",
+            ));
+        }
         // A forwarded report has made its one hop; forwarding it again could bounce it between
-        // two replicas that each think the other leads.
+        // two replicas that each think the other leads (should this one stop leading between
+        // the check above and now).
         let sequence = report.sequence;
         let forwarder = self.forwarder.as_ref().filter(|f| !forwarded && f.active());
         let copy = forwarder.map(|_| report.clone());

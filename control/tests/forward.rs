@@ -143,6 +143,23 @@ async fn a_report_that_reaches_the_leader_twice_is_merged_once() -> Result<(), E
     Ok(())
 }
 
+/// Polls `/metrics` until `series` reads at least `min`.
+async fn wait_at_least(running: &support::Running, series: &str, min: f64) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = running.metric(series).await?;
+        if now.is_some_and(|v| v >= min) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("{series} = {now:?} after {WAIT:?}, wanted {min} or more").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const NOT_LEADER: &str = "flyball_ingest_refused_total{reason=\"not_leader\"}";
+
 #[tokio::test]
 async fn replicas_that_each_think_the_other_leads_do_not_bounce_reports() -> Result<(), Error> {
     let a = support::bind(ONE_POOL, &[]).await?;
@@ -158,18 +175,67 @@ async fn replicas_that_each_think_the_other_leads_do_not_bounce_reports() -> Res
     for sequence in 1..=5 {
         grpc.report(report("gw", sequence, 1)).await?;
     }
-    b.wait_metric("flyball_forward_reports_total", 5.0, WAIT)
-        .await?;
-    a.wait_metric("flyball_ingest_reports_total", 5.0, WAIT)
-        .await?;
-    // a merged what b forwarded and sent none of it back.
+    // a does not lead: it refuses what b forwards, so there is nothing it could send back.
+    wait_at_least(&a, NOT_LEADER, 1.0).await?;
+    assert_eq!(a.metric("flyball_ingest_reports_total").await?, Some(0.0));
     assert_eq!(a.metric("flyball_forward_reports_total").await?, Some(0.0));
+    assert_eq!(b.metric("flyball_forward_reports_total").await?, Some(0.0));
     assert_eq!(
         b.metric("flyball_ingest_duplicates_total").await?,
         Some(0.0)
     );
     a.stop().await?;
     b.stop().await?;
+    Ok(())
+}
+
+/// The Lease still names a replica that stopped leading (its renewals fail): it refuses what
+/// followers forward, which wait and go to the next leader, and it still takes its own
+/// gateways' reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_forwarded_to_a_replica_that_no_longer_leads_reach_the_next_leader()
+-> Result<(), Error> {
+    let old = support::bind(ONE_POOL, &[]).await?;
+    let old_uri = format!("http://{}", old.grpc_addr().unwrap());
+    let (a, _a_leading, _a_leader) = fixed("a", false, None);
+    let old = support::spawn(old.with_leadership(a))?;
+    let (b, _b_leading, leader) = fixed("b", false, Some(old_uri));
+    let follower = support::start_led(ONE_POOL, &[], b).await?;
+
+    let mut grpc = client(follower.grpc_uri()).await?;
+    for sequence in 1..=5 {
+        grpc.report(report("gw", sequence, 1)).await?;
+    }
+    wait_at_least(&old, NOT_LEADER, 1.0).await?;
+    assert_eq!(old.metric("flyball_ingest_reports_total").await?, Some(0.0));
+    assert_eq!(
+        follower.metric("flyball_forward_reports_total").await?,
+        Some(0.0)
+    );
+    // A gateway of its own is still heard.
+    let mut direct = client(old.grpc_uri()).await?;
+    direct.report(report("gw-old", 1, 1)).await?;
+    assert_eq!(old.metric("flyball_ingest_reports_total").await?, Some(1.0));
+
+    let next = support::bind(ONE_POOL, &[]).await?;
+    let next_uri = format!("http://{}", next.grpc_addr().unwrap());
+    let (c, _c_leading, _c_leader) = fixed("c", true, None);
+    let next = support::spawn(next.with_leadership(c))?;
+    leader.send(Some(next_uri))?;
+    follower
+        .wait_metric("flyball_forward_reports_total", 5.0, WAIT)
+        .await?;
+    next.wait_metric("flyball_ingest_reports_total", 5.0, WAIT)
+        .await?;
+    assert_eq!(totals(&next.pools().await?), (10, 5, 500, 35));
+    assert_eq!(
+        follower.metric("flyball_forward_dropped_total").await?,
+        None
+    );
+    assert_eq!(old.metric("flyball_ingest_reports_total").await?, Some(1.0));
+    old.stop().await?;
+    next.stop().await?;
+    follower.stop().await?;
     Ok(())
 }
 
