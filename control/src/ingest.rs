@@ -9,7 +9,9 @@
 //! with the number of gateways only by that much; their deltas go straight into the shared
 //! windows. A reporter silent for longer than `max(stale_after, stale_intervals x its interval)`
 //! is stale: its gauges leave the in-flight sums until it reports again. Ingest never trusts a
-//! remote clock; the time of arrival is what counts.
+//! remote clock's time: the time of arrival is what counts. Only the difference between two
+//! consecutive reports' `sent_at_unix_ms` is used, to tell how long a backlog built up after a
+//! partition, and only within the arrival times that bound it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -121,8 +123,13 @@ struct Process {
     last_seen: Instant,
     /// The gap between its last two reports, a silence counting only up to the stale limit.
     interval: Option<Duration>,
-    /// The same gap whole: what its latest report's deltas accumulated over.
-    gap: Option<Duration>,
+    /// What its latest report's deltas accumulated over, as far as can be told (see
+    /// [`Reporters::admit`]).
+    backlog: Option<Duration>,
+    /// When the report before its latest one arrived.
+    seen_before: Option<Instant>,
+    /// `sent_at_unix_ms` of its latest report, by its own clock; 0 when unknown.
+    last_sent_ms: u64,
     stale: bool,
     /// Its gateway started a newer process. It may go on reporting while it drains (live
     /// meanwhile), but once quiet it is neither live nor stale: it finished draining or
@@ -147,6 +154,7 @@ pub struct ParsedReport {
     gateway: String,
     process_start_unix_ms: u64,
     sequence: u64,
+    sent_at_unix_ms: u64,
     dropped_reports: u64,
     keys: Vec<ParsedKey>,
 }
@@ -371,6 +379,7 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
         gateway: reporter.gateway,
         process_start_unix_ms: reporter.process_start_unix_ms,
         sequence: report.sequence,
+        sent_at_unix_ms: report.sent_at_unix_ms,
         dropped_reports: report.dropped.unwrap_or_default().reports,
         keys,
     })
@@ -413,6 +422,7 @@ impl Reporters {
         gateway: &str,
         start_ms: u64,
         sequence: u64,
+        sent_at_ms: u64,
         now: Instant,
         retired: &mut Vec<(KeyId, InFlight)>,
     ) -> (Admission, Option<&mut Process>) {
@@ -456,7 +466,9 @@ impl Reporters {
                     last_sequence: 0,
                     last_seen: now,
                     interval: None,
-                    gap: None,
+                    backlog: None,
+                    seen_before: None,
+                    last_sent_ms: sent_at_ms,
                     stale: false,
                     // First seen after its gateway's newer process (this service restarted
                     // during a hot restart's drain).
@@ -498,7 +510,26 @@ impl Reporters {
             process.interval,
         );
         process.interval = Some(gap.min(limit));
-        process.gap = Some(gap);
+        // The reporter builds a report once the previous one is acknowledged and resends it
+        // unchanged until it is. After a partition, the report in flight when the link dropped
+        // arrives first, with the long arrival gap but one interval of deltas, and the next one
+        // carries the backlog with a short arrival gap. The time between the two reports'
+        // builds, by the reporter's own clock (a difference, so its offset does not matter),
+        // says how long the backlog accumulated. It started after the report before the
+        // previous one arrived (that one was acknowledged before the previous was built), which
+        // bounds what a clock step could claim.
+        let built_over = (missing == 0 && process.last_sent_ms > 0)
+            .then(|| sent_at_ms.saturating_sub(process.last_sent_ms))
+            .map(Duration::from_millis);
+        let since_before = process
+            .seen_before
+            .map(|before| now.saturating_duration_since(before));
+        let built_over = built_over.zip(since_before).map(|(a, b)| a.min(b));
+        // The arrival gap still counts when it is longer: when the previous report was merged
+        // and only its acknowledgement lost, this one carries the silence itself.
+        process.backlog = Some(built_over.map_or(gap, |built| built.max(gap)));
+        process.seen_before = Some(process.last_seen);
+        process.last_sent_ms = sent_at_ms;
         process.last_seen = now;
         // A replaced process stays replaced while it drains, so that when it finishes and goes
         // quiet it is not taken for a gateway whose load went missing.
@@ -628,6 +659,7 @@ impl IngestState {
             &report.gateway,
             report.process_start_unix_ms,
             report.sequence,
+            report.sent_at_unix_ms,
             now,
             &mut retired,
         );
@@ -657,13 +689,13 @@ impl IngestState {
             merged.pools.extend_from_slice(self.windows.pools_of(key));
         }
         let lookback = self.windows.config().stable();
-        // A report after a silence longer than the staleness bound carries the reporter's
-        // backlog (it kept accumulating while it could not report): shared out over the
-        // silence, not counted as one burst that would set off panic mode.
+        // A report whose deltas accumulated over longer than the staleness bound carries the
+        // reporter's backlog (it kept counting while it could not report): shared out over the
+        // stable window at most, not counted as one burst that would set off panic mode.
         let backlog_since = process
-            .gap
+            .backlog
             .filter(|silence| *silence > stale_after)
-            .and_then(|silence| now.checked_sub(silence));
+            .and_then(|silence| now.checked_sub(silence.min(lookback)));
         for key in &report.keys {
             let Some(id) = self.windows.key(&key.backend, &key.model) else {
                 merged.keys_over_limit += 1;

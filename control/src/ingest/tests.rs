@@ -618,6 +618,66 @@ fn a_report_after_a_silence_is_shared_out_over_it_not_taken_as_a_burst() {
     assert_eq!(view.totals.requests, 350);
 }
 
+/// `report`, built at `sent_ms` by the reporter's clock.
+fn report_sent(sequence: u64, ok: u64, sent_ms: u64) -> v1::ReportRequest {
+    v1::ReportRequest {
+        sent_at_unix_ms: sent_ms,
+        ..report("gw", 1, sequence, ok, 0)
+    }
+}
+
+#[test]
+fn a_backlog_in_the_report_after_the_one_resent_is_shared_out_over_the_silence() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    // The reporter's clock is an hour off this service's: only its differences count.
+    let clock = 3_600_000;
+    for s in 1..=20 {
+        t.ingest(report_sent(s, 10, clock + s * 1000), at(base, s * 1000))
+            .unwrap();
+    }
+    // Cut off for 30 s. Report 21, built at 21 s and in flight when the link dropped, arrives
+    // first, resent unchanged; 22, built once 21 was acknowledged, carries the 30 s backlog at
+    // the usual 10 a second.
+    t.ingest(report_sent(21, 10, clock + 21_000), at(base, 51_000))
+        .unwrap();
+    t.ingest(report_sent(22, 300, clock + 51_000), at(base, 52_000))
+        .unwrap();
+    let view = t.pool(PoolId(0), at(base, 52_100)).unwrap();
+    let rate = view.short.requests_per_s();
+    assert!((9.0..12.0).contains(&rate), "short-window rate {rate}");
+    assert_eq!(view.totals.requests, 510);
+}
+
+#[test]
+fn a_step_of_the_reporters_clock_does_not_stretch_its_report() {
+    let base = Instant::now();
+    let (stepped, steady) = (telemetry(base), telemetry(base));
+    for s in 1..=20 {
+        let sent = s * 1000;
+        stepped
+            .ingest(report_sent(s, 100, sent), at(base, s * 1000))
+            .unwrap();
+        steady
+            .ingest(report_sent(s, 100, sent), at(base, s * 1000))
+            .unwrap();
+    }
+    // One clock jumps an hour ahead between two reports a second apart.
+    stepped
+        .ingest(report_sent(21, 100, 21_000 + 3_600_000), at(base, 21_000))
+        .unwrap();
+    steady
+        .ingest(report_sent(21, 100, 21_000), at(base, 21_000))
+        .unwrap();
+    let rate = |t: &Telemetry| {
+        t.pool(PoolId(0), at(base, 21_100))
+            .unwrap()
+            .short
+            .requests_per_s()
+    };
+    assert_eq!(rate(&stepped), rate(&steady));
+}
+
 /// Pools on backends "a" and "b"; room for one key.
 fn telemetry_with_one_key(base: Instant) -> Telemetry {
     let selector = |backend: &str| Selector {
