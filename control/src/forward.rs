@@ -48,8 +48,8 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 
+use crate::leader::leader_channel;
 use crate::tls::GrpcTls;
 
 /// gRPC metadata naming the replica that forwarded a report. A report carrying it is merged
@@ -374,28 +374,14 @@ impl Lane {
 
     /// Opens a stream to `uri` in the background (the lane never waits for a connection).
     fn open(&self, uri: String, stream_id: u64) -> Option<LeaderStream> {
-        // The Lease names the leader's address; the scheme is this replica's to choose.
-        let tls = self.tls.as_ref().and_then(|tls| tls.client_config());
-        let target = match (&tls, uri.strip_prefix("http://")) {
-            (Some(_), Some(authority)) => format!("https://{authority}"),
-            _ => uri.clone(),
-        };
-        let endpoint = Endpoint::from_shared(target).and_then(|endpoint| match tls {
-            Some(tls) => endpoint.tls_config(tls),
-            None => Ok(endpoint),
-        });
-        let endpoint = match endpoint {
-            Ok(endpoint) => endpoint,
+        let channel = match leader_channel(&uri, self.tls.as_deref(), self.timeout) {
+            Ok(channel) => channel,
             Err(error) => {
                 tracing::warn!(%uri, %error, "leader address is not a URI; not forwarding");
                 lock(&self.outstanding).over = true;
                 return None;
             }
         };
-        let channel = endpoint
-            .connect_timeout(self.timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         if let Ok(value) = self.identity.parse() {

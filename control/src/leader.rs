@@ -36,6 +36,9 @@ pub struct Leadership {
     pub refresh: Arc<Notify>,
     /// Whether followers forward what they receive (false for a lone replica).
     pub forward: bool,
+    /// How long a hand-over may take: a leader that stops renewing is named by the Lease for a
+    /// Lease duration, then the next claim and the followers' next read. `None` without a Lease.
+    pub hand_over: Option<Duration>,
     election: Option<LeaderElection>,
     poller: Option<JoinHandle<()>>,
     /// Keeps fixed channels open.
@@ -55,6 +58,7 @@ impl Leadership {
             leader,
             refresh: Arc::new(Notify::new()),
             forward: false,
+            hand_over: None,
             election: None,
             poller: None,
             _fixed: Some((leading_tx, leader_tx)),
@@ -74,6 +78,7 @@ impl Leadership {
             leader,
             refresh: Arc::new(Notify::new()),
             forward: true,
+            hand_over: None,
             election: None,
             poller: None,
             _fixed: None,
@@ -112,6 +117,7 @@ impl Leadership {
             leader,
             refresh,
             forward: true,
+            hand_over: Some(lease.lease_duration + poll_every + MIN_REFRESH_GAP),
             election: Some(election),
             poller: Some(poller),
             _fixed: None,

@@ -688,9 +688,16 @@ impl<A: Actuator> Control<A> {
 
         let mut ingest = IngestService::new(self.telemetry.clone()).with_stop(ingest_stop);
         if self.leadership.forward {
+            let defaults = forward::ForwardSettings::default();
             let settings = forward::ForwardSettings {
                 tls: self.tls.clone(),
-                ..forward::ForwardSettings::default()
+                // A longer --lease-duration makes a longer hand-over, and reports held through it
+                // must still reach the next leader.
+                resend_within: self
+                    .leadership
+                    .hand_over
+                    .map_or(defaults.resend_within, |h| h.max(defaults.resend_within)),
+                ..defaults
             };
             let (forwarder, lanes) = Forwarder::with_settings(
                 &self.leadership.identity,

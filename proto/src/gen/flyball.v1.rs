@@ -8,8 +8,9 @@ pub struct ReportRequest {
     /// were dropped by the reporter (see `dropped`) or lost.
     #[prost(uint64, tag = "2")]
     pub sequence: u64,
-    /// The reporter's wall clock when the report was built, unix milliseconds. For staleness
-    /// diagnostics only: the control service never trusts remote clocks for its windows.
+    /// The reporter's wall clock when the report was built, unix milliseconds. The control service
+    /// never places reports by it; it uses only the difference between one process's consecutive
+    /// reports, to spread a backlog over the silence it covers (0: unknown, arrival times are used).
     #[prost(uint64, tag = "3")]
     pub sent_at_unix_ms: u64,
     /// One entry per (backend, model) key with a non-zero delta or non-zero in-flight requests. A
