@@ -198,6 +198,22 @@ fn lease(cluster: &TestCluster) -> String {
 }
 
 /// `flyball control` as `run` starts it on Kubernetes, with `flags`, leading once it says so.
+/// A leading control service whose autoscalers are the FlyballAutoscalers labelled with this
+/// test's `run` label (others may share the namespace on a real cluster).
+async fn control_of_resources(cluster: &TestCluster, run: &str) -> Running {
+    let selector = format!("{RUN_LABEL}={run}");
+    let lease = lease(cluster);
+    let source = [
+        "--source",
+        "kubernetes",
+        "--namespace",
+        cluster.namespace(),
+        "--label-selector",
+        &selector,
+    ];
+    control(cluster, &flags(cluster, &lease, "a", &source)).await
+}
+
 async fn control(cluster: &TestCluster, flags: &[String]) -> Running {
     let control = bind(cluster, flags).await;
     let mut leading = control.leading().clone();
@@ -448,24 +464,8 @@ async fn flyball_autoscalers_are_sized_and_told_how_it_went_and_bad_ones_why_not
         .await
         .unwrap();
     let bad_name = bad.metadata.name.clone().unwrap();
-    // Only this test's resources: others may share the namespace on a real cluster.
     let run = good.metadata.labels.as_ref().unwrap()[RUN_LABEL].clone();
-    let selector = format!("{RUN_LABEL}={run}");
-    let lease = lease(&cluster);
-    let args = flags(
-        &cluster,
-        &lease,
-        "a",
-        &[
-            "--source",
-            "kubernetes",
-            "--namespace",
-            &ns,
-            "--label-selector",
-            &selector,
-        ],
-    );
-    let control = control(&cluster, &args).await;
+    let control = control_of_resources(&cluster, &run).await;
     let pools = control.pools().await.unwrap();
     assert_eq!(pools["pools"].as_array().unwrap().len(), 1, "{pools}");
     assert_eq!(pools["pools"][0]["autoscaler"], good_name.as_str());
@@ -581,17 +581,7 @@ async fn a_steady_dry_run_recommendation_writes_the_status_once() {
         .unwrap();
     let name = created.metadata.name.clone().unwrap();
     let run = created.metadata.labels.as_ref().unwrap()[RUN_LABEL].clone();
-    let selector = format!("{RUN_LABEL}={run}");
-    let lease = lease(&cluster);
-    let source = [
-        "--source",
-        "kubernetes",
-        "--namespace",
-        &ns,
-        "--label-selector",
-        &selector,
-    ];
-    let control = control(&cluster, &flags(&cluster, &lease, "a", &source)).await;
+    let control = control_of_resources(&cluster, &run).await;
     let gateway = Gateway::start(control.grpc_uri(), 1, step);
     let api = Api::<FlyballAutoscaler>::namespaced(cluster.client(), &ns);
     wait_until("the recommendation in the status", || async {
@@ -1144,17 +1134,7 @@ async fn autoscalers_follow_flyball_autoscalers_as_they_come_and_change() {
         .labels
         .unwrap()[RUN_LABEL]
         .clone();
-    let selector = format!("{RUN_LABEL}={run}");
-    let lease = lease(&cluster);
-    let source = [
-        "--source",
-        "kubernetes",
-        "--namespace",
-        &ns,
-        "--label-selector",
-        &selector,
-    ];
-    let control = control(&cluster, &flags(&cluster, &lease, "a", &source)).await;
+    let control = control_of_resources(&cluster, &run).await;
     assert_eq!(control.pools().await.unwrap()["pools"], json!([]));
 
     // Created while serving: seen through the watch, and sized.
