@@ -627,6 +627,9 @@ struct Observed {
     /// Replicas asked for and when, until that many are ready.
     pending: Option<(u32, Duration)>,
     time_to_ready: Option<Duration>,
+    /// The last change logged: a recommendation that is not applied (a dry run, a follower) is
+    /// made again at every evaluation, up to ten times a second, and is logged once.
+    logged: Option<(u32, u32, Rule)>,
 }
 
 /// Runs one task per autoscaler of the configuration in force until `shutdown` resolves,
@@ -973,9 +976,12 @@ impl<A: Actuator> AutoscalerLoop<A> {
                     }
                 }
             }
-            if pool_decision.action != Action::Hold {
+            let logged = &mut self.observed.entry(pool.id).or_default().logged;
+            let change = (pool_decision.from, pool_decision.to, pool_decision.rule);
+            if pool_decision.action != Action::Hold && (applied || *logged != Some(change)) {
                 tracing::info!(pool = %pool.name, decision = %pool_decision, applied, "decision");
             }
+            *logged = Some(change);
             self.status
                 .decisions
                 .get_or_create(&DecisionLabels {
