@@ -12,6 +12,8 @@
 //! served) holds further calls of that kind to that target for a backoff that doubles from
 //! `hold_first` to `hold_max`, so a missing RBAC rule costs one request per backoff rather than
 //! one per evaluation, and it becomes one Warning Event per backoff, not one per evaluation.
+//! A transient failure (retried within the call) holds the next calls for a shorter backoff,
+//! from 1 s to 30 s, without an Event.
 //! It never writes anything but `spec.replicas` of a target and the status of an autoscaler.
 
 use std::collections::HashMap;
@@ -62,6 +64,11 @@ impl Default for KubeActuatorConfig {
         }
     }
 }
+
+/// The first wait after a call that failed for a transient reason (5xx, 429, a timeout); it
+/// doubles on each repeat up to [`TRANSIENT_HOLD_MAX`], and a success ends it.
+pub const TRANSIENT_HOLD_FIRST: Duration = Duration::from_secs(1);
+pub const TRANSIENT_HOLD_MAX: Duration = Duration::from_secs(30);
 
 /// Reads and sets replicas through `/scale`; see the module docs.
 pub struct KubeActuator {
@@ -212,30 +219,41 @@ impl KubeActuator {
         now: Instant,
     ) -> ActuatorError {
         let kind = error.metric_label();
-        if !error.is_transient() {
-            let mut state = self.lock();
-            let key = (target.clone(), op);
-            let backoff = match state.holds.get(&key) {
-                Some(previous) => (previous.backoff * 2).min(self.config.hold_max),
-                None => self.config.hold_first,
-            };
+        // A transient failure has already been retried within the call; the next evaluation
+        // (100 ms later under load) waits a short backoff too, so an API server shedding load
+        // is not asked again at once by every pool of every replica. No Event: it says nothing
+        // an operator must act on.
+        let transient = error.is_transient();
+        let (first, max) = if transient {
+            (TRANSIENT_HOLD_FIRST, TRANSIENT_HOLD_MAX)
+        } else {
+            (self.config.hold_first, self.config.hold_max)
+        };
+        let mut state = self.lock();
+        let key = (target.clone(), op);
+        let backoff = match state.holds.get(&key) {
+            Some(previous) => (previous.backoff * 2).clamp(first, max),
+            None => first,
+        };
+        if !transient {
             tracing::warn!(
                 %target,
                 %error,
                 ?backoff,
                 "the API server refused; not trying again before the backoff"
             );
-            state.holds.insert(
-                key,
-                Hold {
-                    until: now + backoff,
-                    backoff,
-                    kind,
-                    message: error.to_string(),
-                    announced: false,
-                },
-            );
         }
+        state.holds.insert(
+            key,
+            Hold {
+                until: now + backoff,
+                backoff,
+                kind,
+                message: error.to_string(),
+                announced: transient,
+            },
+        );
+        drop(state);
         ActuatorError {
             target: target.to_string(),
             kind,

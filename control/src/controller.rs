@@ -620,7 +620,7 @@ struct AutoscalerLoop<A> {
     leading_open: bool,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Observed {
     desired: Option<u32>,
     changed_at: Option<Duration>,
@@ -630,6 +630,8 @@ struct Observed {
     /// The last change logged: a recommendation that is not applied (a dry run, a follower) is
     /// made again at every evaluation, up to ten times a second, and is logged once.
     logged: Option<(u32, u32, Rule)>,
+    /// The last failure to read replicas, until a read succeeds.
+    read_error: Option<String>,
 }
 
 /// Runs one task per autoscaler of the configuration in force until `shutdown` resolves,
@@ -849,7 +851,13 @@ impl<A: Actuator> AutoscalerLoop<A> {
             let replicas = match self.actuator.current(&pool.target).await {
                 Ok(replicas) => replicas,
                 Err(error) => {
-                    tracing::warn!(pool = %pool.name, %error, "cannot read replicas; not deciding");
+                    // Held calls fail with the same text for the whole hold: say it once.
+                    let message = error.to_string();
+                    let observed = self.observed.entry(pool.id).or_default();
+                    if observed.read_error.as_ref() != Some(&message) {
+                        tracing::warn!(pool = %pool.name, %error, "cannot read replicas; not deciding");
+                        observed.read_error = Some(message);
+                    }
                     self.status
                         .actuator_errors
                         .get_or_create(&ActuatorErrorLabels {
@@ -874,6 +882,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                 }
             };
             let observed = self.observed.entry(pool.id).or_default();
+            observed.read_error = None;
             if observed.desired != Some(replicas.desired) {
                 if observed.desired.is_some() {
                     observed.changed_at = Some(policy_now);

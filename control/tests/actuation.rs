@@ -904,6 +904,45 @@ impl Scene {
     }
 }
 
+/// An API server failing with 500s is retried within each call, then left alone for a backoff,
+/// not asked again at every evaluation (ten a second under load, per pool, per replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_back_off_between_evaluations() {
+    let scene = Scene::with_deployment(1, &[]).await;
+    let test = "transient_failures_back_off_between_evaluations";
+    let Some(fake) = scene.cluster.fake_or_skip(test, "injected 500s") else {
+        return scene.finish().await;
+    };
+    let path = scale_path(&scene.ns, &scene.target);
+    fake.fail_next(Some(Verb::Get), &path, 10_000, 500);
+    let gateway = Gateway::start(scene.control.grpc_uri(), 1, step);
+    let errors = format!(
+        "flyball_actuator_errors_total{{namespace=\"{}\",pool=\"{}\",kind=\"transient\"}}",
+        scene.ns, scene.target
+    );
+    let failed_reads = || {
+        fake.requests()
+            .iter()
+            .filter(|r| r.is("GET", &path) && r.status == Some(500))
+            .count()
+    };
+    let counted = |n: f64| {
+        let (control, errors) = (&scene.control, &errors);
+        async move { (control.metric(errors).await.unwrap() >= Some(n)).then_some(()) }
+    };
+    wait_until("the first failed read", || counted(1.0)).await;
+    let first = failed_reads();
+    wait_until("3 more evaluations that could not read", || counted(4.0)).await;
+    let more = failed_reads() - first;
+    gateway.stop().await;
+    // One call tries 4 times; without a backoff each of the 3 evaluations makes a call (12).
+    assert!(
+        more <= 4,
+        "{more} more failed reads over 3 evaluations after {first}"
+    );
+    scene.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_telemetry_never_scales_down() {
     let scene = Scene::with_deployment(4, &[]).await;
