@@ -25,7 +25,7 @@ use flyball_k8s::crd::{
 };
 use flyball_k8s::{
     FlyballAutoscaler, FlyballAutoscalerStatus, HpaConflict, LastDecisionStatus, ScaleClient,
-    ScaleEvents, ScaleTargetRef, patch_status,
+    ScaleEvents, ScaleTargetRef, get_status, patch_status,
 };
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -122,12 +122,19 @@ struct Hpas {
     failing: bool,
 }
 
-/// The status last written for an autoscaler.
+/// The status last written for an autoscaler (or read from it, when this replica took over).
 #[derive(Debug)]
 struct Written {
     status: Option<FlyballAutoscalerStatus>,
     at: Instant,
+    /// The last evaluation that came to write it: a longer gap means another replica led
+    /// meanwhile and may have written since.
+    touched: Instant,
 }
+
+/// An autoscaler not recorded for this long was led by another replica meanwhile (a leader
+/// records every autoscaler at least once per idle interval, 1 s).
+const STATUS_CACHE_GAP: Duration = Duration::from_secs(5);
 
 /// A call not made because an earlier one was refused. The text stays the same for the whole
 /// hold, so the decision log folds the repeats into one entry.
@@ -315,6 +322,38 @@ impl KubeActuator {
         let autoscaler = evaluation.autoscaler;
         let key = (autoscaler.namespace.clone(), autoscaler.name.clone());
         let now = Instant::now();
+        let known = self.lock().statuses.get_mut(&key).is_some_and(|w| {
+            let recent = now.saturating_duration_since(w.touched) < STATUS_CACHE_GAP;
+            w.touched = now;
+            recent
+        });
+        if !known {
+            // Taking over from another replica (or starting): build on the status it left, so
+            // conditions keep their transition times and an unchanged status is not rewritten.
+            let found = match get_status(&self.client, &key.0, &key.1).await {
+                Ok(found) => found,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot read the FlyballAutoscaler's status");
+                    None
+                }
+            };
+            let mut state = self.lock();
+            match found {
+                Some(status) => {
+                    state.statuses.insert(
+                        key.clone(),
+                        Written {
+                            status: Some(status),
+                            at: now,
+                            touched: now,
+                        },
+                    );
+                }
+                None => {
+                    state.statuses.remove(&key);
+                }
+            }
+        }
         let status = {
             let state = self.lock();
             let written = state.statuses.get(&key);
@@ -346,6 +385,7 @@ impl KubeActuator {
             Written {
                 status: written,
                 at: now,
+                touched: now,
             },
         );
     }

@@ -559,6 +559,56 @@ async fn flyball_autoscalers_are_sized_and_told_how_it_went_and_bad_ones_why_not
     cluster.cleanup().await.unwrap();
 }
 
+/// A replica that takes over builds on the status the last leader left: a condition that did
+/// not change keeps its transition time (alerts and `kubectl wait` read it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_keeps_the_conditions_it_finds() {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 1, 1).await;
+    let spec: FlyballAutoscalerSpec = serde_json::from_value(spec(&target)).unwrap();
+    let created = cluster
+        .create(&FlyballAutoscaler::new(&cluster.unique_name("llama"), spec))
+        .await
+        .unwrap();
+    let name = created.metadata.name.clone().unwrap();
+    // As the previous leader left it.
+    let since: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time =
+        serde_json::from_value(json!("2026-01-01T00:00:00Z")).unwrap();
+    let left = flyball_k8s::FlyballAutoscalerStatus {
+        observed_generation: created.metadata.generation,
+        conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: CONDITION_VALID.into(),
+            status: "True".into(),
+            reason: "SpecValid".into(),
+            message: "the spec passed validation".into(),
+            observed_generation: created.metadata.generation,
+            last_transition_time: since.clone(),
+        }],
+        pools: Vec::new(),
+    };
+    flyball_k8s::patch_status(&cluster.client(), &ns, &name, &left)
+        .await
+        .unwrap();
+    let run = created.metadata.labels.as_ref().unwrap()[RUN_LABEL].clone();
+    let control = control_of_resources(&cluster, &run).await;
+    let api = Api::<FlyballAutoscaler>::namespaced(cluster.client(), &ns);
+    let status = wait_until("the new leader's status", || async {
+        let status = api.get(&name).await.unwrap().status?;
+        (!status.pools.is_empty()).then_some(status)
+    })
+    .await;
+    let valid = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION_VALID)
+        .unwrap();
+    assert_eq!(valid.last_transition_time, since);
+    control.stop().await.unwrap();
+    cluster.cleanup().await.unwrap();
+}
+
 /// A dry run whose recommendation stays the same (KEDA's HPA may never follow it, inside its
 /// tolerance) writes the autoscaler's status once, not at every evaluation: each write is a
 /// watch event for every replica.

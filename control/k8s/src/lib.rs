@@ -34,5 +34,5 @@ pub use retry::{RetryPolicy, SleepFn, backoff};
 pub use scale::{
     FIELD_MANAGER, HpaConflict, ScaleClient, ScaleObservation, ScaleWrite, hpa_targets,
 };
-pub use status::patch_status;
+pub use status::{get_status, patch_status};
 pub use target::ScaleTargetRef;

@@ -24,3 +24,16 @@ pub async fn patch_status(
         .await
         .map_err(|e| error::from_kube(&format!("FlyballAutoscaler {namespace}/{name}"), 1, e))
 }
+
+/// The status of `namespace/name` as the API server has it; `None` if it has none yet.
+pub async fn get_status(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<FlyballAutoscalerStatus>, Error> {
+    let api: Api<FlyballAutoscaler> = Api::namespaced(client.clone(), namespace);
+    api.get(name)
+        .await
+        .map(|autoscaler| autoscaler.status)
+        .map_err(|e| error::from_kube(&format!("FlyballAutoscaler {namespace}/{name}"), 1, e))
+}
