@@ -619,6 +619,7 @@ fn synthetic_report(rng: &mut Rng) -> v1::ReportRequest {
         sent_at_unix_ms: 0,
         keys,
         dropped: None,
+        held_ms: 0,
     }
 }
 

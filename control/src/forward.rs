@@ -347,10 +347,15 @@ impl Lane {
         };
         self.expire();
         let open = self.open(uri, stream_id)?;
+        let now = Instant::now();
         let resend: Vec<v1::ReportRequest> = lock(&self.outstanding)
             .reports
             .iter()
-            .map(|(_, report)| report.clone())
+            .map(|(taken, report)| v1::ReportRequest {
+                held_ms: u64::try_from(now.saturating_duration_since(*taken).as_millis())
+                    .unwrap_or(u64::MAX),
+                ..report.clone()
+            })
             .collect();
         for report in resend {
             if !self.send(&open, report).await {

@@ -155,6 +155,8 @@ pub struct ParsedReport {
     process_start_unix_ms: u64,
     sequence: u64,
     sent_at_unix_ms: u64,
+    /// How long a forwarding replica held it (a resend after a hand-over).
+    held: Duration,
     dropped_reports: u64,
     keys: Vec<ParsedKey>,
 }
@@ -380,6 +382,7 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
         process_start_unix_ms: reporter.process_start_unix_ms,
         sequence: report.sequence,
         sent_at_unix_ms: report.sent_at_unix_ms,
+        held: Duration::from_millis(report.held_ms),
         dropped_reports: report.dropped.unwrap_or_default().reports,
         keys,
     })
@@ -706,7 +709,15 @@ impl IngestState {
                 continue;
             };
             process.note_fed(id, now, lookback);
-            self.windows.record(id, backlog_since, now, &key.delta);
+            if report.held.is_zero() {
+                self.windows.record(id, backlog_since, now, &key.delta);
+            } else {
+                // A report a follower held through a hand-over goes where it was taken, not into
+                // the arrival bucket with every other held one: that burst would overstate the
+                // short window's rate and could set off a scale-up after each failover.
+                let taken = now.checked_sub(report.held.min(lookback)).unwrap_or(now);
+                self.windows.record(id, None, taken, &key.delta);
+            }
             if key.in_flight.total() > 0 {
                 self.windows
                     .replace_in_flight(id, InFlight::default(), key.in_flight);

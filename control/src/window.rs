@@ -655,12 +655,13 @@ impl Windows {
         };
         record(&mut state.window);
         state.totals.add(delta);
-        state.last_update = Some(now);
+        // `now` may be in the past (a report held through a hand-over): never move back.
+        state.last_update = state.last_update.max(Some(now));
         for pool in &state.pools {
             if let Some(Some(pool)) = self.pools.get_mut(pool.0) {
                 record(&mut pool.window);
                 pool.totals.add(delta);
-                pool.last_update = Some(now);
+                pool.last_update = pool.last_update.max(Some(now));
             }
         }
     }

@@ -302,6 +302,7 @@ fn report(
             ..Default::default()
         }],
         dropped: None,
+        held_ms: 0,
     }
 }
 

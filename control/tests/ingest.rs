@@ -54,6 +54,7 @@ fn report(gateway: &str, start_ms: u64, sequence: u64, ok: u64) -> v1::ReportReq
             },
         ],
         dropped: None,
+        held_ms: 0,
     }
 }
 

@@ -193,6 +193,7 @@ fn load(sequence: u64, input_tokens: u64) -> v1::ReportRequest {
             ..Default::default()
         }],
         dropped: None,
+        held_ms: 0,
     }
 }
 

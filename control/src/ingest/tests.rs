@@ -52,6 +52,7 @@ fn report(
             ..Default::default()
         }],
         dropped: None,
+        held_ms: 0,
     }
 }
 
@@ -755,4 +756,24 @@ fn a_key_idle_past_forget_after_and_the_stable_window_frees_its_place() {
     // Pool a keeps what it counted; pool b counts only what merged.
     let total = |pool| t.pool(pool, at(base, 661_000)).unwrap().totals.requests;
     assert_eq!((total(pool_a), total(pool_b)), (1, 1));
+}
+
+#[test]
+fn a_report_held_through_a_hand_over_lands_where_it_was_taken() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    let now = at(base, 100_000);
+    // A follower held 15 s of one gateway's reports for the next leader: 15 of them arrive
+    // together, each saying how long it waited.
+    for sequence in 1..=15 {
+        let mut held = report("gw", 1, sequence, 10, 0);
+        held.held_ms = (15 - sequence) * 1_000;
+        t.ingest(held, now).unwrap();
+    }
+    let view = t.pool(PoolId(0), now).unwrap();
+    assert_eq!(view.totals.requests, 150);
+    assert_eq!(view.stable.requests.total(), 150);
+    // The 10 s short window holds the last 10 of them, not all 15 in one burst.
+    assert_eq!(view.short.requests.total(), 100);
+    assert_eq!(view.last_update, Some(now));
 }

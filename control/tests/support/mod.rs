@@ -61,6 +61,7 @@ pub fn report(gateway: &str, sequence: u64, ok: u64) -> v1::ReportRequest {
             ..Default::default()
         }],
         dropped: None,
+        held_ms: 0,
     }
 }
 

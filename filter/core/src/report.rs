@@ -228,6 +228,8 @@ pub fn build_report(
         sent_at_unix_ms: now_unix_ms,
         keys,
         dropped: Some(dropped),
+        // Only a forwarding control replica holds reports.
+        held_ms: 0,
     }
 }
 

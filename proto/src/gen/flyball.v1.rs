@@ -20,6 +20,11 @@ pub struct ReportRequest {
     /// What the reporter could not deliver, cumulative since the reporter process started.
     #[prost(message, optional, tag = "5")]
     pub dropped: ::core::option::Option<DroppedTelemetry>,
+    /// Set by a control replica that forwards this report and sends it again after a hand-over: how
+    /// long it held the report before this send. The leader places the report that far back, so a
+    /// hand-over's backlog lands where it belongs rather than as one burst. 0 from gateways.
+    #[prost(uint64, tag = "6")]
+    pub held_ms: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Reporter {
