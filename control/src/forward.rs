@@ -564,7 +564,7 @@ mod tests {
         lanes: Vec<Lane>,
         counters: ForwardCounters,
         leading: watch::Sender<bool>,
-        _leader: watch::Sender<Option<String>>,
+        leader: watch::Sender<Option<String>>,
     }
 
     fn follower(leader: Option<String>, settings: ForwardSettings) -> Follower {
@@ -584,7 +584,7 @@ mod tests {
             lanes,
             counters,
             leading: leading_tx,
-            _leader: leader_tx,
+            leader: leader_tx,
         }
     }
 
@@ -675,6 +675,116 @@ mod tests {
         f.forwarder.offer(report("gw", 2));
         f.leading.send(true).unwrap();
         dropped(&f.counters, "leading", 2).await;
+        assert_eq!(dropped_now(&f.counters, "send_failed"), 0);
+    }
+
+    /// A leader that acknowledges every report and keeps what it was sent.
+    #[derive(Clone, Default)]
+    struct RecordingLeader {
+        received: Arc<Mutex<Vec<v1::ReportRequest>>>,
+    }
+
+    #[tonic::async_trait]
+    impl flyball_proto::grpc::telemetry_service_server::TelemetryService for RecordingLeader {
+        async fn report(
+            &self,
+            request: tonic::Request<v1::ReportRequest>,
+        ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
+            let report = request.into_inner();
+            let acknowledged_sequence = report.sequence;
+            self.received.lock().unwrap().push(report);
+            Ok(tonic::Response::new(v1::ReportResponse {
+                acknowledged_sequence,
+            }))
+        }
+
+        type ReportStreamStream = crate::ingest::AckStream;
+
+        async fn report_stream(
+            &self,
+            request: tonic::Request<tonic::Streaming<v1::ReportRequest>>,
+        ) -> Result<tonic::Response<Self::ReportStreamStream>, tonic::Status> {
+            use futures::StreamExt;
+            let received = self.received.clone();
+            let acks = request.into_inner().map(move |report| {
+                report.map(|report| {
+                    let acknowledged_sequence = report.sequence;
+                    received.lock().unwrap().push(report);
+                    v1::ReportResponse {
+                        acknowledged_sequence,
+                    }
+                })
+            });
+            Ok(tonic::Response::new(Box::pin(acks)))
+        }
+    }
+
+    impl RecordingLeader {
+        /// Serves on a loopback port; returns its URI.
+        async fn serve(&self) -> String {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let uri = format!("http://{}", listener.local_addr().unwrap());
+            let service =
+                flyball_proto::grpc::telemetry_service_server::TelemetryServiceServer::new(
+                    self.clone(),
+                );
+            tokio::spawn(
+                crate::grpc_server()
+                    .add_service(service)
+                    .serve_with_incoming(crate::grpc_incoming(listener)),
+            );
+            uri
+        }
+
+        /// Waits (up to 10 s) for `n` reports.
+        async fn wait_for(&self, n: usize) -> Vec<v1::ReportRequest> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let received = self.received.lock().unwrap().clone();
+                if received.len() >= n {
+                    return received;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} of {n} reports in 10 s",
+                    received.len()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_sent_again_after_a_hand_over_say_how_long_they_were_held() {
+        let f = unreachable_leader(RESEND_WITHIN);
+        let taken = Instant::now();
+        f.forwarder.offer(report("gw", 1));
+        f.forwarder.offer(report("gw", 2));
+        let held_at_least = Duration::from_millis(400);
+        tokio::time::sleep(held_at_least).await;
+
+        let next = RecordingLeader::default();
+        f.leader.send(Some(next.serve().await)).unwrap();
+        let resent = next.wait_for(2).await;
+        let held_at_most = taken.elapsed();
+        for report in &resent {
+            let held = Duration::from_millis(report.held_ms);
+            assert!(
+                held >= held_at_least && held <= held_at_most,
+                "report {} held {held:?}, taken {held_at_most:?} ago, at least {held_at_least:?}",
+                report.sequence
+            );
+        }
+        assert_eq!(
+            resent.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+            [1, 2]
+        );
+
+        // A report the open stream takes at once was not held.
+        f.forwarder.offer(report("gw", 3));
+        let all = next.wait_for(3).await;
+        assert_eq!(all[2].sequence, 3);
+        assert_eq!(all[2].held_ms, 0);
         assert_eq!(dropped_now(&f.counters, "send_failed"), 0);
     }
 }
