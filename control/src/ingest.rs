@@ -8,7 +8,11 @@
 //! reporter is its identity, sequence, timing and latest in-flight gauge per key, so memory grows
 //! with the number of gateways only by that much; their deltas go straight into the shared
 //! windows. A reporter silent for longer than `max(stale_after, stale_intervals x its interval)`
-//! is stale: its gauges leave the in-flight sums until it reports again. Ingest never trusts a
+//! is stale: its gauges leave the in-flight sums until it reports again, and the pools it fed
+//! hold scale-down, since its load may be going unseen, until it is forgotten. Unless it is gone
+//! rather than cut off: a reporter whose report streams all closed while it was live (Envoy
+//! closes its connections when it exits; a partition closes nothing) is `departed` when it goes
+//! quiet, and nothing holds for it. Ingest never trusts a
 //! remote clock's time: the time of arrival is what counts. Only the difference between two
 //! consecutive reports' `sent_at_unix_ms` is used, to tell how long a backlog built up after a
 //! partition, and only within the arrival times that bound it.
@@ -96,6 +100,8 @@ pub enum Admission {
     },
     /// A resend (or older): acknowledged and ignored.
     Duplicate,
+    /// Another replica's word that the reporter's streams closed (`streams_closed`).
+    StreamsClosed,
 }
 
 /// Reporter identities and their latest gauges. Pure: `now` is a parameter.
@@ -107,6 +113,8 @@ pub struct Reporters {
     gateways: HashMap<Box<str>, Gateway>,
     live: usize,
     stale: usize,
+    /// Reporters that went quiet after their streams closed.
+    departed: Counter,
 }
 
 #[derive(Debug)]
@@ -135,6 +143,11 @@ struct Process {
     /// meanwhile), but once quiet it is neither live nor stale: it finished draining or
     /// crashed, and the newer process carries the gateway's load, so nothing is missing.
     replaced: bool,
+    /// Report streams from its gateway that carried its reports and are still open.
+    open_streams: u32,
+    /// Its streams all closed while it was live, after its latest report: once quiet it is gone
+    /// (Envoy exited), not cut off, so like a replaced process it is neither live nor stale.
+    streams_closed: bool,
     dropped_reports: u64,
     gauges: Vec<(KeyId, InFlight)>,
     /// The keys it reported on, each with when it last did (only the last stable window's).
@@ -157,6 +170,8 @@ pub struct ParsedReport {
     sent_at_unix_ms: u64,
     /// How long a forwarding replica held it (a resend after a hand-over).
     held: Duration,
+    /// Another replica's word that this reporter's streams closed; no keys.
+    streams_closed: bool,
     dropped_reports: u64,
     keys: Vec<ParsedKey>,
 }
@@ -190,6 +205,8 @@ pub struct IngestCounters {
     pub missing_reports: Counter,
     pub restarts: Counter,
     pub revived: Counter,
+    /// Reporters that went quiet after their report streams closed: gone, not held for.
+    pub departed: Counter,
     pub reporter_dropped_reports: Counter,
     pub keys_over_limit: Counter,
     pub refused: Family<RefusedLabels, Counter>,
@@ -307,6 +324,18 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
     if report.sequence == 0 {
         return Err(Refusal::ZeroSequence);
     }
+    if report.streams_closed {
+        return Ok(ParsedReport {
+            gateway: reporter.gateway,
+            process_start_unix_ms: reporter.process_start_unix_ms,
+            sequence: report.sequence,
+            sent_at_unix_ms: report.sent_at_unix_ms,
+            held: Duration::ZERO,
+            streams_closed: true,
+            dropped_reports: 0,
+            keys: Vec::new(),
+        });
+    }
     if report.keys.len() > config.max_keys_per_report {
         return Err(Refusal::TooManyKeys {
             count: report.keys.len(),
@@ -383,6 +412,7 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
         sequence: report.sequence,
         sent_at_unix_ms: report.sent_at_unix_ms,
         held: Duration::from_millis(report.held_ms),
+        streams_closed: false,
         dropped_reports: report.dropped.unwrap_or_default().reports,
         keys,
     })
@@ -399,7 +429,8 @@ impl ParsedReport {
 // === impl Reporters ===
 
 impl Reporters {
-    pub fn new(config: &IngestConfig) -> Self {
+    /// `departed` counts reporters that went quiet after their streams closed.
+    pub fn new(config: &IngestConfig, departed: Counter) -> Self {
         Reporters {
             stale_after: config.stale_after,
             stale_intervals: config.stale_intervals,
@@ -407,6 +438,60 @@ impl Reporters {
             gateways: HashMap::new(),
             live: 0,
             stale: 0,
+            departed,
+        }
+    }
+
+    fn process_mut(&mut self, gateway: &str, start_ms: u64) -> Option<&mut Process> {
+        self.gateways
+            .get_mut(gateway)?
+            .processes
+            .iter_mut()
+            .find(|p| p.start_ms == start_ms)
+    }
+
+    /// A report stream carried a report of this process for the first time. False when the
+    /// process is unknown (its report was refused).
+    fn stream_opened(&mut self, gateway: &str, start_ms: u64) -> bool {
+        let Some(process) = self.process_mut(gateway, start_ms) else {
+            return false;
+        };
+        process.open_streams = process.open_streams.saturating_add(1);
+        if !process.stale {
+            // A resend on a new stream is not admitted anew, yet says the process is there.
+            process.streams_closed = false;
+        }
+        true
+    }
+
+    /// A stream that carried this process's reports ended. When it was the last one open and
+    /// the process is still live, returns the sequence of its latest report: if it now goes
+    /// quiet, it is gone. A stream that ends once the process is stale is a dead connection
+    /// being reaped (keepalive), which says nothing of whether the gateway is gone.
+    fn stream_closed(&mut self, gateway: &str, start_ms: u64) -> Option<u64> {
+        let process = self.process_mut(gateway, start_ms)?;
+        process.open_streams = process.open_streams.saturating_sub(1);
+        if process.open_streams > 0 || process.stale {
+            return None;
+        }
+        process.streams_closed = true;
+        Some(process.last_sequence)
+    }
+
+    /// Another replica saw this process's streams close after report `sequence`.
+    fn mark_streams_closed(&mut self, gateway: &str, start_ms: u64, sequence: u64) {
+        let Some(process) = self.process_mut(gateway, start_ms) else {
+            return;
+        };
+        if sequence < process.last_sequence || process.streams_closed {
+            // It reported since, here.
+            return;
+        }
+        process.streams_closed = true;
+        if process.stale && !process.replaced {
+            // Quiet already (the word came late): gone, no longer missing.
+            self.stale -= 1;
+            self.departed.inc();
         }
     }
 
@@ -449,7 +534,7 @@ impl Reporters {
             // report. Quiet replaced processes count as neither live nor stale: the gateway is
             // there, and a rollout must not look like an outage.
             for old in &mut entry.processes {
-                match (old.stale, old.replaced) {
+                match (old.stale, old.quiet_is_explained()) {
                     (false, _) => {
                         old.stale = true;
                         self.live -= 1;
@@ -476,6 +561,8 @@ impl Reporters {
                     // First seen after its gateway's newer process (this service restarted
                     // during a hot restart's drain).
                     replaced: start_ms < entry.newest_start_ms,
+                    open_streams: 0,
+                    streams_closed: false,
                     dropped_reports: 0,
                     gauges: Vec::new(),
                     fed: Vec::new(),
@@ -537,8 +624,11 @@ impl Reporters {
         // A replaced process stays replaced while it drains, so that when it finishes and goes
         // quiet it is not taken for a gateway whose load went missing.
         let revived = std::mem::replace(&mut process.stale, false);
+        let quiet_was_explained = process.quiet_is_explained();
+        // It reports again: if it goes quiet now, its streams must close again to say it is gone.
+        process.streams_closed = false;
         if revived {
-            if !process.replaced {
+            if !quiet_was_explained {
                 self.stale -= 1;
             }
             self.live += 1;
@@ -557,6 +647,7 @@ impl Reporters {
         let mut dropped = Vec::new();
         let (stale_after, intervals, forget_after) =
             (self.stale_after, self.stale_intervals, self.forget_after);
+        let departed = &self.departed;
         let (mut live, mut stale) = (self.live, self.stale);
         self.gateways.retain(|_, gateway| {
             gateway.processes.retain_mut(|process| {
@@ -565,7 +656,7 @@ impl Reporters {
                     if !process.stale {
                         live -= 1;
                         dropped.append(&mut process.gauges);
-                    } else if !process.replaced {
+                    } else if !process.quiet_is_explained() {
                         stale -= 1;
                     }
                     return false;
@@ -574,8 +665,10 @@ impl Reporters {
                 if !process.stale && silent > limit {
                     process.stale = true;
                     live -= 1;
-                    if !process.replaced {
+                    if !process.quiet_is_explained() {
                         stale += 1;
+                    } else if process.streams_closed && !process.replaced {
+                        departed.inc();
                     }
                     dropped.append(&mut process.gauges);
                 }
@@ -600,7 +693,8 @@ impl Reporters {
         }
     }
 
-    /// For every reporter gone quiet (stale, not replaced by a restart of its gateway), the
+    /// For every reporter gone quiet (stale, neither replaced by a restart of its gateway nor
+    /// gone with its streams closed), the
     /// keys it reported on within `lookback` before it went quiet.
     fn silent_feeds(
         &self,
@@ -609,7 +703,7 @@ impl Reporters {
         self.gateways
             .values()
             .flat_map(|gateway| &gateway.processes)
-            .filter(|process| process.stale && !process.replaced)
+            .filter(|process| process.stale && !process.quiet_is_explained())
             .map(move |process| {
                 let since = process.last_seen.checked_sub(lookback);
                 process
@@ -633,6 +727,12 @@ fn stale_limit(
 }
 
 impl Process {
+    /// Quiet, it is not missing: a newer process of its gateway carries the load, or its
+    /// streams closed as Envoy's do when it exits.
+    fn quiet_is_explained(&self) -> bool {
+        self.replaced || self.streams_closed
+    }
+
     fn forget_keys(&mut self, keys: &HashSet<KeyId>) {
         self.fed.retain(|(key, _)| !keys.contains(key));
         self.gauges.retain(|(key, _)| !keys.contains(key));
@@ -656,6 +756,19 @@ impl Process {
 
 impl IngestState {
     fn merge(&mut self, report: ParsedReport, now: Instant) -> Merged {
+        if report.streams_closed {
+            self.reporters.mark_streams_closed(
+                &report.gateway,
+                report.process_start_unix_ms,
+                report.sequence,
+            );
+            return Merged {
+                admission: Admission::StreamsClosed,
+                pools: Vec::new(),
+                keys_over_limit: 0,
+                newly_dropped_reports: 0,
+            };
+        }
         let mut retired = Vec::new();
         let stale_after = self.reporters.stale_after;
         let (admission, process) = self.reporters.admit(
@@ -802,7 +915,8 @@ impl Telemetry {
         let dirty = RwLock::new(pools.iter().map(|_| Arc::new(Notify::new())).collect());
         let mut windows = Windows::new(windows, epoch, config.max_keys);
         windows.set_pools(pools);
-        let reporters = Reporters::new(&config);
+        let counters = IngestCounters::default();
+        let reporters = Reporters::new(&config, counters.departed.clone());
         let sweep_every = config.sweep_every();
         Telemetry {
             config,
@@ -815,7 +929,7 @@ impl Telemetry {
                 silent_feeders: HashMap::new(),
                 keys_dropped_at: HashMap::new(),
             }),
-            counters: IngestCounters::default(),
+            counters,
             dirty,
         }
     }
@@ -859,6 +973,7 @@ impl Telemetry {
             Admission::Duplicate => {
                 self.counters.duplicates.inc();
             }
+            Admission::StreamsClosed => {}
             Admission::Fresh {
                 missing,
                 restart,
@@ -952,6 +1067,23 @@ impl Telemetry {
         };
         self.mark_dirty(&dirty);
         view
+    }
+
+    /// A report stream carried a report of this reporter for the first time. False when the
+    /// reporter is unknown (its report was refused): then its stream's end means nothing.
+    pub fn stream_opened(&self, gateway: &str, process_start_unix_ms: u64) -> bool {
+        self.lock()
+            .reporters
+            .stream_opened(gateway, process_start_unix_ms)
+    }
+
+    /// A stream that [`Telemetry::stream_opened`] for this reporter ended. `Some(sequence)` when
+    /// it was the reporter's last open stream and the reporter is live: the sequence of its
+    /// latest report, for the word passed on to the leader.
+    pub fn stream_closed(&self, gateway: &str, process_start_unix_ms: u64) -> Option<u64> {
+        self.lock()
+            .reporters
+            .stream_closed(gateway, process_start_unix_ms)
     }
 
     /// How many reporters that fed `pool` within the stable window have since gone quiet (as
@@ -1063,6 +1195,73 @@ impl IngestService {
     }
 }
 
+/// A gateway stream carries one process's reports (an Envoy worker's); a few more are tolerated,
+/// further ones are not followed.
+const REPORTERS_PER_STREAM: usize = 4;
+
+/// The reporters one gateway's report stream has carried. When the stream ends (the gateway
+/// closed it, or its connection closed, as when Envoy exits), each is told; on a follower, the
+/// leader is told too. Dropped with the stream, so no way of ending is missed.
+struct StreamReporters {
+    service: IngestService,
+    carried: Vec<(String, u64)>,
+}
+
+impl StreamReporters {
+    /// The reporter of `report` when this stream has not carried it before (and has room).
+    fn new_reporter(&self, report: &v1::ReportRequest) -> Option<(String, u64)> {
+        let reporter = report
+            .reporter
+            .as_ref()
+            .filter(|_| !report.streams_closed)?;
+        let start = reporter.process_start_unix_ms;
+        let known = self
+            .carried
+            .iter()
+            .any(|(g, s)| *g == reporter.gateway && *s == start);
+        (!known && self.carried.len() < REPORTERS_PER_STREAM)
+            .then(|| (reporter.gateway.clone(), start))
+    }
+
+    /// The report of `reporter` (from [`StreamReporters::new_reporter`]) was taken.
+    fn carried(&mut self, reporter: Option<(String, u64)>) {
+        let Some((gateway, start)) = reporter else {
+            return;
+        };
+        if self.service.telemetry.stream_opened(&gateway, start) {
+            self.carried.push((gateway, start));
+        }
+    }
+}
+
+impl Drop for StreamReporters {
+    fn drop(&mut self) {
+        // This service's own shutdown ends every stream: that says nothing of the gateways.
+        if *self.service.stopping.borrow() {
+            return;
+        }
+        let forwarder = self.service.forwarder.as_ref().filter(|f| f.active());
+        for (gateway, start) in self.carried.drain(..) {
+            let Some(sequence) = self.service.telemetry.stream_closed(&gateway, start) else {
+                continue;
+            };
+            tracing::debug!(%gateway, start, sequence, "a reporter's report streams all closed");
+            if let Some(forwarder) = forwarder {
+                forwarder.offer(v1::ReportRequest {
+                    reporter: Some(v1::Reporter {
+                        gateway,
+                        process_start_unix_ms: start,
+                        filter_version: String::new(),
+                    }),
+                    sequence,
+                    streams_closed: true,
+                    ..v1::ReportRequest::default()
+                });
+            }
+        }
+    }
+}
+
 /// The acknowledgements of one `ReportStream`, in the order of its reports.
 pub type AckStream = std::pin::Pin<
     Box<dyn futures::Stream<Item = Result<v1::ReportResponse, tonic::Status>> + Send>,
@@ -1090,9 +1289,14 @@ impl TelemetryService for IngestService {
         // Each report is merged when it arrives and acknowledged before the next is read. A
         // refusal (or a message tonic could not decode, such as one over the size limit) is the
         // stream's last answer: its status ends the stream, as it would end a unary call.
+        // A replica's forwarding stream carries many gateways; its end says nothing of them.
+        let followed = StreamReporters {
+            service: self.clone(),
+            carried: Vec::new(),
+        };
         let acks = futures::stream::unfold(
-            (reports, Some(self.clone())),
-            move |(mut reports, service)| async move {
+            (reports, Some(self.clone()), followed),
+            move |(mut reports, service, mut followed)| async move {
                 let mut service = service?;
                 let mut stopping = service.stopping.clone();
                 let received = tokio::select! {
@@ -1102,13 +1306,22 @@ impl TelemetryService for IngestService {
                     )),
                 };
                 let answer = match received {
-                    Ok(Some(report)) => service.merge(report, forwarded),
+                    Ok(Some(report)) => {
+                        let reporter = (!forwarded)
+                            .then(|| followed.new_reporter(&report))
+                            .flatten();
+                        let answer = service.merge(report, forwarded);
+                        if answer.is_ok() {
+                            followed.carried(reporter);
+                        }
+                        answer
+                    }
                     Ok(None) => return None,
                     Err(status) => Err(status),
                 };
                 service.stopping = stopping;
                 let next = answer.is_ok().then_some(service);
-                Some((answer, (reports, next)))
+                Some((answer, (reports, next, followed)))
             },
         );
         Ok(tonic::Response::new(Box::pin(acks)))

@@ -78,6 +78,11 @@ impl Metrics {
                 &c.revived,
             ),
             (
+                "flyball_ingest_departed",
+                "Reporters that went quiet after their report streams closed (Envoy exited): gone, not held for",
+                &c.departed,
+            ),
+            (
                 "flyball_ingest_reporter_dropped_reports",
                 "Reports gateways say they gave up on",
                 &c.reporter_dropped_reports,

@@ -303,6 +303,7 @@ fn report(
         }],
         dropped: None,
         held_ms: 0,
+        streams_closed: false,
     }
 }
 

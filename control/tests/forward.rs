@@ -308,3 +308,61 @@ async fn reports_taken_while_the_leader_is_gone_reach_the_next_one() -> Result<(
     follower.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_connection_to_a_follower_closed_is_gone_at_the_leader_too()
+-> Result<(), Error> {
+    let fast = ["--stale-after", "1s"];
+    let leader = support::bind(ONE_POOL, &fast).await?;
+    let leader_uri = format!("http://{}", leader.grpc_addr().unwrap());
+    let (a, _a_leading, _a_leader) = fixed("a", true, None);
+    let leader = support::spawn(leader.with_leadership(a))?;
+    let (b, _b_leading, _b_leader) = fixed("b", false, Some(leader_uri));
+    let follower = support::start_led(ONE_POOL, &fast, b).await?;
+
+    // Two gateways on streams of their own to the follower.
+    let mut streams = Vec::new();
+    for gateway in ["exits", "cut-off"] {
+        let (reports, outbound) = tokio::sync::mpsc::channel(4);
+        let mut acks = client(follower.grpc_uri())
+            .await?
+            .report_stream(tokio_stream::wrappers::ReceiverStream::new(outbound))
+            .await?
+            .into_inner();
+        for sequence in 1..=3 {
+            reports.send(report(gateway, sequence, 1)).await?;
+            assert_eq!(
+                acks.message().await?.unwrap().acknowledged_sequence,
+                sequence
+            );
+        }
+        streams.push((reports, acks));
+    }
+    leader
+        .wait_metric("flyball_ingest_reports_total", 6.0, WAIT)
+        .await?;
+    // "exits" closes its connection (Envoy exited); "cut-off" goes quiet with its stream open.
+    let cut_off = streams.pop();
+    drop(streams);
+    leader
+        .wait_metric("flyball_ingest_departed_total", 1.0, WAIT)
+        .await?;
+    leader
+        .wait_metric("flyball_reporters{state=\"stale\"}", 1.0, WAIT)
+        .await?;
+    let pool = r#"autoscaler="llama",namespace="default",pool="llama",role="unified""#;
+    let silent = format!("flyball_pool_silent_reporters{{{pool}}}");
+    assert_eq!(
+        leader.metric(&silent).await?,
+        Some(1.0),
+        "only cut-off holds"
+    );
+    assert_eq!(
+        follower.metric("flyball_ingest_departed_total").await?,
+        Some(1.0)
+    );
+    drop(cut_off);
+    leader.stop().await?;
+    follower.stop().await?;
+    Ok(())
+}

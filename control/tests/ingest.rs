@@ -55,6 +55,7 @@ fn report(gateway: &str, start_ms: u64, sequence: u64, ok: u64) -> v1::ReportReq
         ],
         dropped: None,
         held_ms: 0,
+        streams_closed: false,
     }
 }
 
@@ -512,5 +513,49 @@ async fn pool_metrics_carry_each_latency_and_the_pool_identity() -> Result<(), E
     }
     let silent = format!("flyball_pool_silent_reporters{{{pool}}}");
     assert_eq!(control.metric(&silent).await?, Some(0.0));
+    control.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_connection_closed_is_gone_when_quiet_one_cut_off_is_missing()
+-> Result<(), Error> {
+    let control = support::start(ONE_POOL, &["--stale-after", "1s"]).await?;
+    let pool = r#"autoscaler="llama",namespace="default",pool="llama",role="unified""#;
+    let silent = format!("flyball_pool_silent_reporters{{{pool}}}");
+    // Each gateway on its own connection, as each Envoy has.
+    let mut reporting = Vec::new();
+    for gateway in ["exits", "cut-off"] {
+        let channel = Channel::from_shared(control.grpc_uri())?.connect().await?;
+        let mut stream = Reporting::stream(TelemetryServiceClient::new(channel)).await?;
+        for sequence in 1..=3 {
+            assert_eq!(
+                stream.send(report(gateway, 1, sequence, 1)).await?,
+                sequence
+            );
+        }
+        reporting.push(stream);
+    }
+    // "exits" closes its connection, as Envoy does when it exits; "cut-off" goes quiet with its
+    // stream open, as behind a partition.
+    let cut_off = reporting.pop();
+    drop(reporting);
+    let wait = std::time::Duration::from_secs(10);
+    control
+        .wait_metric("flyball_reporters{state=\"live\"}", 0.0, wait)
+        .await?;
+    assert_eq!(
+        control.metric("flyball_reporters{state=\"stale\"}").await?,
+        Some(1.0)
+    );
+    assert_eq!(
+        control.metric("flyball_ingest_departed_total").await?,
+        Some(1.0)
+    );
+    assert_eq!(
+        control.metric(&silent).await?,
+        Some(1.0),
+        "only cut-off holds"
+    );
+    drop(cut_off);
     control.stop().await
 }

@@ -284,6 +284,28 @@ impl Envoy {
         self.child.id()
     }
 
+    /// Stops Envoy as Kubernetes does when it deletes a pod (SIGTERM) and waits, up to
+    /// `within`, for it to exit.
+    pub async fn terminate(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(
+            sent.success(),
+            "kill -TERM {} failed: {sent}",
+            self.child.id()
+        );
+        let exited = wait_for("Envoy to exit after SIGTERM", within, || {
+            let status = self.child.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await;
+        exited.map_err(|error| anyhow::anyhow!("{error}\n{}", self.log_tail(20)))
+    }
+
     pub fn config_path(&self) -> &Path {
         &self.config_path
     }

@@ -192,6 +192,88 @@ async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyho
     Ok(())
 }
 
+/// A gateway that goes away (its pod deleted: SIGTERM to Envoy) is gone, not missing: Envoy
+/// closes its report streams when it exits, so the control service does not hold its pools'
+/// scale-down for it until `--forget-after`, as it would for a gateway merely gone quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_envoy_exits_is_gone_not_missing() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let control = LocalControl::start(CONFIG, &["--dry-run", "--stale-after", "1s"]).await?;
+    let plugin = serde_json::json!({
+        "controlCluster": "flyball_control",
+        "reportIntervalMs": 100,
+        "gateway": "e2e-exits"
+    })
+    .to_string();
+    let mut envoy = Envoy::start(&EnvoyOptions::with_filter(
+        sim.local_addr().port(),
+        control.grpc.port(),
+        &plugin,
+    ))
+    .await?;
+    let client = http_client();
+    for i in 0..5 {
+        let r = post(
+            &client,
+            envoy.listener(),
+            "/v1/chat/completions",
+            &chat(i),
+            &[("x-sim-output-tokens", "4".to_owned())],
+            None,
+        )
+        .await?;
+        anyhow::ensure!(r.status == 200, "request: {}", r.status);
+    }
+    let metrics = format!("http://{}/metrics", control.http);
+    let metric = |series: &'static str| {
+        let metrics = metrics.clone();
+        async move {
+            let (_, text) = get(&http_client(), &metrics).await.ok()?;
+            text.lines().find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name == series)
+                    .then(|| value.parse::<f64>().ok())
+                    .flatten()
+            })
+        }
+    };
+    let silent = r#"flyball_pool_silent_reporters{autoscaler="e2e",namespace="default",pool="llama-e2e",role="unified"}"#;
+    let url = control.pools_url();
+    wait_for(
+        "control to see the requests",
+        Duration::from_secs(10),
+        || {
+            let url = url.clone();
+            async move { (pools(&url).await?["requests"].as_u64()? >= 5).then_some(()) }
+        },
+    )
+    .await?;
+    assert_eq!(metric("flyball_reporters{state=\"live\"}").await, Some(1.0));
+
+    let status = envoy.terminate(Duration::from_secs(30)).await?;
+    println!("Envoy exited ({status}) after SIGTERM");
+    wait_for(
+        "the gateway to be quiet",
+        Duration::from_secs(10),
+        || async { (metric("flyball_reporters{state=\"live\"}").await? == 0.0).then_some(()) },
+    )
+    .await?;
+    let departed = metric("flyball_ingest_departed_total").await;
+    let stale = metric("flyball_reporters{state=\"stale\"}").await;
+    let holding = metric(silent).await;
+    assert_eq!(departed, Some(1.0), "{}", envoy.log_tail(20));
+    assert_eq!(stale, Some(0.0));
+    assert_eq!(
+        holding,
+        Some(0.0),
+        "nothing holds scale-down for a gateway that is gone"
+    );
+    drop(envoy);
+    control.stop().await?;
+    Ok(())
+}
+
 /// The same path with mutual TLS between Envoy's control cluster and `flyball control`
 /// (`--grpc-tls-*`): every request still lands, exactly once, and over TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,6 +53,7 @@ fn report(
         }],
         dropped: None,
         held_ms: 0,
+        streams_closed: false,
     }
 }
 
@@ -453,13 +454,13 @@ fn a_restart_retires_the_old_process_gauge_until_it_reports_again() {
 }
 
 /// The live and stale counts, recounted from the processes: a live process is not stale; a
-/// stale one counts as stale unless replaced.
+/// stale one counts as stale unless replaced or gone with its streams closed.
 fn recounted(t: &Telemetry) -> ReporterCounts {
     let state = t.lock();
     let processes = state.reporters.gateways.values().flat_map(|g| &g.processes);
     let mut counts = ReporterCounts::default();
     for p in processes {
-        match (p.stale, p.replaced) {
+        match (p.stale, p.quiet_is_explained()) {
             (false, _) => counts.live += 1,
             (true, false) => counts.stale += 1,
             (true, true) => {}
@@ -776,4 +777,149 @@ fn a_report_held_through_a_hand_over_lands_where_it_was_taken() {
     // The 10 s short window holds the last 10 of them, not all 15 in one burst.
     assert_eq!(view.short.requests.total(), 100);
     assert_eq!(view.last_update, Some(now));
+}
+
+/// `gw` (process 1) reports every second from 1 s to 5 s on one stream.
+fn streamed_reports(t: &Telemetry, base: Instant) {
+    for s in 1..=5 {
+        t.ingest(report("gw", 1, s, 1, 2), at(base, s * 1_000))
+            .unwrap();
+        if s == 1 {
+            assert!(t.stream_opened("gw", 1));
+        }
+    }
+}
+
+fn departed(t: &Telemetry) -> u64 {
+    t.counters().departed.get()
+}
+
+#[test]
+fn a_reporter_whose_streams_closed_while_it_was_live_is_gone_when_quiet_not_missing() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    streamed_reports(&t, base);
+    // Envoy exits: its connection closes right after its last report.
+    assert_eq!(t.stream_closed("gw", 1), Some(5));
+    let now = at(base, 9_000);
+    assert_eq!(t.reporters(now), ReporterCounts { live: 0, stale: 0 });
+    assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 0 });
+    assert_eq!(t.silent_feeders(PoolId(0)), 0);
+    assert_eq!(t.pool(PoolId(0), now).unwrap().in_flight.decoding, 0);
+    assert_eq!(departed(&t), 1);
+    // Forgotten later, the counts still right.
+    assert_eq!(
+        t.reporters(at(base, 700_000)),
+        ReporterCounts { live: 0, stale: 0 }
+    );
+    assert_eq!(departed(&t), 1);
+}
+
+#[test]
+fn streams_reaped_once_the_reporter_is_quiet_leave_it_missing() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    streamed_reports(&t, base);
+    // Cut off: nothing closes until keepalive reaps the dead connection, long after.
+    assert_eq!(
+        t.reporters(at(base, 9_000)),
+        ReporterCounts { live: 0, stale: 1 }
+    );
+    assert_eq!(t.stream_closed("gw", 1), None);
+    t.reporters(at(base, 90_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
+    assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 1 });
+    assert_eq!(departed(&t), 0);
+}
+
+#[test]
+fn a_reporter_with_a_stream_still_open_is_missing_when_quiet() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    streamed_reports(&t, base);
+    // Two workers' streams; one is reset (say, a report timed out), the other stays open.
+    assert!(t.stream_opened("gw", 1));
+    assert_eq!(t.stream_closed("gw", 1), None);
+    t.reporters(at(base, 9_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
+}
+
+#[test]
+fn a_reporter_that_reports_again_after_its_streams_closed_is_held_for_if_it_then_goes_quiet() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    streamed_reports(&t, base);
+    assert_eq!(t.stream_closed("gw", 1), Some(5));
+    // Only its connection was reset: it reconnects and reports on.
+    t.ingest(report("gw", 1, 6, 1, 2), at(base, 6_000)).unwrap();
+    assert!(t.stream_opened("gw", 1));
+    t.reporters(at(base, 10_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
+    assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 1 });
+    assert_eq!(departed(&t), 0);
+
+    // The same when what came on the new stream was only a resend of report 5.
+    let t = telemetry(base);
+    streamed_reports(&t, base);
+    assert_eq!(t.stream_closed("gw", 1), Some(5));
+    let resent = t.ingest(report("gw", 1, 5, 1, 2), at(base, 5_500)).unwrap();
+    assert_eq!(resent.admission, Admission::Duplicate);
+    assert!(t.stream_opened("gw", 1));
+    t.reporters(at(base, 10_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
+}
+
+/// Another replica's word that `gw` (process 1) closed its streams after `sequence`.
+fn streams_closed(sequence: u64) -> v1::ReportRequest {
+    let mut word = report("gw", 1, sequence, 0, 0);
+    word.keys.clear();
+    word.streams_closed = true;
+    word
+}
+
+#[test]
+fn a_followers_word_that_a_reporters_streams_closed_counts_as_if_seen_here() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    for s in 1..=5 {
+        t.ingest(report("gw", 1, s, 1, 2), at(base, s * 1_000))
+            .unwrap();
+    }
+    let word = t.ingest(streams_closed(5), at(base, 5_100)).unwrap();
+    assert_eq!(word.admission, Admission::StreamsClosed);
+    assert!(word.pools.is_empty());
+    assert_eq!(t.counters().reports.get(), 5, "the word is not a report");
+    t.reporters(at(base, 9_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 0);
+    assert_eq!(departed(&t), 1);
+
+    // Word that comes once the reporter is already quiet releases the hold then.
+    let t = telemetry(base);
+    for s in 1..=5 {
+        t.ingest(report("gw", 1, s, 1, 2), at(base, s * 1_000))
+            .unwrap();
+    }
+    assert_eq!(
+        t.reporters(at(base, 9_000)),
+        ReporterCounts { live: 0, stale: 1 }
+    );
+    t.ingest(streams_closed(5), at(base, 9_100)).unwrap();
+    assert_eq!(
+        t.reporters(at(base, 10_000)),
+        ReporterCounts { live: 0, stale: 0 }
+    );
+    assert_eq!(t.silent_feeders(PoolId(0)), 0);
+    assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 0 });
+    assert_eq!(departed(&t), 1);
+
+    // Word about an older report than the latest taken here is stale news.
+    let t = telemetry(base);
+    for s in 1..=5 {
+        t.ingest(report("gw", 1, s, 1, 2), at(base, s * 1_000))
+            .unwrap();
+    }
+    t.ingest(streams_closed(4), at(base, 5_100)).unwrap();
+    t.reporters(at(base, 9_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
+    assert_eq!(departed(&t), 0);
 }

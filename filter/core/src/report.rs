@@ -230,6 +230,7 @@ pub fn build_report(
         dropped: Some(dropped),
         // Only a forwarding control replica holds reports.
         held_ms: 0,
+        streams_closed: false,
     }
 }
 
