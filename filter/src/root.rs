@@ -20,6 +20,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
 use std::cell::RefCell;
+use std::hash::{BuildHasher, RandomState};
 use std::rc::Rc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -66,6 +67,8 @@ pub(crate) struct FlyballRoot {
     transport: Transport,
     /// The report this worker has in flight.
     in_flight: Option<InFlight>,
+    /// This worker's number in the reporter state (`report::plan_tick`): random, not 0.
+    worker_number: u64,
 }
 
 /// How this worker's reports travel.
@@ -89,7 +92,7 @@ struct InFlight {
 // === impl FlyballRoot ===
 
 impl FlyballRoot {
-    pub(crate) fn new(_context_id: u32) -> Self {
+    pub(crate) fn new(context_id: u32) -> Self {
         FlyballRoot {
             worker: None,
             epoch: Instant::now(),
@@ -97,6 +100,9 @@ impl FlyballRoot {
             reporter: v1::Reporter::default(),
             transport: Transport::Stream(None),
             in_flight: None,
+            // Context ids repeat across the workers' VMs; std's hasher keys come from WASI's
+            // random_get, different in every VM.
+            worker_number: RandomState::new().hash_one(context_id).max(1),
         }
     }
 
@@ -163,6 +169,7 @@ impl FlyballRoot {
                 now_ms,
                 config.report_interval_ms,
                 config.report_timeout_ms,
+                self.worker_number,
             );
             match plan {
                 TickPlan::Wait => None,

@@ -2,7 +2,7 @@
 //!
 //! tonic's default codec buffers are 8 KiB each way. A unary call frees them when it ends, but a
 //! `ReportStream` keeps its pair for as long as the gateway stays connected, and the control
-//! service holds one stream per gateway worker: at 10,000 gateways the defaults alone are
+//! service holds one stream per gateway: at 10,000 gateways the defaults alone are
 //! 160 MB. A report is about 1-3 KiB and an ack a few bytes; the buffers still grow on demand
 //! for a larger message (up to the service's size limit), so this only sets where they start.
 

@@ -318,3 +318,36 @@ fn the_benchmark_baseline_is_flyball_yaml_without_the_filter() -> anyhow::Result
     assert_eq!(body(&without), body(&baseline));
     Ok(())
 }
+
+/// Each Envoy worker has its own connections to the control cluster, and every worker ticks:
+/// the worker that sent the latest report sends the next one too, so one Envoy keeps one report
+/// stream (one connection) open to the control service, not one per worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_envoy_reports_on_one_stream_whatever_its_worker_count() -> anyhow::Result<()> {
+    let receiver = Receiver::start().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let config = serde_json::json!({"controlCluster": "flyball_control", "reportIntervalMs": 100})
+        .to_string();
+    let mut options = EnvoyOptions::with_filter(sim.local_addr().port(), receiver.port(), &config);
+    options.worker_threads = 4;
+    let envoy = Envoy::start(&options).await?;
+    // A trickle over about 5 s (50 report intervals), served by every worker.
+    for _ in 0..25 {
+        send(&envoy, 2, "one-stream").await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for("50 reports", Duration::from_secs(20), || {
+        let reports = receiver.totals().reports;
+        async move { (reports >= 50).then_some(()) }
+    })
+    .await?;
+    let (reports, streams) = (receiver.streamed_reports(), receiver.streams_opened());
+    println!("4 workers and the main thread: {reports} reports on {streams} report streams");
+    // One, or two should a busy worker have missed a whole tick once; five, one per thread,
+    // without a worker keeping the sending.
+    assert!(streams <= 2, "{reports} reports on {streams} streams");
+    drop(envoy);
+    drop(sim);
+    Ok(())
+}

@@ -58,6 +58,10 @@ pub struct ReporterState {
     /// Requests in those reports, cumulative.
     #[prost(uint64, tag = "11")]
     pub dropped_requests: u64,
+    /// The worker that sent the latest report, if it was delivered; 0 for none. See
+    /// [`plan_tick`].
+    #[prost(uint64, tag = "12")]
+    pub sender: u64,
 }
 
 /// What a worker's tick should do.
@@ -118,12 +122,26 @@ pub fn in_flight_expiry_ms(timeout_ms: u64) -> u64 {
     timeout_ms.saturating_add(timeout_ms.max(1000))
 }
 
-/// Decides a worker's tick. See [`TickPlan`].
+/// How long past due a report waits for the worker that sent the previous one before any other
+/// worker sends it: an interval, so that worker has missed a tick of its own (a worker busy with
+/// traffic for a moment is late, not gone).
+pub fn takeover_ms(interval_ms: u64) -> u64 {
+    interval_ms
+}
+
+/// Decides the tick of `worker` (a number of its own, not 0). See [`TickPlan`].
+///
+/// The worker that sent the latest report sends the next one too; the others only once it is
+/// [`takeover_ms`] overdue (that worker is stuck, or gone with its VM), or after a report that
+/// failed. Every worker ticks, and each has its own connections to the control cluster: without
+/// this, over time each would open a report stream, and the control service would hold one
+/// connection and stream per worker of every gateway instead of one per gateway.
 pub fn plan_tick(
     state: &ReporterState,
     now_ms: u64,
     interval_ms: u64,
     timeout_ms: u64,
+    worker: u64,
 ) -> TickPlan {
     let mut s = state.clone();
     if s.next_sequence == 0 {
@@ -141,9 +159,15 @@ pub fn plan_tick(
         s.in_flight_sequence = 0;
     }
     let stepped_back = s.next_due_ms > now_ms.saturating_add(interval_ms);
-    if now_ms < s.next_due_ms && !stepped_back {
+    let due_ms = if s.sender == 0 || s.sender == worker {
+        s.next_due_ms
+    } else {
+        s.next_due_ms.saturating_add(takeover_ms(interval_ms))
+    };
+    if now_ms < due_ms && !stepped_back {
         return TickPlan::Wait;
     }
+    s.sender = worker;
     if s.pending.is_some() {
         if s.pending_since_ms > now_ms {
             s.pending_since_ms = now_ms;
@@ -202,6 +226,11 @@ pub fn on_response(state: &ReporterState, sequence: u64, ok: bool) -> ReporterSt
     }
     if ok && s.pending.is_some() && s.pending_sequence == sequence {
         clear_pending(&mut s);
+    }
+    if !ok {
+        // Perhaps only the sender's connection is broken: whichever worker ticks first may
+        // send the next one.
+        s.sender = 0;
     }
     // A failure is retried at the next due time, which the dispatch already set.
     s

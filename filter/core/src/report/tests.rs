@@ -10,6 +10,8 @@ use std::collections::{HashMap, VecDeque};
 
 const INTERVAL: u64 = 100;
 const TIMEOUT: u64 = 50;
+/// The worker whose ticks the single-worker tests plan.
+const WORKER: u64 = 1;
 
 fn reporter() -> v1::Reporter {
     v1::Reporter {
@@ -23,37 +25,47 @@ fn reporter() -> v1::Reporter {
 fn the_first_tick_builds_sequence_one_and_claims_the_call() {
     let state = ReporterState::decode_or_new(None, 1_000);
     assert_eq!(state.process_start_ms, 1_000);
-    let TickPlan::BuildNew { state, sequence } = plan_tick(&state, 1_000, INTERVAL, TIMEOUT) else {
+    let TickPlan::BuildNew { state, sequence } =
+        plan_tick(&state, 1_000, INTERVAL, TIMEOUT, WORKER)
+    else {
         panic!("expected BuildNew");
     };
     assert_eq!(sequence, 1);
     assert_eq!(state.next_sequence, 2);
     // Another worker ticking now sees the call in flight.
-    assert_eq!(plan_tick(&state, 1_010, INTERVAL, TIMEOUT), TickPlan::Wait);
+    assert_eq!(
+        plan_tick(&state, 1_010, INTERVAL, TIMEOUT, WORKER),
+        TickPlan::Wait
+    );
 }
 
 #[test]
 fn an_unacknowledged_report_is_resent_unchanged_with_its_sequence() {
     let state = ReporterState::decode_or_new(None, 0);
-    let TickPlan::BuildNew { state, sequence } = plan_tick(&state, 0, INTERVAL, TIMEOUT) else {
+    let TickPlan::BuildNew { state, sequence } = plan_tick(&state, 0, INTERVAL, TIMEOUT, WORKER)
+    else {
         panic!("expected BuildNew");
     };
     let state = record_pending(&state, sequence, b"report-1".to_vec(), 3, 0);
     let state = on_response(&state, sequence, false);
     // Not due yet.
-    assert_eq!(plan_tick(&state, 50, INTERVAL, TIMEOUT), TickPlan::Wait);
+    assert_eq!(
+        plan_tick(&state, 50, INTERVAL, TIMEOUT, WORKER),
+        TickPlan::Wait
+    );
     let TickPlan::Resend {
         state,
         report,
         sequence: again,
-    } = plan_tick(&state, 100, INTERVAL, TIMEOUT)
+    } = plan_tick(&state, 100, INTERVAL, TIMEOUT, WORKER)
     else {
         panic!("expected Resend");
     };
     assert_eq!((report.as_slice(), again), (b"report-1".as_slice(), 1));
     let state = on_response(&state, again, true);
     assert!(state.pending.is_none());
-    let TickPlan::BuildNew { sequence, .. } = plan_tick(&state, 200, INTERVAL, TIMEOUT) else {
+    let TickPlan::BuildNew { sequence, .. } = plan_tick(&state, 200, INTERVAL, TIMEOUT, WORKER)
+    else {
         panic!("expected BuildNew");
     };
     assert_eq!(sequence, 2);
@@ -70,16 +82,17 @@ fn a_late_answer_for_an_older_call_does_not_clear_a_newer_report() {
 #[test]
 fn a_call_that_never_answers_stops_blocking_after_its_expiry() {
     let state = ReporterState::decode_or_new(None, 0);
-    let TickPlan::BuildNew { state, .. } = plan_tick(&state, 1000, INTERVAL, TIMEOUT) else {
+    let TickPlan::BuildNew { state, .. } = plan_tick(&state, 1000, INTERVAL, TIMEOUT, WORKER)
+    else {
         panic!("expected BuildNew");
     };
     let expiry = 1000 + in_flight_expiry_ms(TIMEOUT);
     assert_eq!(
-        plan_tick(&state, expiry - 1, INTERVAL, TIMEOUT),
+        plan_tick(&state, expiry - 1, INTERVAL, TIMEOUT, WORKER),
         TickPlan::Wait
     );
     assert!(matches!(
-        plan_tick(&state, expiry, INTERVAL, TIMEOUT),
+        plan_tick(&state, expiry, INTERVAL, TIMEOUT, WORKER),
         TickPlan::BuildNew { sequence: 2, .. }
     ));
 }
@@ -87,13 +100,14 @@ fn a_call_that_never_answers_stops_blocking_after_its_expiry() {
 #[test]
 fn a_clock_stepping_back_does_not_stall_reporting() {
     let state = ReporterState::decode_or_new(None, 0);
-    let TickPlan::BuildNew { state, sequence } = plan_tick(&state, 1_000_000, INTERVAL, TIMEOUT)
+    let TickPlan::BuildNew { state, sequence } =
+        plan_tick(&state, 1_000_000, INTERVAL, TIMEOUT, WORKER)
     else {
         panic!("expected BuildNew");
     };
     let state = on_response(&state, sequence, true);
     assert!(matches!(
-        plan_tick(&state, 5_000, INTERVAL, TIMEOUT),
+        plan_tick(&state, 5_000, INTERVAL, TIMEOUT, WORKER),
         TickPlan::BuildNew { .. }
     ));
 }
@@ -101,7 +115,8 @@ fn a_clock_stepping_back_does_not_stall_reporting() {
 #[test]
 fn a_report_past_retention_is_dropped_counted_and_the_sequence_moves_on() {
     let state = ReporterState::decode_or_new(None, 0);
-    let TickPlan::BuildNew { state, sequence } = plan_tick(&state, 0, INTERVAL, TIMEOUT) else {
+    let TickPlan::BuildNew { state, sequence } = plan_tick(&state, 0, INTERVAL, TIMEOUT, WORKER)
+    else {
         panic!("expected BuildNew");
     };
     let mut state = on_response(
@@ -112,7 +127,7 @@ fn a_report_past_retention_is_dropped_counted_and_the_sequence_moves_on() {
     let mut now = 0;
     loop {
         now += INTERVAL;
-        match plan_tick(&state, now, INTERVAL, TIMEOUT) {
+        match plan_tick(&state, now, INTERVAL, TIMEOUT, WORKER) {
             TickPlan::Resend {
                 state: s, sequence, ..
             } => state = on_response(&s, sequence, false),
@@ -450,7 +465,7 @@ impl Sim {
             TickStage::Plan => {
                 let (bytes, cas) = self.store.get(REPORTER_KEY);
                 let state = ReporterState::decode_or_new(bytes.as_deref(), self.now);
-                match plan_tick(&state, self.now, INTERVAL, TIMEOUT) {
+                match plan_tick(&state, self.now, INTERVAL, TIMEOUT, w as u64 + 1) {
                     TickPlan::Wait => None,
                     plan => Some(TickStage::Claim { plan, cas }),
                 }
@@ -750,4 +765,43 @@ fn regression_seed_15983811249975411706_one_worker_1487_steps() -> Result<(), Te
     // Found by the property above in a fresh-clone CI run: one request's figures went missing.
     let mut sim = Sim::new(15983811249975411706, 1);
     run(&mut sim, 1487)
+}
+
+/// Sends as `worker` at `now` (panics if it may not), and records the outcome.
+fn sent_by(state: &ReporterState, now: u64, worker: u64, ok: bool) -> ReporterState {
+    let (state, sequence) = match plan_tick(state, now, INTERVAL, TIMEOUT, worker) {
+        TickPlan::BuildNew { state, sequence } => (state, sequence),
+        TickPlan::Resend {
+            state, sequence, ..
+        } => (state, sequence),
+        TickPlan::Wait => panic!("worker {worker} may not send at {now}"),
+    };
+    on_response(&state, sequence, ok)
+}
+
+#[test]
+fn the_worker_that_sent_the_last_report_sends_the_next_others_take_over_an_interval_late() {
+    let state = ReporterState::decode_or_new(None, 0);
+    // Whoever ticks first sends the first report.
+    let state = sent_by(&state, 0, 2, true);
+    assert_eq!(state.sender, 2);
+    // At the due time only worker 2 may send.
+    assert_eq!(plan_tick(&state, 100, INTERVAL, TIMEOUT, 1), TickPlan::Wait);
+    assert_eq!(plan_tick(&state, 199, INTERVAL, TIMEOUT, 3), TickPlan::Wait);
+    let state = sent_by(&state, 100, 2, true);
+    // Worker 2 stops ticking: worker 1 takes over an interval past due, and keeps it.
+    assert_eq!(plan_tick(&state, 299, INTERVAL, TIMEOUT, 1), TickPlan::Wait);
+    let state = sent_by(&state, 300, 1, true);
+    assert_eq!(state.sender, 1);
+    assert_eq!(plan_tick(&state, 400, INTERVAL, TIMEOUT, 2), TickPlan::Wait);
+    sent_by(&state, 400, 1, true);
+}
+
+#[test]
+fn after_a_failed_report_any_worker_may_send_at_the_due_time() {
+    let state = ReporterState::decode_or_new(None, 0);
+    let state = sent_by(&state, 0, 2, false);
+    assert_eq!(state.sender, 0);
+    let state = sent_by(&state, 100, 3, true);
+    assert_eq!(state.sender, 3);
 }
