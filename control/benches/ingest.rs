@@ -620,7 +620,7 @@ fn synthetic_report(rng: &mut Rng) -> v1::ReportRequest {
         keys,
         dropped: None,
         held_ms: 0,
-        streams_closed: false,
+        connections_closed: false,
     }
 }
 

@@ -483,7 +483,11 @@ impl Acknowledgements {
                     let mut state = lock(&self.outstanding);
                     // An ack for a stream already replaced: the report is being sent again
                     // and counts when the new stream acknowledges it.
-                    if state.stream == self.stream_id && state.reports.pop_front().is_some() {
+                    // A word that a gateway's connections closed is not a report.
+                    let acknowledged = (state.stream == self.stream_id)
+                        .then(|| state.reports.pop_front())
+                        .flatten();
+                    if acknowledged.is_some_and(|(_, report)| !report.connections_closed) {
                         self.counters.forwarded.inc();
                     }
                 }

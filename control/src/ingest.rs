@@ -10,9 +10,10 @@
 //! windows. A reporter silent for longer than `max(stale_after, stale_intervals x its interval)`
 //! is stale: its gauges leave the in-flight sums until it reports again, and the pools it fed
 //! hold scale-down, since its load may be going unseen, until it is forgotten. Unless it is gone
-//! rather than cut off: a reporter whose report streams all closed while it was live (Envoy
-//! closes its connections when it exits; a partition closes nothing) is `departed` when it goes
-//! quiet, and nothing holds for it. Ingest never trusts a
+//! rather than cut off: a reporter whose connections to this service all closed while it was
+//! live (Envoy closes its connections when it exits; a partition closes nothing, and a stream
+//! reset or refused leaves its connection open) is `departed` when it goes quiet, and nothing
+//! holds for it (see [`crate::connection`]). Ingest never trusts a
 //! remote clock's time: the time of arrival is what counts. Only the difference between two
 //! consecutive reports' `sent_at_unix_ms` is used, to tell how long a backlog built up after a
 //! partition, and only within the arrival times that bound it.
@@ -30,6 +31,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::connection::ConnectionInfo;
 use crate::forward::{FORWARDED_BY, Forwarder};
 use crate::window::{
     Delta, InFlight, KeyId, KeyView, Latencies, PoolId, Selector, View, WindowConfig, Windows,
@@ -100,8 +102,8 @@ pub enum Admission {
     },
     /// A resend (or older): acknowledged and ignored.
     Duplicate,
-    /// Another replica's word that the reporter's streams closed (`streams_closed`).
-    StreamsClosed,
+    /// Another replica's word that the reporter's connections closed (`connections_closed`).
+    ConnectionsClosed,
 }
 
 /// Reporter identities and their latest gauges. Pure: `now` is a parameter.
@@ -113,7 +115,7 @@ pub struct Reporters {
     gateways: HashMap<Box<str>, Gateway>,
     live: usize,
     stale: usize,
-    /// Reporters that went quiet after their streams closed.
+    /// Reporters that went quiet after their connections closed.
     departed: Counter,
 }
 
@@ -143,11 +145,15 @@ struct Process {
     /// meanwhile), but once quiet it is neither live nor stale: it finished draining or
     /// crashed, and the newer process carries the gateway's load, so nothing is missing.
     replaced: bool,
-    /// Report streams from its gateway that carried its reports and are still open.
-    open_streams: u32,
-    /// Its streams all closed while it was live, after its latest report: once quiet it is gone
-    /// (Envoy exited), not cut off, so like a replaced process it is neither live nor stale.
-    streams_closed: bool,
+    /// Connections to this service that carried its reports and are still open.
+    open_connections: u32,
+    /// Its connections all closed while it was live (here, or at the replica that forwarded its
+    /// reports): once quiet it is gone (Envoy exited), not cut off, so like a replaced process it
+    /// is neither live nor stale.
+    connections_closed: bool,
+    /// Its latest sequence when they closed. The report after it may still be on its way (the
+    /// close can overtake it); a later one means it is back.
+    closed_after: u64,
     dropped_reports: u64,
     gauges: Vec<(KeyId, InFlight)>,
     /// The keys it reported on, each with when it last did (only the last stable window's).
@@ -170,8 +176,8 @@ pub struct ParsedReport {
     sent_at_unix_ms: u64,
     /// How long a forwarding replica held it (a resend after a hand-over).
     held: Duration,
-    /// Another replica's word that this reporter's streams closed; no keys.
-    streams_closed: bool,
+    /// Another replica's word that this reporter's connections closed; no keys.
+    connections_closed: bool,
     dropped_reports: u64,
     keys: Vec<ParsedKey>,
 }
@@ -205,7 +211,7 @@ pub struct IngestCounters {
     pub missing_reports: Counter,
     pub restarts: Counter,
     pub revived: Counter,
-    /// Reporters that went quiet after their report streams closed: gone, not held for.
+    /// Reporters that went quiet after their connections closed: gone, not held for.
     pub departed: Counter,
     pub reporter_dropped_reports: Counter,
     pub keys_over_limit: Counter,
@@ -261,6 +267,10 @@ pub const OVERSIZE: &str = "oversize";
 
 /// The refusal reason of bytes that do not decode as a report (also refused by tonic first).
 pub const MALFORMED: &str = "malformed";
+
+/// The refusal reason of a word that a reporter's connections closed sent by anyone but a
+/// forwarding replica.
+pub const NOT_FORWARDED: &str = "connections_closed_not_forwarded";
 
 /// The refusal reason of a report another replica forwarded to this one while it does not
 /// lead (answered `UNAVAILABLE`: the forwarder keeps it for the next leader).
@@ -324,14 +334,14 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
     if report.sequence == 0 {
         return Err(Refusal::ZeroSequence);
     }
-    if report.streams_closed {
+    if report.connections_closed {
         return Ok(ParsedReport {
             gateway: reporter.gateway,
             process_start_unix_ms: reporter.process_start_unix_ms,
             sequence: report.sequence,
             sent_at_unix_ms: report.sent_at_unix_ms,
             held: Duration::ZERO,
-            streams_closed: true,
+            connections_closed: true,
             dropped_reports: 0,
             keys: Vec::new(),
         });
@@ -412,7 +422,7 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
         sequence: report.sequence,
         sent_at_unix_ms: report.sent_at_unix_ms,
         held: Duration::from_millis(report.held_ms),
-        streams_closed: false,
+        connections_closed: false,
         dropped_reports: report.dropped.unwrap_or_default().reports,
         keys,
     })
@@ -429,7 +439,7 @@ impl ParsedReport {
 // === impl Reporters ===
 
 impl Reporters {
-    /// `departed` counts reporters that went quiet after their streams closed.
+    /// `departed` counts reporters that went quiet after their connections closed.
     pub fn new(config: &IngestConfig, departed: Counter) -> Self {
         Reporters {
             stale_after: config.stale_after,
@@ -450,44 +460,51 @@ impl Reporters {
             .find(|p| p.start_ms == start_ms)
     }
 
-    /// A report stream carried a report of this process for the first time. False when the
+    /// A connection carried a report of this process for the first time. False when the
     /// process is unknown (its report was refused).
-    fn stream_opened(&mut self, gateway: &str, start_ms: u64) -> bool {
+    fn connection_opened(&mut self, gateway: &str, start_ms: u64) -> bool {
         let Some(process) = self.process_mut(gateway, start_ms) else {
             return false;
         };
-        process.open_streams = process.open_streams.saturating_add(1);
-        if !process.stale {
-            // A resend on a new stream is not admitted anew, yet says the process is there.
-            process.streams_closed = false;
+        process.open_connections = process.open_connections.saturating_add(1);
+        if std::mem::take(&mut process.connections_closed) && process.stale && !process.replaced {
+            // Counted as gone, it is back (perhaps only resending): missing again.
+            self.stale += 1;
         }
         true
     }
 
-    /// A stream that carried this process's reports ended. When it was the last one open and
-    /// the process is still live, returns the sequence of its latest report: if it now goes
-    /// quiet, it is gone. A stream that ends once the process is stale is a dead connection
+    /// A connection that carried this process's reports closed. When it was the last one open
+    /// and the process is still live, returns the sequence of its latest report: if it now goes
+    /// quiet, it is gone. A connection that closes once the process is stale is a dead one
     /// being reaped (keepalive), which says nothing of whether the gateway is gone.
-    fn stream_closed(&mut self, gateway: &str, start_ms: u64) -> Option<u64> {
+    fn connection_closed(&mut self, gateway: &str, start_ms: u64) -> Option<u64> {
         let process = self.process_mut(gateway, start_ms)?;
-        process.open_streams = process.open_streams.saturating_sub(1);
-        if process.open_streams > 0 || process.stale {
+        process.open_connections = process.open_connections.saturating_sub(1);
+        if process.open_connections > 0 || process.stale {
             return None;
         }
-        process.streams_closed = true;
+        process.connections_closed = true;
+        process.closed_after = process.last_sequence;
         Some(process.last_sequence)
     }
 
-    /// Another replica saw this process's streams close after report `sequence`.
-    fn mark_streams_closed(&mut self, gateway: &str, start_ms: u64, sequence: u64) {
+    /// The replica that forwarded this process's reports saw its connections close after
+    /// report `sequence`.
+    fn mark_connections_closed(&mut self, gateway: &str, start_ms: u64, sequence: u64) {
         let Some(process) = self.process_mut(gateway, start_ms) else {
             return;
         };
-        if sequence < process.last_sequence || process.streams_closed {
-            // It reported since, here.
+        if process.open_connections > 0
+            || process.connections_closed
+            || process.last_sequence > sequence.saturating_add(1)
+        {
+            // It has a connection open here, or has reported since (beyond the one report the
+            // word may have overtaken).
             return;
         }
-        process.streams_closed = true;
+        process.connections_closed = true;
+        process.closed_after = sequence;
         if process.stale && !process.replaced {
             // Quiet already (the word came late): gone, no longer missing.
             self.stale -= 1;
@@ -561,8 +578,9 @@ impl Reporters {
                     // First seen after its gateway's newer process (this service restarted
                     // during a hot restart's drain).
                     replaced: start_ms < entry.newest_start_ms,
-                    open_streams: 0,
-                    streams_closed: false,
+                    open_connections: 0,
+                    connections_closed: false,
+                    closed_after: 0,
                     dropped_reports: 0,
                     gauges: Vec::new(),
                     fed: Vec::new(),
@@ -625,8 +643,11 @@ impl Reporters {
         // quiet it is not taken for a gateway whose load went missing.
         let revived = std::mem::replace(&mut process.stale, false);
         let quiet_was_explained = process.quiet_is_explained();
-        // It reports again: if it goes quiet now, its streams must close again to say it is gone.
-        process.streams_closed = false;
+        if sequence > process.closed_after.saturating_add(1) {
+            // It reports on past the report its connections' close may have overtaken: it is
+            // there, and if it goes quiet now it is missing until they close again.
+            process.connections_closed = false;
+        }
         if revived {
             if !quiet_was_explained {
                 self.stale -= 1;
@@ -667,7 +688,7 @@ impl Reporters {
                     live -= 1;
                     if !process.quiet_is_explained() {
                         stale += 1;
-                    } else if process.streams_closed && !process.replaced {
+                    } else if process.connections_closed && !process.replaced {
                         departed.inc();
                     }
                     dropped.append(&mut process.gauges);
@@ -694,7 +715,7 @@ impl Reporters {
     }
 
     /// For every reporter gone quiet (stale, neither replaced by a restart of its gateway nor
-    /// gone with its streams closed), the
+    /// gone with its connections closed), the
     /// keys it reported on within `lookback` before it went quiet.
     fn silent_feeds(
         &self,
@@ -728,9 +749,9 @@ fn stale_limit(
 
 impl Process {
     /// Quiet, it is not missing: a newer process of its gateway carries the load, or its
-    /// streams closed as Envoy's do when it exits.
+    /// connections closed as Envoy's do when it exits.
     fn quiet_is_explained(&self) -> bool {
-        self.replaced || self.streams_closed
+        self.replaced || self.connections_closed
     }
 
     fn forget_keys(&mut self, keys: &HashSet<KeyId>) {
@@ -756,14 +777,14 @@ impl Process {
 
 impl IngestState {
     fn merge(&mut self, report: ParsedReport, now: Instant) -> Merged {
-        if report.streams_closed {
-            self.reporters.mark_streams_closed(
+        if report.connections_closed {
+            self.reporters.mark_connections_closed(
                 &report.gateway,
                 report.process_start_unix_ms,
                 report.sequence,
             );
             return Merged {
-                admission: Admission::StreamsClosed,
+                admission: Admission::ConnectionsClosed,
                 pools: Vec::new(),
                 keys_over_limit: 0,
                 newly_dropped_reports: 0,
@@ -973,7 +994,7 @@ impl Telemetry {
             Admission::Duplicate => {
                 self.counters.duplicates.inc();
             }
-            Admission::StreamsClosed => {}
+            Admission::ConnectionsClosed => {}
             Admission::Fresh {
                 missing,
                 restart,
@@ -1071,19 +1092,19 @@ impl Telemetry {
 
     /// A report stream carried a report of this reporter for the first time. False when the
     /// reporter is unknown (its report was refused): then its stream's end means nothing.
-    pub fn stream_opened(&self, gateway: &str, process_start_unix_ms: u64) -> bool {
+    pub fn connection_opened(&self, gateway: &str, process_start_unix_ms: u64) -> bool {
         self.lock()
             .reporters
-            .stream_opened(gateway, process_start_unix_ms)
+            .connection_opened(gateway, process_start_unix_ms)
     }
 
-    /// A stream that [`Telemetry::stream_opened`] for this reporter ended. `Some(sequence)` when
+    /// A stream that [`Telemetry::connection_opened`] for this reporter ended. `Some(sequence)` when
     /// it was the reporter's last open stream and the reporter is live: the sequence of its
     /// latest report, for the word passed on to the leader.
-    pub fn stream_closed(&self, gateway: &str, process_start_unix_ms: u64) -> Option<u64> {
+    pub fn connection_closed(&self, gateway: &str, process_start_unix_ms: u64) -> Option<u64> {
         self.lock()
             .reporters
-            .stream_closed(gateway, process_start_unix_ms)
+            .connection_closed(gateway, process_start_unix_ms)
     }
 
     /// How many reporters that fed `pool` within the stable window have since gone quiet (as
@@ -1170,6 +1191,14 @@ impl IngestService {
                 "not the leader: send forwarded reports to the Lease holder",
             ));
         }
+        if report.connections_closed && !forwarded {
+            // Only a replica that saw a gateway's connections close may say so: from anyone
+            // else it could release the hold that protects a gateway cut off.
+            self.telemetry.count_refusal(NOT_FORWARDED);
+            return Err(tonic::Status::invalid_argument(
+                "connections_closed: set only by a control replica forwarding reports",
+            ));
+        }
         // A forwarded report has made its one hop; forwarding it again could bounce it between
         // two replicas that each think the other leads (should this one stop leading between
         // the check above and now).
@@ -1195,57 +1224,47 @@ impl IngestService {
     }
 }
 
-/// A gateway stream carries one process's reports (an Envoy worker's); a few more are tolerated,
-/// further ones are not followed.
-const REPORTERS_PER_STREAM: usize = 4;
+/// Gateway processes followed per connection: a gateway's connection carries its own process's
+/// reports (two during a hot restart). One shared by many gateways (a pooling proxy in front of
+/// this service) follows the first few; the others' close is not seen, and they are held for
+/// when quiet, as before.
+const REPORTERS_PER_CONNECTION: usize = 4;
 
-/// The reporters one gateway's report stream has carried. When the stream ends (the gateway
-/// closed it, or its connection closed, as when Envoy exits), each is told; on a follower, the
-/// leader is told too. Dropped with the stream, so no way of ending is missed.
-struct StreamReporters {
+/// The gateway processes one connection carried reports of. Dropped when the connection closes
+/// ([`crate::connection`]): each process is told, and on a follower the leader too.
+struct ConnectionReporters {
     service: IngestService,
     carried: Vec<(String, u64)>,
 }
 
-impl StreamReporters {
-    /// The reporter of `report` when this stream has not carried it before (and has room).
-    fn new_reporter(&self, report: &v1::ReportRequest) -> Option<(String, u64)> {
-        let reporter = report
-            .reporter
-            .as_ref()
-            .filter(|_| !report.streams_closed)?;
-        let start = reporter.process_start_unix_ms;
-        let known = self
-            .carried
+impl ConnectionReporters {
+    fn knows(&self, gateway: &str, start: u64) -> bool {
+        self.carried
             .iter()
-            .any(|(g, s)| *g == reporter.gateway && *s == start);
-        (!known && self.carried.len() < REPORTERS_PER_STREAM)
-            .then(|| (reporter.gateway.clone(), start))
+            .any(|(g, s)| g == gateway && *s == start)
+            || self.carried.len() >= REPORTERS_PER_CONNECTION
     }
 
-    /// The report of `reporter` (from [`StreamReporters::new_reporter`]) was taken.
-    fn carried(&mut self, reporter: Option<(String, u64)>) {
-        let Some((gateway, start)) = reporter else {
-            return;
-        };
-        if self.service.telemetry.stream_opened(&gateway, start) {
+    fn track(&mut self, gateway: String, start: u64) {
+        if !self.knows(&gateway, start) && self.service.telemetry.connection_opened(&gateway, start)
+        {
             self.carried.push((gateway, start));
         }
     }
 }
 
-impl Drop for StreamReporters {
+impl Drop for ConnectionReporters {
     fn drop(&mut self) {
-        // This service's own shutdown ends every stream: that says nothing of the gateways.
+        // This service's own shutdown closes every connection: that says nothing of gateways.
         if *self.service.stopping.borrow() {
             return;
         }
         let forwarder = self.service.forwarder.as_ref().filter(|f| f.active());
         for (gateway, start) in self.carried.drain(..) {
-            let Some(sequence) = self.service.telemetry.stream_closed(&gateway, start) else {
+            let Some(sequence) = self.service.telemetry.connection_closed(&gateway, start) else {
                 continue;
             };
-            tracing::debug!(%gateway, start, sequence, "a reporter's report streams all closed");
+            tracing::debug!(%gateway, start, sequence, "a reporter's connections all closed");
             if let Some(forwarder) = forwarder {
                 forwarder.offer(v1::ReportRequest {
                     reporter: Some(v1::Reporter {
@@ -1254,11 +1273,66 @@ impl Drop for StreamReporters {
                         filter_version: String::new(),
                     }),
                     sequence,
-                    streams_closed: true,
+                    connections_closed: true,
                     ..v1::ReportRequest::default()
                 });
             }
         }
+    }
+}
+
+impl IngestService {
+    /// The reporter of a gateway's `report` when `connection` has not carried it yet: to
+    /// [`IngestService::track`] once the report is taken. (Checked before the report is merged,
+    /// which consumes it, so its name is copied only the first time.)
+    fn untracked(
+        &self,
+        connection: Option<&ConnectionInfo>,
+        report: &v1::ReportRequest,
+    ) -> Option<(String, u64)> {
+        let reporter = report
+            .reporter
+            .as_ref()
+            .filter(|_| !report.connections_closed)?;
+        let start = reporter.process_start_unix_ms;
+        let known = connection?.carried(
+            || ConnectionReporters {
+                service: self.clone(),
+                carried: Vec::new(),
+            },
+            |c| c.knows(&reporter.gateway, start),
+        )?;
+        (!known).then(|| (reporter.gateway.clone(), start))
+    }
+
+    fn track(&self, connection: Option<&ConnectionInfo>, reporter: Option<(String, u64)>) {
+        let (Some(connection), Some((gateway, start))) = (connection, reporter) else {
+            return;
+        };
+        connection.carried(
+            || ConnectionReporters {
+                service: self.clone(),
+                carried: Vec::new(),
+            },
+            |c| c.track(gateway, start),
+        );
+    }
+
+    /// Merges a report from a gateway or another replica, following the gateway's connection.
+    fn take(
+        &self,
+        report: v1::ReportRequest,
+        forwarded: bool,
+        connection: Option<&ConnectionInfo>,
+    ) -> Result<v1::ReportResponse, tonic::Status> {
+        // A replica's forwarding connection carries many gateways; its close says nothing of them.
+        let connection = connection.filter(|_| !forwarded);
+        let reporter = self.untracked(connection, &report);
+        let answer = self.merge(report, forwarded);
+        if answer.is_ok() {
+            self.track(connection, reporter);
+        }
+        answer
     }
 }
 
@@ -1274,7 +1348,8 @@ impl TelemetryService for IngestService {
         request: tonic::Request<v1::ReportRequest>,
     ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
         let forwarded = request.metadata().contains_key(FORWARDED_BY);
-        self.merge(request.into_inner(), forwarded)
+        let connection = request.extensions().get::<ConnectionInfo>().cloned();
+        self.take(request.into_inner(), forwarded, connection.as_ref())
             .map(tonic::Response::new)
     }
 
@@ -1285,18 +1360,14 @@ impl TelemetryService for IngestService {
         request: tonic::Request<tonic::Streaming<v1::ReportRequest>>,
     ) -> Result<tonic::Response<AckStream>, tonic::Status> {
         let forwarded = request.metadata().contains_key(FORWARDED_BY);
+        let connection = request.extensions().get::<ConnectionInfo>().cloned();
         let reports = request.into_inner();
         // Each report is merged when it arrives and acknowledged before the next is read. A
         // refusal (or a message tonic could not decode, such as one over the size limit) is the
         // stream's last answer: its status ends the stream, as it would end a unary call.
-        // A replica's forwarding stream carries many gateways; its end says nothing of them.
-        let followed = StreamReporters {
-            service: self.clone(),
-            carried: Vec::new(),
-        };
         let acks = futures::stream::unfold(
-            (reports, Some(self.clone()), followed),
-            move |(mut reports, service, mut followed)| async move {
+            (reports, Some(self.clone()), connection),
+            move |(mut reports, service, connection)| async move {
                 let mut service = service?;
                 let mut stopping = service.stopping.clone();
                 let received = tokio::select! {
@@ -1306,22 +1377,13 @@ impl TelemetryService for IngestService {
                     )),
                 };
                 let answer = match received {
-                    Ok(Some(report)) => {
-                        let reporter = (!forwarded)
-                            .then(|| followed.new_reporter(&report))
-                            .flatten();
-                        let answer = service.merge(report, forwarded);
-                        if answer.is_ok() {
-                            followed.carried(reporter);
-                        }
-                        answer
-                    }
+                    Ok(Some(report)) => service.take(report, forwarded, connection.as_ref()),
                     Ok(None) => return None,
                     Err(status) => Err(status),
                 };
                 service.stopping = stopping;
                 let next = answer.is_ok().then_some(service);
-                Some((answer, (reports, next, followed)))
+                Some((answer, (reports, next, connection)))
             },
         );
         Ok(tonic::Response::new(Box::pin(acks)))

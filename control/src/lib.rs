@@ -19,6 +19,7 @@
 
 pub mod actuator;
 pub mod config;
+pub mod connection;
 pub mod controller;
 pub mod forward;
 pub mod http;
@@ -732,8 +733,8 @@ impl<A: Actuator> Control<A> {
         let incoming = grpc_incoming(self.grpc);
         match self.tls.clone() {
             Some(tls) => {
-                let grpc =
-                    router.serve_with_incoming_shutdown(tls.clone().incoming(incoming), stopped());
+                let incoming = futures::StreamExt::map(tls.clone().incoming(incoming), tracked);
+                let grpc = router.serve_with_incoming_shutdown(incoming, stopped());
                 tasks.spawn(async move { grpc.await.map_err(ControlError::Grpc) });
                 let (every, stop) = (self.tls_reload_every, stopped());
                 tasks.spawn(async move {
@@ -742,6 +743,7 @@ impl<A: Actuator> Control<A> {
                 });
             }
             None => {
+                let incoming = futures::StreamExt::map(incoming, tracked);
                 let grpc = router.serve_with_incoming_shutdown(incoming, stopped());
                 tasks.spawn(async move { grpc.await.map_err(ControlError::Grpc) });
             }
@@ -843,6 +845,11 @@ pub fn grpc_incoming(listener: TcpListener) -> tonic::transport::server::TcpInco
     tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)))
+}
+
+/// Each accepted connection, tracked: ingest learns when a gateway's connection closes.
+fn tracked<IO, E>(accepted: Result<IO, E>) -> Result<connection::Tracked<IO>, E> {
+    accepted.map(connection::Tracked::new)
 }
 
 fn flatten(

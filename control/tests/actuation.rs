@@ -303,14 +303,14 @@ fn report(
         }],
         dropped: None,
         held_ms: 0,
-        streams_closed: false,
+        connections_closed: false,
     }
 }
 
 /// One gateway reporting every 100 ms over gRPC until stopped.
 struct Gateway {
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<u64>,
+    task: tokio::task::JoinHandle<(u64, TelemetryServiceClient<Channel>)>,
 }
 
 impl Gateway {
@@ -324,7 +324,7 @@ impl Gateway {
             let mut sequence = first;
             loop {
                 tokio::select! {
-                    _ = &mut stopped => return sequence,
+                    _ = &mut stopped => return (sequence, client),
                     _ = tick.tick() => {}
                 }
                 // A replica going away mid-test refuses; the next tick goes on.
@@ -338,8 +338,14 @@ impl Gateway {
         }
     }
 
-    /// Stops and returns the next sequence number.
-    async fn stop(mut self) -> u64 {
+    /// Stops and returns the next sequence number. Its connection closes, as when Envoy exits.
+    async fn stop(self) -> u64 {
+        self.go_quiet().await.0
+    }
+
+    /// Stops reporting but keeps its connection open, as a gateway cut off by a partition
+    /// does; returns the next sequence number and the connection.
+    async fn go_quiet(mut self) -> (u64, TelemetryServiceClient<Channel>) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -1075,9 +1081,27 @@ async fn a_gateway_gone_quiet_holds_scale_down_while_the_others_report() {
     let quiet = Gateway::start(scene.control.grpc_uri(), 1, idle_from_another_gateway);
     let live = Gateway::start(scene.control.grpc_uri(), 1, idle);
     scene.reports_merged(6.0).await;
-    quiet.stop().await;
+    let (_, connection) = quiet.go_quiet().await;
     // Past the stable window (2 s) and the restart hold, 30 evaluations see the quiet gateway.
     scene.assert_holds("silentReporterHold", 30, 4).await;
+    live.stop().await;
+    drop(connection);
+    scene.finish().await;
+}
+
+/// A gateway that exits (its connection closes, as Envoy's do) is gone, not missing: the pool
+/// scales down on the others' fresh idle telemetry, as it would without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_exits_does_not_hold_scale_down_while_the_others_report() {
+    let scene = Scene::with_deployment(4, &[]).await;
+    let exits = Gateway::start(scene.control.grpc_uri(), 1, idle_from_another_gateway);
+    let live = Gateway::start(scene.control.grpc_uri(), 1, idle);
+    scene.reports_merged(6.0).await;
+    exits.stop().await;
+    wait_until("the Deployment at 1 replica", || async {
+        (spec_replicas(&scene.cluster, &scene.target).await == 1).then_some(())
+    })
+    .await;
     live.stop().await;
     scene.finish().await;
 }

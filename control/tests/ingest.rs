@@ -55,7 +55,7 @@ fn report(gateway: &str, start_ms: u64, sequence: u64, ok: u64) -> v1::ReportReq
         ],
         dropped: None,
         held_ms: 0,
-        streams_closed: false,
+        connections_closed: false,
     }
 }
 
@@ -313,6 +313,18 @@ async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), E
         status.message()
     );
 
+    // Only a forwarding replica says a gateway's connections closed.
+    let mut word = report("other-gw", 1, 1, 0);
+    word.keys.clear();
+    word.connections_closed = true;
+    let status = client.report(word).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("connections_closed: "),
+        "{}",
+        status.message()
+    );
+
     // The connection is still good, and nothing refused was merged.
     client.report(report("gw", 1, 1, 5)).await?;
     let pools = control.pools().await?;
@@ -323,6 +335,7 @@ async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), E
         ("no_gateway", 1.0),
         ("oversize", 1.0),
         ("malformed", 1.0),
+        ("connections_closed_not_forwarded", 1.0),
     ] {
         let series = format!("flyball_ingest_refused_total{{reason=\"{reason}\"}}");
         assert_eq!(control.metric(&series).await?, Some(n), "{series}");
@@ -523,29 +536,32 @@ async fn a_gateway_whose_connection_closed_is_gone_when_quiet_one_cut_off_is_mis
     let pool = r#"autoscaler="llama",namespace="default",pool="llama",role="unified""#;
     let silent = format!("flyball_pool_silent_reporters{{{pool}}}");
     // Each gateway on its own connection, as each Envoy has.
-    let mut reporting = Vec::new();
-    for gateway in ["exits", "cut-off"] {
+    let mut gateways = Vec::new();
+    for gateway in ["exits", "cut-off", "stream-reset"] {
         let channel = Channel::from_shared(control.grpc_uri())?.connect().await?;
-        let mut stream = Reporting::stream(TelemetryServiceClient::new(channel)).await?;
+        let mut stream = Reporting::stream(TelemetryServiceClient::new(channel.clone())).await?;
         for sequence in 1..=3 {
             assert_eq!(
                 stream.send(report(gateway, 1, sequence, 1)).await?,
                 sequence
             );
         }
-        reporting.push(stream);
+        gateways.push((channel, stream));
     }
     // "exits" closes its connection, as Envoy does when it exits; "cut-off" goes quiet with its
-    // stream open, as behind a partition.
-    let cut_off = reporting.pop();
-    drop(reporting);
+    // stream and connection open, as behind a partition; "stream-reset" ends its stream (as the
+    // filter does after a report timed out) and goes quiet with its connection open.
+    let (reset_channel, reset_stream) = gateways.pop().unwrap();
+    drop(reset_stream);
+    let cut_off = gateways.pop();
+    drop(gateways);
     let wait = std::time::Duration::from_secs(10);
     control
         .wait_metric("flyball_reporters{state=\"live\"}", 0.0, wait)
         .await?;
     assert_eq!(
         control.metric("flyball_reporters{state=\"stale\"}").await?,
-        Some(1.0)
+        Some(2.0)
     );
     assert_eq!(
         control.metric("flyball_ingest_departed_total").await?,
@@ -553,9 +569,9 @@ async fn a_gateway_whose_connection_closed_is_gone_when_quiet_one_cut_off_is_mis
     );
     assert_eq!(
         control.metric(&silent).await?,
-        Some(1.0),
-        "only cut-off holds"
+        Some(2.0),
+        "cut-off and stream-reset hold"
     );
-    drop(cut_off);
+    drop((cut_off, reset_channel));
     control.stop().await
 }

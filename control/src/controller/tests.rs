@@ -194,7 +194,7 @@ fn load(sequence: u64, input_tokens: u64) -> v1::ReportRequest {
         }],
         dropped: None,
         held_ms: 0,
-        streams_closed: false,
+        connections_closed: false,
     }
 }
 

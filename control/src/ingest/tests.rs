@@ -53,7 +53,7 @@ fn report(
         }],
         dropped: None,
         held_ms: 0,
-        streams_closed: false,
+        connections_closed: false,
     }
 }
 
@@ -779,13 +779,13 @@ fn a_report_held_through_a_hand_over_lands_where_it_was_taken() {
     assert_eq!(view.last_update, Some(now));
 }
 
-/// `gw` (process 1) reports every second from 1 s to 5 s on one stream.
-fn streamed_reports(t: &Telemetry, base: Instant) {
+/// `gw` (process 1) reports every second from 1 s to 5 s on one connection.
+fn connected_reports(t: &Telemetry, base: Instant) {
     for s in 1..=5 {
         t.ingest(report("gw", 1, s, 1, 2), at(base, s * 1_000))
             .unwrap();
         if s == 1 {
-            assert!(t.stream_opened("gw", 1));
+            assert!(t.connection_opened("gw", 1));
         }
     }
 }
@@ -795,17 +795,16 @@ fn departed(t: &Telemetry) -> u64 {
 }
 
 #[test]
-fn a_reporter_whose_streams_closed_while_it_was_live_is_gone_when_quiet_not_missing() {
+fn a_reporter_whose_connection_closed_while_it_was_live_is_gone_when_quiet_not_missing() {
     let base = Instant::now();
     let t = telemetry(base);
-    streamed_reports(&t, base);
+    connected_reports(&t, base);
     // Envoy exits: its connection closes right after its last report.
-    assert_eq!(t.stream_closed("gw", 1), Some(5));
+    assert_eq!(t.connection_closed("gw", 1), Some(5));
     let now = at(base, 9_000);
     assert_eq!(t.reporters(now), ReporterCounts { live: 0, stale: 0 });
     assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 0 });
     assert_eq!(t.silent_feeders(PoolId(0)), 0);
-    assert_eq!(t.pool(PoolId(0), now).unwrap().in_flight.decoding, 0);
     assert_eq!(departed(&t), 1);
     // Forgotten later, the counts still right.
     assert_eq!(
@@ -816,16 +815,29 @@ fn a_reporter_whose_streams_closed_while_it_was_live_is_gone_when_quiet_not_miss
 }
 
 #[test]
-fn streams_reaped_once_the_reporter_is_quiet_leave_it_missing() {
+fn a_close_that_overtakes_the_last_report_still_counts() {
     let base = Instant::now();
     let t = telemetry(base);
-    streamed_reports(&t, base);
+    connected_reports(&t, base);
+    assert_eq!(t.connection_closed("gw", 1), Some(5));
+    // Report 6 was sent before Envoy exited, and merged after the close was seen.
+    t.ingest(report("gw", 1, 6, 1, 2), at(base, 5_010)).unwrap();
+    t.reporters(at(base, 9_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 0);
+    assert_eq!(departed(&t), 1);
+}
+
+#[test]
+fn a_connection_reaped_once_the_reporter_is_quiet_leaves_it_missing() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    connected_reports(&t, base);
     // Cut off: nothing closes until keepalive reaps the dead connection, long after.
     assert_eq!(
         t.reporters(at(base, 9_000)),
         ReporterCounts { live: 0, stale: 1 }
     );
-    assert_eq!(t.stream_closed("gw", 1), None);
+    assert_eq!(t.connection_closed("gw", 1), None);
     t.reporters(at(base, 90_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
     assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 1 });
@@ -833,77 +845,103 @@ fn streams_reaped_once_the_reporter_is_quiet_leave_it_missing() {
 }
 
 #[test]
-fn a_reporter_with_a_stream_still_open_is_missing_when_quiet() {
+fn a_reporter_with_a_connection_still_open_is_missing_when_quiet() {
     let base = Instant::now();
     let t = telemetry(base);
-    streamed_reports(&t, base);
-    // Two workers' streams; one is reset (say, a report timed out), the other stays open.
-    assert!(t.stream_opened("gw", 1));
-    assert_eq!(t.stream_closed("gw", 1), None);
+    connected_reports(&t, base);
+    // Two connections (a hot restart's, or a pooling proxy's); one closes.
+    assert!(t.connection_opened("gw", 1));
+    assert_eq!(t.connection_closed("gw", 1), None);
     t.reporters(at(base, 9_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
 }
 
 #[test]
-fn a_reporter_that_reports_again_after_its_streams_closed_is_held_for_if_it_then_goes_quiet() {
+fn a_reporter_back_after_its_connection_closed_is_held_for_if_it_then_goes_quiet() {
     let base = Instant::now();
+    // Back on a new connection.
     let t = telemetry(base);
-    streamed_reports(&t, base);
-    assert_eq!(t.stream_closed("gw", 1), Some(5));
-    // Only its connection was reset: it reconnects and reports on.
+    connected_reports(&t, base);
+    assert_eq!(t.connection_closed("gw", 1), Some(5));
     t.ingest(report("gw", 1, 6, 1, 2), at(base, 6_000)).unwrap();
-    assert!(t.stream_opened("gw", 1));
+    assert!(t.connection_opened("gw", 1));
     t.reporters(at(base, 10_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
     assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 1 });
     assert_eq!(departed(&t), 0);
 
-    // The same when what came on the new stream was only a resend of report 5.
+    // Back with only a resend, on a new connection.
     let t = telemetry(base);
-    streamed_reports(&t, base);
-    assert_eq!(t.stream_closed("gw", 1), Some(5));
+    connected_reports(&t, base);
+    assert_eq!(t.connection_closed("gw", 1), Some(5));
     let resent = t.ingest(report("gw", 1, 5, 1, 2), at(base, 5_500)).unwrap();
     assert_eq!(resent.admission, Admission::Duplicate);
-    assert!(t.stream_opened("gw", 1));
+    assert!(t.connection_opened("gw", 1));
     t.reporters(at(base, 10_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
+
+    // Back through another replica (its reports forwarded here): past the one report a close
+    // may overtake, it is there.
+    let t = telemetry(base);
+    connected_reports(&t, base);
+    assert_eq!(t.connection_closed("gw", 1), Some(5));
+    t.ingest(report("gw", 1, 6, 1, 2), at(base, 6_000)).unwrap();
+    t.ingest(report("gw", 1, 7, 1, 2), at(base, 7_000)).unwrap();
+    t.reporters(at(base, 11_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
+    assert_eq!(departed(&t), 0);
+
+    // Gone after all: counted departed, then a new connection carries a resend of it.
+    let t = telemetry(base);
+    connected_reports(&t, base);
+    assert_eq!(t.connection_closed("gw", 1), Some(5));
+    t.reporters(at(base, 9_000));
+    assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 0 });
+    assert!(t.connection_opened("gw", 1));
+    assert_eq!(
+        t.reporters(at(base, 9_100)),
+        ReporterCounts { live: 0, stale: 1 }
+    );
+    assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 1 });
 }
 
-/// Another replica's word that `gw` (process 1) closed its streams after `sequence`.
-fn streams_closed(sequence: u64) -> v1::ReportRequest {
+/// The forwarding replica's word that `gw` (process 1) closed its connections after `sequence`.
+fn connections_closed(sequence: u64) -> v1::ReportRequest {
     let mut word = report("gw", 1, sequence, 0, 0);
     word.keys.clear();
-    word.streams_closed = true;
+    word.connections_closed = true;
     word
 }
 
-#[test]
-fn a_followers_word_that_a_reporters_streams_closed_counts_as_if_seen_here() {
-    let base = Instant::now();
+/// `gw` (process 1) reporting every second from 1 s to 5 s, forwarded by another replica.
+fn forwarded_reports(base: Instant) -> Telemetry {
     let t = telemetry(base);
     for s in 1..=5 {
         t.ingest(report("gw", 1, s, 1, 2), at(base, s * 1_000))
             .unwrap();
     }
-    let word = t.ingest(streams_closed(5), at(base, 5_100)).unwrap();
-    assert_eq!(word.admission, Admission::StreamsClosed);
+    t
+}
+
+#[test]
+fn a_followers_word_that_a_reporters_connections_closed_counts_as_if_seen_here() {
+    let base = Instant::now();
+    let t = forwarded_reports(base);
+    let word = t.ingest(connections_closed(5), at(base, 5_100)).unwrap();
+    assert_eq!(word.admission, Admission::ConnectionsClosed);
     assert!(word.pools.is_empty());
     assert_eq!(t.counters().reports.get(), 5, "the word is not a report");
     t.reporters(at(base, 9_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 0);
     assert_eq!(departed(&t), 1);
 
-    // Word that comes once the reporter is already quiet releases the hold then.
-    let t = telemetry(base);
-    for s in 1..=5 {
-        t.ingest(report("gw", 1, s, 1, 2), at(base, s * 1_000))
-            .unwrap();
-    }
+    // A word that comes once the reporter is already quiet releases the hold then.
+    let t = forwarded_reports(base);
     assert_eq!(
         t.reporters(at(base, 9_000)),
         ReporterCounts { live: 0, stale: 1 }
     );
-    t.ingest(streams_closed(5), at(base, 9_100)).unwrap();
+    t.ingest(connections_closed(5), at(base, 9_100)).unwrap();
     assert_eq!(
         t.reporters(at(base, 10_000)),
         ReporterCounts { live: 0, stale: 0 }
@@ -912,13 +950,21 @@ fn a_followers_word_that_a_reporters_streams_closed_counts_as_if_seen_here() {
     assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 0 });
     assert_eq!(departed(&t), 1);
 
-    // Word about an older report than the latest taken here is stale news.
-    let t = telemetry(base);
-    for s in 1..=5 {
-        t.ingest(report("gw", 1, s, 1, 2), at(base, s * 1_000))
-            .unwrap();
-    }
-    t.ingest(streams_closed(4), at(base, 5_100)).unwrap();
+    // The word may overtake one report, not two.
+    let t = forwarded_reports(base);
+    t.ingest(connections_closed(4), at(base, 5_100)).unwrap();
+    t.reporters(at(base, 9_000));
+    assert_eq!(departed(&t), 1);
+    let t = forwarded_reports(base);
+    t.ingest(connections_closed(3), at(base, 5_100)).unwrap();
+    t.reporters(at(base, 9_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
+    assert_eq!(departed(&t), 0);
+
+    // A connection of its own still open here outweighs the word.
+    let t = forwarded_reports(base);
+    assert!(t.connection_opened("gw", 1));
+    t.ingest(connections_closed(5), at(base, 5_100)).unwrap();
     t.reporters(at(base, 9_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
     assert_eq!(departed(&t), 0);

@@ -62,7 +62,7 @@ pub fn report(gateway: &str, sequence: u64, ok: u64) -> v1::ReportRequest {
         }],
         dropped: None,
         held_ms: 0,
-        streams_closed: false,
+        connections_closed: false,
     }
 }
 

@@ -123,10 +123,13 @@ pub fn in_flight_expiry_ms(timeout_ms: u64) -> u64 {
 }
 
 /// How long past due a report waits for the worker that sent the previous one before any other
-/// worker sends it: an interval, so that worker has missed a tick of its own (a worker busy with
-/// traffic for a moment is late, not gone).
+/// worker sends it: half an interval, and at least 500 ms, so a worker busy with traffic for a
+/// moment is late, not replaced. When it is gone (its VM replaced by a configuration change),
+/// the next worker's tick comes up to an interval after the takeover, so reports still arrive
+/// within 2.5 intervals (or 0.5 s and one interval), well within the control service's stale
+/// limit (3 intervals, and at least 3 s).
 pub fn takeover_ms(interval_ms: u64) -> u64 {
-    interval_ms
+    (interval_ms / 2).max(500)
 }
 
 /// Decides the tick of `worker` (a number of its own, not 0). See [`TickPlan`].
@@ -220,14 +223,15 @@ pub fn record_pending(
 /// only clears the pending report if it is that same sequence.
 pub fn on_response(state: &ReporterState, sequence: u64, ok: bool) -> ReporterState {
     let mut s = state.clone();
-    if s.in_flight_sequence == sequence {
+    let current = s.in_flight_sequence == sequence;
+    if current {
         s.dispatched_at_ms = 0;
         s.in_flight_sequence = 0;
     }
     if ok && s.pending.is_some() && s.pending_sequence == sequence {
         clear_pending(&mut s);
     }
-    if !ok {
+    if !ok && current {
         // Perhaps only the sender's connection is broken: whichever worker ticks first may
         // send the next one.
         s.sender = 0;
@@ -259,7 +263,7 @@ pub fn build_report(
         dropped: Some(dropped),
         // Only a forwarding control replica holds reports.
         held_ms: 0,
-        streams_closed: false,
+        connections_closed: false,
     }
 }
 

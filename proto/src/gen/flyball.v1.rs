@@ -32,7 +32,7 @@ pub struct ReportRequest {
     /// rollout, a scale-in), not cut off: the leader does not hold scale-down for its load. Never
     /// set by gateways.
     #[prost(bool, tag = "7")]
-    pub streams_closed: bool,
+    pub connections_closed: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Reporter {

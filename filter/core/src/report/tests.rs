@@ -780,21 +780,25 @@ fn sent_by(state: &ReporterState, now: u64, worker: u64, ok: bool) -> ReporterSt
 }
 
 #[test]
-fn the_worker_that_sent_the_last_report_sends_the_next_others_take_over_an_interval_late() {
+fn the_worker_that_sent_the_last_report_sends_the_next_others_take_over_half_an_interval_late() {
     let state = ReporterState::decode_or_new(None, 0);
     // Whoever ticks first sends the first report.
     let state = sent_by(&state, 0, 2, true);
     assert_eq!(state.sender, 2);
     // At the due time only worker 2 may send.
     assert_eq!(plan_tick(&state, 100, INTERVAL, TIMEOUT, 1), TickPlan::Wait);
-    assert_eq!(plan_tick(&state, 199, INTERVAL, TIMEOUT, 3), TickPlan::Wait);
+    assert_eq!(plan_tick(&state, 599, INTERVAL, TIMEOUT, 3), TickPlan::Wait);
     let state = sent_by(&state, 100, 2, true);
-    // Worker 2 stops ticking: worker 1 takes over an interval past due, and keeps it.
-    assert_eq!(plan_tick(&state, 299, INTERVAL, TIMEOUT, 1), TickPlan::Wait);
-    let state = sent_by(&state, 300, 1, true);
+    // Worker 2 stops ticking: worker 1 takes over 500 ms past due (half of a 100 ms interval
+    // would be too short to tell gone from busy), and keeps it.
+    assert_eq!(takeover_ms(INTERVAL), 500);
+    assert_eq!(plan_tick(&state, 699, INTERVAL, TIMEOUT, 1), TickPlan::Wait);
+    let state = sent_by(&state, 700, 1, true);
     assert_eq!(state.sender, 1);
-    assert_eq!(plan_tick(&state, 400, INTERVAL, TIMEOUT, 2), TickPlan::Wait);
-    sent_by(&state, 400, 1, true);
+    assert_eq!(plan_tick(&state, 800, INTERVAL, TIMEOUT, 2), TickPlan::Wait);
+    sent_by(&state, 800, 1, true);
+    // With longer intervals, half of one.
+    assert_eq!(takeover_ms(5_000), 2_500);
 }
 
 #[test]
@@ -804,4 +808,6 @@ fn after_a_failed_report_any_worker_may_send_at_the_due_time() {
     assert_eq!(state.sender, 0);
     let state = sent_by(&state, 100, 3, true);
     assert_eq!(state.sender, 3);
+    // A late failure of an older report does not unseat the sender.
+    assert_eq!(on_response(&state, 1, false).sender, 3);
 }
