@@ -117,6 +117,8 @@ pub struct Reporters {
     stale: usize,
     /// Reporters that went quiet after their connections closed.
     departed: Counter,
+    /// The number the next process gets (see [`Process::number`]).
+    next_number: u64,
 }
 
 #[derive(Debug)]
@@ -128,6 +130,9 @@ struct Gateway {
 
 #[derive(Debug)]
 struct Process {
+    /// Tells it from a later entry for the same reporter, made after this one was forgotten: a
+    /// connection that carried this one and closes later must not count against that one.
+    number: u64,
     start_ms: u64,
     last_sequence: u64,
     last_seen: Instant,
@@ -449,6 +454,7 @@ impl Reporters {
             live: 0,
             stale: 0,
             departed,
+            next_number: 0,
         }
     }
 
@@ -460,26 +466,28 @@ impl Reporters {
             .find(|p| p.start_ms == start_ms)
     }
 
-    /// A connection carried a report of this process for the first time. False when the
-    /// process is unknown (its report was refused).
-    fn connection_opened(&mut self, gateway: &str, start_ms: u64) -> bool {
-        let Some(process) = self.process_mut(gateway, start_ms) else {
-            return false;
-        };
+    /// A connection carried a report of this process for the first time: the process's
+    /// number, for [`Reporters::connection_closed`]. None when the process is unknown (its
+    /// report was refused).
+    fn connection_opened(&mut self, gateway: &str, start_ms: u64) -> Option<u64> {
+        let process = self.process_mut(gateway, start_ms)?;
         process.open_connections = process.open_connections.saturating_add(1);
+        let number = process.number;
         if std::mem::take(&mut process.connections_closed) && process.stale && !process.replaced {
             // Counted as gone, it is back (perhaps only resending): missing again.
             self.stale += 1;
         }
-        true
+        Some(number)
     }
 
     /// A connection that carried this process's reports closed. When it was the last one open
     /// and the process is still live, returns the sequence of its latest report: if it now goes
     /// quiet, it is gone. A connection that closes once the process is stale is a dead one
     /// being reaped (keepalive), which says nothing of whether the gateway is gone.
-    fn connection_closed(&mut self, gateway: &str, start_ms: u64) -> Option<u64> {
-        let process = self.process_mut(gateway, start_ms)?;
+    fn connection_closed(&mut self, gateway: &str, start_ms: u64, number: u64) -> Option<u64> {
+        let process = self
+            .process_mut(gateway, start_ms)
+            .filter(|p| p.number == number)?;
         process.open_connections = process.open_connections.saturating_sub(1);
         if process.open_connections > 0 || process.stale {
             return None;
@@ -566,7 +574,9 @@ impl Reporters {
         let position = match entry.processes.iter().position(|p| p.start_ms == start_ms) {
             Some(position) => position,
             None => {
+                self.next_number += 1;
                 entry.processes.push(Process {
+                    number: self.next_number,
                     start_ms,
                     last_sequence: 0,
                     last_seen: now,
@@ -1090,21 +1100,27 @@ impl Telemetry {
         view
     }
 
-    /// A report stream carried a report of this reporter for the first time. False when the
-    /// reporter is unknown (its report was refused): then its stream's end means nothing.
-    pub fn connection_opened(&self, gateway: &str, process_start_unix_ms: u64) -> bool {
+    /// A connection carried a report of this reporter for the first time: the reporter's number
+    /// for [`Telemetry::connection_closed`]. None when the reporter is unknown (its report was
+    /// refused): then the connection's close means nothing.
+    pub fn connection_opened(&self, gateway: &str, process_start_unix_ms: u64) -> Option<u64> {
         self.lock()
             .reporters
             .connection_opened(gateway, process_start_unix_ms)
     }
 
-    /// A stream that [`Telemetry::connection_opened`] for this reporter ended. `Some(sequence)` when
-    /// it was the reporter's last open stream and the reporter is live: the sequence of its
-    /// latest report, for the word passed on to the leader.
-    pub fn connection_closed(&self, gateway: &str, process_start_unix_ms: u64) -> Option<u64> {
+    /// A connection that [`Telemetry::connection_opened`] for this reporter (returning `number`)
+    /// closed. `Some(sequence)` when it was the reporter's last open connection and the reporter
+    /// is live: the sequence of its latest report, for the word passed on to the leader.
+    pub fn connection_closed(
+        &self,
+        gateway: &str,
+        process_start_unix_ms: u64,
+        number: u64,
+    ) -> Option<u64> {
         self.lock()
             .reporters
-            .connection_closed(gateway, process_start_unix_ms)
+            .connection_closed(gateway, process_start_unix_ms, number)
     }
 
     /// How many reporters that fed `pool` within the stable window have since gone quiet (as
@@ -1234,21 +1250,24 @@ const REPORTERS_PER_CONNECTION: usize = 4;
 /// ([`crate::connection`]): each process is told, and on a follower the leader too.
 struct ConnectionReporters {
     service: IngestService,
-    carried: Vec<(String, u64)>,
+    /// Gateway, process start, and the number ingest gave the process.
+    carried: Vec<(String, u64, u64)>,
 }
 
 impl ConnectionReporters {
     fn knows(&self, gateway: &str, start: u64) -> bool {
         self.carried
             .iter()
-            .any(|(g, s)| g == gateway && *s == start)
+            .any(|(g, s, _)| g == gateway && *s == start)
             || self.carried.len() >= REPORTERS_PER_CONNECTION
     }
 
     fn track(&mut self, gateway: String, start: u64) {
-        if !self.knows(&gateway, start) && self.service.telemetry.connection_opened(&gateway, start)
-        {
-            self.carried.push((gateway, start));
+        if self.knows(&gateway, start) {
+            return;
+        }
+        if let Some(number) = self.service.telemetry.connection_opened(&gateway, start) {
+            self.carried.push((gateway, start, number));
         }
     }
 }
@@ -1260,8 +1279,9 @@ impl Drop for ConnectionReporters {
             return;
         }
         let forwarder = self.service.forwarder.as_ref().filter(|f| f.active());
-        for (gateway, start) in self.carried.drain(..) {
-            let Some(sequence) = self.service.telemetry.connection_closed(&gateway, start) else {
+        for (gateway, start, number) in self.carried.drain(..) {
+            let telemetry = &self.service.telemetry;
+            let Some(sequence) = telemetry.connection_closed(&gateway, start, number) else {
                 continue;
             };
             tracing::debug!(%gateway, start, sequence, "a reporter's connections all closed");

@@ -779,15 +779,18 @@ fn a_report_held_through_a_hand_over_lands_where_it_was_taken() {
     assert_eq!(view.last_update, Some(now));
 }
 
-/// `gw` (process 1) reports every second from 1 s to 5 s on one connection.
-fn connected_reports(t: &Telemetry, base: Instant) {
+/// `gw` (process 1) reports every second from 1 s to 5 s on one connection; returns the number
+/// ingest gave the process.
+fn connected_reports(t: &Telemetry, base: Instant) -> u64 {
+    let mut number = None;
     for s in 1..=5 {
         t.ingest(report("gw", 1, s, 1, 2), at(base, s * 1_000))
             .unwrap();
         if s == 1 {
-            assert!(t.connection_opened("gw", 1));
+            number = t.connection_opened("gw", 1);
         }
     }
+    number.unwrap()
 }
 
 fn departed(t: &Telemetry) -> u64 {
@@ -798,9 +801,9 @@ fn departed(t: &Telemetry) -> u64 {
 fn a_reporter_whose_connection_closed_while_it_was_live_is_gone_when_quiet_not_missing() {
     let base = Instant::now();
     let t = telemetry(base);
-    connected_reports(&t, base);
+    let gw = connected_reports(&t, base);
     // Envoy exits: its connection closes right after its last report.
-    assert_eq!(t.connection_closed("gw", 1), Some(5));
+    assert_eq!(t.connection_closed("gw", 1, gw), Some(5));
     let now = at(base, 9_000);
     assert_eq!(t.reporters(now), ReporterCounts { live: 0, stale: 0 });
     assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 0 });
@@ -818,8 +821,8 @@ fn a_reporter_whose_connection_closed_while_it_was_live_is_gone_when_quiet_not_m
 fn a_close_that_overtakes_the_last_report_still_counts() {
     let base = Instant::now();
     let t = telemetry(base);
-    connected_reports(&t, base);
-    assert_eq!(t.connection_closed("gw", 1), Some(5));
+    let gw = connected_reports(&t, base);
+    assert_eq!(t.connection_closed("gw", 1, gw), Some(5));
     // Report 6 was sent before Envoy exited, and merged after the close was seen.
     t.ingest(report("gw", 1, 6, 1, 2), at(base, 5_010)).unwrap();
     t.reporters(at(base, 9_000));
@@ -831,13 +834,13 @@ fn a_close_that_overtakes_the_last_report_still_counts() {
 fn a_connection_reaped_once_the_reporter_is_quiet_leaves_it_missing() {
     let base = Instant::now();
     let t = telemetry(base);
-    connected_reports(&t, base);
+    let gw = connected_reports(&t, base);
     // Cut off: nothing closes until keepalive reaps the dead connection, long after.
     assert_eq!(
         t.reporters(at(base, 9_000)),
         ReporterCounts { live: 0, stale: 1 }
     );
-    assert_eq!(t.connection_closed("gw", 1), None);
+    assert_eq!(t.connection_closed("gw", 1, gw), None);
     t.reporters(at(base, 90_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
     assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 1 });
@@ -848,10 +851,10 @@ fn a_connection_reaped_once_the_reporter_is_quiet_leaves_it_missing() {
 fn a_reporter_with_a_connection_still_open_is_missing_when_quiet() {
     let base = Instant::now();
     let t = telemetry(base);
-    connected_reports(&t, base);
+    let gw = connected_reports(&t, base);
     // Two connections (a hot restart's, or a pooling proxy's); one closes.
-    assert!(t.connection_opened("gw", 1));
-    assert_eq!(t.connection_closed("gw", 1), None);
+    assert_eq!(t.connection_opened("gw", 1), Some(gw));
+    assert_eq!(t.connection_closed("gw", 1, gw), None);
     t.reporters(at(base, 9_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
 }
@@ -861,10 +864,10 @@ fn a_reporter_back_after_its_connection_closed_is_held_for_if_it_then_goes_quiet
     let base = Instant::now();
     // Back on a new connection.
     let t = telemetry(base);
-    connected_reports(&t, base);
-    assert_eq!(t.connection_closed("gw", 1), Some(5));
+    let gw = connected_reports(&t, base);
+    assert_eq!(t.connection_closed("gw", 1, gw), Some(5));
     t.ingest(report("gw", 1, 6, 1, 2), at(base, 6_000)).unwrap();
-    assert!(t.connection_opened("gw", 1));
+    assert_eq!(t.connection_opened("gw", 1), Some(gw));
     t.reporters(at(base, 10_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
     assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 1 });
@@ -872,19 +875,19 @@ fn a_reporter_back_after_its_connection_closed_is_held_for_if_it_then_goes_quiet
 
     // Back with only a resend, on a new connection.
     let t = telemetry(base);
-    connected_reports(&t, base);
-    assert_eq!(t.connection_closed("gw", 1), Some(5));
+    let gw = connected_reports(&t, base);
+    assert_eq!(t.connection_closed("gw", 1, gw), Some(5));
     let resent = t.ingest(report("gw", 1, 5, 1, 2), at(base, 5_500)).unwrap();
     assert_eq!(resent.admission, Admission::Duplicate);
-    assert!(t.connection_opened("gw", 1));
+    assert_eq!(t.connection_opened("gw", 1), Some(gw));
     t.reporters(at(base, 10_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
 
     // Back through another replica (its reports forwarded here): past the one report a close
     // may overtake, it is there.
     let t = telemetry(base);
-    connected_reports(&t, base);
-    assert_eq!(t.connection_closed("gw", 1), Some(5));
+    let gw = connected_reports(&t, base);
+    assert_eq!(t.connection_closed("gw", 1, gw), Some(5));
     t.ingest(report("gw", 1, 6, 1, 2), at(base, 6_000)).unwrap();
     t.ingest(report("gw", 1, 7, 1, 2), at(base, 7_000)).unwrap();
     t.reporters(at(base, 11_000));
@@ -893,11 +896,11 @@ fn a_reporter_back_after_its_connection_closed_is_held_for_if_it_then_goes_quiet
 
     // Gone after all: counted departed, then a new connection carries a resend of it.
     let t = telemetry(base);
-    connected_reports(&t, base);
-    assert_eq!(t.connection_closed("gw", 1), Some(5));
+    let gw = connected_reports(&t, base);
+    assert_eq!(t.connection_closed("gw", 1, gw), Some(5));
     t.reporters(at(base, 9_000));
     assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 0 });
-    assert!(t.connection_opened("gw", 1));
+    assert_eq!(t.connection_opened("gw", 1), Some(gw));
     assert_eq!(
         t.reporters(at(base, 9_100)),
         ReporterCounts { live: 0, stale: 1 }
@@ -963,9 +966,29 @@ fn a_followers_word_that_a_reporters_connections_closed_counts_as_if_seen_here()
 
     // A connection of its own still open here outweighs the word.
     let t = forwarded_reports(base);
-    assert!(t.connection_opened("gw", 1));
+    assert!(t.connection_opened("gw", 1).is_some());
     t.ingest(connections_closed(5), at(base, 5_100)).unwrap();
     t.reporters(at(base, 9_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
+    assert_eq!(departed(&t), 0);
+}
+
+#[test]
+fn a_connection_that_closes_after_its_reporter_was_forgotten_and_came_back_does_not_count() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    let old = connected_reports(&t, base);
+    // Cut off for longer than `--forget-after`, its old connection still open: forgotten.
+    t.reporters(at(base, 700_000));
+    // Back on a new connection.
+    t.ingest(report("gw", 1, 6, 1, 2), at(base, 700_100))
+        .unwrap();
+    let new = t.connection_opened("gw", 1).unwrap();
+    assert_ne!(new, old);
+    // Keepalive reaps the old connection at last: nothing to do with the process now.
+    assert_eq!(t.connection_closed("gw", 1, old), None);
+    // It is cut off again, its new connection open: missing, not gone.
+    t.reporters(at(base, 705_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
     assert_eq!(departed(&t), 0);
 }

@@ -25,12 +25,12 @@ pub struct ReportRequest {
     /// hand-over's backlog lands where it belongs rather than as one burst. 0 from gateways.
     #[prost(uint64, tag = "6")]
     pub held_ms: u64,
-    /// Set by a control replica, on a report of its own that carries no keys: every ReportStream
-    /// this reporter had open to that replica ended while it was still reporting, after report
-    /// `sequence`. Envoy closes its connections when it exits, and a wasm filter cannot send
-    /// anything at shutdown, so a reporter whose streams closed and that then goes quiet is gone (a
-    /// rollout, a scale-in), not cut off: the leader does not hold scale-down for its load. Never
-    /// set by gateways.
+    /// Set by a control replica, on a report of its own that carries no keys: every connection
+    /// that carried this reporter's reports to that replica closed while it was still reporting,
+    /// after report `sequence`. Envoy closes its connections when it exits, and a wasm filter cannot
+    /// send anything at shutdown, so a reporter whose connections closed and that then goes quiet
+    /// is gone (a rollout, a scale-in), not cut off: the leader does not hold scale-down for its
+    /// load. Refused from gateways.
     #[prost(bool, tag = "7")]
     pub connections_closed: bool,
 }
