@@ -9,7 +9,8 @@
 //! ([`http`]). Autoscalers come from a YAML file ([`config`]) or from `FlyballAutoscaler`
 //! resources ([`source`]), with the same rules. On Kubernetes every replica ingests and decides;
 //! only the holder of the leader Lease ([`leader`]) sets replicas, and followers forward what they
-//! receive to it ([`forward`]).
+//! receive to it ([`forward`]). Every gRPC connection is tracked ([`connection`]), so a gateway
+//! whose connections closed (Envoy exited) is told from one cut off.
 //!
 //! It never trusts a gateway's clock, never lets a gateway grow its memory beyond the gateway's
 //! identity and latest gauges, never panics on a report (bad ones are refused with the reason),
