@@ -1,7 +1,7 @@
 //! Ingest: gateways' `flyball.v1.TelemetryService` reports (unary `Report` calls, or messages on
 //! a `ReportStream`) merged into the windows.
 //!
-//! report -> [`parse`] (validate, decode sketches; no lock) -> [`Reporters::admit`] (identity,
+//! report -> [`parse`] (validate, decode sketches; no lock) -> `Reporters::admit` (identity,
 //! duplicates, gaps, restarts) -> [`Windows::record`] per key and pool -> pools marked dirty.
 //!
 //! A reporter is one gateway process: (gateway, process_start_unix_ms). All that is kept per
