@@ -21,7 +21,14 @@ pub type Carried = Box<dyn std::any::Any + Send>;
 /// The request extension naming the connection a request came on.
 #[derive(Clone, Default)]
 pub struct ConnectionInfo {
-    carried: Arc<Mutex<Option<Carried>>>,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    carried: Option<Carried>,
+    /// A request still running when its connection closed registers nothing more.
+    closed: bool,
 }
 
 impl std::fmt::Debug for ConnectionInfo {
@@ -32,23 +39,27 @@ impl std::fmt::Debug for ConnectionInfo {
 
 impl ConnectionInfo {
     /// Runs `with` on what this connection carries, made by `new` the first time. Whatever it is,
-    /// it is dropped when the connection closes.
+    /// it is dropped when the connection closes. None once it has closed.
     pub fn carried<T: Send + 'static, R>(
         &self,
         new: impl FnOnce() -> T,
         with: impl FnOnce(&mut T) -> R,
     ) -> Option<R> {
-        let mut carried = self.carried.lock().unwrap_or_else(PoisonError::into_inner);
-        let carried = carried.get_or_insert_with(|| Box::new(new()));
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.closed {
+            return None;
+        }
+        let carried = state.carried.get_or_insert_with(|| Box::new(new()));
         carried.downcast_mut::<T>().map(with)
     }
 
     fn close(&self) {
-        let carried = self
-            .carried
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let carried = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.closed = true;
+            state.carried.take()
+        };
+        // Dropped outside the lock: what it does on drop takes other locks.
         drop(carried);
     }
 }
@@ -151,5 +162,15 @@ mod tests {
         assert!(!dropped.load(Ordering::SeqCst));
         drop(tracked);
         assert!(dropped.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_request_that_outlives_its_connection_registers_nothing() {
+        let (io, _peer) = tokio::io::duplex(64);
+        let tracked = Tracked::new(io);
+        let request = tracked.connect_info();
+        drop(tracked);
+        let made = request.carried(|| panic!("nothing is made for a closed connection"), |()| 1);
+        assert_eq!(made, None);
     }
 }

@@ -51,6 +51,9 @@ pub struct IngestConfig {
     pub max_keys_per_report: usize,
     /// Distinct (backend, model) keys tracked; telemetry for further keys is dropped and counted.
     pub max_keys: usize,
+    /// A reporter whose own connections all closed while it was live is gone, not missing, when
+    /// it goes quiet (`--hold-for-closed-gateways` turns this off).
+    pub departed_on_close: bool,
 }
 
 /// Why a report was refused. The reasons double as metric labels ([`Refusal::reason`]).
@@ -301,6 +304,7 @@ impl Default for IngestConfig {
             max_report_bytes: 1024 * 1024,
             max_keys_per_report: 1024,
             max_keys: 10_000,
+            departed_on_close: true,
         }
     }
 }
@@ -484,12 +488,27 @@ impl Reporters {
     /// and the process is still live, returns the sequence of its latest report: if it now goes
     /// quiet, it is gone. A connection that closes once the process is stale is a dead one
     /// being reaped (keepalive), which says nothing of whether the gateway is gone.
-    fn connection_closed(&mut self, gateway: &str, start_ms: u64, number: u64) -> Option<u64> {
+    /// A connection shared with other gateways (`own` false) only stops counting as open: its
+    /// close says nothing of any one of them.
+    fn connection_closed(
+        &mut self,
+        gateway: &str,
+        start_ms: u64,
+        number: u64,
+        own: bool,
+        now: Instant,
+    ) -> Option<u64> {
+        let (stale_after, intervals, forget_after) =
+            (self.stale_after, self.stale_intervals, self.forget_after);
         let process = self
             .process_mut(gateway, start_ms)
             .filter(|p| p.number == number)?;
         process.open_connections = process.open_connections.saturating_sub(1);
-        if process.open_connections > 0 || process.stale {
+        // By the clock, not only by the flag the sweep sets (up to a sweep late).
+        let quiet = process.stale
+            || now.saturating_duration_since(process.last_seen)
+                > stale_limit(stale_after, intervals, forget_after, process.interval);
+        if process.open_connections > 0 || quiet || !own {
             return None;
         }
         process.connections_closed = true;
@@ -1112,15 +1131,18 @@ impl Telemetry {
     /// A connection that [`Telemetry::connection_opened`] for this reporter (returning `number`)
     /// closed. `Some(sequence)` when it was the reporter's last open connection and the reporter
     /// is live: the sequence of its latest report, for the word passed on to the leader.
+    /// `own`: the connection carried only this gateway's reports.
     pub fn connection_closed(
         &self,
         gateway: &str,
         process_start_unix_ms: u64,
         number: u64,
+        own: bool,
+        now: Instant,
     ) -> Option<u64> {
         self.lock()
             .reporters
-            .connection_closed(gateway, process_start_unix_ms, number)
+            .connection_closed(gateway, process_start_unix_ms, number, own, now)
     }
 
     /// How many reporters that fed `pool` within the stable window have since gone quiet (as
@@ -1252,18 +1274,37 @@ struct ConnectionReporters {
     service: IngestService,
     /// Gateway, process start, and the number ingest gave the process.
     carried: Vec<(String, u64, u64)>,
+    /// It carried more than one gateway's reports: a proxy's connection (a sidecar in front of
+    /// this service), whose close says nothing of any one gateway.
+    shared: bool,
 }
 
 impl ConnectionReporters {
+    fn new(service: IngestService) -> Self {
+        ConnectionReporters {
+            service,
+            carried: Vec::new(),
+            shared: false,
+        }
+    }
+
     fn knows(&self, gateway: &str, start: u64) -> bool {
-        self.carried
-            .iter()
-            .any(|(g, s, _)| g == gateway && *s == start)
+        self.shared
+            || self
+                .carried
+                .iter()
+                .any(|(g, s, _)| g == gateway && *s == start)
             || self.carried.len() >= REPORTERS_PER_CONNECTION
     }
 
     fn track(&mut self, gateway: String, start: u64) {
         if self.knows(&gateway, start) {
+            return;
+        }
+        if self.carried.iter().any(|(g, _, _)| *g != gateway) {
+            // Two gateways' processes share no connection unless a proxy pools them (two
+            // processes of one gateway do, during a hot restart).
+            self.shared = true;
             return;
         }
         if let Some(number) = self.service.telemetry.connection_opened(&gateway, start) {
@@ -1279,9 +1320,11 @@ impl Drop for ConnectionReporters {
             return;
         }
         let forwarder = self.service.forwarder.as_ref().filter(|f| f.active());
+        let (own, now) = (!self.shared, Instant::now());
         for (gateway, start, number) in self.carried.drain(..) {
             let telemetry = &self.service.telemetry;
-            let Some(sequence) = telemetry.connection_closed(&gateway, start, number) else {
+            let Some(sequence) = telemetry.connection_closed(&gateway, start, number, own, now)
+            else {
                 continue;
             };
             tracing::debug!(%gateway, start, sequence, "a reporter's connections all closed");
@@ -1316,10 +1359,7 @@ impl IngestService {
             .filter(|_| !report.connections_closed)?;
         let start = reporter.process_start_unix_ms;
         let known = connection?.carried(
-            || ConnectionReporters {
-                service: self.clone(),
-                carried: Vec::new(),
-            },
+            || ConnectionReporters::new(self.clone()),
             |c| c.knows(&reporter.gateway, start),
         )?;
         (!known).then(|| (reporter.gateway.clone(), start))
@@ -1330,10 +1370,7 @@ impl IngestService {
             return;
         };
         connection.carried(
-            || ConnectionReporters {
-                service: self.clone(),
-                carried: Vec::new(),
-            },
+            || ConnectionReporters::new(self.clone()),
             |c| c.track(gateway, start),
         );
     }
@@ -1346,7 +1383,8 @@ impl IngestService {
         connection: Option<&ConnectionInfo>,
     ) -> Result<v1::ReportResponse, tonic::Status> {
         // A replica's forwarding connection carries many gateways; its close says nothing of them.
-        let connection = connection.filter(|_| !forwarded);
+        let connection =
+            connection.filter(|_| !forwarded && self.telemetry.config().departed_on_close);
         let reporter = self.untracked(connection, &report);
         let answer = self.merge(report, forwarded);
         if answer.is_ok() {

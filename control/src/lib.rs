@@ -108,6 +108,13 @@ pub struct ControlArgs {
     /// A gateway silent this long is forgotten.
     #[arg(long, value_parser = parse_duration, default_value = "10m")]
     pub forget_after: Duration,
+    /// Hold scale-down for every quiet gateway until --forget-after, even one whose own
+    /// connections to this service closed while it reported (Envoy closes them when it exits).
+    /// For a proxy in front of this service that keeps one upstream connection per gateway and
+    /// may close them all at once while the gateways live on (connections shared by several
+    /// gateways are recognised and never taken as a gateway leaving).
+    #[arg(long, env = "FLYBALL_HOLD_FOR_CLOSED_GATEWAYS")]
+    pub hold_for_closed_gateways: bool,
     /// Width of one window bucket.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub bucket: Duration,
@@ -429,6 +436,7 @@ impl Control<DryRunActuator> {
             max_report_bytes: args.max_report_bytes,
             max_keys_per_report: args.max_keys_per_report,
             max_keys: args.max_keys,
+            departed_on_close: !args.hold_for_closed_gateways,
             ..IngestConfig::default()
         };
         let tls = tls::GrpcTls::load(tls::TlsFlags {

@@ -357,12 +357,53 @@ async fn a_gateway_whose_connection_to_a_follower_closed_is_gone_at_the_leader_t
         Some(1.0),
         "only cut-off holds"
     );
-    assert_eq!(
-        follower.metric("flyball_ingest_departed_total").await?,
-        Some(1.0)
-    );
+    // The follower counts it too, once it sweeps for quiet reporters.
+    follower
+        .wait_metric("flyball_ingest_departed_total", 1.0, WAIT)
+        .await?;
     drop(cut_off);
     leader.stop().await?;
     follower.stop().await?;
     Ok(())
+}
+
+/// A follower that shuts down closes its gateways' connections itself: that says nothing of the
+/// gateways, which report to another replica from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_shutting_down_says_nothing_of_its_gateways() -> Result<(), Error> {
+    let fast = ["--stale-after", "1s"];
+    let leader = support::bind(ONE_POOL, &fast).await?;
+    let leader_uri = format!("http://{}", leader.grpc_addr().unwrap());
+    let (a, _a_leading, _a_leader) = fixed("a", true, None);
+    let leader = support::spawn(leader.with_leadership(a))?;
+    let (b, _b_leading, _b_leader) = fixed("b", false, Some(leader_uri));
+    let follower = support::start_led(ONE_POOL, &fast, b).await?;
+
+    let (reports, outbound) = tokio::sync::mpsc::channel(4);
+    let mut acks = client(follower.grpc_uri())
+        .await?
+        .report_stream(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await?
+        .into_inner();
+    for sequence in 1..=3 {
+        reports.send(report("gw", sequence, 1)).await?;
+        assert_eq!(
+            acks.message().await?.unwrap().acknowledged_sequence,
+            sequence
+        );
+    }
+    leader
+        .wait_metric("flyball_ingest_reports_total", 3.0, WAIT)
+        .await?;
+    follower.stop().await?;
+    // The gateway, cut off from every replica now, is missing at the leader, not gone.
+    leader
+        .wait_metric("flyball_reporters{state=\"stale\"}", 1.0, WAIT)
+        .await?;
+    assert_eq!(
+        leader.metric("flyball_ingest_departed_total").await?,
+        Some(0.0)
+    );
+    drop((reports, acks));
+    leader.stop().await
 }

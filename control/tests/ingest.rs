@@ -575,3 +575,32 @@ async fn a_gateway_whose_connection_closed_is_gone_when_quiet_one_cut_off_is_mis
     drop((cut_off, reset_channel));
     control.stop().await
 }
+
+/// A connection that carries several gateways is a proxy's (a sidecar in front of the control
+/// service): when it closes, none of them is taken as gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_sharing_a_connection_that_closes_are_missing_when_quiet() -> Result<(), Error> {
+    let control = support::start(ONE_POOL, &["--stale-after", "1s"]).await?;
+    let channel = Channel::from_shared(control.grpc_uri())?.connect().await?;
+    let mut streams = Vec::new();
+    for gateway in ["behind-proxy-a", "behind-proxy-b"] {
+        let mut stream = Reporting::stream(TelemetryServiceClient::new(channel.clone())).await?;
+        for sequence in 1..=3 {
+            assert_eq!(
+                stream.send(report(gateway, 1, sequence, 1)).await?,
+                sequence
+            );
+        }
+        streams.push(stream);
+    }
+    drop((streams, channel));
+    let wait = std::time::Duration::from_secs(10);
+    control
+        .wait_metric("flyball_reporters{state=\"stale\"}", 2.0, wait)
+        .await?;
+    assert_eq!(
+        control.metric("flyball_ingest_departed_total").await?,
+        Some(0.0)
+    );
+    control.stop().await
+}

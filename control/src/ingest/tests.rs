@@ -803,7 +803,10 @@ fn a_reporter_whose_connection_closed_while_it_was_live_is_gone_when_quiet_not_m
     let t = telemetry(base);
     let gw = connected_reports(&t, base);
     // Envoy exits: its connection closes right after its last report.
-    assert_eq!(t.connection_closed("gw", 1, gw), Some(5));
+    assert_eq!(
+        t.connection_closed("gw", 1, gw, true, at(base, 5_500)),
+        Some(5)
+    );
     let now = at(base, 9_000);
     assert_eq!(t.reporters(now), ReporterCounts { live: 0, stale: 0 });
     assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 0 });
@@ -822,7 +825,10 @@ fn a_close_that_overtakes_the_last_report_still_counts() {
     let base = Instant::now();
     let t = telemetry(base);
     let gw = connected_reports(&t, base);
-    assert_eq!(t.connection_closed("gw", 1, gw), Some(5));
+    assert_eq!(
+        t.connection_closed("gw", 1, gw, true, at(base, 5_500)),
+        Some(5)
+    );
     // Report 6 was sent before Envoy exited, and merged after the close was seen.
     t.ingest(report("gw", 1, 6, 1, 2), at(base, 5_010)).unwrap();
     t.reporters(at(base, 9_000));
@@ -840,7 +846,10 @@ fn a_connection_reaped_once_the_reporter_is_quiet_leaves_it_missing() {
         t.reporters(at(base, 9_000)),
         ReporterCounts { live: 0, stale: 1 }
     );
-    assert_eq!(t.connection_closed("gw", 1, gw), None);
+    assert_eq!(
+        t.connection_closed("gw", 1, gw, true, at(base, 5_500)),
+        None
+    );
     t.reporters(at(base, 90_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
     assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 1 });
@@ -854,7 +863,10 @@ fn a_reporter_with_a_connection_still_open_is_missing_when_quiet() {
     let gw = connected_reports(&t, base);
     // Two connections (a hot restart's, or a pooling proxy's); one closes.
     assert_eq!(t.connection_opened("gw", 1), Some(gw));
-    assert_eq!(t.connection_closed("gw", 1, gw), None);
+    assert_eq!(
+        t.connection_closed("gw", 1, gw, true, at(base, 5_500)),
+        None
+    );
     t.reporters(at(base, 9_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
 }
@@ -865,7 +877,10 @@ fn a_reporter_back_after_its_connection_closed_is_held_for_if_it_then_goes_quiet
     // Back on a new connection.
     let t = telemetry(base);
     let gw = connected_reports(&t, base);
-    assert_eq!(t.connection_closed("gw", 1, gw), Some(5));
+    assert_eq!(
+        t.connection_closed("gw", 1, gw, true, at(base, 5_500)),
+        Some(5)
+    );
     t.ingest(report("gw", 1, 6, 1, 2), at(base, 6_000)).unwrap();
     assert_eq!(t.connection_opened("gw", 1), Some(gw));
     t.reporters(at(base, 10_000));
@@ -876,7 +891,10 @@ fn a_reporter_back_after_its_connection_closed_is_held_for_if_it_then_goes_quiet
     // Back with only a resend, on a new connection.
     let t = telemetry(base);
     let gw = connected_reports(&t, base);
-    assert_eq!(t.connection_closed("gw", 1, gw), Some(5));
+    assert_eq!(
+        t.connection_closed("gw", 1, gw, true, at(base, 5_500)),
+        Some(5)
+    );
     let resent = t.ingest(report("gw", 1, 5, 1, 2), at(base, 5_500)).unwrap();
     assert_eq!(resent.admission, Admission::Duplicate);
     assert_eq!(t.connection_opened("gw", 1), Some(gw));
@@ -887,7 +905,10 @@ fn a_reporter_back_after_its_connection_closed_is_held_for_if_it_then_goes_quiet
     // may overtake, it is there.
     let t = telemetry(base);
     let gw = connected_reports(&t, base);
-    assert_eq!(t.connection_closed("gw", 1, gw), Some(5));
+    assert_eq!(
+        t.connection_closed("gw", 1, gw, true, at(base, 5_500)),
+        Some(5)
+    );
     t.ingest(report("gw", 1, 6, 1, 2), at(base, 6_000)).unwrap();
     t.ingest(report("gw", 1, 7, 1, 2), at(base, 7_000)).unwrap();
     t.reporters(at(base, 11_000));
@@ -897,7 +918,10 @@ fn a_reporter_back_after_its_connection_closed_is_held_for_if_it_then_goes_quiet
     // Gone after all: counted departed, then a new connection carries a resend of it.
     let t = telemetry(base);
     let gw = connected_reports(&t, base);
-    assert_eq!(t.connection_closed("gw", 1, gw), Some(5));
+    assert_eq!(
+        t.connection_closed("gw", 1, gw, true, at(base, 5_500)),
+        Some(5)
+    );
     t.reporters(at(base, 9_000));
     assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 0 });
     assert_eq!(t.connection_opened("gw", 1), Some(gw));
@@ -986,9 +1010,41 @@ fn a_connection_that_closes_after_its_reporter_was_forgotten_and_came_back_does_
     let new = t.connection_opened("gw", 1).unwrap();
     assert_ne!(new, old);
     // Keepalive reaps the old connection at last: nothing to do with the process now.
-    assert_eq!(t.connection_closed("gw", 1, old), None);
+    assert_eq!(
+        t.connection_closed("gw", 1, old, true, at(base, 5_500)),
+        None
+    );
     // It is cut off again, its new connection open: missing, not gone.
     t.reporters(at(base, 705_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
     assert_eq!(departed(&t), 0);
+}
+
+#[test]
+fn a_shared_connection_closing_says_nothing_of_its_gateways() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    let gw = connected_reports(&t, base);
+    // A proxy's connection, carrying other gateways too, closes (the proxy restarted).
+    assert_eq!(
+        t.connection_closed("gw", 1, gw, false, at(base, 5_500)),
+        None
+    );
+    t.reporters(at(base, 9_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
+    assert_eq!(departed(&t), 0);
+}
+
+#[test]
+fn a_close_seen_after_the_reporter_went_quiet_does_not_count_even_before_the_sweep() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    let gw = connected_reports(&t, base);
+    // Past the stale limit (3 s), though no sweep has marked it yet.
+    assert_eq!(
+        t.connection_closed("gw", 1, gw, true, at(base, 8_100)),
+        None
+    );
+    t.reporters(at(base, 9_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
 }
