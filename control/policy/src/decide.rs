@@ -355,7 +355,7 @@ fn decide_pool(
         .period
         .max(behavior.scale_down.period)
         .max(behavior.cooldown);
-    mem.observe(state, now, horizon);
+    mem.observe(state, now, horizon, t.stable.length.max(t.short.length));
 
     let mut reason = Reason {
         driver: Rule::NoChange,

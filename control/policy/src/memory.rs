@@ -43,10 +43,11 @@ pub struct PoolMemory {
     observed_desired: Option<u32>,
     /// Ready replicas and since when that count has held.
     ready_since: Option<(u32, Duration)>,
-    /// The ready count before that: what latency measured over a window reaching back past the
-    /// change was served by.
+    /// The ready counts that held before that, each with when it ended (oldest first), kept for
+    /// the longest telemetry window: latency measured over a window reaching back past a change
+    /// was served by the fewest of them, however many changes the window holds.
     #[serde(default)]
-    ready_before: Option<u32>,
+    earlier_ready: VecDeque<EndedReady>,
     scale_events: VecDeque<ScaleEvent>,
     /// When `desired_replicas` last changed. Kept apart from `scale_events`, which are pruned to
     /// the step-limit periods (a minute by default): the starting-replicas grace reads it for
@@ -82,6 +83,13 @@ pub struct LastDecision {
 struct Sample {
     at: Duration,
     replicas: u32,
+}
+
+/// A ready count that held until `until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct EndedReady {
+    ready: u32,
+    until: Duration,
 }
 
 /// An observed change of `desired_replicas`.
@@ -217,8 +225,14 @@ impl PoolMemory {
 
     /// Notes the pool state: a changed `desired_replicas` is a scale event (at the state's change
     /// time when given), a changed ready count restarts the steadiness clock. Events older than
-    /// `horizon` are dropped.
-    pub(crate) fn observe(&mut self, state: &PoolState, now: Duration, horizon: Duration) {
+    /// `horizon`, and ready counts that ended longer than `ready_horizon` ago, are dropped.
+    pub(crate) fn observe(
+        &mut self,
+        state: &PoolState,
+        now: Duration,
+        horizon: Duration,
+        ready_horizon: Duration,
+    ) {
         if let Some(previous) = self.observed_desired
             && previous != state.desired_replicas
         {
@@ -237,9 +251,22 @@ impl PoolMemory {
         match self.ready_since {
             Some((ready, _)) if ready == state.ready_replicas => {}
             previous => {
-                self.ready_before = previous.map(|(ready, _)| ready);
+                if let Some((ready, _)) = previous {
+                    if self.earlier_ready.len() >= MAX_SCALE_EVENTS {
+                        self.earlier_ready.pop_front();
+                    }
+                    self.earlier_ready
+                        .push_back(EndedReady { ready, until: now });
+                }
                 self.ready_since = Some((state.ready_replicas, now));
             }
+        }
+        while self
+            .earlier_ready
+            .front()
+            .is_some_and(|e| now.saturating_sub(e.until) > ready_horizon)
+        {
+            self.earlier_ready.pop_front();
         }
         while let Some(first) = self.scale_events.front() {
             if now.saturating_sub(first.at) > horizon {
@@ -256,13 +283,16 @@ impl PoolMemory {
     }
 
     /// The fewest replicas that served within `window` before `now`, as far as this memory saw:
-    /// the ready count before a change within the window, if lower.
+    /// the lowest of the ready counts that held at any time in the window.
     pub(crate) fn ready_within(&self, now: Duration, window: Duration) -> Option<u32> {
-        let (ready, since) = self.ready_since?;
-        match self.ready_before {
-            Some(before) if now.saturating_sub(since) < window => Some(ready.min(before)),
-            _ => Some(ready),
-        }
+        let (ready, _) = self.ready_since?;
+        Some(
+            self.earlier_ready
+                .iter()
+                .filter(|e| now.saturating_sub(e.until) < window)
+                .map(|e| e.ready)
+                .fold(ready, u32::min),
+        )
     }
 
     /// The latest observed change of `desired_replicas`, however long ago.

@@ -534,6 +534,43 @@ fn replicas_that_just_became_ready_do_not_scale_the_breach_they_answer() {
 }
 
 #[test]
+fn a_breach_spanning_two_ready_changes_is_scaled_by_the_fewest_that_served() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let mut mem = memory();
+    let slow = Load::tokens(16_000.0, 1_000.0, 10).ttft(ms(1_000));
+    let d = decide_unified(&spec, telemetry(slow), state(4, 4), &mut mem, T0);
+    assert_eq!((d.to, d.action), (8, Action::ScaleUp), "{d}");
+    // The new replicas come up in two steps: 6 ready at +100 s, 8 at +130 s.
+    let recovering = slow.ttft(ms(400));
+    for (after, ready) in [(100, 6), (130, 8)] {
+        let mut s = state(8, ready);
+        s.last_scale_change_at = Some(T0);
+        s.time_to_ready = Some(secs(120));
+        decide_unified(
+            &spec,
+            windows(recovering, slow),
+            s,
+            &mut mem,
+            T0 + secs(after),
+        );
+    }
+    // At +150 s the stable window (60 s) reaches back to +90 s: its 2x TTFT was measured while
+    // 4 served, then 6, then 8. 4 x 2 is what it asks for, not 6 x 2.
+    let mut s = state(8, 8);
+    s.last_scale_change_at = Some(T0);
+    s.time_to_ready = Some(secs(120));
+    let d = decide_unified(
+        &spec,
+        windows(recovering, slow),
+        s,
+        &mut mem,
+        T0 + secs(150),
+    );
+    assert_eq!(d.reason.slo_feedback_replicas, Some(8), "{d}");
+    assert_eq!((d.to, d.action), (8, Action::Hold), "{d}");
+}
+
+#[test]
 fn a_growing_shortfall_scales_up_again_while_replicas_start() {
     let spec = spec_with(UNIFIED, without_hints);
     let mut mem = memory();
