@@ -67,6 +67,10 @@ pub enum Refusal {
     TooManyKeys { count: usize, max: usize },
     #[error("keys[{index}].{field} is empty")]
     EmptyKeyName { index: usize, field: &'static str },
+    /// Names are kept (a gateway's for `--forget-after`, a key's while tracked): their length
+    /// bounds that memory.
+    #[error("{field}: {bytes} bytes, at most {MAX_NAME_BYTES}")]
+    NameTooLong { field: String, bytes: usize },
     #[error("keys[{index}].{field}: {source}")]
     BadSketch {
         index: usize,
@@ -84,6 +88,10 @@ pub enum Refusal {
         max: u64,
     },
 }
+
+/// A gateway, backend or model name, at most (a pod name is at most 253; Istio's node ids add
+/// an address and a namespace).
+pub const MAX_NAME_BYTES: usize = 1024;
 
 /// Requests in flight at one gateway for one key, at most.
 pub const MAX_IN_FLIGHT: u64 = 1_000_000;
@@ -149,15 +157,13 @@ struct Process {
     /// `sent_at_unix_ms` of its latest report, by its own clock; 0 when unknown.
     last_sent_ms: u64,
     stale: bool,
-    /// Its gateway started a newer process. It may go on reporting while it drains (live
-    /// meanwhile), but once quiet it is neither live nor stale: it finished draining or
-    /// crashed, and the newer process carries the gateway's load, so nothing is missing.
-    replaced: bool,
     /// Connections to this service that carried its reports and are still open.
     open_connections: u32,
     /// Its connections all closed while it was live (here, or at the replica that forwarded its
-    /// reports): once quiet it is gone (Envoy exited), not cut off, so like a replaced process it
-    /// is neither live nor stale.
+    /// reports): once quiet it is gone (Envoy exited), not cut off, so it is neither live nor
+    /// stale. Nothing else explains a silence: not even a newer process of its gateway, since
+    /// gateways may share a name (a Deployment's Envoys with one static node id) or restart with
+    /// a clock behind, and a cut-off one looks like one that finished draining.
     connections_closed: bool,
     /// Its latest sequence when they closed. The report after it may still be on its way (the
     /// close can overtake it); a later one means it is back.
@@ -319,6 +325,7 @@ impl Refusal {
             Refusal::ZeroSequence => "zero_sequence",
             Refusal::TooManyKeys { .. } => "too_many_keys",
             Refusal::EmptyKeyName { .. } => "empty_key",
+            Refusal::NameTooLong { .. } => "name_too_long",
             Refusal::BadSketch { .. } => "bad_sketch",
             Refusal::Implausible { .. } => "implausible",
         }
@@ -339,6 +346,12 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
     let reporter = report.reporter.unwrap_or_default();
     if reporter.gateway.is_empty() {
         return Err(Refusal::NoGateway);
+    }
+    if reporter.gateway.len() > MAX_NAME_BYTES {
+        return Err(Refusal::NameTooLong {
+            field: "reporter.gateway".to_string(),
+            bytes: reporter.gateway.len(),
+        });
     }
     if report.sequence == 0 {
         return Err(Refusal::ZeroSequence);
@@ -374,6 +387,14 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
                 index,
                 field: "model",
             });
+        }
+        for (field, name) in [("backend", &key.backend), ("model", &key.model)] {
+            if name.len() > MAX_NAME_BYTES {
+                return Err(Refusal::NameTooLong {
+                    field: format!("keys[{index}].{field}"),
+                    bytes: name.len(),
+                });
+            }
         }
         let sketch = |field: &'static str, wire: &Option<v1::Sketch>| match wire {
             None => Ok(Sketch::new()),
@@ -477,7 +498,7 @@ impl Reporters {
         let process = self.process_mut(gateway, start_ms)?;
         process.open_connections = process.open_connections.saturating_add(1);
         let number = process.number;
-        if std::mem::take(&mut process.connections_closed) && process.stale && !process.replaced {
+        if std::mem::take(&mut process.connections_closed) && process.stale {
             // Counted as gone, it is back (perhaps only resending): missing again.
             self.stale += 1;
         }
@@ -532,7 +553,7 @@ impl Reporters {
         }
         process.connections_closed = true;
         process.closed_after = sequence;
-        if process.stale && !process.replaced {
+        if process.stale {
             // Quiet already (the word came late): gone, no longer missing.
             self.stale -= 1;
             self.departed.inc();
@@ -575,19 +596,11 @@ impl Reporters {
         if restart {
             // The old processes crashed or are draining after a hot restart. Their gauges are
             // most likely gone with them; one that is draining counts again from its next
-            // report. Quiet replaced processes count as neither live nor stale: the gateway is
-            // there, and a rollout must not look like an outage.
+            // report. Each stays live until it goes quiet, and then it is gone only if its
+            // connections closed: a newer process under the same name does not prove the old
+            // one gone (see `Process::connections_closed`).
             for old in &mut entry.processes {
-                match (old.stale, old.quiet_is_explained()) {
-                    (false, _) => {
-                        old.stale = true;
-                        self.live -= 1;
-                        retired.append(&mut old.gauges);
-                    }
-                    (true, false) => self.stale -= 1,
-                    (true, true) => {}
-                }
-                old.replaced = true;
+                retired.append(&mut old.gauges);
             }
         }
         let position = match entry.processes.iter().position(|p| p.start_ms == start_ms) {
@@ -604,9 +617,6 @@ impl Reporters {
                     seen_before: None,
                     last_sent_ms: sent_at_ms,
                     stale: false,
-                    // First seen after its gateway's newer process (this service restarted
-                    // during a hot restart's drain).
-                    replaced: start_ms < entry.newest_start_ms,
                     open_connections: 0,
                     connections_closed: false,
                     closed_after: 0,
@@ -668,8 +678,6 @@ impl Reporters {
         process.seen_before = Some(process.last_seen);
         process.last_sent_ms = sent_at_ms;
         process.last_seen = now;
-        // A replaced process stays replaced while it drains, so that when it finishes and goes
-        // quiet it is not taken for a gateway whose load went missing.
         let revived = std::mem::replace(&mut process.stale, false);
         let quiet_was_explained = process.quiet_is_explained();
         if sequence > process.closed_after.saturating_add(1) {
@@ -717,7 +725,7 @@ impl Reporters {
                     live -= 1;
                     if !process.quiet_is_explained() {
                         stale += 1;
-                    } else if process.connections_closed && !process.replaced {
+                    } else {
                         departed.inc();
                     }
                     dropped.append(&mut process.gauges);
@@ -743,8 +751,7 @@ impl Reporters {
         }
     }
 
-    /// For every reporter gone quiet (stale, neither replaced by a restart of its gateway nor
-    /// gone with its connections closed), the
+    /// For every reporter gone quiet (stale, and not gone with its connections closed), the
     /// keys it reported on within `lookback` before it went quiet.
     fn silent_feeds(
         &self,
@@ -780,7 +787,7 @@ impl Process {
     /// Quiet, it is not missing: a newer process of its gateway carries the load, or its
     /// connections closed as Envoy's do when it exits.
     fn quiet_is_explained(&self) -> bool {
-        self.replaced || self.connections_closed
+        self.connections_closed
     }
 
     fn forget_keys(&mut self, keys: &HashSet<KeyId>) {

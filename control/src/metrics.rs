@@ -163,7 +163,7 @@ impl Collector for PoolCollector {
         {
             let mut metric = encoder.encode_descriptor(
                 "flyball_reporters",
-                "Gateway processes known to ingest, by state: live, or stale (quiet past --stale-after, until forgotten); processes replaced by a restart of their gateway are in neither",
+                "Gateway processes known to ingest, by state: live, or stale (quiet past --stale-after, until forgotten); processes gone with their connections closed are in neither",
                 None,
                 MetricType::Gauge,
             )?;

@@ -317,6 +317,20 @@ fn malformed_reports_are_refused_with_the_reason() {
         "sequence = 0: sequences start at 1"
     );
 
+    let long = "g".repeat(MAX_NAME_BYTES + 1);
+    assert_eq!(
+        t.ingest(report(&long, 1, 1, 1, 0), base)
+            .unwrap_err()
+            .to_string(),
+        "reporter.gateway: 1025 bytes, at most 1024"
+    );
+    let mut long_model = report("gw", 1, 1, 1, 0);
+    long_model.keys[0].model = long.clone();
+    assert_eq!(
+        t.ingest(long_model, base).unwrap_err().reason(),
+        "name_too_long"
+    );
+
     let mut no_model = report("gw", 1, 1, 1, 0);
     no_model.keys[0].model.clear();
     assert_eq!(
@@ -375,6 +389,11 @@ fn malformed_reports_are_refused_with_the_reason() {
     assert_eq!(refused("zero_sequence"), 1);
     assert_eq!(refused("empty_key"), 1);
     assert_eq!(refused("bad_sketch"), 1);
+    assert_eq!(refused("name_too_long"), 2);
+    // At the bound, taken.
+    let mut longest = report(&long[1..], 1, 1, 1, 0);
+    longest.keys[0].model = long[1..].to_string();
+    t.ingest(longest, base).unwrap();
     assert_eq!(refused("too_many_keys"), 1);
     assert_eq!(refused("implausible"), 2);
 }
@@ -416,10 +435,10 @@ fn a_restart_retires_the_old_process_gauge_until_it_reports_again() {
         t.pool(PoolId(0), at(base, 600)).unwrap().in_flight.decoding,
         1
     );
-    // The old process is replaced, neither live nor stale: a rollout is not an outage.
+    // The old process is not known to be gone: live until it goes quiet.
     assert_eq!(
         t.reporters(at(base, 700)),
-        ReporterCounts { live: 1, stale: 0 }
+        ReporterCounts { live: 2, stale: 0 }
     );
     // Still draining after a hot restart: counted again from its next report.
     t.ingest(report("gw", 100, 2, 0, 2), at(base, 1000))
@@ -435,18 +454,26 @@ fn a_restart_retires_the_old_process_gauge_until_it_reports_again() {
         t.reporters(at(base, 1200)),
         ReporterCounts { live: 2, stale: 0 }
     );
-    // Replaced again by a third process, then all silent: stale, then forgotten.
+    // A third process, then all silent, none with a connection seen to close: each is missing
+    // (stale), then forgotten.
     t.ingest(report("gw", 300, 1, 0, 1), at(base, 2000))
         .unwrap();
     assert_eq!(
+        t.pool(PoolId(0), at(base, 2100))
+            .unwrap()
+            .in_flight
+            .decoding,
+        1
+    );
+    assert_eq!(
         t.reporters(at(base, 2100)),
-        ReporterCounts { live: 1, stale: 0 }
+        ReporterCounts { live: 3, stale: 0 }
     );
     assert_eq!(
         t.reporters(at(base, 10_000)),
-        ReporterCounts { live: 0, stale: 1 }
+        ReporterCounts { live: 0, stale: 3 }
     );
-    assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 1 });
+    assert_eq!(recounted(&t), ReporterCounts { live: 0, stale: 3 });
     assert_eq!(
         t.reporters(at(base, 700_000)),
         ReporterCounts { live: 0, stale: 0 }
@@ -454,7 +481,7 @@ fn a_restart_retires_the_old_process_gauge_until_it_reports_again() {
 }
 
 /// The live and stale counts, recounted from the processes: a live process is not stale; a
-/// stale one counts as stale unless replaced or gone with its streams closed.
+/// stale one counts as stale unless gone with its connections closed.
 fn recounted(t: &Telemetry) -> ReporterCounts {
     let state = t.lock();
     let processes = state.reporters.gateways.values().flat_map(|g| &g.processes);
@@ -477,6 +504,7 @@ fn after_a_hot_restart_the_old_process_that_drains_then_exits_is_not_a_silent_re
         t.ingest(report("gw", 100, s, 1, 1), at(base, s * 1_000))
             .unwrap();
     }
+    let old = t.connection_opened("gw", 100).unwrap();
     // Hot restart: the new process reports while the old one drains (and reports) for 5 s.
     for s in 6..=10 {
         t.ingest(report("gw", 200, s - 5, 1, 1), at(base, s * 1_000 - 500))
@@ -495,7 +523,11 @@ fn after_a_hot_restart_the_old_process_that_drains_then_exits_is_not_a_silent_re
             .decoding,
         2
     );
-    // The old process exits; the new one goes on.
+    // The old process exits, closing its connection; the new one goes on.
+    assert_eq!(
+        t.connection_closed("gw", 100, old, true, at(base, 10_100)),
+        Some(10)
+    );
     for s in 6..=30 {
         t.ingest(report("gw", 200, s, 1, 1), at(base, 5_500 + s * 1_000))
             .unwrap();
@@ -522,26 +554,61 @@ fn after_a_hot_restart_the_old_process_that_drains_then_exits_is_not_a_silent_re
 }
 
 #[test]
-fn an_old_process_first_seen_after_its_gateways_newer_one_is_replaced_from_the_start() {
+fn an_old_process_first_seen_after_its_gateways_newer_one_is_gone_once_its_connection_closed() {
+    for closes in [true, false] {
+        let base = Instant::now();
+        let t = telemetry(base);
+        // This service restarted during a hot restart's drain: the new process reports first.
+        t.ingest(report("gw", 200, 7, 1, 0), at(base, 0)).unwrap();
+        t.ingest(report("gw", 100, 40, 1, 3), at(base, 500))
+            .unwrap();
+        let old = t.connection_opened("gw", 100).unwrap();
+        assert_eq!(
+            t.reporters(at(base, 600)),
+            ReporterCounts { live: 2, stale: 0 }
+        );
+        if closes {
+            assert_eq!(
+                t.connection_closed("gw", 100, old, true, at(base, 700)),
+                Some(40)
+            );
+        }
+        for s in 8..=12 {
+            t.ingest(report("gw", 200, s, 1, 0), at(base, (s - 7) * 1_000))
+                .unwrap();
+        }
+        // Drained and exited: gone. Quiet with its connection open: missing, held for.
+        let (stale, silent) = if closes { (0, 0) } else { (1, 1) };
+        assert_eq!(
+            t.reporters(at(base, 5_000)),
+            ReporterCounts { live: 1, stale },
+            "closes: {closes}"
+        );
+        assert_eq!(t.silent_feeders(PoolId(0)), silent, "closes: {closes}");
+    }
+}
+
+#[test]
+fn gateways_sharing_a_name_are_each_held_for_when_one_is_cut_off() {
     let base = Instant::now();
     let t = telemetry(base);
-    // This service restarted during a hot restart's drain: the new process reports first.
-    t.ingest(report("gw", 200, 7, 1, 0), at(base, 0)).unwrap();
-    t.ingest(report("gw", 100, 40, 1, 3), at(base, 500))
-        .unwrap();
-    assert_eq!(
-        t.reporters(at(base, 600)),
-        ReporterCounts { live: 2, stale: 0 }
-    );
-    for s in 8..=12 {
-        t.ingest(report("gw", 200, s, 1, 0), at(base, (s - 7) * 1_000))
+    // Two Envoys of one Deployment with one static node id, both reporting.
+    for s in 1..=5 {
+        t.ingest(report("envoy", 100, s, 1, 1), at(base, s * 1_000))
+            .unwrap();
+        t.ingest(report("envoy", 200, s, 1, 1), at(base, s * 1_000 + 500))
+            .unwrap();
+    }
+    // The older one is cut off: it is missing, not taken as drained by the newer one's start.
+    for s in 6..=12 {
+        t.ingest(report("envoy", 200, s, 1, 1), at(base, s * 1_000 + 500))
             .unwrap();
     }
     assert_eq!(
-        t.reporters(at(base, 5_000)),
-        ReporterCounts { live: 1, stale: 0 }
+        t.reporters(at(base, 12_600)),
+        ReporterCounts { live: 1, stale: 1 }
     );
-    assert_eq!(t.silent_feeders(PoolId(0)), 0);
+    assert_eq!(t.silent_feeders(PoolId(0)), 1);
 }
 
 /// A report of `gateway` on one key of `backend`.
@@ -570,11 +637,14 @@ fn a_gateway_gone_quiet_leaves_only_the_pools_it_fed_with_silent_feeders() {
     assert_eq!(t.silent_feeders(pool_b), 1);
     assert_eq!(t.silent_feeders(pool_a), 0);
 
-    // Its gateway restarts: the new process reports, the old one's load is not missing.
+    // A new process reports under its name. That does not prove the old one gone (names may
+    // be shared, clocks step): its load stays missing until its connections close or it is
+    // forgotten.
     t.ingest(report_on("b", "gw-b", 2, 1), at(base, 10_000))
         .unwrap();
     t.reporters(at(base, 10_400));
-    assert_eq!(t.silent_feeders(pool_b), 0);
+    assert_eq!(t.silent_feeders(pool_b), 1);
+    assert_eq!(t.silent_feeders(pool_a), 0);
 }
 
 #[test]
