@@ -652,7 +652,7 @@ fn decide_pool(
             .max(recommended);
         // Recommendations from before this controller started are unknown; assume they were the
         // current count, so a restart never shortens the scale-down window.
-        if now.saturating_sub(rules.stabilization_window) < cx.started_at {
+        if now.saturating_sub(cx.started_at) < rules.stabilization_window {
             highest = highest.max(from);
         }
         let (to, rule) = if in_panic {

@@ -190,6 +190,21 @@ fn scale_down_follows_the_highest_recommendation_of_its_window() {
 }
 
 #[test]
+fn a_controller_started_at_zero_still_waits_its_whole_scale_down_window() {
+    let spec = spec_with(UNIFIED, |raw| {
+        raw.behavior.scale_down = rules("300s", 1, "1s");
+    });
+    // The trace simulator's clock starts at 0; the window must still count from the start.
+    let mut mem = PolicyMemory::new(std::time::Duration::ZERO);
+    let quiet = Load::tokens(8_000.0, 1_000.0, 20);
+    let d = decide_unified(&spec, telemetry(quiet), state(8, 8), &mut mem, secs(120));
+    assert_eq!(d.reason.recommended_replicas, 1, "{d}");
+    assert_eq!((d.to, d.rule), (8, Rule::StabilizedDown), "{d}");
+    let d = decide_unified(&spec, telemetry(quiet), state(8, 8), &mut mem, secs(301));
+    assert_eq!((d.to, d.action), (7, Action::ScaleDown), "{d}");
+}
+
+#[test]
 fn a_telemetry_gap_does_not_shorten_the_scale_down_window() {
     let spec = spec_with(UNIFIED, |raw| {
         raw.behavior.scale_down = rules("300s", 1, "1s");
