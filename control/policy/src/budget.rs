@@ -1,7 +1,8 @@
 //! GPU budgets: when the pools' growth would exceed a budget, the growth is split by need.
 //!
 //! A budget only limits growth. Each pool keeps `max(from, minReplicas)` (or its lower `to` when it
-//! shrinks); what is left of the budget goes to the growing pools in proportion to their shortfall
+//! shrinks), and a pool asleep at zero keeps `minReplicas` reserved for its waking; what is left
+//! of the budget goes to the growing pools in proportion to their shortfall
 //! in GPUs, whole replicas only, leftovers to the largest unmet shortfall. A budget lowered below
 //! what pools already use stops growth but never removes replicas: that would be a scale-down
 //! decided without looking at the load.
@@ -45,9 +46,11 @@ pub(crate) fn split_budget(pools: &mut [&mut PoolDecision], budget_gpus: u32) {
     let mut growth_gpus: u64 = 0;
     for pool in pools.iter() {
         let gpus = u64::from(pool.gpus_per_replica);
-        let base = base(pool);
+        // A pool asleep at zero wakes to its minimum whatever the budget: what that takes stays
+        // reserved, or a sibling grown into it would leave the woken pool over the budget.
+        let base = base(pool).max(if pool.to == 0 { pool.min_replicas } else { 0 });
         base_gpus += u64::from(base) * gpus;
-        growth_gpus += u64::from(pool.to - base) * gpus;
+        growth_gpus += u64::from(pool.to.saturating_sub(base)) * gpus;
     }
     let headroom = u64::from(budget_gpus).saturating_sub(base_gpus);
     if growth_gpus <= headroom {

@@ -138,3 +138,31 @@ fn dry_run_autoscalers_only_reserve_what_they_already_use_in_a_global_budget() {
     assert_eq!(pool(&decisions[0], Role::Unified).to, 4);
     assert_eq!(pool(&decisions[1], Role::Unified).to, 6);
 }
+
+#[test]
+fn a_pool_asleep_at_zero_keeps_its_minimum_reserved_in_the_budget() {
+    let spec = spec_with(DISAGGREGATED, |raw| {
+        fast_up(raw);
+        raw.gpu_budget = Some(4);
+    });
+    let load = Load::tokens(8_000.0, 2_000.0, 10);
+    let inputs = disaggregated(
+        (telemetry(load), state(1, 1)),
+        (telemetry(load), state(1, 1)),
+    );
+    let d = run(&spec, &inputs, &mut memory(), T0);
+    let (mut prefill, mut decode) = (
+        pool(&d, Role::Prefill).clone(),
+        pool(&d, Role::Decode).clone(),
+    );
+    // Decode asleep at zero (minReplicas 1, scaleToZero) while prefill wants 1 -> 4.
+    (prefill.from, prefill.to, prefill.min_replicas) = (1, 4, 1);
+    (decode.from, decode.to, decode.min_replicas) = (0, 0, 1);
+    crate::budget::split_budget(&mut [&mut prefill, &mut decode], 4);
+    assert_eq!((prefill.to, decode.to), (3, 0), "{prefill}");
+    assert_eq!(prefill.rule, Rule::GpuBudget);
+    // Load arrives for decode: it wakes to its minimum within the budget.
+    (prefill.from, decode.to) = (prefill.to, 1);
+    crate::budget::split_budget(&mut [&mut prefill, &mut decode], 4);
+    assert_eq!((prefill.to, decode.to), (3, 1));
+}
