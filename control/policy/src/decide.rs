@@ -588,11 +588,14 @@ fn decide_pool(
     }
     reason.driver = driver;
     reason.recommended_replicas = recommended;
-    mem.record(now, recommended);
     if matches!(t.freshness, Freshness::Partial { .. }) {
-        // The load seen is short, so is the recommendation: like a gap, it must not stand in the
-        // scale-down window for the load that was really there.
-        mem.record_held(now, from);
+        // The load seen is short, so is the recommendation: it must not stand for the load that
+        // was really there in either window. The scale-down window holds the current count, as
+        // for a gap; the scale-up window is left alone, where a low sample would hold back the
+        // scale-up that the whole load calls for once it is seen again.
+        mem.record_held(now, recommended.max(from));
+    } else {
+        mem.record(now, recommended);
     }
 
     // maxReplicas lowered under the current count is configuration, not data: apply it at once.

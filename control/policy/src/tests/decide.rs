@@ -205,6 +205,26 @@ fn a_controller_started_at_zero_still_waits_its_whole_scale_down_window() {
 }
 
 #[test]
+fn a_partial_view_does_not_hold_back_the_scale_up_the_whole_load_calls_for() {
+    let spec = spec_with(UNIFIED, |raw| {
+        raw.behavior.scale_up = rules("30s", 4, "1s");
+    });
+    let mut mem = memory();
+    // Three gateways silent: a quarter of the load is seen.
+    let mut seen = telemetry(Load::tokens(12_000.0, 1_000.0, 20));
+    seen.freshness = Freshness::Partial {
+        silent_reporters: 3,
+        keys_over_limit: false,
+    };
+    let d = decide_unified(&spec, seen, state(4, 4), &mut mem, T0);
+    assert_eq!(d.to, 4, "{d}");
+    // They are back: 48,000 tok/s needs 6.
+    let whole = telemetry(Load::tokens(48_000.0, 1_000.0, 20));
+    let d = decide_unified(&spec, whole, state(4, 4), &mut mem, T0 + secs(10));
+    assert_eq!((d.to, d.action), (6, Action::ScaleUp), "{d}");
+}
+
+#[test]
 fn a_telemetry_gap_does_not_shorten_the_scale_down_window() {
     let spec = spec_with(UNIFIED, |raw| {
         raw.behavior.scale_down = rules("300s", 1, "1s");
