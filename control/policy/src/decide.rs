@@ -356,6 +356,7 @@ fn decide_pool(
         .max(behavior.scale_down.period)
         .max(behavior.cooldown);
     mem.observe(state, now, horizon, t.stable.length.max(t.short.length));
+    let started_at = mem.history_since(cx.started_at);
 
     let mut reason = Reason {
         driver: Rule::NoChange,
@@ -556,7 +557,7 @@ fn decide_pool(
         state.time_to_ready.unwrap_or(DEFAULT_TIME_TO_READY),
         STARTING_GRACE_FACTOR,
     );
-    let starting_since = last_change.unwrap_or(cx.started_at);
+    let starting_since = last_change.unwrap_or(started_at);
     let starting_counted = now.saturating_sub(starting_since) <= grace;
     reason.starting_counted = starting_counted;
     // The re-ask is the shortfall asked for once more, not one replica per overdue one: the
@@ -571,7 +572,7 @@ fn decide_pool(
     };
     let wanted = need.saturating_add(overdue);
 
-    let restart_until = cx.started_at.saturating_add(t.stable.length);
+    let restart_until = started_at.saturating_add(t.stable.length);
     let restart_hold = now < restart_until;
     // Staying at zero is not a scale-down, so an idle pool already at zero needs no full window.
     let zero_allowed = cx.scale_to_zero
@@ -655,7 +656,7 @@ fn decide_pool(
             .max(recommended);
         // Recommendations from before this controller started are unknown; assume they were the
         // current count, so a restart never shortens the scale-down window.
-        if now.saturating_sub(cx.started_at) < rules.stabilization_window {
+        if now.saturating_sub(started_at) < rules.stabilization_window {
             highest = highest.max(from);
         }
         let (to, rule) = if in_panic {

@@ -56,6 +56,14 @@ pub struct PoolMemory {
     last_change_at: Option<Duration>,
     last_panic_at: Option<Duration>,
     last_decision: Option<LastDecision>,
+    /// Forgotten while the controller ran (its replicas changed): its history starts at the next
+    /// evaluation, which [`PoolMemory::observe`] notes in `restarted_at`.
+    #[serde(default)]
+    forgotten: bool,
+    /// When this pool's history restarted after it was forgotten: like a controller start, the
+    /// scale-down window and the restart hold count from then.
+    #[serde(default)]
+    restarted_at: Option<Duration>,
 }
 
 /// Per-replica capacity learned from what ready replicas sustained (`None`: nothing learned).
@@ -150,7 +158,10 @@ impl PolicyMemory {
 
     /// Forgets one pool entirely (e.g. its scale target changed to other hardware).
     pub fn forget_pool(&mut self, role: Role) {
-        *self.pool_mut(role) = PoolMemory::default();
+        *self.pool_mut(role) = PoolMemory {
+            forgotten: true,
+            ..PoolMemory::default()
+        };
     }
 
     /// The autoscaler's spec was edited from `old` to `new` while it ran: what still describes
@@ -166,7 +177,12 @@ impl PolicyMemory {
                 if *self.pool(role) != PoolMemory::default() {
                     carried.forgotten.push(role);
                 }
-                self.forget_pool(role);
+                if new.pools().get(role).is_some() {
+                    // A pool the edit adds: nothing is known of what its replicas served.
+                    self.forget_pool(role);
+                } else {
+                    *self.pool_mut(role) = PoolMemory::default();
+                }
                 continue;
             };
             if before.scale_target_ref != after.scale_target_ref
@@ -233,6 +249,9 @@ impl PoolMemory {
         horizon: Duration,
         ready_horizon: Duration,
     ) {
+        if std::mem::take(&mut self.forgotten) {
+            self.restarted_at = Some(now);
+        }
         if let Some(previous) = self.observed_desired
             && previous != state.desired_replicas
         {
@@ -275,6 +294,13 @@ impl PoolMemory {
                 break;
             }
         }
+    }
+
+    /// When this pool's history started: the controller's start, or later if the pool was
+    /// forgotten since.
+    pub(crate) fn history_since(&self, controller_started_at: Duration) -> Duration {
+        self.restarted_at
+            .map_or(controller_started_at, |at| at.max(controller_started_at))
     }
 
     /// Since when the ready count has been what it is now.

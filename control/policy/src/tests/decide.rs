@@ -1189,8 +1189,57 @@ fn an_edit_keeps_what_still_describes_the_same_replicas() {
     });
     let mut mem = learned.clone();
     assert_eq!(mem.carry_over(&before, &moved).forgotten, [Role::Unified]);
-    assert_eq!(mem.pool(Role::Unified), &PoolMemory::default());
+    let mut forgotten = memory();
+    forgotten.forget_pool(Role::Unified);
+    assert_eq!(mem.pool(Role::Unified), forgotten.pool(Role::Unified));
+    assert_eq!(mem.pool(Role::Unified).learned(), &Default::default());
     assert_eq!(mem.started_at(), learned.started_at());
+}
+
+#[test]
+fn a_pool_forgotten_on_an_edit_waits_a_whole_scale_down_window_again() {
+    let before = spec_with(UNIFIED, |raw| {
+        raw.behavior.scale_down = rules("300s", 1, "60s");
+    });
+    let mut mem = memory();
+    let busy = Load::tokens(64_000.0, 1_000.0, 20);
+    let d = decide_unified(&before, telemetry(busy), state(8, 8), &mut mem, T0);
+    assert_eq!(d.to, 8, "{d}");
+    // Two GPUs a replica now: other replicas, so the pool's history is forgotten.
+    let after = spec_with(UNIFIED, |raw| {
+        raw.behavior.scale_down = rules("300s", 1, "60s");
+        if let Some(pool) = raw.pools.unified.as_mut() {
+            pool.gpus_per_replica = 2;
+        }
+    });
+    assert_eq!(mem.carry_over(&before, &after).forgotten, [Role::Unified]);
+    // Quiet at once: what came before the edit is unknown, as after a restart.
+    let quiet = Load::tokens(8_000.0, 1_000.0, 20);
+    let d = decide_unified(
+        &after,
+        telemetry(quiet),
+        state(8, 8),
+        &mut mem,
+        T0 + secs(10),
+    );
+    assert_eq!((d.to, d.action), (8, Action::Hold), "{d}");
+    assert_eq!(d.rule, Rule::RestartHold, "{d}");
+    let d = decide_unified(
+        &after,
+        telemetry(quiet),
+        state(8, 8),
+        &mut mem,
+        T0 + secs(200),
+    );
+    assert_eq!((d.to, d.rule), (8, Rule::StabilizedDown), "{d}");
+    let d = decide_unified(
+        &after,
+        telemetry(quiet),
+        state(8, 8),
+        &mut mem,
+        T0 + secs(311),
+    );
+    assert_eq!((d.to, d.action), (7, Action::ScaleDown), "{d}");
 }
 
 #[test]
