@@ -436,7 +436,17 @@ fn decide_pool(
         if let Some(cap) = dim.get(&capacity) {
             let load = dim.load(&t.short, t);
             let sustained = f64::from(ready) * cap.per_replica;
-            if load > 0.0 && (ready == 0 || load >= behavior.panic_threshold * sustained) {
+            // A learned capacity is a lower bound (what a window within the objective proved):
+            // load beyond it while latency stays well below the objective is not an overload.
+            let signal = dim.signal();
+            let latency_fine = cap.source == CapacitySource::Learned
+                && signal
+                    .target(cx.slo)
+                    .zip(signal.measured(&t.short))
+                    .is_some_and(|(target, q)| ratio(q, target) < WELL_BELOW_TARGET);
+            if load > 0.0
+                && (ready == 0 || (load >= behavior.panic_threshold * sustained && !latency_fine))
+            {
                 panic_now = true;
             }
         }

@@ -225,6 +225,39 @@ fn a_partial_view_does_not_hold_back_the_scale_up_the_whole_load_calls_for() {
 }
 
 #[test]
+fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_no_panic() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let mut mem = memory();
+    let light = Load::tokens(100.0, 20.0, 2);
+    for at in [T0, T0 + STABLE] {
+        decide_unified(&spec, telemetry(light), state(2, 2), &mut mem, at);
+    }
+    let learned = mem.pool(Role::Unified).learned().prefill_tokens_per_s;
+    assert!(learned.is_some_and(|c| c < 100.0), "{learned:?}");
+    // Ten times the load in the short window, TTFT at 60% of its objective: the replicas carry
+    // it; the capacity learned was only the least they had proved.
+    let burst = Load::tokens(1_000.0, 20.0, 2).ttft(ms(300));
+    let d = decide_unified(
+        &spec,
+        windows(burst, light),
+        state(2, 2),
+        &mut mem,
+        T0 + STABLE + secs(1),
+    );
+    assert!(!d.reason.panic, "{d}");
+    // Near the objective it is an overload again.
+    let strained = burst.ttft(ms(450));
+    let d = decide_unified(
+        &spec,
+        windows(strained, light),
+        state(2, 2),
+        &mut mem,
+        T0 + STABLE + secs(2),
+    );
+    assert!(d.reason.panic, "{d}");
+}
+
+#[test]
 fn a_telemetry_gap_does_not_shorten_the_scale_down_window() {
     let spec = spec_with(UNIFIED, |raw| {
         raw.behavior.scale_down = rules("300s", 1, "1s");
