@@ -1,6 +1,10 @@
 //! Kubernetes Events for each replica change and each refusal, on the FlyballAutoscaler (so
 //! `kubectl describe fba` shows them) with the scaled workload as the related object.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
@@ -34,11 +38,74 @@ fn truncate(note: String) -> String {
     format!("{}…", &note[..end])
 }
 
-/// Writes flyball's events. Repeats of the same event within kube's cache window become a
-/// series (one object, a count) rather than new objects.
+/// How long kube's `Recorder` keeps an event to make repeats a series; past it a repeat is a
+/// new Event anyway, so a series entry older than this is no longer worth keeping.
+const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
+
+/// At most this many series are tracked; beyond it the least recently published is forgotten
+/// (its next repeat becomes a new Event rather than a count).
+const MAX_SERIES: usize = 1024;
+
+/// Writes flyball's events. An exact repeat (same note) within kube's cache window becomes a
+/// series (one object, a count); an event whose note differs becomes a new object.
+///
+/// kube's `Recorder` keys its series on everything but the note and sends a repeat as a copy of
+/// the first event, so "scaled from 4 to 6" would show as a second count of "from 2 to 4".
+/// client-go keys on the note too. So each series gets a `Recorder` of its own, replaced by a
+/// fresh one (whose empty cache creates a new Event) when the note changes.
 #[derive(Clone)]
 pub struct ScaleEvents {
+    client: kube::Client,
+    reporter: Reporter,
+    series: Arc<Mutex<SeriesCache>>,
+}
+
+#[derive(Default)]
+struct SeriesCache {
+    by_key: HashMap<SeriesKey, Series>,
+    /// Counts publications: the least recently used series is found by this rather than by
+    /// `Instant`, which two quick publications may share on a coarse clock.
+    publications: u64,
+}
+
+/// What kube's `Recorder` keys a series on, less the reporter (the same for all of ours).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct SeriesKey {
+    type_: EventType,
+    action: String,
+    reason: String,
+    regarding: ObjectKey,
+    related: Option<ObjectKey>,
+}
+
+/// The fields of an `ObjectReference` kube's `Recorder` compares.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ObjectKey {
+    api_version: Option<String>,
+    kind: Option<String>,
+    namespace: Option<String>,
+    name: Option<String>,
+    uid: Option<String>,
+}
+
+impl From<&ObjectReference> for ObjectKey {
+    fn from(r: &ObjectReference) -> Self {
+        Self {
+            api_version: r.api_version.clone(),
+            kind: r.kind.clone(),
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            uid: r.uid.clone(),
+        }
+    }
+}
+
+/// The recorder that published the last event of a series, and that event's note.
+struct Series {
+    note: Option<String>,
     recorder: Recorder,
+    last_published: Instant,
+    last_publication: u64,
 }
 
 impl std::fmt::Debug for ScaleEvents {
@@ -57,8 +124,56 @@ impl ScaleEvents {
             instance: Some(instance.to_string()),
         };
         Self {
-            recorder: Recorder::new(client, reporter),
+            client,
+            reporter,
+            series: Arc::default(),
         }
+    }
+
+    /// The recorder to publish `event` with: the one of its series when the note repeats, a
+    /// fresh one (so a new Event) when it does not.
+    fn recorder_for(&self, event: &Event, regarding: &ObjectReference) -> Recorder {
+        let key = SeriesKey {
+            type_: event.type_,
+            action: event.action.clone(),
+            reason: event.reason.clone(),
+            regarding: regarding.into(),
+            related: event.secondary.as_ref().map(ObjectKey::from),
+        };
+        let now = Instant::now();
+        let mut cache = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.publications += 1;
+        let publication = cache.publications;
+        let series = &mut cache.by_key;
+        if let Some(known) = series.get_mut(&key)
+            && known.note == event.note
+        {
+            known.last_published = now;
+            known.last_publication = publication;
+            return known.recorder.clone();
+        }
+        if !series.contains_key(&key) && series.len() >= MAX_SERIES {
+            series.retain(|_, s| now.duration_since(s.last_published) < SERIES_WINDOW);
+            if series.len() >= MAX_SERIES
+                && let Some(least_recent) = series
+                    .iter()
+                    .min_by_key(|(_, s)| s.last_publication)
+                    .map(|(k, _)| k.clone())
+            {
+                series.remove(&least_recent);
+            }
+        }
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        series.insert(
+            key,
+            Series {
+                note: event.note.clone(),
+                recorder: recorder.clone(),
+                last_published: now,
+                last_publication: publication,
+            },
+        );
+        recorder
     }
 
     async fn publish(&self, event: Event, regarding: &ObjectReference) -> Result<(), Error> {
@@ -68,7 +183,7 @@ impl ScaleEvents {
             regarding.namespace.as_deref().unwrap_or(""),
             regarding.name.as_deref().unwrap_or("")
         );
-        self.recorder
+        self.recorder_for(&event, regarding)
             .publish(&event, regarding)
             .await
             .map_err(|e| error::from_kube(&what, 1, e))
@@ -146,6 +261,46 @@ impl ScaleEvents {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    fn refusal(why: &str) -> Event {
+        Event {
+            type_: EventType::Warning,
+            reason: REASON_SCALE_REFUSED.to_string(),
+            note: Some(why.to_string()),
+            action: ACTION_SCALE.to_string(),
+            secondary: None,
+        }
+    }
+
+    fn autoscaler(name: &str) -> ObjectReference {
+        ObjectReference {
+            name: Some(name.to_string()),
+            ..ObjectReference::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn series_beyond_the_bound_forget_the_least_recently_published() {
+        // Nothing is sent: choosing a recorder makes no call.
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let events = ScaleEvents::new(kube::Client::try_from(config).unwrap(), "pod-a");
+        for i in 0..MAX_SERIES {
+            events.recorder_for(&refusal("why"), &autoscaler(&format!("fba-{i}")));
+        }
+        // fba-0 is published again, so fba-1 is now the least recent.
+        events.recorder_for(&refusal("why"), &autoscaler("fba-0"));
+        events.recorder_for(&refusal("why"), &autoscaler("one-too-many"));
+
+        let series = &events.series.lock().unwrap().by_key;
+        assert_eq!(series.len(), MAX_SERIES);
+        let tracked = |name: &str| {
+            series
+                .keys()
+                .any(|k| k.regarding.name.as_deref() == Some(name))
+        };
+        assert!(tracked("fba-0") && tracked("one-too-many"));
+        assert!(!tracked("fba-1"));
+    }
 
     #[test]
     fn long_notes_are_cut_to_the_api_limit_on_a_char_boundary() {

@@ -8,12 +8,19 @@
 //! holder reads the Lease every `renew_margin / 4` and leads only while the claim it last saw
 //! there has more than `renew_margin / 2` left; when renewals fail (403 after an RBAC change,
 //! 5xx, a partition) it stops acting before the claim lapses, and acts again once a renewal
-//! lands.
+//! lands. Each read is bounded by that same period: kube's client has no read timeout, and a
+//! read stuck on a half-open connection would otherwise keep the loop from noticing the lapse.
+//!
+//! The crate creates the Lease only when it starts; once the Lease is deleted (`kubectl delete
+//! lease` is the usual way to unstick an election) every sync meets a 404 and backs off for
+//! good, so nobody would lead again. So every instance checks every `lease_duration` that the
+//! Lease exists and recreates it, empty as the crate does, for the crate's next sync to take.
 
+use std::convert::Infallible;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::Api;
+use kube::api::{Api, ObjectMeta, PostParams};
 use kube_lease_manager::{LeaseCreateMode, LeaseManagerBuilder, LeaseParams};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -170,11 +177,12 @@ struct Claim {
 }
 
 impl Claim {
-    /// Reads the Lease. A failed read changes nothing: the claim seen last stands until it is
-    /// too close to lapsing.
+    /// Reads the Lease. A failed or timed-out read changes nothing: the claim seen last stands
+    /// until it is too close to lapsing. The bound keeps the loop re-checking that claim on time.
     async fn refresh(&mut self) {
-        match self.leases.get(&self.lease_name).await {
-            Ok(lease) => {
+        let read = tokio::time::timeout(self.check_every(), self.leases.get_opt(&self.lease_name));
+        match read.await {
+            Ok(Ok(Some(lease))) => {
                 let spec = lease.spec.unwrap_or_default();
                 self.valid_until = match (
                     spec.holder_identity,
@@ -188,8 +196,17 @@ impl Claim {
                     _ => None,
                 };
             }
-            Err(error) => {
+            // A deleted Lease holds no claim, and once recreated anyone may take it at once.
+            Ok(Ok(None)) => self.valid_until = None,
+            Ok(Err(error)) => {
                 tracing::debug!(lease = %self.lease_name, %error, "cannot read the lease");
+            }
+            Err(_elapsed) => {
+                tracing::debug!(
+                    lease = %self.lease_name,
+                    timeout = ?self.check_every(),
+                    "reading the lease timed out"
+                );
             }
         }
     }
@@ -206,6 +223,61 @@ impl Claim {
     }
 }
 
+/// Every `every`, recreates the Lease if it was deleted. Never returns; dropped with the loop.
+async fn recreate_when_deleted(
+    leases: Api<Lease>,
+    lease_name: String,
+    every: Duration,
+) -> Infallible {
+    // `build()` has just made sure the Lease exists.
+    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        check.tick().await;
+        // Bounded for the same reason as `Claim::refresh`: a hung call must not end the checks.
+        if tokio::time::timeout(every, recreate_if_missing(&leases, &lease_name))
+            .await
+            .is_err()
+        {
+            tracing::debug!(lease = %lease_name, "checking that the lease exists timed out");
+        }
+    }
+}
+
+async fn recreate_if_missing(leases: &Api<Lease>, lease_name: &str) {
+    match leases.get_opt(lease_name).await {
+        Ok(Some(_)) => return,
+        Ok(None) => {}
+        Err(error) => {
+            tracing::debug!(lease = %lease_name, %error, "cannot read the lease");
+            return;
+        }
+    }
+    // As kube-lease-manager creates it: a name and no spec, so whoever syncs next may take it.
+    let empty = Lease {
+        metadata: ObjectMeta {
+            name: Some(lease_name.to_string()),
+            ..ObjectMeta::default()
+        },
+        spec: None,
+    };
+    match leases.create(&PostParams::default(), &empty).await {
+        Ok(_) => tracing::info!(lease = %lease_name, "the lease was deleted; recreated it"),
+        Err(kube::Error::Api(status)) if status.reason == "AlreadyExists" => {
+            tracing::debug!(
+                lease = %lease_name,
+                "the lease was deleted; another instance recreated it"
+            );
+        }
+        Err(error) => {
+            tracing::warn!(
+                lease = %lease_name, %error,
+                "the lease was deleted and cannot be recreated"
+            );
+        }
+    }
+}
+
 async fn run(
     manager: kube_lease_manager::LeaseManager,
     mut claim: Claim,
@@ -214,6 +286,12 @@ async fn run(
     lease: String,
 ) -> Result<(), Error> {
     let identity = claim.identity.clone();
+    let recreate = recreate_when_deleted(
+        claim.leases.clone(),
+        claim.lease_name.clone(),
+        claim.lease_duration,
+    );
+    tokio::pin!(recreate);
     let (mut held, manager_task) = manager.watch().await;
     let mut check = tokio::time::interval(claim.check_every());
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -235,6 +313,7 @@ async fn run(
                 claim.valid_until = holds.then(|| SystemTime::now() + claim.lease_duration);
             }
             _ = check.tick(), if holds => claim.refresh().await,
+            never = &mut recreate => match never {},
         }
         let leading = holds && claim.firm(SystemTime::now());
         let was = *tx.borrow();

@@ -188,3 +188,77 @@ async fn status_is_written_through_the_status_subresource_and_leaves_the_spec_al
     }
     cluster.cleanup().await.unwrap();
 }
+
+/// kube's recorder keys a series on everything but the note: without care a second change
+/// would show as another count of the first one's text.
+#[tokio::test]
+async fn a_different_note_is_a_new_event_and_an_exact_repeat_a_series() {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
+    let name = cluster.unique_name("llama");
+    let fba = cluster
+        .create(&FlyballAutoscaler::new(&name, spec()))
+        .await
+        .unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = ScaleTargetRef::new("apps/v1", "Deployment", &ns, "vllm");
+    let events = ScaleEvents::new(cluster.client(), "flyball-control-0");
+    let regarding = fba.object_ref(&());
+
+    events
+        .scaled(&regarding, &target, 2, 4, "FeedForward")
+        .await
+        .unwrap();
+    events
+        .scaled(&regarding, &target, 4, 6, "FeedForward")
+        .await
+        .unwrap();
+    let forbidden = "forbidden: cannot patch deployments/scale";
+    events
+        .refused(&regarding, &target, 5, forbidden)
+        .await
+        .unwrap();
+    events
+        .refused(&regarding, &target, 5, forbidden)
+        .await
+        .unwrap();
+
+    let api: Api<Event> = Api::namespaced(cluster.client(), &ns);
+    let ours: Vec<Event> = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str()))
+        .collect();
+    let mut scaled_notes: Vec<&str> = ours
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some(REASON_SCALED_UP))
+        .filter_map(|e| e.note.as_deref())
+        .collect();
+    scaled_notes.sort_unstable();
+    assert_eq!(
+        scaled_notes,
+        [
+            format!("scaled Deployment {ns}/vllm from 2 to 4: FeedForward"),
+            format!("scaled Deployment {ns}/vllm from 4 to 6: FeedForward"),
+        ],
+        "{ours:?}"
+    );
+    let refusals: Vec<&Event> = ours
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some(REASON_SCALE_REFUSED))
+        .collect();
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(
+        refusals[0].note.as_deref(),
+        Some(format!("did not scale Deployment {ns}/vllm to 5: {forbidden}").as_str())
+    );
+    assert_eq!(
+        refusals[0].series.as_ref().map(|s| s.count),
+        Some(2),
+        "an exact repeat is counted on the first Event"
+    );
+    cluster.cleanup().await.unwrap();
+}

@@ -5,10 +5,10 @@ mod support;
 
 use std::time::Duration;
 
-use flyball_apiserver::TestCluster;
+use flyball_apiserver::{TestCluster, Verb};
 use flyball_k8s::{LeaderElection, LeaseConfig};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::Api;
+use kube::api::{Api, DeleteParams};
 use kube::core::ApiResource;
 use serde_json::Value;
 use support::WAIT;
@@ -243,5 +243,116 @@ async fn a_leader_that_cannot_renew_stops_acting_before_its_claim_lapses() {
         Some("a")
     );
     a.step_down().await.unwrap();
+    cluster.cleanup().await.unwrap();
+}
+
+/// A leader whose Lease reads hang (a half-open connection: kube's client has no read timeout)
+/// and whose renewals fail stops acting before its claim lapses, and acts again once the calls
+/// go through. Needs injected faults: skipped on a real cluster.
+#[tokio::test]
+async fn a_leader_whose_lease_reads_hang_stops_acting_before_its_claim_lapses() {
+    let cluster = TestCluster::start().await.unwrap();
+    let Some(fake) = cluster.fake() else {
+        eprintln!("skipped: holding Lease reads needs the in-process API server");
+        return;
+    };
+    let lease_name = tracked_lease(&cluster, "flyball-hang");
+    let a = leading(&cluster, &lease_name, "a").await;
+    let mut a_leads = a.is_leader();
+
+    // Reads are held far longer than the 2 s claim; renewals answer 500.
+    let path = format!(
+        "/apis/coordination.k8s.io/v1/namespaces/{}/leases/{lease_name}",
+        cluster.namespace()
+    );
+    fake.clear_requests();
+    fake.stall_next(Some(Verb::Get), &path, 8, Duration::from_secs(5));
+    fake.fail_next(Some(Verb::Patch), &path, 4, 500);
+    tokio::time::timeout(WAIT, a_leads.wait_for(|leading| !*leading))
+        .await
+        .expect("a stops acting while its Lease reads hang")
+        .unwrap();
+    let stopped_at = std::time::SystemTime::now();
+    let log = fake.requests();
+    assert!(
+        log.iter()
+            .all(|r| r.path != path || r.method != "PATCH" || r.status == Some(500)),
+        "a renewal landed: {log:?}"
+    );
+    let stored = fake
+        .object(
+            "coordination.k8s.io/v1",
+            "Lease",
+            cluster.namespace(),
+            &lease_name,
+        )
+        .unwrap();
+    let spec = serde_json::from_value::<Lease>(stored)
+        .unwrap()
+        .spec
+        .unwrap();
+    let renewed = std::time::SystemTime::from(spec.renew_time.unwrap().0);
+    assert!(
+        stopped_at < renewed + Duration::from_secs(2),
+        "a acted past its claim: stopped {:?} after it lapsed",
+        stopped_at.duration_since(renewed + Duration::from_secs(2))
+    );
+
+    // The faults run out and a acts again (the crate's backoff doubles up to 30 s).
+    tokio::time::timeout(
+        Duration::from_secs(45),
+        a_leads.wait_for(|leading| *leading),
+    )
+    .await
+    .expect("a leads again once its Lease calls go through")
+    .unwrap();
+    a.step_down().await.unwrap();
+    cluster.cleanup().await.unwrap();
+}
+
+/// Deleting the Lease (the usual way to unstick an election) does not end leadership for good:
+/// the Lease is recreated and one of the instances takes it.
+#[tokio::test]
+async fn after_the_lease_is_deleted_one_instance_leads_again() {
+    let cluster = TestCluster::start().await.unwrap();
+    let lease_name = tracked_lease(&cluster, "flyball-deleted");
+    let a = leading(&cluster, &lease_name, "a").await;
+    let b = LeaderElection::start(cluster.client(), &config(&cluster, &lease_name, "b"))
+        .await
+        .unwrap();
+    let (mut a_leads, mut b_leads) = (a.is_leader(), b.is_leader());
+
+    let leases = Api::<Lease>::namespaced(cluster.client(), cluster.namespace());
+    leases
+        .delete(&lease_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    // A Lease that is gone holds no claim: a stops acting.
+    tokio::time::timeout(WAIT, a_leads.wait_for(|leading| !*leading))
+        .await
+        .expect("a stops acting once its Lease is gone")
+        .unwrap();
+
+    // The crate backs off after each 404, doubling up to 30 s: wait out its longest backoff.
+    let someone_leads = async {
+        tokio::select! {
+            _ = a_leads.wait_for(|l| *l) => {}
+            _ = b_leads.wait_for(|l| *l) => {}
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(45), someone_leads)
+        .await
+        .expect("someone leads again after the Lease was deleted");
+    let holder = leases
+        .get(&lease_name)
+        .await
+        .expect("the Lease exists again")
+        .spec
+        .and_then(|spec| spec.holder_identity)
+        .expect("the recreated Lease has a holder");
+    assert_eq!(*a_leads.borrow(), holder == "a");
+    assert_eq!(*b_leads.borrow(), holder == "b");
+    a.step_down().await.unwrap();
+    b.step_down().await.unwrap();
     cluster.cleanup().await.unwrap();
 }
