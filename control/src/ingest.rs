@@ -51,6 +51,8 @@ pub struct IngestConfig {
     pub max_keys_per_report: usize,
     /// Distinct (backend, model) keys tracked; telemetry for further keys is dropped and counted.
     pub max_keys: usize,
+    /// Gateway processes remembered; reports of further ones are refused and counted.
+    pub max_reporters: usize,
     /// A reporter whose own connections all closed while it was live is gone, not missing, when
     /// it goes quiet (`--hold-for-closed-gateways` turns this off).
     pub departed_on_close: bool,
@@ -67,6 +69,13 @@ pub enum Refusal {
     TooManyKeys { count: usize, max: usize },
     #[error("keys[{index}].{field} is empty")]
     EmptyKeyName { index: usize, field: &'static str },
+    /// Gateway processes are remembered until `--forget-after`: their number bounds that memory.
+    /// The pools the refused report would feed hold scale-down, as for keys over `max_keys`.
+    #[error(
+        "reporter: {max} gateway processes are known already (--max-reporters); a new one is \
+         refused until some are forgotten"
+    )]
+    TooManyReporters { max: usize },
     /// Names are kept (a gateway's for `--forget-after`, a key's while tracked): their length
     /// bounds that memory.
     #[error("{field}: {bytes} bytes, at most {MAX_NAME_BYTES}")]
@@ -310,6 +319,7 @@ impl Default for IngestConfig {
             max_report_bytes: 1024 * 1024,
             max_keys_per_report: 1024,
             max_keys: 10_000,
+            max_reporters: 100_000,
             departed_on_close: true,
         }
     }
@@ -326,6 +336,7 @@ impl Refusal {
             Refusal::TooManyKeys { .. } => "too_many_keys",
             Refusal::EmptyKeyName { .. } => "empty_key",
             Refusal::NameTooLong { .. } => "name_too_long",
+            Refusal::TooManyReporters { .. } => "too_many_reporters",
             Refusal::BadSketch { .. } => "bad_sketch",
             Refusal::Implausible { .. } => "implausible",
         }
@@ -333,7 +344,9 @@ impl Refusal {
 
     pub fn to_status(&self) -> tonic::Status {
         match self {
-            Refusal::TooManyKeys { .. } => tonic::Status::resource_exhausted(self.to_string()),
+            Refusal::TooManyKeys { .. } | Refusal::TooManyReporters { .. } => {
+                tonic::Status::resource_exhausted(self.to_string())
+            }
             _ => tonic::Status::invalid_argument(self.to_string()),
         }
     }
@@ -481,6 +494,22 @@ impl Reporters {
             departed,
             next_number: 0,
         }
+    }
+
+    /// Whether a report of this process would add one more to remember, beyond `max` known.
+    fn would_exceed(&self, gateway: &str, start_ms: u64, max: usize) -> bool {
+        let known = self
+            .gateways
+            .get(gateway)
+            .is_some_and(|g| g.processes.iter().any(|p| p.start_ms == start_ms));
+        // Counted only for a new process, which is rare: no count is kept on the report path.
+        !known
+            && self
+                .gateways
+                .values()
+                .map(|g| g.processes.len())
+                .sum::<usize>()
+                >= max
     }
 
     fn process_mut(&mut self, gateway: &str, start_ms: u64) -> Option<&mut Process> {
@@ -900,6 +929,15 @@ impl IngestState {
         merged
     }
 
+    /// Telemetry for the pools `report` would feed was turned away: they hold scale-down.
+    fn unseen(&mut self, report: &ParsedReport, now: Instant) {
+        for key in &report.keys {
+            for pool in self.windows.pools_selecting(&key.backend, &key.model) {
+                self.keys_dropped_at.insert(pool, now);
+            }
+        }
+    }
+
     fn sweep(&mut self, now: Instant) -> Vec<PoolId> {
         self.last_sweep = Some(now);
         let mut pools = Vec::new();
@@ -1025,7 +1063,22 @@ impl Telemetry {
                 return Err(refusal);
             }
         };
-        let merged = self.lock().merge(parsed, now);
+        let merged = {
+            let mut state = self.lock();
+            let max = self.config.max_reporters;
+            if !parsed.connections_closed
+                && state
+                    .reporters
+                    .would_exceed(&parsed.gateway, parsed.process_start_unix_ms, max)
+            {
+                state.unseen(&parsed, now);
+                drop(state);
+                let refusal = Refusal::TooManyReporters { max };
+                self.count_refusal(refusal.reason());
+                return Err(refusal);
+            }
+            state.merge(parsed, now)
+        };
         match merged.admission {
             Admission::Duplicate => {
                 self.counters.duplicates.inc();

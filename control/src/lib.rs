@@ -146,6 +146,10 @@ pub struct ControlArgs {
     /// window frees its place.
     #[arg(long, default_value_t = 10_000)]
     pub max_keys: usize,
+    /// Gateway processes remembered (each until --forget-after); a report of one more is refused
+    /// (RESOURCE_EXHAUSTED, counted), and the pools it would feed do not scale down meanwhile.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_reporters: usize,
     /// Decisions kept per pool for /v1/decisions.
     #[arg(long, default_value_t = 100)]
     pub decision_log: usize,
@@ -427,6 +431,9 @@ impl Control<DryRunActuator> {
         if args.max_keys_per_report == 0 || args.max_keys == 0 {
             return Err(flag("max-keys", &0, "must be >= 1"));
         }
+        if args.max_reporters == 0 {
+            return Err(flag("max-reporters", &0, "must be >= 1"));
+        }
         if args.grpc_tls_reload_every.is_zero() {
             return Err(flag("grpc-tls-reload-every", &"0", "must be above 0"));
         }
@@ -436,6 +443,7 @@ impl Control<DryRunActuator> {
             max_report_bytes: args.max_report_bytes,
             max_keys_per_report: args.max_keys_per_report,
             max_keys: args.max_keys,
+            max_reporters: args.max_reporters,
             departed_on_close: !args.hold_for_closed_gateways,
             ..IngestConfig::default()
         };

@@ -1118,3 +1118,59 @@ fn a_close_seen_after_the_reporter_went_quiet_does_not_count_even_before_the_swe
     t.reporters(at(base, 9_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 1);
 }
+
+#[test]
+fn a_new_process_over_max_reporters_is_refused_and_its_pools_hold() {
+    let base = Instant::now();
+    let selector = |backend: &str| Selector {
+        backend: Some(backend.into()),
+        model: None,
+    };
+    let config = IngestConfig {
+        max_reporters: 2,
+        ..IngestConfig::default()
+    };
+    let t = Telemetry::new(
+        config,
+        WindowConfig::default(),
+        vec![selector("a"), selector("b")],
+        base,
+    );
+    let (pool_a, pool_b) = (PoolId(0), PoolId(1));
+    t.ingest(report_on("a", "gw-1", 1, 1), at(base, 0)).unwrap();
+    t.ingest(report_on("a", "gw-2", 1, 1), at(base, 0)).unwrap();
+    let refusal = t
+        .ingest(report_on("b", "gw-3", 1, 1), at(base, 500))
+        .unwrap_err();
+    assert_eq!(refusal.reason(), "too_many_reporters");
+    assert_eq!(refusal.to_status().code(), tonic::Code::ResourceExhausted);
+    assert_eq!(
+        t.counters()
+            .refused
+            .get_or_create(&RefusedLabels {
+                reason: "too_many_reporters"
+            })
+            .get(),
+        1
+    );
+    // The load it carried is unseen: its pool must not scale down on what is left.
+    assert!(t.keys_dropped_recently(pool_b, at(base, 500)));
+    assert!(!t.keys_dropped_recently(pool_a, at(base, 500)));
+    // Known processes go on, and a restart of one is a new process too.
+    t.ingest(report_on("a", "gw-1", 1, 2), at(base, 1_000))
+        .unwrap();
+    assert_eq!(
+        t.ingest(report_on("a", "gw-2", 2, 1), at(base, 1_000))
+            .unwrap_err()
+            .reason(),
+        "too_many_reporters"
+    );
+    // Once one is forgotten, there is room again.
+    for s in 3..=700 {
+        t.ingest(report_on("a", "gw-1", 1, s), at(base, s * 1_000))
+            .unwrap();
+    }
+    t.reporters(at(base, 700_000));
+    t.ingest(report_on("b", "gw-3", 1, 1), at(base, 700_000))
+        .unwrap();
+}
