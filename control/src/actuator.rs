@@ -5,8 +5,9 @@
 //! first sight of a target and every `hpa_check_every`, list HPAs -> warnings
 //! set: PATCH `/scale` `{"spec":{"replicas":n}}` (conflicts and transient failures retried in
 //! [`ScaleClient`]) -> cache
-//! record (leader, after each evaluation): an Event per change, refusal or HPA found; the
-//! FlyballAutoscaler's status, when it changed
+//! record (leader, after each evaluation): an Event per change, refusal, unreadable target or
+//! HPA found; the FlyballAutoscaler's status, when it changed (`Ready=False` while a target
+//! cannot be read or set)
 //!
 //! An answer that waiting will not change (Forbidden, NotFound, Invalid, a kind that is not
 //! served) holds further calls of that kind to that target for a backoff that doubles from
@@ -306,16 +307,16 @@ impl KubeActuator {
         }
     }
 
-    /// Whether a refusal Event is due for the hold on `target`'s writes (once per hold).
-    fn announce_refusal(&self, target: &ScaleTarget) -> bool {
+    /// The refused answer, when a Warning Event is due for the hold on `target`'s `op` calls:
+    /// once per hold, not once per evaluation.
+    fn announce(&self, target: &ScaleTarget, op: Op) -> Option<String> {
         let mut state = self.lock();
-        match state.holds.get_mut(&(target.clone(), Op::Write)) {
-            Some(hold) if !hold.announced => {
-                hold.announced = true;
-                true
-            }
-            _ => false,
+        let hold = state.holds.get_mut(&(target.clone(), op))?;
+        if hold.announced {
+            return None;
         }
+        hold.announced = true;
+        Some(hold.message.clone())
     }
 
     async fn write_status(&self, evaluation: &Evaluation<'_>, generation: Option<i64>) {
@@ -443,6 +444,18 @@ impl Actuator for KubeActuator {
     }
 
     async fn record(&self, evaluation: &Evaluation<'_>) {
+        for unreadable in &evaluation.unreadable {
+            // The hold's answer, not the evaluation's error: that one says how long the hold
+            // is, and a note that differs would be a new Event rather than a repeat.
+            let Some(answer) = self.announce(&unreadable.pool.target, Op::Read) else {
+                continue;
+            };
+            let target = target_ref(&unreadable.pool.target);
+            let about = regarding(evaluation.autoscaler, &target);
+            if let Err(error) = self.events.unreadable(&about, &target, &answer).await {
+                tracing::warn!(%target, %error, "cannot write an Event");
+            }
+        }
         for outcome in &evaluation.pools {
             let target = target_ref(&outcome.pool.target);
             let about = regarding(evaluation.autoscaler, &target);
@@ -461,7 +474,7 @@ impl Actuator for KubeActuator {
                         .await,
                 )
             } else if let Some((_, message)) = &outcome.error
-                && self.announce_refusal(&outcome.pool.target)
+                && self.announce(&outcome.pool.target, Op::Write).is_some()
             {
                 Some(
                     self.events
@@ -548,6 +561,24 @@ pub fn autoscaler_status(
         "SpecValid",
         "the spec passed validation",
     );
+    if !evaluation.unreadable.is_empty() {
+        let message = evaluation
+            .unreadable
+            .iter()
+            .map(|u| {
+                format!(
+                    "cannot read the replicas of {}: {}",
+                    target_ref(&u.pool.target),
+                    u.error.source
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        set(CONDITION_READY, false, "TargetUnreadable", &message);
+        // Nothing was decided: the Scaling condition and the pools stay as last known.
+        status.pools = previous.map(|p| p.pools.clone()).unwrap_or_default();
+        return status;
+    }
     let failure = evaluation
         .pools
         .iter()

@@ -10,18 +10,21 @@
 //! the windows, decides, applies changes (unless dry-run) and publishes the pool status that
 //! `/v1/pools`, `/metrics` and the KEDA scaler read. It never scales on telemetry it cannot read:
 //! without replica counts it skips the evaluation; stale or missing telemetry is the policy's to
-//! judge (it holds).
+//! judge (it holds). A read refused for a reason only a person can change (forbidden, not found)
+//! is still told to the actuator while leading ([`Evaluation::unreadable`]), so the autoscaler's
+//! status and Events say why nothing happens.
 //!
 //! Every replica of the service decides; only the leader sets replicas and tells the actuator
-//! what it did ([`Actuator::record`]: Events, the autoscaler's status). Followers decide dry, so
-//! their decision logs and windows stay warm, and a replica that becomes leader forgets what its
-//! policy memory saw ([`PolicyMemory::restart`]): another leader acted meanwhile, and scale-down
-//! waits a full stable window again. Autoscalers come and go with the configuration: a task per
-//! autoscaler is started when it appears and stopped when it goes; an edit is handed to the running
-//! task, which applies it at once and keeps the policy memory that still describes the same
-//! replicas ([`PolicyMemory::carry_over`]), so raising `maxReplicas` mid-incident neither forgets
-//! learned capacity nor restarts the scale-down hold. A resource deleted and created again (a new
-//! uid) starts afresh.
+//! what it did ([`Actuator::record`]: Events, the autoscaler's status). A write still being
+//! retried when leadership goes is dropped, so it cannot land after the next leader's. Followers
+//! decide dry, so their decision logs and windows stay warm, and a replica that becomes leader
+//! forgets what its policy memory saw ([`PolicyMemory::restart`]): another leader acted
+//! meanwhile, and scale-down waits a full stable window again. Autoscalers come and go with the
+//! configuration: a task per autoscaler is started when it appears and stopped when it goes; an
+//! edit is handed to the running task, which applies it at once and keeps the policy memory that
+//! still describes the same replicas ([`PolicyMemory::carry_over`]), so raising `maxReplicas`
+//! mid-incident neither forgets learned capacity nor restarts the scale-down hold. A resource
+//! deleted and created again (a new uid) starts afresh.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
@@ -65,6 +68,17 @@ pub struct ActuatorError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
+impl ActuatorError {
+    /// Waiting may fix it (a 5xx, a timeout, conflicts), as opposed to an answer only a person
+    /// can change (forbidden, not found, a kind not served). Kinds are flyball-k8s's labels.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.kind, "transient" | "conflict")
+    }
+}
+
+/// The `kind` of a write dropped because this replica stopped leading while it was being tried.
+pub const WRITE_ABANDONED: &str = "abandoned";
+
 /// Where replica counts are read and set: Kubernetes `/scale` ([`crate::actuator`]), local
 /// processes, or nowhere ([`DryRunActuator`]).
 pub trait Actuator: Send + Sync + 'static {
@@ -104,6 +118,16 @@ pub struct Evaluation<'a> {
     /// Nothing was to be set: `--dry-run` or the spec's `dryRun`.
     pub dry_run: bool,
     pub pools: Vec<PoolOutcome<'a>>,
+    /// Pools whose replicas could not be read, for a reason only a person can change: nothing
+    /// was decided, so `pools` is empty.
+    pub unreadable: Vec<UnreadableTarget<'a>>,
+}
+
+/// A pool of an [`Evaluation`] whose target refused to be read.
+#[derive(Debug)]
+pub struct UnreadableTarget<'a> {
+    pub pool: &'a PoolDef,
+    pub error: &'a ActuatorError,
 }
 
 /// One pool's part of an [`Evaluation`].
@@ -878,6 +902,22 @@ impl<A: Actuator> AutoscalerLoop<A> {
                         s.active |= has_load;
                         true
                     });
+                    // Otherwise a resource whose target is missing, or whose kind RBAC does not
+                    // cover, would get no status at all, or keep one that says all is well. A
+                    // transient failure is left out: the next evaluation is likely to read.
+                    if leading && !error.is_transient() && *self.leading.borrow() {
+                        let evaluation = Evaluation {
+                            autoscaler: &self.autoscaler,
+                            at: self.clock.wall(now),
+                            dry_run: self.config.dry_run || spec.dry_run(),
+                            pools: Vec::new(),
+                            unreadable: vec![UnreadableTarget {
+                                pool,
+                                error: &error,
+                            }],
+                        };
+                        self.actuator.record(&evaluation).await;
+                    }
                     return;
                 }
             };
@@ -968,9 +1008,38 @@ impl<A: Actuator> AutoscalerLoop<A> {
             // Leadership is read again right before writing: a step-down during this
             // evaluation's reads must not be followed by a write.
             if pool_decision.to != replicas.desired && !dry_run && *self.leading.borrow() {
-                match self.actuator.set(&pool.target, pool_decision.to).await {
-                    Ok(()) => applied = true,
-                    Err(e) => {
+                // `set` retries transient failures for up to ~40 s: an attempt sent after a
+                // hand-over could land after the new leader's own write and undo it. Leadership
+                // is polled first, so a write is not even begun once it is gone.
+                let written = tokio::select! {
+                    biased;
+                    () = leadership_lost(self.leading.clone()) => None,
+                    written = self.actuator.set(&pool.target, pool_decision.to) => Some(written),
+                };
+                match written {
+                    None => {
+                        tracing::warn!(
+                            pool = %pool.name,
+                            replicas = pool_decision.to,
+                            "stopped leading while setting replicas; the write is abandoned, \
+                             with no further attempts"
+                        );
+                        self.status
+                            .actuator_errors
+                            .get_or_create(&ActuatorErrorLabels {
+                                namespace: pool.target.namespace.clone(),
+                                pool: pool.name.clone(),
+                                kind: WRITE_ABANDONED,
+                            })
+                            .inc();
+                        error = Some(format!(
+                            "{}: {WRITE_ABANDONED}: this replica stopped leading before the \
+                             write of {} replicas was answered; the new leader reads what landed",
+                            pool.target, pool_decision.to
+                        ));
+                    }
+                    Some(Ok(())) => applied = true,
+                    Some(Err(e)) => {
                         failure = Some((e.kind, e.to_string()));
                         tracing::warn!(pool = %pool.name, error = %e, "cannot set replicas");
                         self.status
@@ -1029,6 +1098,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                 at: self.clock.wall(now),
                 dry_run,
                 pools: outcomes,
+                unreadable: Vec::new(),
             };
             self.actuator.record(&evaluation).await;
         }
@@ -1066,6 +1136,14 @@ async fn leadership_changed(leading: &mut watch::Receiver<bool>, open: &mut bool
     }
     *open = false;
     std::future::pending::<()>().await;
+}
+
+/// Resolves once this replica stops leading; never while it leads, nor once the senders are gone:
+/// leadership is then fixed (a service without election leads for good).
+async fn leadership_lost(mut leading: watch::Receiver<bool>) {
+    if leading.wait_for(|leading| !*leading).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn push_decision(log: &mut VecDeque<DecisionRecord>, record: DecisionRecord, limit: usize) {

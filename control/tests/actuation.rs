@@ -9,13 +9,17 @@ mod support;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use flyball_apiserver::{RecordedRequest, TestCluster, Verb};
 use flyball_control::Control;
+use flyball_control::actuator::KubeActuator;
+use flyball_control::leader::Leadership;
 use flyball_k8s::crd::{CONDITION_READY, CONDITION_VALID};
 use flyball_k8s::events::{
     REASON_HPA_CONFLICT, REASON_SCALE_REFUSED, REASON_SCALED_DOWN, REASON_SCALED_UP,
+    REASON_TARGET_UNREADABLE,
 };
 use flyball_k8s::{FlyballAutoscaler, FlyballAutoscalerSpec};
 use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
@@ -30,7 +34,7 @@ use kube::api::{Api, ListParams};
 use kube::core::ApiResource;
 use serde_json::{Value, json};
 use support::Running;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tonic::transport::Channel;
 
 /// Generous: the slowest step is a follower taking over a released 2 s Lease.
@@ -567,6 +571,87 @@ async fn flyball_autoscalers_are_sized_and_told_how_it_went_and_bad_ones_why_not
     cluster.cleanup().await.unwrap();
 }
 
+/// A FlyballAutoscaler whose target cannot be read says so on itself (not only in the service's
+/// log and metrics): Ready=False and one Warning Event, not one per evaluation, until the
+/// target can be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flyball_autoscaler_whose_target_is_missing_is_not_ready_until_it_appears() {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = cluster.unique_name("vllm");
+    let spec: FlyballAutoscalerSpec = serde_json::from_value(spec(&target)).unwrap();
+    let created = cluster
+        .create(&FlyballAutoscaler::new(&cluster.unique_name("llama"), spec))
+        .await
+        .unwrap();
+    let name = created.metadata.name.clone().unwrap();
+    let run = created.metadata.labels.as_ref().unwrap()[RUN_LABEL].clone();
+    let control = control_of_resources(&cluster, &run).await;
+    let api = Api::<FlyballAutoscaler>::namespaced(cluster.client(), &ns);
+    let ready = || async {
+        let status = api.get(&name).await.unwrap().status?;
+        let ready = status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == CONDITION_READY)?;
+        Some((ready.status, ready.reason, ready.message))
+    };
+
+    let failed_reads = format!(
+        "flyball_actuator_errors_total{{namespace=\"{ns}\",pool=\"{target}\",kind=\"not_found\"}}"
+    );
+    wait_until("5 evaluations that could not read the target", || async {
+        (control.metric(&failed_reads).await.unwrap() >= Some(5.0)).then_some(())
+    })
+    .await;
+    let (status, reason, message) = ready().await.expect("a Ready condition");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "TargetUnreadable")
+    );
+    assert!(
+        message.starts_with(&format!(
+            "cannot read the replicas of Deployment {ns}/{target}: Deployment {ns}/{target}: \
+             not found"
+        )),
+        "{message}"
+    );
+    let unreadable = events(&cluster, REASON_TARGET_UNREADABLE, &name).await;
+    assert_eq!(unreadable.len(), 1, "{unreadable:?}");
+    assert_eq!(unreadable[0].type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        unreadable[0].note.as_deref(),
+        Some(
+            format!(
+                "cannot read the replicas of Deployment {ns}/{target}, so it is not sized: \
+                 Deployment {ns}/{target}: not found"
+            )
+            .as_str()
+        )
+    );
+
+    // Once it exists it is read when the hold on reads ends, and sized as usual.
+    cluster.create_deployment(&target, 1).await.unwrap();
+    if let Some(fake) = cluster.fake() {
+        fake.set_ready_replicas("apps/v1", "Deployment", &ns, &target, 1)
+            .unwrap();
+    }
+    wait_until("Ready=True once the target exists", || async {
+        let (status, reason, _) = ready().await?;
+        (status == "True").then_some(reason)
+    })
+    .await;
+    assert_eq!(
+        events(&cluster, REASON_TARGET_UNREADABLE, &name)
+            .await
+            .len(),
+        1
+    );
+    control.stop().await.unwrap();
+    cluster.cleanup().await.unwrap();
+}
+
 /// A replica that takes over builds on the status the last leader left: a condition that did
 /// not change keeps its transition time (alerts and `kubectl wait` read it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -871,6 +956,72 @@ async fn only_the_leader_scales_and_the_follower_takes_over_when_it_steps_down()
         );
     }
     b.stop().await.unwrap();
+    drop(config);
+    cluster.cleanup().await.unwrap();
+}
+
+/// A write still being retried when leadership goes is dropped, not sent again: a retry landing
+/// after the hand-over could undo what the new leader set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_flight_when_leadership_goes_is_abandoned() {
+    let cluster = TestCluster::start().await.unwrap();
+    let test = "a_write_in_flight_when_leadership_goes_is_abandoned";
+    let Some(fake) = cluster.fake_or_skip(test, "a stalled /scale write") else {
+        return;
+    };
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 1, 1).await;
+    let config = config_file(&target, &ns, &target);
+    // Leadership as the test says, not from a Lease, so it can go at a chosen moment.
+    let (leading_tx, leading) = watch::channel(true);
+    let (_leader_tx, leader) = watch::channel(None);
+    let args = flags(
+        &cluster,
+        "unused",
+        "a",
+        &["--config", config.to_str().unwrap()],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let control = Control::bind(&support::args(&args))
+        .await
+        .unwrap()
+        .with_actuator(Arc::new(KubeActuator::new(cluster.client(), "a")), false)
+        .with_leadership(Leadership::from_channels("a", leading, leader));
+    let control = support::spawn(control).unwrap();
+    // Each attempt is held 2 s then answered 504: the retry after the first would land.
+    let path = scale_path(&ns, &target);
+    let stall = Duration::from_secs(2);
+    fake.stall_next(Some(Verb::Patch), &path, 1, stall);
+
+    let gateway = Gateway::start(control.grpc_uri(), 1, step);
+    fake.wait_for(|r| !scale_patches(r, &ns, &target).is_empty(), WAIT)
+        .await
+        .unwrap();
+    leading_tx.send_replace(false);
+    let sent = scale_patches(&fake.requests(), &ns, &target).len();
+    // Past the stalled attempt's answer and the retry that would follow it.
+    tokio::time::sleep(stall * 2).await;
+    gateway.stop().await;
+
+    let patches = scale_patches(&fake.requests(), &ns, &target);
+    assert_eq!(
+        (sent, patches.len()),
+        (1, 1),
+        "no attempt after leadership went: {patches:?}"
+    );
+    assert_eq!(spec_replicas(&cluster, &target).await, 1);
+    let log = decisions(&control).await;
+    assert!(log.iter().all(|d| d["applied"] == false), "{log:?}");
+    assert!(
+        log.iter()
+            .any(|d| d["error"].as_str().is_some_and(|e| e.contains("abandoned"))),
+        "{log:?}"
+    );
+    let abandoned = format!(
+        "flyball_actuator_errors_total{{namespace=\"{ns}\",pool=\"{target}\",kind=\"abandoned\"}}"
+    );
+    assert_eq!(control.metric(&abandoned).await.unwrap(), Some(1.0));
+    control.stop().await.unwrap();
     drop(config);
     cluster.cleanup().await.unwrap();
 }

@@ -21,6 +21,8 @@ pub const REASON_SCALED_DOWN: &str = "ScaledDown";
 pub const REASON_SCALE_REFUSED: &str = "ScaleRefused";
 /// A HorizontalPodAutoscaler scales the same target.
 pub const REASON_HPA_CONFLICT: &str = "HPAConflict";
+/// The target's replicas cannot be read (it does not exist, or RBAC refuses its `/scale`).
+pub const REASON_TARGET_UNREADABLE: &str = "TargetUnreadable";
 /// The one action flyball takes.
 pub const ACTION_SCALE: &str = "Scale";
 
@@ -228,6 +230,26 @@ impl ScaleEvents {
             reason: REASON_SCALE_REFUSED.to_string(),
             note: Some(truncate(format!(
                 "did not scale {target} to {wanted}: {why}"
+            ))),
+            action: ACTION_SCALE.to_string(),
+            secondary: Some(target.object_reference()),
+        };
+        self.publish(event, autoscaler).await
+    }
+
+    /// flyball cannot read `target`'s replicas, so it does not size it; `why` is the API's
+    /// answer.
+    pub async fn unreadable(
+        &self,
+        autoscaler: &ObjectReference,
+        target: &ScaleTargetRef,
+        why: &str,
+    ) -> Result<(), Error> {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: REASON_TARGET_UNREADABLE.to_string(),
+            note: Some(truncate(format!(
+                "cannot read the replicas of {target}, so it is not sized: {why}"
             ))),
             action: ACTION_SCALE.to_string(),
             secondary: Some(target.object_reference()),

@@ -618,3 +618,107 @@ async fn an_autoscaler_whose_task_panics_starts_again() {
     assert!(started.elapsed() >= PANIC_RESTART_DELAY);
     let _ = h.stop.send(());
 }
+
+/// The dry-run actuator, except that reads fail with `read_failure`'s kind while it is set and
+/// writes take `write_takes`; counts the evaluations recorded with an unreadable target.
+struct Scripted {
+    inner: DryRunActuator,
+    read_failure: Mutex<Option<&'static str>>,
+    write_takes: Duration,
+    unreadable_recorded: std::sync::atomic::AtomicUsize,
+}
+
+impl Scripted {
+    fn new(config: &ControlConfig, write_takes: Duration) -> Self {
+        Scripted {
+            inner: DryRunActuator::for_config(config),
+            read_failure: Mutex::new(None),
+            write_takes,
+            unreadable_recorded: 0.into(),
+        }
+    }
+
+    fn fail_reads(&self, kind: Option<&'static str>) {
+        *self.read_failure.lock().unwrap() = kind;
+    }
+
+    fn unreadable_recorded(&self) -> usize {
+        self.unreadable_recorded
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Actuator for Scripted {
+    async fn current(&self, target: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
+        let failure = *self.read_failure.lock().unwrap();
+        match failure {
+            Some(kind) => Err(ActuatorError {
+                target: target.to_string(),
+                kind,
+                source: "refused".into(),
+            }),
+            None => self.inner.current(target).await,
+        }
+    }
+
+    async fn set(&self, target: &ScaleTarget, replicas: u32) -> Result<(), ActuatorError> {
+        tokio::time::sleep(self.write_takes).await;
+        self.inner.set(target, replicas).await
+    }
+
+    async fn record(&self, evaluation: &Evaluation<'_>) {
+        if !evaluation.unreadable.is_empty() {
+            self.unreadable_recorded
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_target_refused_for_good_is_recorded_by_the_leader_and_a_transient_failure_is_not() {
+    let config = ControlConfig::from_yaml(SPEC).unwrap();
+    let actuator = Arc::new(Scripted::new(&config, Duration::ZERO));
+    actuator.fail_reads(Some("not_found"));
+    let h = start_on(config, actuator, false, None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        h.actuator.unreadable_recorded(),
+        0,
+        "a follower records nothing"
+    );
+
+    h.leading.send_replace(true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let recorded = h.actuator.unreadable_recorded();
+    assert!(recorded >= 3, "{recorded} records in 3 evaluations");
+
+    h.actuator.fail_reads(Some("transient"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(h.actuator.unreadable_recorded(), recorded);
+    let _ = h.stop.send(());
+}
+
+/// A service without election leads for good, its leadership channel closed: that is no loss
+/// of leadership, and a slow write lands.
+#[tokio::test(start_paused = true)]
+async fn a_slow_write_lands_where_leadership_is_fixed() {
+    let config = ControlConfig::from_yaml(SPEC).unwrap();
+    let actuator = Arc::new(Scripted::new(&config, Duration::from_secs(2)));
+    let h = start_on(config, actuator, true, None);
+    drop(h.leading);
+    let mut status = h.status.subscribe(PoolId(0)).unwrap();
+    status.wait_for(|s| s.replicas.is_some()).await.unwrap();
+    for s in 1..=3 {
+        h.telemetry.ingest(load(s, 5_000), Instant::now()).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let applied = tokio::time::timeout(
+        Duration::from_secs(30),
+        status.wait_for(|s| s.decisions.iter().any(|d| d.applied)),
+    )
+    .await;
+    let log = h.status.get(PoolId(0)).unwrap().decisions;
+    assert!(applied.is_ok(), "{log:?}");
+    assert_eq!(h.actuator.inner.recommendations().len(), 1);
+    let _ = h.stop.send(());
+}
