@@ -35,6 +35,34 @@ fn tracked_lease(cluster: &TestCluster, prefix: &str) -> String {
     name
 }
 
+fn lease_path(cluster: &TestCluster, lease_name: &str) -> String {
+    format!(
+        "/apis/coordination.k8s.io/v1/namespaces/{}/leases/{lease_name}",
+        cluster.namespace()
+    )
+}
+
+/// The Lease's last renewal as stored, read without a call (a GET would meet injected faults).
+fn stored_renew_time(
+    fake: &flyball_apiserver::ApiServer,
+    cluster: &TestCluster,
+    lease_name: &str,
+) -> std::time::SystemTime {
+    let stored = fake
+        .object(
+            "coordination.k8s.io/v1",
+            "Lease",
+            cluster.namespace(),
+            lease_name,
+        )
+        .unwrap();
+    let spec = serde_json::from_value::<Lease>(stored)
+        .unwrap()
+        .spec
+        .unwrap();
+    std::time::SystemTime::from(spec.renew_time.unwrap().0)
+}
+
 /// Starts an election for `identity` on `lease_name` and waits until it leads.
 async fn leading(cluster: &TestCluster, lease_name: &str, identity: &str) -> LeaderElection {
     let election = LeaderElection::start(cluster.client(), &config(cluster, lease_name, identity))
@@ -80,10 +108,7 @@ async fn leadership_passes_to_the_second_instance_when_the_first_steps_down() {
     assert_eq!(spec.lease_transitions, Some(2));
 
     if let Some(fake) = cluster.fake() {
-        let path = format!(
-            "/apis/coordination.k8s.io/v1/namespaces/{}/leases/{lease_name}",
-            cluster.namespace()
-        );
+        let path = lease_path(&cluster, &lease_name);
         let reqs = fake.requests();
         let on_lease: Vec<_> = reqs.iter().filter(|r| r.path == path).collect();
         let holder = |r: &flyball_apiserver::RecordedRequest| {
@@ -184,10 +209,7 @@ async fn a_leader_that_cannot_renew_stops_acting_before_its_claim_lapses() {
     let mut a_leads = a.is_leader();
 
     // Every Lease call answers 500 for a while: no renewal lands.
-    let path = format!(
-        "/apis/coordination.k8s.io/v1/namespaces/{}/leases/{lease_name}",
-        cluster.namespace()
-    );
+    let path = lease_path(&cluster, &lease_name);
     fake.clear_requests();
     fake.fail_next(None, &path, 30, 500);
     tokio::time::timeout(WAIT, a_leads.wait_for(|leading| !*leading))
@@ -202,19 +224,7 @@ async fn a_leader_that_cannot_renew_stops_acting_before_its_claim_lapses() {
         log.iter().all(|r| r.path != path || r.status == Some(500)),
         "a renewal landed: {log:?}"
     );
-    let stored = fake
-        .object(
-            "coordination.k8s.io/v1",
-            "Lease",
-            cluster.namespace(),
-            &lease_name,
-        )
-        .unwrap();
-    let spec = serde_json::from_value::<Lease>(stored)
-        .unwrap()
-        .spec
-        .unwrap();
-    let renewed = std::time::SystemTime::from(spec.renew_time.unwrap().0);
+    let renewed = stored_renew_time(fake, &cluster, &lease_name);
     assert!(
         stopped_at < renewed + Duration::from_secs(2),
         "a acted past its claim"
@@ -261,10 +271,7 @@ async fn a_leader_whose_lease_reads_hang_stops_acting_before_its_claim_lapses() 
     let mut a_leads = a.is_leader();
 
     // Reads are held far longer than the 2 s claim; renewals answer 500.
-    let path = format!(
-        "/apis/coordination.k8s.io/v1/namespaces/{}/leases/{lease_name}",
-        cluster.namespace()
-    );
+    let path = lease_path(&cluster, &lease_name);
     fake.clear_requests();
     fake.stall_next(Some(Verb::Get), &path, 8, Duration::from_secs(5));
     fake.fail_next(Some(Verb::Patch), &path, 4, 500);
@@ -279,19 +286,7 @@ async fn a_leader_whose_lease_reads_hang_stops_acting_before_its_claim_lapses() 
             .all(|r| r.path != path || r.method != "PATCH" || r.status == Some(500)),
         "a renewal landed: {log:?}"
     );
-    let stored = fake
-        .object(
-            "coordination.k8s.io/v1",
-            "Lease",
-            cluster.namespace(),
-            &lease_name,
-        )
-        .unwrap();
-    let spec = serde_json::from_value::<Lease>(stored)
-        .unwrap()
-        .spec
-        .unwrap();
-    let renewed = std::time::SystemTime::from(spec.renew_time.unwrap().0);
+    let renewed = stored_renew_time(fake, &cluster, &lease_name);
     assert!(
         stopped_at < renewed + Duration::from_secs(2),
         "a acted past its claim: stopped {:?} after it lapsed",
