@@ -26,9 +26,9 @@
 //! mid-incident neither forgets learned capacity nor restarts the scale-down hold. A resource
 //! deleted and created again (a new uid) starts afresh.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use flyball_policy::decision::{Action, AutoscalerDecision, PoolDecision, Rule};
@@ -312,6 +312,15 @@ pub struct Status {
     pools: RwLock<Vec<Option<watch::Sender<PoolStatus>>>>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub actuator_errors: Family<ActuatorErrorLabels, Counter>,
+    /// The series each autoscaler (namespace, name) counted under, removed when it goes: an
+    /// autoscaler deleted must not be exported for ever, nor its series pile up with churn.
+    series: Mutex<HashMap<(String, String), AutoscalerSeries>>,
+}
+
+#[derive(Debug, Default)]
+struct AutoscalerSeries {
+    decisions: HashSet<DecisionLabels>,
+    actuator_errors: HashSet<ActuatorErrorLabels>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -415,6 +424,43 @@ impl Status {
             ),
             decisions: Family::default(),
             actuator_errors: Family::default(),
+            series: Mutex::default(),
+        }
+    }
+
+    fn series_of<T>(
+        &self,
+        autoscaler: &(String, String),
+        f: impl FnOnce(&mut AutoscalerSeries) -> T,
+    ) -> T {
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        f(series.entry(autoscaler.clone()).or_default())
+    }
+
+    /// Counts a decision of `autoscaler` (namespace, name).
+    pub fn count_decision(&self, autoscaler: &(String, String), labels: DecisionLabels) {
+        self.decisions.get_or_create(&labels).inc();
+        self.series_of(autoscaler, |s| s.decisions.insert(labels));
+    }
+
+    /// Counts a failed read or write of one of `autoscaler`'s targets.
+    pub fn count_actuator_error(&self, autoscaler: &(String, String), labels: ActuatorErrorLabels) {
+        self.actuator_errors.get_or_create(&labels).inc();
+        self.series_of(autoscaler, |s| s.actuator_errors.insert(labels));
+    }
+
+    /// `autoscaler` is gone: its series leave `/metrics`.
+    pub fn forget_series(&self, autoscaler: &(String, String)) {
+        let gone = self
+            .series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(autoscaler);
+        for labels in gone.iter().flat_map(|s| &s.decisions) {
+            self.decisions.remove(labels);
+        }
+        for labels in gone.iter().flat_map(|s| &s.actuator_errors) {
+            self.actuator_errors.remove(labels);
         }
     }
 
@@ -673,6 +719,8 @@ pub async fn run<A: Actuator>(
 ) {
     let mut tasks = tokio::task::JoinSet::new();
     let mut running: HashMap<(String, String), RunningAutoscaler> = HashMap::new();
+    // Aborted tasks until they end: one may count a last decision after it was told to stop.
+    let mut stopping: HashMap<tokio::task::Id, (String, String)> = HashMap::new();
     let budget = loop_config
         .gpu_budget
         .map(|gpus| Arc::new(SharedBudget::new(gpus)));
@@ -703,6 +751,8 @@ pub async fn run<A: Actuator>(
                 _ => {
                     tracing::info!(autoscaler = %key.1, namespace = %key.0, "autoscaler stopped");
                     task.handle.abort();
+                    status.forget_series(key);
+                    stopping.insert(task.handle.id(), key.clone());
                     if let Some(budget) = &budget {
                         budget.forget(key);
                     }
@@ -753,6 +803,11 @@ pub async fn run<A: Actuator>(
                 // (its memory is lost, so it holds scale-down as after a restart) rather than
                 // leave its pools unattended while everything else looks healthy.
                 let Err(error) = ended else { continue };
+                if let Some(key) = stopping.remove(&error.id())
+                    && !running.contains_key(&key)
+                {
+                    status.forget_series(&key);
+                }
                 if !error.is_panic() {
                     continue;
                 }
@@ -785,6 +840,14 @@ pub async fn run<A: Actuator>(
 }
 
 impl<A: Actuator> AutoscalerLoop<A> {
+    /// (namespace, name), as the service's tables know autoscalers.
+    fn key(&self) -> (String, String) {
+        (
+            self.autoscaler.namespace.clone(),
+            self.autoscaler.name.clone(),
+        )
+    }
+
     async fn run(mut self) {
         let mut last: Option<Instant> = None;
         loop {
@@ -882,14 +945,14 @@ impl<A: Actuator> AutoscalerLoop<A> {
                         tracing::warn!(pool = %pool.name, %error, "cannot read replicas; not deciding");
                         observed.read_error = Some(message);
                     }
-                    self.status
-                        .actuator_errors
-                        .get_or_create(&ActuatorErrorLabels {
+                    self.status.count_actuator_error(
+                        &self.key(),
+                        ActuatorErrorLabels {
                             namespace: pool.target.namespace.clone(),
                             pool: pool.name.clone(),
                             kind: error.kind,
-                        })
-                        .inc();
+                        },
+                    );
                     // Load comes from telemetry, not from /scale: KEDA's activation must not
                     // fall to false (and scale a loaded pool to zero) because replicas cannot be
                     // read, say for want of RBAC on /scale when KEDA owns the replicas.
@@ -1024,14 +1087,14 @@ impl<A: Actuator> AutoscalerLoop<A> {
                             "stopped leading while setting replicas; the write is abandoned, \
                              with no further attempts"
                         );
-                        self.status
-                            .actuator_errors
-                            .get_or_create(&ActuatorErrorLabels {
+                        self.status.count_actuator_error(
+                            &self.key(),
+                            ActuatorErrorLabels {
                                 namespace: pool.target.namespace.clone(),
                                 pool: pool.name.clone(),
                                 kind: WRITE_ABANDONED,
-                            })
-                            .inc();
+                            },
+                        );
                         error = Some(format!(
                             "{}: {WRITE_ABANDONED}: this replica stopped leading before the \
                              write of {} replicas was answered; the new leader reads what landed",
@@ -1042,14 +1105,14 @@ impl<A: Actuator> AutoscalerLoop<A> {
                     Some(Err(e)) => {
                         failure = Some((e.kind, e.to_string()));
                         tracing::warn!(pool = %pool.name, error = %e, "cannot set replicas");
-                        self.status
-                            .actuator_errors
-                            .get_or_create(&ActuatorErrorLabels {
+                        self.status.count_actuator_error(
+                            &self.key(),
+                            ActuatorErrorLabels {
                                 namespace: pool.target.namespace.clone(),
                                 pool: pool.name.clone(),
                                 kind: e.kind,
-                            })
-                            .inc();
+                            },
+                        );
                         error = Some(e.to_string());
                     }
                 }
@@ -1060,17 +1123,17 @@ impl<A: Actuator> AutoscalerLoop<A> {
                 tracing::info!(pool = %pool.name, decision = %pool_decision, applied, "decision");
             }
             *logged = Some(change);
-            self.status
-                .decisions
-                .get_or_create(&DecisionLabels {
+            self.status.count_decision(
+                &self.key(),
+                DecisionLabels {
                     autoscaler: self.autoscaler.name.clone(),
                     namespace: pool.target.namespace.clone(),
                     pool: pool.name.clone(),
                     role: role_str(pool.role),
                     action: pool_decision.action.as_str(),
                     rule: pool_decision.rule.as_str(),
-                })
-                .inc();
+                },
+            );
             let record = self.record(now, pool_decision, applied, error.clone());
             let limit = self.config.decision_log;
             let warnings = self.actuator.warnings(&pool.target);

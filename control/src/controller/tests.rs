@@ -490,6 +490,7 @@ async fn a_new_configuration_starts_new_autoscalers_and_keeps_unchanged_ones() {
     let kept = h.status.get(PoolId(0)).unwrap();
     assert!(kept.decisions.len() >= before);
     assert_eq!(kept.decisions.front(), llama.borrow().decisions.front());
+    assert!(decision_series(&h.status).contains("autoscaler=\"llama\""));
 
     // llama removed: its status goes, and whoever watched it hears so.
     let only_qwen = r#"
@@ -510,7 +511,26 @@ autoscalers:
     assert!(h.status.get(PoolId(0)).is_none());
     assert!(llama.changed().await.is_err());
     assert_eq!(h.live.current().pools()[0].id, PoolId(1));
+    // Its decision series leave /metrics with it (once its task has ended); qwen's stay.
+    let gone = async {
+        while decision_series(&h.status).contains("autoscaler=\"llama\"") {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), gone)
+        .await
+        .expect("llama's decision series are removed");
+    assert!(decision_series(&h.status).contains("autoscaler=\"qwen\""));
     let _ = h.stop.send(());
+}
+
+/// `flyball_decisions_total` as /metrics exports it.
+fn decision_series(status: &Status) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("flyball_decisions", "", status.decisions.clone());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text
 }
 
 #[tokio::test(start_paused = true)]
