@@ -108,6 +108,7 @@ struct Hold {
     until: Instant,
     backoff: Duration,
     kind: &'static str,
+    transient: bool,
     message: String,
     /// A refusal Event was written for this hold.
     announced: bool,
@@ -211,6 +212,7 @@ impl KubeActuator {
         (now < hold.until).then(|| ActuatorError {
             target: target.to_string(),
             kind: hold.kind,
+            transient: hold.transient,
             source: Box::new(Held {
                 message: hold.message.clone(),
                 backoff: hold.backoff,
@@ -257,6 +259,7 @@ impl KubeActuator {
                 until: now + backoff,
                 backoff,
                 kind,
+                transient,
                 message: error.to_string(),
                 announced: transient,
             },
@@ -265,6 +268,7 @@ impl KubeActuator {
         ActuatorError {
             target: target.to_string(),
             kind,
+            transient,
             source: Box::new(error),
         }
     }
@@ -566,10 +570,15 @@ pub fn autoscaler_status(
             .unreadable
             .iter()
             .map(|u| {
+                // The API's answer, the same for the whole hold: not the held call's text, which
+                // names the backoff and would rewrite the condition twice a hold.
+                let answer = match u.error.source.downcast_ref::<Held>() {
+                    Some(held) => held.message.clone(),
+                    None => u.error.source.to_string(),
+                };
                 format!(
-                    "cannot read the replicas of {}: {}",
-                    target_ref(&u.pool.target),
-                    u.error.source
+                    "cannot read the replicas of {}: {answer}",
+                    target_ref(&u.pool.target)
                 )
             })
             .collect::<Vec<_>>()

@@ -16,7 +16,8 @@
 //!
 //! Every replica of the service decides; only the leader sets replicas and tells the actuator
 //! what it did ([`Actuator::record`]: Events, the autoscaler's status). A write still being
-//! retried when leadership goes is dropped, so it cannot land after the next leader's. Followers
+//! retried when leadership goes gets no further attempt, which could land after the next
+//! leader's (one already sent may still land; the next leader reads what did). Followers
 //! decide dry, so their decision logs and windows stay warm, and a replica that becomes leader
 //! forgets what its policy memory saw ([`PolicyMemory::restart`]): another leader acted
 //! meanwhile, and scale-down waits a full stable window again. Autoscalers come and go with the
@@ -64,16 +65,11 @@ pub struct PoolReplicas {
 pub struct ActuatorError {
     pub target: String,
     pub kind: &'static str,
+    /// Waiting may fix it (a 5xx, a timeout, a conflict), as opposed to an answer only a person
+    /// can change (forbidden, not found, a kind not served).
+    pub transient: bool,
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
-}
-
-impl ActuatorError {
-    /// Waiting may fix it (a 5xx, a timeout, conflicts), as opposed to an answer only a person
-    /// can change (forbidden, not found, a kind not served). Kinds are flyball-k8s's labels.
-    pub fn is_transient(&self) -> bool {
-        matches!(self.kind, "transient" | "conflict")
-    }
 }
 
 /// The `kind` of a write dropped because this replica stopped leading while it was being tried.
@@ -968,7 +964,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                     // Otherwise a resource whose target is missing, or whose kind RBAC does not
                     // cover, would get no status at all, or keep one that says all is well. A
                     // transient failure is left out: the next evaluation is likely to read.
-                    if leading && !error.is_transient() && *self.leading.borrow() {
+                    if leading && !error.transient && *self.leading.borrow() {
                         let evaluation = Evaluation {
                             autoscaler: &self.autoscaler,
                             at: self.clock.wall(now),

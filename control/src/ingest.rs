@@ -139,6 +139,8 @@ pub struct Reporters {
     departed: Counter,
     /// The number the next process gets (see [`Process::number`]).
     next_number: u64,
+    /// Processes remembered, whatever their state (bounded by `max_reporters`).
+    processes: usize,
 }
 
 #[derive(Debug)]
@@ -493,6 +495,7 @@ impl Reporters {
             stale: 0,
             departed,
             next_number: 0,
+            processes: 0,
         }
     }
 
@@ -502,14 +505,7 @@ impl Reporters {
             .gateways
             .get(gateway)
             .is_some_and(|g| g.processes.iter().any(|p| p.start_ms == start_ms));
-        // Counted only for a new process, which is rare: no count is kept on the report path.
-        !known
-            && self
-                .gateways
-                .values()
-                .map(|g| g.processes.len())
-                .sum::<usize>()
-                >= max
+        !known && self.processes >= max
     }
 
     fn process_mut(&mut self, gateway: &str, start_ms: u64) -> Option<&mut Process> {
@@ -636,6 +632,7 @@ impl Reporters {
             Some(position) => position,
             None => {
                 self.next_number += 1;
+                self.processes += 1;
                 entry.processes.push(Process {
                     number: self.next_number,
                     start_ms,
@@ -735,7 +732,7 @@ impl Reporters {
         let (stale_after, intervals, forget_after) =
             (self.stale_after, self.stale_intervals, self.forget_after);
         let departed = &self.departed;
-        let (mut live, mut stale) = (self.live, self.stale);
+        let (mut live, mut stale, mut processes) = (self.live, self.stale, self.processes);
         self.gateways.retain(|_, gateway| {
             gateway.processes.retain_mut(|process| {
                 let silent = now.saturating_duration_since(process.last_seen);
@@ -746,6 +743,7 @@ impl Reporters {
                     } else if !process.quiet_is_explained() {
                         stale -= 1;
                     }
+                    processes -= 1;
                     return false;
                 }
                 let limit = stale_limit(stale_after, intervals, forget_after, process.interval);
@@ -764,6 +762,7 @@ impl Reporters {
             !gateway.processes.is_empty()
         });
         self.live = live;
+        self.processes = processes;
         self.stale = stale;
         dropped
     }

@@ -410,6 +410,7 @@ impl Actuator for Unreadable {
         Err(ActuatorError {
             target: target.name.clone(),
             kind: "forbidden",
+            transient: false,
             source: "deployments.apps/scale is forbidden".into(),
         })
     }

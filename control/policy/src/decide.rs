@@ -432,6 +432,11 @@ fn decide_pool(
     // times what the ready replicas sustain, or nothing is ready to serve the load (the largest
     // overload there is, e.g. waking from zero).
     let mut panic_now = ready == 0 && has_load;
+    let short_requests = rate(t.short.request_rate_per_s) * t.short.coverage.as_secs_f64();
+    // Latency is judged on completed requests: at the start of a burst they are few, and a
+    // queue shows before they do.
+    let latency_judged = short_requests >= MIN_PANIC_REQUESTS
+        && f64::from(t.in_flight_waiting) < f64::from(ready.max(1));
     for &dim in dimensions(role) {
         if let Some(cap) = dim.get(&capacity) {
             let load = dim.load(&t.short, t);
@@ -440,6 +445,7 @@ fn decide_pool(
             // load beyond it while latency stays well below the objective is not an overload.
             let signal = dim.signal();
             let latency_fine = cap.source == CapacitySource::Learned
+                && latency_judged
                 && signal
                     .target(cx.slo)
                     .zip(signal.measured(&t.short))
@@ -451,7 +457,6 @@ fn decide_pool(
             }
         }
     }
-    let short_requests = rate(t.short.request_rate_per_s) * t.short.coverage.as_secs_f64();
     if short_requests >= MIN_PANIC_REQUESTS {
         for &signal in signals(role) {
             if let (Some(target), Some(q)) = (signal.target(cx.slo), signal.measured(&t.short))

@@ -675,6 +675,7 @@ impl Actuator for Scripted {
             Some(kind) => Err(ActuatorError {
                 target: target.to_string(),
                 kind,
+                transient: matches!(kind, "transient" | "conflict"),
                 source: "refused".into(),
             }),
             None => self.inner.current(target).await,

@@ -486,13 +486,16 @@ fn recounted(t: &Telemetry) -> ReporterCounts {
     let state = t.lock();
     let processes = state.reporters.gateways.values().flat_map(|g| &g.processes);
     let mut counts = ReporterCounts::default();
+    let mut total = 0;
     for p in processes {
+        total += 1;
         match (p.stale, p.quiet_is_explained()) {
             (false, _) => counts.live += 1,
             (true, false) => counts.stale += 1,
             (true, true) => {}
         }
     }
+    assert_eq!(state.reporters.processes, total, "processes remembered");
     counts
 }
 
@@ -1165,6 +1168,7 @@ fn a_new_process_over_max_reporters_is_refused_and_its_pools_hold() {
             .reason(),
         "too_many_reporters"
     );
+    assert_eq!(recounted(&t), ReporterCounts { live: 2, stale: 0 });
     // Once one is forgotten, there is room again.
     for s in 3..=700 {
         t.ingest(report_on("a", "gw-1", 1, s), at(base, s * 1_000))
@@ -1173,4 +1177,5 @@ fn a_new_process_over_max_reporters_is_refused_and_its_pools_hold() {
     t.reporters(at(base, 700_000));
     t.ingest(report_on("b", "gw-3", 1, 1), at(base, 700_000))
         .unwrap();
+    assert_eq!(recounted(&t), ReporterCounts { live: 2, stale: 0 });
 }

@@ -245,6 +245,17 @@ fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_no_pan
         T0 + STABLE + secs(1),
     );
     assert!(!d.reason.panic, "{d}");
+    // With a queue, the few completed requests do not speak for the burst: overload.
+    let queued = burst.waiting(8);
+    let mut fresh_mem = mem.clone();
+    let d = decide_unified(
+        &spec,
+        windows(queued, light),
+        state(2, 2),
+        &mut fresh_mem,
+        T0 + STABLE + secs(1),
+    );
+    assert!(d.reason.panic, "{d}");
     // Near the objective it is an overload again.
     let strained = burst.ttft(ms(450));
     let d = decide_unified(
