@@ -179,6 +179,9 @@ struct Process {
     /// Its latest sequence when they closed. The report after it may still be on its way (the
     /// close can overtake it); a later one means it is back.
     closed_after: u64,
+    /// They closed here, not at a replica that forwarded its reports: a report another replica
+    /// forwards after that, even a resend, was sent by a gateway still running.
+    closed_here: bool,
     dropped_reports: u64,
     gauges: Vec<(KeyId, InFlight)>,
     /// The keys it reported on, each with when it last did (only the last stable window's).
@@ -203,6 +206,8 @@ pub struct ParsedReport {
     held: Duration,
     /// Another replica's word that this reporter's connections closed; no keys.
     connections_closed: bool,
+    /// Another replica took it from the gateway and passed it on.
+    forwarded: bool,
     dropped_reports: u64,
     keys: Vec<ParsedKey>,
 }
@@ -378,6 +383,7 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
             sequence: report.sequence,
             sent_at_unix_ms: report.sent_at_unix_ms,
             held: Duration::ZERO,
+            forwarded: false,
             connections_closed: true,
             dropped_reports: 0,
             keys: Vec::new(),
@@ -467,6 +473,7 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
         sequence: report.sequence,
         sent_at_unix_ms: report.sent_at_unix_ms,
         held: Duration::from_millis(report.held_ms),
+        forwarded: false,
         connections_closed: false,
         dropped_reports: report.dropped.unwrap_or_default().reports,
         keys,
@@ -559,7 +566,24 @@ impl Reporters {
         }
         process.connections_closed = true;
         process.closed_after = process.last_sequence;
+        process.closed_here = true;
         Some(process.last_sequence)
+    }
+
+    /// Another replica forwarded a report of this process (perhaps a resend): if its own
+    /// connections here closed, it went on reporting elsewhere since, so it is not gone.
+    fn heard_elsewhere(&mut self, gateway: &str, start_ms: u64) {
+        let Some(process) = self.process_mut(gateway, start_ms) else {
+            return;
+        };
+        if !(process.connections_closed && process.closed_here) {
+            return;
+        }
+        process.connections_closed = false;
+        if process.stale {
+            // Counted as gone already: missing again until it reports.
+            self.stale += 1;
+        }
     }
 
     /// The replica that forwarded this process's reports saw its connections close after
@@ -578,6 +602,7 @@ impl Reporters {
         }
         process.connections_closed = true;
         process.closed_after = sequence;
+        process.closed_here = false;
         if process.stale {
             // Quiet already (the word came late): gone, no longer missing.
             self.stale -= 1;
@@ -646,6 +671,7 @@ impl Reporters {
                     open_connections: 0,
                     connections_closed: false,
                     closed_after: 0,
+                    closed_here: false,
                     dropped_reports: 0,
                     gauges: Vec::new(),
                     fed: Vec::new(),
@@ -854,6 +880,10 @@ impl IngestState {
                 newly_dropped_reports: 0,
             };
         }
+        if report.forwarded {
+            self.reporters
+                .heard_elsewhere(&report.gateway, report.process_start_unix_ms);
+        }
         let mut retired = Vec::new();
         let stale_after = self.reporters.stale_after;
         let (admission, process) = self.reporters.admit(
@@ -1053,10 +1083,24 @@ impl Telemetry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Validates and merges one report that arrived at `now`.
+    /// Validates and merges one report that arrived at `now` from its gateway.
     pub fn ingest(&self, report: v1::ReportRequest, now: Instant) -> Result<Merged, Refusal> {
+        self.ingest_from(report, now, false)
+    }
+
+    /// Validates and merges one report that arrived at `now`, `forwarded` by another replica or
+    /// straight from its gateway.
+    pub fn ingest_from(
+        &self,
+        report: v1::ReportRequest,
+        now: Instant,
+        forwarded: bool,
+    ) -> Result<Merged, Refusal> {
         let parsed = match parse(report, &self.config) {
-            Ok(parsed) => parsed,
+            Ok(parsed) => ParsedReport {
+                forwarded,
+                ..parsed
+            },
             Err(refusal) => {
                 self.count_refusal(refusal.reason());
                 return Err(refusal);
@@ -1302,7 +1346,10 @@ impl IngestService {
         let sequence = report.sequence;
         let forwarder = self.forwarder.as_ref().filter(|f| !forwarded && f.active());
         let copy = forwarder.map(|_| report.clone());
-        match self.telemetry.ingest(report, Instant::now()) {
+        match self
+            .telemetry
+            .ingest_from(report, Instant::now(), forwarded)
+        {
             Ok(merged) => {
                 if let (Some(forwarder), Some(copy)) = (forwarder, copy)
                     && matches!(merged.admission, Admission::Fresh { .. })

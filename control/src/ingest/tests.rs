@@ -1179,3 +1179,43 @@ fn a_new_process_over_max_reporters_is_refused_and_its_pools_hold() {
         .unwrap();
     assert_eq!(recounted(&t), ReporterCounts { live: 2, stale: 0 });
 }
+
+#[test]
+fn a_report_forwarded_after_its_connection_here_closed_shows_the_gateway_running() {
+    for (resend, late) in [(false, false), (true, false), (false, true)] {
+        let base = Instant::now();
+        let t = telemetry(base);
+        let gw = connected_reports(&t, base);
+        // Its connection here closes (a reset on the way, not an exit); it reconnects through a
+        // follower, whose forwarding then stalls: one report, or a resend of the last, gets here.
+        assert_eq!(
+            t.connection_closed("gw", 1, gw, true, at(base, 5_500)),
+            Some(5)
+        );
+        let sequence = if resend { 5 } else { 6 };
+        let arrives = if late { 9_000 } else { 6_000 };
+        if late {
+            // Quiet past the stale limit first: counted gone, then the forwarded one comes.
+            t.reporters(at(base, 8_900));
+            assert_eq!(departed(&t), 1);
+        }
+        t.ingest_from(report("gw", 1, sequence, 1, 2), at(base, arrives), true)
+            .unwrap();
+        // Quiet again, past any stale limit it learned.
+        t.reporters(at(base, arrives + 12_000));
+        assert_eq!(
+            t.silent_feeders(PoolId(0)),
+            1,
+            "resend {resend}, late {late}: missing, held for"
+        );
+        recounted(&t);
+    }
+    // Straight from the gateway, report 6 may be the one its close overtook: still gone.
+    let base = Instant::now();
+    let t = telemetry(base);
+    let gw = connected_reports(&t, base);
+    t.connection_closed("gw", 1, gw, true, at(base, 5_500));
+    t.ingest(report("gw", 1, 6, 1, 2), at(base, 6_000)).unwrap();
+    t.reporters(at(base, 12_000));
+    assert_eq!(t.silent_feeders(PoolId(0)), 0);
+}
