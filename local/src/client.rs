@@ -29,6 +29,9 @@ pub struct Response {
     pub body: Vec<u8>,
     /// From sending the request to the first body byte.
     pub first_byte_after: Option<Duration>,
+    /// For each body frame: the body length once it arrived, and when (from sending the
+    /// request), so a test can tell when any given byte reached the client.
+    pub arrivals: Vec<(usize, Duration)>,
     /// The client stopped reading and dropped the connection on purpose.
     pub aborted_by_client: bool,
     /// The body ended with an error (the server or Envoy reset the stream).
@@ -41,6 +44,14 @@ impl Response {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+
+    /// When the body's first `len` bytes had all arrived.
+    pub fn arrived_by(&self, len: usize) -> Option<Duration> {
+        self.arrivals
+            .iter()
+            .find(|(received, _)| *received >= len)
+            .map(|(_, at)| *at)
     }
 
     pub fn text(&self) -> String {
@@ -80,6 +91,7 @@ pub async fn post(
     let mut body = response.into_body();
     let mut bytes = Vec::new();
     let mut first_byte_after = None;
+    let mut arrivals = Vec::new();
     let mut body_error = None;
     let mut aborted_by_client = false;
     loop {
@@ -95,6 +107,7 @@ pub async fn post(
                         first_byte_after = Some(sent_at.elapsed());
                     }
                     bytes.extend_from_slice(&data);
+                    arrivals.push((bytes.len(), sent_at.elapsed()));
                 }
                 if abort_after_bytes.is_some_and(|limit| bytes.len() >= limit) {
                     aborted_by_client = true;
@@ -108,6 +121,7 @@ pub async fn post(
         headers,
         body: bytes,
         first_byte_after,
+        arrivals,
         aborted_by_client,
         body_error,
     })

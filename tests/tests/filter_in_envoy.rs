@@ -211,6 +211,41 @@ async fn run_workload(envoy: &Envoy, planned: Vec<Planned>, concurrency: usize) 
     outcomes
 }
 
+/// The body length once the first event carrying a token (chat `delta.content` or legacy
+/// `text`) had arrived, blank line included: the moment a streaming client has its first token.
+fn first_content_event_end(body: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(body).ok()?;
+    let mut start = 0;
+    while start < text.len() {
+        let rest = &text[start..];
+        let (event_len, separator_len) = match (rest.find("\r\n\r\n"), rest.find("\n\n")) {
+            (Some(crlf), Some(lf)) if crlf < lf => (crlf, 4),
+            (_, Some(lf)) => (lf, 2),
+            (Some(crlf), None) => (crlf, 4),
+            (None, None) => return None,
+        };
+        let end = start + event_len + separator_len;
+        let has_token = rest[..event_len]
+            .lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .filter_map(|data| serde_json::from_str::<serde_json::Value>(data.trim()).ok())
+            .any(|event| {
+                event["choices"].as_array().is_some_and(|choices| {
+                    choices.iter().any(|choice| {
+                        [&choice["delta"]["content"], &choice["text"]]
+                            .iter()
+                            .any(|piece| piece.as_str().is_some_and(|s| !s.is_empty()))
+                    })
+                })
+            });
+        if has_token {
+            return Some(end);
+        }
+        start = end;
+    }
+    None
+}
+
 /// Parses Envoy's JSON access log lines (written by `envoy/flyball.yaml`) into request id ->
 /// the filter's TTFT in microseconds.
 fn filter_ttfts(log: &str) -> HashMap<String, u64> {
@@ -368,8 +403,13 @@ async fn mixed_traffic_through_two_workers_is_measured_exactly() -> anyhow::Resu
     assert!(compared >= 30, "compared {compared} injected streams");
     // The replays above are extra simulator requests; they do not pass through Envoy.
 
-    // 2. Every streamed request's TTFT, as the filter measured it, is within 5 ms of the
-    //    simulator's first content byte.
+    // 2. Every streamed request's TTFT, as the filter measured it, lies between the simulator's
+    //    (which starts later, when the request reached it, and ends sooner, when it handed the
+    //    first token's event to its socket) and the client's (which starts sooner, before
+    //    sending, and ends later, when that event arrived). Those bounds hold however the
+    //    machine schedules the three processes; only how far apart they fall depends on load,
+    //    so closeness to the simulator is judged on the median, which a few preempted requests
+    //    on a busy 2-core machine cannot move.
     let ttfts = wait_for(
         "Envoy's access log to cover every request",
         Duration::from_secs(10),
@@ -387,8 +427,10 @@ async fn mixed_traffic_through_two_workers_is_measured_exactly() -> anyhow::Resu
         },
     )
     .await?;
-    let mut worst_us = 0i64;
-    let mut checked = 0;
+    // The filter reads Envoy's wall clock, the others a monotonic one: allow for the two
+    // ticking at slightly different rates over a few tens of milliseconds.
+    const CLOCK_SLACK_US: i64 = 1_000;
+    let mut over_simulator_us = Vec::new();
     let mut violations = Vec::new();
     for outcome in &outcomes {
         let id = &outcome.planned.id;
@@ -401,23 +443,44 @@ async fn mixed_traffic_through_two_workers_is_measured_exactly() -> anyhow::Resu
         let filter_us = *ttfts
             .get(id)
             .ok_or_else(|| anyhow::anyhow!("{id}: no TTFT in the access log"))?;
-        let diff = filter_us as i64 - sim_first_us as i64;
-        worst_us = worst_us.max(diff.abs());
-        if diff.abs() > 5_000 {
+        let client_first_us = outcome
+            .response
+            .as_ref()
+            .ok()
+            .and_then(|r| r.arrived_by(first_content_event_end(&r.body)?))
+            .map(|at| at.as_micros() as i64)
+            .ok_or_else(|| anyhow::anyhow!("{id}: the client never received a token"))?;
+        let (filter_us, sim_first_us) = (filter_us as i64, sim_first_us as i64);
+        if filter_us < sim_first_us - CLOCK_SLACK_US || filter_us > client_first_us + CLOCK_SLACK_US
+        {
             violations.push(format!(
-                "{id}: filter TTFT {filter_us} us vs simulator {sim_first_us} us"
+                "{id}: filter TTFT {filter_us} us outside [simulator {sim_first_us} us, \
+                 client {client_first_us} us]"
             ));
         }
-        checked += 1;
+        over_simulator_us.push(filter_us - sim_first_us);
     }
-    println!("TTFT checked on {checked} streams; worst |filter - simulator| = {worst_us} us");
+    over_simulator_us.sort_unstable();
+    let checked = over_simulator_us.len();
+    let quantile = |q: f64| over_simulator_us[((checked - 1) as f64 * q) as usize];
+    println!(
+        "TTFT checked on {checked} streams; filter - simulator: median {} us, p99 {} us, max {} us",
+        quantile(0.5),
+        quantile(0.99),
+        quantile(1.0)
+    );
+    assert!(checked > 500, "only {checked} streams to check");
     assert!(
         violations.is_empty(),
-        "{} of {checked} beyond 5 ms:\n{}",
+        "{} of {checked} outside their bounds:\n{}",
         violations.len(),
         violations.join("\n")
     );
-    assert!(checked > 500);
+    assert!(
+        quantile(0.5) <= 2_000,
+        "the filter's TTFT is typically {} us above the simulator's",
+        quantile(0.5)
+    );
 
     // 3. The reports (each (reporter, sequence) once) add up to the truth, per model and
     //    outcome, with nothing in flight at the end.
