@@ -267,10 +267,20 @@ async fn a_leader_whose_lease_reads_hang_stops_acting_before_its_claim_lapses() 
         return;
     };
     let lease_name = tracked_lease(&cluster, "flyball-hang");
-    let a = leading(&cluster, &lease_name, "a").await;
+    // A wide margin: a stops acting with at least 750 ms of its claim left (checks every
+    // 750 ms, stops under 1.5 s), room enough for a busy 2-core machine to run the checks late.
+    let wide_margin = LeaseConfig {
+        lease_duration: Duration::from_secs(4),
+        renew_margin: Duration::from_secs(3),
+        ..LeaseConfig::new(cluster.namespace(), &lease_name, "a")
+    };
+    let a = LeaderElection::start(cluster.client(), &wide_margin)
+        .await
+        .unwrap();
     let mut a_leads = a.is_leader();
+    until_leading(&mut a_leads, "a").await;
 
-    // Reads are held far longer than the 2 s claim; renewals answer 500.
+    // Reads are held longer than the 4 s claim; renewals answer 500.
     let path = lease_path(&cluster, &lease_name);
     fake.clear_requests();
     fake.stall_next(Some(Verb::Get), &path, 8, Duration::from_secs(5));
@@ -288,9 +298,9 @@ async fn a_leader_whose_lease_reads_hang_stops_acting_before_its_claim_lapses() 
     );
     let renewed = stored_renew_time(fake, &cluster, &lease_name);
     assert!(
-        stopped_at < renewed + Duration::from_secs(2),
+        stopped_at < renewed + wide_margin.lease_duration,
         "a acted past its claim: stopped {:?} after it lapsed",
-        stopped_at.duration_since(renewed + Duration::from_secs(2))
+        stopped_at.duration_since(renewed + wide_margin.lease_duration)
     );
 
     // The faults run out and a acts again (the crate's backoff doubles up to 30 s).
