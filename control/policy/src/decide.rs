@@ -173,7 +173,12 @@ struct Context<'a> {
 enum Dimension {
     PrefillTokens,
     DecodeTokens,
+    /// Every request in flight: a unified replica holds a sequence from its prefill on, and
+    /// one still waiting for its first token is queued for a slot or in its prefill.
     Sequences,
+    /// Requests past their first token: in disaggregated serving the others are still at the
+    /// prefill pool.
+    DecodingSequences,
 }
 
 /// A latency objective.
@@ -191,7 +196,7 @@ fn dimensions(role: Role) -> &'static [Dimension] {
             Dimension::Sequences,
         ],
         Role::Prefill => &[Dimension::PrefillTokens],
-        Role::Decode => &[Dimension::DecodeTokens, Dimension::Sequences],
+        Role::Decode => &[Dimension::DecodeTokens, Dimension::DecodingSequences],
     }
 }
 
@@ -212,7 +217,10 @@ impl Dimension {
             Dimension::PrefillTokens => rate(window.input_tokens_per_s),
             Dimension::DecodeTokens => rate(window.output_tokens_per_s),
             // In-flight counts are a snapshot, the same for both windows.
-            Dimension::Sequences => f64::from(telemetry.in_flight_decoding),
+            Dimension::Sequences => {
+                f64::from(telemetry.in_flight_decoding) + f64::from(telemetry.in_flight_waiting)
+            }
+            Dimension::DecodingSequences => f64::from(telemetry.in_flight_decoding),
         }
     }
 
@@ -226,7 +234,7 @@ impl Dimension {
         match self {
             Dimension::PrefillTokens => hints.prefill_tokens_per_s,
             Dimension::DecodeTokens => hints.decode_tokens_per_s,
-            Dimension::Sequences => hints.concurrent_sequences,
+            Dimension::Sequences | Dimension::DecodingSequences => hints.concurrent_sequences,
         }
     }
 
@@ -234,7 +242,7 @@ impl Dimension {
         match self {
             Dimension::PrefillTokens => learned.prefill_tokens_per_s,
             Dimension::DecodeTokens => learned.decode_tokens_per_s,
-            Dimension::Sequences => learned.concurrent_sequences,
+            Dimension::Sequences | Dimension::DecodingSequences => learned.concurrent_sequences,
         }
     }
 
@@ -242,7 +250,9 @@ impl Dimension {
         match self {
             Dimension::PrefillTokens => &mut learned.prefill_tokens_per_s,
             Dimension::DecodeTokens => &mut learned.decode_tokens_per_s,
-            Dimension::Sequences => &mut learned.concurrent_sequences,
+            Dimension::Sequences | Dimension::DecodingSequences => {
+                &mut learned.concurrent_sequences
+            }
         }
     }
 
@@ -250,7 +260,7 @@ impl Dimension {
         match self {
             Dimension::PrefillTokens => &mut used.prefill_tokens_per_s,
             Dimension::DecodeTokens => &mut used.decode_tokens_per_s,
-            Dimension::Sequences => &mut used.concurrent_sequences,
+            Dimension::Sequences | Dimension::DecodingSequences => &mut used.concurrent_sequences,
         }
     }
 
@@ -258,14 +268,16 @@ impl Dimension {
         match self {
             Dimension::PrefillTokens => used.prefill_tokens_per_s,
             Dimension::DecodeTokens => used.decode_tokens_per_s,
-            Dimension::Sequences => used.concurrent_sequences,
+            Dimension::Sequences | Dimension::DecodingSequences => used.concurrent_sequences,
         }
     }
 
     fn signal(self) -> Signal {
         match self {
             Dimension::PrefillTokens => Signal::Ttft,
-            Dimension::DecodeTokens | Dimension::Sequences => Signal::Tpot,
+            Dimension::DecodeTokens | Dimension::Sequences | Dimension::DecodingSequences => {
+                Signal::Tpot
+            }
         }
     }
 }
@@ -892,7 +904,7 @@ fn learn(
                 // window: a burst seconds old shows many sequences at a latency it has not yet
                 // moved. Taken at once it would be learned as capacity and cancel the scale-up
                 // it calls for, so it rises as a probe does.
-                Some(p) if matches!(dim, Dimension::Sequences) => {
+                Some(p) if matches!(dim, Dimension::Sequences | Dimension::DecodingSequences) => {
                     Some(x.min(p * MAX_PROBE_GROWTH.powf(windows.min(1.0))))
                 }
                 _ => Some(x),

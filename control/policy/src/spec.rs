@@ -147,7 +147,9 @@ pub struct CapacityHintsRaw {
     /// Input (prompt) tokens per second one replica prefills within the TTFT objective.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill_tokens_per_second: Option<f64>,
-    /// Sequences one replica decodes at once within the TPOT objective.
+    /// Requests one replica serves at once within the TPOT objective: in a unified pool every
+    /// request in flight, one still waiting for its first token too; in a decode pool those
+    /// past their first token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrent_sequences: Option<u32>,
     /// Output tokens per second one replica generates within the TPOT objective.

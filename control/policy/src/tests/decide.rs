@@ -555,6 +555,41 @@ fn a_long_output_burst_grows_decode_and_leaves_prefill_alone() {
 }
 
 #[test]
+fn requests_waiting_for_their_first_token_need_sequences_of_a_unified_pool_not_of_decode() {
+    // 8000 input and 2000 output tokens/s fit 1 replica, but 200 requests are in flight, all
+    // before their first token: a unified replica holds 64, so they need 4. The in-flight split
+    // between waiting and decoding changes from one report to the next; the need does not.
+    let queued = Load::tokens(8_000.0, 2_000.0, 0).waiting(200);
+    let d = decide_unified(
+        &spec(UNIFIED),
+        telemetry(queued),
+        state(2, 2),
+        &mut memory(),
+        T0,
+    );
+    assert_eq!((d.to, d.rule), (4, Rule::FeedForward), "{d}");
+    let decoding = Load::tokens(8_000.0, 2_000.0, 200);
+    let d = decide_unified(
+        &spec(UNIFIED),
+        telemetry(decoding),
+        state(2, 2),
+        &mut memory(),
+        T0,
+    );
+    assert_eq!((d.to, d.rule), (4, Rule::FeedForward), "{d}");
+
+    // Disaggregated, those requests are at the prefill pool: decode sizes on its tokens alone
+    // (2000 / 2000 = 1).
+    let inputs = disaggregated(
+        (telemetry(queued), state(2, 2)),
+        (telemetry(queued), state(2, 2)),
+    );
+    let d = run(&spec(DISAGGREGATED), &inputs, &mut memory(), T0);
+    let decode = pool(&d, Role::Decode);
+    assert_eq!(decode.reason.feed_forward_replicas, Some(1), "{decode}");
+}
+
+#[test]
 fn starting_replicas_prevent_a_second_scale_up_for_the_same_shortfall() {
     let spec = spec_with(UNIFIED, without_hints);
     let mut mem = memory();
