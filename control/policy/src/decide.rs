@@ -421,6 +421,7 @@ fn decide_pool(
     }
 
     learn(cx, role, pool, t, state, mem);
+    learn_from_a_short_window_well_within(cx, role, t, state, mem);
 
     for &dim in dimensions(role) {
         let estimate = match positive(dim.learned(mem.learned())) {
@@ -924,6 +925,57 @@ fn learn(
         };
         if let Some(value) = positive(next) {
             *slot = Some(value);
+        }
+    }
+}
+
+/// Raises a learned token-rate capacity to the load the ready replicas carry in the short window,
+/// when enough requests completed there, none queue, few failed, and latency stayed well below
+/// the objective: that too proves the capacity. Without it a capacity learned at a quiet hour
+/// (a lower bound) would size a burst the replicas plainly carry as an overload, many replicas
+/// at once, and keep asking for them while the burst stood in the stable window. Only raises,
+/// and only what was learned: a miss, and what a hint says, stay with [`learn`]. Sequences in
+/// flight are a snapshot that latency has not caught up with yet (see [`learn`]), so they are
+/// left out.
+fn learn_from_a_short_window_well_within(
+    cx: &Context<'_>,
+    role: Role,
+    t: &PoolTelemetry,
+    state: &PoolState,
+    mem: &mut PoolMemory,
+) {
+    let window = &t.short;
+    let ready = state.ready_replicas;
+    if t.freshness != Freshness::Fresh || ready == 0 || !window.is_full() {
+        return;
+    }
+    match mem.ready_since() {
+        Some(since) if cx.now.saturating_sub(since) >= window.length => {}
+        _ => return,
+    }
+    let requests = rate(window.request_rate_per_s);
+    if requests * window.coverage.as_secs_f64() < MIN_PANIC_REQUESTS
+        || rate(window.error_rate_per_s) > MAX_ERROR_SHARE_FOR_LEARNING * requests
+        || t.in_flight_waiting >= ready
+    {
+        return;
+    }
+    for &dim in dimensions(role) {
+        if matches!(dim, Dimension::Sequences | Dimension::DecodingSequences) {
+            continue;
+        }
+        let signal = dim.signal();
+        let (Some(target), Some(q)) = (signal.target(cx.slo), signal.measured(window)) else {
+            continue;
+        };
+        let x = dim.load(window, t) / f64::from(ready);
+        let slot = dim.learned_mut(mem.learned_mut());
+        if let Some(learned) = positive(*slot)
+            && ratio(q, target) < WELL_BELOW_TARGET
+            && x.is_finite()
+            && x > learned
+        {
+            *slot = Some(x);
         }
     }
 }

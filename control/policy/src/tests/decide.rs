@@ -225,7 +225,7 @@ fn a_partial_view_does_not_hold_back_the_scale_up_the_whole_load_calls_for() {
 }
 
 #[test]
-fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_no_panic() {
+fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_carried_not_scaled() {
     let spec = spec_with(UNIFIED, without_hints);
     let mut mem = memory();
     let light = Load::tokens(100.0, 20.0, 2);
@@ -234,8 +234,10 @@ fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_no_pan
     }
     let learned = mem.pool(Role::Unified).learned().prefill_tokens_per_s;
     assert!(learned.is_some_and(|c| c < 100.0), "{learned:?}");
+    let quiet_hour = mem.clone();
     // Ten times the load in the short window, TTFT at 60% of its objective: the replicas carry
-    // it; the capacity learned was only the least they had proved.
+    // it; the capacity learned was only the least they had proved. Neither an overload nor a
+    // reason for more replicas (sized on the quiet hour's capacity it asked 2 -> 20).
     let burst = Load::tokens(1_000.0, 20.0, 2).ttft(ms(300));
     let d = decide_unified(
         &spec,
@@ -245,14 +247,30 @@ fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_no_pan
         T0 + STABLE + secs(1),
     );
     assert!(!d.reason.panic, "{d}");
+    assert_eq!((d.to, d.action), (2, Action::Hold), "{d}");
+    let raised = d.reason.capacity.prefill_tokens_per_s.unwrap();
+    assert_eq!(
+        (raised.per_replica, raised.source),
+        (500.0, CapacitySource::Learned),
+        "{d}"
+    );
+    // Nor once the burst is over and only the stable window still holds it.
+    let d = decide_unified(
+        &spec,
+        windows(light, burst),
+        state(2, 2),
+        &mut mem,
+        T0 + STABLE + secs(20),
+    );
+    assert_eq!((d.to, d.action), (2, Action::Hold), "{d}");
+
     // With a queue, the few completed requests do not speak for the burst: overload.
     let queued = burst.waiting(8);
-    let mut fresh_mem = mem.clone();
     let d = decide_unified(
         &spec,
         windows(queued, light),
         state(2, 2),
-        &mut fresh_mem,
+        &mut quiet_hour.clone(),
         T0 + STABLE + secs(1),
     );
     assert!(d.reason.panic, "{d}");
@@ -262,8 +280,8 @@ fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_no_pan
         &spec,
         windows(strained, light),
         state(2, 2),
-        &mut mem,
-        T0 + STABLE + secs(2),
+        &mut quiet_hour.clone(),
+        T0 + STABLE + secs(1),
     );
     assert!(d.reason.panic, "{d}");
 }
