@@ -421,14 +421,21 @@ fn decide_pool(
     }
 
     learn(cx, role, pool, t, state, mem);
-    learn_from_a_short_window_well_within(cx, role, t, state, mem);
 
     for &dim in dimensions(role) {
         let estimate = match positive(dim.learned(mem.learned())) {
-            Some(per_replica) => Some(CapacityEstimate {
-                per_replica,
-                source: CapacitySource::Learned,
-            }),
+            Some(learned) => Some(
+                match carried_per_replica(cx, dim, t, state, mem).filter(|c| *c > learned) {
+                    Some(per_replica) => CapacityEstimate {
+                        per_replica,
+                        source: CapacitySource::Carried,
+                    },
+                    None => CapacityEstimate {
+                        per_replica: learned,
+                        source: CapacitySource::Learned,
+                    },
+                },
+            ),
             None => dim
                 .hint(&pool.capacity)
                 .map(|per_replica| CapacityEstimate {
@@ -457,8 +464,10 @@ fn decide_pool(
             // A learned capacity is a lower bound (what a window within the objective proved):
             // load beyond it while latency stays well below the objective is not an overload.
             let signal = dim.signal();
-            let latency_fine = cap.source == CapacitySource::Learned
-                && latency_judged
+            let latency_fine = matches!(
+                cap.source,
+                CapacitySource::Learned | CapacitySource::Carried
+            ) && latency_judged
                 && signal
                     .target(cx.slo)
                     .zip(signal.measured(&t.short))
@@ -883,6 +892,11 @@ fn learn(
     };
     learned.updated_at = Some(now);
     for &dim in dimensions(role) {
+        // A unified pool's sequences include a queue, which waits rather than being served and
+        // leaves TPOT untouched: counted in, it would be learned as what a replica serves.
+        if matches!(dim, Dimension::Sequences) && waiting_per_replica >= 1.0 {
+            continue;
+        }
         let signal = dim.signal();
         let (Some(target), Some(q)) = (signal.target(cx.slo), signal.measured(window)) else {
             continue;
@@ -929,55 +943,51 @@ fn learn(
     }
 }
 
-/// Raises a learned token-rate capacity to the load the ready replicas carry in the short window,
-/// when enough requests completed there, none queue, few failed, and latency stayed well below
-/// the objective: that too proves the capacity. Without it a capacity learned at a quiet hour
-/// (a lower bound) would size a burst the replicas plainly carry as an overload, many replicas
-/// at once, and keep asking for them while the burst stood in the stable window. Only raises,
-/// and only what was learned: a miss, and what a hint says, stay with [`learn`]. Sequences in
-/// flight are a snapshot that latency has not caught up with yet (see [`learn`]), so they are
-/// left out.
-fn learn_from_a_short_window_well_within(
+/// The token rate each ready replica carries in the short window, when that proves a capacity
+/// beyond what was learned: enough requests completed there, none queue, few failed, the
+/// latency objective is well met there and not missed in the stable window, and the ready
+/// replicas have not changed for a stable window (requests finishing now started long ago).
+/// Without it a capacity learned at a quiet hour (a lower bound) would size a burst the
+/// replicas plainly carry as an overload, many replicas at once. Used for the decision at hand
+/// only, never learned: tokens are counted as requests finish, so one short window can show a
+/// batch of completions rather than a throughput, and keeping the highest of many would ratchet
+/// the estimate up. Sequences in flight are a snapshot that latency has not caught up with yet
+/// (see [`learn`]), so they are left out.
+fn carried_per_replica(
     cx: &Context<'_>,
-    role: Role,
+    dim: Dimension,
     t: &PoolTelemetry,
     state: &PoolState,
-    mem: &mut PoolMemory,
-) {
+    mem: &PoolMemory,
+) -> Option<f64> {
+    if matches!(dim, Dimension::Sequences | Dimension::DecodingSequences) {
+        return None;
+    }
     let window = &t.short;
     let ready = state.ready_replicas;
     if t.freshness != Freshness::Fresh || ready == 0 || !window.is_full() {
-        return;
+        return None;
     }
-    match mem.ready_since() {
-        Some(since) if cx.now.saturating_sub(since) >= window.length => {}
-        _ => return,
+    let since = mem.ready_since()?;
+    if cx.now.saturating_sub(since) < t.stable.length {
+        return None;
     }
     let requests = rate(window.request_rate_per_s);
     if requests * window.coverage.as_secs_f64() < MIN_PANIC_REQUESTS
         || rate(window.error_rate_per_s) > MAX_ERROR_SHARE_FOR_LEARNING * requests
         || t.in_flight_waiting >= ready
     {
-        return;
+        return None;
     }
-    for &dim in dimensions(role) {
-        if matches!(dim, Dimension::Sequences | Dimension::DecodingSequences) {
-            continue;
-        }
-        let signal = dim.signal();
-        let (Some(target), Some(q)) = (signal.target(cx.slo), signal.measured(window)) else {
-            continue;
-        };
-        let x = dim.load(window, t) / f64::from(ready);
-        let slot = dim.learned_mut(mem.learned_mut());
-        if let Some(learned) = positive(*slot)
-            && ratio(q, target) < WELL_BELOW_TARGET
-            && x.is_finite()
-            && x > learned
-        {
-            *slot = Some(x);
-        }
+    let signal = dim.signal();
+    let target = signal.target(cx.slo)?;
+    let short_q = signal.measured(window)?;
+    let stable_missed = signal.measured(&t.stable).is_some_and(|q| q > target);
+    if ratio(short_q, target) >= WELL_BELOW_TARGET || stable_missed {
+        return None;
     }
+    let carried = dim.load(window, t) / f64::from(ready);
+    (carried.is_finite() && carried > 0.0).then_some(carried)
 }
 
 /// A capacity `p` that the pool sustains at `x` per replica with latency at `r` of its objective.

@@ -181,6 +181,9 @@ pub enum CapacitySource {
     Hint,
     /// Learned from what ready replicas sustained.
     Learned,
+    /// A learned capacity raised, for this decision only, to the load the ready replicas carry
+    /// in the short window with latency well below the objective.
+    Carried,
 }
 
 // === impl Action ===
@@ -459,6 +462,7 @@ impl fmt::Display for Reason {
                         match cap.source {
                             CapacitySource::Hint => "hint",
                             CapacitySource::Learned => "learned",
+                            CapacitySource::Carried => "carried now",
                         }
                     )?;
                 }

@@ -248,12 +248,16 @@ fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_carrie
     );
     assert!(!d.reason.panic, "{d}");
     assert_eq!((d.to, d.action), (2, Action::Hold), "{d}");
-    let raised = d.reason.capacity.prefill_tokens_per_s.unwrap();
+    let carried = d.reason.capacity.prefill_tokens_per_s.unwrap();
     assert_eq!(
-        (raised.per_replica, raised.source),
-        (500.0, CapacitySource::Learned),
+        (carried.per_replica, carried.source),
+        (500.0, CapacitySource::Carried),
         "{d}"
     );
+    // For this decision only: tokens count as requests finish, and one short window may show a
+    // batch of completions rather than a throughput.
+    let kept = mem.pool(Role::Unified).learned().prefill_tokens_per_s;
+    assert!(kept.is_some_and(|c| c < 100.0), "{kept:?}");
     // Nor once the burst is over and only the stable window still holds it.
     let d = decide_unified(
         &spec,
@@ -605,6 +609,25 @@ fn requests_waiting_for_their_first_token_need_sequences_of_a_unified_pool_not_o
     let d = run(&spec(DISAGGREGATED), &inputs, &mut memory(), T0);
     let decode = pool(&d, Role::Decode);
     assert_eq!(decode.reason.feed_forward_replicas, Some(1), "{decode}");
+}
+
+#[test]
+fn a_queue_is_not_learned_as_sequences_a_unified_replica_serves() {
+    // 128 decoding and 200 queued on 2 replicas at 40% of the TPOT objective: the queue does not
+    // touch TPOT, so it proves nothing of how many sequences a replica serves.
+    let spec = spec(UNIFIED);
+    let mut mem = memory();
+    let queued = Load::tokens(8_000.0, 2_000.0, 128).waiting(200);
+    for windows_in in 0..4 {
+        decide_unified(
+            &spec,
+            telemetry(queued),
+            state(2, 2),
+            &mut mem,
+            T0 + STABLE * windows_in,
+        );
+    }
+    assert_eq!(mem.pool(Role::Unified).learned().concurrent_sequences, None);
 }
 
 #[test]
