@@ -422,10 +422,17 @@ fn decide_pool(
 
     learn(cx, role, pool, t, state, mem);
 
+    let short_requests = rate(t.short.request_rate_per_s) * t.short.coverage.as_secs_f64();
+    // Latency is judged on completed requests: at the start of a burst they are few, and a
+    // queue shows before they do.
+    let latency_judged = short_requests >= MIN_PANIC_REQUESTS
+        && f64::from(t.in_flight_waiting) < f64::from(ready.max(1));
     for &dim in dimensions(role) {
         let estimate = match positive(dim.learned(mem.learned())) {
             Some(learned) => Some(
-                match carried_per_replica(cx, dim, t, state, mem).filter(|c| *c > learned) {
+                match carried_per_replica(cx, dim, t, state, mem, latency_judged)
+                    .filter(|c| *c > learned)
+                {
                     Some(per_replica) => CapacityEstimate {
                         per_replica,
                         source: CapacitySource::Carried,
@@ -452,11 +459,6 @@ fn decide_pool(
     // times what the ready replicas sustain, or nothing is ready to serve the load (the largest
     // overload there is, e.g. waking from zero).
     let mut panic_now = ready == 0 && has_load;
-    let short_requests = rate(t.short.request_rate_per_s) * t.short.coverage.as_secs_f64();
-    // Latency is judged on completed requests: at the start of a burst they are few, and a
-    // queue shows before they do.
-    let latency_judged = short_requests >= MIN_PANIC_REQUESTS
-        && f64::from(t.in_flight_waiting) < f64::from(ready.max(1));
     for &dim in dimensions(role) {
         if let Some(cap) = dim.get(&capacity) {
             let load = dim.load(&t.short, t);
@@ -468,10 +470,7 @@ fn decide_pool(
                 cap.source,
                 CapacitySource::Learned | CapacitySource::Carried
             ) && latency_judged
-                && signal
-                    .target(cx.slo)
-                    .zip(signal.measured(&t.short))
-                    .is_some_and(|(target, q)| ratio(q, target) < WELL_BELOW_TARGET);
+                && well_within(signal, cx.slo, &t.short);
             if load > 0.0
                 && (ready == 0 || (load >= behavior.panic_threshold * sustained && !latency_fine))
             {
@@ -845,6 +844,40 @@ fn load_used(t: &PoolTelemetry) -> LoadUsed {
     }
 }
 
+/// Whether `window` shows what `ready` replicas sustain: fresh and whole, with requests completed
+/// and few failed, the ready count unchanged for `steady_for`. Partial telemetry sees only part
+/// of the load (a lower bound): a miss at the load seen would teach a capacity below the truth,
+/// and nothing learned later would undo it.
+fn shows_steady_replicas(
+    window: &WindowStats,
+    t: &PoolTelemetry,
+    ready: u32,
+    mem: &PoolMemory,
+    now: Duration,
+    steady_for: Duration,
+) -> bool {
+    if t.freshness != Freshness::Fresh || ready == 0 || !window.is_full() {
+        return false;
+    }
+    let Some(since) = mem.ready_since() else {
+        return false;
+    };
+    if now.saturating_sub(since) < steady_for {
+        return false;
+    }
+    let requests = rate(window.request_rate_per_s);
+    // `requests` counts every completed request, failed ones included.
+    requests > 0.0 && rate(window.error_rate_per_s) <= MAX_ERROR_SHARE_FOR_LEARNING * requests
+}
+
+/// Whether `signal`'s objective is met with room to spare in `window`.
+fn well_within(signal: Signal, slo: &Slo, window: &WindowStats) -> bool {
+    signal
+        .target(slo)
+        .zip(signal.measured(window))
+        .is_some_and(|(target, q)| ratio(q, target) < WELL_BELOW_TARGET)
+}
+
 /// Learns per-replica capacity from a steady pool: meeting the objective at `x` per ready replica
 /// shows capacity >= `x` (the estimate rises to `x`, and further by [`probe`] while latency is well
 /// below the objective), missing it shows capacity < `x` (the estimate
@@ -861,20 +894,8 @@ fn learn(
     let now = cx.now;
     let window = &t.stable;
     let ready = state.ready_replicas;
-    // Partial telemetry sees only part of the load (a lower bound): a miss at the load seen
-    // would teach a capacity below the truth, and nothing learned later would undo it.
-    if t.freshness != Freshness::Fresh || ready == 0 || !window.is_full() {
-        return;
-    }
     // The window must show these ready replicas alone, not a mix of counts.
-    match mem.ready_since() {
-        Some(since) if now.saturating_sub(since) >= window.length => {}
-        _ => return,
-    }
-    let requests = rate(window.request_rate_per_s);
-    let errors = rate(window.error_rate_per_s);
-    // `requests` counts every completed request, failed ones included.
-    if requests <= 0.0 || errors > MAX_ERROR_SHARE_FOR_LEARNING * requests {
+    if !shows_steady_replicas(window, t, ready, mem, now, window.length) {
         return;
     }
     let waiting_per_replica = f64::from(t.in_flight_waiting) / f64::from(ready);
@@ -944,9 +965,10 @@ fn learn(
 }
 
 /// The token rate each ready replica carries in the short window, when that proves a capacity
-/// beyond what was learned: enough requests completed there, none queue, few failed, the
-/// latency objective is well met there and not missed in the stable window, and the ready
-/// replicas have not changed for a stable window (requests finishing now started long ago).
+/// beyond what was learned: latency can be judged there (enough requests completed, no queue),
+/// few failed, the latency objective is well met there and not missed in the stable window, and
+/// the ready replicas have not changed for a stable window (requests finishing now started long
+/// ago).
 /// Without it a capacity learned at a quiet hour (a lower bound) would size a burst the
 /// replicas plainly carry as an overload, many replicas at once. Used for the decision at hand
 /// only, never learned: tokens are counted as requests finish, so one short window can show a
@@ -959,31 +981,21 @@ fn carried_per_replica(
     t: &PoolTelemetry,
     state: &PoolState,
     mem: &PoolMemory,
+    latency_judged: bool,
 ) -> Option<f64> {
-    if matches!(dim, Dimension::Sequences | Dimension::DecodingSequences) {
+    if matches!(dim, Dimension::Sequences | Dimension::DecodingSequences) || !latency_judged {
         return None;
     }
-    let window = &t.short;
-    let ready = state.ready_replicas;
-    if t.freshness != Freshness::Fresh || ready == 0 || !window.is_full() {
-        return None;
-    }
-    let since = mem.ready_since()?;
-    if cx.now.saturating_sub(since) < t.stable.length {
-        return None;
-    }
-    let requests = rate(window.request_rate_per_s);
-    if requests * window.coverage.as_secs_f64() < MIN_PANIC_REQUESTS
-        || rate(window.error_rate_per_s) > MAX_ERROR_SHARE_FOR_LEARNING * requests
-        || t.in_flight_waiting >= ready
-    {
+    let (window, ready) = (&t.short, state.ready_replicas);
+    if !shows_steady_replicas(window, t, ready, mem, cx.now, t.stable.length) {
         return None;
     }
     let signal = dim.signal();
-    let target = signal.target(cx.slo)?;
-    let short_q = signal.measured(window)?;
-    let stable_missed = signal.measured(&t.stable).is_some_and(|q| q > target);
-    if ratio(short_q, target) >= WELL_BELOW_TARGET || stable_missed {
+    let stable_missed = signal
+        .target(cx.slo)
+        .zip(signal.measured(&t.stable))
+        .is_some_and(|(target, q)| q > target);
+    if !well_within(signal, cx.slo, window) || stable_missed {
         return None;
     }
     let carried = dim.load(window, t) / f64::from(ready);
