@@ -836,6 +836,18 @@ pub async fn run<A: Actuator>(
 }
 
 impl<A: Actuator> AutoscalerLoop<A> {
+    /// Counts a failed read or write of `pool`'s target, under this autoscaler's series.
+    fn count_actuator_error(&self, pool: &PoolDef, kind: &'static str) {
+        self.status.count_actuator_error(
+            &self.key(),
+            ActuatorErrorLabels {
+                namespace: pool.target.namespace.clone(),
+                pool: pool.name.clone(),
+                kind,
+            },
+        );
+    }
+
     /// (namespace, name), as the service's tables know autoscalers.
     fn key(&self) -> (String, String) {
         (
@@ -941,14 +953,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                         tracing::warn!(pool = %pool.name, %error, "cannot read replicas; not deciding");
                         observed.read_error = Some(message);
                     }
-                    self.status.count_actuator_error(
-                        &self.key(),
-                        ActuatorErrorLabels {
-                            namespace: pool.target.namespace.clone(),
-                            pool: pool.name.clone(),
-                            kind: error.kind,
-                        },
-                    );
+                    self.count_actuator_error(pool, error.kind);
                     // Load comes from telemetry, not from /scale: KEDA's activation must not
                     // fall to false (and scale a loaded pool to zero) because replicas cannot be
                     // read, say for want of RBAC on /scale when KEDA owns the replicas.
@@ -1083,14 +1088,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                             "stopped leading while setting replicas; the write is abandoned, \
                              with no further attempts"
                         );
-                        self.status.count_actuator_error(
-                            &self.key(),
-                            ActuatorErrorLabels {
-                                namespace: pool.target.namespace.clone(),
-                                pool: pool.name.clone(),
-                                kind: WRITE_ABANDONED,
-                            },
-                        );
+                        self.count_actuator_error(pool, WRITE_ABANDONED);
                         error = Some(format!(
                             "{}: {WRITE_ABANDONED}: this replica stopped leading before the \
                              write of {} replicas was answered; the new leader reads what landed",
@@ -1101,14 +1099,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                     Some(Err(e)) => {
                         failure = Some((e.kind, e.to_string()));
                         tracing::warn!(pool = %pool.name, error = %e, "cannot set replicas");
-                        self.status.count_actuator_error(
-                            &self.key(),
-                            ActuatorErrorLabels {
-                                namespace: pool.target.namespace.clone(),
-                                pool: pool.name.clone(),
-                                kind: e.kind,
-                            },
-                        );
+                        self.count_actuator_error(pool, e.kind);
                         error = Some(e.to_string());
                     }
                 }

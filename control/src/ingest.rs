@@ -838,8 +838,7 @@ fn stale_limit(
 }
 
 impl Process {
-    /// Quiet, it is not missing: a newer process of its gateway carries the load, or its
-    /// connections closed as Envoy's do when it exits.
+    /// Quiet, it is not missing: its connections closed as Envoy's do when it exits.
     fn quiet_is_explained(&self) -> bool {
         self.connections_closed
     }

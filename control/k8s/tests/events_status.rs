@@ -17,6 +17,18 @@ use kube::api::{Api, ListParams};
 use kube::core::Resource;
 use serde_json::json;
 
+/// The Events in `ns` about the object named `name`.
+async fn events_regarding(cluster: &TestCluster, ns: &str, name: &str) -> Vec<Event> {
+    let api: Api<Event> = Api::namespaced(cluster.client(), ns);
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect()
+}
+
 fn spec() -> FlyballAutoscalerSpec {
     serde_json::from_value(json!({
         "selector": {"backend": "vllm", "model": "llama-3-8b"},
@@ -63,15 +75,7 @@ async fn scale_changes_and_refusals_become_events_on_the_autoscaler() {
         .await
         .unwrap();
 
-    let api: Api<Event> = Api::namespaced(cluster.client(), &ns);
-    let ours: Vec<Event> = api
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str()))
-        .collect();
+    let ours = events_regarding(&cluster, &ns, &name).await;
     assert_eq!(ours.len(), 2, "{ours:?}");
     let scaled = ours
         .iter()
@@ -223,15 +227,7 @@ async fn a_different_note_is_a_new_event_and_an_exact_repeat_a_series() {
         .await
         .unwrap();
 
-    let api: Api<Event> = Api::namespaced(cluster.client(), &ns);
-    let ours: Vec<Event> = api
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str()))
-        .collect();
+    let ours = events_regarding(&cluster, &ns, &name).await;
     let mut scaled_notes: Vec<&str> = ours
         .iter()
         .filter(|e| e.reason.as_deref() == Some(REASON_SCALED_UP))
