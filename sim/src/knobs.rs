@@ -183,11 +183,14 @@ struct Reader<'a>(&'a HeaderMap);
 // === impl Reader ===
 
 impl Reader<'_> {
+    /// Every value of `name`, comma-joined (a knob given twice shows both).
     fn raw(&self, name: &'static str) -> String {
         self.0
-            .get(name)
+            .get_all(name)
+            .iter()
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .unwrap_or_default()
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn bad(&self, name: &'static str, rule: &'static str) -> KnobError {
@@ -199,6 +202,11 @@ impl Reader<'_> {
     }
 
     fn text(&self, name: &'static str) -> Result<Option<&str>, KnobError> {
+        // A repeated knob is refused rather than one value picked: a test that sets a knob on
+        // top of a default it forgot about would otherwise run a workload it did not plan.
+        if self.0.get_all(name).iter().nth(1).is_some() {
+            return Err(self.bad(name, "must be given once"));
+        }
         match self.0.get(name) {
             None => Ok(None),
             Some(v) => v
@@ -242,6 +250,16 @@ mod tests {
             }
         }
         map
+    }
+
+    #[test]
+    fn a_knob_given_twice_is_refused_naming_both_values() {
+        let mut map = headers(&[(header::OUTPUT_TOKENS, "22")]);
+        map.append(header::OUTPUT_TOKENS, HeaderValue::from_static("400"));
+        assert_eq!(
+            Knobs::from_headers(&map).map_err(|e| e.to_string()),
+            Err("header x-sim-output-tokens = \"22, 400\": must be given once".to_owned())
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use flyball_local::client::{Response, http_client, http2_client, post};
 use flyball_local::envoy::{Envoy, EnvoyOptions, prometheus_sum};
 use flyball_local::wait_for;
-use flyball_sim::{RequestTruth, SimConfig, SimServer};
+use flyball_sim::{Outcome as TruthOutcome, RequestTruth, SimConfig, SimServer};
 use flyball_tests::receiver::{ReceivedTotals, Receiver};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -145,7 +145,12 @@ fn plan(count: usize, prefix: &str, models: &[&'static str]) -> Vec<Planned> {
                 }
                 // the client goes away mid-stream
                 17 => {
-                    headers.push(("x-sim-output-tokens", "400".to_owned()));
+                    // Four seconds of tokens: the client leaves long before the end, however
+                    // late a busy machine lets it read. Replaced, not added: the simulator reads
+                    // the first value of a repeated header, and a 22-token stream at 1 ms apart
+                    // arrived whole before a stalled client got round to leaving.
+                    set_header(&mut headers, "x-sim-output-tokens", "400");
+                    set_header(&mut headers, "x-sim-itl-ms", "10");
                     planned.abort_after_bytes = Some(600);
                     planned.expect = Expect::ClientCancel;
                     planned.http2 = false;
@@ -162,6 +167,12 @@ fn plan(count: usize, prefix: &str, models: &[&'static str]) -> Vec<Planned> {
             planned
         })
         .collect()
+}
+
+/// Sets `name` to `value`, replacing any value it had.
+fn set_header(headers: &mut Vec<(&'static str, String)>, name: &'static str, value: &str) {
+    headers.retain(|(n, _)| *n != name);
+    headers.push((name, value.to_owned()));
 }
 
 struct Outcome {
@@ -357,6 +368,22 @@ async fn mixed_traffic_through_two_workers_is_measured_exactly() -> anyhow::Resu
     .into_iter()
     .map(|t| (t.request_id.clone(), t))
     .collect();
+    // Each request ended at the simulator as planned: a workload that plans a client cancel the
+    // simulator finished first would hold the filter to an outcome that never happened.
+    for outcome in &outcomes {
+        let id = &outcome.planned.id;
+        let at_simulator = truths
+            .get(id)
+            .map(|t| t.outcome)
+            .ok_or_else(|| anyhow::anyhow!("{id}: the simulator has no record"))?;
+        let planned = match outcome.planned.expect {
+            Expect::Ok => TruthOutcome::Ok,
+            Expect::ClientError | Expect::ServerError => TruthOutcome::Error,
+            Expect::UpstreamReset => TruthOutcome::Reset,
+            Expect::ClientCancel => TruthOutcome::ClientCancelled,
+        };
+        assert_eq!(at_simulator, planned, "{id}: how the simulator saw it end");
+    }
 
     // 1. Injected-usage streams reach the client byte-identical to a direct request without
     //    include_usage, and with no usage chunk.
