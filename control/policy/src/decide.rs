@@ -964,11 +964,13 @@ fn learn(
     }
 }
 
-/// The token rate each ready replica carries in the short window, when that proves a capacity
-/// beyond what was learned: latency can be judged there (enough requests completed, no queue),
-/// few failed, the latency objective is well met there and not missed in the stable window, and
-/// the ready replicas have not changed for a stable window (requests finishing now started long
-/// ago).
+/// The token rate each ready replica carries, when that proves a capacity beyond what was
+/// learned: latency can be judged in the short window (enough requests completed, no queue), few
+/// failed, the latency objective is well met there and not missed in the stable window, and the
+/// ready replicas have not changed for a stable window (requests finishing now started long ago).
+/// Both windows then show load these replicas carried within the objective, so the higher one
+/// counts: the short window's alone, set against a higher stable load, would ask for more
+/// replicas the less the short window showed (2 -> 16 at 150 tok/s, a hold at 1,200).
 /// Without it a capacity learned at a quiet hour (a lower bound) would size a burst the
 /// replicas plainly carry as an overload, many replicas at once. Used for the decision at hand
 /// only, never learned: tokens are counted as requests finish, so one short window can show a
@@ -998,7 +1000,7 @@ fn carried_per_replica(
     if !well_within(signal, cx.slo, window) || stable_missed {
         return None;
     }
-    let carried = dim.load(window, t) / f64::from(ready);
+    let carried = dim.sizing_load(t) / f64::from(ready);
     (carried.is_finite() && carried > 0.0).then_some(carried)
 }
 

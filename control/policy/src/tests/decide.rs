@@ -291,6 +291,43 @@ fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_carrie
 }
 
 #[test]
+fn what_replicas_carried_counts_from_either_window_so_more_short_load_never_asks_fewer() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let mut mem = memory();
+    let light = Load::tokens(100.0, 20.0, 2);
+    for at in [T0, T0 + STABLE] {
+        decide_unified(&spec, telemetry(light), state(2, 2), &mut mem, at);
+    }
+    let learned = mem.pool(Role::Unified).learned().prefill_tokens_per_s;
+    assert!(learned.is_some_and(|c| c < 100.0), "{learned:?}");
+    // The stable window shows 1,200 tok/s carried on the same 2 replicas, its TTFT within the
+    // objective; a gap in telemetry left it too short to learn from. Whatever the short window
+    // adds, those replicas carry the stable load: sizing it on the short window's evidence
+    // alone asked 2 -> 16 at 150 tok/s and held 2 at 1,200.
+    let carried = Load::tokens(1_200.0, 20.0, 2).ttft(ms(300));
+    let mut asked = Vec::new();
+    for short in [150.0, 600.0, 1_200.0] {
+        let mut t = windows(Load::tokens(short, 20.0, 2).ttft(ms(300)), carried);
+        t.stable.coverage = t.stable.length / 2;
+        let d = decide_unified(
+            &spec,
+            t,
+            state(2, 2),
+            &mut mem.clone(),
+            T0 + STABLE + secs(1),
+        );
+        let capacity = d.reason.capacity.prefill_tokens_per_s.unwrap();
+        assert_eq!(
+            (capacity.per_replica, capacity.source),
+            (600.0, CapacitySource::Carried),
+            "short {short}: {d}"
+        );
+        asked.push(d.to);
+    }
+    assert_eq!(asked, [2, 2, 2]);
+}
+
+#[test]
 fn a_telemetry_gap_does_not_shorten_the_scale_down_window() {
     let spec = spec_with(UNIFIED, |raw| {
         raw.behavior.scale_down = rules("300s", 1, "1s");

@@ -216,6 +216,14 @@ fn heavier(t: &PoolTelemetry, k: f64, m: f64, extra: u32) -> PoolTelemetry {
     }
 }
 
+/// `t` with only its short window (and nothing in flight) `k` times busier, latency `m` times.
+fn short_heavier(t: &PoolTelemetry, k: f64, m: f64) -> PoolTelemetry {
+    PoolTelemetry {
+        short: heavier(t, k, m, 0).short,
+        ..t.clone()
+    }
+}
+
 fn scenario() -> impl Strategy<
     Value = (
         AutoscalerSpec,
@@ -297,6 +305,63 @@ proptest! {
                 "{role}: more load gave fewer replicas\nlight: {l}\nheavy: {h}"
             );
         }
+    }
+
+    #[test]
+    fn more_load_in_the_short_window_alone_never_yields_fewer_replicas(
+        (spec, inputs, earlier, started_ago) in scenario(),
+        k in 1.0..8.0f64,
+        m in 1.0..2.0f64,
+    ) {
+        // A burst the stable window has not caught up with: the two windows disagree, and
+        // evidence from one must not be set against the other's load to ask for less.
+        let mem = warmed_memory(&spec, started_ago, earlier.as_ref());
+        let more = inputs.clone().map(|_, p| PoolInputs {
+            telemetry: short_heavier(&p.telemetry, k, m),
+            state: p.state,
+        });
+        let light = decide(&spec, &inputs, &mut mem.clone(), T0).unwrap();
+        let heavy = decide(&spec, &more, &mut mem.clone(), T0).unwrap();
+        for ((role, l), (_, h)) in light.pools.iter().zip(heavy.pools.iter()) {
+            prop_assert!(
+                h.to >= l.to,
+                "{role}: more short-window load gave fewer replicas\nlight: {l}\nheavy: {h}"
+            );
+        }
+    }
+
+    #[test]
+    fn past_a_learned_capacity_more_short_window_load_never_yields_fewer_replicas(
+        replicas in 1u32..8,
+        learned_at in 20.0..2_000.0f64,
+        stable_times in 0.5..20.0f64,
+        short_times in 0.2..20.0f64,
+        k in 1.0..4.0f64,
+        ttft_share in 0.1..1.0f64,
+        stable_coverage in 0.2..1.0f64,
+    ) {
+        // Where carried load and a learned lower bound meet: no hints, capacity learned at a
+        // quiet hour, then windows that disagree (the stable one possibly cut short by a gap),
+        // latency anywhere up to the objective.
+        let spec = spec_with(UNIFIED, without_hints);
+        let mut mem = memory();
+        let quiet = Load::tokens(learned_at * f64::from(replicas), 20.0, 2);
+        for at in [T0, T0 + STABLE] {
+            decide_unified(&spec, telemetry(quiet), state(replicas, replicas), &mut mem, at);
+        }
+        let ttft = ms(500).mul_f64(ttft_share);
+        let stable = Load::tokens(quiet.input_tokens_per_s * stable_times, 20.0, 2).ttft(ttft);
+        let short = Load::tokens(quiet.input_tokens_per_s * short_times, 20.0, 2).ttft(ttft);
+        let mut t = windows(short, stable);
+        t.stable.coverage = t.stable.length.mul_f64(stable_coverage);
+        let at = T0 + STABLE + secs(1);
+        let s = state(replicas, replicas);
+        let light = decide_unified(&spec, t.clone(), s, &mut mem.clone(), at);
+        let heavy = decide_unified(&spec, short_heavier(&t, k, 1.0), s, &mut mem.clone(), at);
+        prop_assert!(
+            heavy.to >= light.to,
+            "more short-window load gave fewer replicas\nlight: {light}\nheavy: {heavy}"
+        );
     }
 
     #[test]
