@@ -496,9 +496,9 @@ impl RootContext for FlyballRoot {
             process_start_unix_ms: process_start_ms,
             filter_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
-        if let Err(status) =
-            hostcalls::set_tick_period(Duration::from_millis(config.report_interval_ms))
-        {
+        if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(
+            report::tick_period_ms(config.report_interval_ms),
+        )) {
             log::error!("flyball: cannot arm the report timer: {status:?}");
             return false;
         }

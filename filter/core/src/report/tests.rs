@@ -72,6 +72,73 @@ fn an_unacknowledged_report_is_resent_unchanged_with_its_sequence() {
 }
 
 #[test]
+fn the_senders_tick_a_little_early_by_the_clock_is_on_time() {
+    let state = ReporterState::decode_or_new(None, 0);
+    let state = sent_by(&state, 1_000, WORKER, true);
+    // The timer fired one period later, but the clock reads 99 ms: send, not skip a tick.
+    let early = 1_000 + INTERVAL - early_tick_ms(INTERVAL);
+    assert_eq!(
+        plan_tick(&state, early - 1, INTERVAL, TIMEOUT, WORKER),
+        TickPlan::Wait
+    );
+    assert!(matches!(
+        plan_tick(&state, early, INTERVAL, TIMEOUT, WORKER),
+        TickPlan::BuildNew { sequence: 2, .. }
+    ));
+    // Half an interval is not a little early.
+    assert_eq!(
+        plan_tick(&state, 1_050, INTERVAL, TIMEOUT, WORKER),
+        TickPlan::Wait
+    );
+}
+
+#[test]
+fn reports_keep_to_their_interval_on_ticks_that_never_land_on_it() {
+    // One worker ticking every 28 ms (a quarter interval, plus what Envoy takes to re-arm),
+    // each report acknowledged at once; then stalled for a second.
+    let mut state = ReporterState::decode_or_new(None, 0);
+    let mut sent = Vec::new();
+    let ticks = (0..360u64)
+        .map(|i| i * 28)
+        .chain((0..100).map(|i| 11_100 + i * 28));
+    for now in ticks {
+        if !matches!(
+            plan_tick(&state, now, INTERVAL, TIMEOUT, WORKER),
+            TickPlan::Wait
+        ) {
+            state = sent_by(&state, now, WORKER, true);
+            sent.push(now);
+        }
+    }
+    let before_stall = sent.iter().filter(|&&at| at < 10_080).count();
+    // 10 s at 100 ms: 101 reports, not 90 (every 112 ms, when each was timed from the last).
+    assert_eq!(before_stall, 101, "{sent:?}");
+    let gaps: Vec<u64> = sent.windows(2).map(|w| w[1] - w[0]).collect();
+    // After the stall: no burst to catch up.
+    assert!(gaps.iter().all(|&g| g >= INTERVAL / 2), "{gaps:?}");
+}
+
+#[test]
+fn a_report_sent_a_little_early_does_not_look_like_the_clock_going_back() {
+    let state = ReporterState::decode_or_new(None, 0);
+    let state = sent_by(&state, 1_000, 1, true);
+    // Worker 1 sends its next report half a tick early; the one after is due at 1,200.
+    let state = sent_by(&state, 1_100 - early_tick_ms(INTERVAL), 1, true);
+    assert_eq!(state.next_due_ms, 1_200);
+    // Worker 2 ticks just after: not its turn (it sent two reports 4 ms apart in real Envoy).
+    assert_eq!(
+        plan_tick(
+            &state,
+            1_100 - early_tick_ms(INTERVAL) + 4,
+            INTERVAL,
+            TIMEOUT,
+            2
+        ),
+        TickPlan::Wait
+    );
+}
+
+#[test]
 fn a_late_answer_for_an_older_call_does_not_clear_a_newer_report() {
     let state = ReporterState::decode_or_new(None, 0);
     let state = record_pending(&state, 7, b"seven".to_vec(), 1, 0);
