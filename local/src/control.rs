@@ -32,6 +32,25 @@ impl LocalControl {
         args.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
         let control =
             Control::bind_with_config(&args, ControlConfig::from_yaml(config_yaml)?).await?;
+        Self::serve(control)
+    }
+
+    /// Starts control as it runs in a cluster, through `client`: replicas read and set on
+    /// `/scale` by the holder of the leader Lease, autoscalers from `--config` or
+    /// FlyballAutoscalers (`--source kubernetes`), as `flags` say; on free loopback ports.
+    pub async fn start_on_kubernetes(
+        client: kube::Client,
+        flags: &[&str],
+    ) -> anyhow::Result<LocalControl> {
+        let mut args = control_args(flags)?;
+        args.grpc_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        args.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::serve(Control::bind_kubernetes(&args, client).await?)
+    }
+
+    fn serve<A: flyball_control::controller::Actuator>(
+        control: Control<A>,
+    ) -> anyhow::Result<LocalControl> {
         let grpc = control
             .grpc_addr()
             .ok_or_else(|| anyhow::anyhow!("control has no gRPC address"))?;

@@ -1,7 +1,8 @@
 //! The whole data path: real Envoy with the filter reports to the real ingest of flyball control
 //! (file configuration, dry-run actuator) in front of the simulator. A load step must produce a
 //! scale-up recommendation, and the control service's totals must equal the simulator's ground
-//! truth exactly.
+//! truth exactly. Then the same path actuating: load steps at the gateway become `PATCH`es of a
+//! Deployment's `/scale` on the in-process API server.
 
 use flyball_local::client::{get, http_client, post};
 use flyball_local::envoy::{ControlTls, Envoy, EnvoyOptions};
@@ -185,6 +186,183 @@ async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyho
     assert!(
         ttft_p50 >= 20.0,
         "TTFT p50 reflects the simulator's delays: {pool}"
+    );
+
+    drop(envoy);
+    control.stop().await?;
+    Ok(())
+}
+
+/// As [`CONFIG`], actuating: replicas set through the API server's `/scale`.
+const ACTUATING: &str = r#"
+autoscalers:
+  - name: e2e-actuating
+    spec:
+      selector: { backend: llm }
+      pools:
+        unified:
+          scaleTargetRef: { apiVersion: apps/v1, kind: Deployment, name: llama-e2e, namespace: default }
+          minReplicas: 1
+          maxReplicas: 40
+          capacity: { concurrentSequences: 2, decodeTokensPerSecond: 200 }
+      slo: { ttft: 400ms, tpot: 50ms, percentile: 95 }
+      behavior:
+        scaleUp: { stabilizationWindow: 0s, maxStep: 40, period: 1s }
+"#;
+
+/// The whole loop, as the mission states it: a load step at the gateway becomes a `PATCH` of the
+/// Deployment's `/scale` on the API server (here the in-process one, through an ordinary
+/// `kube::Client`, leader Lease and all), three times, each step larger than the replicas made
+/// ready after the last. It prints how long each took; it asserts only that each step was
+/// answered with enough replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_steps_at_the_gateway_set_replicas_on_the_api_server() -> anyhow::Result<()> {
+    let api = flyball_apiserver::ApiServer::start().await?;
+    api.seed_deployment("default", "llama-e2e", 1, 1)?;
+    let config = std::env::temp_dir().join(format!("flyball-e2e-{}.yaml", std::process::id()));
+    std::fs::write(&config, ACTUATING)?;
+    let config_flag = config.display().to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let control = LocalControl::start_on_kubernetes(
+        api.client(),
+        &[
+            "--config",
+            &config_flag,
+            "--lease-namespace",
+            "default",
+            "--identity",
+            "e2e",
+            "--bucket",
+            "250ms",
+            "--short-window",
+            "2s",
+            "--stable-window",
+            "10s",
+        ],
+    )
+    .await;
+    let _ = std::fs::remove_file(&config);
+    let control = control?;
+    let plugin = serde_json::json!({
+        "controlCluster": "flyball_control",
+        "reportIntervalMs": 100,
+        "gateway": "e2e-actuating"
+    })
+    .to_string();
+    let envoy = Envoy::start(&EnvoyOptions::with_filter(
+        sim.local_addr().port(),
+        control.grpc.port(),
+        &plugin,
+    ))
+    .await?;
+    let client = http_client();
+    let scale_path = "/apis/apps/v1/namespaces/default/deployments/llama-e2e/scale";
+
+    let deployment_replicas = || {
+        api.object("apps/v1", "Deployment", "default", "llama-e2e")
+            .and_then(|d| d["spec"]["replicas"].as_u64())
+    };
+    let mut ready = 1u64;
+    let mut took = Vec::new();
+    let mut sent = 0usize;
+    // 2 sequences per replica: each step needs twice the replicas made ready after the last.
+    for streams in [4usize, 8, 16, 32, 64] {
+        // Quiet first: control has seen the ready replicas and asks for no more, so the PATCH
+        // below answers this step and nothing before it.
+        wait_for(
+            "control to settle on the ready replicas",
+            Duration::from_secs(10),
+            || {
+                let url = control.pools_url();
+                async move {
+                    let pool = pools(&url).await?;
+                    (pool["replicas"]["ready"].as_u64()? == ready
+                        && pool["replicas"]["desired"].as_u64()? == ready
+                        && pool["in_flight"].as_u64()? == 0)
+                        .then_some(())
+                }
+            },
+        )
+        .await?;
+        let seen = api.requests().len();
+        let step_started = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..streams {
+            let client = client.clone();
+            let addr = envoy.listener();
+            let body = chat(sent + i);
+            tasks.push(tokio::spawn(async move {
+                let headers = [
+                    ("x-sim-ttft-ms", "50".to_owned()),
+                    ("x-sim-itl-ms", "20".to_owned()),
+                    ("x-sim-output-tokens", "50".to_owned()),
+                ];
+                post(&client, addr, "/v1/chat/completions", &body, &headers, None).await
+            }));
+        }
+        sent += streams;
+        let patched_at = wait_for(
+            "a PATCH of the Deployment's /scale asking for more replicas",
+            Duration::from_secs(10),
+            || {
+                let patch = api.requests().into_iter().skip(seen).find_map(|r| {
+                    let replicas = r.body.as_ref()?["spec"]["replicas"].as_u64()?;
+                    (r.method == "PATCH"
+                        && r.path == scale_path
+                        && r.status == Some(200)
+                        && replicas > ready)
+                        .then_some(r.received_at)
+                });
+                async move { patch }
+            },
+        )
+        .await?;
+        took.push(patched_at.saturating_duration_since(step_started));
+        for task in tasks {
+            let response = task.await??;
+            anyhow::ensure!(response.status == 200, "step request: {}", response.status);
+        }
+        // The first PATCH may come from a report that saw only part of the step; by the time
+        // control has seen the streams end, the replicas asked for cover all of it.
+        wait_for(
+            "control to see the step end",
+            Duration::from_secs(10),
+            || {
+                let url = control.pools_url();
+                async move { (pools(&url).await?["in_flight"].as_u64()? == 0).then_some(()) }
+            },
+        )
+        .await?;
+        let asked = deployment_replicas().unwrap_or(0);
+        let needed = streams.div_ceil(2) as u64;
+        assert!(
+            asked >= needed,
+            "{streams} streams at 2 per replica need {needed} replicas; {asked} asked for"
+        );
+        // The Deployment's pods come up: all of them ready before the next step.
+        api.set_ready_replicas(
+            "apps/v1",
+            "Deployment",
+            "default",
+            "llama-e2e",
+            i32::try_from(asked)?,
+        )?;
+        ready = asked;
+    }
+    let mut sorted = took.clone();
+    sorted.sort_unstable();
+    println!(
+        "load step at the gateway -> PATCH /scale at the API server (reports every 100 ms): \
+         median {} ms, min {} ms, max {} ms over {} steps ({})",
+        sorted[sorted.len() / 2].as_millis(),
+        sorted[0].as_millis(),
+        sorted[sorted.len() - 1].as_millis(),
+        took.len(),
+        took.iter()
+            .map(|d| format!("{} ms", d.as_millis()))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     drop(envoy);

@@ -150,6 +150,8 @@ pub struct RecordedRequest {
     pub status: Option<u16>,
     /// The authorization verb the request was checked against.
     pub verb: Verb,
+    /// When the server got it: how long after a cause (a load step, say) its effect arrived.
+    pub received_at: std::time::Instant,
 }
 
 // === impl RecordedRequest ===
@@ -222,6 +224,7 @@ mod tests {
             body: None,
             status: None,
             verb: Verb::Patch,
+            received_at: std::time::Instant::now(),
         }
     }
 

@@ -201,6 +201,7 @@ pub(crate) fn query_param(query: Option<&str>, key: &str) -> Option<String> {
         body: None,
         status: None,
         verb: Verb::Get,
+        received_at: std::time::Instant::now(),
     };
     probe.query_param(key)
 }
@@ -244,6 +245,7 @@ pub(crate) async fn handle(
             body: parsed_body,
             status: None,
             verb,
+            received_at: std::time::Instant::now(),
         });
         let index = inner.log.len() - 1;
         let fault = inner
