@@ -13,8 +13,8 @@ pub(crate) use flyball_filter_core::report::REPORTER_KEY;
 pub(crate) use flyball_filter_core::shared::ACCUM_KEY as ACCUMULATION_KEY;
 
 /// How often an update is recomputed after losing a race before it gives up for this tick.
-/// Workers write once per report interval, so more than a few losses in a row means something
-/// is wrong, not busy.
+/// Each worker writes at most a few times per tick (four ticks per report interval), so more
+/// than a few losses in a row means something is wrong, not busy.
 const MAX_ATTEMPTS: usize = 32;
 
 #[derive(Debug)]

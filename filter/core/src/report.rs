@@ -125,9 +125,10 @@ pub fn in_flight_expiry_ms(timeout_ms: u64) -> u64 {
 /// How long past due a report waits for the worker that sent the previous one before any other
 /// worker sends it: half an interval, and at least 500 ms, so a worker busy with traffic for a
 /// moment is late, not replaced. When it is gone (its VM replaced by a configuration change),
-/// the next worker's tick comes up to a quarter interval after the takeover, so reports still
-/// arrive within 1.75 intervals (or 0.5 s and 1.25 intervals), well within the control
-/// service's stale limit (3 intervals, and at least 3 s).
+/// the next worker's tick comes up to a quarter interval after the takeover; the last report may
+/// have gone half a tick (an eighth of an interval) early. So reports still arrive within 1.875
+/// intervals (or 0.5 s and 1.375 intervals), well within the control service's stale limit (3
+/// intervals, and at least 3 s).
 pub fn takeover_ms(interval_ms: u64) -> u64 {
     (interval_ms / 2).max(500)
 }
@@ -178,10 +179,11 @@ pub fn plan_tick(
         s.dispatched_at_ms = 0;
         s.in_flight_sequence = 0;
     }
-    // A report sent a little early schedules the next a little over an interval ahead: only
-    // a due time further off than that means the clock went back.
+    // A report sent a little early schedules the next a little over an interval ahead, and a
+    // worker may read the clock a moment before the sender did: only a due time more than an
+    // interval and a tick off means the clock went back.
     let stepped_back =
-        s.next_due_ms > now_ms.saturating_add(interval_ms + early_tick_ms(interval_ms));
+        s.next_due_ms > now_ms.saturating_add(interval_ms + tick_period_ms(interval_ms));
     let due_ms = if s.sender == 0 || s.sender == worker {
         s.next_due_ms.saturating_sub(early_tick_ms(interval_ms))
     } else {
@@ -203,11 +205,14 @@ pub fn plan_tick(
     }
     // Due times keep to a schedule: a report goes out on the first tick at or past its due time,
     // up to a tick late, and timing the next from then would stretch every interval by that
-    // (112 ms apart at 100 ms). A sender an interval or more behind (stalled, or taking over)
-    // starts the schedule again rather than catch up with a burst.
-    let on_schedule = s.next_due_ms.saturating_add(interval_ms);
-    s.next_due_ms = if s.next_due_ms != 0 && now_ms < on_schedule && !stepped_back {
-        on_schedule
+    // (112 ms apart at 100 ms). A report later than that (a stalled sender, a takeover, a slow
+    // acknowledgement) starts the schedule again: kept, the next would follow it closely, and the
+    // control service, which judges a gateway stale by the gaps between its reports, would take
+    // the next regular gap for silence.
+    let late_by = now_ms.saturating_sub(s.next_due_ms);
+    s.next_due_ms = if s.next_due_ms != 0 && late_by < tick_period_ms(interval_ms) && !stepped_back
+    {
+        s.next_due_ms.saturating_add(interval_ms)
     } else {
         now_ms.saturating_add(interval_ms)
     };

@@ -75,7 +75,8 @@ fn an_unacknowledged_report_is_resent_unchanged_with_its_sequence() {
 fn the_senders_tick_a_little_early_by_the_clock_is_on_time() {
     let state = ReporterState::decode_or_new(None, 0);
     let state = sent_by(&state, 1_000, WORKER, true);
-    // The timer fired one period later, but the clock reads 99 ms: send, not skip a tick.
+    // The timer fired, but the clock reads up to half a tick short of due: send, not skip a
+    // tick.
     let early = 1_000 + INTERVAL - early_tick_ms(INTERVAL);
     assert_eq!(
         plan_tick(&state, early - 1, INTERVAL, TIMEOUT, WORKER),
@@ -116,6 +117,35 @@ fn reports_keep_to_their_interval_on_ticks_that_never_land_on_it() {
     let gaps: Vec<u64> = sent.windows(2).map(|w| w[1] - w[0]).collect();
     // After the stall: no burst to catch up.
     assert!(gaps.iter().all(|&g| g >= INTERVAL / 2), "{gaps:?}");
+}
+
+#[test]
+fn a_report_later_than_a_tick_starts_the_schedule_again() {
+    // The sender's tick delayed to 95 ms past due: the next report is an interval later, not
+    // at its next tick (25 ms, as the schedule would have it).
+    let state = ReporterState::decode_or_new(None, 0);
+    let state = sent_by(&state, 1_000, 1, true);
+    let state = sent_by(&state, 1_195, 1, true);
+    assert_eq!(state.next_due_ms, 1_295);
+    assert_eq!(
+        plan_tick(&state, 1_220, INTERVAL, TIMEOUT, 1),
+        TickPlan::Wait
+    );
+    // A takeover at a one-minute interval: worker 2 sends 44 s past due, then again a minute
+    // later, not 15 s later (the control service would have called the gateway stale).
+    let minute = 60_000;
+    let plan = |state: &ReporterState, now, worker| plan_tick(state, now, minute, TIMEOUT, worker);
+    let sent = |state: &ReporterState, now, worker| {
+        let (state, sequence) = match plan(state, now, worker) {
+            TickPlan::BuildNew { state, sequence } => (state, sequence),
+            other => panic!("worker {worker} may not send at {now}: {other:?}"),
+        };
+        on_response(&state, sequence, true)
+    };
+    let state = sent(&ReporterState::decode_or_new(None, 0), 0, 1);
+    let state = sent(&state, 104_000, 2);
+    assert_eq!(plan(&state, 119_000, 2), TickPlan::Wait);
+    assert_eq!(state.next_due_ms, 164_000);
 }
 
 #[test]
