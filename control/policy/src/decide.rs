@@ -967,7 +967,8 @@ fn learn(
 /// The token rate each ready replica carries, when that proves a capacity beyond what was
 /// learned: latency can be judged in the short window (enough requests completed, no queue), few
 /// failed, the latency objective is well met there and not missed in the stable window, and the
-/// ready replicas have not changed for a stable window (requests finishing now started long ago).
+/// ready replicas have not changed for a stable window (requests finishing now started long ago);
+/// few failed in the stable window either.
 /// Both windows then show load these replicas carried within the objective, so the higher one
 /// counts: the short window's alone, set against a higher stable load, would ask for more
 /// replicas the less the short window showed (2 -> 16 at 150 tok/s, a hold at 1,200).
@@ -997,7 +998,11 @@ fn carried_per_replica(
         .target(cx.slo)
         .zip(signal.measured(&t.stable))
         .is_some_and(|(target, q)| q > target);
-    if !well_within(signal, cx.slo, window) || stable_missed {
+    // The stable window's load counts too, so its failures must be as few: a burst refused in
+    // part is not one the replicas carried.
+    let stable_failing = rate(t.stable.error_rate_per_s)
+        > MAX_ERROR_SHARE_FOR_LEARNING * rate(t.stable.request_rate_per_s);
+    if !well_within(signal, cx.slo, window) || stable_missed || stable_failing {
         return None;
     }
     let carried = dim.sizing_load(t) / f64::from(ready);

@@ -301,7 +301,7 @@ fn what_replicas_carried_counts_from_either_window_so_more_short_load_never_asks
     let learned = mem.pool(Role::Unified).learned().prefill_tokens_per_s;
     assert!(learned.is_some_and(|c| c < 100.0), "{learned:?}");
     // The stable window shows 1,200 tok/s carried on the same 2 replicas, its TTFT within the
-    // objective; a gap in telemetry left it too short to learn from. Whatever the short window
+    // objective, but covers too little of its length to learn from. Whatever the short window
     // adds, those replicas carry the stable load: sizing it on the short window's evidence
     // alone asked 2 -> 16 at 150 tok/s and held 2 at 1,200.
     let carried = Load::tokens(1_200.0, 20.0, 2).ttft(ms(300));
@@ -325,6 +325,21 @@ fn what_replicas_carried_counts_from_either_window_so_more_short_load_never_asks
         asked.push(d.to);
     }
     assert_eq!(asked, [2, 2, 2]);
+
+    // A stable window where 30% of the requests failed is no proof of what was carried: sized
+    // on what was learned (it held 2 on a burst refused in part).
+    let mut refusing = windows(Load::tokens(150.0, 20.0, 2).ttft(ms(300)), carried);
+    refusing.stable.error_rate_per_s = 3.0;
+    let d = decide_unified(
+        &spec,
+        refusing,
+        state(2, 2),
+        &mut mem.clone(),
+        T0 + STABLE + secs(1),
+    );
+    let capacity = d.reason.capacity.prefill_tokens_per_s.unwrap();
+    assert_eq!(capacity.source, CapacitySource::Learned, "{d}");
+    assert!(d.to > 2, "{d}");
 }
 
 #[test]
