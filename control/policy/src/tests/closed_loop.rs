@@ -301,3 +301,116 @@ fn a_capacity_hint_far_too_low_is_learned_up_from() {
     );
     assert!(steps.iter().all(|s| s.ratio <= 1.0), "{trace}");
 }
+
+/// Prefill tokens/s per tick of a real trace (`../shared/traces`, beside the checkout), when it
+/// is there: the tests that replay one skip, saying so, without it.
+fn trace_load(file: &str, scale: f64) -> Option<Vec<f64>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/traces")
+        .join(file);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        eprintln!("skipped: no {} (the shared traces)", path.display());
+        return None;
+    };
+    let seconds = |stamp: &str| -> Option<f64> {
+        let time = stamp.split(' ').nth(1)?;
+        let mut parts = time.split(':');
+        let h: f64 = parts.next()?.parse().ok()?;
+        let m: f64 = parts.next()?.parse().ok()?;
+        let s: f64 = parts.next()?.parse().ok()?;
+        Some(h * 3_600.0 + m * 60.0 + s)
+    };
+    let rows: Vec<(f64, f64)> = text
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut cols = line.split(',');
+            Some((seconds(cols.next()?)?, cols.next()?.trim().parse().ok()?))
+        })
+        .collect();
+    let first = rows.first()?.0;
+    let mut ticks = Vec::new();
+    for (at, tokens) in rows {
+        let tick = ((at - first) / TICK as f64) as usize;
+        if ticks.len() <= tick {
+            ticks.resize(tick + 1, 0.0);
+        }
+        ticks[tick] += tokens * scale / TICK as f64;
+    }
+    Some(ticks)
+}
+
+/// Replays `file`'s prompts (times `scale`) through the modelled world for a pool with the true
+/// capacity as its hints (the world's output tokens and sequences follow its prompt tokens, so
+/// one figure gives all three) and HPA-like brakes on scale-down, then checks what must hold on any
+/// traffic: latency within the objective nearly always, and no replica removed while the short
+/// window breaches. Prints what it cost against an oracle that has, every tick, exactly the
+/// replicas that tick's load needs (ready at once, which no pool is).
+fn replay(file: &str, scale: f64) {
+    let Some(load) = trace_load(file, scale) else {
+        return;
+    };
+    let spec = spec_with(UNIFIED, |raw| {
+        let pool = raw.pools.unified.as_mut().unwrap();
+        pool.max_replicas = 64;
+        pool.capacity = Some(crate::spec::CapacityHintsRaw {
+            prefill_tokens_per_second: Some(TRUE_CAPACITY),
+            decode_tokens_per_second: Some(TRUE_CAPACITY / 4.0),
+            concurrent_sequences: Some((TRUE_CAPACITY / 100.0) as u32),
+        });
+        raw.behavior.scale_down = Some(ScalingRulesRaw {
+            stabilization_window: Some("300s".into()),
+            max_step: Some(1),
+            period: Some("60s".into()),
+        });
+        raw.behavior.cooldown = Some("5s".into());
+    });
+    let mean = load.iter().sum::<f64>() / load.len() as f64;
+    let start = (mean / TRUE_CAPACITY).ceil() as u32;
+    let steps = run_loop(&spec, start, load.len() as u64 * TICK, |t| {
+        load[(t / TICK) as usize]
+    });
+    let trace = trace(&steps);
+    let oracle: f64 = load
+        .iter()
+        .map(|l| (l / TRUE_CAPACITY).ceil().max(1.0))
+        .sum();
+    let used: f64 = steps.iter().map(|s| f64::from(s.desired)).sum();
+    let within = steps.iter().filter(|s| s.ratio <= 1.0).count() as f64 / steps.len() as f64;
+    let changes = steps
+        .windows(2)
+        .filter(|p| p[0].desired != p[1].desired)
+        .count();
+    let peak = steps.iter().map(|s| s.desired).max().unwrap_or(0);
+    eprintln!(
+        "{file} x{scale}: mean load {:.1} replicas' worth; latency within the objective in \
+         {:.1}% of {} ticks; replica-time {:.2}x the oracle's; peak {peak} replicas; {changes} \
+         changes",
+        mean / TRUE_CAPACITY,
+        100.0 * within,
+        steps.len(),
+        used / oracle
+    );
+    assert!(
+        within >= 0.95,
+        "latency met in {:.1}% of ticks\n{trace}",
+        100.0 * within
+    );
+    for pair in steps.windows(2) {
+        assert!(
+            pair[1].desired >= pair[0].desired || pair[1].ratio <= 1.0,
+            "+{}s: scaled down while the short window breached\n{trace}",
+            pair[1].at
+        );
+    }
+}
+
+#[test]
+fn replaying_the_bursty_prefill_heavy_azure_code_trace() {
+    replay("AzureLLMInferenceTrace_code.csv", 6.0);
+}
+
+#[test]
+fn replaying_the_smoother_decode_heavy_azure_conversation_trace() {
+    replay("AzureLLMInferenceTrace_conv.csv", 6.0);
+}
