@@ -338,6 +338,15 @@ impl Drop for Envoy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Its config and log go with it, except when a panic (a failed test) is unwinding:
+        // then they are what explains the failure. (Kept, every run left a directory behind.)
+        if let Some(dir) = self.config_path.parent() {
+            if std::thread::panicking() {
+                eprintln!("Envoy's config and log kept in {}", dir.display());
+            } else {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
 }
 

@@ -287,7 +287,9 @@ fn every_envoy_config_in_the_repository_validates() -> anyhow::Result<()> {
     let rendered = render_config(&options, 9901, 10000, Some(&filter_wasm()?))?;
     let path = std::env::temp_dir().join(format!("flyball-rendered-{}.yaml", std::process::id()));
     std::fs::write(&path, rendered)?;
-    let output = validate(&path)?;
+    let output = validate(&path);
+    let _ = std::fs::remove_file(&path);
+    let output = output?;
     assert!(
         output.status.success(),
         "{}",
