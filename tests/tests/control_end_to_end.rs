@@ -4,7 +4,7 @@
 //! truth exactly. Then the same path actuating: load steps at the gateway become `PATCH`es of a
 //! Deployment's `/scale` on the in-process API server.
 
-use flyball_local::client::{get, http_client, post};
+use flyball_local::client::{HttpClient, Response, get, http_client, post};
 use flyball_local::envoy::{ControlTls, Envoy, EnvoyOptions};
 use flyball_local::wait_for;
 use flyball_sim::{SimConfig, SimServer};
@@ -44,36 +44,60 @@ async fn pools(url: &str) -> Option<serde_json::Value> {
     value["pools"].as_array()?.first().cloned()
 }
 
+/// Windows a test can fill in seconds.
+const QUICK_WINDOWS: [&str; 6] = [
+    "--bucket",
+    "250ms",
+    "--short-window",
+    "2s",
+    "--stable-window",
+    "10s",
+];
+
+/// Envoy with the filter in front of `sim`, reporting every 100 ms as `gateway` to `control`.
+fn gateway(sim: &SimServer, control: &LocalControl, gateway: &str) -> EnvoyOptions {
+    let plugin = serde_json::json!({
+        "controlCluster": "flyball_control",
+        "reportIntervalMs": 100,
+        "gateway": gateway
+    })
+    .to_string();
+    EnvoyOptions::with_filter(sim.local_addr().port(), control.grpc.port(), &plugin)
+}
+
+/// Starts `count` streams at once (numbered from `first`), each `output_tokens` tokens 20 ms
+/// apart after a 50 ms first token.
+fn start_streams(
+    client: &HttpClient,
+    envoy: &Envoy,
+    first: usize,
+    count: usize,
+    output_tokens: u32,
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<Response>>> {
+    (first..first + count)
+        .map(|i| {
+            let client = client.clone();
+            let addr = envoy.listener();
+            let body = chat(i);
+            tokio::spawn(async move {
+                let headers = [
+                    ("x-sim-ttft-ms", "50".to_owned()),
+                    ("x-sim-itl-ms", "20".to_owned()),
+                    ("x-sim-output-tokens", output_tokens.to_string()),
+                ];
+                post(&client, addr, "/v1/chat/completions", &body, &headers, None).await
+            })
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim = SimServer::start(SimConfig::default(), listener).await?;
-    let control = LocalControl::start(
-        CONFIG,
-        &[
-            "--dry-run",
-            "--bucket",
-            "250ms",
-            "--short-window",
-            "2s",
-            "--stable-window",
-            "10s",
-        ],
-    )
-    .await?;
-    let grpc = control.grpc;
-    let plugin = serde_json::json!({
-        "controlCluster": "flyball_control",
-        "reportIntervalMs": 100,
-        "gateway": "e2e-control"
-    })
-    .to_string();
-    let envoy = Envoy::start(&EnvoyOptions::with_filter(
-        sim.local_addr().port(),
-        grpc.port(),
-        &plugin,
-    ))
-    .await?;
+    let control =
+        LocalControl::start(CONFIG, &[&["--dry-run"][..], &QUICK_WINDOWS].concat()).await?;
+    let envoy = Envoy::start(&gateway(&sim, &control, "e2e-control")).await?;
     let url = control.pools_url();
 
     // A trickle first: one request at a time, well within one replica's capacity.
@@ -114,20 +138,7 @@ async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyho
 
     // The step: 24 long streams at once, far over 2 sequences per replica.
     let step_started = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..24 {
-        let client = client.clone();
-        let addr = envoy.listener();
-        let body = chat(sent + i);
-        tasks.push(tokio::spawn(async move {
-            let headers = [
-                ("x-sim-ttft-ms", "50".to_owned()),
-                ("x-sim-itl-ms", "20".to_owned()),
-                ("x-sim-output-tokens", "120".to_owned()),
-            ];
-            post(&client, addr, "/v1/chat/completions", &body, &headers, None).await
-        }));
-    }
+    let tasks = start_streams(&client, &envoy, sent, 24, 120);
     sent += 24;
     let scaled = wait_for("a scale-up recommendation", Duration::from_secs(10), || {
         let url = url.clone();
@@ -227,35 +238,22 @@ async fn load_steps_at_the_gateway_set_replicas_on_the_api_server() -> anyhow::R
     let control = LocalControl::start_on_kubernetes(
         api.client(),
         &[
-            "--config",
-            &config_flag,
-            "--lease-namespace",
-            "default",
-            "--identity",
-            "e2e",
-            "--bucket",
-            "250ms",
-            "--short-window",
-            "2s",
-            "--stable-window",
-            "10s",
-        ],
+            &[
+                "--config",
+                &config_flag,
+                "--lease-namespace",
+                "default",
+                "--identity",
+                "e2e",
+            ][..],
+            &QUICK_WINDOWS,
+        ]
+        .concat(),
     )
     .await;
     let _ = std::fs::remove_file(&config);
     let control = control?;
-    let plugin = serde_json::json!({
-        "controlCluster": "flyball_control",
-        "reportIntervalMs": 100,
-        "gateway": "e2e-actuating"
-    })
-    .to_string();
-    let envoy = Envoy::start(&EnvoyOptions::with_filter(
-        sim.local_addr().port(),
-        control.grpc.port(),
-        &plugin,
-    ))
-    .await?;
+    let envoy = Envoy::start(&gateway(&sim, &control, "e2e-actuating")).await?;
     let client = http_client();
     let scale_path = "/apis/apps/v1/namespaces/default/deployments/llama-e2e/scale";
 
@@ -286,21 +284,8 @@ async fn load_steps_at_the_gateway_set_replicas_on_the_api_server() -> anyhow::R
         )
         .await?;
         let seen = api.requests().len();
-        let step_started = std::time::Instant::now();
-        let mut tasks = Vec::new();
-        for i in 0..streams {
-            let client = client.clone();
-            let addr = envoy.listener();
-            let body = chat(sent + i);
-            tasks.push(tokio::spawn(async move {
-                let headers = [
-                    ("x-sim-ttft-ms", "50".to_owned()),
-                    ("x-sim-itl-ms", "20".to_owned()),
-                    ("x-sim-output-tokens", "50".to_owned()),
-                ];
-                post(&client, addr, "/v1/chat/completions", &body, &headers, None).await
-            }));
-        }
+        let step_started = Instant::now();
+        let tasks = start_streams(&client, &envoy, sent, streams, 50);
         sent += streams;
         let patched_at = wait_for(
             "a PATCH of the Deployment's /scale asking for more replicas",
@@ -378,18 +363,7 @@ async fn a_gateway_whose_envoy_exits_is_gone_not_missing() -> anyhow::Result<()>
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim = SimServer::start(SimConfig::default(), listener).await?;
     let control = LocalControl::start(CONFIG, &["--dry-run", "--stale-after", "1s"]).await?;
-    let plugin = serde_json::json!({
-        "controlCluster": "flyball_control",
-        "reportIntervalMs": 100,
-        "gateway": "e2e-exits"
-    })
-    .to_string();
-    let mut envoy = Envoy::start(&EnvoyOptions::with_filter(
-        sim.local_addr().port(),
-        control.grpc.port(),
-        &plugin,
-    ))
-    .await?;
+    let mut envoy = Envoy::start(&gateway(&sim, &control, "e2e-exits")).await?;
     let client = http_client();
     for i in 0..5 {
         let r = post(
@@ -474,14 +448,7 @@ async fn reports_reach_control_over_mutual_tls() -> anyhow::Result<()> {
         ],
     )
     .await?;
-    let plugin = serde_json::json!({
-        "controlCluster": "flyball_control",
-        "reportIntervalMs": 100,
-        "gateway": "e2e-tls"
-    })
-    .to_string();
-    let mut options =
-        EnvoyOptions::with_filter(sim.local_addr().port(), control.grpc.port(), &plugin);
+    let mut options = gateway(&sim, &control, "e2e-tls");
     options.control_tls = Some(ControlTls {
         cert: certs.join("replica.crt"),
         key: certs.join("replica.key"),

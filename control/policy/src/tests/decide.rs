@@ -224,16 +224,23 @@ fn a_partial_view_does_not_hold_back_the_scale_up_the_whole_load_calls_for() {
     assert_eq!((d.to, d.action), (6, Action::ScaleUp), "{d}");
 }
 
-#[test]
-fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_carried_not_scaled() {
-    let spec = spec_with(UNIFIED, without_hints);
+/// A stable window of light load (100 prefill tok/s) on 2 replicas: the capacity learned is the
+/// least they proved, under 100 tok/s each. Returns the load and the memory.
+fn learned_at_a_quiet_hour(spec: &AutoscalerSpec) -> (Load, PolicyMemory) {
     let mut mem = memory();
     let light = Load::tokens(100.0, 20.0, 2);
     for at in [T0, T0 + STABLE] {
-        decide_unified(&spec, telemetry(light), state(2, 2), &mut mem, at);
+        decide_unified(spec, telemetry(light), state(2, 2), &mut mem, at);
     }
     let learned = mem.pool(Role::Unified).learned().prefill_tokens_per_s;
     assert!(learned.is_some_and(|c| c < 100.0), "{learned:?}");
+    (light, mem)
+}
+
+#[test]
+fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_carried_not_scaled() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let (light, mut mem) = learned_at_a_quiet_hour(&spec);
     let quiet_hour = mem.clone();
     // Ten times the load in the short window, TTFT at 60% of its objective: the replicas carry
     // it; the capacity learned was only the least they had proved. Neither an overload nor a
@@ -293,13 +300,7 @@ fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_carrie
 #[test]
 fn what_replicas_carried_counts_from_either_window_so_more_short_load_never_asks_fewer() {
     let spec = spec_with(UNIFIED, without_hints);
-    let mut mem = memory();
-    let light = Load::tokens(100.0, 20.0, 2);
-    for at in [T0, T0 + STABLE] {
-        decide_unified(&spec, telemetry(light), state(2, 2), &mut mem, at);
-    }
-    let learned = mem.pool(Role::Unified).learned().prefill_tokens_per_s;
-    assert!(learned.is_some_and(|c| c < 100.0), "{learned:?}");
+    let (_, mem) = learned_at_a_quiet_hour(&spec);
     // The stable window shows 1,200 tok/s carried on the same 2 replicas, its TTFT within the
     // objective, but covers too little of its length to learn from. Whatever the short window
     // adds, those replicas carry the stable load: sizing it on the short window's evidence

@@ -280,6 +280,25 @@ fn near_objectives() -> impl Strategy<Value = (AutoscalerSpec, AutoscalerInputs)
     })
 }
 
+/// `more` (the same pools under more load) decided from the same memory asks for no fewer
+/// replicas in any pool than `inputs`.
+fn never_fewer(
+    spec: &AutoscalerSpec,
+    inputs: &AutoscalerInputs,
+    more: &AutoscalerInputs,
+    mem: &PolicyMemory,
+) -> Result<(), TestCaseError> {
+    let light = decide(spec, inputs, &mut mem.clone(), T0).unwrap();
+    let heavy = decide(spec, more, &mut mem.clone(), T0).unwrap();
+    for ((role, l), (_, h)) in light.pools.iter().zip(heavy.pools.iter()) {
+        prop_assert!(
+            h.to >= l.to,
+            "{role}: more load gave fewer replicas\nlight: {l}\nheavy: {h}"
+        );
+    }
+    Ok(())
+}
+
 // ===== properties =====
 
 proptest! {
@@ -297,14 +316,7 @@ proptest! {
             telemetry: heavier(&p.telemetry, k, m, extra),
             state: p.state,
         });
-        let light = decide(&spec, &inputs, &mut mem.clone(), T0).unwrap();
-        let heavy = decide(&spec, &more, &mut mem.clone(), T0).unwrap();
-        for ((role, l), (_, h)) in light.pools.iter().zip(heavy.pools.iter()) {
-            prop_assert!(
-                h.to >= l.to,
-                "{role}: more load gave fewer replicas\nlight: {l}\nheavy: {h}"
-            );
-        }
+        never_fewer(&spec, &inputs, &more, &mem)?;
     }
 
     #[test]
@@ -320,14 +332,7 @@ proptest! {
             telemetry: short_heavier(&p.telemetry, k, m),
             state: p.state,
         });
-        let light = decide(&spec, &inputs, &mut mem.clone(), T0).unwrap();
-        let heavy = decide(&spec, &more, &mut mem.clone(), T0).unwrap();
-        for ((role, l), (_, h)) in light.pools.iter().zip(heavy.pools.iter()) {
-            prop_assert!(
-                h.to >= l.to,
-                "{role}: more short-window load gave fewer replicas\nlight: {l}\nheavy: {h}"
-            );
-        }
+        never_fewer(&spec, &inputs, &more, &mem)?;
     }
 
     #[test]
@@ -377,14 +382,7 @@ proptest! {
             telemetry: heavier(&p.telemetry, k, m, 0),
             state: p.state,
         });
-        let light = decide(&spec, &inputs, &mut mem.clone(), T0).unwrap();
-        let heavy = decide(&spec, &more, &mut mem.clone(), T0).unwrap();
-        for ((role, l), (_, h)) in light.pools.iter().zip(heavy.pools.iter()) {
-            prop_assert!(
-                h.to >= l.to,
-                "{role}: more load gave fewer replicas\nlight: {l}\nheavy: {h}"
-            );
-        }
+        never_fewer(&spec, &inputs, &more, &mem)?;
     }
 
     #[test]
