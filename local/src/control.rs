@@ -21,15 +21,21 @@ pub fn control_args(flags: &[&str]) -> anyhow::Result<ControlArgs> {
     Ok(ControlArgs::from_arg_matches(&matches)?)
 }
 
+/// [`control_args`], listening on free loopback ports.
+fn loopback_args(flags: &[&str]) -> anyhow::Result<ControlArgs> {
+    let mut args = control_args(flags)?;
+    args.grpc_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    args.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    Ok(args)
+}
+
 // === impl LocalControl ===
 
 impl LocalControl {
     /// Starts control with the autoscalers of `config_yaml` (the `--config` file format) and
     /// `flags`, listening on free loopback ports.
     pub async fn start(config_yaml: &str, flags: &[&str]) -> anyhow::Result<LocalControl> {
-        let mut args = control_args(flags)?;
-        args.grpc_listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        args.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let args = loopback_args(flags)?;
         let control =
             Control::bind_with_config(&args, ControlConfig::from_yaml(config_yaml)?).await?;
         Self::serve(control)
@@ -42,9 +48,7 @@ impl LocalControl {
         client: kube::Client,
         flags: &[&str],
     ) -> anyhow::Result<LocalControl> {
-        let mut args = control_args(flags)?;
-        args.grpc_listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        args.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let args = loopback_args(flags)?;
         Self::serve(Control::bind_kubernetes(&args, client).await?)
     }
 

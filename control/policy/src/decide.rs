@@ -865,6 +865,11 @@ fn shows_steady_replicas(
     if now.saturating_sub(since) < steady_for {
         return false;
     }
+    few_failed(window)
+}
+
+/// Whether `window` has completed requests and few of them failed.
+fn few_failed(window: &WindowStats) -> bool {
     let requests = rate(window.request_rate_per_s);
     // `requests` counts every completed request, failed ones included.
     requests > 0.0 && rate(window.error_rate_per_s) <= MAX_ERROR_SHARE_FOR_LEARNING * requests
@@ -999,10 +1004,9 @@ fn carried_per_replica(
         .zip(signal.measured(&t.stable))
         .is_some_and(|(target, q)| q > target);
     // The stable window's load counts too, so its failures must be as few: a burst refused in
-    // part is not one the replicas carried.
-    let stable_failing = rate(t.stable.error_rate_per_s)
-        > MAX_ERROR_SHARE_FOR_LEARNING * rate(t.stable.request_rate_per_s);
-    if !well_within(signal, cx.slo, window) || stable_missed || stable_failing {
+    // part is not one the replicas carried. (It holds the short window's requests, so it has
+    // completed ones.)
+    if !well_within(signal, cx.slo, window) || stable_missed || !few_failed(&t.stable) {
         return None;
     }
     let carried = dim.sizing_load(t) / f64::from(ready);

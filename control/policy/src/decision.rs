@@ -182,7 +182,7 @@ pub enum CapacitySource {
     /// Learned from what ready replicas sustained.
     Learned,
     /// A learned capacity raised, for this decision only, to the load the ready replicas carry
-    /// in the short window with latency well below the objective.
+    /// (in whichever window shows more) with latency well below the objective.
     Carried,
 }
 

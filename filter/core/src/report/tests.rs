@@ -134,17 +134,12 @@ fn a_report_later_than_a_tick_starts_the_schedule_again() {
     // A takeover at a one-minute interval: worker 2 sends 44 s past due, then again a minute
     // later, not 15 s later (the control service would have called the gateway stale).
     let minute = 60_000;
-    let plan = |state: &ReporterState, now, worker| plan_tick(state, now, minute, TIMEOUT, worker);
-    let sent = |state: &ReporterState, now, worker| {
-        let (state, sequence) = match plan(state, now, worker) {
-            TickPlan::BuildNew { state, sequence } => (state, sequence),
-            other => panic!("worker {worker} may not send at {now}: {other:?}"),
-        };
-        on_response(&state, sequence, true)
-    };
-    let state = sent(&ReporterState::decode_or_new(None, 0), 0, 1);
-    let state = sent(&state, 104_000, 2);
-    assert_eq!(plan(&state, 119_000, 2), TickPlan::Wait);
+    let state = sent_by_every(minute, &ReporterState::decode_or_new(None, 0), 0, 1, true);
+    let state = sent_by_every(minute, &state, 104_000, 2, true);
+    assert_eq!(
+        plan_tick(&state, 119_000, minute, TIMEOUT, 2),
+        TickPlan::Wait
+    );
     assert_eq!(state.next_due_ms, 164_000);
 }
 
@@ -866,7 +861,18 @@ fn regression_seed_15983811249975411706_one_worker_1487_steps() -> Result<(), Te
 
 /// Sends as `worker` at `now` (panics if it may not), and records the outcome.
 fn sent_by(state: &ReporterState, now: u64, worker: u64, ok: bool) -> ReporterState {
-    let (state, sequence) = match plan_tick(state, now, INTERVAL, TIMEOUT, worker) {
+    sent_by_every(INTERVAL, state, now, worker, ok)
+}
+
+/// [`sent_by`] at another report interval.
+fn sent_by_every(
+    interval: u64,
+    state: &ReporterState,
+    now: u64,
+    worker: u64,
+    ok: bool,
+) -> ReporterState {
+    let (state, sequence) = match plan_tick(state, now, interval, TIMEOUT, worker) {
         TickPlan::BuildNew { state, sequence } => (state, sequence),
         TickPlan::Resend {
             state, sequence, ..
