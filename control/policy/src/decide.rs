@@ -52,6 +52,11 @@ pub const MAX_PROBE_GROWTH: f64 = 1.2;
 /// hardware, and a few bad windows (long prompts, a noisy neighbour) must not erase it.
 pub const MIN_LEARNED_SHARE_OF_HINT: f64 = 0.25;
 
+/// A miss teaches a capacity only when the short window's token rates are within this share of
+/// the stable window's: a percentile breached by a burst says nothing about the window's mean load
+/// (see `learn`).
+pub const STEADY_LOAD_TOLERANCE: f64 = 0.25;
+
 /// Windows with more failed requests than this share teach nothing: failing replicas do not show
 /// what healthy ones sustain.
 pub const MAX_ERROR_SHARE_FOR_LEARNING: f64 = 0.05;
@@ -868,6 +873,20 @@ fn shows_steady_replicas(
     few_failed(window)
 }
 
+/// Whether the stable window's load was steady, as far as its mean and the short window's tell:
+/// each token rate of the short window within [`STEADY_LOAD_TOLERANCE`] of the stable window's.
+/// A percentile breached by a burst (one in progress, or one the short window has seen pass)
+/// proves a capacity below the burst's load, not below the stable window's mean: learnt from the
+/// mean, it would size the steady hours that follow for the bursts (three times over on the Azure
+/// code trace).
+fn load_steady(t: &PoolTelemetry) -> bool {
+    let near = |short: f64, stable: f64| {
+        (rate(short) - rate(stable)).abs() <= STEADY_LOAD_TOLERANCE * rate(stable)
+    };
+    near(t.short.input_tokens_per_s, t.stable.input_tokens_per_s)
+        && near(t.short.output_tokens_per_s, t.stable.output_tokens_per_s)
+}
+
 /// Whether `window` has completed requests and few of them failed.
 fn few_failed(window: &WindowStats) -> bool {
     let requests = rate(window.request_rate_per_s);
@@ -904,6 +923,7 @@ fn learn(
         return;
     }
     let waiting_per_replica = f64::from(t.in_flight_waiting) / f64::from(ready);
+    let load_steady = load_steady(t);
     let tau = window.length.as_secs_f64();
     let learned = mem.learned_mut();
     let dt = learned
@@ -951,8 +971,9 @@ fn learn(
                 _ => Some(x),
             }
         } else {
-            // A TTFT miss with no queue is the prompts' length, not a lack of replicas.
-            if matches!(signal, Signal::Ttft) && waiting_per_replica < 1.0 {
+            // A TTFT miss with no queue is the prompts' length, not a lack of replicas; a miss
+            // in a window whose load came in bursts is the bursts', not its mean's.
+            if (matches!(signal, Signal::Ttft) && waiting_per_replica < 1.0) || !load_steady {
                 continue;
             }
             let goal = x * VIOLATION_BACKOFF;

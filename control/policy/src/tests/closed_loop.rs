@@ -382,6 +382,10 @@ fn replay(file: &str, scale: f64) {
         .filter(|p| p[0].desired != p[1].desired)
         .count();
     let peak = steps.iter().map(|s| s.desired).max().unwrap_or(0);
+    // FLYBALL_TRACE=1 prints every change, with its reason.
+    if std::env::var_os("FLYBALL_TRACE").is_some() {
+        eprintln!("{trace}");
+    }
     eprintln!(
         "{file} x{scale}: mean load {:.1} replicas' worth; latency within the objective in \
          {:.1}% of {} ticks; replica-time {:.2}x the oracle's; peak {peak} replicas; {changes} \

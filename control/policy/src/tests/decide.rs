@@ -1102,6 +1102,38 @@ fn capacity_is_learned_downwards_when_the_slo_is_missed_below_the_hint() {
 }
 
 #[test]
+fn a_miss_in_a_window_whose_load_came_in_bursts_teaches_nothing_about_capacity() {
+    let spec = spec(UNIFIED);
+    // The stable window's mean is the 16,000 tok/s of the test above, and its percentile misses
+    // with a queue; but the short window shows the load was not steady: a burst at twice the mean
+    // (in progress), or a lull after one (passed). Either way the miss is the burst's, at a load
+    // the mean does not show.
+    let stable = Load::tokens(16_000.0, 1_000.0, 20)
+        .ttft(ms(600))
+        .waiting(12);
+    let learned_with = |short_input: f64, short_output: f64| {
+        let mut mem = memory();
+        let short = Load::tokens(short_input, short_output, 20)
+            .ttft(ms(600))
+            .waiting(12);
+        decide_unified(&spec, windows(short, stable), state(4, 4), &mut mem, T0);
+        decide_unified(
+            &spec,
+            windows(short, stable),
+            state(4, 4),
+            &mut mem,
+            T0 + STABLE,
+        );
+        mem.pool(Role::Unified).learned().prefill_tokens_per_s
+    };
+    assert_eq!(learned_with(32_000.0, 2_000.0), None, "a burst in progress");
+    assert_eq!(learned_with(4_000.0, 250.0), None, "a burst passed");
+    assert_eq!(learned_with(16_000.0, 2_000.0), None, "longer outputs only");
+    // Within a quarter of the mean, the load was steady enough: the miss teaches.
+    assert!(learned_with(19_000.0, 1_200.0).is_some());
+}
+
+#[test]
 fn a_window_with_more_than_five_percent_failures_teaches_nothing() {
     let spec = spec(UNIFIED);
     let learned_with = |errors_per_s: f64| {
