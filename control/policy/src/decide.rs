@@ -55,7 +55,7 @@ pub const MIN_LEARNED_SHARE_OF_HINT: f64 = 0.25;
 /// A miss teaches a capacity only when the short window's token rates are within this share of
 /// the stable window's: a percentile breached by a burst says nothing about the window's mean load
 /// (see `learn`).
-pub const STEADY_LOAD_TOLERANCE: f64 = 0.25;
+pub const STEADY_LOAD_TOLERANCE: f64 = 0.35;
 
 /// Windows with more failed requests than this share teach nothing: failing replicas do not show
 /// what healthy ones sustain.
@@ -873,13 +873,13 @@ fn shows_steady_replicas(
     few_failed(window)
 }
 
-/// Whether the stable window's load was steady, as far as its mean and the short window's tell:
-/// each token rate of the short window within [`STEADY_LOAD_TOLERANCE`] of the stable window's.
-/// A percentile breached by a burst (one in progress, or one the short window has seen pass)
-/// proves a capacity below the burst's load, not below the stable window's mean: learnt from the
-/// mean, it would size the steady hours that follow for the bursts (three times over on the Azure
-/// code trace).
-fn load_steady(t: &PoolTelemetry) -> bool {
+/// Whether the load looks steady now: each token rate of the short window within
+/// [`STEADY_LOAD_TOLERANCE`] of the stable window's. A percentile breached by a burst (one in
+/// progress, or one the short window has seen pass) proves a capacity below the burst's load, not
+/// below the stable window's mean: learnt from the mean, it would size the steady hours that
+/// follow for the bursts (three times over on the Azure code trace). One look can match by
+/// chance between bursts, so `learn` requires every look for a stable window to.
+fn load_looks_steady(t: &PoolTelemetry) -> bool {
     let near = |short: f64, stable: f64| {
         (rate(short) - rate(stable)).abs() <= STEADY_LOAD_TOLERANCE * rate(stable)
     };
@@ -918,12 +918,12 @@ fn learn(
     let now = cx.now;
     let window = &t.stable;
     let ready = state.ready_replicas;
+    let load_steady = mem.note_load_steadiness(load_looks_steady(t), now, window.length);
     // The window must show these ready replicas alone, not a mix of counts.
     if !shows_steady_replicas(window, t, ready, mem, now, window.length) {
         return;
     }
     let waiting_per_replica = f64::from(t.in_flight_waiting) / f64::from(ready);
-    let load_steady = load_steady(t);
     let tau = window.length.as_secs_f64();
     let learned = mem.learned_mut();
     let dt = learned

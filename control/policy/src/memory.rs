@@ -56,6 +56,10 @@ pub struct PoolMemory {
     last_change_at: Option<Duration>,
     last_panic_at: Option<Duration>,
     last_decision: Option<LastDecision>,
+    /// When learning last saw the short window's load stray from the stable window's: a miss
+    /// teaches capacity only once a whole stable window has passed since (see `learn`).
+    #[serde(default)]
+    unsteady_load_at: Option<Duration>,
     /// Forgotten while the controller ran (its replicas changed): its history starts at the next
     /// evaluation, which [`PoolMemory::observe`] notes in `restarted_at`.
     #[serde(default)]
@@ -235,6 +239,21 @@ impl PoolMemory {
         self.last_decision = Some(last);
     }
 
+    /// Notes whether the load looked steady at `now`; returns whether it has for the whole
+    /// `window` before `now`, as far as this memory saw.
+    pub(crate) fn note_load_steadiness(
+        &mut self,
+        steady_now: bool,
+        now: Duration,
+        window: Duration,
+    ) -> bool {
+        if !steady_now {
+            self.unsteady_load_at = Some(now);
+        }
+        self.unsteady_load_at
+            .is_none_or(|at| now.saturating_sub(at) >= window)
+    }
+
     pub(crate) fn set_last_panic_at(&mut self, at: Duration) {
         self.last_panic_at = Some(at);
     }
@@ -370,17 +389,7 @@ impl PoolMemory {
     }
 
     fn push_down(&mut self, sample: Sample) {
-        while self
-            .down_window
-            .back()
-            .is_some_and(|s| s.replicas <= sample.replicas)
-        {
-            self.down_window.pop_back();
-        }
-        if self.down_window.len() >= MAX_WINDOW_SAMPLES {
-            self.down_window.pop_front();
-        }
-        self.down_window.push_back(sample);
+        push_highest(&mut self.down_window, sample);
     }
 
     fn clear_if_clock_went_back(&mut self, now: Duration) {
@@ -404,6 +413,17 @@ impl PoolMemory {
         evict(&mut self.down_window, now, window);
         self.down_window.front().map(|s| s.replicas)
     }
+}
+
+/// Appends `sample` to a queue of decreasing highs: samples it dominates leave.
+fn push_highest(queue: &mut VecDeque<Sample>, sample: Sample) {
+    while queue.back().is_some_and(|s| s.replicas <= sample.replicas) {
+        queue.pop_back();
+    }
+    if queue.len() >= MAX_WINDOW_SAMPLES {
+        queue.pop_front();
+    }
+    queue.push_back(sample);
 }
 
 fn evict(queue: &mut VecDeque<Sample>, now: Duration, window: Duration) {

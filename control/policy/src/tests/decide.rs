@@ -1129,8 +1129,43 @@ fn a_miss_in_a_window_whose_load_came_in_bursts_teaches_nothing_about_capacity()
     assert_eq!(learned_with(32_000.0, 2_000.0), None, "a burst in progress");
     assert_eq!(learned_with(4_000.0, 250.0), None, "a burst passed");
     assert_eq!(learned_with(16_000.0, 2_000.0), None, "longer outputs only");
-    // Within a quarter of the mean, the load was steady enough: the miss teaches.
-    assert!(learned_with(19_000.0, 1_200.0).is_some());
+    // Within a third of the mean, the load was steady enough: the miss teaches.
+    assert!(learned_with(20_000.0, 1_300.0).is_some());
+}
+
+#[test]
+fn a_miss_teaches_only_after_a_whole_stable_window_of_steady_load() {
+    let spec = spec(UNIFIED);
+    let mut mem = memory();
+    let steady = Load::tokens(16_000.0, 1_000.0, 20)
+        .ttft(ms(600))
+        .waiting(12);
+    let burst = Load::tokens(48_000.0, 3_000.0, 20)
+        .ttft(ms(600))
+        .waiting(12);
+    let learned = |mem: &PolicyMemory| mem.pool(Role::Unified).learned().prefill_tokens_per_s;
+    decide_unified(&spec, telemetry(steady), state(4, 4), &mut mem, T0);
+    // A burst ten seconds before the end of the first stable window; when the window ends the
+    // short window looks like the stable one again, by chance between bursts.
+    let burst_at = T0 + STABLE - secs(10);
+    decide_unified(
+        &spec,
+        windows(burst, steady),
+        state(4, 4),
+        &mut mem,
+        burst_at,
+    );
+    decide_unified(&spec, telemetry(steady), state(4, 4), &mut mem, T0 + STABLE);
+    assert_eq!(learned(&mem), None, "a burst within the window");
+    // A whole stable window after the burst, every look steady: the miss teaches.
+    decide_unified(
+        &spec,
+        telemetry(steady),
+        state(4, 4),
+        &mut mem,
+        burst_at + STABLE,
+    );
+    assert!(learned(&mem).is_some());
 }
 
 #[test]
