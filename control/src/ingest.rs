@@ -137,6 +137,8 @@ pub struct Reporters {
     stale: usize,
     /// Reporters that went quiet after their connections closed.
     departed: Counter,
+    /// Processes forgotten after `forget_after` of silence.
+    forgotten: Counter,
     /// The number the next process gets (see [`Process::number`]).
     next_number: u64,
     /// Processes remembered, whatever their state (bounded by `max_reporters`).
@@ -243,6 +245,9 @@ pub struct IngestCounters {
     pub revived: Counter,
     /// Reporters that went quiet after their connections closed: gone, not held for.
     pub departed: Counter,
+    /// Gateway processes forgotten after `--forget-after` of silence. Connections read it to
+    /// notice that a process they carried may be a new entry now (see `ConnectionReporters`).
+    pub forgotten: Counter,
     pub reporter_dropped_reports: Counter,
     pub keys_over_limit: Counter,
     pub refused: Family<RefusedLabels, Counter>,
@@ -491,8 +496,9 @@ impl ParsedReport {
 // === impl Reporters ===
 
 impl Reporters {
-    /// `departed` counts reporters that went quiet after their connections closed.
-    pub fn new(config: &IngestConfig, departed: Counter) -> Self {
+    /// `departed` counts reporters that went quiet after their connections closed, `forgotten`
+    /// those forgotten after `forget_after` of silence.
+    pub fn new(config: &IngestConfig, departed: Counter, forgotten: Counter) -> Self {
         Reporters {
             stale_after: config.stale_after,
             stale_intervals: config.stale_intervals,
@@ -501,6 +507,7 @@ impl Reporters {
             live: 0,
             stale: 0,
             departed,
+            forgotten,
             next_number: 0,
             processes: 0,
         }
@@ -757,7 +764,7 @@ impl Reporters {
         let mut dropped = Vec::new();
         let (stale_after, intervals, forget_after) =
             (self.stale_after, self.stale_intervals, self.forget_after);
-        let departed = &self.departed;
+        let (departed, forgotten) = (&self.departed, &self.forgotten);
         let (mut live, mut stale, mut processes) = (self.live, self.stale, self.processes);
         self.gateways.retain(|_, gateway| {
             gateway.processes.retain_mut(|process| {
@@ -770,6 +777,7 @@ impl Reporters {
                         stale -= 1;
                     }
                     processes -= 1;
+                    forgotten.inc();
                     return false;
                 }
                 let limit = stale_limit(stale_after, intervals, forget_after, process.interval);
@@ -1039,7 +1047,11 @@ impl Telemetry {
         let mut windows = Windows::new(windows, epoch, config.max_keys);
         windows.set_pools(pools);
         let counters = IngestCounters::default();
-        let reporters = Reporters::new(&config, counters.departed.clone());
+        let reporters = Reporters::new(
+            &config,
+            counters.departed.clone(),
+            counters.forgotten.clone(),
+        );
         let sweep_every = config.sweep_every();
         Telemetry {
             config,
@@ -1230,6 +1242,15 @@ impl Telemetry {
             .connection_opened(gateway, process_start_unix_ms)
     }
 
+    /// Whether the reporter that [`Telemetry::connection_opened`] numbered `number` is still the
+    /// one ingest remembers (not forgotten since, nor forgotten and back as a new entry).
+    pub fn is_remembered(&self, gateway: &str, process_start_unix_ms: u64, number: u64) -> bool {
+        self.lock()
+            .reporters
+            .process_mut(gateway, process_start_unix_ms)
+            .is_some_and(|process| process.number == number)
+    }
+
     /// A connection that [`Telemetry::connection_opened`] for this reporter (returning `number`)
     /// closed. `Some(sequence)` when it was the reporter's last open connection and the reporter
     /// is live: the sequence of its latest report, for the word passed on to the leader.
@@ -1382,24 +1403,45 @@ struct ConnectionReporters {
     /// It carried more than one gateway's reports: a proxy's connection (a sidecar in front of
     /// this service), whose close says nothing of any one gateway.
     shared: bool,
+    /// `IngestCounters::forgotten` when `carried` was last checked against what ingest
+    /// remembers.
+    forgotten_seen: u64,
 }
 
 impl ConnectionReporters {
     fn new(service: IngestService) -> Self {
+        let forgotten_seen = service.telemetry.counters().forgotten.get();
         ConnectionReporters {
             service,
             carried: Vec::new(),
             shared: false,
+            forgotten_seen,
         }
     }
 
-    fn knows(&self, gateway: &str, start: u64) -> bool {
+    fn knows(&mut self, gateway: &str, start: u64) -> bool {
+        self.drop_forgotten();
         self.shared
             || self
                 .carried
                 .iter()
                 .any(|(g, s, _)| g == gateway && *s == start)
             || self.carried.len() >= REPORTERS_PER_CONNECTION
+    }
+
+    /// A process silent past `--forget-after` is forgotten, its connection perhaps still open;
+    /// should it report again on it, ingest remembers it as a new entry, which this connection
+    /// must follow afresh, or its close (Envoy exiting) would go unseen and its load be held for
+    /// until forgotten again. Forgetting is rare, so the check runs only after one.
+    fn drop_forgotten(&mut self) {
+        let forgotten = self.service.telemetry.counters().forgotten.get();
+        if forgotten == self.forgotten_seen {
+            return;
+        }
+        self.forgotten_seen = forgotten;
+        let telemetry = &self.service.telemetry;
+        self.carried
+            .retain(|(gateway, start, number)| telemetry.is_remembered(gateway, *start, *number));
     }
 
     fn track(&mut self, gateway: String, start: u64) {

@@ -83,6 +83,11 @@ impl Metrics {
                 &c.departed,
             ),
             (
+                "flyball_ingest_forgotten",
+                "Gateway processes forgotten after --forget-after of silence",
+                &c.forgotten,
+            ),
+            (
                 "flyball_ingest_reporter_dropped_reports",
                 "Reports gateways say they gave up on",
                 &c.reporter_dropped_reports,

@@ -579,6 +579,41 @@ async fn a_gateway_whose_connection_closed_is_gone_when_quiet_one_cut_off_is_mis
     control.stop().await
 }
 
+/// A gateway silent past `--forget-after` with its connection still open is forgotten; when it
+/// reports again on that connection and then exits, its exit is seen as for any gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_forgotten_then_back_on_its_open_connection_is_gone_when_it_exits()
+-> Result<(), Error> {
+    let control =
+        support::start(ONE_POOL, &["--stale-after", "1s", "--forget-after", "2s"]).await?;
+    let wait = std::time::Duration::from_secs(10);
+    let channel = Channel::from_shared(control.grpc_uri())?.connect().await?;
+    let mut stream = Reporting::stream(TelemetryServiceClient::new(channel.clone())).await?;
+    for sequence in 1..=3 {
+        assert_eq!(stream.send(report("gw", 1, sequence, 1)).await?, sequence);
+    }
+    control
+        .wait_metric("flyball_ingest_forgotten_total", 1.0, wait)
+        .await?;
+    for sequence in 4..=5 {
+        assert_eq!(stream.send(report("gw", 1, sequence, 1)).await?, sequence);
+    }
+    assert_eq!(
+        control.metric("flyball_reporters{state=\"live\"}").await?,
+        Some(1.0)
+    );
+    // Envoy exits: its connection closes.
+    drop((stream, channel));
+    control
+        .wait_metric("flyball_ingest_departed_total", 1.0, wait)
+        .await?;
+    assert_eq!(
+        control.metric("flyball_reporters{state=\"stale\"}").await?,
+        Some(0.0)
+    );
+    control.stop().await
+}
+
 /// A connection that carries several gateways is a proxy's (a sidecar in front of the control
 /// service): when it closes, none of them is taken as gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
