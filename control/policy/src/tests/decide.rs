@@ -238,6 +238,36 @@ fn learned_at_a_quiet_hour(spec: &AutoscalerSpec) -> (Load, PolicyMemory) {
 }
 
 #[test]
+fn past_a_learned_capacity_more_completed_requests_never_yield_fewer_replicas() {
+    // Either side of the 10 completed requests that let a short window's percentile trigger
+    // panic: with 9, as with 11, every request got its first token (no queue) and latency is
+    // well within the objective. More load must not ask for fewer replicas.
+    let spec = spec_with(UNIFIED, without_hints);
+    let (light, mem) = learned_at_a_quiet_hour(&spec);
+    let at = T0 + STABLE + secs(1);
+    let burst = |requests_per_s: f64, tokens: f64| {
+        Load::tokens(tokens, tokens / 50.0, 2)
+            .ttft(ms(300))
+            .requests(requests_per_s)
+    };
+    let fewer = decide_unified(
+        &spec,
+        windows(burst(0.9, 1_000.0), light),
+        state(2, 2),
+        &mut mem.clone(),
+        at,
+    );
+    let more = decide_unified(
+        &spec,
+        windows(burst(1.1, 1_100.0), light),
+        state(2, 2),
+        &mut mem.clone(),
+        at,
+    );
+    assert!(more.to >= fewer.to, "fewer requests: {fewer}\nmore: {more}");
+}
+
+#[test]
 fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_carried_not_scaled() {
     let spec = spec_with(UNIFIED, without_hints);
     let (light, mut mem) = learned_at_a_quiet_hour(&spec);
