@@ -585,7 +585,7 @@ async fn a_gateway_whose_connection_closed_is_gone_when_quiet_one_cut_off_is_mis
 async fn a_gateway_forgotten_then_back_on_its_open_connection_is_gone_when_it_exits()
 -> Result<(), Error> {
     let control =
-        support::start(ONE_POOL, &["--stale-after", "1s", "--forget-after", "2s"]).await?;
+        support::start(ONE_POOL, &["--stale-after", "2s", "--forget-after", "4s"]).await?;
     let wait = std::time::Duration::from_secs(10);
     let channel = Channel::from_shared(control.grpc_uri())?.connect().await?;
     let mut stream = Reporting::stream(TelemetryServiceClient::new(channel.clone())).await?;

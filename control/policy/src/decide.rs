@@ -53,9 +53,16 @@ pub const MAX_PROBE_GROWTH: f64 = 1.2;
 pub const MIN_LEARNED_SHARE_OF_HINT: f64 = 0.25;
 
 /// A miss teaches a capacity only when the short window's token rates are within this share of
-/// the stable window's: a percentile breached by a burst says nothing about the window's mean load
-/// (see `learn`).
+/// the stable window's (or within their noise, if wider): a percentile breached by a burst says
+/// nothing about the window's mean load (see `learn`).
 pub const STEADY_LOAD_TOLERANCE: f64 = 0.35;
+
+/// Standard errors of the short window's token rates, under steady load, that still count as
+/// steady: at a few requests a second the short window's mean wanders far on its own.
+pub const STEADY_LOAD_NOISE_SIGMAS: f64 = 3.0;
+
+/// The spread of tokens per request (standard deviation over mean) assumed for that noise.
+const TOKENS_PER_REQUEST_CV: f64 = 1.0;
 
 /// Windows with more failed requests than this share teach nothing: failing replicas do not show
 /// what healthy ones sustain.
@@ -425,7 +432,7 @@ fn decide_pool(
         return decision(to, rule, reason);
     }
 
-    learn(cx, role, pool, t, state, mem);
+    let learned = learn(cx, role, pool, t, state, mem);
 
     let short_requests = rate(t.short.request_rate_per_s) * t.short.coverage.as_secs_f64();
     // Latency speaks for the load only while nothing queues: at the start of a burst completed
@@ -436,7 +443,7 @@ fn decide_pool(
     // now" at 10). A breach still needs them to trigger panic (below).
     let latency_judged = f64::from(t.in_flight_waiting) < f64::from(ready.max(1));
     for &dim in dimensions(role) {
-        let estimate = match positive(dim.learned(mem.learned())) {
+        let estimate = match positive(dim.learned(&learned)) {
             Some(learned) => Some(
                 match carried_per_replica(cx, dim, t, state, mem, latency_judged)
                     .filter(|c| *c > learned)
@@ -883,9 +890,17 @@ fn shows_steady_replicas(
 /// follow for the bursts (three times over on the Azure code trace). One look can match by
 /// chance between bursts, so `learn` requires every look for a stable window to.
 fn load_looks_steady(t: &PoolTelemetry) -> bool {
-    let near = |short: f64, stable: f64| {
-        (rate(short) - rate(stable)).abs() <= STEADY_LOAD_TOLERANCE * rate(stable)
-    };
+    // Requests the short window would hold under the stable window's rate; its token rates'
+    // relative standard error is then sqrt((1 + cv^2) / n).
+    let expected = rate(t.stable.request_rate_per_s) * t.short.coverage.as_secs_f64();
+    if expected <= 0.0 {
+        // Nothing completed to compare: no burst either.
+        return true;
+    }
+    let noise = ((1.0 + TOKENS_PER_REQUEST_CV.powi(2)) / expected).sqrt();
+    let tolerance = STEADY_LOAD_TOLERANCE.max(STEADY_LOAD_NOISE_SIGMAS * noise);
+    let near =
+        |short: f64, stable: f64| (rate(short) - rate(stable)).abs() <= tolerance * rate(stable);
     near(t.short.input_tokens_per_s, t.stable.input_tokens_per_s)
         && near(t.short.output_tokens_per_s, t.stable.output_tokens_per_s)
 }
@@ -909,7 +924,8 @@ fn well_within(signal: Signal, slo: &Slo, window: &WindowStats) -> bool {
 /// shows capacity >= `x` (the estimate rises to `x`, and further by [`probe`] while latency is well
 /// below the objective), missing it shows capacity < `x` (the estimate
 /// falls towards `x * VIOLATION_BACKOFF`, as an EWMA with the stable window as time constant, so
-/// the tick rate does not matter and one bad window does not erase what was learned).
+/// the tick rate does not matter and one bad window does not erase what was learned). Returns the
+/// capacity for the decision at hand: what is kept, and what a miss in unsteady load showed.
 fn learn(
     cx: &Context<'_>,
     role: Role,
@@ -917,14 +933,14 @@ fn learn(
     t: &PoolTelemetry,
     state: &PoolState,
     mem: &mut PoolMemory,
-) {
+) -> LearnedCapacity {
     let now = cx.now;
     let window = &t.stable;
     let ready = state.ready_replicas;
     let load_steady = mem.note_load_steadiness(load_looks_steady(t), now, window.length);
     // The window must show these ready replicas alone, not a mix of counts.
     if !shows_steady_replicas(window, t, ready, mem, now, window.length) {
-        return;
+        return *mem.learned();
     }
     let waiting_per_replica = f64::from(t.in_flight_waiting) / f64::from(ready);
     let tau = window.length.as_secs_f64();
@@ -940,6 +956,7 @@ fn learn(
         1.0
     };
     learned.updated_at = Some(now);
+    let mut at_hand_only = Vec::new();
     for &dim in dimensions(role) {
         // A unified pool's sequences include a queue, which waits rather than being served and
         // leaves TPOT untouched: counted in, it would be learned as what a replica serves.
@@ -974,9 +991,8 @@ fn learn(
                 _ => Some(x),
             }
         } else {
-            // A TTFT miss with no queue is the prompts' length, not a lack of replicas; a miss
-            // in a window whose load came in bursts is the bursts', not its mean's.
-            if (matches!(signal, Signal::Ttft) && waiting_per_replica < 1.0) || !load_steady {
+            // A TTFT miss with no queue is the prompts' length, not a lack of replicas.
+            if matches!(signal, Signal::Ttft) && waiting_per_replica < 1.0 {
                 continue;
             }
             let goal = x * VIOLATION_BACKOFF;
@@ -988,9 +1004,21 @@ fn learn(
             }
         };
         if let Some(value) = positive(next) {
-            *slot = Some(value);
+            if q > target && !load_steady {
+                // A miss in a window whose load came in bursts is the bursts', not its mean's:
+                // kept, it would size the steady hours after for them. It still counts for the
+                // decision at hand, so that more load never meets a higher capacity than less.
+                at_hand_only.push((dim, value));
+            } else {
+                *slot = Some(value);
+            }
         }
     }
+    let mut at_hand = *mem.learned();
+    for (dim, value) in at_hand_only {
+        *dim.learned_mut(&mut at_hand) = Some(value);
+    }
+    at_hand
 }
 
 /// The token rate each ready replica carries, when that proves a capacity beyond what was

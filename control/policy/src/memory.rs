@@ -247,7 +247,8 @@ impl PoolMemory {
         now: Duration,
         window: Duration,
     ) -> bool {
-        if !steady_now {
+        // A clock that went back leaves no way to tell how long ago the last unsteady look was.
+        if !steady_now || self.unsteady_load_at.is_some_and(|at| at > now) {
             self.unsteady_load_at = Some(now);
         }
         self.unsteady_load_at

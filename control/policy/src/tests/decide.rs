@@ -1164,6 +1164,37 @@ fn a_miss_in_a_window_whose_load_came_in_bursts_teaches_nothing_about_capacity()
 }
 
 #[test]
+fn at_a_few_requests_a_second_the_short_windows_noise_is_not_taken_for_a_burst() {
+    let spec = spec(UNIFIED);
+    let learned_with = |requests_per_s: f64| {
+        let mut mem = memory();
+        let stable = Load::tokens(16_000.0, 1_000.0, 20)
+            .ttft(ms(600))
+            .waiting(12)
+            .requests(requests_per_s);
+        // Twice the mean in the short window.
+        let short = Load::tokens(32_000.0, 2_000.0, 20)
+            .ttft(ms(600))
+            .waiting(12)
+            .requests(requests_per_s * 2.0);
+        decide_unified(&spec, windows(short, stable), state(4, 4), &mut mem, T0);
+        decide_unified(
+            &spec,
+            windows(short, stable),
+            state(4, 4),
+            &mut mem,
+            T0 + STABLE,
+        );
+        mem.pool(Role::Unified).learned().prefill_tokens_per_s
+    };
+    // At 1 request a second the short window holds about 10: twice the mean is within three
+    // standard errors of it (long prompts alone do that), so the miss teaches.
+    assert!(learned_with(1.0).is_some());
+    // At 10 a second, about 100: twice the mean is a burst.
+    assert_eq!(learned_with(10.0), None);
+}
+
+#[test]
 fn a_miss_teaches_only_after_a_whole_stable_window_of_steady_load() {
     let spec = spec(UNIFIED);
     let mut mem = memory();
