@@ -268,6 +268,82 @@ fn past_a_learned_capacity_more_completed_requests_never_yield_fewer_replicas() 
 }
 
 #[test]
+fn a_breach_answered_is_not_answered_again_as_the_window_slides_while_the_answer_loads() {
+    let spec = spec_with(UNIFIED, |raw| {
+        raw.pools.unified.as_mut().unwrap().max_replicas = 256;
+    });
+    let mut mem = memory();
+    let quiet = Load::tokens(8_000.0, 1_000.0, 20);
+    // TTFT at 3x its objective in both windows, with a queue; little token load, so SLO
+    // feedback sets the answer.
+    let breach = Load::tokens(8_000.0, 1_000.0, 20)
+        .ttft(ms(1_500))
+        .waiting(40);
+    let feedback = |d: &PoolDecision| d.reason.slo_feedback_replicas;
+    for at in [0, 50] {
+        decide_unified(
+            &spec,
+            telemetry(quiet),
+            state(8, 8),
+            &mut mem,
+            T0 + secs(at),
+        );
+    }
+    decide_unified(
+        &spec,
+        telemetry(quiet),
+        state(16, 16),
+        &mut mem,
+        T0 + secs(100),
+    );
+    // The stable window still holds the time 8 served: 8 x 3.
+    let d = decide_unified(
+        &spec,
+        telemetry(breach),
+        state(16, 16),
+        &mut mem,
+        T0 + secs(110),
+    );
+    assert_eq!(feedback(&d), Some(24), "{d}");
+    // A minute on, the same breach; 16 served all of the window now, and the 8 more asked for
+    // are still loading: the same shortfall, not 16 x 3.
+    let d = decide_unified(
+        &spec,
+        telemetry(breach),
+        state(24, 16),
+        &mut mem,
+        T0 + secs(170),
+    );
+    assert_eq!(feedback(&d), Some(24), "{d}");
+    // A worse breach is answered anew: 16 x 4.
+    let worse = breach.ttft(ms(2_000));
+    let d = decide_unified(
+        &spec,
+        telemetry(worse),
+        state(24, 16),
+        &mut mem,
+        T0 + secs(175),
+    );
+    assert_eq!(feedback(&d), Some(64), "{d}");
+    // So is one that persists once the answer is ready and served a whole window: 64 x 4.
+    decide_unified(
+        &spec,
+        telemetry(worse),
+        state(64, 64),
+        &mut mem,
+        T0 + secs(300),
+    );
+    let d = decide_unified(
+        &spec,
+        telemetry(worse),
+        state(64, 64),
+        &mut mem,
+        T0 + secs(370),
+    );
+    assert_eq!(feedback(&d), Some(256), "{d}");
+}
+
+#[test]
 fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_carried_not_scaled() {
     let spec = spec_with(UNIFIED, without_hints);
     let (light, mut mem) = learned_at_a_quiet_hour(&spec);
