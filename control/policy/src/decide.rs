@@ -574,7 +574,8 @@ fn decide_pool(
                         Some(earlier)
                             if factor <= earlier.factor
                                 && ready < earlier.replicas
-                                && now.saturating_sub(earlier.at) <= grace =>
+                                && earlier.at <= now
+                                && now - earlier.at <= grace =>
                         {
                             Some(answer.min(earlier.replicas))
                         }
