@@ -574,8 +574,7 @@ fn decide_pool(
                         Some(earlier)
                             if factor <= earlier.factor
                                 && ready < earlier.replicas
-                                && earlier.at <= now
-                                && now - earlier.at <= grace =>
+                                && now.saturating_sub(earlier.at) <= grace =>
                         {
                             Some(answer.min(earlier.replicas))
                         }
