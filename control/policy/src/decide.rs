@@ -20,7 +20,7 @@ use crate::decision::{
 use crate::inputs::{
     AutoscalerInputs, Freshness, PoolInputs, PoolState, PoolTelemetry, WindowStats, rate,
 };
-use crate::memory::{BreachAnswer, LastDecision, LearnedCapacity, PolicyMemory, PoolMemory};
+use crate::memory::{LastDecision, LearnedCapacity, PolicyMemory, PoolMemory};
 use crate::pools::{Pools, Role, Topology};
 use crate::spec::{AutoscalerSpec, Behavior, CapacityHints, PoolSpec, Slo};
 
@@ -520,11 +520,6 @@ fn decide_pool(
         }
     }
 
-    let grace = scale_duration(
-        state.time_to_ready.unwrap_or(DEFAULT_TIME_TO_READY),
-        STARTING_GRACE_FACTOR,
-    );
-
     // SLO feedback, per objective. In panic the worse window counts, otherwise the stable one.
     let mut feedback: Option<u32> = None;
     for &signal in signals(role) {
@@ -553,7 +548,6 @@ fn decide_pool(
                 });
                 if r > 1.0 {
                     let factor = r.min(1.0 + MAX_SLO_ERROR);
-                    let slot = signal as usize;
                     // The latency was measured on the replicas that served during the window:
                     // replicas that became ready since (the answer to this very breach) did not
                     // shape it, and multiplying them too would scale up a second time for the
@@ -563,33 +557,7 @@ fn decide_pool(
                         Window::Stable => t.stable.length,
                     };
                     let served = mem.ready_within(now, length).unwrap_or(ready).min(ready);
-                    let answer = (f64::from(served.max(1)) * factor - EPSILON).ceil() as u32;
-                    // A breach no worse than one answered while those replicas load is the same
-                    // shortfall: the fewest replicas that served it rise as the window slides
-                    // past the counts before the answer, and multiplying the new count would
-                    // answer it again (32 -> 48 -> 64 in 20 s for one burst of the Azure code
-                    // trace). A worse breach, one that outlives the answer's time to ready, or
-                    // one that persists once the answer is ready, is answered anew.
-                    match mem.breach_answer(slot) {
-                        Some(earlier)
-                            if factor <= earlier.factor
-                                && ready < earlier.replicas
-                                && now.saturating_sub(earlier.at) <= grace =>
-                        {
-                            Some(answer.min(earlier.replicas))
-                        }
-                        _ => {
-                            mem.set_breach_answer(
-                                slot,
-                                BreachAnswer {
-                                    factor,
-                                    replicas: answer,
-                                    at: now,
-                                },
-                            );
-                            Some(answer)
-                        }
-                    }
+                    Some((f64::from(served.max(1)) * factor - EPSILON).ceil() as u32)
                 } else if covered {
                     // Near the objective the ready replicas stay; well below, feed-forward governs.
                     (r >= WELL_BELOW_TARGET).then_some(ready)
@@ -636,6 +604,10 @@ fn decide_pool(
     // before it: the grace runs from its start, so replicas stuck Pending do not block a
     // scale-up for ever.
     let last_change = later(state.last_scale_change_at, mem.last_event_at());
+    let grace = scale_duration(
+        state.time_to_ready.unwrap_or(DEFAULT_TIME_TO_READY),
+        STARTING_GRACE_FACTOR,
+    );
     let starting_since = last_change.unwrap_or(started_at);
     let starting_counted = now.saturating_sub(starting_since) <= grace;
     reason.starting_counted = starting_counted;

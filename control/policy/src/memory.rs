@@ -56,10 +56,6 @@ pub struct PoolMemory {
     last_change_at: Option<Duration>,
     last_panic_at: Option<Duration>,
     last_decision: Option<LastDecision>,
-    /// The last SLO feedback answer to a breach, per objective (TTFT, TPOT): a breach no worse,
-    /// seen again while the replicas asked for it load, gets no more than that answer.
-    #[serde(default)]
-    breach_answers: [Option<BreachAnswer>; 2],
     /// When learning last saw the short window's load stray from the stable window's: a miss
     /// teaches capacity only once a whole stable window has passed since (see `learn`).
     #[serde(default)]
@@ -99,14 +95,6 @@ pub struct LastDecision {
 struct Sample {
     at: Duration,
     replicas: u32,
-}
-
-/// SLO feedback's answer to a breach: `served` replicas times `factor`, asked for at `at`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub(crate) struct BreachAnswer {
-    pub factor: f64,
-    pub replicas: u32,
-    pub at: Duration,
 }
 
 /// A ready count that held until `until`.
@@ -265,17 +253,6 @@ impl PoolMemory {
         }
         self.unsteady_load_at
             .is_none_or(|at| now.saturating_sub(at) >= window)
-    }
-
-    /// The last answer to a breach of objective `signal` (0: TTFT, 1: TPOT).
-    pub(crate) fn breach_answer(&self, signal: usize) -> Option<BreachAnswer> {
-        self.breach_answers.get(signal).copied().flatten()
-    }
-
-    pub(crate) fn set_breach_answer(&mut self, signal: usize, answer: BreachAnswer) {
-        if let Some(slot) = self.breach_answers.get_mut(signal) {
-            *slot = Some(answer);
-        }
     }
 
     pub(crate) fn set_last_panic_at(&mut self, at: Duration) {
