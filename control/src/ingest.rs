@@ -1432,7 +1432,8 @@ impl ConnectionReporters {
     /// A process silent past `--forget-after` is forgotten, its connection perhaps still open;
     /// should it report again on it, ingest remembers it as a new entry, which this connection
     /// must follow afresh, or its close (Envoy exiting) would go unseen and its load be held for
-    /// until forgotten again. Forgetting is rare, so the check runs only after one.
+    /// until forgotten again. A process is forgotten once, long after it went quiet, so the
+    /// check runs only after one.
     fn drop_forgotten(&mut self) {
         let forgotten = self.service.telemetry.counters().forgotten.get();
         if forgotten == self.forgotten_seen {

@@ -110,6 +110,19 @@ impl Reporting {
         Ok(Reporting::Stream { reports, acks })
     }
 
+    /// Sends `gateway`'s reports (process 1, one ok request each) numbered `sequences`, each
+    /// acknowledged in turn.
+    async fn send_acked(
+        &mut self,
+        gateway: &str,
+        sequences: std::ops::RangeInclusive<u64>,
+    ) -> Result<(), Error> {
+        for sequence in sequences {
+            assert_eq!(self.send(report(gateway, 1, sequence, 1)).await?, sequence);
+        }
+        Ok(())
+    }
+
     /// Sends one report; returns the sequence acknowledged, or the refusal.
     async fn send(&mut self, report: v1::ReportRequest) -> Result<u64, tonic::Status> {
         match self {
@@ -543,12 +556,7 @@ async fn a_gateway_whose_connection_closed_is_gone_when_quiet_one_cut_off_is_mis
     for gateway in ["exits", "cut-off", "stream-reset"] {
         let channel = Channel::from_shared(control.grpc_uri())?.connect().await?;
         let mut stream = Reporting::stream(TelemetryServiceClient::new(channel.clone())).await?;
-        for sequence in 1..=3 {
-            assert_eq!(
-                stream.send(report(gateway, 1, sequence, 1)).await?,
-                sequence
-            );
-        }
+        stream.send_acked(gateway, 1..=3).await?;
         gateways.push((channel, stream));
     }
     // "exits" closes its connection, as Envoy does when it exits; "cut-off" goes quiet with its
@@ -589,15 +597,11 @@ async fn a_gateway_forgotten_then_back_on_its_open_connection_is_gone_when_it_ex
     let wait = std::time::Duration::from_secs(10);
     let channel = Channel::from_shared(control.grpc_uri())?.connect().await?;
     let mut stream = Reporting::stream(TelemetryServiceClient::new(channel.clone())).await?;
-    for sequence in 1..=3 {
-        assert_eq!(stream.send(report("gw", 1, sequence, 1)).await?, sequence);
-    }
+    stream.send_acked("gw", 1..=3).await?;
     control
         .wait_metric("flyball_ingest_forgotten_total", 1.0, wait)
         .await?;
-    for sequence in 4..=5 {
-        assert_eq!(stream.send(report("gw", 1, sequence, 1)).await?, sequence);
-    }
+    stream.send_acked("gw", 4..=5).await?;
     assert_eq!(
         control.metric("flyball_reporters{state=\"live\"}").await?,
         Some(1.0)
@@ -623,12 +627,7 @@ async fn gateways_sharing_a_connection_that_closes_are_missing_when_quiet() -> R
     let mut streams = Vec::new();
     for gateway in ["behind-proxy-a", "behind-proxy-b"] {
         let mut stream = Reporting::stream(TelemetryServiceClient::new(channel.clone())).await?;
-        for sequence in 1..=3 {
-            assert_eq!(
-                stream.send(report(gateway, 1, sequence, 1)).await?,
-                sequence
-            );
-        }
+        stream.send_acked(gateway, 1..=3).await?;
         streams.push(stream);
     }
     drop((streams, channel));

@@ -44,6 +44,20 @@ async fn pools(url: &str) -> Option<serde_json::Value> {
     value["pools"].as_array()?.first().cloned()
 }
 
+/// Waits up to 10 s for `/v1/pools` at `url` to show a pool `done` accepts (`None`: a field it
+/// reads is missing yet); returns that pool.
+async fn wait_for_pool(
+    what: &str,
+    url: &str,
+    done: impl Fn(&serde_json::Value) -> Option<bool>,
+) -> anyhow::Result<serde_json::Value> {
+    wait_for(what, Duration::from_secs(10), || async {
+        let pool = pools(url).await?;
+        done(&pool)?.then_some(pool)
+    })
+    .await
+}
+
 /// Windows a test can fill in seconds.
 const QUICK_WINDOWS: [&str; 6] = [
     "--bucket",
@@ -121,17 +135,9 @@ async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyho
         anyhow::ensure!(r.status == 200, "trickle request: {}", r.status);
         sent += 1;
     }
-    let before = wait_for(
-        "control to see the trickle",
-        Duration::from_secs(10),
-        || {
-            let url = url.clone();
-            async move {
-                let pool = pools(&url).await?;
-                (pool["requests"].as_u64()? >= 10).then_some(pool)
-            }
-        },
-    )
+    let before = wait_for_pool("control to see the trickle", &url, |pool| {
+        Some(pool["requests"].as_u64()? >= 10)
+    })
     .await?;
     let desired_before = before["replicas"]["desired"].as_u64().unwrap_or(0);
     assert_eq!(desired_before, 1, "a trickle needs one replica: {before}");
@@ -140,12 +146,8 @@ async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyho
     let step_started = Instant::now();
     let tasks = start_streams(&client, &envoy, sent, 24, 120);
     sent += 24;
-    let scaled = wait_for("a scale-up recommendation", Duration::from_secs(10), || {
-        let url = url.clone();
-        async move {
-            let pool = pools(&url).await?;
-            (pool["replicas"]["desired"].as_u64()? > 1).then_some(pool)
-        }
+    let scaled = wait_for_pool("a scale-up recommendation", &url, |pool| {
+        Some(pool["replicas"]["desired"].as_u64()? > 1)
     })
     .await?;
     let decision_latency = step_started.elapsed();
@@ -176,18 +178,9 @@ async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyho
         truth.iter().all(|t| t.usage_reported),
         "every request here reports usage"
     );
-    let pool = wait_for(
-        "control totals to cover every request",
-        Duration::from_secs(10),
-        || {
-            let url = url.clone();
-            async move {
-                let pool = pools(&url).await?;
-                (pool["requests"].as_u64()? >= sent as u64 && pool["in_flight"].as_u64()? == 0)
-                    .then_some(pool)
-            }
-        },
-    )
+    let pool = wait_for_pool("control totals to cover every request", &url, |pool| {
+        Some(pool["requests"].as_u64()? >= sent as u64 && pool["in_flight"].as_u64()? == 0)
+    })
     .await?;
     assert_eq!(pool["requests"].as_u64(), Some(sent as u64), "{pool}");
     assert_eq!(pool["errors"].as_u64(), Some(0), "{pool}");
@@ -268,18 +261,15 @@ async fn load_steps_at_the_gateway_set_replicas_on_the_api_server() -> anyhow::R
     for streams in [4usize, 8, 16, 32, 64] {
         // Quiet first: control has seen the ready replicas and asks for no more, so the PATCH
         // below answers this step and nothing before it.
-        wait_for(
+        wait_for_pool(
             "control to settle on the ready replicas",
-            Duration::from_secs(10),
-            || {
-                let url = control.pools_url();
-                async move {
-                    let pool = pools(&url).await?;
-                    (pool["replicas"]["ready"].as_u64()? == ready
+            &control.pools_url(),
+            |pool| {
+                Some(
+                    pool["replicas"]["ready"].as_u64()? == ready
                         && pool["replicas"]["desired"].as_u64()? == ready
-                        && pool["in_flight"].as_u64()? == 0)
-                        .then_some(())
-                }
+                        && pool["in_flight"].as_u64()? == 0,
+                )
             },
         )
         .await?;
@@ -310,13 +300,10 @@ async fn load_steps_at_the_gateway_set_replicas_on_the_api_server() -> anyhow::R
         }
         // The first PATCH may come from a report that saw only part of the step; by the time
         // control has seen the streams end, the replicas asked for cover all of it.
-        wait_for(
+        wait_for_pool(
             "control to see the step end",
-            Duration::from_secs(10),
-            || {
-                let url = control.pools_url();
-                async move { (pools(&url).await?["in_flight"].as_u64()? == 0).then_some(()) }
-            },
+            &control.pools_url(),
+            |pool| Some(pool["in_flight"].as_u64()? == 0),
         )
         .await?;
         let asked = deployment_replicas().unwrap_or(0);
@@ -392,14 +379,9 @@ async fn a_gateway_whose_envoy_exits_is_gone_not_missing() -> anyhow::Result<()>
     };
     let silent = r#"flyball_pool_silent_reporters{autoscaler="e2e",namespace="default",pool="llama-e2e",role="unified"}"#;
     let url = control.pools_url();
-    wait_for(
-        "control to see the requests",
-        Duration::from_secs(10),
-        || {
-            let url = url.clone();
-            async move { (pools(&url).await?["requests"].as_u64()? >= 5).then_some(()) }
-        },
-    )
+    wait_for_pool("control to see the requests", &url, |pool| {
+        Some(pool["requests"].as_u64()? >= 5)
+    })
     .await?;
     assert_eq!(metric("flyball_reporters{state=\"live\"}").await, Some(1.0));
 
@@ -473,17 +455,9 @@ async fn reports_reach_control_over_mutual_tls() -> anyhow::Result<()> {
         .await?;
         anyhow::ensure!(r.status == 200, "request {i}: {}", r.status);
     }
-    let pool = wait_for(
-        "control to count every request",
-        Duration::from_secs(10),
-        || {
-            let url = url.clone();
-            async move {
-                let pool = pools(&url).await?;
-                (pool["requests"].as_u64()? >= sent as u64).then_some(pool)
-            }
-        },
-    )
+    let pool = wait_for_pool("control to count every request", &url, |pool| {
+        Some(pool["requests"].as_u64()? >= sent as u64)
+    })
     .await?;
     assert_eq!(pool["requests"].as_u64(), Some(sent as u64), "{pool}");
     let handshakes = envoy

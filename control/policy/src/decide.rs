@@ -1022,7 +1022,7 @@ fn learn(
 }
 
 /// The token rate each ready replica carries, when that proves a capacity beyond what was
-/// learned: latency can be judged in the short window (enough requests completed, no queue), few
+/// learned: latency can be judged in the short window (nothing queues), few
 /// failed, the latency objective is well met there and not missed in the stable window, and the
 /// ready replicas have not changed for a stable window (requests finishing now started long ago);
 /// few failed in the stable window either.

@@ -390,7 +390,17 @@ impl PoolMemory {
     }
 
     fn push_down(&mut self, sample: Sample) {
-        push_highest(&mut self.down_window, sample);
+        while self
+            .down_window
+            .back()
+            .is_some_and(|s| s.replicas <= sample.replicas)
+        {
+            self.down_window.pop_back();
+        }
+        if self.down_window.len() >= MAX_WINDOW_SAMPLES {
+            self.down_window.pop_front();
+        }
+        self.down_window.push_back(sample);
     }
 
     fn clear_if_clock_went_back(&mut self, now: Duration) {
@@ -414,17 +424,6 @@ impl PoolMemory {
         evict(&mut self.down_window, now, window);
         self.down_window.front().map(|s| s.replicas)
     }
-}
-
-/// Appends `sample` to a queue of decreasing highs: samples it dominates leave.
-fn push_highest(queue: &mut VecDeque<Sample>, sample: Sample) {
-    while queue.back().is_some_and(|s| s.replicas <= sample.replicas) {
-        queue.pop_back();
-    }
-    if queue.len() >= MAX_WINDOW_SAMPLES {
-        queue.pop_front();
-    }
-    queue.push_back(sample);
 }
 
 fn evict(queue: &mut VecDeque<Sample>, now: Duration, window: Duration) {

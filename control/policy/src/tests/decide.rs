@@ -1110,14 +1110,25 @@ fn capacity_is_learned_upwards_when_the_slo_is_met_above_the_hint() {
     assert_eq!((d.to, d.action), (4, Action::Hold), "{d}");
 }
 
+/// `input` and `output` tokens/s on 4 replicas, TTFT missing its objective with requests queueing.
+fn missing_with_a_queue(input: f64, output: f64) -> Load {
+    Load::tokens(input, output, 20).ttft(ms(600)).waiting(12)
+}
+
+/// The prefill capacity 4 steady replicas teach, from fresh memory, over one stable window of `t`.
+fn prefill_learned_over_a_stable_window(spec: &AutoscalerSpec, t: PoolTelemetry) -> Option<f64> {
+    let mut mem = memory();
+    decide_unified(spec, t.clone(), state(4, 4), &mut mem, T0);
+    decide_unified(spec, t, state(4, 4), &mut mem, T0 + STABLE);
+    mem.pool(Role::Unified).learned().prefill_tokens_per_s
+}
+
 #[test]
 fn capacity_is_learned_downwards_when_the_slo_is_missed_below_the_hint() {
     let spec = spec(UNIFIED);
     let mut mem = memory();
     // 4000 tok/s per replica is half the 8000 hint, yet TTFT misses with requests queueing.
-    let load = Load::tokens(16_000.0, 1_000.0, 20)
-        .ttft(ms(600))
-        .waiting(12);
+    let load = missing_with_a_queue(16_000.0, 1_000.0);
     decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0);
     let d = decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0 + STABLE);
     let learned = mem
@@ -1138,23 +1149,10 @@ fn a_miss_in_a_window_whose_load_came_in_bursts_teaches_nothing_about_capacity()
     // with a queue; but the short window shows the load was not steady: a burst at twice the mean
     // (in progress), or a lull after one (passed). Either way the miss is the burst's, at a load
     // the mean does not show.
-    let stable = Load::tokens(16_000.0, 1_000.0, 20)
-        .ttft(ms(600))
-        .waiting(12);
+    let stable = missing_with_a_queue(16_000.0, 1_000.0);
     let learned_with = |short_input: f64, short_output: f64| {
-        let mut mem = memory();
-        let short = Load::tokens(short_input, short_output, 20)
-            .ttft(ms(600))
-            .waiting(12);
-        decide_unified(&spec, windows(short, stable), state(4, 4), &mut mem, T0);
-        decide_unified(
-            &spec,
-            windows(short, stable),
-            state(4, 4),
-            &mut mem,
-            T0 + STABLE,
-        );
-        mem.pool(Role::Unified).learned().prefill_tokens_per_s
+        let short = missing_with_a_queue(short_input, short_output);
+        prefill_learned_over_a_stable_window(&spec, windows(short, stable))
     };
     assert_eq!(learned_with(32_000.0, 2_000.0), None, "a burst in progress");
     assert_eq!(learned_with(4_000.0, 250.0), None, "a burst passed");
@@ -1167,25 +1165,10 @@ fn a_miss_in_a_window_whose_load_came_in_bursts_teaches_nothing_about_capacity()
 fn at_a_few_requests_a_second_the_short_windows_noise_is_not_taken_for_a_burst() {
     let spec = spec(UNIFIED);
     let learned_with = |requests_per_s: f64| {
-        let mut mem = memory();
-        let stable = Load::tokens(16_000.0, 1_000.0, 20)
-            .ttft(ms(600))
-            .waiting(12)
-            .requests(requests_per_s);
+        let stable = missing_with_a_queue(16_000.0, 1_000.0).requests(requests_per_s);
         // Twice the mean in the short window.
-        let short = Load::tokens(32_000.0, 2_000.0, 20)
-            .ttft(ms(600))
-            .waiting(12)
-            .requests(requests_per_s * 2.0);
-        decide_unified(&spec, windows(short, stable), state(4, 4), &mut mem, T0);
-        decide_unified(
-            &spec,
-            windows(short, stable),
-            state(4, 4),
-            &mut mem,
-            T0 + STABLE,
-        );
-        mem.pool(Role::Unified).learned().prefill_tokens_per_s
+        let short = missing_with_a_queue(32_000.0, 2_000.0).requests(requests_per_s * 2.0);
+        prefill_learned_over_a_stable_window(&spec, windows(short, stable))
     };
     // At 1 request a second the short window holds about 10: twice the mean is within three
     // standard errors of it (long prompts alone do that), so the miss teaches.
@@ -1198,12 +1181,8 @@ fn at_a_few_requests_a_second_the_short_windows_noise_is_not_taken_for_a_burst()
 fn a_miss_teaches_only_after_a_whole_stable_window_of_steady_load() {
     let spec = spec(UNIFIED);
     let mut mem = memory();
-    let steady = Load::tokens(16_000.0, 1_000.0, 20)
-        .ttft(ms(600))
-        .waiting(12);
-    let burst = Load::tokens(48_000.0, 3_000.0, 20)
-        .ttft(ms(600))
-        .waiting(12);
+    let steady = missing_with_a_queue(16_000.0, 1_000.0);
+    let burst = missing_with_a_queue(48_000.0, 3_000.0);
     let learned = |mem: &PolicyMemory| mem.pool(Role::Unified).learned().prefill_tokens_per_s;
     decide_unified(&spec, telemetry(steady), state(4, 4), &mut mem, T0);
     // A burst ten seconds before the end of the first stable window; when the window ends the
@@ -1233,16 +1212,11 @@ fn a_miss_teaches_only_after_a_whole_stable_window_of_steady_load() {
 fn a_window_with_more_than_five_percent_failures_teaches_nothing() {
     let spec = spec(UNIFIED);
     let learned_with = |errors_per_s: f64| {
-        let mut mem = memory();
         // As in the test above: replicas shown to sustain less than their hint.
-        let mut load = Load::tokens(16_000.0, 1_000.0, 20)
-            .ttft(ms(600))
-            .waiting(12);
+        let mut load = missing_with_a_queue(16_000.0, 1_000.0);
         // Of the requests completed (failed ones included), this many a second failed.
         load.errors_per_s = errors_per_s;
-        decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0);
-        decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0 + STABLE);
-        mem.pool(Role::Unified).learned().prefill_tokens_per_s
+        prefill_learned_over_a_stable_window(&spec, telemetry(load))
     };
     let requests = Load::tokens(16_000.0, 1_000.0, 20).requests_per_s;
     assert!(learned_with(0.04 * requests).is_some());
@@ -1252,11 +1226,11 @@ fn a_window_with_more_than_five_percent_failures_teaches_nothing() {
 #[test]
 fn a_ttft_miss_without_a_queue_teaches_nothing_about_capacity() {
     let spec = spec(UNIFIED);
-    let mut mem = memory();
     let load = Load::tokens(16_000.0, 1_000.0, 20).ttft(ms(600));
-    decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0);
-    decide_unified(&spec, telemetry(load), state(4, 4), &mut mem, T0 + STABLE);
-    assert_eq!(mem.pool(Role::Unified).learned().prefill_tokens_per_s, None);
+    assert_eq!(
+        prefill_learned_over_a_stable_window(&spec, telemetry(load)),
+        None
+    );
 }
 
 #[test]

@@ -71,6 +71,18 @@ fn an_unacknowledged_report_is_resent_unchanged_with_its_sequence() {
     assert_eq!(sequence, 2);
 }
 
+/// `state` waits until `at` exactly, then builds report 2.
+fn assert_report_2_due_at(state: &ReporterState, at: u64) {
+    assert_eq!(
+        plan_tick(state, at - 1, INTERVAL, TIMEOUT, WORKER),
+        TickPlan::Wait
+    );
+    assert!(matches!(
+        plan_tick(state, at, INTERVAL, TIMEOUT, WORKER),
+        TickPlan::BuildNew { sequence: 2, .. }
+    ));
+}
+
 #[test]
 fn the_senders_tick_a_little_early_by_the_clock_is_on_time() {
     let state = ReporterState::decode_or_new(None, 0);
@@ -78,14 +90,7 @@ fn the_senders_tick_a_little_early_by_the_clock_is_on_time() {
     // The timer fired, but the clock reads up to half a tick short of due: send, not skip a
     // tick.
     let early = 1_000 + INTERVAL - early_tick_ms(INTERVAL);
-    assert_eq!(
-        plan_tick(&state, early - 1, INTERVAL, TIMEOUT, WORKER),
-        TickPlan::Wait
-    );
-    assert!(matches!(
-        plan_tick(&state, early, INTERVAL, TIMEOUT, WORKER),
-        TickPlan::BuildNew { sequence: 2, .. }
-    ));
+    assert_report_2_due_at(&state, early);
     // Half an interval is not a little early.
     assert_eq!(
         plan_tick(&state, 1_050, INTERVAL, TIMEOUT, WORKER),
@@ -179,14 +184,7 @@ fn a_call_that_never_answers_stops_blocking_after_its_expiry() {
         panic!("expected BuildNew");
     };
     let expiry = 1000 + in_flight_expiry_ms(TIMEOUT);
-    assert_eq!(
-        plan_tick(&state, expiry - 1, INTERVAL, TIMEOUT, WORKER),
-        TickPlan::Wait
-    );
-    assert!(matches!(
-        plan_tick(&state, expiry, INTERVAL, TIMEOUT, WORKER),
-        TickPlan::BuildNew { sequence: 2, .. }
-    ));
+    assert_report_2_due_at(&state, expiry);
 }
 
 #[test]
