@@ -284,6 +284,10 @@ impl Dimension {
         }
     }
 
+    fn is_sequences(self) -> bool {
+        matches!(self, Dimension::Sequences | Dimension::DecodingSequences)
+    }
+
     fn signal(self) -> Signal {
         match self {
             Dimension::PrefillTokens => Signal::Ttft,
@@ -985,7 +989,7 @@ fn learn(
                 // window: a burst seconds old shows many sequences at a latency it has not yet
                 // moved. Taken at once it would be learned as capacity and cancel the scale-up
                 // it calls for, so it rises as a probe does.
-                Some(p) if matches!(dim, Dimension::Sequences | Dimension::DecodingSequences) => {
+                Some(p) if dim.is_sequences() => {
                     Some(x.min(p * MAX_PROBE_GROWTH.powf(windows.min(1.0))))
                 }
                 _ => Some(x),
@@ -1033,8 +1037,13 @@ fn learn(
 /// replicas plainly carry as an overload, many replicas at once. Used for the decision at hand
 /// only, never learned: tokens are counted as requests finish, so one short window can show a
 /// batch of completions rather than a throughput, and keeping the highest of many would ratchet
-/// the estimate up. Sequences in flight are a snapshot that latency has not caught up with yet
-/// (see [`learn`]), so they are left out.
+/// the estimate up. A unified pool's sequences in flight are a snapshot, ahead of the latency
+/// measured; they count too, as the panic rule counts them: a burst shows there first as requests
+/// waiting for their first token (then nothing is judged carried) and as TTFT, measured at the
+/// first token, before any of it decodes. Without this a pool without hints, sized on the
+/// sequences a quiet hour's snapshot taught, went 1 -> 8 on a load one replica carried at 18% of
+/// its objectives, and took 25 minutes to come back down. A decode pool's sequences arrive
+/// decoding, with nothing before them to judge them by: they are left out.
 fn carried_per_replica(
     cx: &Context<'_>,
     dim: Dimension,
@@ -1043,7 +1052,7 @@ fn carried_per_replica(
     mem: &PoolMemory,
     latency_judged: bool,
 ) -> Option<f64> {
-    if matches!(dim, Dimension::Sequences | Dimension::DecodingSequences) || !latency_judged {
+    if matches!(dim, Dimension::DecodingSequences) || !latency_judged {
         return None;
     }
     let (window, ready) = (&t.short, state.ready_replicas);

@@ -418,3 +418,26 @@ fn replaying_the_bursty_prefill_heavy_azure_code_trace() {
 fn replaying_the_smoother_decode_heavy_azure_conversation_trace() {
     replay("AzureLLMInferenceTrace_conv.csv", 6.0);
 }
+
+#[test]
+fn without_hints_a_load_step_one_replica_carries_adds_none() {
+    // Ten minutes of night teach a lower bound (about 5 sequences a replica); then ten times the
+    // load, half of what the one replica really serves, latency at 18% of the objectives. Sized
+    // on the night's snapshot of sequences it went 1 -> 8 and took 25 minutes to come back.
+    let steps = run_loop(
+        &hintless(),
+        1,
+        2_400,
+        |t| if t < 600 { 400.0 } else { 4_000.0 },
+    );
+    let trace = trace(&steps);
+    for s in &steps {
+        assert!(
+            s.desired == 1 && s.ratio <= 1.0,
+            "+{}s: {} replicas at {:.2} of the objective\n{trace}",
+            s.at,
+            s.desired,
+            s.ratio
+        );
+    }
+}

@@ -328,6 +328,40 @@ fn load_past_a_learned_capacity_with_latency_well_within_the_objective_is_carrie
 }
 
 #[test]
+fn sequences_a_unified_pool_carries_well_within_the_objective_are_not_an_overload() {
+    // Without hints the quiet hour taught one sequence a replica: a snapshot, the least proved.
+    let spec = spec_with(UNIFIED, without_hints);
+    let (_, mut mem) = learned_at_a_quiet_hour(&spec);
+    let learned = mem.pool(Role::Unified).learned().concurrent_sequences;
+    assert!(learned.is_some_and(|c| c <= 1.0), "{learned:?}");
+    let at = T0 + STABLE + secs(1);
+    // Ten a replica with nothing waiting and TPOT at 40% of its objective: carried, not an
+    // overload calling for 20 replicas.
+    let busy = Load::tokens(1_000.0, 200.0, 20);
+    let d = decide_unified(&spec, telemetry(busy), state(2, 2), &mut mem.clone(), at);
+    assert_eq!((d.to, d.action), (2, Action::Hold), "{d}");
+    let sequences = d.reason.capacity.concurrent_sequences.unwrap();
+    assert_eq!(
+        (sequences.per_replica, sequences.source),
+        (10.0, CapacitySource::Carried),
+        "{d}"
+    );
+    // A burst still waiting for its first tokens is judged by nothing yet: sized on the learned.
+    let queued = busy.waiting(4);
+    let d = decide_unified(&spec, telemetry(queued), state(2, 2), &mut mem.clone(), at);
+    assert_eq!(
+        d.reason.capacity.concurrent_sequences.unwrap().source,
+        CapacitySource::Learned,
+        "{d}"
+    );
+    assert_eq!(d.action, Action::ScaleUp, "{d}");
+    // Nor near the objective.
+    let strained = busy.tpot(ms(45));
+    let d = decide_unified(&spec, telemetry(strained), state(2, 2), &mut mem, at);
+    assert_eq!(d.action, Action::ScaleUp, "{d}");
+}
+
+#[test]
 fn what_replicas_carried_counts_from_either_window_so_more_short_load_never_asks_fewer() {
     let spec = spec_with(UNIFIED, without_hints);
     let (_, mem) = learned_at_a_quiet_hour(&spec);

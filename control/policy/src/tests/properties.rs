@@ -370,6 +370,41 @@ proptest! {
     }
 
     #[test]
+    fn past_a_learned_capacity_more_sequences_never_yield_fewer_replicas(
+        replicas in 1u32..8,
+        quiet_sequences in 1u32..20,
+        decoding in 0u32..300,
+        extra in 1u32..100,
+        waiting in 0u32..10,
+        more_waiting in 0u32..10,
+        tpot_share in 0.1..1.2f64,
+    ) {
+        // Where sequences carried now meet a snapshot learned at a quiet hour: more sequences in
+        // flight, decoding or waiting, never ask for fewer replicas.
+        let spec = spec_with(UNIFIED, without_hints);
+        let mut mem = memory();
+        let quiet = Load::tokens(100.0 * f64::from(replicas), 20.0, quiet_sequences);
+        for at in [T0, T0 + STABLE] {
+            decide_unified(&spec, telemetry(quiet), state(replicas, replicas), &mut mem, at);
+        }
+        let tpot = ms(50).mul_f64(tpot_share);
+        let now = |decoding, waiting| {
+            Load::tokens(100.0 * f64::from(replicas), 20.0, decoding)
+                .tpot(tpot)
+                .waiting(waiting)
+        };
+        let at = T0 + STABLE + secs(1);
+        let s = state(replicas, replicas);
+        let light = decide_unified(&spec, telemetry(now(decoding, waiting)), s, &mut mem.clone(), at);
+        let more = now(decoding + extra, waiting + more_waiting);
+        let heavy = decide_unified(&spec, telemetry(more), s, &mut mem.clone(), at);
+        prop_assert!(
+            heavy.to >= light.to,
+            "more sequences gave fewer replicas\nlight: {light}\nheavy: {heavy}"
+        );
+    }
+
+    #[test]
     fn near_the_objectives_more_load_never_yields_fewer_replicas(
         (spec, inputs) in near_objectives(),
         k in 1.0..1.5f64,
