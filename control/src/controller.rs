@@ -1070,8 +1070,11 @@ impl<A: Actuator> AutoscalerLoop<A> {
             let mut error = None;
             let mut failure = None;
             // Leadership is read again right before writing: a step-down during this
-            // evaluation's reads must not be followed by a write.
-            if pool_decision.to != replicas.desired && !dry_run && *self.leading.borrow() {
+            // evaluation's reads must not be followed by a write. Nor is leadership gained
+            // during them written with: the decision came from a follower's memory, without
+            // the restart hold; the next evaluation restarts it and acts.
+            if pool_decision.to != replicas.desired && !dry_run && leading && *self.leading.borrow()
+            {
                 // `set` retries transient failures for up to ~40 s: an attempt sent after a
                 // hand-over could land after the new leader's own write and undo it. Leadership
                 // is polled first, so a write is not even begun once it is gone.

@@ -743,3 +743,106 @@ async fn a_slow_write_lands_where_leadership_is_fixed() {
     assert_eq!(h.actuator.inner.recommendations().len(), 1);
     let _ = h.stop.send(());
 }
+
+/// The dry-run actuator, except that the read after `arm` stops until `go`, telling `reading`
+/// first: the test changes leadership while an evaluation is reading replicas.
+struct PausesOneRead {
+    inner: DryRunActuator,
+    armed: std::sync::atomic::AtomicBool,
+    reading: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+    recorded: std::sync::atomic::AtomicUsize,
+}
+
+impl Actuator for PausesOneRead {
+    async fn current(&self, target: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.reading.notify_one();
+            self.go.notified().await;
+        }
+        self.inner.current(target).await
+    }
+
+    async fn set(&self, target: &ScaleTarget, replicas: u32) -> Result<(), ActuatorError> {
+        self.inner.set(target, replicas).await
+    }
+
+    async fn record(&self, _evaluation: &Evaluation<'_>) {
+        self.recorded
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A follower that becomes leader while an evaluation reads replicas must not write that
+/// evaluation's decision: it was made with the follower's memory, without the restart hold.
+#[tokio::test(start_paused = true)]
+async fn leadership_gained_during_an_evaluation_does_not_skip_the_restart_hold() {
+    let config = ControlConfig::from_yaml(QUICK_DOWN).unwrap();
+    let inner = DryRunActuator::for_config(&config);
+    inner.preset("llama", 5);
+    let actuator = Arc::new(PausesOneRead {
+        inner,
+        armed: false.into(),
+        reading: tokio::sync::Notify::new(),
+        go: tokio::sync::Notify::new(),
+        recorded: 0.into(),
+    });
+    let h = start_on(config, actuator, false, None);
+    let mut feed = light_load(h.telemetry.clone());
+    // As a follower, a stable window of light load: it would scale 5 -> 1 if it led.
+    feed(62).await;
+    let last = h
+        .status
+        .get(PoolId(0))
+        .unwrap()
+        .decisions
+        .back()
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (last.from, last.to, last.applied),
+        (5, 1, false),
+        "{last:?}"
+    );
+
+    // Leadership arrives while the next evaluation reads /scale.
+    h.actuator
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    h.actuator.reading.notified().await;
+    h.leading.send_replace(true);
+    h.actuator.go.notify_one();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let set = h.actuator.inner.recommendations();
+    let last = h
+        .status
+        .get(PoolId(0))
+        .unwrap()
+        .decisions
+        .back()
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        set,
+        vec![],
+        "a scale-down written by a replica leading for 0 s, without the restart hold \
+         (Events/status recorded: {}); last decision {last:?}",
+        h.actuator
+            .recorded
+            .load(std::sync::atomic::Ordering::SeqCst)
+    );
+    // The evaluations after it lead, from a restarted memory: they hold.
+    feed(2).await;
+    let last = h
+        .status
+        .get(PoolId(0))
+        .unwrap()
+        .decisions
+        .back()
+        .cloned()
+        .unwrap();
+    assert_eq!((last.to, last.rule), (5, Rule::RestartHold), "{last:?}");
+    assert!(h.actuator.inner.recommendations().is_empty());
+    let _ = h.stop.send(());
+}
