@@ -16,7 +16,8 @@
 //! holds for it (see [`crate::connection`]). Ingest never trusts a
 //! remote clock's time: the time of arrival is what counts. Only the difference between two
 //! consecutive reports' `sent_at_unix_ms` is used, to tell how long a backlog built up after a
-//! partition, and only within the arrival times that bound it.
+//! partition, and only within the arrival times that bound it (the stable window, for a reporter
+//! first seen here).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -727,10 +728,15 @@ impl Reporters {
         let built_over = (missing == 0 && process.last_sent_ms > 0)
             .then(|| sent_at_ms.saturating_sub(process.last_sent_ms))
             .map(Duration::from_millis);
-        let since_before = process
-            .seen_before
-            .map(|before| now.saturating_duration_since(before));
-        let built_over = built_over.zip(since_before).map(|(a, b)| a.min(b));
+        let built_over = match process.seen_before {
+            Some(before) => {
+                built_over.map(|built| built.min(now.saturating_duration_since(before)))
+            }
+            // Its second report seen here (a gateway come over from a leader that failed, say):
+            // nothing here bounds the build time but the stable window the merge caps it at.
+            // Discarded, the backlog this one carries would land as one burst at each failover.
+            None => built_over,
+        };
         // The arrival gap still counts when it is longer: when the previous report was merged
         // and only its acknowledgement lost, this one carries the silence itself.
         process.backlog = Some(built_over.map_or(gap, |built| built.max(gap)));

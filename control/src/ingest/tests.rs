@@ -1219,3 +1219,24 @@ fn a_report_forwarded_after_its_connection_here_closed_shows_the_gateway_running
     t.reporters(at(base, 12_000));
     assert_eq!(t.silent_feeders(PoolId(0)), 0);
 }
+
+/// A leader failover (or a gateway reconnecting to another replica): this replica has run for a
+/// minute but never saw `gw`, whose connection to the old leader broke at 21 s. Back 30 s
+/// later, its report 21 (in flight when the link dropped) comes first, resent; report 22
+/// carries the 30 s backlog at the usual 10 a second. It must be shared out, not one burst
+/// (34 a second in the short window when its build time was discarded): 100 of it in the short
+/// window, with report 21's 10, which lands where it arrives (nothing here tells its interval).
+#[test]
+fn a_backlog_from_a_gateway_first_seen_here_is_shared_out_over_the_silence() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    let clock = 3_600_000;
+    t.ingest(report_sent(21, 10, clock + 21_000), at(base, 51_000))
+        .unwrap();
+    t.ingest(report_sent(22, 300, clock + 51_000), at(base, 52_000))
+        .unwrap();
+    let view = t.pool(PoolId(0), at(base, 52_100)).unwrap();
+    assert_eq!(view.totals.requests, 310);
+    let rate = view.short.requests_per_s();
+    assert!((9.0..13.0).contains(&rate), "short-window rate {rate}");
+}
