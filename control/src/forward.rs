@@ -30,8 +30,8 @@
 //!
 //! The leader's address comes from the Lease: a holder identity `name@host:port` (see
 //! [`identity`]) names where its gRPC server listens. Forwarding never blocks ingest: reports
-//! wait in a bounded queue per lane, and when the queue is full, when no leader is known, when no
-//! leader took them in time or when the leader refused them, they are dropped and counted in
+//! wait in a bounded queue per lane, and when the queue is full, when no leader was named or took
+//! them within [`RESEND_WITHIN`] or when the leader refused them, they are dropped and counted in
 //! `flyball_forward_dropped_total{reason}`. Lanes are chosen by gateway so one gateway's reports
 //! keep their order.
 
@@ -132,7 +132,8 @@ impl ForwardCounters {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DroppedLabels {
-    /// `queue_full`, `no_leader`, `send_failed` (not delivered within [`RESEND_WITHIN`]),
+    /// `queue_full`, `no_leader` (none named within [`RESEND_WITHIN`]), `send_failed` (not
+    /// delivered within it),
     /// `refused` (the leader refused the report) or `leading` (held for a leader when this
     /// replica took the lead: the report is in its own windows).
     pub reason: &'static str,
@@ -309,10 +310,13 @@ impl Lane {
                 continue;
             }
             let Some(uri) = self.leader.borrow().clone() else {
-                self.expire();
-                if report.is_some() {
-                    self.counters.drop("no_leader", 1);
+                // No leader named (the Lease changing hands, or naming this replica while it
+                // no longer leads): the report waits for the next one, as reports a stream left
+                // unacknowledged do, for up to `resend_within`.
+                if let Some(report) = report {
+                    self.hold(report);
                 }
+                self.expire("no_leader");
                 continue;
             };
             let reopen = {
@@ -330,7 +334,8 @@ impl Lane {
                     self.trim();
                     self.send(open, report).await;
                 }
-                (Some(_), None) => self.counters.drop("no_leader", 1),
+                // The leader's address is unusable: it may advertise another.
+                (Some(report), None) => self.hold(report),
                 (None, _) => {}
             }
         }
@@ -345,7 +350,7 @@ impl Lane {
             state.over = false;
             state.stream
         };
-        self.expire();
+        self.expire("send_failed");
         let open = self.open(uri, stream_id)?;
         let now = Instant::now();
         let resend: Vec<v1::ReportRequest> = lock(&self.outstanding)
@@ -408,8 +413,19 @@ impl Lane {
         Some(LeaderStream { uri, reports: tx })
     }
 
-    /// Drops (and counts) what has waited longer than `resend_within` for a leader to take it.
-    fn expire(&self) {
+    /// Keeps `report` outstanding, to be sent first on the next stream opened.
+    fn hold(&self, report: v1::ReportRequest) {
+        {
+            let mut state = lock(&self.outstanding);
+            state.reports.push_back((Instant::now(), report));
+            state.over = true;
+        }
+        self.trim();
+    }
+
+    /// Drops (and counts, for `reason`) what has waited longer than `resend_within` for a leader
+    /// to take it.
+    fn expire(&self, reason: &'static str) {
         let now = Instant::now();
         let expired = {
             let mut state = lock(&self.outstanding);
@@ -419,7 +435,7 @@ impl Lane {
                 .retain(|(at, _)| now.saturating_duration_since(*at) < self.resend_within);
             before - state.reports.len()
         };
-        self.counters.drop("send_failed", expired as u64);
+        self.counters.drop(reason, expired as u64);
     }
 
     /// Keeps at most `max_outstanding` reports, dropping (and counting) the oldest. Acks answer
@@ -617,14 +633,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn without_a_known_leader_reports_are_dropped_and_counted() {
-        let f = follower(None, ForwardSettings::default());
+    async fn reports_no_leader_is_named_for_in_time_are_dropped_and_counted_once() {
+        let settings = ForwardSettings {
+            resend_within: Duration::from_millis(300),
+            ..ForwardSettings::default()
+        };
+        let mut f = follower(None, settings);
+        for lane in f.lanes.drain(..) {
+            tokio::spawn(lane.run());
+        }
         f.forwarder.offer(report("gw", 1));
         f.forwarder.offer(report("gw", 2));
-        drop(f.forwarder);
-        for lane in f.lanes {
-            lane.run().await;
-        }
+        dropped(&f.counters, "no_leader", 2).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(dropped_now(&f.counters, "no_leader"), 2);
         assert_eq!(f.counters.forwarded.get(), 0);
     }
@@ -756,6 +777,39 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+
+    /// The old leader during a hand-over (it stopped leading; the Lease still names it, so its
+    /// `leader` is None), or any follower whose Lease read failed once: the reports its
+    /// gateways send meanwhile must wait for the next leader, as held reports do.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_taken_while_no_leader_is_named_reach_the_next_one() {
+        let mut f = follower(None, ForwardSettings::default());
+        for lane in f.lanes.drain(..) {
+            tokio::spawn(lane.run());
+        }
+        f.forwarder.offer(report("gw", 1));
+        f.forwarder.offer(report("gw", 2));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // One poll later the Lease names the next leader.
+        let next = RecordingLeader::default();
+        f.leader.send(Some(next.serve().await)).unwrap();
+        f.forwarder.offer(report("gw", 3));
+        next.wait_for(1).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let received: Vec<u64> = next
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.sequence)
+            .collect();
+        assert_eq!(
+            received,
+            [1, 2, 3],
+            "no_leader drops: {}",
+            dropped_now(&f.counters, "no_leader")
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -159,40 +159,42 @@ async fn follow_holder(
 ) {
     let mut failing = false;
     loop {
-        let holder = match api.get_opt(&name).await {
+        match api.get_opt(&name).await {
             Ok(lease) => {
                 failing = false;
-                lease
+                let holder = lease
                     .and_then(|l| l.spec)
                     .and_then(|s| s.holder_identity)
-                    .filter(|h| !h.is_empty())
+                    .filter(|h| !h.is_empty());
+                let uri = holder
+                    .as_deref()
+                    .filter(|h| *h != identity)
+                    .and_then(leader_uri);
+                if holder.as_deref().is_some_and(|h| h != identity) && uri.is_none() {
+                    tracing::debug!(
+                        ?holder,
+                        "the leader advertises no address; reports stay here"
+                    );
+                }
+                leader.send_if_modified(|current| {
+                    if *current == uri {
+                        return false;
+                    }
+                    tracing::info!(leader = ?uri, "leader address");
+                    *current = uri;
+                    true
+                });
             }
+            // The leader last read is still the best guess: a failed read (a 429, an API server
+            // restarting) says nothing about who leads, and forgetting it would hold every
+            // report back until the next read.
             Err(error) => {
                 if !failing {
                     tracing::warn!(lease = %name, %error, "cannot read the leader Lease");
                 }
                 failing = true;
-                None
             }
-        };
-        let uri = holder
-            .as_deref()
-            .filter(|h| *h != identity)
-            .and_then(leader_uri);
-        if holder.as_deref().is_some_and(|h| h != identity) && uri.is_none() {
-            tracing::debug!(
-                ?holder,
-                "the leader advertises no address; reports stay here"
-            );
         }
-        leader.send_if_modified(|current| {
-            if *current == uri {
-                return false;
-            }
-            tracing::info!(leader = ?uri, "leader address");
-            *current = uri;
-            true
-        });
         tokio::select! {
             () = tokio::time::sleep(poll_every) => {}
             // Every failed forward asks; reading at most once a second keeps a dead leader from

@@ -1475,3 +1475,63 @@ async fn autoscalers_follow_flyball_autoscalers_as_they_come_and_change() {
     control.stop().await.unwrap();
     cluster.cleanup().await.unwrap();
 }
+
+/// A Lease read that fails (a 429, an API server restarting) says nothing about who leads: a
+/// follower keeps forwarding to the leader it read last, rather than holding every report back
+/// until the next read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_read_that_fails_keeps_the_leader_read_last() {
+    let cluster = TestCluster::start().await.unwrap();
+    let test = "a_lease_read_that_fails_keeps_the_leader_read_last";
+    let Some(fake) = cluster.fake_or_skip(test, "failed Lease reads") else {
+        return;
+    };
+    let ns = cluster.namespace().to_string();
+    let name = lease(&cluster);
+    let poll = Duration::from_millis(100);
+    let elect = async |who: &str| {
+        let identity =
+            flyball_control::forward::identity(who, Some(&format!("{who}.flyball:9090")));
+        let config = flyball_k8s::LeaseConfig::new(&ns, &name, &identity);
+        Leadership::elect(cluster.client(), &config, poll)
+            .await
+            .unwrap()
+    };
+    let a = elect("a").await;
+    wait_until("a to lead", || async {
+        (*a.leading.borrow()).then_some(())
+    })
+    .await;
+    let b = elect("b").await;
+    let mut leader = b.leader.clone();
+    wait_until("b to read a as the leader", || {
+        let read = leader.borrow().clone();
+        async move { read }
+    })
+    .await;
+    assert_eq!(
+        *leader.borrow_and_update(),
+        Some("http://a.flyball:9090".to_string())
+    );
+
+    let path = format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}");
+    fake.clear_requests();
+    fake.fail_next(Some(Verb::Get), &path, 10, 500);
+    wait_until("ten failed Lease reads", || async {
+        let failed = fake
+            .requests()
+            .iter()
+            .filter(|r| r.is("GET", &path) && r.status == Some(500))
+            .count();
+        (failed >= 10).then_some(())
+    })
+    .await;
+    assert!(
+        !leader.has_changed().unwrap(),
+        "b forgot the leader on a failed read: {:?}",
+        *leader.borrow()
+    );
+    b.step_down().await;
+    a.step_down().await;
+    cluster.cleanup().await.unwrap();
+}
