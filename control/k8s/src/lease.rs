@@ -8,8 +8,9 @@
 //! holder reads the Lease every `renew_margin / 4` and leads only while the claim it last saw
 //! there has more than `renew_margin / 2` left; when renewals fail (403 after an RBAC change,
 //! 5xx, a partition) it stops acting before the claim lapses, and acts again once a renewal
-//! lands. Each read is bounded by that same period: kube's client has no read timeout, and a
-//! read stuck on a half-open connection would otherwise keep the loop from noticing the lapse.
+//! lands. The cut-off is a timer, and reads run beside it, each bounded by the check period
+//! (kube's client has no read timeout): a read stuck on a half-open connection neither delays
+//! the cut-off nor stops the checks.
 //!
 //! The crate creates the Lease only when it starts; once the Lease is deleted (`kubectl delete
 //! lease` is the usual way to unstick an election) every sync meets a 404 and backs off for
@@ -17,6 +18,8 @@
 //! Lease exists and recreates it, empty as the crate does, for the crate's next sync to take.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -24,6 +27,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube_lease_manager::{LeaseCreateMode, LeaseManagerBuilder, LeaseParams};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::error::Elapsed;
 
 use crate::error::Error;
 
@@ -176,12 +180,22 @@ struct Claim {
     valid_until: Option<SystemTime>,
 }
 
+/// A read of the Lease, bounded by the check period (kube's client has no read timeout).
+type LeaseRead = Pin<Box<dyn Future<Output = Result<kube::Result<Option<Lease>>, Elapsed>> + Send>>;
+
 impl Claim {
-    /// Reads the Lease. A failed or timed-out read changes nothing: the claim seen last stands
-    /// until it is too close to lapsing. The bound keeps the loop re-checking that claim on time.
-    async fn refresh(&mut self) {
-        let read = tokio::time::timeout(self.check_every(), self.leases.get_opt(&self.lease_name));
-        match read.await {
+    /// Starts reading the Lease. It runs beside the loop rather than inside it, so the cutoff
+    /// ([`Self::firm_until`]) is kept however long the read takes.
+    fn read(&self) -> LeaseRead {
+        let (leases, name) = (self.leases.clone(), self.lease_name.clone());
+        let bound = self.check_every();
+        Box::pin(async move { tokio::time::timeout(bound, leases.get_opt(&name)).await })
+    }
+
+    /// Takes in what a read found. A failed or timed-out read changes nothing: the claim seen
+    /// last stands until it is too close to lapsing.
+    fn refresh(&mut self, read: Result<kube::Result<Option<Lease>>, Elapsed>) {
+        match read {
             Ok(Ok(Some(lease))) => {
                 let spec = lease.spec.unwrap_or_default();
                 self.valid_until = match (
@@ -214,8 +228,13 @@ impl Claim {
     /// Whether the claim has more than half the renew margin left: time for the loop to stop
     /// acting before another instance may take the lease.
     fn firm(&self, now: SystemTime) -> bool {
+        self.firm_until().is_some_and(|until| now < until)
+    }
+
+    /// When the claim seen last stops being firm.
+    fn firm_until(&self) -> Option<SystemTime> {
         self.valid_until
-            .is_some_and(|until| now + self.renew_margin / 2 < until)
+            .and_then(|until| until.checked_sub(self.renew_margin / 2))
     }
 
     fn check_every(&self) -> Duration {
@@ -296,7 +315,14 @@ async fn run(
     let mut check = tokio::time::interval(claim.check_every());
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut holds = false;
+    let mut reading: Option<LeaseRead> = None;
     loop {
+        // The moment to stop acting, if the claim is firm now: kept by a timer, not by the next
+        // read, which may hang for its whole bound and would then leave no margin at all.
+        let cutoff = claim
+            .firm_until()
+            .and_then(|until| until.duration_since(SystemTime::now()).ok())
+            .map(|left| tokio::time::Instant::now() + left);
         tokio::select! {
             // A send or a dropped `LeaderElection`: either way, step down.
             _ = &mut stop => break,
@@ -309,10 +335,17 @@ async fn run(
                 }
                 holds = *held.borrow_and_update();
                 tracing::info!(%lease, %identity, leading = holds, "leadership changed");
-                // Just taken (or lost): what the manager wrote is the claim.
+                // Just taken (or lost): what the manager wrote is the claim, newer than any
+                // read under way.
                 claim.valid_until = holds.then(|| SystemTime::now() + claim.lease_duration);
+                reading = None;
             }
-            _ = check.tick(), if holds => claim.refresh().await,
+            _ = check.tick(), if holds && reading.is_none() => reading = Some(claim.read()),
+            read = read_done(&mut reading), if reading.is_some() => {
+                reading = None;
+                claim.refresh(read);
+            }
+            () = sleep_until_cutoff(cutoff), if cutoff.is_some() => {}
             never = &mut recreate => match never {},
         }
         let leading = holds && claim.firm(SystemTime::now());
@@ -336,6 +369,21 @@ async fn run(
     let result = finish(manager_task, &lease).await;
     tracing::info!(%lease, %identity, released = result.is_ok(), "stepped down");
     result
+}
+
+async fn read_done(
+    reading: &mut Option<LeaseRead>,
+) -> Result<kube::Result<Option<Lease>>, Elapsed> {
+    match reading {
+        Some(read) => read.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_cutoff(cutoff: Option<tokio::time::Instant>) {
+    if let Some(at) = cutoff {
+        tokio::time::sleep_until(at).await;
+    }
 }
 
 async fn finish(

@@ -361,3 +361,69 @@ async fn after_the_lease_is_deleted_one_instance_leads_again() {
     b.step_down().await.unwrap();
     cluster.cleanup().await.unwrap();
 }
+
+/// The module's promise: a leader acts only while its claim has more than `renew_margin / 2`
+/// left. One quick Lease read just before that cut-off, then reads that hang: the cut-off is a
+/// timer, so the hung read does not delay it (it did, by its whole bound, to ~250 ms before the
+/// lapse: a peer with its clock a little ahead could take the Lease while this one acted).
+#[tokio::test]
+async fn a_hung_lease_read_does_not_delay_the_cut_off() {
+    let cluster = TestCluster::start().await.unwrap();
+    let Some(fake) = cluster.fake() else {
+        eprintln!("skipped: needs the in-process API server");
+        return;
+    };
+    let lease_name = tracked_lease(&cluster, "flyball-onehang");
+    let timings = LeaseConfig {
+        lease_duration: Duration::from_secs(4),
+        renew_margin: Duration::from_secs(3),
+        ..LeaseConfig::new(cluster.namespace(), &lease_name, "a")
+    };
+    let a = LeaderElection::start(cluster.client(), &timings)
+        .await
+        .unwrap();
+    let mut a_leads = a.is_leader();
+    until_leading(&mut a_leads, "a").await;
+
+    // No renewal lands from now on.
+    let path = lease_path(&cluster, &lease_name);
+    fake.fail_next(Some(Verb::Patch), &path, 1000, 500);
+    let renewed = stored_renew_time(fake, &cluster, &lease_name);
+    let lapses = renewed + timings.lease_duration;
+    let lapses_at = std::time::Instant::now()
+        + lapses
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+    // The last quick read while the claim is still firm (more than 1.5 s left)...
+    let from = lapses_at - Duration::from_millis(2250);
+    fake.clear_requests();
+    fake.wait_for(
+        |log| {
+            log.iter()
+                .any(|r| r.is("GET", &path) && r.status == Some(200) && r.received_at >= from)
+        },
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    // ...then the next reads hang.
+    fake.stall_next(Some(Verb::Get), &path, 3, Duration::from_secs(3));
+
+    tokio::time::timeout(WAIT, a_leads.wait_for(|leading| !*leading))
+        .await
+        .unwrap()
+        .unwrap();
+    let left = lapses
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        left >= timings.renew_margin / 4,
+        "a stopped acting with only {left:?} of its claim left (promised: more than {:?}, \
+         at least {:?} with the check period)",
+        timings.renew_margin / 2,
+        timings.renew_margin / 4
+    );
+    // The release is refused like the renewals (the faults outlast the test); the claim lapses.
+    let _ = a.step_down().await;
+    cluster.cleanup().await.unwrap();
+}
