@@ -100,8 +100,8 @@ pub enum Refusal {
 }
 
 /// A gateway, backend or model name, at most (a pod name is at most 253; Istio's node ids add
-/// an address and a namespace).
-pub const MAX_NAME_BYTES: usize = 1024;
+/// an address and a namespace); the filter keeps to it.
+pub use flyball_proto::MAX_NAME_BYTES;
 
 /// Requests in flight at one gateway for one key, at most.
 pub const MAX_IN_FLIGHT: u64 = 1_000_000;

@@ -11,6 +11,7 @@ use crate::http::FlyballRequest;
 use crate::shared::{self, ACCUMULATION_KEY, REPORTER_KEY};
 use crate::stats::{FilterStats, StatsTable};
 use crate::{control_target, now_nanos};
+use flyball_filter_core::config::gateway_from_node_id;
 use flyball_filter_core::report::{self, ReporterState, TickPlan};
 use flyball_filter_core::shared as shared_core;
 use flyball_filter_core::{Accumulator, FilterConfig, KeyId, WorkerDelta};
@@ -122,7 +123,10 @@ impl FlyballRoot {
             .flatten()
             .and_then(|bytes| String::from_utf8(bytes).ok())
             .filter(|id| !id.is_empty())
-            .unwrap_or_else(|| "unknown".to_owned())
+            .map_or_else(
+                || "unknown".to_owned(),
+                |id| gateway_from_node_id(&id).to_owned(),
+            )
     }
 
     /// Moves this worker's deltas into the process-wide accumulation.

@@ -26,6 +26,11 @@ pub mod grpc {
 
 pub use flyball_sketch::{Sketch, SketchError};
 
+/// A gateway, backend or model name, at most, in bytes. The control service refuses a report
+/// that names a longer one (it keeps names, so their length bounds its memory); the filter never
+/// sends one: it labels a longer model or backend `other` and cuts a longer node id.
+pub const MAX_NAME_BYTES: usize = 1024;
+
 // === impl v1::Sketch ===
 
 impl From<&Sketch> for v1::Sketch {

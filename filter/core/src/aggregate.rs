@@ -8,7 +8,7 @@
 use crate::Nanos;
 use crate::config::FilterConfig;
 use crate::response::{Outcome, Phase, RequestRecord};
-use flyball_proto::v1;
+use flyball_proto::{MAX_NAME_BYTES, v1};
 use flyball_sketch::Sketch;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -62,7 +62,12 @@ impl Labels {
     /// true when it was created.
     pub fn key(&mut self, backend: &str, model: Option<&str>) -> (KeyId, bool) {
         let b = self.backend_index(backend);
-        let model = model.unwrap_or(UNKNOWN);
+        // A name the control service would refuse would take the whole report with it, resent
+        // until the gateway gives it up: one client's request would blank the gateway's load.
+        let model = match model {
+            Some(model) if model.len() > MAX_NAME_BYTES => OTHER,
+            model => model.unwrap_or(UNKNOWN),
+        };
         let Some(entry) = self.entries.get_mut(b) else {
             // Unreachable: backend_index returns an existing index.
             return (KeyId(0), false);
@@ -89,6 +94,11 @@ impl Labels {
     }
 
     fn backend_index(&mut self, backend: &str) -> usize {
+        let backend = if backend.len() > MAX_NAME_BYTES {
+            OTHER
+        } else {
+            backend
+        };
         if let Some(b) = self.backends.get(backend) {
             return *b;
         }
@@ -397,6 +407,22 @@ mod tests {
         assert_eq!(acc.labels(c), (OTHER, "m1"));
         let (d, _) = acc.key("d", Some("m1"));
         assert_eq!(d, c);
+    }
+
+    #[test]
+    fn names_the_control_service_would_refuse_become_other() {
+        let mut acc = Accumulator::new(&config(2, 2));
+        let long = "m".repeat(MAX_NAME_BYTES + 1);
+        let (id, _) = acc.key("a", Some(&long));
+        assert_eq!(acc.labels(id), ("a", OTHER));
+        let (id, _) = acc.key(&"b".repeat(MAX_NAME_BYTES + 1), Some("m1"));
+        assert_eq!(acc.labels(id), (OTHER, "m1"));
+        // Neither counted against the caps: two real models still get their own keys.
+        let at_bound = "m".repeat(MAX_NAME_BYTES);
+        for model in ["m1", at_bound.as_str()] {
+            let (id, _) = acc.key("a", Some(model));
+            assert_eq!(acc.labels(id), ("a", model));
+        }
     }
 
     #[test]

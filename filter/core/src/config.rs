@@ -5,6 +5,7 @@
 //! of the filter sees. Every error names the field path, the value and the rule, so Envoy's log
 //! line (the glue returns `false` from `on_configure`) is enough to fix the configuration.
 
+use flyball_proto::MAX_NAME_BYTES;
 use serde::Deserialize;
 use std::fmt;
 
@@ -221,8 +222,8 @@ impl TryFrom<RawConfig> for FilterConfig {
         )?;
         let control_cluster = non_empty("controlCluster", raw.control_cluster)?;
         let control_authority = non_empty("controlAuthority", raw.control_authority)?;
-        let gateway = non_empty("gateway", raw.gateway)?;
-        let backend = non_empty("backend", raw.backend)?;
+        let gateway = name("gateway", raw.gateway)?;
+        let backend = name("backend", raw.backend)?;
 
         let paths = raw.paths.unwrap_or_else(default_paths);
         if paths.is_empty() {
@@ -332,6 +333,29 @@ fn non_empty(path: &str, value: Option<String>) -> Result<Option<String>, Config
         )),
         other => Ok(other),
     }
+}
+
+/// A gateway or backend name: not empty, and one the control service takes.
+fn name(path: &str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    match non_empty(path, value)? {
+        Some(v) if v.len() > MAX_NAME_BYTES => Err(invalid(
+            path,
+            &format!("{} bytes", v.len()),
+            &format!("must be at most {MAX_NAME_BYTES} bytes"),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// `node_id` as a gateway name the control service takes: cut, at a character boundary, to
+/// [`MAX_NAME_BYTES`]. Node ids that long differ well before their end (Istio's carry the pod's
+/// address and name first).
+pub fn gateway_from_node_id(node_id: &str) -> &str {
+    let mut end = node_id.len().min(MAX_NAME_BYTES);
+    while !node_id.is_char_boundary(end) {
+        end -= 1;
+    }
+    &node_id[..end]
 }
 
 fn invalid(path: &str, value: &str, rule: &str) -> ConfigError {
@@ -491,6 +515,34 @@ mod tests {
             err(r#"{"controlCluster":""}"#),
             r#"controlCluster = "": must not be empty (omit the field instead)"#
         );
+    }
+
+    #[test]
+    fn names_the_control_service_would_refuse_are_refused_here() {
+        let long = "g".repeat(MAX_NAME_BYTES + 1);
+        assert_eq!(
+            err(&format!(r#"{{"gateway":"{long}"}}"#)),
+            "gateway = 1025 bytes: must be at most 1024 bytes"
+        );
+        assert_eq!(
+            err(&format!(r#"{{"backend":"{long}"}}"#)),
+            "backend = 1025 bytes: must be at most 1024 bytes"
+        );
+    }
+
+    #[test]
+    fn node_ids_too_long_for_a_gateway_name_are_cut_at_a_character() {
+        assert_eq!(
+            gateway_from_node_id("sidecar~10.0.0.1~pod"),
+            "sidecar~10.0.0.1~pod"
+        );
+        let wide = "é".repeat(MAX_NAME_BYTES);
+        let cut = gateway_from_node_id(&wide);
+        assert_eq!(cut.len(), MAX_NAME_BYTES);
+        let odd = format!("x{wide}");
+        let cut = gateway_from_node_id(&odd);
+        assert_eq!(cut.len(), MAX_NAME_BYTES - 1);
+        assert!(odd.starts_with(cut));
     }
 
     #[test]
