@@ -368,6 +368,28 @@ impl FlyballRoot {
             FilterStats::count(worker.filter_stats.reports_sent);
         }
     }
+
+    /// The control service refused report `sequence` as invalid: it is dropped and counted
+    /// rather than resent, since the same bytes would be refused again.
+    fn refuse(&mut self, sequence: u64, worker: &Worker) {
+        self.in_flight = None;
+        let now_ms = Self::now_unix_ms();
+        let result = shared::update(REPORTER_KEY, |current| {
+            let state = ReporterState::decode_or_new(current, now_ms);
+            let (next, dropped) = report::on_refusal(&state, sequence);
+            Some((next.encode_to_vec(), dropped))
+        });
+        let message = hostcalls::get_grpc_status().ok().and_then(|(_, m)| m);
+        log::warn!(
+            "flyball: the control service refused report {sequence} ({}); dropped, not resent",
+            message.unwrap_or_default()
+        );
+        match result {
+            Ok(Some(true)) => FilterStats::count(worker.filter_stats.reports_dropped),
+            Ok(_) => {}
+            Err(error) => log::warn!("flyball: cannot record the report outcome: {error}"),
+        }
+    }
 }
 
 impl FlyballRoot {
@@ -398,9 +420,13 @@ impl Context for FlyballRoot {
         let Ok(worker) = worker.try_borrow() else {
             return;
         };
+        if status_code == report::GRPC_INVALID_ARGUMENT {
+            self.refuse(in_flight.sequence, &worker);
+            return;
+        }
         let ok = status_code == 0;
         if !ok {
-            Self::count_failure(&worker, "report refused or undelivered", status_code);
+            Self::count_failure(&worker, "report undelivered", status_code);
         }
         self.settle(in_flight.sequence, ok, &worker);
     }
@@ -445,6 +471,10 @@ impl Context for FlyballRoot {
         let Ok(worker) = worker.try_borrow() else {
             return;
         };
+        if status_code == report::GRPC_INVALID_ARGUMENT {
+            self.refuse(in_flight.sequence, &worker);
+            return;
+        }
         Self::count_failure(&worker, "report stream ended", status_code);
         self.settle(in_flight.sequence, false, &worker);
     }

@@ -15,17 +15,31 @@ struct Recorder {
     /// How many reports came on a `ReportStream`, and how many streams were opened.
     streamed: Arc<AtomicU64>,
     streams: Arc<AtomicU64>,
+    /// Reports naming this model are refused `INVALID_ARGUMENT`, as the control service refuses
+    /// an invalid report, and kept in `refused`.
+    refuse_model: Option<String>,
+    refused: Arc<Mutex<Vec<ReportRequest>>>,
 }
 
 impl Recorder {
-    fn record(&self, report: ReportRequest) -> ReportResponse {
+    fn record(&self, report: ReportRequest) -> Result<ReportResponse, tonic::Status> {
         let sequence = report.sequence;
-        if let Ok(mut reports) = self.reports.lock() {
+        let refuse = self
+            .refuse_model
+            .as_ref()
+            .is_some_and(|model| report.keys.iter().any(|k| &k.model == model));
+        let kept = if refuse { &self.refused } else { &self.reports };
+        if let Ok(mut reports) = kept.lock() {
             reports.push(report);
         }
-        ReportResponse {
-            acknowledged_sequence: sequence,
+        if refuse {
+            return Err(tonic::Status::invalid_argument(format!(
+                "report {sequence}: refused by the test"
+            )));
         }
+        Ok(ReportResponse {
+            acknowledged_sequence: sequence,
+        })
     }
 }
 
@@ -48,9 +62,9 @@ impl TelemetryService for RecorderService {
         &self,
         request: tonic::Request<ReportRequest>,
     ) -> Result<tonic::Response<ReportResponse>, tonic::Status> {
-        Ok(tonic::Response::new(
-            self.recorder.record(request.into_inner()),
-        ))
+        self.recorder
+            .record(request.into_inner())
+            .map(tonic::Response::new)
     }
 
     type ReportStreamStream = AckStream;
@@ -75,8 +89,11 @@ impl TelemetryService for RecorderService {
             match received {
                 Ok(Some(report)) => {
                     service.recorder.streamed.fetch_add(1, Ordering::Relaxed);
-                    let ack = service.recorder.record(report);
-                    Some((Ok(ack), (reports, Some(service))))
+                    // A refusal ends the stream, as the control service's does.
+                    match service.recorder.record(report) {
+                        Ok(ack) => Some((Ok(ack), (reports, Some(service)))),
+                        Err(status) => Some((Err(status), (reports, None))),
+                    }
                 }
                 Ok(None) => None,
                 Err(status) => Some((Err(status), (reports, None))),
@@ -113,6 +130,16 @@ impl Receiver {
     pub async fn start() -> anyhow::Result<Receiver> {
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
         Self::start_on(any_port, Recorder::default(), false).await
+    }
+
+    /// A receiver that refuses (`INVALID_ARGUMENT`) every report naming `model`.
+    pub async fn start_refusing(model: &str) -> anyhow::Result<Receiver> {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        let recorder = Recorder {
+            refuse_model: Some(model.to_owned()),
+            ..Recorder::default()
+        };
+        Self::start_on(any_port, recorder, false).await
     }
 
     /// A receiver like an older control service, without `ReportStream` (UNIMPLEMENTED).
@@ -181,6 +208,15 @@ impl Receiver {
     pub fn reports(&self) -> Vec<ReportRequest> {
         self.recorder
             .reports
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
+    /// Reports refused (see [`Receiver::start_refusing`]), each time one came.
+    pub fn refused(&self) -> Vec<ReportRequest> {
+        self.recorder
+            .refused
             .lock()
             .map(|r| r.clone())
             .unwrap_or_default()

@@ -146,6 +146,44 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() 
     Ok(())
 }
 
+/// A report the control service refuses as invalid is dropped and counted at once, not resent
+/// until retention passes (60 s, while nothing after it got through), and the next report says
+/// what was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_the_control_service_refuses_is_dropped_not_resent() -> anyhow::Result<()> {
+    let receiver = Receiver::start_refusing("refused-model").await?;
+    let (sim, envoy) = sim_and_envoy_reporting_to(&receiver).await?;
+    send(&envoy, 3, "refused-model").await?;
+    wait_for("the refusal", Duration::from_secs(10), || {
+        let refused = receiver.refused().len();
+        async move { (refused >= 1).then_some(()) }
+    })
+    .await?;
+    send(&envoy, 4, "llama").await?;
+    // Well within the 60 s the refused report would have been resent for, blocking these.
+    let dropped = wait_for(
+        "the next report to be taken",
+        Duration::from_secs(10),
+        || {
+            let taken = requests_in(&receiver);
+            let dropped = receiver.reports().last().and_then(|r| r.dropped);
+            async move { (taken == 4).then_some(dropped) }
+        },
+    )
+    .await?
+    .unwrap_or_default();
+    let refused = receiver.refused();
+    assert_eq!(refused.len(), 1, "resent: {refused:?}");
+    assert_eq!((dropped.reports, dropped.requests), (1, 3));
+    let counted = envoy
+        .metric_sum("flyball_reports_dropped_total", &[])
+        .await?;
+    assert_eq!(counted, 1.0);
+    drop(envoy);
+    drop(sim);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_service_without_report_streams_gets_unary_reports() -> anyhow::Result<()> {
     let receiver = Receiver::start_unary_only().await?;

@@ -274,6 +274,29 @@ pub fn on_response(state: &ReporterState, sequence: u64, ok: bool) -> ReporterSt
     s
 }
 
+/// The gRPC status the control service refuses an invalid report with (naming why).
+pub const GRPC_INVALID_ARGUMENT: u32 = 3;
+
+/// Applies a refusal of the call that sent `sequence` (status [`GRPC_INVALID_ARGUMENT`]): the
+/// same bytes would be refused at every resend until retention passed, and the gateway's load
+/// would go unseen all that while (a newer control service stricter than this filter, say). The
+/// report is dropped and counted at once; the next carries what came since. Returns the state
+/// and whether a report was dropped.
+pub fn on_refusal(state: &ReporterState, sequence: u64) -> (ReporterState, bool) {
+    let mut s = state.clone();
+    if s.in_flight_sequence == sequence {
+        s.dispatched_at_ms = 0;
+        s.in_flight_sequence = 0;
+    }
+    let dropped = s.pending.is_some() && s.pending_sequence == sequence;
+    if dropped {
+        s.dropped_reports = s.dropped_reports.saturating_add(1);
+        s.dropped_requests = s.dropped_requests.saturating_add(s.pending_requests);
+        clear_pending(&mut s);
+    }
+    (s, dropped)
+}
+
 fn clear_pending(s: &mut ReporterState) {
     s.pending = None;
     s.pending_sequence = 0;

@@ -40,6 +40,32 @@ fn the_first_tick_builds_sequence_one_and_claims_the_call() {
 }
 
 #[test]
+fn a_refused_report_is_dropped_and_counted_not_resent() {
+    let state = ReporterState::decode_or_new(None, 0);
+    let TickPlan::BuildNew { state, sequence } = plan_tick(&state, 0, INTERVAL, TIMEOUT, WORKER)
+    else {
+        panic!("expected BuildNew");
+    };
+    let state = record_pending(&state, sequence, b"report-1".to_vec(), 3, 0);
+    let (state, dropped) = on_refusal(&state, sequence);
+    assert!(dropped);
+    assert!(state.pending.is_none());
+    assert_eq!((state.dropped_reports, state.dropped_requests), (1, 3));
+    // The next due tick builds a new report, which says what was dropped.
+    let TickPlan::BuildNew { state, sequence } = plan_tick(&state, 100, INTERVAL, TIMEOUT, WORKER)
+    else {
+        panic!("expected BuildNew, not a resend of the refused report");
+    };
+    assert_eq!(sequence, 2);
+    assert_eq!(state.dropped(0).requests, 3);
+    // A refusal of a call this state no longer tracks drops nothing.
+    let state = record_pending(&state, sequence, b"report-2".to_vec(), 1, 100);
+    let (state, dropped) = on_refusal(&state, 1);
+    assert!(!dropped);
+    assert_eq!(state.pending_sequence, 2);
+}
+
+#[test]
 fn an_unacknowledged_report_is_resent_unchanged_with_its_sequence() {
     let state = ReporterState::decode_or_new(None, 0);
     let TickPlan::BuildNew { state, sequence } = plan_tick(&state, 0, INTERVAL, TIMEOUT, WORKER)
