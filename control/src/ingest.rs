@@ -440,6 +440,7 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
         let in_flight = key.in_flight.unwrap_or_default();
         let requests = key.requests.unwrap_or_default();
         let tokens = key.tokens.unwrap_or_default();
+        // A sketch's count sets its window's quantiles as surely as `requests` sets the rate.
         let figures = [
             (
                 "in_flight.waiting_first_token",
@@ -450,6 +451,10 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
             ("requests", requests.total(), MAX_COUNT),
             ("tokens.input", tokens.input, MAX_COUNT),
             ("tokens.output", tokens.output, MAX_COUNT),
+            ("ttft_us.count", latency.ttft_us.count(), MAX_COUNT),
+            ("tpot_us.count", latency.tpot_us.count(), MAX_COUNT),
+            ("itl_us.count", latency.itl_us.count(), MAX_COUNT),
+            ("e2e_us.count", latency.e2e_us.count(), MAX_COUNT),
         ];
         if let Some((field, value, max)) = figures.into_iter().find(|(_, v, max)| v > max) {
             return Err(Refusal::Implausible {
@@ -1309,18 +1314,14 @@ impl Telemetry {
 // === impl IngestService ===
 
 impl IngestService {
-    pub fn new(telemetry: Arc<Telemetry>) -> Self {
+    /// Ingest into `telemetry`; report streams end when `stopping` turns true (a closed channel
+    /// would end them at once).
+    pub fn new(telemetry: Arc<Telemetry>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
         IngestService {
             telemetry,
             forwarder: None,
-            stopping: tokio::sync::watch::channel(false).1,
+            stopping,
         }
-    }
-
-    /// End report streams when `stopping` turns true.
-    pub fn with_stop(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
-        self.stopping = stopping;
-        self
     }
 
     /// Forward what this replica merges while it follows (see [`crate::forward`]).

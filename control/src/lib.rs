@@ -704,7 +704,7 @@ impl<A: Actuator> Control<A> {
         };
         let mut tasks = tokio::task::JoinSet::new();
 
-        let mut ingest = IngestService::new(self.telemetry.clone()).with_stop(ingest_stop);
+        let mut ingest = IngestService::new(self.telemetry.clone(), ingest_stop);
         if self.leadership.forward {
             let defaults = forward::ForwardSettings::default();
             let settings = forward::ForwardSettings {

@@ -376,6 +376,19 @@ fn malformed_reports_are_refused_with_the_reason() {
     });
     let refusal = t.ingest(tokens, base).unwrap_err();
     assert!(refusal.to_string().starts_with("keys[0].tokens.output = "));
+    // Nor may one sketch's count set a window's quantiles.
+    let mut counts = report("gw", 1, 1, 1, 0);
+    let mut forged = Sketch::new();
+    forged.record_n(5_000.0, 1 << 50);
+    counts.keys[0].ttft_us = Some(v1::Sketch::from(&forged));
+    let refusal = t.ingest(counts, base).unwrap_err();
+    assert_eq!(
+        refusal.to_string(),
+        format!(
+            "keys[0].ttft_us.count = {}: above 1000000000000, not a figure one gateway reports",
+            1u64 << 50
+        )
+    );
 
     // Nothing of the refused reports was merged, and each refusal was counted by reason.
     assert_eq!(t.pool(PoolId(0), base).unwrap().totals.requests, 0);
@@ -395,7 +408,7 @@ fn malformed_reports_are_refused_with_the_reason() {
     longest.keys[0].model = long[1..].to_string();
     t.ingest(longest, base).unwrap();
     assert_eq!(refused("too_many_keys"), 1);
-    assert_eq!(refused("implausible"), 2);
+    assert_eq!(refused("implausible"), 3);
 }
 
 #[test]
