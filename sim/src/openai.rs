@@ -37,10 +37,17 @@ pub(crate) struct ParsedRequest {
 #[error("{0}")]
 pub(crate) struct BadRequest(pub String);
 
+/// As vLLM declares it: `include_usage: bool | None = True`, so an object without the key asks
+/// for usage and an explicit `null` does not; `continuous_usage_stats` defaults to false.
 #[derive(Deserialize)]
 struct StreamOptions {
+    #[serde(default = "usage_by_default")]
     include_usage: Option<bool>,
     continuous_usage_stats: Option<bool>,
+}
+
+fn usage_by_default() -> Option<bool> {
+    Some(true)
 }
 
 #[derive(Deserialize)]

@@ -465,7 +465,7 @@ mod tests {
 
         let req = chat(
             json!({"messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":2,
-                              "stream_options":{"continuous_usage_stats":true}}),
+                              "stream_options":{"include_usage":false,"continuous_usage_stats":true}}),
         );
         let plan = super::plan(&req, &knobs, &identity());
         assert!(
@@ -473,6 +473,17 @@ mod tests {
                 .iter()
                 .all(|e| e.get("usage").is_none())
         );
+        // As vLLM, a `stream_options` object without `include_usage` includes it.
+        let req = chat(
+            json!({"messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":2,
+                              "stream_options":{"continuous_usage_stats":true}}),
+        );
+        let plan = super::plan(&req, &knobs, &identity());
+        let with_usage = events_json(&plan, &knobs)
+            .iter()
+            .filter(|e| e.get("usage").is_some_and(|u| !u.is_null()))
+            .count();
+        assert_eq!(with_usage, 4);
     }
 
     #[test]

@@ -145,10 +145,11 @@ enum Prompt<'a> {
 
 /// Inspects a request body and, when the options ask for it, rewrites it.
 ///
-/// Injection happens only for `"stream": true` requests whose client did not set
-/// `stream_options.include_usage: true`. Without a `stream_options` key the new member is inserted
-/// before the final `}` and every other byte is kept; an existing `stream_options` object is
-/// edited in place (only its own bytes change).
+/// Injection happens only for `"stream": true` requests whose client would not get usage
+/// without it: no `stream_options`, a `null` one, or one whose `include_usage` is `false` or
+/// `null` (an object without the key gets usage from vLLM, whose default is true). Without a
+/// `stream_options` key the new member is inserted before the final `}` and every other byte is
+/// kept; an existing `stream_options` object is edited in place (only its own bytes change).
 pub fn inspect_request(
     body: &[u8],
     opts: &RewriteOptions,
@@ -183,12 +184,22 @@ pub fn inspect_request(
             }
         }
     };
-    let asked = |key: &str| match &options {
-        Options::Object(map) => map.get(key) == Some(&serde_json::Value::Bool(true)),
+    // Whether the server may send what `key` asks for without the filter's help: only an
+    // explicit `false` or `null` (or its default, where that is false) rules it out. vLLM
+    // defaults `include_usage` to true in a `stream_options` object (OpenAI to false), and both
+    // take values such as `1` or `"true"` as true: injected and stripped, such a client would
+    // lose the usage chunk it gets without the filter.
+    let asked = |key: &str, default: bool| match &options {
+        Options::Object(map) => match map.get(key) {
+            None => default,
+            Some(serde_json::Value::Bool(value)) => *value,
+            Some(serde_json::Value::Null) => false,
+            Some(_) => true,
+        },
         _ => false,
     };
-    let client_asked_usage = asked("include_usage");
-    let client_asked_continuous = asked("continuous_usage_stats");
+    let client_asked_usage = asked("include_usage", true);
+    let client_asked_continuous = asked("continuous_usage_stats", false);
 
     let mut inspection = RequestInspection {
         model,
@@ -496,6 +507,34 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_options_object_that_may_ask_for_usage_is_left_alone() {
+        // vLLM declares `include_usage: bool | None = True`: these clients get the usage chunk
+        // from vLLM, and stripping it would take it from them.
+        for body in [
+            r#"{"model":"m","stream":true,"stream_options":{}}"#,
+            r#"{"model":"m","stream":true,"stream_options":{"continuous_usage_stats":true}}"#,
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":1}}"#,
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":"true"}}"#,
+        ] {
+            let i = inspect(body, INJECT);
+            assert!(i.client_asked_usage, "{body}");
+            assert!(
+                !i.strip.usage_chunk,
+                "{body}: its usage chunk would be stripped"
+            );
+        }
+        // An explicit no is a no: injected, and the chunk it brings stripped.
+        for body in [
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#,
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":null}}"#,
+        ] {
+            let i = inspect(body, INJECT);
+            assert!(!i.client_asked_usage, "{body}");
+            assert!(i.strip.usage_chunk, "{body}");
+        }
+    }
+
+    #[test]
     fn odd_models_and_bodies_do_not_fail_the_request() {
         assert_eq!(inspect(r#"{"model":3}"#, INJECT).model, None);
         assert_eq!(
@@ -562,8 +601,16 @@ mod tests {
             };
             let i = inspect_request(&bytes, &INJECT).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let stream = body["stream"] == Value::Bool(true);
-            let asked = body.get("stream_options").and_then(|o| o.get("include_usage"))
-                == Some(&Value::Bool(true));
+            // vLLM's default inside a `stream_options` object is to include usage.
+            let asked = match body.get("stream_options") {
+                Some(Value::Object(options)) => match options.get("include_usage") {
+                    None => true,
+                    Some(Value::Bool(b)) => *b,
+                    Some(Value::Null) => false,
+                    Some(_) => true,
+                },
+                _ => false,
+            };
             prop_assert_eq!(i.stream, stream);
             prop_assert_eq!(i.client_asked_usage, asked);
             let model = body.get("model").and_then(Value::as_str).map(str::to_string);
