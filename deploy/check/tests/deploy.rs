@@ -771,6 +771,8 @@ fn values_schema_rejects_misspelled_and_mistyped_values() {
         ("image.pullPolicy", json!("Sometimes")),
         ("resources.limits.gpu", json!("1")),
         ("podDisruptionBudget.maxUnavailable", json!("half")),
+        ("listenAddress", json!("::")),
+        ("listenAddress", json!("localhost")),
     ] {
         let broken = helm::with_value(&values, path, value.clone());
         assert!(!schema.is_valid(&broken), "{path} = {value} passed");
@@ -800,11 +802,13 @@ fn chart_runs_the_control_service_as_documented() {
         json!([
             "control",
             "--grpc-listen",
-            "0.0.0.0:9090",
+            "[::]:9090",
             "--http-listen",
-            "0.0.0.0:9091",
+            "[::]:9091",
             "--source",
-            "kubernetes"
+            "kubernetes",
+            "--lease-name",
+            "flyball-control"
         ])
     );
     assert_eq!(
@@ -898,6 +902,7 @@ fn chart_options_render_to_valid_objects() {
             "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["system"]}]}]}}}),
         ),
         ("podDisruptionBudget.maxUnavailable", json!("50%")),
+        ("listenAddress", json!("0.0.0.0")),
     ] {
         values = helm::with_value(&values, path, value);
     }
@@ -911,10 +916,16 @@ fn chart_options_render_to_valid_objects() {
         pod["spec"]["containers"][0]["image"],
         json!("ghcr.io/flyball-dev/flyball:0.2.0-rc.1")
     );
+    let args = pod["spec"]["containers"][0]["args"].as_array().unwrap();
     assert_eq!(
-        pod["spec"]["containers"][0]["args"].as_array().unwrap()[7..],
-        [json!("--stale-after"), json!("5s")]
+        args[2..5],
+        [
+            json!("0.0.0.0:9090"),
+            json!("--http-listen"),
+            json!("0.0.0.0:9091")
+        ]
     );
+    assert_eq!(args[9..], [json!("--stale-after"), json!("5s")]);
     assert_eq!(pod["metadata"]["annotations"], values["podAnnotations"]);
     assert_eq!(pod["spec"]["imagePullSecrets"], values["imagePullSecrets"]);
     assert_eq!(
