@@ -127,7 +127,8 @@ impl HttpContext for FlyballRequest {
         if config.inject_include_usage {
             for name in ["content-length", "accept-encoding"] {
                 // A compressed stream could not be stripped of the injected usage chunk, so ask
-                // the server for an uncompressed one; the client-facing leg is unaffected.
+                // the server for an uncompressed one. The client then gets it uncompressed too,
+                // unless Envoy's compressor filter, before this one, compresses it again.
                 if let Err(status) =
                     hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None)
                 {
@@ -276,6 +277,13 @@ impl HttpContext for FlyballRequest {
         if let Some(gap) = verdict.itl {
             worker.accumulator.record_itl(*key, gap);
         }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        // A response that ends in trailers (an HTTP/2 upstream) ends here: no body callback sees
+        // `end_of_stream`, and without this a complete answer would count as a server error.
+        self.response_complete = true;
         Action::Continue
     }
 

@@ -85,6 +85,8 @@ pub struct EnvoyOptions {
     pub cpu_list: Option<String>,
     /// Mutual TLS to the control service (its `--grpc-tls-*` flags); `None`: plaintext.
     pub control_tls: Option<ControlTls>,
+    /// Speak HTTP/2 to the model server (whose responses may then end in trailers).
+    pub upstream_http2: bool,
 }
 
 /// The files and name of the control cluster's mutual TLS: Envoy presents `cert` and `key`,
@@ -106,6 +108,7 @@ impl EnvoyOptions {
             plugin_config: Some(plugin_config.to_owned()),
             cpu_list: None,
             control_tls: None,
+            upstream_http2: false,
         }
     }
 }
@@ -146,6 +149,20 @@ pub fn render_config(
         text = text.replace(
             "filename: target/wasm32-wasip1/release/flyball_filter.wasm",
             &format!("filename: {}", wasm.display()),
+        );
+    }
+    if options.upstream_http2 {
+        let cluster = "    - name: llm\n      type: STATIC\n      connect_timeout: 1s\n";
+        let at = text
+            .find(cluster)
+            .map(|i| i + cluster.len())
+            .ok_or_else(|| anyhow::anyhow!("the llm cluster not found in {file}"))?;
+        text.insert_str(
+            at,
+            "      typed_extension_protocol_options:\n        \
+             envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n          \
+             \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n          \
+             explicit_http_config:\n            http2_protocol_options: {}\n",
         );
     }
     if let Some(tls) = &options.control_tls {

@@ -657,3 +657,78 @@ async fn mixed_traffic_through_two_workers_is_measured_exactly() -> anyhow::Resu
     .await?;
     Ok(())
 }
+
+/// An HTTP/2 model server whose streamed answer ends with trailers.
+async fn h2_server_ending_in_trailers() -> anyhow::Result<u16> {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::{Frame, Incoming};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: hyper::Request<Incoming>| async {
+                    let _ = req.into_body().collect().await;
+                    let body: &'static [u8] = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
+                    let mut trailers = hyper::HeaderMap::new();
+                    trailers.insert("x-done", hyper::header::HeaderValue::from_static("1"));
+                    let frames = [
+                        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(body))),
+                        Ok(Frame::trailers(trailers)),
+                    ];
+                    hyper::Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(StreamBody::new(futures::stream::iter(frames)))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// A response that ends in trailers (no body callback sees the end of the stream) is complete:
+/// counted `ok`, not `server_error`, and the client gets all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ending_in_trailers_is_counted_ok() -> anyhow::Result<()> {
+    let upstream = h2_server_ending_in_trailers().await?;
+    let mut options = EnvoyOptions::with_filter(upstream, flyball_local::free_port()?, "{}");
+    options.upstream_http2 = true;
+    let envoy = Envoy::start(&options).await?;
+    let body = br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let response = post(
+        &http_client(),
+        envoy.listener(),
+        "/v1/chat/completions",
+        body,
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(response.status, 200);
+    assert!(
+        response.text().ends_with("data: [DONE]\n\n"),
+        "{:?}",
+        response.text()
+    );
+    let outcomes = wait_for("the request to be counted", Duration::from_secs(10), || {
+        let envoy = &envoy;
+        async move {
+            let count = async |outcome| {
+                envoy
+                    .metric_sum("flyball_requests_total", &[("outcome", outcome)])
+                    .await
+                    .ok()
+            };
+            let (ok, failed) = (count("ok").await?, count("server_error").await?);
+            (ok + failed >= 1.0).then_some((ok, failed))
+        }
+    })
+    .await?;
+    assert_eq!(outcomes, (1.0, 0.0), "(ok, server_error)");
+    Ok(())
+}
