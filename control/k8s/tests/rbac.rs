@@ -15,10 +15,21 @@ use kube::core::Resource;
 use serde_json::json;
 use support::WAIT;
 
-fn as_fake_rules(rules: &[Rule]) -> Vec<RbacRule> {
+/// The Lease every call below elects on.
+const LEASE: &str = "flyball";
+
+/// `rules` as the fake's RBAC, for the leader Lease `lease`.
+fn as_fake_rules(rules: &[Rule], lease: &str) -> Vec<RbacRule> {
     rules
         .iter()
-        .map(|r| RbacRule::new(r.api_group, r.resources, r.verbs))
+        .map(|r| {
+            let rule = RbacRule::new(r.api_group, r.resources, r.verbs);
+            if r.only_the_lease {
+                rule.named(&[lease])
+            } else {
+                rule
+            }
+        })
         .collect()
 }
 
@@ -61,11 +72,8 @@ async fn every_call(client: kube::Client) -> Result<(), Error> {
         scales.conflicting_hpas(&target).await?;
     }
 
-    let election = LeaderElection::start(
-        client.clone(),
-        &LeaseConfig::new("default", "flyball", "pod-0"),
-    )
-    .await?;
+    let election =
+        LeaderElection::start(client.clone(), &LeaseConfig::new("default", LEASE, "pod-0")).await?;
     let mut leading = election.is_leader();
     tokio::time::timeout(WAIT, leading.wait_for(|l| *l))
         .await
@@ -106,7 +114,7 @@ async fn every_call_succeeds_under_exactly_the_listed_rules() {
         return;
     };
     seed(fake);
-    fake.allow_only(as_fake_rules(RULES));
+    fake.allow_only(as_fake_rules(RULES, LEASE));
     every_call(cluster.client()).await.unwrap();
     let refused: Vec<String> = fake
         .requests()
@@ -129,7 +137,7 @@ async fn each_rule_used_by_this_crate_is_needed_by_some_call() {
         seed(&fake);
         let mut rules = RULES.to_vec();
         rules.remove(i);
-        fake.allow_only(as_fake_rules(&rules));
+        fake.allow_only(as_fake_rules(&rules, LEASE));
         let result = every_call(fake.client()).await;
         let forbidden = fake.requests().iter().any(|r| r.status == Some(403));
         assert!(
@@ -137,4 +145,26 @@ async fn each_rule_used_by_this_crate_is_needed_by_some_call() {
             "removing {removed:?} broke nothing: {result:?}"
         );
     }
+}
+
+/// The Lease rules reach the Lease they name and no other: a replica granted another Lease
+/// cannot elect on this one.
+#[tokio::test]
+async fn the_lease_rules_reach_only_the_lease_they_name() {
+    let fake = ApiServer::start().await.unwrap();
+    seed(&fake);
+    fake.allow_only(as_fake_rules(RULES, "someone-elses"));
+    let result = every_call(fake.client()).await;
+    let refused: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.status == Some(403))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(result.is_err(), "elected on a Lease it was not granted");
+    assert!(
+        refused.iter().all(|r| r.contains("/leases/")),
+        "{refused:?}"
+    );
+    assert!(!refused.is_empty());
 }

@@ -669,11 +669,14 @@ fn chart_crd_is_a_copy_of_the_generated_crd() {
     );
 }
 
-fn rules_key(rule: &PolicyRule) -> (Vec<String>, Vec<String>, Vec<String>) {
+type RuleKey = (Vec<String>, Vec<String>, Vec<String>, Vec<String>);
+
+fn rules_key(rule: &PolicyRule) -> RuleKey {
     (
         rule.api_groups.clone().unwrap_or_default(),
         rule.resources.clone().unwrap_or_default(),
         rule.verbs.clone(),
+        rule.resource_names.clone().unwrap_or_default(),
     )
 }
 
@@ -691,7 +694,19 @@ fn chart_rbac_grants_exactly_the_rules_the_code_needs() {
         .chain(&role_rules)
         .map(rules_key)
         .collect();
-    let mut needed: Vec<_> = flyball_k8s::rbac::policy_rules()
+    // The Lease the Deployment elects on, which the Role names.
+    let deployment = one(&documents, "Deployment");
+    let args: Vec<String> = serde_json::from_value(
+        deployment.value["spec"]["template"]["spec"]["containers"][0]["args"].clone(),
+    )
+    .unwrap();
+    let lease = args
+        .iter()
+        .position(|a| a == "--lease-name")
+        .map(|i| args[i + 1].clone())
+        .expect("the chart names its Lease");
+    assert_eq!(lease, format!("{}-control", RELEASE.name));
+    let mut needed: Vec<_> = flyball_k8s::rbac::policy_rules(&lease)
         .iter()
         .map(rules_key)
         .collect();
@@ -710,7 +725,6 @@ fn chart_rbac_grants_exactly_the_rules_the_code_needs() {
             .all(|r| r.resources != Some(vec!["leases".to_string()]))
     );
     for rule in cluster_rules.iter().chain(&role_rules) {
-        assert_eq!(rule.resource_names, None, "{rule:?}");
         assert_eq!(rule.non_resource_urls, None, "{rule:?}");
     }
 
@@ -724,7 +738,6 @@ fn chart_rbac_grants_exactly_the_rules_the_code_needs() {
     }
 
     // Both grants reach the ServiceAccount the Deployment runs as.
-    let deployment = one(&documents, "Deployment");
     let account = deployment.value["spec"]["template"]["spec"]["serviceAccountName"].clone();
     let cluster_binding: ClusterRoleBinding =
         serde_json::from_value(one(&documents, "ClusterRoleBinding").value).unwrap();

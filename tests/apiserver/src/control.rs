@@ -62,6 +62,10 @@ pub struct RbacRule {
     pub group: String,
     pub resources: Vec<String>,
     pub verbs: Vec<String>,
+    /// `resourceNames`: empty for any object. As the real authorizer applies them, a rule that
+    /// names objects matches only requests for one of them by name, so never a `create` (its
+    /// object has no name in the path yet) nor a `list` or collection `watch`.
+    pub resource_names: Vec<String>,
 }
 
 // === impl RbacRule ===
@@ -72,13 +76,29 @@ impl RbacRule {
             group: group.to_string(),
             resources: resources.iter().map(|s| s.to_string()).collect(),
             verbs: verbs.iter().map(|s| s.to_string()).collect(),
+            resource_names: Vec::new(),
         }
     }
 
-    pub(crate) fn allows(&self, verb: Verb, group: &str, resource: &str) -> bool {
+    /// The same rule, for these objects only.
+    pub fn named(mut self, names: &[&str]) -> Self {
+        self.resource_names = names.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// `name`: the object the request names in its path, if any.
+    pub(crate) fn allows(
+        &self,
+        verb: Verb,
+        group: &str,
+        resource: &str,
+        name: Option<&str>,
+    ) -> bool {
         (self.group == "*" || self.group == group)
             && self.resources.iter().any(|r| r == "*" || r == resource)
             && self.verbs.iter().any(|v| v == "*" || v == verb.as_str())
+            && (self.resource_names.is_empty()
+                || name.is_some_and(|n| self.resource_names.iter().any(|r| r == n)))
     }
 }
 
@@ -91,8 +111,9 @@ pub(crate) struct Rbac {
 }
 
 impl Rbac {
-    /// `resource` includes the subresource (`deployments/scale`).
-    pub fn allows(&self, verb: Verb, group: &str, resource: &str) -> bool {
+    /// `resource` includes the subresource (`deployments/scale`); `name` is the object the
+    /// request names in its path, if any.
+    pub fn allows(&self, verb: Verb, group: &str, resource: &str, name: Option<&str>) -> bool {
         if self
             .denied
             .iter()
@@ -102,7 +123,7 @@ impl Rbac {
         }
         match &self.allow_only {
             None => true,
-            Some(rules) => rules.iter().any(|r| r.allows(verb, group, resource)),
+            Some(rules) => rules.iter().any(|r| r.allows(verb, group, resource, name)),
         }
     }
 }
@@ -248,8 +269,30 @@ mod tests {
             allow_only: Some(vec![RbacRule::new("apps", &["deployments/scale"], &["*"])]),
             denied: vec![(Verb::Patch, "apps".into(), "deployments/scale".into())],
         };
-        assert!(rbac.allows(Verb::Get, "apps", "deployments/scale"));
-        assert!(!rbac.allows(Verb::Patch, "apps", "deployments/scale"));
-        assert!(!rbac.allows(Verb::Get, "apps", "deployments"));
+        assert!(rbac.allows(Verb::Get, "apps", "deployments/scale", Some("a")));
+        assert!(!rbac.allows(Verb::Patch, "apps", "deployments/scale", Some("a")));
+        assert!(!rbac.allows(Verb::Get, "apps", "deployments", Some("a")));
+    }
+
+    #[test]
+    fn a_rule_with_resource_names_reaches_only_those_objects_by_name() {
+        let rbac = Rbac {
+            allow_only: Some(vec![
+                RbacRule::new(
+                    "coordination.k8s.io",
+                    &["leases"],
+                    &["get", "patch", "create"],
+                )
+                .named(&["mine"]),
+            ]),
+            denied: Vec::new(),
+        };
+        let group = "coordination.k8s.io";
+        assert!(rbac.allows(Verb::Get, group, "leases", Some("mine")));
+        assert!(rbac.allows(Verb::Patch, group, "leases", Some("mine")));
+        assert!(!rbac.allows(Verb::Patch, group, "leases", Some("theirs")));
+        // A create names no object in its path, a list none either.
+        assert!(!rbac.allows(Verb::Create, group, "leases", None));
+        assert!(!rbac.allows(Verb::List, group, "leases", None));
     }
 }

@@ -374,7 +374,10 @@ fn object(inner: &mut Inner, o: &ObjRoute, req: &Request<'_>) -> Result<Answer, 
         Some(s) => format!("{}/{s}", o.rt.plural),
         None => o.rt.plural.clone(),
     };
-    if !inner.rbac.allows(verb, &o.rt.group, &resource) {
+    if !inner
+        .rbac
+        .allows(verb, &o.rt.group, &resource, o.name.as_deref())
+    {
         return Err(ApiError::forbidden(
             &inner.user,
             verb.as_str(),
