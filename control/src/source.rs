@@ -13,18 +13,25 @@
 //! API server down) the last autoscalers read stay in force, and the failure is logged once.
 //!
 //! It never drops a working autoscaler because another resource is invalid, and never writes
-//! anything but the status of a resource it rejects.
+//! anything but the status of a resource it rejects. Resources are read untyped and decoded one
+//! by one: a value the API server stored but flyball cannot read (an integer over the schema's
+//! bound, stored before the bound existed) rejects that resource, naming the field, where a typed
+//! list would fail whole and stop every autoscaler.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use flyball_k8s::crd::{CONDITION_READY, CONDITION_VALID, ConditionUpdate, set_condition};
-use flyball_k8s::{FlyballAutoscaler, FlyballAutoscalerStatus, patch_status};
+use flyball_k8s::{
+    FlyballAutoscaler, FlyballAutoscalerSpec, FlyballAutoscalerStatus, patch_status,
+};
+use flyball_policy::spec::FieldError;
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+use kube::runtime::reflector::store::Writer;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::watch;
 
@@ -59,7 +66,7 @@ pub struct Listed {
     pub config: ControlConfig,
     pub rejected: Vec<Rejected>,
     /// The resources as listed, for their current status.
-    pub objects: Vec<FlyballAutoscaler>,
+    pub objects: Vec<DynamicObject>,
 }
 
 /// The joined field errors: `spec.a = 1: rule; spec.b = 2: rule`.
@@ -68,15 +75,56 @@ pub fn message(rejected: &Rejected) -> String {
     errors.join("; ")
 }
 
-/// `object` as the configuration reads it.
-pub fn resource(object: &FlyballAutoscaler) -> AutoscalerResource {
-    AutoscalerResource {
-        name: object.metadata.name.clone().unwrap_or_default(),
-        namespace: object.metadata.namespace.clone().unwrap_or_default(),
-        uid: object.metadata.uid.clone(),
-        generation: object.metadata.generation,
-        spec: object.spec.autoscaler.clone(),
+/// `object` as the configuration reads it, or why its spec cannot be read (the field named).
+pub fn resource(object: &DynamicObject) -> Result<AutoscalerResource, Rejected> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    let namespace = object.metadata.namespace.clone().unwrap_or_default();
+    let found = object.data.get("spec").cloned().unwrap_or_default();
+    match serde_path_to_error::deserialize::<_, FlyballAutoscalerSpec>(&found) {
+        Ok(spec) => Ok(AutoscalerResource {
+            name,
+            namespace,
+            uid: object.metadata.uid.clone(),
+            generation: object.metadata.generation,
+            spec: spec.autoscaler,
+        }),
+        Err(error) => {
+            let value = value_at(&found, error.path())
+                .map_or_else(|| "(absent)".to_owned(), ToString::to_string);
+            let path = match error.path().to_string().as_str() {
+                "." => "spec".to_owned(),
+                inner => format!("spec.{inner}"),
+            };
+            Err(Rejected {
+                namespace,
+                name,
+                errors: vec![FieldError {
+                    path,
+                    value,
+                    rule: error.into_inner().to_string(),
+                }],
+            })
+        }
     }
+}
+
+/// The value at `path` in `root`, when there is one.
+fn value_at<'a>(
+    root: &'a serde_json::Value,
+    path: &serde_path_to_error::Path,
+) -> Option<&'a serde_json::Value> {
+    path.iter().try_fold(root, |value, segment| match segment {
+        serde_path_to_error::Segment::Seq { index } => value.get(index),
+        serde_path_to_error::Segment::Map { key } => value.get(key),
+        serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {
+            Some(value)
+        }
+    })
+}
+
+/// The status `object` carries, when it reads as one.
+fn status_of(object: &DynamicObject) -> Option<FlyballAutoscalerStatus> {
+    serde_json::from_value(object.data.get("status")?.clone()).ok()
 }
 
 /// The status a rejected resource gets, or `None` when it already says so.
@@ -127,10 +175,11 @@ impl KubernetesSource {
         }
     }
 
-    fn api(&self) -> Api<FlyballAutoscaler> {
+    fn api(&self) -> Api<DynamicObject> {
+        let resource = ApiResource::erase::<FlyballAutoscaler>(&());
         match &self.namespace {
-            Some(ns) => Api::namespaced(self.client.clone(), ns),
-            None => Api::all(self.client.clone()),
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
+            None => Api::all_with(self.client.clone(), &resource),
         }
     }
 
@@ -194,8 +243,8 @@ impl KubernetesSource {
                 continue;
             };
             let generation = object.metadata.generation;
-            let Some(status) =
-                rejected_status(object.status.as_ref(), rejected, generation, now.clone())
+            let current = status_of(object);
+            let Some(status) = rejected_status(current.as_ref(), rejected, generation, now.clone())
             else {
                 continue;
             };
@@ -220,7 +269,8 @@ impl KubernetesSource {
         mut leading: watch::Receiver<bool>,
         stop: impl std::future::Future<Output = ()>,
     ) {
-        let (store, writer) = reflector::store();
+        let writer = Writer::new(ApiResource::erase::<FlyballAutoscaler>(&()));
+        let store = writer.as_reader();
         let mut config = watcher::Config::default();
         if let Some(selector) = &self.label_selector {
             config = config.labels(selector);
@@ -281,9 +331,9 @@ impl KubernetesSource {
 impl Listed {
     /// The configuration from `objects`, oldest first (so a resource created later never takes
     /// a scale target from one that has it).
-    pub fn from_objects(mut objects: Vec<FlyballAutoscaler>) -> Listed {
+    pub fn from_objects(mut objects: Vec<DynamicObject>) -> Listed {
         objects.sort_by(|a, b| {
-            let key = |o: &FlyballAutoscaler| {
+            let key = |o: &DynamicObject| {
                 (
                     o.metadata.creation_timestamp.as_ref().map(|t| t.0),
                     o.metadata.namespace.clone(),
@@ -292,8 +342,13 @@ impl Listed {
             };
             key(a).cmp(&key(b))
         });
-        let resources: Vec<AutoscalerResource> = objects.iter().map(resource).collect();
-        let (config, rejected) = ControlConfig::from_resources(&resources);
+        let mut unreadable = Vec::new();
+        let resources: Vec<AutoscalerResource> = objects
+            .iter()
+            .filter_map(|object| resource(object).map_err(|r| unreadable.push(r)).ok())
+            .collect();
+        let (config, mut rejected) = ControlConfig::from_resources(&resources);
+        rejected.append(&mut unreadable);
         Listed {
             config,
             rejected,

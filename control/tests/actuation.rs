@@ -1535,3 +1535,83 @@ async fn a_lease_read_that_fails_keeps_the_leader_read_last() {
     a.step_down().await;
     cluster.cleanup().await.unwrap();
 }
+
+/// A FlyballAutoscaler stored with a value flyball cannot read (an integer over u32, which the
+/// API server took before the CRD bounded it, as it took any `format: uint32`) is refused on its
+/// own, `Valid=False` naming the field, and leaves the others alone: a typed list failed whole,
+/// and no autoscaler ran. A real API server with the current CRD refuses the object instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_resource_is_refused_alone_naming_the_field() {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let good_target = deployment(&cluster, "vllm", 1, 1).await;
+    let bad_target = deployment(&cluster, "other", 1, 1).await;
+    let run = Api::<Deployment>::namespaced(cluster.client(), &ns)
+        .get(&good_target)
+        .await
+        .unwrap()
+        .metadata
+        .labels
+        .unwrap()[RUN_LABEL]
+        .clone();
+    let good_spec: FlyballAutoscalerSpec = serde_json::from_value(spec(&good_target)).unwrap();
+    let good = cluster.unique_name("good");
+    cluster
+        .create(&FlyballAutoscaler::new(&good, good_spec))
+        .await
+        .unwrap();
+    let mut bad_spec = spec(&bad_target);
+    bad_spec["selector"]["backend"] = json!("other");
+    bad_spec["pools"]["unified"]["maxReplicas"] = json!(4_294_967_296_u64);
+    let bad = cluster.unique_name("bad");
+    let resource = ApiResource::erase::<FlyballAutoscaler>(&());
+    let untyped =
+        Api::<kube::api::DynamicObject>::namespaced_with(cluster.client(), &ns, &resource);
+    let object: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "flyball.dev/v1alpha1",
+        "kind": "FlyballAutoscaler",
+        "metadata": {"name": bad, "labels": {RUN_LABEL: run}},
+        "spec": bad_spec,
+    }))
+    .unwrap();
+    match untyped.create(&Default::default(), &object).await {
+        Ok(_) => cluster.track(resource, Some(ns.clone()), bad.clone()),
+        Err(kube::Error::Api(status)) if status.code == 422 => {
+            // The schema's bound at work: nothing unreadable can be stored.
+            assert!(status.message.contains("maxReplicas"), "{status:?}");
+            cluster.cleanup().await.unwrap();
+            return;
+        }
+        Err(error) => panic!("{error}"),
+    }
+
+    let control = control_of_resources(&cluster, &run).await;
+    wait_until(
+        "the good autoscaler's pool beside the unreadable one",
+        || async {
+            let pools = control.pools().await.unwrap();
+            (pools["pools"][0]["autoscaler"] == good.as_str()).then_some(())
+        },
+    )
+    .await;
+    let message = wait_until("Valid=False on the unreadable resource", || async {
+        let object = untyped.get(&bad).await.unwrap();
+        let conditions = object
+            .data
+            .pointer("/status/conditions")?
+            .as_array()?
+            .clone();
+        conditions
+            .iter()
+            .find(|c| c["type"] == CONDITION_VALID && c["status"] == "False")
+            .map(|c| c["message"].as_str().unwrap_or_default().to_owned())
+    })
+    .await;
+    assert!(
+        message.starts_with("spec.pools.unified.maxReplicas = 4294967296: "),
+        "{message}"
+    );
+    control.stop().await.unwrap();
+    cluster.cleanup().await.unwrap();
+}

@@ -67,9 +67,20 @@ pub const CONDITION_SCALING: &str = "Scaling";
     )
 )]
 #[serde(transparent)]
-#[schemars(transparent)]
+#[schemars(transparent, transform = bound_uint32)]
 pub struct FlyballAutoscalerSpec {
     pub autoscaler: AutoscalerSpecRaw,
+}
+
+/// Gives every `format: uint32` a `maximum`. The API server does not check formats it does not
+/// know, uint32 among them: it would store `maxReplicas: 4294967296`, which no replica could then
+/// read (the whole list fails to decode, stopping every autoscaler). With the bound it refuses
+/// the apply, naming the field.
+fn bound_uint32(schema: &mut schemars::Schema) {
+    if schema.get("format").and_then(|f| f.as_str()) == Some("uint32") {
+        schema.insert("maximum".into(), u32::MAX.into());
+    }
+    schemars::transform::transform_subschemas(&mut bound_uint32, schema);
 }
 
 // === impl FlyballAutoscalerSpec ===
