@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flyball_policy::pools::Role;
-use flyball_policy::spec::{AutoscalerSpec, AutoscalerSpecRaw, FieldError};
+use flyball_policy::spec::{
+    AutoscalerSpec, AutoscalerSpecRaw, FieldError, Selector as SpecSelector,
+};
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -262,11 +264,34 @@ impl ControlConfig {
                 }
             };
             let targets = targets(&spec, &resource.namespace);
-            let errors: Vec<FieldError> = targets
-                .iter()
-                .filter_map(|(role, target)| {
-                    let holder = holders.get(&(target.namespace.clone(), target.name.clone()))?;
-                    Some(FieldError {
+            let this = format!("{}/{}", resource.namespace, resource.name);
+            let mut errors = Vec::new();
+            for (role, pool) in spec.pools().iter() {
+                // Anyone who may create a FlyballAutoscaler in one namespace must not be able to
+                // scale another's workloads with this service's rights.
+                if let Some(namespace) = &pool.scale_target_ref.namespace
+                    && *namespace != resource.namespace
+                {
+                    errors.push(FieldError {
+                        path: format!("spec.pools.{role}.scaleTargetRef.namespace"),
+                        value: format!("{namespace:?}"),
+                        rule: format!(
+                            "must be the FlyballAutoscaler's own namespace ({:?}) or omitted: it \
+                             scales workloads of its namespace, as an HPA does",
+                            resource.namespace
+                        ),
+                    });
+                }
+            }
+            let mut own = HashSet::new();
+            for (role, target) in &targets {
+                let key = (target.namespace.clone(), target.name.clone());
+                let holder = match holders.get(&key) {
+                    Some(holder) => Some(holder.as_str()),
+                    None => (!own.insert(key)).then_some(this.as_str()),
+                };
+                if let Some(holder) = holder {
+                    errors.push(FieldError {
                         path: format!("spec.pools.{role}.scaleTargetRef.name"),
                         value: format!("{:?}", target.name),
                         rule: format!(
@@ -274,9 +299,12 @@ impl ControlConfig {
                              names its pool, so it must be unique within namespace {:?})",
                             target.namespace
                         ),
-                    })
-                })
-                .collect();
+                    });
+                }
+            }
+            if let Some(other) = overlapping(&config, spec.selector()) {
+                errors.push(overlap_error("spec.selector", spec.selector(), &other));
+            }
             if !errors.is_empty() {
                 rejected.push(Rejected {
                     namespace: resource.namespace.clone(),
@@ -474,6 +502,13 @@ impl TryFrom<&ConfigFileRaw> for ControlConfig {
                     continue;
                 }
             };
+            if let Some(other) = overlapping(&config, spec.selector()) {
+                errors.push(overlap_error(
+                    &format!("{at}.spec.selector"),
+                    spec.selector(),
+                    &other,
+                ));
+            }
             let targets = targets(&spec, &namespace);
             for (role, target) in &targets {
                 if !pool_names.insert((target.namespace.clone(), target.name.clone())) {
@@ -496,6 +531,27 @@ impl TryFrom<&ConfigFileRaw> for ControlConfig {
         } else {
             Err(ConfigError::Invalid { errors })
         }
+    }
+}
+
+/// The autoscaler in `config` whose selector may match keys `selector` matches, if any.
+fn overlapping(config: &ControlConfig, selector: &SpecSelector) -> Option<String> {
+    config
+        .autoscalers
+        .iter()
+        .find(|a| a.spec.selector().overlaps(selector))
+        .map(|a| format!("{}/{}", a.namespace, a.name))
+}
+
+/// Two autoscalers on the same telemetry would each size their pools for all of it.
+fn overlap_error(path: &str, selector: &SpecSelector, other: &str) -> FieldError {
+    FieldError {
+        path: path.to_owned(),
+        value: selector.to_string(),
+        rule: format!(
+            "selects telemetry autoscaler {other} selects too: each would size its pools for \
+             all of it (make the backends or models differ)"
+        ),
     }
 }
 

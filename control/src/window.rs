@@ -559,13 +559,27 @@ impl Windows {
             }
         };
         let mut pools = Vec::new();
+        let mut selectors: Vec<&Selector> = Vec::new();
         for (p, pool) in self.pools.iter_mut().enumerate() {
             if let Some(pool) = pool
                 && pool.selector.matches(backend, model)
             {
                 pools.push(PoolId(p));
                 pool.keys.push(id);
+                if !selectors.contains(&&pool.selector) {
+                    selectors.push(&pool.selector);
+                }
             }
+        }
+        if selectors.len() > 1 {
+            // Selectors on different fields ({backend} and {model}) are allowed to meet, as
+            // they mostly do not: where they do, each autoscaler sizes for all of this key.
+            tracing::warn!(
+                backend,
+                model,
+                selectors = ?selectors,
+                "telemetry selected by more than one autoscaler: each sizes its pools for all of it"
+            );
         }
         self.keys[id.0 as usize] = Some(KeyState {
             backend: backend.into(),

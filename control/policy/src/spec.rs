@@ -250,6 +250,37 @@ pub struct Selector {
     pub model: Option<String>,
 }
 
+impl Selector {
+    /// Whether both select the same traffic on a field they both set (the same backend, or the
+    /// same model) and do not differ on the other: `{backend: a}` and `{backend: a, model: m}`,
+    /// or two equal ones. Selectors on different fields, `{backend: a}` and `{model: m}`, meet
+    /// only where backend `a` serves model `m`, which they mostly are written not to.
+    pub fn overlaps(&self, other: &Selector) -> bool {
+        let shared =
+            |a: &Option<String>, b: &Option<String>| matches!((a, b), (Some(a), Some(b)) if a == b);
+        let meets = |a: &Option<String>, b: &Option<String>| match (a, b) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        (shared(&self.backend, &other.backend) || shared(&self.model, &other.model))
+            && meets(&self.backend, &other.backend)
+            && meets(&self.model, &other.model)
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut fields = Vec::new();
+        if let Some(backend) = &self.backend {
+            fields.push(format!("backend: {backend:?}"));
+        }
+        if let Some(model) = &self.model {
+            fields.push(format!("model: {model:?}"));
+        }
+        write!(f, "{{{}}}", fields.join(", "))
+    }
+}
+
 /// One validated pool.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]

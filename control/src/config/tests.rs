@@ -296,3 +296,107 @@ fn renumbering_keeps_the_ids_of_pools_that_stay_and_never_reuses_the_others() {
         ]
     );
 }
+
+const SAME_TARGET_TWICE: &str = "{ selector: { model: llama }, pools: { \
+    prefill: { scaleTargetRef: { name: vllm }, maxReplicas: 4 }, \
+    decode: { scaleTargetRef: { name: vllm, namespace: serving }, maxReplicas: 4 } }, \
+    slo: { ttft: 500ms, tpot: 50ms } }";
+
+fn resource_with(name: &str, namespace: &str, spec: &str) -> AutoscalerResource {
+    AutoscalerResource {
+        name: name.into(),
+        namespace: namespace.into(),
+        uid: Some(format!("uid-{name}")),
+        generation: Some(1),
+        spec: serde_yaml_ng::from_str(spec).unwrap(),
+    }
+}
+
+#[test]
+fn a_resource_whose_two_pools_scale_one_target_is_refused_as_in_the_file() {
+    // The namespace left out is the resource's: both pools would set Deployment serving/vllm.
+    let file = format!(
+        "autoscalers:\n  - name: llama\n    namespace: serving\n    spec: {SAME_TARGET_TWICE}\n"
+    );
+    assert!(ControlConfig::from_yaml(&file).is_err());
+    let (config, rejected) =
+        ControlConfig::from_resources(&[resource_with("llama", "serving", SAME_TARGET_TWICE)]);
+    assert_eq!(config.pools().len(), 0);
+    assert_eq!(
+        rejected[0].errors[0].to_string(),
+        "spec.pools.decode.scaleTargetRef.name = \"vllm\": already scaled by FlyballAutoscaler \
+         serving/llama (a scale target's name names its pool, so it must be unique within \
+         namespace \"serving\")"
+    );
+}
+
+#[test]
+fn a_resource_scales_only_workloads_of_its_own_namespace() {
+    let spec = "{ selector: { model: llama }, pools: { unified: { scaleTargetRef: \
+                { name: vllm, namespace: payments }, maxReplicas: 4 } }, slo: { ttft: 1s } }";
+    let (config, rejected) =
+        ControlConfig::from_resources(&[resource_with("llama", "team-a", spec)]);
+    assert_eq!(config.pools().len(), 0);
+    assert_eq!(
+        rejected[0].errors[0].to_string(),
+        "spec.pools.unified.scaleTargetRef.namespace = \"payments\": must be the \
+         FlyballAutoscaler's own namespace (\"team-a\") or omitted: it scales workloads of its \
+         namespace, as an HPA does"
+    );
+    // Its own namespace, named or not, is fine; the file (the operator's) may name any.
+    let own = spec.replace("payments", "team-a");
+    let (config, rejected) =
+        ControlConfig::from_resources(&[resource_with("llama", "team-a", &own)]);
+    assert_eq!((config.pools().len(), rejected.len()), (1, 0));
+    let file = format!("autoscalers:\n  - name: llama\n    namespace: team-a\n    spec: {spec}\n");
+    assert!(ControlConfig::from_yaml(&file).is_ok());
+}
+
+#[test]
+fn autoscalers_selecting_the_same_traffic_are_refused() {
+    let spec = |selector: &str, target: &str| {
+        format!(
+            "{{ selector: {selector}, pools: {{ unified: {{ scaleTargetRef: {{ name: {target} }}, \
+             maxReplicas: 4 }} }}, slo: {{ ttft: 1s }} }}"
+        )
+    };
+    let file = |a: &str, b: &str| {
+        format!(
+            "autoscalers:\n  - name: a\n    spec: {}\n  - name: b\n    spec: {}\n",
+            spec(a, "vllm-a"),
+            spec(b, "vllm-b")
+        )
+    };
+    for (a, b) in [
+        ("{ backend: vllm }", "{ backend: vllm }"),
+        ("{ backend: vllm }", "{ backend: vllm, model: m }"),
+        ("{ model: m }", "{ backend: vllm, model: m }"),
+    ] {
+        let Err(ConfigError::Invalid { errors }) = ControlConfig::from_yaml(&file(a, b)) else {
+            panic!("{a} and {b} both accepted");
+        };
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "autoscalers[1].spec.selector");
+        assert!(
+            errors[0]
+                .rule
+                .starts_with("selects telemetry autoscaler default/a selects too"),
+            "{}",
+            errors[0]
+        );
+        let (config, rejected) = ControlConfig::from_resources(&[
+            resource_with("a", "serving", &spec(a, "vllm-a")),
+            resource_with("b", "serving", &spec(b, "vllm-b")),
+        ]);
+        assert_eq!(config.autoscalers().len(), 1);
+        assert_eq!(rejected[0].name, "b");
+    }
+    // Different models, or selectors on different fields (which meet only where that backend
+    // serves that model), stand.
+    for (a, b) in [
+        ("{ backend: vllm, model: m }", "{ backend: vllm, model: n }"),
+        ("{ backend: vllm }", "{ model: m }"),
+    ] {
+        assert!(ControlConfig::from_yaml(&file(a, b)).is_ok(), "{a} {b}");
+    }
+}
