@@ -12,8 +12,9 @@
 //! that crate keeps both private. This one is small, has no dependencies and builds for wasm32.
 //!
 //! Values are unit-free `f64`s; flyball records microseconds. Values below [`MIN_VALUE`] count as
-//! zero, values above [`MAX_VALUE`] (and NaN or infinities) land in the last bucket, so memory stays
-//! below [`MAX_BUCKETS`] counters whatever is recorded. Nothing here panics on input.
+//! zero, values above [`MAX_VALUE`] (and NaN or infinities) count as [`MAX_VALUE`] (the last
+//! bucket, and the sketch's max), so memory stays below [`MAX_BUCKETS`] counters whatever is
+//! recorded and every sketch recorded survives the wire. Nothing here panics on input.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -122,8 +123,11 @@ impl Sketch {
         if n == 0 {
             return;
         }
+        // Clamped into 0..=MAX_VALUE, min, max and sum too: the wire refuses a sketch whose max
+        // lies beyond (as a forged one would), so an unclamped 23-day stream would make the
+        // sketch unreadable and lose every sample merged with it.
         let finite = if value.is_finite() {
-            value.max(0.0)
+            value.clamp(0.0, MAX_VALUE)
         } else {
             MAX_VALUE
         };

@@ -115,6 +115,17 @@ fn from_parts_refuses_other_accuracies_and_out_of_range_buckets() {
 }
 
 #[test]
+fn a_value_beyond_max_value_is_recorded_as_max_value_and_survives_the_wire() {
+    // 2e12 us: a stream open 23 days. Kept unclamped in max and sum, the sketch was one the wire
+    // refuses, and every sample merged with it was lost.
+    let mut sketch = Sketch::new();
+    sketch.record(5_000.0);
+    sketch.record(2.0e12);
+    assert_eq!(sketch.max(), Some(MAX_VALUE));
+    assert_eq!(Sketch::from_parts(sketch.parts()), Ok(sketch));
+}
+
+#[test]
 fn from_parts_refuses_a_summary_no_recording_produces() {
     let mut sketch = Sketch::new();
     sketch.record(100.0);
