@@ -173,11 +173,13 @@ pub struct LoopConfig {
 /// evaluate would see the other's want from before the load and take all the headroom (and a
 /// budget never takes replicas back). So an autoscaler the budget cuts grows only on a split in
 /// which every other autoscaler's want is at least as recent as the moment the cut began;
-/// until then it holds. Every loop evaluates at least every `--max-evaluation-interval`, so
-/// that wait is at most one such interval.
+/// until then it holds. Every loop evaluates at least every `--max-evaluation-interval`, but
+/// one may not decide at all (its target unreadable, a write being retried): the wait is
+/// therefore bounded by `max_wait`, after which the split uses the wants known.
 #[derive(Debug)]
 pub struct SharedBudget {
     gpus: u32,
+    max_wait: Duration,
     state: Mutex<BudgetState>,
 }
 
@@ -193,9 +195,10 @@ struct BudgetState {
 }
 
 impl SharedBudget {
-    pub fn new(gpus: u32) -> Self {
+    pub fn new(gpus: u32, max_wait: Duration) -> Self {
         SharedBudget {
             gpus,
+            max_wait,
             state: Mutex::new(BudgetState::default()),
         }
     }
@@ -243,7 +246,7 @@ impl SharedBudget {
         let others_current = state.latest.iter().all(|(key, latest)| {
             key == autoscaler || latest.as_ref().is_some_and(|(_, at)| *at >= since)
         });
-        if others_current {
+        if others_current || now.saturating_duration_since(since) >= self.max_wait {
             return shared;
         }
         // Hold: a budget of nothing keeps every pool at what it has.
@@ -719,7 +722,7 @@ pub async fn run<A: Actuator>(
     let mut stopping: HashMap<tokio::task::Id, (String, String)> = HashMap::new();
     let budget = loop_config
         .gpu_budget
-        .map(|gpus| Arc::new(SharedBudget::new(gpus)));
+        .map(|gpus| Arc::new(SharedBudget::new(gpus, loop_config.idle_interval)));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let current = config.borrow_and_update().clone();
@@ -878,10 +881,13 @@ impl<A: Actuator> AutoscalerLoop<A> {
                     }
                 };
                 // A new leader acts at once rather than at the next report or idle tick, and
-                // so does an edit.
-                let leadership = leadership_changed(&mut self.leading, &mut self.leading_open);
+                // so does an edit. Each is awaited on a copy of its receiver: the evaluation
+                // must still see that it changed (`changed` would mark it seen here).
+                let mut leading = self.leading.clone();
+                let leadership = leadership_changed(&mut leading, &mut self.leading_open);
+                let mut edits = self.redefined.clone();
                 let redefined = async {
-                    if self.redefined.changed().await.is_err() {
+                    if edits.changed().await.is_err() {
                         std::future::pending::<()>().await;
                     }
                 };
@@ -926,8 +932,11 @@ impl<A: Actuator> AutoscalerLoop<A> {
 
     async fn evaluate(&mut self, now: Instant) {
         let policy_now = self.clock.policy_now(now);
+        // Leadership only ever changes value when sent, so a change seen while it still leads is
+        // a loss and a regain since the last evaluation: another replica may have led between.
+        let moved = self.leading.has_changed().unwrap_or(false);
         let leading = *self.leading.borrow_and_update();
-        if leading && !self.was_leading {
+        if leading && (!self.was_leading || moved) {
             self.memory.restart(policy_now);
             tracing::info!(
                 autoscaler = %self.autoscaler.name,

@@ -846,3 +846,170 @@ async fn leadership_gained_during_an_evaluation_does_not_skip_the_restart_hold()
     assert!(h.actuator.inner.recommendations().is_empty());
     let _ = h.stop.send(());
 }
+
+/// The dry-run actuator, except that reads of the target named `broken` fail for good.
+struct OneTargetMissing {
+    inner: DryRunActuator,
+    broken: &'static str,
+}
+
+impl Actuator for OneTargetMissing {
+    async fn current(&self, target: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
+        if target.name == self.broken {
+            return Err(ActuatorError {
+                target: target.to_string(),
+                kind: "not_found",
+                transient: false,
+                source: "not found".into(),
+            });
+        }
+        self.inner.current(target).await
+    }
+
+    async fn set(&self, target: &ScaleTarget, replicas: u32) -> Result<(), ActuatorError> {
+        self.inner.set(target, replicas).await
+    }
+}
+
+/// README: an autoscaler the shared budget cuts waits "at most one --max-evaluation-interval"
+/// for the others; one bad target must not stop the others.
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_autoscaler_holds_the_shared_budget_one_interval_at_most() {
+    let config = ControlConfig::from_yaml(
+        r#"
+autoscalers:
+  - name: llama
+    spec:
+      selector: { backend: vllm }
+      pools:
+        unified:
+          scaleTargetRef: { name: llama }
+          maxReplicas: 10
+          capacity: { prefillTokensPerSecond: 1000 }
+      slo: { ttft: 500ms }
+      behavior: { scaleUp: { maxStep: 10, period: 1s } }
+  - name: qwen
+    spec:
+      selector: { backend: tgi }
+      pools:
+        unified:
+          scaleTargetRef: { name: qwen }
+          maxReplicas: 10
+          capacity: { prefillTokensPerSecond: 1000 }
+      slo: { ttft: 500ms }
+"#,
+    )
+    .unwrap();
+    let actuator = Arc::new(OneTargetMissing {
+        inner: DryRunActuator::for_config(&config),
+        broken: "qwen",
+    });
+    let h = start_on(config, actuator, true, Some(4));
+    // llama wants 5 replicas; the budget has 4 GPUs; qwen's target does not exist.
+    for s in 1..=30 {
+        h.telemetry.ingest(load(s, 5_000), Instant::now()).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let llama = h.status.get(PoolId(0)).unwrap();
+    let last = llama.decisions.back().cloned().unwrap();
+    assert_eq!(
+        llama.desired,
+        Some(4),
+        "30 s later llama still holds: {last:?}; set: {:?}",
+        h.actuator.inner.recommendations()
+    );
+    let _ = h.stop.send(());
+}
+
+/// An edit reaches the running task while it waits between evaluations (the usual case) and is
+/// in force from its next evaluation. Each edit below lowers maxReplicas under the count, which
+/// the policy applies at once (rule max_replicas).
+#[tokio::test(start_paused = true)]
+async fn every_edit_made_between_evaluations_is_applied() {
+    let h = start_with(
+        ControlConfig::from_yaml(SPEC).unwrap(),
+        true,
+        &[("llama", 10)],
+    );
+    let mut status = h.status.subscribe(PoolId(0)).unwrap();
+    status.wait_for(|s| s.replicas.is_some()).await.unwrap();
+    let mut sequence = 0;
+    for max in (3..=9).rev() {
+        let edited = SPEC.replace("maxReplicas: 10", &format!("maxReplicas: {max}"));
+        assert!(reconfigure(
+            &h.live,
+            &h.telemetry,
+            &h.status,
+            ControlConfig::from_yaml(&edited).unwrap()
+        ));
+        // Fresh load (about 6 replicas' worth), so the policy decides rather than holds.
+        for _ in 0..2 {
+            sequence += 1;
+            h.telemetry
+                .ingest(load(sequence, 5_000), Instant::now())
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let s = h.status.get(PoolId(0)).unwrap();
+        let last = s.decisions.back().cloned().unwrap();
+        assert!(
+            s.desired.unwrap() <= max,
+            "2 s after maxReplicas was edited to {max}: {} -> {} ({:?}); set so far {:?}",
+            last.from,
+            last.to,
+            last.rule,
+            h.actuator
+                .recommendations()
+                .iter()
+                .map(|(_, n)| *n)
+                .collect::<Vec<_>>()
+        );
+    }
+    let _ = h.stop.send(());
+}
+
+/// Leadership lost and regained while an evaluation reads /scale (a slow API server: renewals
+/// fail, another replica leads for a while, this one takes the Lease back): another leader acted
+/// meanwhile, so scale-down waits a full stable window from the regain.
+#[tokio::test(start_paused = true)]
+async fn leadership_lost_and_regained_during_a_read_restarts_the_hold() {
+    let config = ControlConfig::from_yaml(QUICK_DOWN).unwrap();
+    let inner = DryRunActuator::for_config(&config);
+    inner.preset("llama", 5);
+    let actuator = Arc::new(PausesOneRead {
+        inner,
+        armed: false.into(),
+        reading: tokio::sync::Notify::new(),
+        go: tokio::sync::Notify::new(),
+        recorded: 0.into(),
+    });
+    let h = start_on(config, actuator, true, None);
+    let mut feed = light_load(h.telemetry.clone());
+    feed(30).await;
+    h.actuator
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    h.actuator.reading.notified().await;
+    h.leading.send_replace(false);
+    tokio::time::sleep(Duration::from_secs(5)).await; // another replica leads
+    h.leading.send_replace(true);
+    h.actuator.go.notify_one();
+    // 36 s after regaining leadership: less than a stable window (60 s).
+    feed(36).await;
+    let last = h
+        .status
+        .get(PoolId(0))
+        .unwrap()
+        .decisions
+        .back()
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        h.actuator.inner.recommendations(),
+        vec![],
+        "scaled down {} s after regaining leadership; last {:?}",
+        36,
+        (last.from, last.to, last.rule)
+    );
+    let _ = h.stop.send(());
+}
