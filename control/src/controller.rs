@@ -1215,6 +1215,7 @@ fn push_decision(log: &mut VecDeque<DecisionRecord>, record: DecisionRecord, lim
         && last.rule == record.rule
         && last.error == record.error
         && !record.applied
+        && !last.applied
     {
         last.repeats += 1;
         last.last_at = record.last_at;

@@ -285,6 +285,22 @@ fn identical_decisions_fold_into_one_log_entry() {
     assert_eq!(log.len(), 3);
     assert_eq!(log[0].rule, Rule::FeedForward);
     assert_eq!(log[2].rule, Rule::NoChange);
+
+    // A change written is never folded into by ones that were not: its entry would say
+    // `applied` for evaluations that wrote nothing.
+    let mut log = VecDeque::new();
+    push_decision(
+        &mut log,
+        DecisionRecord {
+            applied: true,
+            ..record(2, Rule::FeedForward)
+        },
+        3,
+    );
+    push_decision(&mut log, record(2, Rule::FeedForward), 3);
+    assert_eq!(log.len(), 2);
+    assert_eq!((log[0].applied, log[0].repeats), (true, 0));
+    assert!(!log[1].applied);
 }
 
 fn sample_reason() -> flyball_policy::decision::Reason {
