@@ -46,14 +46,23 @@ struct SimArgs {
     #[arg(long, default_value_t = 10_000.0)]
     prefill_tokens_per_s: f64,
     /// Fixed cost of one engine step, in milliseconds.
-    #[arg(long, default_value_t = 10.0)]
-    step_base_ms: f64,
+    #[arg(long = "step-base-ms", value_name = "MS", default_value = "10", value_parser = milliseconds)]
+    step_base: Duration,
     /// Extra step cost per running sequence, in milliseconds.
-    #[arg(long, default_value_t = 0.2)]
-    step_per_sequence_ms: f64,
+    #[arg(long = "step-per-sequence-ms", value_name = "MS", default_value = "0.2", value_parser = milliseconds)]
+    step_per_sequence: Duration,
     /// Most sequences decoding at once.
     #[arg(long, default_value_t = 64)]
     max_running_sequences: usize,
+}
+
+/// A duration in milliseconds, fractions allowed: finite, not negative, at most an hour.
+fn milliseconds(text: &str) -> Result<Duration, String> {
+    let ms: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if !(ms.is_finite() && (0.0..=3_600_000.0).contains(&ms)) {
+        return Err("must be a number of milliseconds from 0 to 3600000".to_owned());
+    }
+    Ok(Duration::from_secs_f64(ms / 1000.0))
 }
 
 /// Exit code for bad usage or configuration (sysexits.h EX_USAGE).
@@ -123,8 +132,8 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
         model: args.model,
         engine: flyball_sim::EngineModel {
             prefill_tokens_per_s: args.prefill_tokens_per_s,
-            step_base: Duration::from_secs_f64(args.step_base_ms / 1000.0),
-            step_per_sequence: Duration::from_secs_f64(args.step_per_sequence_ms / 1000.0),
+            step_base: args.step_base,
+            step_per_sequence: args.step_per_sequence,
             max_running_sequences: args.max_running_sequences,
         },
         ..flyball_sim::SimConfig::default()
@@ -149,5 +158,19 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_times_are_milliseconds_a_duration_can_hold() {
+        assert_eq!(milliseconds("0.2"), Ok(Duration::from_micros(200)));
+        // `Duration::from_secs_f64` panics on each of these.
+        for bad in ["-1", "NaN", "inf", "1e30", "ten"] {
+            assert!(milliseconds(bad).is_err(), "{bad}");
+        }
     }
 }
