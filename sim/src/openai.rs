@@ -58,6 +58,7 @@ struct ChatRequest {
     stream_options: Option<StreamOptions>,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
+    n: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -87,6 +88,7 @@ struct CompletionRequest {
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     max_tokens: Option<u64>,
+    n: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -111,7 +113,8 @@ fn tokens_for_chars(chars: u64) -> u64 {
 }
 
 pub(crate) fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, BadRequest> {
-    let (model, stream, stream_options, max_tokens, prompt_text, prompt_tokens) = match endpoint {
+    let (model, stream, stream_options, max_tokens, n, prompt_text, prompt_tokens) = match endpoint
+    {
         Endpoint::Chat => {
             let req: ChatRequest = serde_json::from_slice(body).map_err(invalid_json)?;
             if req.messages.is_empty() {
@@ -136,7 +139,15 @@ pub(crate) fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ParsedReq
             let tokens = tokens_for_chars(text.chars().count() as u64)
                 .saturating_add(TEMPLATE_TOKENS_PER_MESSAGE.saturating_mul(messages));
             let max = req.max_completion_tokens.or(req.max_tokens);
-            (req.model, req.stream, req.stream_options, max, text, tokens)
+            (
+                req.model,
+                req.stream,
+                req.stream_options,
+                max,
+                req.n,
+                text,
+                tokens,
+            )
         }
         Endpoint::Completions => {
             let req: CompletionRequest = serde_json::from_slice(body).map_err(invalid_json)?;
@@ -159,9 +170,31 @@ pub(crate) fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ParsedReq
                 }
             };
             let max = Some(req.max_tokens.unwrap_or(LEGACY_DEFAULT_MAX_TOKENS));
-            (req.model, req.stream, req.stream_options, max, text, tokens)
+            (
+                req.model,
+                req.stream,
+                req.stream_options,
+                max,
+                req.n,
+                text,
+                tokens,
+            )
         }
     };
+    // As vLLM's sampling parameters check them.
+    if max_tokens == Some(0) {
+        return Err(BadRequest(
+            "max_tokens must be at least 1, got 0.".to_owned(),
+        ));
+    }
+    // vLLM would answer n choices; the simulator plans one, and says so rather than pass
+    // silently.
+    if n.is_some_and(|n| n != 1) {
+        return Err(BadRequest(format!(
+            "n = {}: the simulator answers one choice per request (n = 1)",
+            n.unwrap_or_default()
+        )));
+    }
     let stream = stream.unwrap_or(false);
     // vLLM's request validator refuses stream_options on a non-streaming request.
     if stream_options.is_some() && !stream {

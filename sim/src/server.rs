@@ -45,7 +45,8 @@ pub struct SimConfig {
     pub model: String,
     /// Timing of requests that carry no timing knobs.
     pub engine: EngineModel,
-    /// Context length reported by `/v1/models` (informational).
+    /// Context length, as vLLM's `--max-model-len`: prompt plus output tokens over it are refused
+    /// (400), as vLLM refuses them; reported by `/v1/models`.
     pub max_model_len: u64,
     /// On shutdown, how long open responses may run before their connections are cut.
     pub shutdown_grace: Duration,
@@ -78,7 +79,7 @@ impl Default for SimConfig {
         Self {
             model: "sim-llama-3-8b".to_owned(),
             engine: EngineModel::default(),
-            max_model_len: 8192,
+            max_model_len: 32_768,
             shutdown_grace: Duration::from_secs(1),
         }
     }
@@ -352,6 +353,19 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
         Ok(req) => req,
         Err(err) => return respond(plan::error_plan(400, &err.0), None, &knobs, recorder),
     };
+    // Each answer is planned whole before its first byte, so this bound is also what keeps one
+    // request's memory bounded (`max_tokens: 4000000000` took the process down).
+    let output = plan::output_tokens(&req, &knobs);
+    let requested = req.prompt_tokens.saturating_add(output);
+    if requested > app.config.max_model_len {
+        let message = format!(
+            "This model's maximum context length is {} tokens. However, you requested {requested} \
+             tokens ({} in the messages, {output} in the completion). Please reduce the length of \
+             the messages or completion.",
+            app.config.max_model_len, req.prompt_tokens
+        );
+        return respond(plan::error_plan(400, &message), None, &knobs, recorder);
+    }
 
     let model = req
         .model

@@ -991,3 +991,59 @@ async fn serve_returns_once_shutdown_completes_and_stops_listening() {
         "still listening after shutdown"
     );
 }
+
+/// What vLLM refuses, the simulator refuses, with vLLM's status: output past the context length
+/// (which also bounds what one answer holds in memory: `max_tokens: 4000000000` took the
+/// process down), `max_tokens: 0`, and `n` above 1, which it would answer with one choice.
+#[tokio::test]
+async fn requests_vllm_refuses_are_refused() {
+    let server = start().await;
+    let chat = |body: serde_json::Value| {
+        let server = &server;
+        async move {
+            let sent = send(
+                server,
+                Proto::H1,
+                "POST",
+                "/v1/chat/completions",
+                &[],
+                &body.to_string(),
+            )
+            .await;
+            let status = sent.response.status();
+            (status, body_text(sent.response).await)
+        }
+    };
+    for (body, refusal) in [
+        (
+            json!({"messages":[{"role":"user","content":"hi"}],"max_tokens":4_000_000_000u64}),
+            "This model's maximum context length is 32768 tokens. However, you requested 4000000005 tokens",
+        ),
+        (
+            json!({"messages":[{"role":"user","content":"hi"}],"max_tokens":0}),
+            "max_tokens must be at least 1, got 0.",
+        ),
+        (
+            json!({"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"n":2}),
+            "n = 2: the simulator answers one choice per request (n = 1)",
+        ),
+    ] {
+        let (status, text) = chat(body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {text}");
+        assert!(text.contains(refusal), "{body}: {text}");
+    }
+    // Up to the context length, taken (4 + ceil(2 / 4) prompt tokens): its headers come at once,
+    // and the stream is dropped rather than read for minutes.
+    let body =
+        json!({"messages":[{"role":"user","content":"hi"}],"max_tokens":32_763,"stream":true});
+    let sent = send(
+        &server,
+        Proto::H1,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(sent.response.status(), StatusCode::OK);
+}
