@@ -93,7 +93,19 @@ fn main() -> ExitCode {
                 .await
                 .map_err(anyhow::Error::from),
             Command::Sim(args) => run_sim(args).await,
-            Command::Demo(args) => flyball_local::demo::run(args).await,
+            // Raced with Ctrl-C and SIGTERM so the demo is dropped, not killed: Envoy (a child
+            // process, which SIGTERM to flyball alone would leave running) and its directory go.
+            Command::Demo(args) => {
+                let keep_running = args.keep_running;
+                tokio::select! {
+                    result = flyball_local::demo::run(args) => result,
+                    () = shutdown_signal() => if keep_running {
+                        Ok(())
+                    } else {
+                        Err(anyhow::anyhow!("interrupted"))
+                    },
+                }
+            }
         }
     });
     match result {

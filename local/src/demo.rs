@@ -208,9 +208,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     if args.keep_running {
         println!(
-            "\nrunning; try:\n  curl -N http://{addr}/v1/chat/completions -d '{{\"model\":\"m\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'\nCtrl-C to stop"
+            "\nrunning; try:\n  curl -N http://{addr}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"m\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'\nCtrl-C to stop"
         );
-        let _ = tokio::signal::ctrl_c().await;
+        // Until Ctrl-C or SIGTERM, which `flyball demo` races this with (dropping all of it).
+        std::future::pending::<()>().await;
     }
     drop(envoy);
     control.stop().await?;

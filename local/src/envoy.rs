@@ -66,7 +66,11 @@ pub fn filter_wasm() -> anyhow::Result<PathBuf> {
             if !status.success() {
                 return Err(format!("building the filter failed: {status}"));
             }
-            let path = root.join("target/wasm32-wasip1/release/flyball_filter.wasm");
+            // Where cargo put it: $CARGO_TARGET_DIR (relative to the workspace) when set.
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(|dir| root.join(dir))
+                .unwrap_or_else(|| root.join("target"));
+            let path = target.join("wasm32-wasip1/release/flyball_filter.wasm");
             if path.is_file() {
                 Ok(path)
             } else {
