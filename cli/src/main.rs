@@ -42,6 +42,10 @@ struct SimArgs {
     /// Model name served and echoed.
     #[arg(long, default_value = "sim-llama-3-8b")]
     model: String,
+    /// Answer requests naming another model 404, as vLLM does (by default any name is served
+    /// and echoed).
+    #[arg(long)]
+    refuse_other_models: bool,
     /// Prompt tokens prefilled per second.
     #[arg(long, default_value_t = 10_000.0)]
     prefill_tokens_per_s: f64,
@@ -142,6 +146,7 @@ fn error_chain(error: &anyhow::Error) -> String {
 async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
     let config = flyball_sim::SimConfig {
         model: args.model,
+        refuse_other_models: args.refuse_other_models,
         engine: flyball_sim::EngineModel {
             prefill_tokens_per_s: args.prefill_tokens_per_s,
             step_base: args.step_base,

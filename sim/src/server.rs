@@ -43,6 +43,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub struct SimConfig {
     /// Served model name: listed by `/v1/models`, echoed when a request names no model.
     pub model: String,
+    /// Answer a request naming another model 404, as vLLM does. Off by default: one simulator
+    /// then stands in for every model a gateway routes to it, each echoed back.
+    pub refuse_other_models: bool,
     /// Timing of requests that carry no timing knobs.
     pub engine: EngineModel,
     /// Context length, as vLLM's `--max-model-len`: prompt plus output tokens over it are refused
@@ -78,6 +81,7 @@ impl Default for SimConfig {
     fn default() -> Self {
         Self {
             model: "sim-llama-3-8b".to_owned(),
+            refuse_other_models: false,
             engine: EngineModel::default(),
             max_model_len: 32_768,
             shutdown_grace: Duration::from_secs(1),
@@ -353,6 +357,14 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
         Ok(req) => req,
         Err(err) => return respond(plan::error_plan(400, &err.0), None, &knobs, recorder),
     };
+    if let Some(other) = req
+        .model
+        .as_deref()
+        .filter(|m| app.config.refuse_other_models && *m != app.config.model)
+    {
+        let message = format!("The model `{other}` does not exist.");
+        return respond(plan::error_plan(404, &message), None, &knobs, recorder);
+    }
     // Each answer is planned whole before its first byte, so this bound is also what keeps one
     // request's memory bounded (`max_tokens: 4000000000` took the process down).
     let output = plan::output_tokens(&req, &knobs);

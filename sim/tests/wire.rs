@@ -1047,3 +1047,46 @@ async fn requests_vllm_refuses_are_refused() {
     .await;
     assert_eq!(sent.response.status(), StatusCode::OK);
 }
+
+/// With `refuse_other_models`, a request naming a model the simulator does not serve gets vLLM's
+/// 404; the served one, or none, is answered.
+#[tokio::test]
+async fn another_model_is_not_found_when_only_the_served_one_is() {
+    let server = start_with(SimConfig {
+        refuse_other_models: true,
+        ..SimConfig::default()
+    })
+    .await;
+    let ask = |model: Option<&str>| {
+        let mut body = json!({"messages":[{"role":"user","content":"hi"}],"max_tokens":2});
+        if let Some(model) = model {
+            body["model"] = json!(model);
+        }
+        let server = &server;
+        async move {
+            let sent = send(
+                server,
+                Proto::H1,
+                "POST",
+                "/v1/chat/completions",
+                &[],
+                &body.to_string(),
+            )
+            .await;
+            let status = sent.response.status();
+            (status, body_text(sent.response).await)
+        }
+    };
+    let (status, text) = ask(Some("gpt-4")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        error["error"]["message"],
+        "The model `gpt-4` does not exist."
+    );
+    assert_eq!(error["error"]["type"], "NotFoundError");
+    for model in [Some("sim-llama-3-8b"), None] {
+        let (status, text) = ask(model).await;
+        assert_eq!(status, StatusCode::OK, "{model:?}: {text}");
+    }
+}
