@@ -15,8 +15,9 @@ struct Recorder {
     /// How many reports came on a `ReportStream`, and how many streams were opened.
     streamed: Arc<AtomicU64>,
     streams: Arc<AtomicU64>,
-    /// Reports naming this model are refused `INVALID_ARGUMENT`, as the control service refuses
-    /// an invalid report, and kept in `refused`.
+    /// The first report naming this model is refused `INVALID_ARGUMENT`, as the control service
+    /// refuses an invalid report, and kept in `refused`; later ones are taken (a report can carry
+    /// the key again for its in-flight gauge alone, or for requests that finished later).
     refuse_model: Option<String>,
     refused: Arc<Mutex<Vec<ReportRequest>>>,
 }
@@ -27,7 +28,8 @@ impl Recorder {
         let refuse = self
             .refuse_model
             .as_ref()
-            .is_some_and(|model| report.keys.iter().any(|k| &k.model == model));
+            .is_some_and(|model| report.keys.iter().any(|k| &k.model == model))
+            && self.refused.lock().is_ok_and(|r| r.is_empty());
         let kept = if refuse { &self.refused } else { &self.reports };
         if let Ok(mut reports) = kept.lock() {
             reports.push(report);
@@ -132,7 +134,7 @@ impl Receiver {
         Self::start_on(any_port, Recorder::default(), false).await
     }
 
-    /// A receiver that refuses (`INVALID_ARGUMENT`) every report naming `model`.
+    /// A receiver that refuses (`INVALID_ARGUMENT`) the first report naming `model`.
     pub async fn start_refusing(model: &str) -> anyhow::Result<Receiver> {
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
         let recorder = Recorder {
