@@ -191,6 +191,18 @@ fn flags(cluster: &TestCluster, lease: &str, identity: &str, extra: &[&str]) -> 
     flags
 }
 
+/// The run label of this test's objects, read back from its Deployment `name`.
+async fn run_label(cluster: &TestCluster, name: &str) -> String {
+    Api::<Deployment>::namespaced(cluster.client(), cluster.namespace())
+        .get(name)
+        .await
+        .unwrap()
+        .metadata
+        .labels
+        .unwrap()[RUN_LABEL]
+        .clone()
+}
+
 fn lease(cluster: &TestCluster) -> String {
     let name = cluster.unique_name("flyball-leader");
     cluster.track(
@@ -1391,15 +1403,7 @@ async fn autoscalers_follow_flyball_autoscalers_as_they_come_and_change() {
     cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
     let ns = cluster.namespace().to_string();
     let target = deployment(&cluster, "vllm", 1, 1).await;
-    // The run label of this test's objects, read back from one of them.
-    let run = Api::<Deployment>::namespaced(cluster.client(), &ns)
-        .get(&target)
-        .await
-        .unwrap()
-        .metadata
-        .labels
-        .unwrap()[RUN_LABEL]
-        .clone();
+    let run = run_label(&cluster, &target).await;
     let control = control_of_resources(&cluster, &run).await;
     assert_eq!(control.pools().await.unwrap()["pools"], json!([]));
 
@@ -1547,14 +1551,7 @@ async fn an_unreadable_resource_is_refused_alone_naming_the_field() {
     let ns = cluster.namespace().to_string();
     let good_target = deployment(&cluster, "vllm", 1, 1).await;
     let bad_target = deployment(&cluster, "other", 1, 1).await;
-    let run = Api::<Deployment>::namespaced(cluster.client(), &ns)
-        .get(&good_target)
-        .await
-        .unwrap()
-        .metadata
-        .labels
-        .unwrap()[RUN_LABEL]
-        .clone();
+    let run = run_label(&cluster, &good_target).await;
     let good_spec: FlyballAutoscalerSpec = serde_json::from_value(spec(&good_target)).unwrap();
     let good = cluster.unique_name("good");
     cluster

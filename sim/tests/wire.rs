@@ -992,28 +992,27 @@ async fn serve_returns_once_shutdown_completes_and_stops_listening() {
     );
 }
 
+/// A chat request over HTTP/1.1: the status and the whole body.
+async fn post_chat(server: &SimServer, body: &Value) -> (StatusCode, String) {
+    let sent = send(
+        server,
+        Proto::H1,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &body.to_string(),
+    )
+    .await;
+    let status = sent.response.status();
+    (status, body_text(sent.response).await)
+}
+
 /// What vLLM refuses, the simulator refuses, with vLLM's status: output past the context length
 /// (which also bounds what one answer holds in memory: `max_tokens: 4000000000` took the
 /// process down), `max_tokens: 0`, and `n` above 1, which it would answer with one choice.
 #[tokio::test]
 async fn requests_vllm_refuses_are_refused() {
     let server = start().await;
-    let chat = |body: serde_json::Value| {
-        let server = &server;
-        async move {
-            let sent = send(
-                server,
-                Proto::H1,
-                "POST",
-                "/v1/chat/completions",
-                &[],
-                &body.to_string(),
-            )
-            .await;
-            let status = sent.response.status();
-            (status, body_text(sent.response).await)
-        }
-    };
     for (body, refusal) in [
         (
             json!({"messages":[{"role":"user","content":"hi"}],"max_tokens":4_000_000_000u64}),
@@ -1028,7 +1027,7 @@ async fn requests_vllm_refuses_are_refused() {
             "n = 2: the simulator answers one choice per request (n = 1)",
         ),
     ] {
-        let (status, text) = chat(body.clone()).await;
+        let (status, text) = post_chat(&server, &body).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {text}");
         assert!(text.contains(refusal), "{body}: {text}");
     }
@@ -1063,19 +1062,7 @@ async fn another_model_is_not_found_when_only_the_served_one_is() {
             body["model"] = json!(model);
         }
         let server = &server;
-        async move {
-            let sent = send(
-                server,
-                Proto::H1,
-                "POST",
-                "/v1/chat/completions",
-                &[],
-                &body.to_string(),
-            )
-            .await;
-            let status = sent.response.status();
-            (status, body_text(sent.response).await)
-        }
+        async move { post_chat(server, &body).await }
     };
     let (status, text) = ask(Some("gpt-4")).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{text}");

@@ -33,6 +33,15 @@ fn as_fake_rules(rules: &[Rule], lease: &str) -> Vec<RbacRule> {
         .collect()
 }
 
+/// The calls the fake answered 403, as `METHOD path`.
+fn refused_calls(fake: &ApiServer) -> Vec<String> {
+    fake.requests()
+        .iter()
+        .filter(|r| r.status == Some(403))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect()
+}
+
 /// Seed what the calls touch, bypassing RBAC as an installer with more rights would.
 fn seed(fake: &ApiServer) {
     fake.register(ResourceType::leader_worker_set());
@@ -116,12 +125,7 @@ async fn every_call_succeeds_under_exactly_the_listed_rules() {
     seed(fake);
     fake.allow_only(as_fake_rules(RULES, LEASE));
     every_call(cluster.client()).await.unwrap();
-    let refused: Vec<String> = fake
-        .requests()
-        .iter()
-        .filter(|r| r.status == Some(403))
-        .map(|r| format!("{} {}", r.method, r.path))
-        .collect();
+    let refused = refused_calls(fake);
     assert!(refused.is_empty(), "{refused:?}");
 }
 
@@ -155,12 +159,7 @@ async fn the_lease_rules_reach_only_the_lease_they_name() {
     seed(&fake);
     fake.allow_only(as_fake_rules(RULES, "someone-elses"));
     let result = every_call(fake.client()).await;
-    let refused: Vec<String> = fake
-        .requests()
-        .iter()
-        .filter(|r| r.status == Some(403))
-        .map(|r| format!("{} {}", r.method, r.path))
-        .collect();
+    let refused = refused_calls(&fake);
     assert!(result.is_err(), "elected on a Lease it was not granted");
     assert!(
         refused.iter().all(|r| r.contains("/leases/")),

@@ -770,6 +770,21 @@ struct PausesOneRead {
     recorded: std::sync::atomic::AtomicUsize,
 }
 
+impl PausesOneRead {
+    /// Over a dry-run actuator for `config` whose `llama` target has `replicas`, disarmed.
+    fn with_llama_at(config: &ControlConfig, replicas: u32) -> Self {
+        let inner = DryRunActuator::for_config(config);
+        inner.preset("llama", replicas);
+        PausesOneRead {
+            inner,
+            armed: false.into(),
+            reading: tokio::sync::Notify::new(),
+            go: tokio::sync::Notify::new(),
+            recorded: 0.into(),
+        }
+    }
+}
+
 impl Actuator for PausesOneRead {
     async fn current(&self, target: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
         if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
@@ -794,15 +809,7 @@ impl Actuator for PausesOneRead {
 #[tokio::test(start_paused = true)]
 async fn leadership_gained_during_an_evaluation_does_not_skip_the_restart_hold() {
     let config = ControlConfig::from_yaml(QUICK_DOWN).unwrap();
-    let inner = DryRunActuator::for_config(&config);
-    inner.preset("llama", 5);
-    let actuator = Arc::new(PausesOneRead {
-        inner,
-        armed: false.into(),
-        reading: tokio::sync::Notify::new(),
-        go: tokio::sync::Notify::new(),
-        recorded: 0.into(),
-    });
+    let actuator = Arc::new(PausesOneRead::with_llama_at(&config, 5));
     let h = start_on(config, actuator, false, None);
     let mut feed = light_load(h.telemetry.clone());
     // As a follower, a stable window of light load: it would scale 5 -> 1 if it led.
@@ -990,15 +997,7 @@ async fn every_edit_made_between_evaluations_is_applied() {
 #[tokio::test(start_paused = true)]
 async fn leadership_lost_and_regained_during_a_read_restarts_the_hold() {
     let config = ControlConfig::from_yaml(QUICK_DOWN).unwrap();
-    let inner = DryRunActuator::for_config(&config);
-    inner.preset("llama", 5);
-    let actuator = Arc::new(PausesOneRead {
-        inner,
-        armed: false.into(),
-        reading: tokio::sync::Notify::new(),
-        go: tokio::sync::Notify::new(),
-        recorded: 0.into(),
-    });
+    let actuator = Arc::new(PausesOneRead::with_llama_at(&config, 5));
     let h = start_on(config, actuator, true, None);
     let mut feed = light_load(h.telemetry.clone());
     feed(30).await;

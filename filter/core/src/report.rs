@@ -198,9 +198,7 @@ pub fn plan_tick(
             s.pending_since_ms = now_ms;
         }
         if now_ms - s.pending_since_ms >= retention_ms(interval_ms) {
-            s.dropped_reports = s.dropped_reports.saturating_add(1);
-            s.dropped_requests = s.dropped_requests.saturating_add(s.pending_requests);
-            clear_pending(&mut s);
+            drop_pending(&mut s);
         }
     }
     // Due times keep to a schedule: a report goes out on the first tick at or past its due time,
@@ -290,11 +288,16 @@ pub fn on_refusal(state: &ReporterState, sequence: u64) -> (ReporterState, bool)
     }
     let dropped = s.pending.is_some() && s.pending_sequence == sequence;
     if dropped {
-        s.dropped_reports = s.dropped_reports.saturating_add(1);
-        s.dropped_requests = s.dropped_requests.saturating_add(s.pending_requests);
-        clear_pending(&mut s);
+        drop_pending(&mut s);
     }
     (s, dropped)
+}
+
+/// Gives the pending report up, counting it and its requests as dropped.
+fn drop_pending(s: &mut ReporterState) {
+    s.dropped_reports = s.dropped_reports.saturating_add(1);
+    s.dropped_requests = s.dropped_requests.saturating_add(s.pending_requests);
+    clear_pending(s);
 }
 
 fn clear_pending(s: &mut ReporterState) {
