@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -299,6 +299,16 @@ async fn completions(State(app): State<Arc<App>>, request: Request) -> Response 
     completion(app, Endpoint::Completions, request).await
 }
 
+/// Whether the request's media type is `application/json` (parameters such as a charset
+/// aside), as vLLM requires of a completion request.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media_type| media_type.trim().eq_ignore_ascii_case("application/json"))
+}
+
 async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Response {
     // Both clocks are read first: offsets in the ground truth count from this line.
     let received = std::time::Instant::now();
@@ -333,6 +343,11 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
             );
         }
     };
+    // vLLM checks the media type before it reads the body (its `validate_json_request`).
+    if !is_json(&parts.headers) {
+        let message = "Unsupported Media Type: Only 'application/json' is allowed";
+        return respond(plan::error_plan(400, message), None, &knobs, recorder);
+    }
     let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BODY_BYTES).await {
         Ok(bytes) => bytes,
         Err(err) => {

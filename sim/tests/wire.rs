@@ -59,7 +59,12 @@ async fn send(
     if proto == Proto::H1 {
         builder = builder.header("host", server.local_addr().to_string());
     }
-    builder = builder.header("content-type", "application/json");
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+    {
+        builder = builder.header("content-type", "application/json");
+    }
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
@@ -1075,5 +1080,48 @@ async fn another_model_is_not_found_when_only_the_served_one_is() {
     for model in [Some("sim-llama-3-8b"), None] {
         let (status, text) = ask(model).await;
         assert_eq!(status, StatusCode::OK, "{model:?}: {text}");
+    }
+}
+
+/// vLLM answers a completion request whose media type is not JSON with a 400 before reading it
+/// (curl's `-d` sends `application/x-www-form-urlencoded`); a charset parameter is fine.
+#[tokio::test]
+async fn a_body_that_is_not_json_by_its_media_type_is_refused() {
+    let server = start().await;
+    let body = json!({"messages":[{"role":"user","content":"hi"}],"max_tokens":2}).to_string();
+    for (content_type, expected) in [
+        (
+            Some("application/x-www-form-urlencoded"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (Some("text/plain"), StatusCode::BAD_REQUEST),
+        (None, StatusCode::BAD_REQUEST),
+        (Some("Application/JSON; charset=utf-8"), StatusCode::OK),
+    ] {
+        let headers: Vec<(&str, &str)> = match content_type {
+            Some(value) => vec![("content-type", value)],
+            // Named, but empty: `send` adds JSON only when no content type is given.
+            None => vec![("content-type", "")],
+        };
+        let sent = send(
+            &server,
+            Proto::H1,
+            "POST",
+            "/v1/chat/completions",
+            &headers,
+            &body,
+        )
+        .await;
+        assert_eq!(sent.response.status(), expected, "{content_type:?}");
+        if expected == StatusCode::BAD_REQUEST {
+            let (frames, _) = frames(sent.response).await;
+            let text: Vec<u8> = frames.concat();
+            let error: Value = serde_json::from_slice(&text).unwrap();
+            assert_eq!(
+                error["error"]["message"],
+                "Unsupported Media Type: Only 'application/json' is allowed"
+            );
+            assert_eq!(error["error"]["type"], "BadRequestError");
+        }
     }
 }
