@@ -39,13 +39,14 @@ struct SimArgs {
     /// Address to listen on (HTTP/1.1 and h2c).
     #[arg(long, default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
-    /// Model name served and echoed.
-    #[arg(long, default_value = "sim-llama-3-8b")]
-    model: String,
-    /// Answer requests naming another model 404, as vLLM does (by default any name is served
-    /// and echoed).
+    /// Model names served, as vLLM's flag: answers carry the first; a request naming any other
+    /// gets vLLM's 404.
+    #[arg(long = "served-model-name", visible_alias = "model", value_name = "NAME", num_args = 1.., default_value = "sim-llama-3-8b")]
+    served_model_names: Vec<String>,
+    /// Answer a request naming any model, echoing the name (one simulator behind routes for
+    /// several models); vLLM would answer 404.
     #[arg(long)]
-    refuse_other_models: bool,
+    serve_any_model: bool,
     /// Prompt tokens prefilled per second.
     #[arg(long, default_value_t = 10_000.0)]
     prefill_tokens_per_s: f64,
@@ -144,9 +145,11 @@ fn error_chain(error: &anyhow::Error) -> String {
 }
 
 async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
+    let mut names = args.served_model_names.into_iter();
     let config = flyball_sim::SimConfig {
-        model: args.model,
-        refuse_other_models: args.refuse_other_models,
+        model: names.next().unwrap_or_default(),
+        aliases: names.collect(),
+        refuse_other_models: !args.serve_any_model,
         engine: flyball_sim::EngineModel {
             prefill_tokens_per_s: args.prefill_tokens_per_s,
             step_base: args.step_base,

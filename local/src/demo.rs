@@ -44,6 +44,9 @@ pub struct DemoArgs {
     pub keep_running: bool,
 }
 
+/// The models the demo's gateway routes to (the simulator serves both).
+const DEMO_MODELS: [&str; 2] = ["llama-3.1-8b", "qwen2.5-7b"];
+
 fn chat(model: &str, stream: bool, words: usize) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "model": model,
@@ -56,7 +59,14 @@ fn chat(model: &str, stream: bool, words: usize) -> Vec<u8> {
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    // One simulator serves both models under their names, refusing others as vLLM would.
+    let sim_config = SimConfig {
+        model: DEMO_MODELS[0].to_owned(),
+        aliases: DEMO_MODELS[1..].iter().map(|m| (*m).to_owned()).collect(),
+        refuse_other_models: true,
+        ..SimConfig::default()
+    };
+    let sim = SimServer::start(sim_config, listener).await?;
     println!("simulator      http://{}", sim.local_addr());
 
     let control = LocalControl::start(DEMO_CONTROL_CONFIG, &["--dry-run"]).await?;
@@ -95,7 +105,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let semaphore = semaphore.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = semaphore.acquire_owned().await;
-            let model = ["llama-3.1-8b", "qwen2.5-7b"][i % 2];
+            let model = DEMO_MODELS[i % DEMO_MODELS.len()];
             post(
                 &client,
                 addr,
@@ -133,7 +143,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &client,
         addr,
         "/v1/chat/completions",
-        &chat("llama-3.1-8b", false, 3),
+        &chat(DEMO_MODELS[0], false, 3),
         &[],
         None,
     )
@@ -144,7 +154,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         plain.body.len()
     );
     let legacy = serde_json::to_vec(
-        &serde_json::json!({"model": "qwen2.5-7b", "prompt": "once upon a time", "stream": true}),
+        &serde_json::json!({"model": DEMO_MODELS[1], "prompt": "once upon a time", "stream": true}),
     )?;
     let legacy = post(&client, addr, "/v1/completions", &legacy, &[], None).await?;
     println!(
@@ -156,7 +166,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &client,
         addr,
         "/v1/chat/completions",
-        &chat("llama-3.1-8b", true, 1),
+        &chat(DEMO_MODELS[0], true, 1),
         &[("x-sim-error", "503".to_owned())],
         None,
     )
@@ -208,7 +218,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     if args.keep_running {
         println!(
-            "\nrunning; try:\n  curl -N http://{addr}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"m\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'\nCtrl-C to stop"
+            "\nrunning; try:\n  curl -N http://{addr}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"llama-3.1-8b\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'\nCtrl-C to stop"
         );
         // Until Ctrl-C or SIGTERM, which `flyball demo` races this with (dropping all of it).
         std::future::pending::<()>().await;

@@ -41,10 +41,15 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// How the simulator presents itself and times its engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimConfig {
-    /// Served model name: listed by `/v1/models`, echoed when a request names no model.
+    /// Served model name: listed by `/v1/models`, labels `/metrics`, answers a request that
+    /// names no model.
     pub model: String,
-    /// Answer a request naming another model 404, as vLLM does. Off by default: one simulator
-    /// then stands in for every model a gateway routes to it, each echoed back.
+    /// Further names served, as vLLM's `--served-model-name` takes several; answered under
+    /// `model`, as vLLM answers under the first.
+    pub aliases: Vec<String>,
+    /// Answer a request naming a model not served 404, as vLLM does. Off in this default, for
+    /// tests where one simulator stands in for every model a gateway routes to it, each echoed
+    /// back; `flyball sim` turns it on unless `--serve-any-model` is given.
     pub refuse_other_models: bool,
     /// Timing of requests that carry no timing knobs.
     pub engine: EngineModel,
@@ -81,6 +86,7 @@ impl Default for SimConfig {
     fn default() -> Self {
         Self {
             model: "sim-llama-3-8b".to_owned(),
+            aliases: Vec::new(),
             refuse_other_models: false,
             engine: EngineModel::default(),
             max_model_len: 32_768,
@@ -98,7 +104,28 @@ impl SimConfig {
                 rule: "must not be empty",
             });
         }
+        if let Some(alias) = self.aliases.iter().find(|a| a.trim().is_empty()) {
+            return Err(SimError::InvalidConfig {
+                field: "aliases",
+                value: format!("{alias:?}"),
+                rule: "must not be empty",
+            });
+        }
         self.engine.validate()
+    }
+
+    /// Whether a request naming `model` is answered.
+    pub fn serves(&self, model: &str) -> bool {
+        !self.refuse_other_models || model == self.model || self.aliases.iter().any(|a| a == model)
+    }
+
+    /// The name an answer carries: vLLM answers under its first served name whichever alias was
+    /// asked for; serving any model, the name asked for is echoed.
+    fn answered_as(&self, asked: Option<&str>) -> String {
+        match asked {
+            Some(asked) if !self.refuse_other_models => asked.to_owned(),
+            _ => self.model.clone(),
+        }
     }
 }
 
@@ -372,11 +399,11 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
         Ok(req) => req,
         Err(err) => return respond(plan::error_plan(400, &err.0), None, &knobs, recorder),
     };
-    if let Some(other) = req
-        .model
-        .as_deref()
-        .filter(|m| app.config.refuse_other_models && *m != app.config.model)
-    {
+    // The name the gateway saw in the request, which its telemetry is keyed by.
+    if let Some(asked) = &req.model {
+        recorder.entry_mut().model.clone_from(asked);
+    }
+    if let Some(other) = req.model.as_deref().filter(|m| !app.config.serves(m)) {
         let message = format!("The model `{other}` does not exist.");
         return respond(plan::error_plan(404, &message), None, &knobs, recorder);
     }
@@ -394,10 +421,7 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
         return respond(plan::error_plan(400, &message), None, &knobs, recorder);
     }
 
-    let model = req
-        .model
-        .clone()
-        .unwrap_or_else(|| app.config.model.clone());
+    let model = app.config.answered_as(req.model.as_deref());
     let identity = Identity {
         id: match endpoint {
             Endpoint::Chat => format!("chatcmpl-{request_id}"),
@@ -409,7 +433,6 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
     };
     let plan = plan::plan(&req, &knobs, &identity);
     let entry = recorder.entry_mut();
-    entry.model = model;
     entry.stream = req.stream;
     entry.include_usage_requested = req.include_usage;
     entry.continuous_usage_requested = req.continuous_usage;
@@ -462,19 +485,23 @@ fn respond(plan: Plan, pacer: Option<Pacer>, knobs: &Knobs, mut recorder: Record
 
 async fn models(State(app): State<Arc<App>>) -> Response {
     let model = &app.config.model;
-    let body = serde_json::json!({
-        "object": "list",
-        "data": [{
-            "id": model,
-            "object": "model",
-            "created": app.started_unix_s,
-            "owned_by": "vllm",
-            "root": model,
-            "parent": null,
-            "max_model_len": app.config.max_model_len,
-            "permission": [],
-        }],
-    });
+    // vLLM lists every served name, each rooted at the one model behind them.
+    let cards: Vec<serde_json::Value> = std::iter::once(model)
+        .chain(&app.config.aliases)
+        .map(|name| {
+            serde_json::json!({
+                "id": name,
+                "object": "model",
+                "created": app.started_unix_s,
+                "owned_by": "vllm",
+                "root": model,
+                "parent": null,
+                "max_model_len": app.config.max_model_len,
+                "permission": [],
+            })
+        })
+        .collect();
+    let body = serde_json::json!({ "object": "list", "data": cards });
     axum::Json(body).into_response()
 }
 

@@ -34,7 +34,8 @@ pub struct RequestTruth {
     /// `x-sim-request-id`, or `sim-<n>` from a per-server counter.
     pub request_id: String,
     pub path: String,
-    /// The model named in the response.
+    /// The model the request named (the gateway keys its telemetry by it), or the served name
+    /// when it named none.
     pub model: String,
     pub stream: bool,
     pub include_usage_requested: bool,

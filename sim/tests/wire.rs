@@ -1053,10 +1053,12 @@ async fn requests_vllm_refuses_are_refused() {
 }
 
 /// With `refuse_other_models`, a request naming a model the simulator does not serve gets vLLM's
-/// 404; the served one, or none, is answered.
+/// 404; a served name, an alias, or none is answered, under the first served name as vLLM
+/// answers; `/v1/models` lists every served name.
 #[tokio::test]
-async fn another_model_is_not_found_when_only_the_served_one_is() {
+async fn another_model_is_not_found_when_only_the_served_ones_are() {
     let server = start_with(SimConfig {
+        aliases: vec!["llama-alias".to_owned()],
         refuse_other_models: true,
         ..SimConfig::default()
     })
@@ -1077,10 +1079,32 @@ async fn another_model_is_not_found_when_only_the_served_one_is() {
         "The model `gpt-4` does not exist."
     );
     assert_eq!(error["error"]["type"], "NotFoundError");
-    for model in [Some("sim-llama-3-8b"), None] {
+    for model in [Some("sim-llama-3-8b"), Some("llama-alias"), None] {
         let (status, text) = ask(model).await;
         assert_eq!(status, StatusCode::OK, "{model:?}: {text}");
+        let answer: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(answer["model"], "sim-llama-3-8b", "{model:?}");
     }
+    let sent = send(&server, Proto::H1, "GET", "/v1/models", &[], "").await;
+    let (frames, _) = frames(sent.response).await;
+    let models: Value = serde_json::from_slice(&frames.concat()).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|card| card["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["sim-llama-3-8b", "llama-alias"]);
+    // The ground truth keeps the name each request gave, as the gateway keys its telemetry.
+    let truth: Vec<String> = server
+        .ground_truth()
+        .iter()
+        .map(|t| t.model.clone())
+        .collect();
+    assert_eq!(
+        truth,
+        ["gpt-4", "sim-llama-3-8b", "llama-alias", "sim-llama-3-8b"]
+    );
 }
 
 /// vLLM answers a completion request whose media type is not JSON with a 400 before reading it
