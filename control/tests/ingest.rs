@@ -296,6 +296,21 @@ async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), E
         status.message()
     );
 
+    // A min its buckets contradict: every quantile of the window would be clamped up to it.
+    let mut forged = report("gw", 1, 1, 5);
+    if let Some(sketch) = forged.keys[0].ttft_us.as_mut() {
+        (sketch.min, sketch.max) = (3_600e6, 3_600e6);
+    }
+    let status = client.report(forged).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .starts_with("keys[0].ttft_us: min = 3600000000: its buckets put the min near "),
+        "{}",
+        status.message()
+    );
+
     let status = client.report(report("gw", 1, 0, 5)).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert_eq!(status.message(), "sequence = 0: sequences start at 1");
@@ -346,7 +361,7 @@ async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), E
     let pools = control.pools().await?;
     assert_eq!(pools["pools"][0]["requests"], 6);
     for (reason, n) in [
-        ("bad_sketch", 2.0),
+        ("bad_sketch", 3.0),
         ("zero_sequence", 1.0),
         ("no_gateway", 1.0),
         ("oversize", 1.0),

@@ -52,6 +52,13 @@ pub enum SketchError {
     OutOfRange { field: &'static str, value: f64 },
     #[error("min = {min} is above max = {max}")]
     MinAboveMax { min: f64, max: f64 },
+    #[error("{field} = {value}: its buckets put the {field} near {buckets_say}")]
+    SummaryOutsideBuckets {
+        field: &'static str,
+        value: f64,
+        /// The value of the bucket that holds the sketch's `field` (0 for the zero bucket).
+        buckets_say: f64,
+    },
 }
 
 /// A mergeable histogram with a 2% relative error bound. See the crate docs.
@@ -281,6 +288,22 @@ impl Sketch {
                     max: parts.max,
                 });
             }
+            // Quantiles are clamped into min..=max, so a min or max its buckets contradict would
+            // move every quantile of every window it merges into (one forged report could ask
+            // for the pool's maximum). The lowest occupied bucket holds min, the highest max.
+            let occupied = (!sketch.counts.is_empty()).then(|| {
+                (
+                    sketch.offset,
+                    sketch.offset + sketch.counts.len() as i32 - 1,
+                )
+            });
+            let lowest = if sketch.zero_count > 0 {
+                None
+            } else {
+                occupied.map(|(lo, _)| lo)
+            };
+            check_summary("min", parts.min, lowest)?;
+            check_summary("max", parts.max, occupied.map(|(_, hi)| hi))?;
             sketch.sum = parts.sum;
             sketch.min = parts.min;
             sketch.max = parts.max;
@@ -346,6 +369,26 @@ impl fmt::Debug for Sketch {
             .field("min", &self.min())
             .field("max", &self.max())
             .finish()
+    }
+}
+
+/// Checks that a sketch's `field` (min or max) lies in `bucket`, the one its buckets say holds
+/// it (`None`: the zero bucket). One bucket of slack: the filter computes indices in wasm, whose
+/// `ln` may round a value on a bucket's edge the other way.
+fn check_summary(field: &'static str, value: f64, bucket: Option<i32>) -> Result<(), SketchError> {
+    let agrees = match (Sketch::bucket_index(value), bucket) {
+        (None, None) => true,
+        (Some(index), Some(bucket)) => (index - bucket).abs() <= 1,
+        _ => false,
+    };
+    if agrees {
+        Ok(())
+    } else {
+        Err(SketchError::SummaryOutsideBuckets {
+            field,
+            value,
+            buckets_say: bucket.map_or(0.0, Sketch::bucket_value),
+        })
     }
 }
 

@@ -215,3 +215,61 @@ proptest! {
         prop_assert_eq!(back, Ok(sketch));
     }
 }
+
+/// Quantiles are clamped into min..=max: a min or max the buckets contradict would move them
+/// all, so it is refused, naming the field; one bucket of slack is allowed for `ln` rounding.
+#[test]
+fn from_parts_refuses_a_min_or_max_its_buckets_contradict() {
+    let mut sketch = Sketch::new();
+    for value in [100.0, 120.0, 150.0] {
+        sketch.record(value);
+    }
+    let forged_min = SketchParts {
+        min: 1e6,
+        max: 1e6,
+        ..sketch.parts()
+    };
+    assert!(matches!(
+        Sketch::from_parts(forged_min),
+        Err(SketchError::SummaryOutsideBuckets { field: "min", .. })
+    ));
+    let forged_max = SketchParts {
+        max: 5e6,
+        ..sketch.parts()
+    };
+    assert!(matches!(
+        Sketch::from_parts(forged_max),
+        Err(SketchError::SummaryOutsideBuckets { field: "max", .. })
+    ));
+    // A min in the zero bucket when nothing counts as zero, and the other way round.
+    let zero_min = SketchParts {
+        min: 0.5,
+        ..sketch.parts()
+    };
+    assert!(matches!(
+        Sketch::from_parts(zero_min),
+        Err(SketchError::SummaryOutsideBuckets { field: "min", .. })
+    ));
+    let mut with_zero = sketch.clone();
+    with_zero.record(0.25);
+    let min_above_zero = SketchParts {
+        min: 100.0,
+        ..with_zero.parts()
+    };
+    assert!(matches!(
+        Sketch::from_parts(min_above_zero),
+        Err(SketchError::SummaryOutsideBuckets { field: "min", .. })
+    ));
+    assert_eq!(Sketch::from_parts(with_zero.parts()), Ok(with_zero));
+    // One bucket off (a value on an edge rounded the other way) still merges.
+    let edge = SketchParts {
+        min: 100.0 / (1.0 + RELATIVE_ACCURACY) / (1.0 + RELATIVE_ACCURACY),
+        ..sketch.parts()
+    };
+    assert!(Sketch::from_parts(edge).is_ok());
+    let message = Sketch::from_parts(forged_min).map_or_else(|e| e.to_string(), |_| String::new());
+    assert!(
+        message.starts_with("min = 1000000: its buckets put the min near 101.5"),
+        "{message}"
+    );
+}
