@@ -5,7 +5,9 @@
 //! -> GPU budget. Every path returns a decision with its rule; holding is a decision too.
 //!
 //! Sizing works in "serving replicas": feed-forward asks for `load / per-replica capacity`, SLO
-//! feedback for `ready * (measured / target)` when latency breaches. Replicas asked for and still
+//! feedback for `ready * (measured / target)` when latency breaches; on a capacity that is only a
+//! lower bound (no hint, no miss) feed-forward grows the pool no further than latency shows it
+//! short, at most as far as SLO feedback would. Replicas asked for and still
 //! starting within their expected time-to-ready count as on the way, so a shortfall they cover is
 //! not answered twice; once overdue they no longer count and the shortfall is asked for again,
 //! once: overdue replicas beyond the shortfall (an earlier re-ask) are not asked for again.
@@ -20,7 +22,7 @@ use crate::decision::{
 use crate::inputs::{
     AutoscalerInputs, Freshness, PoolInputs, PoolState, PoolTelemetry, WindowStats, rate,
 };
-use crate::memory::{LastDecision, LearnedCapacity, PolicyMemory, PoolMemory};
+use crate::memory::{CapacityFlags, LastDecision, LearnedCapacity, PolicyMemory, PoolMemory};
 use crate::pools::{Pools, Role, Topology};
 use crate::spec::{AutoscalerSpec, Behavior, CapacityHints, PoolSpec, Slo};
 
@@ -31,6 +33,16 @@ pub const WELL_BELOW_TARGET: f64 = 0.8;
 /// SLO feedback multiplies ready replicas by at most `1 + MAX_SLO_ERROR`: near saturation latency
 /// grows without bound, and one bad window must not ask for the whole cluster.
 pub const MAX_SLO_ERROR: f64 = 3.0;
+
+/// Feed-forward on a capacity that is only a lower bound (learned without a hint, never set or
+/// lowered by a miss) grows the replicas that served in the stable window by at most this
+/// factor, the most SLO feedback asks for one breach, and only as far as latency shows them short
+/// (see `lower_bound_reach`). Such a bound may come from a quiet night (5% of a replica, latency
+/// at 10% of the objectives): a step far past the night's load, sized on it, asked for 15 times
+/// the replicas the step needed. Once the replicas asked for serve, what they carry shows the
+/// capacity (carried now, then learned); a step still short of them breaches again and grows the
+/// pool again.
+pub const MAX_GROWTH_ON_A_LOWER_BOUND: f64 = 1.0 + MAX_SLO_ERROR;
 
 /// Assumed time-to-ready until one is measured: model servers commonly need minutes to pull an
 /// image and load weights.
@@ -268,6 +280,22 @@ impl Dimension {
         }
     }
 
+    fn lowered_by_miss(self, flags: &CapacityFlags) -> bool {
+        match self {
+            Dimension::PrefillTokens => flags.prefill_tokens_per_s,
+            Dimension::DecodeTokens => flags.decode_tokens_per_s,
+            Dimension::Sequences | Dimension::DecodingSequences => flags.concurrent_sequences,
+        }
+    }
+
+    fn lowered_by_miss_mut(self, flags: &mut CapacityFlags) -> &mut bool {
+        match self {
+            Dimension::PrefillTokens => &mut flags.prefill_tokens_per_s,
+            Dimension::DecodeTokens => &mut flags.decode_tokens_per_s,
+            Dimension::Sequences | Dimension::DecodingSequences => &mut flags.concurrent_sequences,
+        }
+    }
+
     fn slot(self, used: &mut CapacityUsed) -> &mut Option<CapacityEstimate> {
         match self {
             Dimension::PrefillTokens => &mut used.prefill_tokens_per_s,
@@ -436,6 +464,10 @@ fn decide_pool(
         return decision(to, rule, reason);
     }
 
+    // Read before this evaluation learns: whether a capacity is only a lower bound then depends
+    // on the memory alone, not on the load at hand, so more load cannot lift the limit below
+    // (a miss that lowers the capacity now counts from the next evaluation).
+    let lowered_by_miss = mem.learned().lowered_by_miss;
     let learned = learn(cx, role, pool, t, state, mem);
 
     let short_requests = rate(t.short.request_rate_per_s) * t.short.coverage.as_secs_f64();
@@ -515,11 +547,20 @@ fn decide_pool(
     let in_panic = panic_now || panic_until.is_some_and(|until| now < until);
     reason.panic = in_panic;
 
-    // Feed-forward: load over per-replica capacity, per known dimension.
+    // Feed-forward: load over per-replica capacity, per known dimension. A capacity that is only
+    // the least proven says nothing of how far past it the replicas could go: extrapolated to a
+    // load many times it, it asks for many times the replicas needed; latency says how short
+    // they are (see `lower_bound_reach`).
+    let lower_bound_reach = lower_bound_reach(cx, role, t, ready, mem, latency_judged);
     let mut feed_forward: Option<u32> = None;
     for &dim in dimensions(role) {
         if let Some(cap) = dim.get(&capacity) {
-            let n = replicas_for(dim.sizing_load(t), cap.per_replica);
+            let mut n = replicas_for(dim.sizing_load(t), cap.per_replica);
+            let only_a_lower_bound =
+                dim.hint(&pool.capacity).is_none() && !dim.lowered_by_miss(&lowered_by_miss);
+            if only_a_lower_bound {
+                n = n.min(lower_bound_reach);
+            }
             feed_forward = Some(feed_forward.map_or(n, |f| f.max(n)));
         }
     }
@@ -786,6 +827,54 @@ fn decide_pool(
     decision(from, rule, reason)
 }
 
+/// The most replicas feed-forward may ask for on a capacity that is only a lower bound: the
+/// replicas that served over the stable window (as SLO feedback counts them: ones made ready by
+/// the answer have not shown what they carry yet, and multiplying them would answer the step
+/// again), grown by the short window's worst latency over [`WELL_BELOW_TARGET`] (from 1 while
+/// well below the objectives, so a pool nearing them may still add ahead of a breach), at most
+/// [`MAX_GROWTH_ON_A_LOWER_BOUND`]; never fewer than the ready replicas. Requests queueing, or
+/// failing (refused for lack of replicas, their latency unmeasured) in either window, or no
+/// latency to judge by, show nothing of the replicas' headroom: the whole factor. Replicas
+/// that meet the objectives with room to spare are not multiplied again while what they carry
+/// is not yet steady enough to count as "carried now": bounded by the served replicas alone, a
+/// step worth six went 1 -> 4 -> 16 -> 54 as each answer became ready.
+fn lower_bound_reach(
+    cx: &Context<'_>,
+    role: Role,
+    t: &PoolTelemetry,
+    ready: u32,
+    mem: &PoolMemory,
+    latency_judged: bool,
+) -> u32 {
+    let served = mem
+        .ready_within(cx.now, t.stable.length)
+        .unwrap_or(ready)
+        .min(ready);
+    let short_latency = signals(role)
+        .iter()
+        .filter_map(|signal| {
+            let target = signal.target(cx.slo)?;
+            signal.measured(&t.short).map(|q| ratio(q, target))
+        })
+        .fold(None, |worst: Option<f64>, r| {
+            Some(worst.map_or(r, |w| w.max(r)))
+        });
+    let failing = |window: &WindowStats| {
+        rate(window.error_rate_per_s)
+            > MAX_ERROR_SHARE_FOR_LEARNING * rate(window.request_rate_per_s)
+    };
+    let headroom_judged = latency_judged && !failing(&t.short) && !failing(&t.stable);
+    let growth = match short_latency {
+        Some(r) if headroom_judged => {
+            (r / WELL_BELOW_TARGET).clamp(1.0, MAX_GROWTH_ON_A_LOWER_BOUND)
+        }
+        _ => MAX_GROWTH_ON_A_LOWER_BOUND,
+    };
+    // `as` saturates, and a NaN ratio (a zero objective is filtered out) cannot arise.
+    let grown = (f64::from(served.max(1)) * growth - EPSILON).ceil() as u32;
+    grown.max(ready)
+}
+
 /// The worse of both windows' ratios for `signal` (0 without samples).
 fn worst_ratio(signal: Signal, t: &PoolTelemetry, target: Duration) -> f64 {
     [signal.measured(&t.stable), signal.measured(&t.short)]
@@ -1015,6 +1104,10 @@ fn learn(
                 at_hand_only.push((dim, value));
             } else {
                 *slot = Some(value);
+                if q > target {
+                    // A miss bounds the capacity from above: no longer only the least proven.
+                    *dim.lowered_by_miss_mut(&mut learned.lowered_by_miss) = true;
+                }
             }
         }
     }

@@ -33,7 +33,9 @@ pub use decision::{
     PoolDecision, Reason, Rule, SloReading, Window,
 };
 pub use inputs::{AutoscalerInputs, Freshness, PoolInputs, PoolState, PoolTelemetry, WindowStats};
-pub use memory::{CarriedOver, LastDecision, LearnedCapacity, PolicyMemory, PoolMemory};
+pub use memory::{
+    CapacityFlags, CarriedOver, LastDecision, LearnedCapacity, PolicyMemory, PoolMemory,
+};
 pub use pools::{Pools, Role, Topology};
 pub use spec::{AutoscalerSpec, AutoscalerSpecRaw, FieldError, SpecError};
 

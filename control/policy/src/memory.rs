@@ -78,6 +78,19 @@ pub struct LearnedCapacity {
     pub concurrent_sequences: Option<f64>,
     /// When learning last looked at a steady pool (the EWMA's clock).
     pub updated_at: Option<Duration>,
+    /// Which of these a miss has set or lowered. The others were only ever raised by windows
+    /// within the objective: the least capacity proven, a lower bound that may lie far below the
+    /// truth (a quiet night's), so feed-forward extrapolates from it only so far.
+    #[serde(default)]
+    pub lowered_by_miss: CapacityFlags,
+}
+
+/// One flag per capacity dimension of [`LearnedCapacity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CapacityFlags {
+    pub prefill_tokens_per_s: bool,
+    pub decode_tokens_per_s: bool,
+    pub concurrent_sequences: bool,
 }
 
 /// The previous decision for a pool.

@@ -1312,6 +1312,73 @@ fn without_hints_a_steady_window_within_the_slo_teaches_a_capacity() {
 }
 
 #[test]
+fn without_hints_feed_forward_on_a_lower_bound_grows_the_pool_only_as_far_as_latency_shows() {
+    // The quiet hour proved 50 prefill tokens/s a replica: a lower bound.
+    let spec = spec_with(UNIFIED, without_hints);
+    let (_, mem) = learned_at_a_quiet_hour(&spec);
+    assert_eq!(
+        mem.pool(Role::Unified).learned().lowered_by_miss,
+        CapacityFlags::default()
+    );
+    let at = T0 + STABLE + secs(1);
+    // Forty times the load with TTFT at twice its objective: on the bound, 80 replicas (16, the
+    // maximum); latency shows the 2 replicas short by 2.5 times what is well within.
+    let step = Load::tokens(4_000.0, 80.0, 40).ttft(ms(1_000));
+    let d = decide_unified(&spec, telemetry(step), state(2, 2), &mut mem.clone(), at);
+    assert_eq!(d.reason.feed_forward_replicas, Some(5), "{d}");
+    assert_eq!(d.reason.slo_feedback_replicas, Some(4), "{d}");
+    assert_eq!((d.to, d.action), (5, Action::ScaleUp), "{d}");
+    // Requests queueing show nothing of how short they are: at most four times.
+    let queued = step.waiting(4);
+    let d = decide_unified(&spec, telemetry(queued), state(2, 2), &mut mem.clone(), at);
+    assert_eq!(d.reason.feed_forward_replicas, Some(8), "{d}");
+    // Meeting the objectives with room to spare, they are not multiplied at all.
+    let carried_fine = Load::tokens(4_000.0, 80.0, 40).ttft(ms(200)).tpot(ms(45));
+    let d = decide_unified(
+        &spec,
+        telemetry(carried_fine),
+        state(2, 2),
+        &mut mem.clone(),
+        at,
+    );
+    assert!(
+        d.reason.feed_forward_replicas.is_some_and(|n| n <= 3),
+        "{d}"
+    );
+}
+
+#[test]
+fn a_steady_miss_marks_the_capacity_it_lowers_as_more_than_a_lower_bound() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let (light, mut mem) = learned_at_a_quiet_hour(&spec);
+    // The same load for a stable window, TPOT over its objective: decode capacity and sequences
+    // are lowered towards what was missed at, and known from above now; prefill is not.
+    let missed = light.tpot(ms(60));
+    for at in [T0 + 2 * STABLE, T0 + 3 * STABLE] {
+        decide_unified(&spec, telemetry(missed), state(2, 2), &mut mem, at);
+    }
+    let learned = mem.pool(Role::Unified).learned();
+    assert_eq!(
+        learned.lowered_by_miss,
+        CapacityFlags {
+            prefill_tokens_per_s: false,
+            decode_tokens_per_s: true,
+            concurrent_sequences: true,
+        },
+        "{learned:?}"
+    );
+    // Memory saved before the flags existed loads with none set.
+    let mut json = serde_json::to_value(&mem).unwrap();
+    let learned_json = json["unified"]["learned"].as_object_mut().unwrap();
+    assert!(learned_json.remove("lowered_by_miss").is_some());
+    let back: PolicyMemory = serde_json::from_value(json).unwrap();
+    assert_eq!(
+        back.pool(Role::Unified).learned().lowered_by_miss,
+        CapacityFlags::default()
+    );
+}
+
+#[test]
 fn a_changing_ready_count_teaches_nothing_until_it_has_held_a_stable_window() {
     let spec = spec_with(UNIFIED, without_hints);
     let mut mem = memory();
