@@ -423,6 +423,7 @@ fn decide_pool(
         tpot: None,
         capacity: CapacityUsed::default(),
         feed_forward_replicas: None,
+        feed_forward_on_lower_bound: None,
         slo_feedback_replicas: None,
         recommended_replicas: from,
         ready_replicas: ready,
@@ -558,8 +559,10 @@ fn decide_pool(
             let mut n = replicas_for(dim.sizing_load(t), cap.per_replica);
             let only_a_lower_bound =
                 dim.hint(&pool.capacity).is_none() && !dim.lowered_by_miss(&lowered_by_miss);
-            if only_a_lower_bound {
-                n = n.min(lower_bound_reach);
+            if only_a_lower_bound && n > lower_bound_reach {
+                reason.feed_forward_on_lower_bound =
+                    Some(reason.feed_forward_on_lower_bound.map_or(n, |m| m.max(n)));
+                n = lower_bound_reach;
             }
             feed_forward = Some(feed_forward.map_or(n, |f| f.max(n)));
         }

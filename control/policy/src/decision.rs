@@ -115,6 +115,10 @@ pub struct Reason {
     pub capacity: CapacityUsed,
     /// Replicas feed-forward asks for (`None`: no capacity known for this pool).
     pub feed_forward_replicas: Option<u32>,
+    /// What feed-forward would have asked for on a capacity that is only the least proven (no
+    /// hint, no miss), when it was held to what latency shows instead (`None`: not held).
+    #[serde(default)]
+    pub feed_forward_on_lower_bound: Option<u32>,
     /// Replicas SLO feedback asks for (`None`: latency well below objective, or no samples).
     pub slo_feedback_replicas: Option<u32>,
     /// Replicas to ask for, within bounds, before stabilization, steps and gates.
@@ -398,6 +402,12 @@ impl fmt::Display for Reason {
         match self.feed_forward_replicas {
             Some(n) => write!(f, ", feed-forward {n}")?,
             None => f.write_str(", feed-forward n/a")?,
+        }
+        if let Some(n) = self.feed_forward_on_lower_bound {
+            write!(
+                f,
+                " (held from {n}: capacity only the least proven, grown as far as latency shows)"
+            )?;
         }
         match self.slo_feedback_replicas {
             Some(n) => write!(f, ", SLO feedback {n}")?,

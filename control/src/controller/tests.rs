@@ -313,6 +313,7 @@ fn sample_reason() -> flyball_policy::decision::Reason {
         tpot: None,
         capacity: Default::default(),
         feed_forward_replicas: None,
+        feed_forward_on_lower_bound: None,
         slo_feedback_replicas: None,
         recommended_replicas: 1,
         ready_replicas: 1,

@@ -1328,6 +1328,13 @@ fn without_hints_feed_forward_on_a_lower_bound_grows_the_pool_only_as_far_as_lat
     assert_eq!(d.reason.feed_forward_replicas, Some(5), "{d}");
     assert_eq!(d.reason.slo_feedback_replicas, Some(4), "{d}");
     assert_eq!((d.to, d.action), (5, Action::ScaleUp), "{d}");
+    // The reason says what the bound alone asked for, and why it was not.
+    assert_eq!(d.reason.feed_forward_on_lower_bound, Some(80), "{d}");
+    assert!(
+        d.to_string()
+            .contains("feed-forward 5 (held from 80: capacity only the least proven"),
+        "{d}"
+    );
     // Requests queueing show nothing of how short they are: at most four times.
     let queued = step.waiting(4);
     let d = decide_unified(&spec, telemetry(queued), state(2, 2), &mut mem.clone(), at);
