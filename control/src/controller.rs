@@ -135,8 +135,10 @@ pub struct PoolOutcome<'a> {
     pub decision: &'a PoolDecision,
     /// The change was set.
     pub applied: bool,
-    /// Setting it failed: the error's kind (as in [`ActuatorError::kind`]) and message.
-    pub error: Option<(&'static str, String)>,
+    /// Setting it failed. The error itself, not its text: a call the actuator held back says
+    /// so in its text, which differs from the answer that began the hold, and what is written
+    /// from it (the autoscaler's status) must not change with that.
+    pub error: Option<&'a ActuatorError>,
 }
 
 /// Records what would be set and pretends it happened at once: every replica asked for is
@@ -1125,7 +1127,8 @@ impl<A: Actuator> AutoscalerLoop<A> {
         };
         let dry_run = self.config.dry_run || decision.dry_run;
 
-        let mut outcomes = Vec::with_capacity(states.len());
+        // Per pool: its decision, whether it was set, and why not; borrowed by the outcomes.
+        let mut written = Vec::with_capacity(states.len());
         for (pool, replicas, _, has_load) in &states {
             let (replicas, has_load) = (*replicas, *has_load);
             let Some(pool_decision) = decision.pools.get(pool.role) else {
@@ -1165,10 +1168,10 @@ impl<A: Actuator> AutoscalerLoop<A> {
                     }
                     Some(Ok(())) => applied = true,
                     Some(Err(e)) => {
-                        failure = Some((e.kind, e.to_string()));
                         tracing::warn!(pool = %pool.name, error = %e, "cannot set replicas");
                         self.count_actuator_error(pool, e.kind);
                         error = Some(e.to_string());
+                        failure = Some(e);
                     }
                 }
             }
@@ -1201,14 +1204,18 @@ impl<A: Actuator> AutoscalerLoop<A> {
                 push_decision(&mut s.decisions, record, limit);
                 true
             });
-            outcomes.push(PoolOutcome {
-                pool,
-                replicas,
-                decision: pool_decision,
-                applied,
-                error: failure,
-            });
+            written.push((pool, replicas, pool_decision, applied, failure));
         }
+        let outcomes = written
+            .iter()
+            .map(|(pool, replicas, decision, applied, failure)| PoolOutcome {
+                pool,
+                replicas: *replicas,
+                decision,
+                applied: *applied,
+                error: failure.as_ref(),
+            })
+            .collect();
         // Only a replica that still leads writes Events and status.
         if leading && *self.leading.borrow() {
             let evaluation = Evaluation {
