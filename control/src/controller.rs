@@ -753,14 +753,72 @@ struct AutoscalerLoop<A> {
 struct Observed {
     desired: Option<u32>,
     changed_at: Option<Duration>,
-    /// Replicas asked for and when, until that many are ready.
-    pending: Option<(u32, Duration)>,
+    /// Replicas asked for and not yet ready, oldest ask first: a re-ask adds only the replicas
+    /// above those already asked for, so each keeps the time it was first asked for.
+    asks: VecDeque<Ask>,
     time_to_ready: Option<Duration>,
     /// The last change logged: a recommendation that is not applied (a dry run, a follower) is
     /// made again at every evaluation, up to ten times a second, and is logged once.
     logged: Option<(u32, u32, Rule)>,
     /// The last failure to read replicas, until a read succeeds.
     read_error: Option<String>,
+}
+
+/// Replicas first asked for at `at`: those above the previous ask's `up_to`, up to this one's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ask {
+    up_to: u32,
+    at: Duration,
+}
+
+impl Observed {
+    /// Notes the replicas read at `now` (the policy's clock): a change of the count asked for
+    /// (by us or anyone), and the time to ready of the asks now ready.
+    fn observe(&mut self, replicas: PoolReplicas, now: Duration) {
+        let desired = replicas.desired;
+        if let Some(before) = self.desired
+            && before != desired
+        {
+            self.changed_at = Some(now);
+            if desired > before {
+                // Asks never reach above the count asked for, so only the replicas above
+                // `before` are new; those below keep their first ask.
+                self.asks.push_back(Ask {
+                    up_to: desired,
+                    at: now,
+                });
+            } else {
+                // Replicas no longer asked for are not waited for; asked for again later, they
+                // are timed from then.
+                let mut lowest_cut = None;
+                while self.asks.back().is_some_and(|ask| ask.up_to > desired) {
+                    lowest_cut = self.asks.pop_back();
+                }
+                let below = self.asks.back().map_or(0, |ask| ask.up_to);
+                if let Some(cut) = lowest_cut
+                    && below < desired
+                {
+                    self.asks.push_back(Ask {
+                        up_to: desired,
+                        at: cut.at,
+                    });
+                }
+            }
+        }
+        self.desired = Some(desired);
+        // Ready replicas are counted, not named: the first asked for are taken to be the first
+        // ready. Of the asks that come ready together, the oldest says how long it took.
+        let mut oldest_ready = None;
+        while let Some(ask) = self.asks.front().copied()
+            && replicas.ready >= ask.up_to
+        {
+            self.asks.pop_front();
+            oldest_ready.get_or_insert(ask.at);
+        }
+        if let Some(at) = oldest_ready {
+            self.time_to_ready = Some(now.saturating_sub(at));
+        }
+    }
 }
 
 /// Runs one task per autoscaler of the configuration in force until `shutdown` resolves,
@@ -1061,21 +1119,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
             };
             let observed = self.observed.entry(pool.id).or_default();
             observed.read_error = None;
-            if observed.desired != Some(replicas.desired) {
-                if observed.desired.is_some() {
-                    observed.changed_at = Some(policy_now);
-                }
-                if observed.desired.is_some_and(|d| replicas.desired > d) {
-                    observed.pending = Some((replicas.desired, policy_now));
-                }
-                observed.desired = Some(replicas.desired);
-            }
-            if let Some((asked, at)) = observed.pending
-                && replicas.ready >= asked
-            {
-                observed.time_to_ready = Some(policy_now.saturating_sub(at));
-                observed.pending = None;
-            }
+            observed.observe(replicas, policy_now);
             let view = self.telemetry.pool(pool.id, now).unwrap_or_default();
             let fresh = freshness(
                 reporters.live,

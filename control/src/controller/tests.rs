@@ -323,6 +323,62 @@ fn sample_reason() -> flyball_policy::decision::Reason {
     }
 }
 
+/// `desired` asked for and `ready` of them ready.
+fn replicas(desired: u32, ready: u32) -> PoolReplicas {
+    PoolReplicas {
+        desired,
+        current: desired,
+        ready,
+    }
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// Replicas asked for, then more asked for while the first are still starting: each is timed
+/// from when it was first asked for. Timed from the latest ask, start-up looks shorter than it
+/// is, and the policy re-asks for replicas that are only slow.
+#[test]
+fn time_to_ready_runs_from_the_first_ask_for_each_replica() {
+    // 1 -> 3 at 0 s, 3 -> 5 at 10 s; all five ready at 30 s.
+    let mut observed = Observed::default();
+    observed.observe(replicas(1, 1), secs(0));
+    observed.observe(replicas(3, 1), secs(0));
+    observed.observe(replicas(5, 1), secs(10));
+    observed.observe(replicas(5, 1), secs(20));
+    assert_eq!(observed.time_to_ready, None);
+    observed.observe(replicas(5, 5), secs(30));
+    assert_eq!(
+        observed.time_to_ready,
+        Some(secs(30)),
+        "replicas 2 and 3 were asked for 30 s before they were ready"
+    );
+
+    // The replicas of the first ask ready at 25 s, the others at 40 s: each ask is measured as
+    // it comes ready, the first one not held back by the re-ask.
+    let mut observed = Observed::default();
+    observed.observe(replicas(1, 1), secs(0));
+    observed.observe(replicas(3, 1), secs(0));
+    observed.observe(replicas(5, 1), secs(10));
+    observed.observe(replicas(5, 3), secs(25));
+    assert_eq!(observed.time_to_ready, Some(secs(25)));
+    observed.observe(replicas(5, 5), secs(40));
+    assert_eq!(observed.time_to_ready, Some(secs(30)));
+
+    // Lowered before it was ready, then raised again: the replicas given up are asked for anew
+    // and timed from then; the ones kept keep their first ask.
+    let mut observed = Observed::default();
+    observed.observe(replicas(1, 1), secs(0));
+    observed.observe(replicas(5, 1), secs(0));
+    observed.observe(replicas(3, 1), secs(10));
+    observed.observe(replicas(6, 1), secs(20));
+    observed.observe(replicas(6, 3), secs(50));
+    assert_eq!(observed.time_to_ready, Some(secs(50)));
+    observed.observe(replicas(6, 6), secs(60));
+    assert_eq!(observed.time_to_ready, Some(secs(40)));
+}
+
 #[test]
 fn selectors_follow_the_config() {
     let config = ControlConfig::from_yaml(SPEC).unwrap();
