@@ -946,15 +946,18 @@ async fn a_write_refused_for_good_sets_scale_failed_once_not_twice_a_hold() {
     let gateway = Gateway::start(control.grpc_uri(), 1, step);
     // The first write and one after each of three holds, every evaluation between them (one
     // per 100 ms report) held back: all want 3 replicas and cannot have them.
-    let requests = fake
-        .wait_for(|r| scale_patches(r, &ns, &target).len() >= 4, WAIT)
-        .await
-        .unwrap();
-    gateway.stop().await;
-    assert!(
-        scale_patches(&requests, &ns, &target)
+    let refused = |r: &[RecordedRequest]| {
+        scale_patches(r, &ns, &target)
             .iter()
-            .all(|(status, _)| *status == Some(403))
+            .filter(|(status, _)| *status == Some(403))
+            .count()
+    };
+    let requests = fake.wait_for(|r| refused(r) >= 4, WAIT).await.unwrap();
+    gateway.stop().await;
+    let patches = scale_patches(&requests, &ns, &target);
+    assert!(
+        patches.iter().all(|(status, _)| *status != Some(200)),
+        "{patches:?}"
     );
 
     let status_path =
