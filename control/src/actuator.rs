@@ -477,12 +477,12 @@ impl Actuator for KubeActuator {
                         )
                         .await,
                 )
-            } else if let Some((_, message)) = &outcome.error
+            } else if let Some(error) = outcome.error
                 && self.announce(&outcome.pool.target, Op::Write).is_some()
             {
                 Some(
                     self.events
-                        .refused(&about, &target, decision.to, message)
+                        .refused(&about, &target, decision.to, &error.to_string())
                         .await,
                 )
             } else {
@@ -537,6 +537,17 @@ impl Actuator for KubeActuator {
     }
 }
 
+/// What the API server answered, the same for the whole of a hold and from one hold to the next
+/// while the answer stays: not a held call's text, which names the backoff (and so differs from
+/// the call that began the hold, and between holds). A condition built on that text would be
+/// rewritten twice a hold.
+fn answer(error: &ActuatorError) -> String {
+    match error.source.downcast_ref::<Held>() {
+        Some(held) => held.message.clone(),
+        None => error.source.to_string(),
+    }
+}
+
 /// The status an evaluation leaves: conditions (kept from `previous` where unchanged, so their
 /// transition times hold) and one entry per pool.
 pub fn autoscaler_status(
@@ -570,15 +581,10 @@ pub fn autoscaler_status(
             .unreadable
             .iter()
             .map(|u| {
-                // The API's answer, the same for the whole hold: not the held call's text, which
-                // names the backoff and would rewrite the condition twice a hold.
-                let answer = match u.error.source.downcast_ref::<Held>() {
-                    Some(held) => held.message.clone(),
-                    None => u.error.source.to_string(),
-                };
                 format!(
-                    "cannot read the replicas of {}: {answer}",
-                    target_ref(&u.pool.target)
+                    "cannot read the replicas of {}: {}",
+                    target_ref(&u.pool.target),
+                    answer(u.error)
                 )
             })
             .collect::<Vec<_>>()
@@ -588,10 +594,15 @@ pub fn autoscaler_status(
         status.pools = previous.map(|p| p.pools.clone()).unwrap_or_default();
         return status;
     }
-    let failure = evaluation
-        .pools
-        .iter()
-        .find_map(|o| o.error.as_ref().map(|(_, message)| message.clone()));
+    let failure = evaluation.pools.iter().find_map(|o| {
+        o.error.map(|error| {
+            format!(
+                "cannot set the replicas of {}: {}",
+                target_ref(&o.pool.target),
+                answer(error)
+            )
+        })
+    });
     match failure {
         Some(message) => set(CONDITION_READY, false, "ScaleFailed", &message),
         None if evaluation.dry_run => set(

@@ -135,8 +135,10 @@ pub struct PoolOutcome<'a> {
     pub decision: &'a PoolDecision,
     /// The change was set.
     pub applied: bool,
-    /// Setting it failed: the error's kind (as in [`ActuatorError::kind`]) and message.
-    pub error: Option<(&'static str, String)>,
+    /// Setting it failed. The error itself, not its text: a call the actuator held back says
+    /// so in its text, which differs from the answer that began the hold, and what is written
+    /// from it (the autoscaler's status) must not change with that.
+    pub error: Option<&'a ActuatorError>,
 }
 
 /// Records what would be set and pretends it happened at once: every replica asked for is
@@ -176,6 +178,12 @@ pub struct LoopConfig {
 /// until then it holds. Every loop evaluates at least every `--max-evaluation-interval`, but
 /// one may not decide at all (its target unreadable, a write being retried): the wait is
 /// therefore bounded by `max_wait`, after which the split uses the wants known.
+///
+/// An autoscaler takes part through the [`BudgetSeat`] it was given when it started. A stopped
+/// autoscaler's want leaves at once ([`SharedBudget::forget`]), and its task, which may still be
+/// finishing an evaluation on another thread when it is aborted, shares through a seat that is
+/// no longer its autoscaler's: that late want is not recorded, or it would stay in every split
+/// for good, with nothing left to replace or remove it.
 #[derive(Debug)]
 pub struct SharedBudget {
     gpus: u32,
@@ -185,13 +193,29 @@ pub struct SharedBudget {
 
 type AutoscalerKey = (String, String);
 
+/// One running autoscaler's place in a [`SharedBudget`]; a task shares only through its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetSeat {
+    autoscaler: AutoscalerKey,
+    /// Tells this task's seat from that of an earlier task of the same (namespace, name): one
+    /// deleted and created again, or restarted after a panic.
+    id: u64,
+}
+
 #[derive(Debug, Default)]
 struct BudgetState {
-    /// Each running autoscaler's latest decision (before the budget) and when it was made;
-    /// `None` before its first.
-    latest: BTreeMap<AutoscalerKey, Option<(AutoscalerDecision, Instant)>>,
+    /// Each running autoscaler's seat and latest decision (before the budget) and when it was
+    /// made; `None` before its first.
+    members: BTreeMap<AutoscalerKey, Member>,
     /// Since when the budget has been cutting each autoscaler's growth.
     cut_since: HashMap<AutoscalerKey, Instant>,
+    next_seat: u64,
+}
+
+#[derive(Debug)]
+struct Member {
+    seat: u64,
+    latest: Option<(AutoscalerDecision, Instant)>,
 }
 
 impl SharedBudget {
@@ -203,29 +227,53 @@ impl SharedBudget {
         }
     }
 
-    /// An autoscaler starts: until it has decided, the others' growth under a cut waits for it.
-    pub fn register(&self, autoscaler: &AutoscalerKey) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.latest.entry(autoscaler.clone()).or_insert(None);
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records `decision`, made at `now`, as what `autoscaler` (namespace, name) wants and
-    /// returns it within its share of the budget.
+    /// An autoscaler starts: until it has decided, the others' growth under a cut waits for it.
+    /// One restarted after a panic keeps its last want meanwhile: its replicas and load are
+    /// those it decided on.
+    pub fn register(&self, autoscaler: &AutoscalerKey) -> BudgetSeat {
+        let mut state = self.lock();
+        let id = state.next_seat;
+        state.next_seat += 1;
+        state
+            .members
+            .entry(autoscaler.clone())
+            .and_modify(|member| member.seat = id)
+            .or_insert(Member {
+                seat: id,
+                latest: None,
+            });
+        BudgetSeat {
+            autoscaler: autoscaler.clone(),
+            id,
+        }
+    }
+
+    /// Records `decision`, made at `now`, as what the seat's autoscaler wants and returns it
+    /// within its share of the budget. Through a seat no longer in the budget (its autoscaler
+    /// stopped), nothing is recorded and nothing grows.
     pub fn share(
         &self,
-        autoscaler: &AutoscalerKey,
+        seat: &BudgetSeat,
         decision: AutoscalerDecision,
         now: Instant,
     ) -> AutoscalerDecision {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.lock();
         let state = &mut *state;
-        state
-            .latest
-            .insert(autoscaler.clone(), Some((decision.clone(), now)));
+        let autoscaler = &seat.autoscaler;
+        match state.members.get_mut(autoscaler) {
+            Some(member) if member.seat == seat.id => {
+                member.latest = Some((decision.clone(), now));
+            }
+            _ => return held(decision),
+        }
         let decided: Vec<(&AutoscalerKey, &AutoscalerDecision)> = state
-            .latest
+            .members
             .iter()
-            .filter_map(|(key, latest)| latest.as_ref().map(|(d, _)| (key, d)))
+            .filter_map(|(key, member)| member.latest.as_ref().map(|(d, _)| (key, d)))
             .collect();
         let Some(mine) = decided.iter().position(|(key, _)| *key == autoscaler) else {
             return decision;
@@ -243,25 +291,37 @@ impl SharedBudget {
             return shared;
         }
         let since = *state.cut_since.entry(autoscaler.clone()).or_insert(now);
-        let others_current = state.latest.iter().all(|(key, latest)| {
-            key == autoscaler || latest.as_ref().is_some_and(|(_, at)| *at >= since)
+        let others_current = state.members.iter().all(|(key, member)| {
+            key == autoscaler || member.latest.as_ref().is_some_and(|(_, at)| *at >= since)
         });
         if others_current || now.saturating_duration_since(since) >= self.max_wait {
             return shared;
         }
-        // Hold: a budget of nothing keeps every pool at what it has.
-        let mut held = [decision];
-        flyball_policy::apply_global_gpu_budget(&mut held, 0);
-        let [held] = held;
-        held
+        held(decision)
     }
 
     /// An autoscaler that stopped wants nothing any more.
     pub fn forget(&self, autoscaler: &AutoscalerKey) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.latest.remove(autoscaler);
+        let mut state = self.lock();
+        state.members.remove(autoscaler);
         state.cut_since.remove(autoscaler);
     }
+
+    /// Forgets every autoscaler for which `running` is false: one whose task ended (a panic)
+    /// and that was removed before it could be started again has no stop to forget it at.
+    pub fn retain(&self, running: impl Fn(&AutoscalerKey) -> bool) {
+        let mut state = self.lock();
+        state.members.retain(|key, _| running(key));
+        state.cut_since.retain(|key, _| running(key));
+    }
+}
+
+/// `decision` with no pool grown: a budget of nothing keeps every pool at what it has.
+fn held(decision: AutoscalerDecision) -> AutoscalerDecision {
+    let mut held = [decision];
+    flyball_policy::apply_global_gpu_budget(&mut held, 0);
+    let [held] = held;
+    held
 }
 
 /// One entry of a pool's decision log. Consecutive identical decisions (same from, to, rule) are
@@ -680,8 +740,8 @@ struct AutoscalerLoop<A> {
     actuator: Arc<A>,
     clock: Clock,
     config: LoopConfig,
-    /// `--gpu-budget`, shared with every other autoscaler.
-    budget: Option<Arc<SharedBudget>>,
+    /// `--gpu-budget`, shared with every other autoscaler, and this task's seat in it.
+    budget: Option<(Arc<SharedBudget>, BudgetSeat)>,
     leading: watch::Receiver<bool>,
     /// Leadership at the previous evaluation, to notice it being gained.
     was_leading: bool,
@@ -693,14 +753,72 @@ struct AutoscalerLoop<A> {
 struct Observed {
     desired: Option<u32>,
     changed_at: Option<Duration>,
-    /// Replicas asked for and when, until that many are ready.
-    pending: Option<(u32, Duration)>,
+    /// Replicas asked for and not yet ready, oldest ask first: a re-ask adds only the replicas
+    /// above those already asked for, so each keeps the time it was first asked for.
+    asks: VecDeque<Ask>,
     time_to_ready: Option<Duration>,
     /// The last change logged: a recommendation that is not applied (a dry run, a follower) is
     /// made again at every evaluation, up to ten times a second, and is logged once.
     logged: Option<(u32, u32, Rule)>,
     /// The last failure to read replicas, until a read succeeds.
     read_error: Option<String>,
+}
+
+/// Replicas first asked for at `at`: those above the previous ask's `up_to`, up to this one's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ask {
+    up_to: u32,
+    at: Duration,
+}
+
+impl Observed {
+    /// Notes the replicas read at `now` (the policy's clock): a change of the count asked for
+    /// (by us or anyone), and the time to ready of the asks now ready.
+    fn observe(&mut self, replicas: PoolReplicas, now: Duration) {
+        let desired = replicas.desired;
+        if let Some(before) = self.desired
+            && before != desired
+        {
+            self.changed_at = Some(now);
+            if desired > before {
+                // Asks never reach above the count asked for, so only the replicas above
+                // `before` are new; those below keep their first ask.
+                self.asks.push_back(Ask {
+                    up_to: desired,
+                    at: now,
+                });
+            } else {
+                // Replicas no longer asked for are not waited for; asked for again later, they
+                // are timed from then.
+                let mut lowest_cut = None;
+                while self.asks.back().is_some_and(|ask| ask.up_to > desired) {
+                    lowest_cut = self.asks.pop_back();
+                }
+                let below = self.asks.back().map_or(0, |ask| ask.up_to);
+                if let Some(cut) = lowest_cut
+                    && below < desired
+                {
+                    self.asks.push_back(Ask {
+                        up_to: desired,
+                        at: cut.at,
+                    });
+                }
+            }
+        }
+        self.desired = Some(desired);
+        // Ready replicas are counted, not named: the first asked for are taken to be the first
+        // ready. Of the asks that come ready together, the oldest says how long it took.
+        let mut oldest_ready = None;
+        while let Some(ask) = self.asks.front().copied()
+            && replicas.ready >= ask.up_to
+        {
+            self.asks.pop_front();
+            oldest_ready.get_or_insert(ask.at);
+        }
+        if let Some(at) = oldest_ready {
+            self.time_to_ready = Some(now.saturating_sub(at));
+        }
+    }
 }
 
 /// Runs one task per autoscaler of the configuration in force until `shutdown` resolves,
@@ -766,6 +884,9 @@ pub async fn run<A: Actuator>(
             }
             let first = definition(autoscaler);
             let (redefine, redefined) = watch::channel(first.clone());
+            let seat = budget
+                .as_ref()
+                .map(|budget| (budget.clone(), budget.register(&key)));
             let task = AutoscalerLoop {
                 autoscaler: first.autoscaler,
                 pools: first.pools,
@@ -777,14 +898,11 @@ pub async fn run<A: Actuator>(
                 actuator: actuator.clone(),
                 clock,
                 config: loop_config,
-                budget: budget.clone(),
+                budget: seat,
                 was_leading: *leading.borrow(),
                 leading: leading.clone(),
                 leading_open: true,
             };
-            if let Some(budget) = &budget {
-                budget.register(&key);
-            }
             let handle = tasks.spawn(task.run());
             running.insert(
                 key,
@@ -794,6 +912,11 @@ pub async fn run<A: Actuator>(
                     handle,
                 },
             );
+        }
+        // Every autoscaler of the configuration now runs: any other in the budget is one whose
+        // task panicked and that was removed while it waited to start again.
+        if let Some(budget) = &budget {
+            budget.retain(|key| running.contains_key(key));
         }
         tokio::select! {
             () = &mut shutdown => break,
@@ -996,21 +1119,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
             };
             let observed = self.observed.entry(pool.id).or_default();
             observed.read_error = None;
-            if observed.desired != Some(replicas.desired) {
-                if observed.desired.is_some() {
-                    observed.changed_at = Some(policy_now);
-                }
-                if observed.desired.is_some_and(|d| replicas.desired > d) {
-                    observed.pending = Some((replicas.desired, policy_now));
-                }
-                observed.desired = Some(replicas.desired);
-            }
-            if let Some((asked, at)) = observed.pending
-                && replicas.ready >= asked
-            {
-                observed.time_to_ready = Some(policy_now.saturating_sub(at));
-                observed.pending = None;
-            }
+            observed.observe(replicas, policy_now);
             let view = self.telemetry.pool(pool.id, now).unwrap_or_default();
             let fresh = freshness(
                 reporters.live,
@@ -1057,19 +1166,13 @@ impl<A: Actuator> AutoscalerLoop<A> {
             }
         };
         let decision = match &self.budget {
-            Some(budget) => budget.share(
-                &(
-                    self.autoscaler.namespace.clone(),
-                    self.autoscaler.name.clone(),
-                ),
-                decision,
-                now,
-            ),
+            Some((budget, seat)) => budget.share(seat, decision, now),
             None => decision,
         };
         let dry_run = self.config.dry_run || decision.dry_run;
 
-        let mut outcomes = Vec::with_capacity(states.len());
+        // Per pool: its decision, whether it was set, and why not; borrowed by the outcomes.
+        let mut written = Vec::with_capacity(states.len());
         for (pool, replicas, _, has_load) in &states {
             let (replicas, has_load) = (*replicas, *has_load);
             let Some(pool_decision) = decision.pools.get(pool.role) else {
@@ -1109,10 +1212,10 @@ impl<A: Actuator> AutoscalerLoop<A> {
                     }
                     Some(Ok(())) => applied = true,
                     Some(Err(e)) => {
-                        failure = Some((e.kind, e.to_string()));
                         tracing::warn!(pool = %pool.name, error = %e, "cannot set replicas");
                         self.count_actuator_error(pool, e.kind);
                         error = Some(e.to_string());
+                        failure = Some(e);
                     }
                 }
             }
@@ -1145,14 +1248,18 @@ impl<A: Actuator> AutoscalerLoop<A> {
                 push_decision(&mut s.decisions, record, limit);
                 true
             });
-            outcomes.push(PoolOutcome {
-                pool,
-                replicas,
-                decision: pool_decision,
-                applied,
-                error: failure,
-            });
+            written.push((pool, replicas, pool_decision, applied, failure));
         }
+        let outcomes = written
+            .iter()
+            .map(|(pool, replicas, decision, applied, failure)| PoolOutcome {
+                pool,
+                replicas: *replicas,
+                decision,
+                applied: *applied,
+                error: failure.as_ref(),
+            })
+            .collect();
         // Only a replica that still leads writes Events and status.
         if leading && *self.leading.borrow() {
             let evaluation = Evaluation {

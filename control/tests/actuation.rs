@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use flyball_apiserver::{RecordedRequest, TestCluster, Verb};
 use flyball_control::Control;
-use flyball_control::actuator::KubeActuator;
+use flyball_control::actuator::{KubeActuator, KubeActuatorConfig};
+use flyball_control::controller::Actuator;
 use flyball_control::leader::Leadership;
 use flyball_k8s::crd::{CONDITION_READY, CONDITION_VALID};
 use flyball_k8s::events::{
@@ -217,6 +218,11 @@ fn lease(cluster: &TestCluster) -> String {
 /// A leading control service whose autoscalers are the FlyballAutoscalers labelled with this
 /// test's `run` label (others may share the namespace on a real cluster).
 async fn control_of_resources(cluster: &TestCluster, run: &str) -> Running {
+    control(cluster, &resource_flags(cluster, run)).await
+}
+
+/// The flags of [`control_of_resources`].
+fn resource_flags(cluster: &TestCluster, run: &str) -> Vec<String> {
     let selector = format!("{RUN_LABEL}={run}");
     let lease = lease(cluster);
     let source = [
@@ -227,11 +233,15 @@ async fn control_of_resources(cluster: &TestCluster, run: &str) -> Running {
         "--label-selector",
         &selector,
     ];
-    control(cluster, &flags(cluster, &lease, "a", &source)).await
+    flags(cluster, &lease, "a", &source)
 }
 
 async fn control(cluster: &TestCluster, flags: &[String]) -> Running {
-    let control = bind(cluster, flags).await;
+    serve_once_leading(bind(cluster, flags).await).await
+}
+
+/// Serves `control` once it leads.
+async fn serve_once_leading<A: Actuator>(control: Control<A>) -> Running {
     let mut leading = control.leading().clone();
     tokio::time::timeout(WAIT, leading.wait_for(|l| *l))
         .await
@@ -891,6 +901,99 @@ async fn a_forbidden_write_becomes_one_refusal_event_and_no_retry_storm() {
     assert_eq!(spec_replicas(&cluster, &target).await, 1);
     control.stop().await.unwrap();
     drop(config);
+    cluster.cleanup().await.unwrap();
+}
+
+/// A write refused for good sets Ready=False (ScaleFailed) on the autoscaler once, and the
+/// condition stays as written hold after hold: the calls held back in between say so in their
+/// text (with the backoff), and a status built on that text flapped between it and the API's
+/// answer, a write per flap, each a watch event for every replica and a new message for whoever
+/// watches the condition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_for_good_sets_scale_failed_once_not_twice_a_hold() {
+    let cluster = TestCluster::start().await.unwrap();
+    let test = "a_write_refused_for_good_sets_scale_failed_once_not_twice_a_hold";
+    let Some(fake) = cluster.fake_or_skip(test, "an RBAC table that refuses /scale") else {
+        return;
+    };
+    cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 1, 1).await;
+    let spec: FlyballAutoscalerSpec = serde_json::from_value(spec(&target)).unwrap();
+    let created = cluster
+        .create(&FlyballAutoscaler::new(&cluster.unique_name("llama"), spec))
+        .await
+        .unwrap();
+    let name = created.metadata.name.clone().unwrap();
+    let run = created.metadata.labels.as_ref().unwrap()[RUN_LABEL].clone();
+    fake.deny(Verb::Patch, "apps", "deployments", Some("scale"));
+    // Holds of 300 ms rather than 10 s and more, so that several pass within the test.
+    let hold = Duration::from_millis(300);
+    let actuator = KubeActuator::with_config(
+        cluster.client(),
+        "a",
+        KubeActuatorConfig {
+            hold_first: hold,
+            hold_max: hold,
+            ..KubeActuatorConfig::default()
+        },
+    );
+    let control = bind(&cluster, &resource_flags(&cluster, &run))
+        .await
+        .with_actuator(Arc::new(actuator), false);
+    let control = serve_once_leading(control).await;
+
+    let gateway = Gateway::start(control.grpc_uri(), 1, step);
+    // The first write and one after each of three holds, every evaluation between them (one
+    // per 100 ms report) held back: all want 3 replicas and cannot have them.
+    let refused = |r: &[RecordedRequest]| {
+        scale_patches(r, &ns, &target)
+            .iter()
+            .filter(|(status, _)| *status == Some(403))
+            .count()
+    };
+    let requests = fake.wait_for(|r| refused(r) >= 4, WAIT).await.unwrap();
+    gateway.stop().await;
+    let patches = scale_patches(&requests, &ns, &target);
+    assert!(
+        patches.iter().all(|(status, _)| *status != Some(200)),
+        "{patches:?}"
+    );
+
+    let status_path =
+        format!("/apis/flyball.dev/v1alpha1/namespaces/{ns}/flyballautoscalers/{name}/status");
+    let ready_written: Vec<(String, String)> = requests
+        .iter()
+        .filter(|r| r.is("PATCH", &status_path))
+        .filter_map(|r| {
+            let conditions = r.body.as_ref()?["status"]["conditions"].as_array()?.clone();
+            let ready = conditions.iter().find(|c| c["type"] == CONDITION_READY)?;
+            Some((
+                ready["reason"].as_str()?.to_owned(),
+                ready["message"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    let failed = ready_written
+        .iter()
+        .position(|(reason, _)| reason == "ScaleFailed")
+        .expect("a ScaleFailed status");
+    assert_eq!(
+        ready_written.len() - failed,
+        1,
+        "status writes from the first ScaleFailed on, over 3 holds: {:#?}",
+        &ready_written[failed..]
+    );
+    let (_, message) = &ready_written[failed];
+    assert!(
+        message.starts_with(&format!(
+            "cannot set the replicas of Deployment {ns}/{target}: "
+        )),
+        "{message}"
+    );
+    assert!(message.contains("forbidden"), "{message}");
+    assert!(!message.contains("held"), "{message}");
+    control.stop().await.unwrap();
     cluster.cleanup().await.unwrap();
 }
 

@@ -324,6 +324,62 @@ fn sample_reason() -> flyball_policy::decision::Reason {
     }
 }
 
+/// `desired` asked for and `ready` of them ready.
+fn replicas(desired: u32, ready: u32) -> PoolReplicas {
+    PoolReplicas {
+        desired,
+        current: desired,
+        ready,
+    }
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// Replicas asked for, then more asked for while the first are still starting: each is timed
+/// from when it was first asked for. Timed from the latest ask, start-up looks shorter than it
+/// is, and the policy re-asks for replicas that are only slow.
+#[test]
+fn time_to_ready_runs_from_the_first_ask_for_each_replica() {
+    // 1 -> 3 at 0 s, 3 -> 5 at 10 s; all five ready at 30 s.
+    let mut observed = Observed::default();
+    observed.observe(replicas(1, 1), secs(0));
+    observed.observe(replicas(3, 1), secs(0));
+    observed.observe(replicas(5, 1), secs(10));
+    observed.observe(replicas(5, 1), secs(20));
+    assert_eq!(observed.time_to_ready, None);
+    observed.observe(replicas(5, 5), secs(30));
+    assert_eq!(
+        observed.time_to_ready,
+        Some(secs(30)),
+        "replicas 2 and 3 were asked for 30 s before they were ready"
+    );
+
+    // The replicas of the first ask ready at 25 s, the others at 40 s: each ask is measured as
+    // it comes ready, the first one not held back by the re-ask.
+    let mut observed = Observed::default();
+    observed.observe(replicas(1, 1), secs(0));
+    observed.observe(replicas(3, 1), secs(0));
+    observed.observe(replicas(5, 1), secs(10));
+    observed.observe(replicas(5, 3), secs(25));
+    assert_eq!(observed.time_to_ready, Some(secs(25)));
+    observed.observe(replicas(5, 5), secs(40));
+    assert_eq!(observed.time_to_ready, Some(secs(30)));
+
+    // Lowered before it was ready, then raised again: the replicas given up are asked for anew
+    // and timed from then; the ones kept keep their first ask.
+    let mut observed = Observed::default();
+    observed.observe(replicas(1, 1), secs(0));
+    observed.observe(replicas(5, 1), secs(0));
+    observed.observe(replicas(3, 1), secs(10));
+    observed.observe(replicas(6, 1), secs(20));
+    observed.observe(replicas(6, 3), secs(50));
+    assert_eq!(observed.time_to_ready, Some(secs(50)));
+    observed.observe(replicas(6, 6), secs(60));
+    assert_eq!(observed.time_to_ready, Some(secs(40)));
+}
+
 #[test]
 fn selectors_follow_the_config() {
     let config = ControlConfig::from_yaml(SPEC).unwrap();
@@ -550,10 +606,9 @@ fn decision_series(status: &Status) -> String {
     text
 }
 
-#[tokio::test(start_paused = true)]
-async fn autoscalers_sharing_a_gpu_budget_split_it_by_need() {
-    let config = ControlConfig::from_yaml(
-        r#"
+/// llama (backend vllm) and qwen (backend tgi), each with 1,000 input tokens a second per
+/// replica and free to grow 10 replicas a second.
+const SHARING: &str = r#"
 autoscalers:
   - name: llama
     spec:
@@ -575,17 +630,39 @@ autoscalers:
           capacity: { prefillTokensPerSecond: 1000 }
       slo: { ttft: 500ms }
       behavior: { scaleUp: { maxStep: 10, period: 1s } }
-"#,
-    )
-    .unwrap();
+"#;
+
+/// [`SHARING`] without qwen.
+fn sharing_without_qwen() -> ControlConfig {
+    let mut config: serde_json::Value = serde_yaml_ng::from_str(SHARING).unwrap();
+    config["autoscalers"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|a| a["name"] != "qwen");
+    ControlConfig::from_yaml(&serde_yaml_ng::to_string(&config).unwrap()).unwrap()
+}
+
+/// A report of 5,000 input tokens a second for `backend` (vllm: llama; tgi: qwen), from a
+/// gateway of its own.
+fn load_for(backend: &str, sequence: u64) -> v1::ReportRequest {
+    let mut report = load(sequence, 5_000);
+    report.reporter.as_mut().unwrap().gateway = format!("gw-{backend}");
+    report.keys[0].backend = backend.into();
+    report
+}
+
+#[tokio::test(start_paused = true)]
+async fn autoscalers_sharing_a_gpu_budget_split_it_by_need() {
+    let config = ControlConfig::from_yaml(SHARING).unwrap();
     let h = start_budgeted(config, true, &[], Some(4));
     // Each wants 5 replicas (5,000 input tokens a second over 1,000 each); 4 GPUs in all.
     for s in 1..=6 {
-        h.telemetry.ingest(load(s, 5_000), Instant::now()).unwrap();
-        let mut other = load(s, 5_000);
-        other.reporter.as_mut().unwrap().gateway = "gw-tgi".into();
-        other.keys[0].backend = "tgi".into();
-        h.telemetry.ingest(other, Instant::now()).unwrap();
+        h.telemetry
+            .ingest(load_for("vllm", s), Instant::now())
+            .unwrap();
+        h.telemetry
+            .ingest(load_for("tgi", s), Instant::now())
+            .unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let desired = |pool| h.status.get(PoolId(pool)).unwrap().desired.unwrap();
@@ -603,9 +680,11 @@ autoscalers:
     let _ = h.stop.send(());
 }
 
-/// The dry-run actuator, except that its first `set` panics (a bug anywhere in an evaluation).
+/// The dry-run actuator, except that its first `set` of the target named `target` panics (a bug
+/// anywhere in an evaluation).
 struct PanicsOnce {
     inner: DryRunActuator,
+    target: &'static str,
     panicked: std::sync::atomic::AtomicBool,
 }
 
@@ -615,9 +694,10 @@ impl Actuator for PanicsOnce {
     }
 
     async fn set(&self, target: &ScaleTarget, replicas: u32) -> Result<(), ActuatorError> {
-        if !self
-            .panicked
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        if target.name == self.target
+            && !self
+                .panicked
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
         {
             panic!("a bug in an evaluation");
         }
@@ -630,6 +710,7 @@ async fn an_autoscaler_whose_task_panics_starts_again() {
     let config = ControlConfig::from_yaml(SPEC).unwrap();
     let actuator = Arc::new(PanicsOnce {
         inner: DryRunActuator::for_config(&config),
+        target: "llama",
         panicked: false.into(),
     });
     let h = start_on(config, actuator, true, None);
@@ -653,6 +734,190 @@ async fn an_autoscaler_whose_task_panics_starts_again() {
             .load(std::sync::atomic::Ordering::SeqCst)
     );
     assert!(started.elapsed() >= PANIC_RESTART_DELAY);
+    let _ = h.stop.send(());
+}
+
+/// An autoscaler whose task panicked and that is removed before it starts again (within
+/// `PANIC_RESTART_DELAY`) has no task to stop: its last want must still leave the shared
+/// budget, or the others' split counts it for good.
+#[tokio::test(start_paused = true)]
+async fn an_autoscaler_removed_while_its_task_restarts_leaves_the_shared_budget() {
+    let config = ControlConfig::from_yaml(SHARING).unwrap();
+    let actuator = Arc::new(PanicsOnce {
+        inner: DryRunActuator::for_config(&config),
+        target: "qwen",
+        panicked: false.into(),
+    });
+    let h = start_on(config, actuator, true, Some(4));
+    // Each wants 5 replicas of the 4 GPUs; qwen's first write panics.
+    let mut sequence = 0;
+    while !h
+        .actuator
+        .panicked
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        sequence += 1;
+        h.telemetry
+            .ingest(load_for("vllm", sequence), Instant::now())
+            .unwrap();
+        h.telemetry
+            .ingest(load_for("tgi", sequence), Instant::now())
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(sequence < 100, "qwen never wrote");
+    }
+    // Removed while the service waits to start qwen again.
+    assert!(reconfigure(
+        &h.live,
+        &h.telemetry,
+        &h.status,
+        sharing_without_qwen()
+    ));
+    for _ in 0..30 {
+        sequence += 1;
+        h.telemetry
+            .ingest(load_for("vllm", sequence), Instant::now())
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let llama = h.status.get(PoolId(0)).unwrap();
+    assert_eq!(
+        llama.desired,
+        Some(4),
+        "llama alone in the budget of 4 GPUs, 2 s after the restart delay: {:?}",
+        llama.decisions.back()
+    );
+    let _ = h.stop.send(());
+}
+
+/// The dry-run actuator, except that the next read of `llama` waits until `llama_go`, and the
+/// next read of `qwen` keeps its thread (as an evaluation busy on another worker does) until
+/// `release_qwen` is sent. Tells when each read has begun, and when `qwen` records an
+/// evaluation after its release.
+struct Interleaved {
+    inner: DryRunActuator,
+    llama_armed: std::sync::atomic::AtomicBool,
+    llama_reading: tokio::sync::Notify,
+    llama_go: tokio::sync::Notify,
+    qwen_armed: std::sync::atomic::AtomicBool,
+    qwen_reading: tokio::sync::Notify,
+    release_qwen: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    qwen_released: std::sync::atomic::AtomicBool,
+    qwen_recorded: tokio::sync::Notify,
+}
+
+impl Actuator for Interleaved {
+    async fn current(&self, target: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if target.name == "llama" && self.llama_armed.swap(false, SeqCst) {
+            self.llama_reading.notify_one();
+            self.llama_go.notified().await;
+        }
+        if target.name == "qwen" && self.qwen_armed.swap(false, SeqCst) {
+            let release = self.release_qwen.lock().unwrap().take().unwrap();
+            self.qwen_reading.notify_one();
+            // Not an await: the task is being polled throughout, so an abort cannot cancel it
+            // here, only at its next await.
+            tokio::task::block_in_place(|| release.recv().unwrap());
+            self.qwen_released.store(true, SeqCst);
+        }
+        self.inner.current(target).await
+    }
+
+    async fn set(&self, target: &ScaleTarget, replicas: u32) -> Result<(), ActuatorError> {
+        self.inner.set(target, replicas).await
+    }
+
+    async fn record(&self, evaluation: &Evaluation<'_>) {
+        if evaluation.autoscaler.name == "qwen"
+            && self.qwen_released.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            self.qwen_recorded.notify_one();
+        }
+    }
+}
+
+/// On a multi-threaded runtime an autoscaler's task may be in the middle of an evaluation when
+/// it is removed: the abort takes effect at its next await, after it has shared its want. That
+/// late want must not stay in the budget: the next evaluation of the other autoscaler gets the
+/// whole budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_want_shared_by_a_removed_autoscaler_finishing_an_evaluation_is_not_kept() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let config = ControlConfig::from_yaml(SHARING).unwrap();
+    let (release_qwen, released) = std::sync::mpsc::channel();
+    let actuator = Arc::new(Interleaved {
+        inner: DryRunActuator::for_config(&config),
+        llama_armed: false.into(),
+        llama_reading: tokio::sync::Notify::new(),
+        llama_go: tokio::sync::Notify::new(),
+        qwen_armed: false.into(),
+        qwen_reading: tokio::sync::Notify::new(),
+        release_qwen: Mutex::new(Some(released)),
+        qwen_released: false.into(),
+        qwen_recorded: tokio::sync::Notify::new(),
+    });
+    let h = start_on(config, actuator, true, Some(4));
+    let mut llama = h.status.subscribe(PoolId(0)).unwrap();
+    let mut qwen = h.status.subscribe(PoolId(1)).unwrap();
+    // Each wants more than the 4 GPUs: both are held to their shares.
+    let feed = {
+        let telemetry = h.telemetry.clone();
+        tokio::spawn(async move {
+            for sequence in 1.. {
+                telemetry
+                    .ingest(load_for("vllm", sequence), Instant::now())
+                    .unwrap();
+                telemetry
+                    .ingest(load_for("tgi", sequence), Instant::now())
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let held_by_the_budget = |s: &PoolStatus| {
+        s.decisions
+            .back()
+            .is_some_and(|d| d.rule == Rule::GpuBudget && d.from == d.to && d.from >= 2)
+    };
+    let split = async {
+        llama.wait_for(held_by_the_budget).await.unwrap();
+        qwen.wait_for(held_by_the_budget).await.unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(20), split)
+        .await
+        .expect("the budget split between llama and qwen");
+
+    // Both in the middle of an evaluation: llama waiting for its read, qwen busy on a thread.
+    h.actuator.llama_armed.store(true, SeqCst);
+    h.actuator.qwen_armed.store(true, SeqCst);
+    h.actuator.llama_reading.notified().await;
+    h.actuator.qwen_reading.notified().await;
+    feed.abort();
+    // qwen removed: once its series have left /metrics its task has been told to stop.
+    assert!(reconfigure(
+        &h.live,
+        &h.telemetry,
+        &h.status,
+        sharing_without_qwen()
+    ));
+    while decision_series(&h.status).contains("autoscaler=\"qwen\"") {
+        tokio::task::yield_now().await;
+    }
+    // qwen finishes its evaluation: it shares its want, then is cancelled at its next await.
+    release_qwen.send(()).unwrap();
+    h.actuator.qwen_recorded.notified().await;
+
+    llama.borrow_and_update();
+    h.actuator.llama_go.notify_one();
+    let after = llama.changed().await.map(|()| llama.borrow().clone());
+    let after = after.unwrap();
+    assert_eq!(
+        after.desired,
+        Some(4),
+        "llama alone in the budget of 4 GPUs: {:?}",
+        after.decisions.back()
+    );
     let _ = h.stop.send(());
 }
 
