@@ -629,6 +629,11 @@ fn decide_pool(
         }
     }
     reason.feed_forward_replicas = feed_forward;
+    // Held only if the limit lowered the estimate: another dimension (on its hint) may ask for
+    // more than the held one wanted.
+    reason.feed_forward_on_lower_bound = reason
+        .feed_forward_on_lower_bound
+        .filter(|&held_from| feed_forward.is_some_and(|asked| held_from > asked));
     reason.slo_feedback_replicas = feedback;
 
     let mut need = feed_forward.unwrap_or(0).max(feedback.unwrap_or(0));
@@ -833,14 +838,18 @@ fn decide_pool(
 /// The most replicas feed-forward may ask for on a capacity that is only a lower bound: the
 /// replicas that served over the stable window (as SLO feedback counts them: ones made ready by
 /// the answer have not shown what they carry yet, and multiplying them would answer the step
-/// again), grown by the short window's worst latency over [`WELL_BELOW_TARGET`] (from 1 while
+/// again), grown by the worst latency of either window over [`WELL_BELOW_TARGET`] (from 1 while
 /// well below the objectives, so a pool nearing them may still add ahead of a breach), at most
 /// [`MAX_GROWTH_ON_A_LOWER_BOUND`]; never fewer than the ready replicas. Requests queueing, or
 /// failing (refused for lack of replicas, their latency unmeasured) in either window, or no
-/// latency to judge by, show nothing of the replicas' headroom: the whole factor. Replicas
-/// that meet the objectives with room to spare are not multiplied again while what they carry
-/// is not yet steady enough to count as "carried now": bounded by the served replicas alone, a
-/// step worth six went 1 -> 4 -> 16 -> 54 as each answer became ready.
+/// replica ready, show nothing of the replicas' headroom: the whole factor. Without latency samples nothing shows the
+/// replicas short: no growth. Each piece of evidence only raises the growth, and more load only
+/// adds evidence (a queue, latency samples, a breach), so more load never lowers the limit: the
+/// short window's latency alone, and the whole factor without it, asked for 8 replicas while the
+/// last 10 s had completed nothing and 3 once they had, within the objective. Replicas that meet
+/// the objectives with room to spare are not multiplied again while what they carry is not yet
+/// steady enough to count as "carried now": bounded by the served replicas alone, a step worth
+/// six went 1 -> 4 -> 16 -> 54 as each answer became ready.
 fn lower_bound_reach(
     cx: &Context<'_>,
     role: Role,
@@ -853,25 +862,20 @@ fn lower_bound_reach(
         .ready_within(cx.now, t.stable.length)
         .unwrap_or(ready)
         .min(ready);
-    let short_latency = signals(role)
+    let worst_latency = signals(role)
         .iter()
-        .filter_map(|signal| {
-            let target = signal.target(cx.slo)?;
-            signal.measured(&t.short).map(|q| ratio(q, target))
-        })
-        .fold(None, |worst: Option<f64>, r| {
-            Some(worst.map_or(r, |w| w.max(r)))
-        });
+        .filter_map(|&signal| Some(worst_ratio(signal, t, signal.target(cx.slo)?)))
+        .fold(0.0, f64::max);
     let failing = |window: &WindowStats| {
         rate(window.error_rate_per_s)
             > MAX_ERROR_SHARE_FOR_LEARNING * rate(window.request_rate_per_s)
     };
-    let headroom_judged = latency_judged && !failing(&t.short) && !failing(&t.stable);
-    let growth = match short_latency {
-        Some(r) if headroom_judged => {
-            (r / WELL_BELOW_TARGET).clamp(1.0, MAX_GROWTH_ON_A_LOWER_BOUND)
-        }
-        _ => MAX_GROWTH_ON_A_LOWER_BOUND,
+    // Nothing serving (waking from zero) shows nothing either.
+    let headroom_judged = ready > 0 && latency_judged && !failing(&t.short) && !failing(&t.stable);
+    let growth = if headroom_judged {
+        (worst_latency / WELL_BELOW_TARGET).clamp(1.0, MAX_GROWTH_ON_A_LOWER_BOUND)
+    } else {
+        MAX_GROWTH_ON_A_LOWER_BOUND
     };
     // `as` saturates, and a NaN ratio (a zero objective is filtered out) cannot arise.
     let grown = (f64::from(served.max(1)) * growth - EPSILON).ceil() as u32;

@@ -3,6 +3,7 @@
 mod budget;
 mod closed_loop;
 mod decide;
+mod lower_bound;
 mod properties;
 mod spec;
 mod support;
