@@ -764,16 +764,17 @@ struct Observed {
     read_error: Option<String>,
 }
 
-/// Replicas first asked for at `at`: those above the previous ask's `up_to`, up to this one's.
+/// Replicas first asked for at `at` and not yet ready: those above `from`, up to `up_to`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Ask {
+    from: u32,
     up_to: u32,
     at: Duration,
 }
 
 impl Observed {
     /// Notes the replicas read at `now` (the policy's clock): a change of the count asked for
-    /// (by us or anyone), and the time to ready of the asks now ready.
+    /// (by us or anyone), and the time to ready of the replicas now ready.
     fn observe(&mut self, replicas: PoolReplicas, now: Duration) {
         let desired = replicas.desired;
         if let Some(before) = self.desired
@@ -784,38 +785,39 @@ impl Observed {
                 // Asks never reach above the count asked for, so only the replicas above
                 // `before` are new; those below keep their first ask.
                 self.asks.push_back(Ask {
+                    from: before,
                     up_to: desired,
                     at: now,
                 });
             } else {
-                // Replicas no longer asked for are not waited for; asked for again later, they
-                // are timed from then.
-                let mut lowest_cut = None;
-                while self.asks.back().is_some_and(|ask| ask.up_to > desired) {
-                    lowest_cut = self.asks.pop_back();
+                // Replicas no longer asked for are not waited for (nor timed: their wait says
+                // nothing of how long starting takes); asked for again later, they are timed
+                // from then.
+                while self.asks.back().is_some_and(|ask| ask.from >= desired) {
+                    self.asks.pop_back();
                 }
-                let below = self.asks.back().map_or(0, |ask| ask.up_to);
-                if let Some(cut) = lowest_cut
-                    && below < desired
-                {
-                    self.asks.push_back(Ask {
-                        up_to: desired,
-                        at: cut.at,
-                    });
+                if let Some(top) = self.asks.back_mut() {
+                    top.up_to = top.up_to.min(desired);
                 }
             }
         }
         self.desired = Some(desired);
         // Ready replicas are counted, not named: the first asked for are taken to be the first
-        // ready. Of the asks that come ready together, the oldest says how long it took.
-        let mut oldest_ready = None;
-        while let Some(ask) = self.asks.front().copied()
-            && replicas.ready >= ask.up_to
+        // ready. Those of an ask that come ready are timed then, the rest wait on; of the asks
+        // that progress together, the oldest says how long it took.
+        let mut oldest_progress = None;
+        while let Some(ask) = self.asks.front_mut()
+            && replicas.ready > ask.from
         {
-            self.asks.pop_front();
-            oldest_ready.get_or_insert(ask.at);
+            oldest_progress.get_or_insert(ask.at);
+            if replicas.ready >= ask.up_to {
+                self.asks.pop_front();
+            } else {
+                ask.from = replicas.ready;
+                break;
+            }
         }
-        if let Some(at) = oldest_ready {
+        if let Some(at) = oldest_progress {
             self.time_to_ready = Some(now.saturating_sub(at));
         }
     }

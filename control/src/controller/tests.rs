@@ -1294,3 +1294,48 @@ async fn leadership_lost_and_regained_during_a_read_restarts_the_hold() {
     );
     let _ = h.stop.send(());
 }
+
+/// Replicas asked for that never became ready, then given up (the count set back to what it was,
+/// or below): none of them was timed, so no time to ready may be taken from them. The ready
+/// replicas left are those that were ready before the ask.
+#[test]
+fn replicas_given_up_before_any_was_ready_measure_no_time_to_ready() {
+    // 2 ready; 2 -> 10 at 10 s; the 8 stay Pending (no GPUs); back to 2 at 1,000 s.
+    let mut observed = Observed::default();
+    observed.observe(replicas(2, 2), secs(0));
+    observed.observe(replicas(10, 2), secs(10));
+    observed.observe(replicas(10, 2), secs(500));
+    observed.observe(replicas(2, 2), secs(1_000));
+    assert_eq!(
+        observed.time_to_ready, None,
+        "no replica asked for at 10 s ever became ready"
+    );
+
+    // The same, lowered to 1 rather than back to 2.
+    let mut observed = Observed::default();
+    observed.observe(replicas(2, 2), secs(0));
+    observed.observe(replicas(10, 2), secs(10));
+    observed.observe(replicas(1, 2), secs(1_000));
+    assert_eq!(
+        observed.time_to_ready, None,
+        "no replica asked for at 10 s ever became ready"
+    );
+}
+
+/// Replicas asked for, some of them ready within 50 s, the rest Pending until the count is
+/// lowered (a scale-down after the burst) to fewer than are ready: the ready ones took at most
+/// 50 s, not the 990 s until the scale-down.
+#[test]
+fn lowering_to_replicas_long_ready_does_not_time_them_to_the_lowering() {
+    let mut observed = Observed::default();
+    observed.observe(replicas(2, 2), secs(0));
+    observed.observe(replicas(10, 2), secs(10));
+    observed.observe(replicas(10, 6), secs(60));
+    observed.observe(replicas(10, 6), secs(500));
+    observed.observe(replicas(5, 6), secs(1_000));
+    assert!(
+        observed.time_to_ready.is_none_or(|t| t <= secs(50)),
+        "replicas 3 to 5 were ready 50 s after they were asked for: {:?}",
+        observed.time_to_ready
+    );
+}
