@@ -362,6 +362,15 @@ struct ErrorInfo<'a> {
     code: u16,
 }
 
+/// The `model` a request body names, if it is a JSON object naming one; nothing else is checked.
+pub(crate) fn named_model(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body).ok()?.model
+}
+
 /// vLLM's error type names, by status.
 pub(crate) fn error_type(status: u16) -> &'static str {
     match status {

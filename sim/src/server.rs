@@ -370,11 +370,6 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
             );
         }
     };
-    // vLLM checks the media type before it reads the body (its `validate_json_request`).
-    if !is_json(&parts.headers) {
-        let message = "Unsupported Media Type: Only 'application/json' is allowed";
-        return respond(plan::error_plan(400, message), None, &knobs, recorder);
-    }
     let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BODY_BYTES).await {
         Ok(bytes) => bytes,
         Err(err) => {
@@ -382,6 +377,16 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
             return respond(plan::error_plan(400, &message), None, &knobs, recorder);
         }
     };
+    // The name the gateway saw in the request, which its telemetry is keyed by, for the truth
+    // of a request refused below too.
+    if let Some(asked) = openai::named_model(&bytes) {
+        recorder.entry_mut().model = asked;
+    }
+    // vLLM refuses on the media type before it parses the body (its `validate_json_request`).
+    if !is_json(&parts.headers) {
+        let message = "Unsupported Media Type: Only 'application/json' is allowed";
+        return respond(plan::error_plan(400, message), None, &knobs, recorder);
+    }
     if let Some(status) = knobs.error_status {
         let message = format!(
             "simulated error ({} = {})",
@@ -399,10 +404,6 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
         Ok(req) => req,
         Err(err) => return respond(plan::error_plan(400, &err.0), None, &knobs, recorder),
     };
-    // The name the gateway saw in the request, which its telemetry is keyed by.
-    if let Some(asked) = &req.model {
-        recorder.entry_mut().model.clone_from(asked);
-    }
     if let Some(other) = req.model.as_deref().filter(|m| !app.config.serves(m)) {
         let message = format!("The model `{other}` does not exist.");
         return respond(plan::error_plan(404, &message), None, &knobs, recorder);

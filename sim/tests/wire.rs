@@ -1149,3 +1149,40 @@ async fn a_body_that_is_not_json_by_its_media_type_is_refused() {
         }
     }
 }
+
+/// The ground truth keeps the model each request named, as the gateway keys its telemetry by it
+/// (`RequestTruth::model`): a request refused before its body is read (an injected error, or a
+/// media type that is not JSON) named a model too.
+#[tokio::test]
+async fn the_truth_keeps_the_named_model_of_a_request_refused_before_its_body_is_read() {
+    let server = start_with(SimConfig {
+        aliases: vec!["qwen2.5-7b".to_owned()],
+        refuse_other_models: true,
+        ..SimConfig::default()
+    })
+    .await;
+    let body =
+        json!({"model":"qwen2.5-7b","messages":[{"role":"user","content":"hi"}],"max_tokens":2})
+            .to_string();
+    for headers in [
+        vec![("x-sim-error", "503")],
+        vec![("content-type", "text/plain")],
+    ] {
+        let sent = send(
+            &server,
+            Proto::H1,
+            "POST",
+            "/v1/chat/completions",
+            &headers,
+            &body,
+        )
+        .await;
+        let _ = frames(sent.response).await;
+    }
+    let truth: Vec<String> = server
+        .ground_truth()
+        .iter()
+        .map(|t| t.model.clone())
+        .collect();
+    assert_eq!(truth, ["qwen2.5-7b", "qwen2.5-7b"]);
+}
