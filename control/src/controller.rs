@@ -179,6 +179,13 @@ pub struct LoopConfig {
 /// one may not decide at all (its target unreadable, a write being retried): the wait is
 /// therefore bounded by `max_wait`, after which the split uses the wants known.
 ///
+/// The split is by want, and a want is only as recent as its autoscaler's last evaluation: its
+/// `from` does not show what that evaluation was granted (and may have set), and an evaluation
+/// that began before another's may share after it. So no grant is ever more than what the
+/// others' latest grants leave of the budget: growth beyond that waits for their next
+/// evaluations, whose wants then start from what they hold. A budget never takes replicas back,
+/// so what an autoscaler already has it keeps even then.
+///
 /// An autoscaler takes part through the [`BudgetSeat`] it was given when it started. A stopped
 /// autoscaler's want leaves at once ([`SharedBudget::forget`]), and its task, which may still be
 /// finishing an evaluation on another thread when it is aborted, shares through a seat that is
@@ -216,6 +223,9 @@ struct BudgetState {
 struct Member {
     seat: u64,
     latest: Option<(AutoscalerDecision, Instant)>,
+    /// GPUs its latest share granted, which it may have set: the budget's part no other
+    /// autoscaler may be granted. Zero before its first share.
+    granted_gpus: u64,
 }
 
 impl SharedBudget {
@@ -245,6 +255,7 @@ impl SharedBudget {
             .or_insert(Member {
                 seat: id,
                 latest: None,
+                granted_gpus: 0,
             });
         BudgetSeat {
             autoscaler: autoscaler.clone(),
@@ -253,8 +264,9 @@ impl SharedBudget {
     }
 
     /// Records `decision`, made at `now`, as what the seat's autoscaler wants and returns it
-    /// within its share of the budget. Through a seat no longer in the budget (its autoscaler
-    /// stopped), nothing is recorded and nothing grows.
+    /// within its share of the budget and within what the others' latest grants leave. Through a
+    /// seat no longer in the budget (its autoscaler stopped), nothing is recorded and nothing
+    /// grows.
     pub fn share(
         &self,
         seat: &BudgetSeat,
@@ -281,23 +293,38 @@ impl SharedBudget {
         let mut all: Vec<AutoscalerDecision> = decided.iter().map(|(_, d)| (*d).clone()).collect();
         flyball_policy::apply_global_gpu_budget(&mut all, self.gpus);
         let shared = all.swap_remove(mine);
-        let cut = shared
-            .pools
+        let cut_by_split = grows_less(&shared, &decision);
+        let granted_to_others: u64 = state
+            .members
             .iter()
-            .zip(decision.pools.iter())
-            .any(|((_, got), (_, wanted))| got.to < wanted.to);
-        if !cut {
+            .filter(|(key, _)| *key != autoscaler)
+            .map(|(_, member)| member.granted_gpus)
+            .sum();
+        let free = u64::from(self.gpus).saturating_sub(granted_to_others);
+        let mut granted = [shared];
+        flyball_policy::apply_global_gpu_budget(
+            &mut granted,
+            u32::try_from(free).unwrap_or(u32::MAX),
+        );
+        let [mut granted] = granted;
+        if grows_less(&granted, &decision) {
+            // A cut by what is free starts the wait too: once the others have evaluated again,
+            // a split that then cuts need not wait for them a second time.
+            let since = *state.cut_since.entry(autoscaler.clone()).or_insert(now);
+            let others_current = state.members.iter().all(|(key, member)| {
+                key == autoscaler || member.latest.as_ref().is_some_and(|(_, at)| *at >= since)
+            });
+            let waited_enough = now.saturating_duration_since(since) >= self.max_wait;
+            if cut_by_split && !others_current && !waited_enough {
+                granted = held(decision);
+            }
+        } else {
             state.cut_since.remove(autoscaler);
-            return shared;
         }
-        let since = *state.cut_since.entry(autoscaler.clone()).or_insert(now);
-        let others_current = state.members.iter().all(|(key, member)| {
-            key == autoscaler || member.latest.as_ref().is_some_and(|(_, at)| *at >= since)
-        });
-        if others_current || now.saturating_duration_since(since) >= self.max_wait {
-            return shared;
+        if let Some(member) = state.members.get_mut(autoscaler) {
+            member.granted_gpus = gpus_held(&granted);
         }
-        held(decision)
+        granted
     }
 
     /// An autoscaler that stopped wants nothing any more.
@@ -322,6 +349,35 @@ fn held(decision: AutoscalerDecision) -> AutoscalerDecision {
     flyball_policy::apply_global_gpu_budget(&mut held, 0);
     let [held] = held;
     held
+}
+
+/// Whether any pool of `granted` has fewer replicas than `wanted` asked for.
+fn grows_less(granted: &AutoscalerDecision, wanted: &AutoscalerDecision) -> bool {
+    granted
+        .pools
+        .iter()
+        .zip(wanted.pools.iter())
+        .any(|((_, got), (_, wanted))| got.to < wanted.to)
+}
+
+/// GPUs that `decision`, once set, keeps from the budget, counted as the split counts them: a
+/// dry run sets nothing and keeps what it has; a pool asleep at zero keeps its `minReplicas`,
+/// which it wakes to whatever the budget.
+fn gpus_held(decision: &AutoscalerDecision) -> u64 {
+    decision
+        .pools
+        .iter()
+        .map(|(_, pool)| {
+            let replicas = if decision.dry_run {
+                pool.from
+            } else if pool.to == 0 {
+                pool.min_replicas
+            } else {
+                pool.to
+            };
+            u64::from(replicas) * u64::from(pool.gpus_per_replica)
+        })
+        .sum()
 }
 
 /// One entry of a pool's decision log. Consecutive identical decisions (same from, to, rule) are
@@ -1342,5 +1398,7 @@ pub fn role_str(role: Role) -> &'static str {
     role.as_str()
 }
 
+#[cfg(test)]
+mod budget_tests;
 #[cfg(test)]
 mod tests;
