@@ -837,14 +837,19 @@ impl Observed {
             && before != desired
         {
             self.changed_at = Some(now);
+            // Asks never reach above the count asked for, so only the replicas above `before`
+            // are new; those below keep their first ask. Replicas already ready above it (a
+            // rolling update's surge, a status lagging a lowering) were not started by this ask:
+            // timed, they would measure nothing and collapse the starting grace.
+            let from = before.max(replicas.ready);
             if desired > before {
-                // Asks never reach above the count asked for, so only the replicas above
-                // `before` are new; those below keep their first ask.
-                self.asks.push_back(Ask {
-                    from: before,
-                    up_to: desired,
-                    at: now,
-                });
+                if desired > from {
+                    self.asks.push_back(Ask {
+                        from,
+                        up_to: desired,
+                        at: now,
+                    });
+                }
             } else {
                 // Replicas no longer asked for are not waited for (nor timed: their wait says
                 // nothing of how long starting takes); asked for again later, they are timed

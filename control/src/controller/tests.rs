@@ -1347,3 +1347,24 @@ fn lowering_to_replicas_long_ready_does_not_time_them_to_the_lowering() {
         observed.time_to_ready
     );
 }
+
+/// Replicas ready above the count asked for (a rolling update's surge: a
+/// Deployment's readyReplicas counts the old ReplicaSet's pods too; or a status that lags a
+/// lowering). A raise then "comes ready" at once and measures 0 s, overwriting the 60 s
+/// measured before: the policy's starting grace collapses to nothing.
+#[test]
+fn ready_above_the_count_asked_for_does_not_measure_a_zero_time_to_ready() {
+    let mut observed = Observed::default();
+    observed.observe(replicas(2, 2), secs(0));
+    observed.observe(replicas(4, 2), secs(10));
+    observed.observe(replicas(4, 4), secs(70));
+    assert_eq!(observed.time_to_ready, Some(secs(60)));
+    // Rolling update with maxSurge 1: 5 ready of 4 asked for.
+    observed.observe(replicas(4, 5), secs(1_000));
+    observed.observe(replicas(5, 5), secs(1_010));
+    assert_ne!(
+        observed.time_to_ready,
+        Some(secs(0)),
+        "no replica asked for at 1,010 s had started; the surge pod is not one of them"
+    );
+}
