@@ -75,6 +75,9 @@ pub struct ActuatorError {
 /// The `kind` of a write dropped because this replica stopped leading while it was being tried.
 pub const WRITE_ABANDONED: &str = "abandoned";
 
+/// The `kind` of a call whose scale target does not exist (Kubernetes' 404).
+pub const TARGET_NOT_FOUND: &str = "not_found";
+
 /// Where replica counts are read and set: Kubernetes `/scale` ([`crate::actuator`]), local
 /// processes, or nowhere ([`DryRunActuator`]).
 pub trait Actuator: Send + Sync + 'static {
@@ -223,9 +226,9 @@ struct BudgetState {
 struct Member {
     seat: u64,
     latest: Option<(AutoscalerDecision, Instant)>,
-    /// GPUs its latest share granted, which it may have set: the budget's part no other
-    /// autoscaler may be granted. Zero before its first share.
-    granted_gpus: u64,
+    /// GPUs its latest share granted each pool, which it may have set: the budget's part no
+    /// other autoscaler may be granted. None before its first share.
+    granted: Vec<(Role, u64)>,
 }
 
 impl SharedBudget {
@@ -255,7 +258,7 @@ impl SharedBudget {
             .or_insert(Member {
                 seat: id,
                 latest: None,
-                granted_gpus: 0,
+                granted: Vec::new(),
             });
         BudgetSeat {
             autoscaler: autoscaler.clone(),
@@ -298,7 +301,7 @@ impl SharedBudget {
             .members
             .iter()
             .filter(|(key, _)| *key != autoscaler)
-            .map(|(_, member)| member.granted_gpus)
+            .flat_map(|(_, member)| member.granted.iter().map(|(_, gpus)| gpus))
             .sum();
         let free = u64::from(self.gpus).saturating_sub(granted_to_others);
         let mut granted = [shared];
@@ -322,9 +325,33 @@ impl SharedBudget {
             state.cut_since.remove(autoscaler);
         }
         if let Some(member) = state.members.get_mut(autoscaler) {
-            member.granted_gpus = gpus_held(&granted);
+            member.granted = gpus_held(&granted);
         }
         granted
+    }
+
+    /// The seat's pool in `role` was found gone (its scale target deleted): the replicas its
+    /// grant allowed hold no GPUs any more, and the others may be granted them. Its autoscaler
+    /// decides nothing while the target is gone, so nothing else would ever give them back.
+    pub fn release_gone(&self, seat: &BudgetSeat, role: Role) {
+        let mut state = self.lock();
+        if let Some(member) = state.members.get_mut(&seat.autoscaler)
+            && member.seat == seat.id
+        {
+            for (pool, gpus) in &mut member.granted {
+                if *pool == role {
+                    *gpus = 0;
+                }
+            }
+            // The split counts what its last want started from, too.
+            if let Some(pool) = member
+                .latest
+                .as_mut()
+                .and_then(|(decision, _)| decision.pools.get_mut(role))
+            {
+                (pool.from, pool.to, pool.min_replicas) = (0, 0, 0);
+            }
+        }
     }
 
     /// An autoscaler that stopped wants nothing any more.
@@ -363,11 +390,11 @@ fn grows_less(granted: &AutoscalerDecision, wanted: &AutoscalerDecision) -> bool
 /// GPUs that `decision`, once set, keeps from the budget, counted as the split counts them: a
 /// dry run sets nothing and keeps what it has; a pool asleep at zero keeps its `minReplicas`,
 /// which it wakes to whatever the budget.
-fn gpus_held(decision: &AutoscalerDecision) -> u64 {
+fn gpus_held(decision: &AutoscalerDecision) -> Vec<(Role, u64)> {
     decision
         .pools
         .iter()
-        .map(|(_, pool)| {
+        .map(|(role, pool)| {
             let replicas = if decision.dry_run {
                 pool.from
             } else if pool.to == 0 {
@@ -375,9 +402,9 @@ fn gpus_held(decision: &AutoscalerDecision) -> u64 {
             } else {
                 pool.to
             };
-            u64::from(replicas) * u64::from(pool.gpus_per_replica)
+            (role, u64::from(replicas) * u64::from(pool.gpus_per_replica))
         })
-        .sum()
+        .collect()
 }
 
 /// One entry of a pool's decision log. Consecutive identical decisions (same from, to, rule) are
@@ -1149,6 +1176,11 @@ impl<A: Actuator> AutoscalerLoop<A> {
                         observed.read_error = Some(message);
                     }
                     self.count_actuator_error(pool, error.kind);
+                    if error.kind == TARGET_NOT_FOUND
+                        && let Some((budget, seat)) = &self.budget
+                    {
+                        budget.release_gone(seat, pool.role);
+                    }
                     // Load comes from telemetry, not from /scale: KEDA's activation must not
                     // fall to false (and scale a loaded pool to zero) because replicas cannot be
                     // read, say for want of RBAC on /scale when KEDA owns the replicas.

@@ -412,3 +412,33 @@ proptest! {
         }
     }
 }
+
+/// llama is granted 1 -> 3 of 4 GPUs, then its Deployment is deleted: its reads find nothing
+/// and it decides nothing again, so its grant would keep qwen at 1 for good. Told the target is
+/// gone, the budget lets qwen grow into the GPUs no pod holds any more.
+#[test]
+fn a_grant_whose_target_was_deleted_is_given_back() {
+    let max_wait = Duration::from_secs(10);
+    let budget = SharedBudget::new(4, max_wait);
+    let (llama, qwen) = (
+        budget.register(&key("llama")),
+        budget.register(&key("qwen")),
+    );
+    let t0 = Instant::now();
+    budget.share(&llama, unified(1, 1), t0);
+    budget.share(&qwen, unified(1, 1), t0);
+    let llama_granted = budget.share(&llama, unified(1, 3), t0 + Duration::from_secs(1));
+    assert_eq!(unified_pool(&llama_granted).to, 3);
+    let cut = budget.share(&qwen, unified(1, 3), t0 + Duration::from_secs(2));
+    assert_eq!(unified_pool(&cut).to, 1);
+
+    budget.release_gone(&llama, Role::Unified);
+    // qwen's split still counts llama's last want (1 -> 3, 2 GPUs of it) until llama decides
+    // again; what was granted no longer stands in the way.
+    let after = budget.share(&qwen, unified(1, 3), t0 + Duration::from_secs(3) + max_wait);
+    assert!(
+        unified_pool(&after).to >= 2,
+        "qwen still held at {} after llama's target was deleted: {after:?}",
+        unified_pool(&after).to
+    );
+}

@@ -1368,3 +1368,65 @@ fn ready_above_the_count_asked_for_does_not_measure_a_zero_time_to_ready() {
         "no replica asked for at 1,010 s had started; the surge pod is not one of them"
     );
 }
+
+/// The dry-run actuator, except that once `deleted` is set the target named `llama` is gone.
+struct LlamaDeletedLater {
+    inner: DryRunActuator,
+    deleted: std::sync::atomic::AtomicBool,
+}
+
+impl Actuator for LlamaDeletedLater {
+    async fn current(&self, target: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
+        if target.name == "llama" && self.deleted.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ActuatorError {
+                target: target.to_string(),
+                kind: TARGET_NOT_FOUND,
+                transient: false,
+                source: "deployments.apps \"llama\" not found".into(),
+            });
+        }
+        self.inner.current(target).await
+    }
+
+    async fn set(&self, target: &ScaleTarget, replicas: u32) -> Result<(), ActuatorError> {
+        self.inner.set(target, replicas).await
+    }
+}
+
+/// llama takes all of the 4-GPU budget qwen's one replica leaves; then its Deployment is deleted (its autoscaler left in
+/// place, deciding nothing while the target is gone). The GPUs its grant held are no pod's any
+/// more: qwen, loaded, grows into them instead of being held at nothing for good.
+#[tokio::test(start_paused = true)]
+async fn a_deleted_target_gives_its_part_of_the_shared_budget_back() {
+    let config = ControlConfig::from_yaml(SHARING).unwrap();
+    let actuator = Arc::new(LlamaDeletedLater {
+        inner: DryRunActuator::for_config(&config),
+        deleted: false.into(),
+    });
+    let h = start_on(config, actuator.clone(), true, Some(4));
+    for s in 1..=10 {
+        h.telemetry
+            .ingest(load_for("vllm", s), Instant::now())
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // qwen's one replica holds the fourth GPU.
+    assert_eq!(h.status.get(PoolId(0)).unwrap().desired, Some(3));
+    actuator
+        .deleted
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for s in 1..=30 {
+        h.telemetry
+            .ingest(load_for("tgi", s), Instant::now())
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let qwen = h.status.get(PoolId(1)).unwrap();
+    assert_eq!(
+        qwen.desired,
+        Some(4),
+        "30 s after llama's target was deleted qwen holds: {:?}",
+        qwen.decisions.back()
+    );
+    let _ = h.stop.send(());
+}
