@@ -377,9 +377,14 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
             return respond(plan::error_plan(400, &message), None, &knobs, recorder);
         }
     };
-    // The name the gateway saw in the request, which its telemetry is keyed by, for the truth
-    // of a request refused below too.
-    if let Some(asked) = openai::named_model(&bytes) {
+    // Parsed once, here: the truth keeps the name the gateway saw in the request (its telemetry
+    // is keyed by it) also for a request refused below, before its parse is looked at.
+    let parsed = openai::parse_request(endpoint, &bytes);
+    let asked = match &parsed {
+        Ok(req) => req.model.clone(),
+        Err(_) => openai::named_model(&bytes),
+    };
+    if let Some(asked) = asked {
         recorder.entry_mut().model = asked;
     }
     // vLLM refuses on the media type before it parses the body (its `validate_json_request`).
@@ -400,7 +405,7 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
             recorder,
         );
     }
-    let req = match openai::parse_request(endpoint, &bytes) {
+    let req = match parsed {
         Ok(req) => req,
         Err(err) => return respond(plan::error_plan(400, &err.0), None, &knobs, recorder),
     };
