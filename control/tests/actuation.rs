@@ -192,6 +192,18 @@ fn flags(cluster: &TestCluster, lease: &str, identity: &str, extra: &[&str]) -> 
     flags
 }
 
+/// Creates a FlyballAutoscaler named after `llama` with `spec`; returns its name and run label.
+async fn create_autoscaler(cluster: &TestCluster, spec: Value) -> (String, String) {
+    let spec: FlyballAutoscalerSpec = serde_json::from_value(spec).unwrap();
+    let created = cluster
+        .create(&FlyballAutoscaler::new(&cluster.unique_name("llama"), spec))
+        .await
+        .unwrap();
+    let name = created.metadata.name.clone().unwrap();
+    let run = created.metadata.labels.as_ref().unwrap()[RUN_LABEL].clone();
+    (name, run)
+}
+
 /// The run label of this test's objects, read back from its Deployment `name`.
 async fn run_label(cluster: &TestCluster, name: &str) -> String {
     Api::<Deployment>::namespaced(cluster.client(), cluster.namespace())
@@ -602,13 +614,7 @@ async fn a_flyball_autoscaler_whose_target_is_missing_is_not_ready_until_it_appe
     cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
     let ns = cluster.namespace().to_string();
     let target = cluster.unique_name("vllm");
-    let spec: FlyballAutoscalerSpec = serde_json::from_value(spec(&target)).unwrap();
-    let created = cluster
-        .create(&FlyballAutoscaler::new(&cluster.unique_name("llama"), spec))
-        .await
-        .unwrap();
-    let name = created.metadata.name.clone().unwrap();
-    let run = created.metadata.labels.as_ref().unwrap()[RUN_LABEL].clone();
+    let (name, run) = create_autoscaler(&cluster, spec(&target)).await;
     let control = control_of_resources(&cluster, &run).await;
     let api = Api::<FlyballAutoscaler>::namespaced(cluster.client(), &ns);
     let ready = || async {
@@ -739,13 +745,7 @@ async fn a_steady_dry_run_recommendation_writes_the_status_once() {
     let target = deployment(&cluster, "vllm", 1, 1).await;
     let mut dry = spec(&target);
     dry["dryRun"] = json!(true);
-    let dry: FlyballAutoscalerSpec = serde_json::from_value(dry).unwrap();
-    let created = cluster
-        .create(&FlyballAutoscaler::new(&cluster.unique_name("llama"), dry))
-        .await
-        .unwrap();
-    let name = created.metadata.name.clone().unwrap();
-    let run = created.metadata.labels.as_ref().unwrap()[RUN_LABEL].clone();
+    let (name, run) = create_autoscaler(&cluster, dry).await;
     let control = control_of_resources(&cluster, &run).await;
     let gateway = Gateway::start(control.grpc_uri(), 1, step);
     let api = Api::<FlyballAutoscaler>::namespaced(cluster.client(), &ns);
@@ -919,13 +919,7 @@ async fn a_write_refused_for_good_sets_scale_failed_once_not_twice_a_hold() {
     cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
     let ns = cluster.namespace().to_string();
     let target = deployment(&cluster, "vllm", 1, 1).await;
-    let spec: FlyballAutoscalerSpec = serde_json::from_value(spec(&target)).unwrap();
-    let created = cluster
-        .create(&FlyballAutoscaler::new(&cluster.unique_name("llama"), spec))
-        .await
-        .unwrap();
-    let name = created.metadata.name.clone().unwrap();
-    let run = created.metadata.labels.as_ref().unwrap()[RUN_LABEL].clone();
+    let (name, run) = create_autoscaler(&cluster, spec(&target)).await;
     fake.deny(Verb::Patch, "apps", "deployments", Some("scale"));
     // Holds of 300 ms rather than 10 s and more, so that several pass within the test.
     let hold = Duration::from_millis(300);

@@ -9,11 +9,19 @@ use flyball_policy::pools::{Pools, Role};
 use proptest::prelude::*;
 use tokio::time::Instant;
 
-use super::SharedBudget;
 use super::tests::sample_reason;
+use super::{BudgetSeat, SharedBudget};
 
 fn key(name: &str) -> (String, String) {
     ("default".to_string(), name.to_string())
+}
+
+/// A budget of 4 GPUs that waits `max_wait` at most, with llama and qwen taking part.
+fn llama_and_qwen_sharing_four(max_wait: Duration) -> (SharedBudget, BudgetSeat, BudgetSeat) {
+    let budget = SharedBudget::new(4, max_wait);
+    let llama = budget.register(&key("llama"));
+    let qwen = budget.register(&key("qwen"));
+    (budget, llama, qwen)
 }
 
 /// One pool of a simulated autoscaler: GPUs per replica and `minReplicas`.
@@ -93,11 +101,7 @@ fn unified_pool(decision: &AutoscalerDecision) -> &PoolDecision {
 /// than its own and took its split of 2 (llama's want still counted llama at 1): 5 GPUs.
 #[test]
 fn an_evaluation_that_began_first_but_shares_last_gets_only_what_the_others_left() {
-    let budget = SharedBudget::new(4, Duration::from_secs(10));
-    let (llama, qwen) = (
-        budget.register(&key("llama")),
-        budget.register(&key("qwen")),
-    );
+    let (budget, llama, qwen) = llama_and_qwen_sharing_four(Duration::from_secs(10));
     let t0 = Instant::now();
     budget.share(&llama, unified(1, 1), t0);
     budget.share(&qwen, unified(1, 1), t0);
@@ -151,11 +155,7 @@ fn an_evaluation_that_began_first_but_shares_last_gets_only_what_the_others_left
 #[test]
 fn a_cut_autoscaler_done_waiting_takes_only_what_the_others_grants_leave() {
     let max_wait = Duration::from_secs(10);
-    let budget = SharedBudget::new(4, max_wait);
-    let (llama, qwen) = (
-        budget.register(&key("llama")),
-        budget.register(&key("qwen")),
-    );
+    let (budget, llama, qwen) = llama_and_qwen_sharing_four(max_wait);
     let t0 = Instant::now();
     budget.share(&llama, unified(1, 1), t0);
     budget.share(&qwen, unified(1, 1), t0);
@@ -183,11 +183,7 @@ fn a_cut_autoscaler_done_waiting_takes_only_what_the_others_grants_leave() {
 /// keeps, as under any budget cut, and a pool asleep at zero keeps its minimum reserved.
 #[test]
 fn what_is_free_never_takes_replicas_back_and_keeps_a_sleeping_minimum() {
-    let budget = SharedBudget::new(4, Duration::from_secs(10));
-    let (llama, qwen) = (
-        budget.register(&key("llama")),
-        budget.register(&key("qwen")),
-    );
+    let (budget, llama, qwen) = llama_and_qwen_sharing_four(Duration::from_secs(10));
     let t0 = Instant::now();
     // llama's replicas were set before the budget: 5 of 4 GPUs.
     let llama_granted = budget.share(&llama, unified(5, 6), t0);
@@ -419,11 +415,7 @@ proptest! {
 #[test]
 fn a_grant_whose_target_was_deleted_is_given_back() {
     let max_wait = Duration::from_secs(10);
-    let budget = SharedBudget::new(4, max_wait);
-    let (llama, qwen) = (
-        budget.register(&key("llama")),
-        budget.register(&key("qwen")),
-    );
+    let (budget, llama, qwen) = llama_and_qwen_sharing_four(max_wait);
     let t0 = Instant::now();
     budget.share(&llama, unified(1, 1), t0);
     budget.share(&qwen, unified(1, 1), t0);
