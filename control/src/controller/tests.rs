@@ -1144,20 +1144,22 @@ async fn leadership_gained_during_an_evaluation_does_not_skip_the_restart_hold()
     let _ = h.stop.send(());
 }
 
-/// The dry-run actuator, except that reads of the target named `broken` fail for good.
+/// The dry-run actuator, except that while `missing` is set the target named `broken` is gone
+/// (reads answer not found).
 struct OneTargetMissing {
     inner: DryRunActuator,
     broken: &'static str,
+    missing: std::sync::atomic::AtomicBool,
 }
 
 impl Actuator for OneTargetMissing {
     async fn current(&self, target: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
-        if target.name == self.broken {
+        if target.name == self.broken && self.missing.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(ActuatorError {
                 target: target.to_string(),
-                kind: "not_found",
+                kind: TARGET_NOT_FOUND,
                 transient: false,
-                source: "not found".into(),
+                source: format!("deployments.apps \"{}\" not found", self.broken).into(),
             });
         }
         self.inner.current(target).await
@@ -1200,6 +1202,7 @@ autoscalers:
     let actuator = Arc::new(OneTargetMissing {
         inner: DryRunActuator::for_config(&config),
         broken: "qwen",
+        missing: true.into(),
     });
     let h = start_on(config, actuator, true, Some(4));
     // llama wants 5 replicas; the budget has 4 GPUs; qwen's target does not exist.
@@ -1369,39 +1372,16 @@ fn ready_above_the_count_asked_for_does_not_measure_a_zero_time_to_ready() {
     );
 }
 
-/// The dry-run actuator, except that once `deleted` is set the target named `llama` is gone.
-struct LlamaDeletedLater {
-    inner: DryRunActuator,
-    deleted: std::sync::atomic::AtomicBool,
-}
-
-impl Actuator for LlamaDeletedLater {
-    async fn current(&self, target: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
-        if target.name == "llama" && self.deleted.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(ActuatorError {
-                target: target.to_string(),
-                kind: TARGET_NOT_FOUND,
-                transient: false,
-                source: "deployments.apps \"llama\" not found".into(),
-            });
-        }
-        self.inner.current(target).await
-    }
-
-    async fn set(&self, target: &ScaleTarget, replicas: u32) -> Result<(), ActuatorError> {
-        self.inner.set(target, replicas).await
-    }
-}
-
 /// llama takes all of the 4-GPU budget qwen's one replica leaves; then its Deployment is deleted (its autoscaler left in
 /// place, deciding nothing while the target is gone). The GPUs its grant held are no pod's any
 /// more: qwen, loaded, grows into them instead of being held at nothing for good.
 #[tokio::test(start_paused = true)]
 async fn a_deleted_target_gives_its_part_of_the_shared_budget_back() {
     let config = ControlConfig::from_yaml(SHARING).unwrap();
-    let actuator = Arc::new(LlamaDeletedLater {
+    let actuator = Arc::new(OneTargetMissing {
         inner: DryRunActuator::for_config(&config),
-        deleted: false.into(),
+        broken: "llama",
+        missing: false.into(),
     });
     let h = start_on(config, actuator.clone(), true, Some(4));
     for s in 1..=10 {
@@ -1413,7 +1393,7 @@ async fn a_deleted_target_gives_its_part_of_the_shared_budget_back() {
     // qwen's one replica holds the fourth GPU.
     assert_eq!(h.status.get(PoolId(0)).unwrap().desired, Some(3));
     actuator
-        .deleted
+        .missing
         .store(true, std::sync::atomic::Ordering::SeqCst);
     for s in 1..=30 {
         h.telemetry
