@@ -890,6 +890,21 @@ impl Observed {
             }
         }
         self.desired = Some(desired);
+        // Fewer ready than every ask starts from: replicas ready before (or never timed) are not
+        // now, crashed or evicted. Their recovery is not a start we asked for, and counted as the
+        // asks' first ready, a crash-looping replica back after 900 s timed a later ask at 900 s
+        // while its own replica was ready in 120 s. So the asks are counted from what is ready;
+        // should the crashed replica come back first, that ask measures it: a restart loads the
+        // model as a new replica does, so it errs by far less.
+        if let Some(lowest) = self.asks.front().map(|ask| ask.from)
+            && replicas.ready < lowest
+        {
+            let missing = lowest - replicas.ready;
+            for ask in &mut self.asks {
+                ask.from -= missing;
+                ask.up_to -= missing;
+            }
+        }
         // Ready replicas are counted, not named: the first asked for are taken to be the first
         // ready. Those of an ask that come ready are timed then, the rest wait on; of the asks
         // that progress together, the oldest says how long it took.
@@ -1309,7 +1324,8 @@ impl<A: Actuator> AutoscalerLoop<A> {
                     Some(Err(e)) => {
                         tracing::warn!(pool = %pool.name, error = %e, "cannot set replicas");
                         self.count_actuator_error(pool, e.kind);
-                        error = Some(e.to_string());
+                        // The answer alone: it names the target, and a hold repeats it.
+                        error = Some(e.source.to_string());
                         failure = Some(e);
                     }
                 }

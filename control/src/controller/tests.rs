@@ -1372,6 +1372,34 @@ fn ready_above_the_count_asked_for_does_not_measure_a_zero_time_to_ready() {
     );
 }
 
+/// A replica crashes (4 asked for, 3 ready), 5 are asked for, the new replica is ready in 120 s
+/// and the crashed one, crash-looping, is back only at 900 s: the ask took 120 s, not 900 s.
+#[test]
+fn a_crashed_replica_back_late_is_not_timed_as_a_later_ask() {
+    let mut observed = Observed::default();
+    observed.observe(replicas(4, 4), secs(0));
+    observed.observe(replicas(4, 3), secs(100));
+    observed.observe(replicas(5, 3), secs(200));
+    observed.observe(replicas(5, 4), secs(320));
+    assert_eq!(observed.time_to_ready, Some(secs(120)));
+    observed.observe(replicas(5, 5), secs(1_100));
+    assert_eq!(
+        observed.time_to_ready,
+        Some(secs(120)),
+        "the replica back at 1,100 s was not asked for at 200 s"
+    );
+
+    // The crash after the ask: 4 -> 6 at 0 s, one of the four crashes at 30 s and never comes
+    // back, both new ones are ready at 90 s (5 ready): the ask took 90 s and is done.
+    let mut observed = Observed::default();
+    observed.observe(replicas(4, 4), secs(0));
+    observed.observe(replicas(6, 4), secs(0));
+    observed.observe(replicas(6, 3), secs(30));
+    observed.observe(replicas(6, 5), secs(90));
+    assert_eq!(observed.time_to_ready, Some(secs(90)));
+    assert!(observed.asks.is_empty(), "{:?}", observed.asks);
+}
+
 /// llama takes all of the 4-GPU budget qwen's one replica leaves; then its Deployment is deleted (its autoscaler left in
 /// place, deciding nothing while the target is gone). The GPUs its grant held are no pod's any
 /// more: qwen, loaded, grows into them instead of being held at nothing for good.
