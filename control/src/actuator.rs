@@ -138,13 +138,13 @@ struct Written {
 /// records every autoscaler at least once per idle interval, 1 s).
 const STATUS_CACHE_GAP: Duration = Duration::from_secs(5);
 
-/// A call not made because an earlier one was refused. The text stays the same for the whole
-/// hold, so the decision log folds the repeats into one entry.
+/// A call not made because an earlier one was refused within its backoff: it fails with that
+/// answer's text, so a refusal and the calls held after it read alike, and the decision log and
+/// the status name one failure, not two that alternate.
 #[derive(Debug, thiserror::Error)]
-#[error("{message} (held: not tried again within {backoff:?} of that answer)")]
+#[error("{message}")]
 struct Held {
     message: String,
-    backoff: Duration,
 }
 
 /// The target as flyball-k8s names it.
@@ -215,7 +215,6 @@ impl KubeActuator {
             transient: hold.transient,
             source: Box::new(Held {
                 message: hold.message.clone(),
-                backoff: hold.backoff,
             }),
         })
     }
@@ -449,8 +448,7 @@ impl Actuator for KubeActuator {
 
     async fn record(&self, evaluation: &Evaluation<'_>) {
         for unreadable in &evaluation.unreadable {
-            // The hold's answer, not the evaluation's error: that one says how long the hold
-            // is, and a note that differs would be a new Event rather than a repeat.
+            // Once per hold, with the answer that started it.
             let Some(answer) = self.announce(&unreadable.pool.target, Op::Read) else {
                 continue;
             };
@@ -482,7 +480,7 @@ impl Actuator for KubeActuator {
             {
                 Some(
                     self.events
-                        .refused(&about, &target, decision.to, &error.to_string())
+                        .refused(&about, &target, decision.to, &error.source.to_string())
                         .await,
                 )
             } else {
@@ -541,11 +539,14 @@ impl Actuator for KubeActuator {
 /// while the answer stays: not a held call's text, which names the backoff (and so differs from
 /// the call that began the hold, and between holds). A condition built on that text would be
 /// rewritten twice a hold.
-fn answer(error: &ActuatorError) -> String {
-    match error.source.downcast_ref::<Held>() {
-        Some(held) => held.message.clone(),
-        None => error.source.to_string(),
-    }
+/// `what` failed on `target`, with the API's answer, naming the target once.
+fn failure_message(what: &str, target: &ScaleTarget, error: &ActuatorError) -> String {
+    let target = target_ref(target);
+    let answer = error.source.to_string();
+    format!(
+        "cannot {what} the replicas of {target}: {}",
+        target.strip_from(&answer)
+    )
 }
 
 /// The status an evaluation leaves: conditions (kept from `previous` where unchanged, so their
@@ -580,13 +581,7 @@ pub fn autoscaler_status(
         let message = evaluation
             .unreadable
             .iter()
-            .map(|u| {
-                format!(
-                    "cannot read the replicas of {}: {}",
-                    target_ref(&u.pool.target),
-                    answer(u.error)
-                )
-            })
+            .map(|u| failure_message("read", &u.pool.target, u.error))
             .collect::<Vec<_>>()
             .join("; ");
         set(CONDITION_READY, false, "TargetUnreadable", &message);
@@ -595,13 +590,8 @@ pub fn autoscaler_status(
         return status;
     }
     let failure = evaluation.pools.iter().find_map(|o| {
-        o.error.map(|error| {
-            format!(
-                "cannot set the replicas of {}: {}",
-                target_ref(&o.pool.target),
-                answer(error)
-            )
-        })
+        o.error
+            .map(|error| failure_message("set", &o.pool.target, error))
     });
     match failure {
         Some(message) => set(CONDITION_READY, false, "ScaleFailed", &message),

@@ -640,8 +640,7 @@ async fn a_flyball_autoscaler_whose_target_is_missing_is_not_ready_until_it_appe
     );
     assert!(
         message.starts_with(&format!(
-            "cannot read the replicas of Deployment {ns}/{target}: Deployment {ns}/{target}: \
-             not found"
+            "cannot read the replicas of Deployment {ns}/{target}: not found"
         )),
         "{message}"
     );
@@ -653,7 +652,7 @@ async fn a_flyball_autoscaler_whose_target_is_missing_is_not_ready_until_it_appe
         Some(
             format!(
                 "cannot read the replicas of Deployment {ns}/{target}, so it is not sized: \
-                 Deployment {ns}/{target}: not found"
+                 not found"
             )
             .as_str()
         )
@@ -875,6 +874,7 @@ async fn a_forbidden_write_becomes_one_refusal_event_and_no_retry_storm() {
         "{note}"
     );
     assert!(note.contains("forbidden"), "{note}");
+    assert_eq!(note.matches(&format!("{ns}/{target}")).count(), 1, "{note}");
     assert_eq!(refusal.type_.as_deref(), Some("Warning"));
     let requests = fake.requests();
     assert_eq!(
@@ -987,6 +987,23 @@ async fn a_write_refused_for_good_sets_scale_failed_once_not_twice_a_hold() {
     );
     assert!(message.contains("forbidden"), "{message}");
     assert!(!message.contains("held"), "{message}");
+    assert_eq!(
+        message.matches(&format!("{ns}/{target}")).count(),
+        1,
+        "the target named once: {message}"
+    );
+    // The decision log folds the whole refusal, first answer and holds alike, into one entry:
+    // it alternated between the API's answer and the held text, two entries per hold.
+    let log = decisions(&control).await;
+    let refused: Vec<&Value> = log.iter().filter(|d| !d["error"].is_null()).collect();
+    assert_eq!(refused.len(), 1, "{refused:#?}");
+    assert!(evaluations(refused.iter().copied()) >= 4, "{refused:#?}");
+    let error = refused[0]["error"].as_str().unwrap();
+    assert_eq!(
+        error.matches(&format!("{ns}/{target}")).count(),
+        1,
+        "the target named once: {error}"
+    );
     control.stop().await.unwrap();
     cluster.cleanup().await.unwrap();
 }

@@ -229,7 +229,8 @@ impl ScaleEvents {
             type_: EventType::Warning,
             reason: REASON_SCALE_REFUSED.to_string(),
             note: Some(truncate(format!(
-                "did not scale {target} to {wanted}: {why}"
+                "did not scale {target} to {wanted}: {}",
+                target.strip_from(why)
             ))),
             action: ACTION_SCALE.to_string(),
             secondary: Some(target.object_reference()),
@@ -249,7 +250,8 @@ impl ScaleEvents {
             type_: EventType::Warning,
             reason: REASON_TARGET_UNREADABLE.to_string(),
             note: Some(truncate(format!(
-                "cannot read the replicas of {target}, so it is not sized: {why}"
+                "cannot read the replicas of {target}, so it is not sized: {}",
+                target.strip_from(why)
             ))),
             action: ACTION_SCALE.to_string(),
             secondary: Some(target.object_reference()),

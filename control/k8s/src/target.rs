@@ -61,6 +61,16 @@ impl ScaleTargetRef {
         }
     }
 
+    /// `answer` (an error of this crate about this target) without the target it starts with,
+    /// for a message that names the target itself.
+    pub fn strip_from<'a>(&self, answer: &'a str) -> &'a str {
+        let me = self.to_string();
+        answer
+            .strip_prefix(me.as_str())
+            .and_then(|rest| rest.strip_prefix(": "))
+            .unwrap_or(answer)
+    }
+
     /// For Events' `related` field.
     pub fn object_reference(&self) -> ObjectReference {
         ObjectReference {
@@ -83,6 +93,23 @@ impl fmt::Display for ScaleTargetRef {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_about_the_target_loses_its_name_and_others_stay_whole() {
+        let target = ScaleTargetRef::new("apps/v1", "Deployment", "ns", "vllm");
+        assert_eq!(
+            target.strip_from("Deployment ns/vllm: forbidden: no"),
+            "forbidden: no"
+        );
+        assert_eq!(
+            target.strip_from("Deployment ns/other: forbidden: no"),
+            "Deployment ns/other: forbidden: no"
+        );
+        assert_eq!(
+            target.strip_from("Deployment ns/vllm"),
+            "Deployment ns/vllm"
+        );
+    }
 
     #[test]
     fn group_and_version_split_the_api_version_and_core_has_no_group() {
