@@ -228,6 +228,28 @@ fn upstream_tls(tls: &ControlTls) -> String {
     )
 }
 
+/// A command whose program (its first argument) the kernel kills when the thread that starts it
+/// ends: Envoy, killed with the process that started it (SIGKILL, a crash), would otherwise
+/// keep its ports and its stream to a control service that is gone. util-linux's `setpriv`
+/// sets the parent-death signal, which `exec` keeps; without it, a plain start (kept alive
+/// only by `Drop`). The thread is the one that runs the start: a runtime's worker or main
+/// thread, which lasts as long as the runtime.
+fn tied_to_this_process() -> Command {
+    let setpriv = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("setpriv"))
+            .find(|candidate| candidate.is_file())
+    });
+    match setpriv {
+        Some(setpriv) => {
+            let mut command = Command::new(setpriv);
+            command.args(["--pdeathsig", "KILL", "--"]);
+            command
+        }
+        None => Command::new("env"),
+    }
+}
+
 // === impl Envoy ===
 
 impl Envoy {
@@ -247,14 +269,11 @@ impl Envoy {
         let log_path = dir.join("envoy.log");
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(&log_path)?;
-        let mut command = match &options.cpu_list {
-            Some(cpus) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", cpus]).arg(&binary);
-                c
-            }
-            None => Command::new(&binary),
-        };
+        let mut command = tied_to_this_process();
+        if let Some(cpus) = &options.cpu_list {
+            command.args(["taskset", "-c", cpus]);
+        }
+        command.arg(&binary);
         command
             .arg("-c")
             .arg(&config_path)

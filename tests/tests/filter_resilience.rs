@@ -405,3 +405,79 @@ async fn one_envoy_reports_on_one_stream_whatever_its_worker_count() -> anyhow::
     drop(sim);
     Ok(())
 }
+
+/// Whether process `pid` has ended (gone, or a zombie no one has reaped yet).
+fn has_ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+        Err(_) => true,
+    }
+}
+
+/// Envoy started by a process that is then killed outright (SIGKILL, so no `Drop` runs: a
+/// demo's terminal closed, a test runner's timeout) goes with it, rather than keeping its ports
+/// and its report stream to a control service that is gone. The test runs itself again as
+/// that process.
+#[test]
+fn envoy_ends_with_the_process_that_started_it() -> anyhow::Result<()> {
+    const AS_THE_STARTER: &str = "FLYBALL_TEST_START_ENVOY_THEN_WAIT";
+    const NAME: &str = "envoy_ends_with_the_process_that_started_it";
+    if std::env::var_os(AS_THE_STARTER).is_some() {
+        let runtime = tokio::runtime::Runtime::new()?;
+        let options = EnvoyOptions {
+            plugin_config: None,
+            ..EnvoyOptions::with_filter(free_port()?, free_port()?, "{}")
+        };
+        let envoy = runtime.block_on(Envoy::start(&options))?;
+        println!("envoy pid {}", envoy.pid());
+        std::thread::sleep(Duration::from_secs(300));
+        return Ok(());
+    }
+    use std::io::BufRead;
+    let mut starter = std::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(AS_THE_STARTER, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = starter
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let (said, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            // After libtest's "test <name> ... ", on the same line.
+            if let Some((_, pid)) = line.split_once("envoy pid ") {
+                let _ = said.send(pid.trim().parse::<u32>());
+            }
+        }
+    });
+    let heard = heard.recv_timeout(Duration::from_secs(60));
+    starter.kill()?;
+    starter.wait()?;
+    let envoy = heard.map_err(|_| {
+        anyhow::anyhow!("the starter never said Envoy's pid (Envoy did not start?)")
+    })??;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !has_ended(envoy) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ended = has_ended(envoy);
+    if !ended {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &envoy.to_string()])
+            .status();
+    }
+    anyhow::ensure!(
+        ended,
+        "Envoy (pid {envoy}) still ran 20 s after the process that started it was killed"
+    );
+    Ok(())
+}
