@@ -606,6 +606,31 @@ impl Status {
         }
     }
 
+    /// `autoscaler` was edited: the series of the pools it no longer has (another target,
+    /// another role) leave `/metrics`. `pools` are those it has: (namespace, name, role).
+    pub fn retain_series(&self, autoscaler: &(String, String), pools: &[(&str, &str, &str)]) {
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(series) = series.get_mut(autoscaler) else {
+            return;
+        };
+        series.decisions.retain(|labels| {
+            let kept = pools.contains(&(&labels.namespace, &labels.pool, labels.role));
+            if !kept {
+                self.decisions.remove(labels);
+            }
+            kept
+        });
+        series.actuator_errors.retain(|labels| {
+            let kept = pools.iter().any(|&(namespace, pool, _)| {
+                (namespace, pool) == (&labels.namespace, &labels.pool)
+            });
+            if !kept {
+                self.actuator_errors.remove(labels);
+            }
+            kept
+        });
+    }
+
     fn with_sender<T>(
         &self,
         pool: PoolId,
@@ -1156,6 +1181,18 @@ impl<A: Actuator> AutoscalerLoop<A> {
         );
         self.autoscaler = next.autoscaler;
         self.pools = next.pools;
+        let pools: Vec<(&str, &str, &str)> = self
+            .pools
+            .iter()
+            .map(|pool| {
+                (
+                    pool.target.namespace.as_str(),
+                    pool.name.as_str(),
+                    role_str(pool.role),
+                )
+            })
+            .collect();
+        self.status.retain_series(&self.key(), &pools);
     }
 
     async fn evaluate(&mut self, now: Instant) {
@@ -1203,8 +1240,15 @@ impl<A: Actuator> AutoscalerLoop<A> {
                         .telemetry
                         .pool(pool.id, now)
                         .is_some_and(|view| view.has_load());
+                    // A deleted target has no replicas: its last counts would be reported on
+                    // in /v1/pools and flyball_pool_replicas for as long as the autoscaler is.
+                    let gone = error.kind == TARGET_NOT_FOUND;
                     self.status.update(pool.id, |s| {
-                        s.last_error = Some(error.to_string());
+                        if gone {
+                            s.replicas = None;
+                            s.desired = None;
+                        }
+                        s.last_error = Some(error.source.to_string());
                         s.active |= has_load;
                         true
                     });

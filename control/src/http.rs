@@ -3,7 +3,7 @@
 //! `/v1/pools` is the service's state at a glance, one entry per pool:
 //!
 //! ```json
-//! {"pools":[{"name":"llama","autoscaler":"llama","role":"unified",
+//! {"pools":[{"name":"llama","namespace":"default","autoscaler":"llama","role":"unified",
 //!   "requests":120,"errors":2,"input_tokens":4800,"output_tokens":36000,
 //!   "ttft_ms":{"p50":180.2,"p95":420.0,"p99":610.5},"tpot_ms":{"p50":21.0,"p95":30.1,"p99":35.9},
 //!   "in_flight":7,"replicas":{"current":2,"ready":2,"desired":3},

@@ -141,7 +141,7 @@ struct KeyState {
     last_update: Option<Instant>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PoolState {
     selector: Selector,
     window: Window,
@@ -477,22 +477,36 @@ impl Windows {
     }
 
     /// Replaces the pools with `pools`; ids not listed are dropped. A pool whose id keeps its
-    /// selector keeps its windows and totals; any other is rebuilt from the windows of the keys
-    /// it selects, which hold every delta it would have seen (a pool is the sum of its keys), so
-    /// an autoscaler added while traffic flows starts with full windows rather than empty ones
-    /// that would read as a drop in load.
+    /// selector keeps its windows and totals. A new id on a selector a pool had before (its
+    /// autoscaler renamed, its target renamed, split into prefill and decode) takes over that
+    /// pool's: rebuilt from its keys, its totals since start would lose every key evicted as
+    /// idle. Any other is rebuilt from the windows of the keys it selects (a pool is the sum of
+    /// its keys), so an autoscaler added while traffic flows starts with full windows rather
+    /// than empty ones that would read as a drop in load; keys evicted before are not in its
+    /// totals.
     pub fn assign_pools(&mut self, pools: Vec<(PoolId, Selector)>) {
         let mut old = std::mem::take(&mut self.pools);
         let len = pools.iter().map(|(id, _)| id.0 + 1).max().unwrap_or(0);
         self.pools = (0..len).map(|_| None).collect();
-        for (id, selector) in pools {
+        for (id, selector) in &pools {
             let kept = old
                 .get_mut(id.0)
-                .and_then(|slot| slot.take_if(|p| p.selector == selector));
-            let pool = match kept {
-                Some(pool) => pool,
-                None => self.rebuild(selector),
-            };
+                .and_then(|slot| slot.take_if(|p| p.selector == *selector));
+            if let Some(slot) = self.pools.get_mut(id.0) {
+                *slot = kept;
+            }
+        }
+        for (id, selector) in pools {
+            if self.pools.get(id.0).is_some_and(Option::is_some) {
+                continue;
+            }
+            let before = old
+                .iter()
+                .chain(&self.pools)
+                .flatten()
+                .find(|p| p.selector == selector)
+                .cloned();
+            let pool = before.unwrap_or_else(|| self.rebuild(selector));
             if let Some(slot) = self.pools.get_mut(id.0) {
                 *slot = Some(pool);
             }

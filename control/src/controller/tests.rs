@@ -1438,3 +1438,65 @@ async fn a_deleted_target_gives_its_part_of_the_shared_budget_back() {
     );
     let _ = h.stop.send(());
 }
+
+/// Review (HTTP surface): decision series are forgotten per autoscaler, and only when the
+/// autoscaler goes. An edit that moves it to another scale target (or splits it into prefill and
+/// decode) keeps it running, so the pool it no longer has keeps its `flyball_decisions_total`
+/// series on `/metrics` for good: one more set of series per such edit.
+#[tokio::test(start_paused = true)]
+async fn an_edit_to_another_scale_target_drops_the_old_pools_decision_series() {
+    let h = start(ControlConfig::from_yaml(SPEC).unwrap());
+    let mut llama = h.status.subscribe(PoolId(0)).unwrap();
+    llama.wait_for(|s| !s.decisions.is_empty()).await.unwrap();
+    assert!(decision_series(&h.status).contains("pool=\"llama\""));
+
+    let moved = SPEC.replace(
+        "scaleTargetRef: { name: llama }",
+        "scaleTargetRef: { name: llama-v2 }",
+    );
+    assert!(reconfigure(
+        &h.live,
+        &h.telemetry,
+        &h.status,
+        ControlConfig::from_yaml(&moved).unwrap()
+    ));
+    let id = h.live.current().pools()[0].id;
+    assert_ne!(id, PoolId(0), "another target is another pool");
+    assert!(h.status.get(PoolId(0)).is_none(), "the old pool is gone");
+    let mut v2 = h.status.subscribe(id).unwrap();
+    v2.wait_for(|s| !s.decisions.is_empty()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    let series = decision_series(&h.status);
+    assert!(series.contains("pool=\"llama-v2\""), "{series}");
+    assert!(
+        !series.contains("pool=\"llama\""),
+        "the pool the autoscaler no longer has is still exported:\n{series}"
+    );
+    let _ = h.stop.send(());
+}
+
+/// Review (HTTP surface): a scale target found deleted (404) keeps the replica counts last read
+/// in the pool's status, so `/v1/pools` (`replicas.current`, `replicas.ready`) and
+/// `flyball_pool_replicas{state="current"|"ready"}` go on reporting replicas of a Deployment
+/// that no longer exists, for as long as the autoscaler does.
+#[tokio::test(start_paused = true)]
+async fn a_deleted_scale_target_is_not_reported_with_its_last_replicas() {
+    let config = ControlConfig::from_yaml(SPEC).unwrap();
+    let actuator = Arc::new(Scripted::new(&config, Duration::ZERO));
+    let h = start_on(config, actuator, true, None);
+    let mut llama = h.status.subscribe(PoolId(0)).unwrap();
+    llama.wait_for(|s| s.replicas.is_some()).await.unwrap();
+
+    h.actuator.fail_reads(Some(TARGET_NOT_FOUND));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let status = h.status.get(PoolId(0)).unwrap();
+    assert!(status.last_error.is_some(), "{status:?}");
+    assert_eq!(
+        status.replicas.map(|r| (r.current, r.ready)),
+        None,
+        "replicas of a deleted target, still reported 5 s after it was found gone (error: {:?})",
+        status.last_error
+    );
+    let _ = h.stop.send(());
+}

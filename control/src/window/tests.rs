@@ -349,3 +349,34 @@ fn a_backlog_is_shared_out_over_the_silence_it_built_up_in() {
     let stable = window.summary(at(base, 600_000), Duration::from_secs(60));
     assert!(stable.requests.ok <= 1_000 && stable.requests.ok > 0);
 }
+
+/// Review (HTTP surface, `/v1/pools` totals since start): a pool given a new id (its autoscaler
+/// renamed or re-created under another name, its target renamed, its role changed) is rebuilt
+/// from its keys' totals, but a key idle past `--forget-after` plus the stable window was evicted
+/// with its totals: the rebuilt pool's requests and tokens since start go down.
+#[test]
+fn a_pool_rebuilt_after_a_key_was_evicted_keeps_its_totals_since_start() {
+    let base = Instant::now();
+    let mut windows = Windows::new(WindowConfig::default(), base, 100);
+    windows.set_pools(vec![selector(Some("vllm"), None)]);
+    let idle = windows.key("vllm", "llama").unwrap();
+    let busy = windows.key("vllm", "qwen").unwrap();
+    windows.record(idle, None, base, &requests(3, 0));
+    windows.record(busy, None, base, &requests(5, 0));
+    windows.record(busy, None, at(base, 600_000), &requests(1, 0));
+    let now = at(base, 660_000);
+    assert_eq!(
+        windows.evict_idle(now, Duration::from_secs(660)),
+        vec![idle]
+    );
+    let before = windows.pool(PoolId(0), now).unwrap().totals;
+    assert_eq!(before.requests, 9);
+
+    // The same selector under a new id, the old id dropped.
+    windows.assign_pools(vec![(PoolId(1), selector(Some("vllm"), None))]);
+    let after = windows.pool(PoolId(1), now).unwrap().totals;
+    assert_eq!(
+        after, before,
+        "totals since start after the pool was rebuilt"
+    );
+}
