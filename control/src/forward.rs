@@ -24,9 +24,10 @@
 //! that wait longer than [`RESEND_WITHIN`] for a new leader (a crashed one's Lease runs out
 //! first) are dropped and counted. Forwarding is idempotent because the leader admits
 //! reports by (reporter, sequence) as ingest always does: a report that reaches it twice (sent
-//! directly and forwarded) is merged once. What it cannot undo is order: a forwarded report
-//! that arrives after a newer one from the same gateway sent directly is taken as a resend and
-//! dropped, which only happens while a gateway's connection moves between replicas.
+//! directly and forwarded) is merged once. Order does not matter either: a forwarded report that
+//! arrives after a newer one from the same gateway sent directly (its connection moved between
+//! replicas meanwhile) is merged late, if it is at most [`crate::ingest::LATE_WITHIN`]
+//! sequences behind (see `Admission::Late`).
 //!
 //! The leader's address comes from the Lease: a holder identity `name@host:port` (see
 //! [`identity`]) names where its gRPC server listens. Forwarding never blocks ingest: reports

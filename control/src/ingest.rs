@@ -121,11 +121,23 @@ pub enum Admission {
         /// The reporter had gone stale and is back.
         revived: bool,
     },
+    /// Older than the reporter's latest and not merged before, within [`LATE_WITHIN`]
+    /// sequences: merged, its gauges ignored (the latest report's are newer). A forwarded report
+    /// overtaken by a newer one the same gateway sent directly (its connection moved to this
+    /// replica meanwhile); the gap that newer one opened counted it as missing.
+    Late,
     /// A resend (or older): acknowledged and ignored.
     Duplicate,
     /// Another replica's word that the reporter's connections closed (`connections_closed`).
     ConnectionsClosed,
 }
+
+/// How far behind its reporter's latest sequence a report not merged before is still taken
+/// ([`Admission::Late`]): 6.4 s of reports at 100 ms, 64 s at 1 s. A follower's queue holds
+/// a report that long only while no leader takes it, and a gateway's connection leaves a
+/// follower that stays up only rarely; one word per reporter keeps memory flat. Further behind,
+/// a report is taken for a resend.
+pub const LATE_WITHIN: u64 = 64;
 
 /// Reporter identities and their latest gauges. Pure: `now` is a parameter.
 #[derive(Debug)]
@@ -160,6 +172,8 @@ struct Process {
     number: u64,
     start_ms: u64,
     last_sequence: u64,
+    /// Bit i: sequence `last_sequence - 1 - i` was merged (see [`Admission::Late`]).
+    merged_before: u64,
     last_seen: Instant,
     /// The gap between its last two reports, a silence counting only up to the stale limit.
     interval: Option<Duration>,
@@ -242,6 +256,8 @@ pub struct IngestCounters {
     pub duplicates: Counter,
     pub gaps: Counter,
     pub missing_reports: Counter,
+    /// Reports merged after a newer one of their reporter: counted in `missing_reports` first.
+    pub late_reports: Counter,
     pub restarts: Counter,
     pub revived: Counter,
     /// Reporters that went quiet after their connections closed: gone, not held for.
@@ -675,6 +691,7 @@ impl Reporters {
                     number: self.next_number,
                     start_ms,
                     last_sequence: 0,
+                    merged_before: 0,
                     last_seen: now,
                     interval: None,
                     backlog: None,
@@ -705,9 +722,28 @@ impl Reporters {
         };
         let process = &mut entry.processes[position];
         if sequence <= process.last_sequence {
-            return (Admission::Duplicate, None);
+            let behind = process.last_sequence - sequence;
+            let bit = behind
+                .checked_sub(1)
+                .filter(|b| *b < LATE_WITHIN)
+                .map(|b| 1u64 << b);
+            return match bit {
+                Some(bit) if process.merged_before & bit == 0 => {
+                    process.merged_before |= bit;
+                    (Admission::Late, Some(process))
+                }
+                _ => (Admission::Duplicate, None),
+            };
         }
         let missing = sequence - process.last_sequence - 1;
+        // The previous latest is now `missing + 1` behind: bit `missing`.
+        process.merged_before = process
+            .merged_before
+            .checked_shl(u32::try_from(missing + 1).unwrap_or(u32::MAX))
+            .unwrap_or(0)
+            | 1u64
+                .checked_shl(u32::try_from(missing).unwrap_or(u32::MAX))
+                .unwrap_or(0);
         process.last_sequence = sequence;
         // A gap past the stale limit was a silence (a partition, a paused process), not the
         // reporter's cadence. Learned whole, it would keep a reporter that dies right after
@@ -932,10 +968,14 @@ impl IngestState {
             .saturating_sub(process.dropped_reports);
         process.dropped_reports = process.dropped_reports.max(report.dropped_reports);
 
-        for (key, old) in process.gauges.drain(..) {
-            self.windows
-                .replace_in_flight(key, old, InFlight::default());
-            merged.pools.extend_from_slice(self.windows.pools_of(key));
+        // A late report's gauges are older than those of the latest, which stay.
+        let late = merged.admission == Admission::Late;
+        if !late {
+            for (key, old) in process.gauges.drain(..) {
+                self.windows
+                    .replace_in_flight(key, old, InFlight::default());
+                merged.pools.extend_from_slice(self.windows.pools_of(key));
+            }
         }
         let lookback = self.windows.config().stable();
         // A report whose deltas accumulated over longer than the staleness bound carries the
@@ -943,7 +983,7 @@ impl IngestState {
         // stable window at most, not counted as one burst that would set off panic mode.
         let backlog_since = process
             .backlog
-            .filter(|silence| *silence > stale_after)
+            .filter(|silence| !late && *silence > stale_after)
             .and_then(|silence| now.checked_sub(silence.min(lookback)));
         for key in &report.keys {
             let Some(id) = self.windows.key(&key.backend, &key.model) else {
@@ -964,7 +1004,7 @@ impl IngestState {
                 let taken = now.checked_sub(report.held.min(lookback)).unwrap_or(now);
                 self.windows.record(id, None, taken, &key.delta);
             }
-            if key.in_flight.total() > 0 {
+            if key.in_flight.total() > 0 && !late {
                 self.windows
                     .replace_in_flight(id, InFlight::default(), key.in_flight);
                 process.gauges.push((id, key.in_flight));
@@ -1149,6 +1189,10 @@ impl Telemetry {
                 self.counters.duplicates.inc();
             }
             Admission::ConnectionsClosed => {}
+            Admission::Late => {
+                self.counters.reports.inc();
+                self.counters.late_reports.inc();
+            }
             Admission::Fresh {
                 missing,
                 restart,
@@ -1379,7 +1423,7 @@ impl IngestService {
         {
             Ok(merged) => {
                 if let (Some(forwarder), Some(copy)) = (forwarder, copy)
-                    && matches!(merged.admission, Admission::Fresh { .. })
+                    && matches!(merged.admission, Admission::Fresh { .. } | Admission::Late)
                 {
                     forwarder.offer(copy);
                 }

@@ -64,8 +64,14 @@ impl Metrics {
             ),
             (
                 "flyball_ingest_missing_reports",
-                "Sequence numbers skipped over all gaps",
+                "Sequence numbers skipped over all gaps (late ones included)",
                 &c.missing_reports,
+            ),
+            (
+                "flyball_ingest_late_reports",
+                "Reports merged after a newer one of their reporter (a forwarded report overtaken); \
+                 missing_reports counted them first",
+                &c.late_reports,
             ),
             (
                 "flyball_ingest_restarts",

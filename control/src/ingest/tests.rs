@@ -1253,3 +1253,52 @@ fn a_backlog_from_a_gateway_first_seen_here_is_shared_out_over_the_silence() {
     let rate = view.short.requests_per_s();
     assert!((9.0..13.0).contains(&rate), "short-window rate {rate}");
 }
+
+/// A follower forwards reports 2 and 3 of a gateway whose connection then moves to this replica:
+/// its report 4, sent directly, arrives first. 2 and 3 are merged when they come (late, their
+/// gauges older than 4's), a resend of any is still a duplicate, and the totals are exact.
+#[test]
+fn a_forwarded_report_overtaken_by_a_newer_direct_one_is_merged_late_once() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    t.ingest(report("gw", 1, 1, 5, 0), at(base, 0)).unwrap();
+    let newer = t.ingest(report("gw", 1, 4, 5, 1), at(base, 3000)).unwrap();
+    assert!(matches!(
+        newer.admission,
+        Admission::Fresh { missing: 2, .. }
+    ));
+    for sequence in [3, 2] {
+        let late = t
+            .ingest_from(report("gw", 1, sequence, 5, 7), at(base, 3100), true)
+            .unwrap();
+        assert_eq!(late.admission, Admission::Late, "report {sequence}");
+    }
+    for sequence in [1, 2, 3, 4] {
+        let again = t
+            .ingest_from(report("gw", 1, sequence, 5, 7), at(base, 3200), true)
+            .unwrap();
+        assert_eq!(again.admission, Admission::Duplicate, "report {sequence}");
+    }
+    let view = t.pool(PoolId(0), at(base, 3300)).unwrap();
+    assert_eq!(view.totals.requests, 20);
+    assert_eq!(
+        view.in_flight.total(),
+        1,
+        "report 4's gauge, not a late one's"
+    );
+    assert_eq!(t.counters().late_reports.get(), 2);
+    assert_eq!(t.counters().reports.get(), 4);
+    assert_eq!(t.counters().duplicates.get(), 4);
+
+    // Beyond LATE_WITHIN behind, a report is taken for a resend, as before.
+    t.ingest(report("gw", 1, 200, 5, 0), at(base, 4000))
+        .unwrap();
+    let far = t
+        .ingest(report("gw", 1, 100, 5, 0), at(base, 4100))
+        .unwrap();
+    assert_eq!(far.admission, Admission::Duplicate);
+    let near = t
+        .ingest(report("gw", 1, 200 - LATE_WITHIN, 5, 0), at(base, 4100))
+        .unwrap();
+    assert_eq!(near.admission, Admission::Late);
+}
