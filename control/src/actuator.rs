@@ -535,11 +535,9 @@ impl Actuator for KubeActuator {
     }
 }
 
-/// What the API server answered, the same for the whole of a hold and from one hold to the next
-/// while the answer stays: not a held call's text, which names the backoff (and so differs from
-/// the call that began the hold, and between holds). A condition built on that text would be
-/// rewritten twice a hold.
-/// `what` failed on `target`, with the API's answer, naming the target once.
+/// `what` failed on `target`, with the API's answer (the same for the call refused and the calls
+/// held after it, so a condition built on it is written once per failure), naming the target
+/// once.
 fn failure_message(what: &str, target: &ScaleTarget, error: &ActuatorError) -> String {
     let target = target_ref(target);
     let answer = error.source.to_string();

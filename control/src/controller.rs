@@ -138,9 +138,8 @@ pub struct PoolOutcome<'a> {
     pub decision: &'a PoolDecision,
     /// The change was set.
     pub applied: bool,
-    /// Setting it failed. The error itself, not its text: a call the actuator held back says
-    /// so in its text, which differs from the answer that began the hold, and what is written
-    /// from it (the autoscaler's status) must not change with that.
+    /// Setting it failed: the actuator's error, whose kind and answer the status and Events
+    /// are written from.
     pub error: Option<&'a ActuatorError>,
 }
 
@@ -593,15 +592,27 @@ impl Status {
 
     /// `autoscaler` is gone: its series leave `/metrics`.
     pub fn forget_series(&self, autoscaler: &(String, String)) {
-        let gone = self
-            .series
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(autoscaler);
-        for labels in gone.iter().flat_map(|s| &s.decisions) {
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(gone) = series.remove(autoscaler) else {
+            return;
+        };
+        for labels in &gone.decisions {
             self.decisions.remove(labels);
         }
-        for labels in gone.iter().flat_map(|s| &s.actuator_errors) {
+        for labels in &gone.actuator_errors {
+            self.forget_actuator_errors_unshared(&series, labels);
+        }
+    }
+
+    /// Actuator errors are labelled by target, not by autoscaler: a target moved from one
+    /// autoscaler to another in one change is counted by both for a moment, and its series
+    /// must not go (and come back at 1) while the other still counts it.
+    fn forget_actuator_errors_unshared(
+        &self,
+        series: &HashMap<(String, String), AutoscalerSeries>,
+        labels: &ActuatorErrorLabels,
+    ) {
+        if !series.values().any(|s| s.actuator_errors.contains(labels)) {
             self.actuator_errors.remove(labels);
         }
     }
@@ -610,25 +621,29 @@ impl Status {
     /// another role) leave `/metrics`. `pools` are those it has: (namespace, name, role).
     pub fn retain_series(&self, autoscaler: &(String, String), pools: &[(&str, &str, &str)]) {
         let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(series) = series.get_mut(autoscaler) else {
+        let Some(own) = series.get_mut(autoscaler) else {
             return;
         };
-        series.decisions.retain(|labels| {
+        own.decisions.retain(|labels| {
             let kept = pools.contains(&(&labels.namespace, &labels.pool, labels.role));
             if !kept {
                 self.decisions.remove(labels);
             }
             kept
         });
-        series.actuator_errors.retain(|labels| {
+        let mut dropped = Vec::new();
+        own.actuator_errors.retain(|labels| {
             let kept = pools.iter().any(|&(namespace, pool, _)| {
                 (namespace, pool) == (&labels.namespace, &labels.pool)
             });
             if !kept {
-                self.actuator_errors.remove(labels);
+                dropped.push(labels.clone());
             }
             kept
         });
+        for labels in &dropped {
+            self.forget_actuator_errors_unshared(&series, labels);
+        }
     }
 
     fn with_sender<T>(
@@ -878,6 +893,10 @@ struct Ask {
     from: u32,
     up_to: u32,
     at: Duration,
+    /// Replicas below it were not ready at some point while it waited (a crash, an eviction,
+    /// a readiness probe failing): ready replicas are counted, not named, so a replica of this
+    /// ask and one of those coming back look alike, and it is not timed.
+    unclear: bool,
 }
 
 impl Observed {
@@ -900,6 +919,7 @@ impl Observed {
                         from,
                         up_to: desired,
                         at: now,
+                        unclear: false,
                     });
                 }
             } else {
@@ -915,19 +935,18 @@ impl Observed {
             }
         }
         self.desired = Some(desired);
-        // Fewer ready than every ask starts from: replicas ready before (or never timed) are not
-        // now, crashed or evicted. Their recovery is not a start we asked for, and counted as the
-        // asks' first ready, a crash-looping replica back after 900 s timed a later ask at 900 s
-        // while its own replica was ready in 120 s. So the asks are counted from what is ready;
-        // should the crashed replica come back first, that ask measures it: a restart loads the
-        // model as a new replica does, so it errs by far less.
-        if let Some(lowest) = self.asks.front().map(|ask| ask.from)
-            && replicas.ready < lowest
+        // Fewer ready than every ask starts from: replicas that were ready are not now. Which
+        // replica comes ready next, one of those or one asked for, cannot be told: timed as an
+        // ask, a crash-looping replica back after 900 s measured 900 s for an ask whose replica
+        // was ready in 120 s, and a readiness probe failing for a second measured 1 s. Such asks
+        // are not timed; the time to ready measured before stays in force.
+        if self
+            .asks
+            .front()
+            .is_some_and(|ask| replicas.ready < ask.from)
         {
-            let missing = lowest - replicas.ready;
             for ask in &mut self.asks {
-                ask.from -= missing;
-                ask.up_to -= missing;
+                ask.unclear = true;
             }
         }
         // Ready replicas are counted, not named: the first asked for are taken to be the first
@@ -937,7 +956,9 @@ impl Observed {
         while let Some(ask) = self.asks.front_mut()
             && replicas.ready > ask.from
         {
-            oldest_progress.get_or_insert(ask.at);
+            if !ask.unclear {
+                oldest_progress.get_or_insert(ask.at);
+            }
             if replicas.ready >= ask.up_to {
                 self.asks.pop_front();
             } else {

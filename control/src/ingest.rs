@@ -124,7 +124,8 @@ pub enum Admission {
     /// Older than the reporter's latest and not merged before, within [`LATE_WITHIN`]
     /// sequences: merged, its gauges ignored (the latest report's are newer). A forwarded report
     /// overtaken by a newer one the same gateway sent directly (its connection moved to this
-    /// replica meanwhile); the gap that newer one opened counted it as missing.
+    /// replica meanwhile). The gap that newer one opened counted it as missing, unless that
+    /// newer one was the first of its reporter seen here (nothing is known before a first).
     Late,
     /// A resend (or older): acknowledged and ignored.
     Duplicate,
@@ -256,7 +257,8 @@ pub struct IngestCounters {
     pub duplicates: Counter,
     pub gaps: Counter,
     pub missing_reports: Counter,
-    /// Reports merged after a newer one of their reporter: counted in `missing_reports` first.
+    /// Reports merged after a newer one of their reporter (counted in `missing_reports` first,
+    /// unless that newer one was the first of its reporter seen here).
     pub late_reports: Counter,
     pub restarts: Counter,
     pub revived: Counter,

@@ -70,7 +70,7 @@ impl Metrics {
             (
                 "flyball_ingest_late_reports",
                 "Reports merged after a newer one of their reporter (a forwarded report overtaken); \
-                 missing_reports counted them first",
+                 missing_reports counted them first unless that one was the first seen",
                 &c.late_reports,
             ),
             (

@@ -1373,31 +1373,81 @@ fn ready_above_the_count_asked_for_does_not_measure_a_zero_time_to_ready() {
 }
 
 /// A replica crashes (4 asked for, 3 ready), 5 are asked for, the new replica is ready in 120 s
-/// and the crashed one, crash-looping, is back only at 900 s: the ask took 120 s, not 900 s.
+/// and the crashed one, crash-looping, is back only at 1,200 s: counted, not named, either may
+/// have come first, so the ask is not timed (it measured 900 s) and the 120 s measured before
+/// stays. A later ask with every replica below it ready is timed again.
 #[test]
 fn a_crashed_replica_back_late_is_not_timed_as_a_later_ask() {
     let mut observed = Observed::default();
-    observed.observe(replicas(4, 4), secs(0));
-    observed.observe(replicas(4, 3), secs(100));
-    observed.observe(replicas(5, 3), secs(200));
-    observed.observe(replicas(5, 4), secs(320));
+    observed.observe(replicas(3, 3), secs(0));
+    observed.observe(replicas(4, 3), secs(0));
+    observed.observe(replicas(4, 4), secs(120));
     assert_eq!(observed.time_to_ready, Some(secs(120)));
-    observed.observe(replicas(5, 5), secs(1_100));
+    observed.observe(replicas(4, 3), secs(200));
+    observed.observe(replicas(5, 3), secs(300));
+    observed.observe(replicas(5, 4), secs(420));
+    observed.observe(replicas(5, 5), secs(1_200));
     assert_eq!(
         observed.time_to_ready,
         Some(secs(120)),
-        "the replica back at 1,100 s was not asked for at 200 s"
+        "the replica back at 1,200 s may be the crashed one"
     );
+    observed.observe(replicas(6, 5), secs(1_300));
+    observed.observe(replicas(6, 6), secs(1_400));
+    assert_eq!(observed.time_to_ready, Some(secs(100)));
 
-    // The crash after the ask: 4 -> 6 at 0 s, one of the four crashes at 30 s and never comes
-    // back, both new ones are ready at 90 s (5 ready): the ask took 90 s and is done.
+    // The crash after the ask: 4 -> 6 at 0 s, one of the four crashes at 30 s, two more are
+    // ready at 90 s: which two cannot be told, so nothing is timed.
     let mut observed = Observed::default();
     observed.observe(replicas(4, 4), secs(0));
     observed.observe(replicas(6, 4), secs(0));
     observed.observe(replicas(6, 3), secs(30));
     observed.observe(replicas(6, 5), secs(90));
-    assert_eq!(observed.time_to_ready, Some(secs(90)));
-    assert!(observed.asks.is_empty(), "{:?}", observed.asks);
+    assert_eq!(observed.time_to_ready, None);
+}
+
+/// Review: a replica crashes (4 asked for, 3 ready), 5 are asked for (the ask shifted down to
+/// the 4th ready), then the count goes back to 4 before the new replica is ready (its pod is
+/// deleted). The ask for the 5th replica was given up, but in its shifted form (3 -> 4) it is
+/// not popped by the lowering (`from` 3 < 4) and the crash-looping replica's return at 1,100 s
+/// is timed as that ask: 900 s, the very measurement 4ed8885 meant to stop.
+#[test]
+fn an_ask_given_up_after_a_crash_does_not_time_the_crashed_replica_back_late() {
+    let mut observed = Observed::default();
+    observed.observe(replicas(4, 4), secs(0));
+    observed.observe(replicas(4, 3), secs(100));
+    observed.observe(replicas(5, 3), secs(200));
+    observed.observe(replicas(4, 3), secs(250));
+    observed.observe(replicas(4, 4), secs(1_100));
+    assert_eq!(
+        observed.time_to_ready, None,
+        "the only ask (the 5th replica, at 200 s) was given up at 250 s before any replica of it \
+         was ready; asks left: {:?}",
+        observed.asks
+    );
+}
+
+/// Review: 4 -> 5 at 0 s; at 10 s one of the four running replicas fails a readiness probe
+/// (a loaded vLLM answering slowly: no crash, no restart, no model to load) and is ready again
+/// at 11 s; the new replica is ready at 120 s. The drop shifts the ask down for good (3 -> 4), so
+/// the flapping replica's return at 11 s completes it: time to ready 11 s, and the new replica,
+/// the one asked for, is never timed. The starting grace collapses to a readiness flap's
+/// length; before 4ed8885 this measured 120 s.
+#[test]
+fn a_readiness_flap_during_an_ask_is_not_timed_as_the_ask() {
+    let mut observed = Observed::default();
+    observed.observe(replicas(4, 4), secs(0));
+    observed.observe(replicas(5, 4), secs(0));
+    observed.observe(replicas(5, 3), secs(10));
+    observed.observe(replicas(5, 4), secs(11));
+    observed.observe(replicas(5, 5), secs(120));
+    // Counted, not named, the replica back at 11 s could as well be the one asked for (and the
+    // one lost at 10 s back at 120 s): no measurement rather than 11 s.
+    assert!(
+        observed.time_to_ready.is_none_or(|t| t == secs(120)),
+        "the replica asked for at 0 s was ready at 120 s; the one back at 11 s never stopped: {:?}",
+        observed.time_to_ready
+    );
 }
 
 /// llama takes all of the 4-GPU budget qwen's one replica leaves; then its Deployment is deleted (its autoscaler left in
@@ -1499,4 +1549,37 @@ async fn a_deleted_scale_target_is_not_reported_with_its_last_replicas() {
         status.last_error
     );
     let _ = h.stop.send(());
+}
+
+/// Review: one configuration change moves scale target `x` from autoscaler `a` (now on `y`) to
+/// autoscaler `b`. The two tasks take it up independently; `b`'s first evaluation counts a
+/// refused call on `x` before `a`'s task applies its redefinition. `flyball_actuator_errors_total`
+/// is labelled (namespace, pool, kind) only, so both count under one series, and `a`'s
+/// `retain_series` removes the series `b` is counting under: it leaves `/metrics`, and `b`'s next
+/// error brings it back at 1 (a counter of 4 going down to 1).
+#[test]
+fn an_edit_does_not_remove_a_series_another_autoscaler_counts_under() {
+    let status = Status::new(0);
+    let a = ("ns".to_owned(), "a".to_owned());
+    let b = ("ns".to_owned(), "b".to_owned());
+    let on_x = || ActuatorErrorLabels {
+        namespace: "ns".into(),
+        pool: "x".into(),
+        kind: "forbidden",
+    };
+    for _ in 0..3 {
+        status.count_actuator_error(&a, on_x());
+    }
+    // The edit: `b` now scales x and counts first; then `a`'s task applies its new definition.
+    status.count_actuator_error(&b, on_x());
+    status.retain_series(&a, &[("ns", "y", "unified")]);
+    let exported = status
+        .actuator_errors
+        .get(&on_x())
+        .map(|counter| counter.get());
+    assert_eq!(
+        exported,
+        Some(4),
+        "autoscaler b still counts errors on ns/x; its series must stay (and not go down)"
+    );
 }

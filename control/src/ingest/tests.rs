@@ -1302,3 +1302,29 @@ fn a_forwarded_report_overtaken_by_a_newer_direct_one_is_merged_late_once() {
         .unwrap();
     assert_eq!(near.admission, Admission::Late);
 }
+
+/// A gateway process this replica first hears of through its direct report 5 (its connection
+/// moved here; reports 3 and 4 still queued at a follower): nothing is known before a first
+/// report, so no gap is counted, and 3 and 4 are merged late when they come.
+#[test]
+fn late_reports_of_a_process_first_seen_here_are_merged_without_a_gap() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    let first = t.ingest(report("gw", 1, 5, 5, 0), at(base, 0)).unwrap();
+    assert!(matches!(
+        first.admission,
+        Admission::Fresh { missing: 0, .. }
+    ));
+    for sequence in [3, 4] {
+        let late = t
+            .ingest_from(report("gw", 1, sequence, 5, 0), at(base, 100), true)
+            .unwrap();
+        assert_eq!(late.admission, Admission::Late, "report {sequence}");
+    }
+    assert_eq!(t.counters().missing_reports.get(), 0);
+    assert_eq!(t.counters().late_reports.get(), 2);
+    assert_eq!(
+        t.pool(PoolId(0), at(base, 200)).unwrap().totals.requests,
+        15
+    );
+}
