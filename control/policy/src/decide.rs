@@ -443,7 +443,9 @@ fn decide_pool(
         reason,
     };
 
-    // Without current data nothing is known about the load: hold, only honouring minReplicas.
+    // Without current data nothing is known about the load: hold, only honouring the bounds
+    // (configuration, not data: a maxReplicas lowered under the count applies at once, as it
+    // does on fresh data; every pool's data is missing from a start to its first report).
     // A scaleToZero pool at zero is asleep, not below its minimum: waking it on no data would
     // start every sleeping pool at each control-service start (telemetry is Missing until the
     // first report) or gateway outage, for a model load and a whole scale-down window each.
@@ -458,6 +460,9 @@ fn decide_pool(
         let (to, rule) = if from < bounds.min() && !asleep {
             reason.recommended_replicas = bounds.min();
             (bounds.min(), Rule::MinReplicas)
+        } else if from > bounds.max() {
+            reason.recommended_replicas = bounds.max();
+            (bounds.max(), Rule::MaxReplicas)
         } else {
             (from, rule)
         };
@@ -478,11 +483,11 @@ fn decide_pool(
     // carried: asking it for MIN_PANIC_REQUESTS as a breach must would make a few more completed
     // requests ask for fewer replicas (panic at 9 on the capacity a quiet hour proved, "carried
     // now" at 10). A breach still needs them to trigger panic (below).
-    let latency_judged = f64::from(t.in_flight_waiting) < f64::from(ready.max(1));
+    let latency_judged = !queued_for(role, t, ready);
     for &dim in dimensions(role) {
         let estimate = match positive(dim.learned(&learned)) {
             Some(learned) => Some(
-                match carried_per_replica(cx, dim, t, state, mem, latency_judged)
+                match carried_per_replica(cx, role, dim, t, state, mem, latency_judged)
                     .filter(|c| *c > learned)
                 {
                     Some(per_replica) => CapacityEstimate {
@@ -610,6 +615,7 @@ fn decide_pool(
                     // Near the objective the ready replicas stay; well below, feed-forward governs.
                     (r >= WELL_BELOW_TARGET).then_some(ready)
                 } else if ready >= 2
+                    && latency_judged
                     && worst_ratio(signal, t, target) * f64::from(ready) / f64::from(ready - 1)
                         <= WELL_BELOW_TARGET
                 {
@@ -866,9 +872,11 @@ fn lower_bound_reach(
         .iter()
         .filter_map(|&signal| Some(worst_ratio(signal, t, signal.target(cx.slo)?)))
         .fold(0.0, f64::max);
+    let implicated = failures_implicate(cx, role, t, latency_judged);
     let failing = |window: &WindowStats| {
-        rate(window.error_rate_per_s)
-            > MAX_ERROR_SHARE_FOR_LEARNING * rate(window.request_rate_per_s)
+        implicated
+            && rate(window.error_rate_per_s)
+                > MAX_ERROR_SHARE_FOR_LEARNING * rate(window.request_rate_per_s)
     };
     // Nothing serving (waking from zero) shows nothing either.
     let headroom_judged = ready > 0 && latency_judged && !failing(&t.short) && !failing(&t.stable);
@@ -894,7 +902,9 @@ fn worst_ratio(signal: Signal, t: &PoolTelemetry, target: Duration) -> f64 {
 /// Whether the load would fit on `n` replicas within the SLO: under every known capacity, with no
 /// objective breached in either window (a short-window breach too small to panic on still forbids
 /// removing replicas), and, for objectives no capacity stands behind, with latency scaled to `n`
-/// serving replicas well below the objective.
+/// serving replicas well below the objective. No serving replica is removed while requests queue
+/// for the pool: token rates count requests as they finish, so a queue at the start of a burst is
+/// in neither them nor the latency of the few completed (4 -> 3 with 100 requests waiting).
 fn fits(
     n: u32,
     role: Role,
@@ -924,6 +934,9 @@ fn fits(
     if n >= ready {
         // No serving replica is removed (only starting ones, or none).
         return true;
+    }
+    if queued_for(role, t, ready) {
+        return false;
     }
     for &signal in signals(role) {
         let Some(target) = signal.target(slo) else {
@@ -1003,6 +1016,31 @@ fn load_looks_steady(t: &PoolTelemetry) -> bool {
         |short: f64, stable: f64| (rate(short) - rate(stable)).abs() <= tolerance * rate(stable);
     near(t.short.input_tokens_per_s, t.stable.input_tokens_per_s)
         && near(t.short.output_tokens_per_s, t.stable.output_tokens_per_s)
+}
+
+/// Whether requests queue for this pool (waiting for their first token as many as replicas are
+/// ready, or any with none ready): its latency then no longer speaks for the load (see
+/// `decide_pool`). A disaggregated decode pool's requests wait at the prefill pool, before it.
+fn queued_for(role: Role, t: &PoolTelemetry, ready: u32) -> bool {
+    role != Role::Decode && f64::from(t.in_flight_waiting) >= f64::from(ready.max(1))
+}
+
+/// Whether failed requests tell against this pool. The gateway cannot tell which pool of a
+/// disaggregated pair failed a request: one whose own objectives are well met in both windows,
+/// with nothing queued for it, is not the pool refusing them. Without this, a long-output burst
+/// that the decode pool refused part of grew a prefill pool carrying its load at 40% of its TTFT
+/// objective 2 -> 6. A unified pool serves the whole request: its failures are its own.
+fn failures_implicate(
+    cx: &Context<'_>,
+    role: Role,
+    t: &PoolTelemetry,
+    latency_judged: bool,
+) -> bool {
+    role == Role::Unified
+        || !latency_judged
+        || !signals(role).iter().all(|&signal| {
+            well_within(signal, cx.slo, &t.short) && well_within(signal, cx.slo, &t.stable)
+        })
 }
 
 /// Whether `window` has completed requests and few of them failed.
@@ -1146,6 +1184,7 @@ fn learn(
 /// decoding, with nothing before them to judge them by: they are left out.
 fn carried_per_replica(
     cx: &Context<'_>,
+    role: Role,
     dim: Dimension,
     t: &PoolTelemetry,
     state: &PoolState,
@@ -1167,7 +1206,10 @@ fn carried_per_replica(
     // The stable window's load counts too, so its failures must be as few: a burst refused in
     // part is not one the replicas carried. (It holds the short window's requests, so it has
     // completed ones.)
-    if !well_within(signal, cx.slo, window) || stable_missed || !few_failed(&t.stable) {
+    let failures_ok = few_failed(&t.stable)
+        || (rate(t.stable.request_rate_per_s) > 0.0
+            && !failures_implicate(cx, role, t, latency_judged));
+    if !well_within(signal, cx.slo, window) || stable_missed || !failures_ok {
         return None;
     }
     let carried = dim.sizing_load(t) / f64::from(ready);

@@ -2,6 +2,7 @@
 
 mod budget;
 mod closed_loop;
+mod cross_talk_and_queues;
 mod decide;
 mod lower_bound;
 mod properties;

@@ -1,0 +1,164 @@
+//! Found by review: the pools of a disaggregated pair must not answer each other's bursts (the
+//! gateway's figures are the pair's, not one pool's), a queue for the first token forbids removing
+//! a replica, and a data hold still keeps the bounds. Each test failed before its fix.
+
+use super::support::*;
+use crate::*;
+
+/// P/D sizing: requests queued for their first token wait at the prefill pool. The control
+/// service gives both pools the same figures, so the decode pool sees them too, and reads them
+/// as "latency cannot be judged": its learned decode capacity (a lower bound) is then taken as
+/// an overload and the decode pool panics and grows, though its load and TPOT did not move.
+#[test]
+fn a_long_prompt_burst_queued_at_prefill_does_not_grow_a_decode_pool_sized_on_learned_capacity() {
+    let spec = spec_with(DISAGGREGATED, without_hints);
+    let mut mem = memory();
+    // A quiet hour teaches both pools a capacity (a lower bound: no hint, no miss).
+    let quiet = Load::tokens(400.0, 20.0, 2);
+    for at in [T0, T0 + STABLE] {
+        let inputs = disaggregated(
+            (telemetry(quiet), state(2, 2)),
+            (telemetry(quiet), state(2, 2)),
+        );
+        run(&spec, &inputs, &mut mem, at);
+    }
+    let at = T0 + STABLE + secs(1);
+    // The day's decode load: 6 sequences decoding on 2 replicas, TPOT at 40% of its objective.
+    let day = Load::tokens(400.0, 20.0, 6);
+    let inputs = disaggregated((telemetry(day), state(2, 2)), (telemetry(day), state(2, 2)));
+    let d = run(&spec, &inputs, &mut mem.clone(), at);
+    let decode = pool(&d, Role::Decode);
+    assert_eq!((decode.to, decode.action), (2, Action::Hold), "{decode}");
+
+    // A long-prompt burst: 10x the input tokens, TTFT 3x its objective, 40 requests waiting for
+    // their first token (at the prefill pool). Output tokens, decoding sequences and TPOT are
+    // those of the day.
+    let burst = Load::tokens(4_000.0, 20.0, 6).ttft(ms(1_500)).waiting(40);
+    let inputs = disaggregated(
+        (windows(burst, day), state(2, 2)),
+        (windows(burst, day), state(2, 2)),
+    );
+    let d = run(&spec, &inputs, &mut mem.clone(), at);
+    let (prefill, decode) = (pool(&d, Role::Prefill), pool(&d, Role::Decode));
+    assert_eq!(prefill.action, Action::ScaleUp, "{prefill}");
+    assert_eq!(
+        (decode.to, decode.action),
+        (2, Action::Hold),
+        "a prefill burst grew the decode pool: {decode}"
+    );
+}
+
+/// P/D sizing: a long-output burst the decode pool cannot keep up with (TPOT 3x its objective,
+/// 30% of requests refused) grows the prefill pool as much as the decode pool, though prefill
+/// carries its load with TTFT at 40% of the objective and nothing waiting for a first token.
+/// The failures, shared by both pools' figures, turn off the prefill pool's "carried now"
+/// capacity and give its learned lower bound the whole growth factor.
+#[test]
+fn a_long_output_burst_that_decode_refuses_requests_under_does_not_grow_prefill() {
+    let spec = spec_with(DISAGGREGATED, without_hints);
+    let mut mem = memory();
+    // A quiet hour teaches both pools a capacity (a lower bound: no hint, no miss).
+    let quiet = Load::tokens(400.0, 200.0, 20);
+    for at in [T0, T0 + STABLE] {
+        let inputs = disaggregated(
+            (telemetry(quiet), state(2, 2)),
+            (telemetry(quiet), state(2, 2)),
+        );
+        run(&spec, &inputs, &mut mem, at);
+    }
+    let at = T0 + STABLE + secs(1);
+    // Four times the prompt tokens, TTFT at 40%: prefill carries it (hold).
+    let day = Load::tokens(1_600.0, 200.0, 20);
+    let inputs = disaggregated(
+        (windows(day, quiet), state(2, 2)),
+        (windows(day, quiet), state(2, 2)),
+    );
+    let d = run(&spec, &inputs, &mut mem.clone(), at);
+    let prefill = pool(&d, Role::Prefill);
+    assert_eq!((prefill.to, prefill.action), (2, Action::Hold), "{prefill}");
+
+    // Same prompts, ten times the output: decode is overwhelmed and refuses 3 of 10 requests/s.
+    let mut burst = Load::tokens(1_600.0, 2_000.0, 200).tpot(ms(150));
+    burst.errors_per_s = 3.0;
+    let inputs = disaggregated(
+        (windows(burst, quiet), state(2, 2)),
+        (windows(burst, quiet), state(2, 2)),
+    );
+    let d = run(&spec, &inputs, &mut mem.clone(), at);
+    let (prefill, decode) = (pool(&d, Role::Prefill), pool(&d, Role::Decode));
+    assert_eq!(decode.action, Action::ScaleUp, "{decode}");
+    assert_eq!(
+        (prefill.to, prefill.action),
+        (2, Action::Hold),
+        "a long-output burst grew the prefill pool: {prefill}"
+    );
+}
+
+/// N-1 check: a pool without hints, before it has learned a capacity (its ready count changed
+/// less than a stable window ago), is sized on latency alone, and latency is only judged while
+/// nothing queues (`latency_judged`, which panic, carried load and the lower-bound reach all
+/// respect). The "give up one replica" feedback and `fits` do not: with 100 requests waiting for
+/// their first token on 4 replicas (the start of a burst, before its requests complete) the
+/// latency of the few completed ones, well within the objectives, takes a replica away.
+#[test]
+fn a_queue_of_requests_waiting_for_their_first_token_forbids_removing_a_replica() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let mut mem = memory();
+    let calm = Load::tokens(2_000.0, 400.0, 20).ttft(ms(150)).tpot(ms(10));
+    // The fourth replica became ready 20 s ago: nothing learned for 4 ready replicas yet.
+    let mut before = state(4, 3);
+    before.last_scale_change_at = Some(T0 - secs(100));
+    decide_unified(&spec, telemetry(calm), before, &mut mem, T0);
+    let queued = calm.waiting(100);
+    let d = decide_unified(
+        &spec,
+        telemetry(queued),
+        state(4, 4),
+        &mut mem,
+        T0 + secs(20),
+    );
+    assert_ne!(
+        d.action,
+        Action::ScaleDown,
+        "removed a replica with 25 requests a replica waiting: {d}"
+    );
+}
+
+/// N-1 check, the same gap on a prefill pool with its hint: token rates count requests as they
+/// finish, so a queue forming at the start of a burst is not in them; 100 requests waiting for
+/// their first token on 4 prefill replicas do not stop feed-forward's 4 -> 3, and `fits` checks
+/// only the finished tokens against the hint.
+#[test]
+fn a_prefill_pool_with_a_queue_waiting_for_first_tokens_is_not_scaled_down() {
+    let spec = spec(DISAGGREGATED);
+    let queued = Load::tokens(2_000.0, 400.0, 20).waiting(100);
+    let inputs = disaggregated(
+        (telemetry(queued), state(4, 4)),
+        (telemetry(queued), state(2, 2)),
+    );
+    let d = run(&spec, &inputs, &mut memory(), T0);
+    let prefill = pool(&d, Role::Prefill);
+    assert_ne!(
+        prefill.action,
+        Action::ScaleDown,
+        "removed a prefill replica with 25 requests a replica waiting: {prefill}"
+    );
+}
+
+/// Bounds: a maxReplicas lowered under the current count is "configuration, not data: apply it
+/// at once" on fresh and partial telemetry, and a data hold honours minReplicas, but a data hold
+/// does not honour maxReplicas: with telemetry stale or missing (as it is for every pool from a
+/// control-service start until the first report) the decision stays above maxReplicas.
+#[test]
+fn a_data_hold_still_honours_a_lowered_max_replicas() {
+    let spec = spec(UNIFIED); // maxReplicas 16
+    for freshness in [Freshness::Stale { age: secs(45) }, Freshness::Missing] {
+        let mut t = telemetry(Load::tokens(400_000.0, 1_000.0, 20));
+        t.freshness = freshness;
+        let d = decide_unified(&spec, t, state(20, 20), &mut memory(), T0);
+        assert!(
+            d.to <= 16,
+            "{freshness:?}: a decision above maxReplicas 16: {d}"
+        );
+    }
+}
