@@ -451,3 +451,121 @@ async fn load_activates_a_pool_whose_replicas_cannot_be_read() -> Result<(), Err
     assert!(keda.is_active(llama).await?.into_inner().result);
     control.stop().await
 }
+
+/// The HPA's replica count for an External metric with an `AverageValue` target, as
+/// kubernetes/kubernetes pkg/controller/podautoscaler/replica_calculator.go computes it
+/// (`GetExternalPerPodMetricReplicas`, default tolerance 0.1 both ways):
+///
+/// ```go
+/// replicaCount = statusReplicas
+/// usageRatio := float64(usage) / (float64(targetUsagePerPod) * float64(replicaCount))
+/// if !tolerances.isWithin(usageRatio) {
+///     replicaCount = int32(math.Ceil(float64(usage) / float64(targetUsagePerPod)))
+/// }
+/// // isWithin: (1.0-t.scaleDown) <= usageRatio && usageRatio <= (1.0+t.scaleUp)
+/// ```
+///
+/// KEDA hands the HPA `metricValue` in milli units (`GenerateMetricInMili`) and the target
+/// `targetSizeFloat` (`GetMetricTargetMili`), so usage = value x 1000, target = 1000.
+fn hpa_external_average_value(status_replicas: u32, value: f64, target: f64) -> u32 {
+    let usage = (value * 1000.0) as i64;
+    let target = (target * 1000.0) as i64;
+    let ratio = usage as f64 / (target as f64 * f64::from(status_replicas));
+    let within = (1.0 - 0.1) <= ratio && ratio <= (1.0 + 0.1);
+    if within {
+        status_replicas
+    } else {
+        (usage as f64 / target as f64).ceil() as u32
+    }
+}
+
+/// A dry-run autoscaler (as deploy/keda/scaledobject.yaml asks for: KEDA's HPA is the only
+/// writer) with flyball's default scale-down step (maxStep 1), short windows otherwise.
+const KEDA_DRY_RUN: &str = r#"
+autoscalers:
+  - name: llama
+    spec:
+      selector: { backend: vllm }
+      dryRun: true
+      pools:
+        unified:
+          scaleTargetRef: { name: llama }
+          maxReplicas: 20
+          capacity: { prefillTokensPerSecond: 1000 }
+      slo: { ttft: 500ms }
+      behavior:
+        scaleUp: { stabilizationWindow: 0s, maxStep: 10, period: 100ms }
+        scaleDown: { stabilizationWindow: 0s, period: 100ms }
+        cooldown: 0s
+"#;
+
+/// The metric must make KEDA's HPA land on flyball's count. With flyball's default scale-down
+/// step of one replica, an idle pool at 12 asks for 11: 11/12 is within the HPA's 10%
+/// tolerance, so the HPA keeps 12; flyball, deciding from the 12 still running, asks 11 again,
+/// for ever. Every pool at 10 replicas or more never scales down through KEDA (the README and
+/// deploy/keda say such a change "waits until the gap grows"; flyball's own step limit keeps
+/// the gap at one replica).
+#[tokio::test]
+async fn an_idle_pool_at_twelve_scales_down_through_the_hpa() -> Result<(), Error> {
+    let actuator = Arc::new(ScaledToZero::default());
+    let llama_target = ScaleTarget {
+        api_version: "apps/v1".into(),
+        kind: "Deployment".into(),
+        name: "llama".into(),
+        namespace: "default".into(),
+    };
+    actuator.set(&llama_target, 12).await?;
+    let control = support::start_with(KEDA_DRY_RUN, FAST_WINDOWS, actuator.clone()).await?;
+    let mut keda = client(&control).await?;
+    let llama = object(&[("pool", "llama")]);
+
+    // An idle gateway: fresh telemetry, no load.
+    let mut gateway = TelemetryServiceClient::connect(control.grpc_uri()).await?;
+    let idle = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        for sequence in 1.. {
+            tick.tick().await;
+            if gateway.report(report(sequence, Vec::new())).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    // The HPA's sync, sped up: read the metric, set what the replica calculator gives.
+    let replicas = |actuator: &ScaledToZero| {
+        actuator
+            .replicas
+            .lock()
+            .map_or(0, |r| r.get("llama").copied().unwrap_or(0))
+    };
+    let mut asked_below = None;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(8);
+    while tokio::time::Instant::now() < deadline && replicas(&actuator) >= 12 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let Ok(metrics) = keda
+            .get_metrics(GetMetricsRequest {
+                scaled_object_ref: Some(llama.clone()),
+                // KEDA strips its `sN-` prefix before asking (RemoveIndexFromMetricName).
+                metric_name: "flyball-llama".into(),
+            })
+            .await
+        else {
+            continue;
+        };
+        let value = metrics.into_inner().metric_values[0].metric_value_float;
+        let current = replicas(&actuator);
+        if (value as u32) < current {
+            asked_below = Some(value);
+        }
+        let hpa = hpa_external_average_value(current, value, 1.0).clamp(1, 20);
+        actuator.set(&llama_target, hpa).await?;
+    }
+    idle.abort();
+    let asked = asked_below.ok_or("flyball never asked for fewer than 12 replicas")?;
+    assert!(
+        replicas(&actuator) < 12,
+        "flyball asked for {asked} replicas, but the HPA kept all 12 for 8 s: {asked}/12 is \
+         within its 10% tolerance, and flyball never asks more than one replica below what runs"
+    );
+    control.stop().await
+}
