@@ -569,3 +569,33 @@ async fn an_idle_pool_at_twelve_scales_down_through_the_hpa() -> Result<(), Erro
     );
     control.stop().await
 }
+
+/// Replicas that cannot be read (no RBAC on /scale, as the test above has it) and no telemetry
+/// at all (the gateways down, or not reporting yet after a restart of the control service):
+/// flyball knows neither the load nor what runs, and must hold. It answers `IsActive` false and
+/// pushes false on the stream instead; KEDA's scale executor takes that as "no active trigger"
+/// and, with minReplicaCount 0, scales the target to zero once `cooldownPeriod` has passed since
+/// it was last active (kedacore/keda pkg/scaling/executor/scale_scaledobjects.go,
+/// `currentReplicas > 0 && minReplicas == 0` -> `scaleToZeroOrIdle`). An answer that says
+/// "unknown" (an error: KEDA then does nothing without a fallback) would hold. (The test above
+/// asserts this same first `false` as its starting point; a fix changes that line too.)
+#[tokio::test]
+async fn missing_telemetry_and_unread_replicas_never_deactivate_a_pool() -> Result<(), Error> {
+    let control = support::start_with(FAST, FAST_WINDOWS, Arc::new(Unreadable)).await?;
+    let mut keda = client(&control).await?;
+    let llama = object(&[("pool", "llama")]);
+    // Several evaluations, none of which could read /scale or saw a report.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let answer = keda.is_active(llama.clone()).await;
+    assert!(
+        !matches!(&answer, Ok(r) if !r.get_ref().result),
+        "IsActive answered false with no telemetry and no replica count: {answer:?}"
+    );
+    let mut activity = keda.stream_is_active(llama).await?.into_inner();
+    let first = tokio::time::timeout(std::time::Duration::from_millis(500), activity.next()).await;
+    assert!(
+        !matches!(&first, Ok(Some(Ok(r))) if !r.result),
+        "StreamIsActive pushed false with no telemetry and no replica count"
+    );
+    control.stop().await
+}
