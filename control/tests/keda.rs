@@ -599,3 +599,54 @@ async fn missing_telemetry_and_unread_replicas_never_deactivate_a_pool() -> Resu
     );
     control.stop().await
 }
+
+/// Three replicas behind a /scale that answers slowly (a loaded API server).
+struct SlowThree;
+
+impl Actuator for SlowThree {
+    async fn current(&self, _: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        Ok(PoolReplicas {
+            desired: 3,
+            current: 3,
+            ready: 3,
+        })
+    }
+
+    async fn set(&self, _: &ScaleTarget, _: u32) -> Result<(), ActuatorError> {
+        Ok(())
+    }
+}
+
+/// Before its first read of /scale (at start, after a restart, for an autoscaler just added)
+/// the leader's status is the default one, and `answer` gives its `active: false` as the
+/// leader's word: KEDA is told a pool with 3 replicas is inactive, and the stream pushes that
+/// false at once. KEDA's executor scales to zero on it when the ScaledObject has no
+/// `lastActiveTime` yet (a new ScaledObject: `scaleToZeroOrIdle` then waits only
+/// `initialCooldownPeriod`, 0 by default) or its cooldown has passed. Nothing is known yet: flyball should hold (answer an error, push
+/// nothing), as `answer` already does for the replica count (GetMetrics is Unavailable).
+#[tokio::test]
+async fn a_pool_not_yet_read_is_not_reported_inactive() -> Result<(), Error> {
+    let control = support::start_with(FAST, FAST_WINDOWS, Arc::new(SlowThree)).await?;
+    let mut keda = client(&control).await?;
+    let llama = object(&[("pool", "llama")]);
+    let unknown = keda
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(llama.clone()),
+            metric_name: "flyball-llama".into(),
+        })
+        .await;
+    assert!(unknown.is_err(), "the count is rightly unknown: {unknown:?}");
+    let answer = keda.is_active(llama.clone()).await;
+    assert!(
+        !matches!(&answer, Ok(r) if !r.get_ref().result),
+        "IsActive answered false before the replicas were read: {answer:?}"
+    );
+    let mut activity = keda.stream_is_active(llama).await?.into_inner();
+    let first = tokio::time::timeout(std::time::Duration::from_millis(500), activity.next()).await;
+    assert!(
+        !matches!(&first, Ok(Some(Ok(r))) if !r.result),
+        "StreamIsActive pushed false before the replicas were read"
+    );
+    control.stop().await
+}
