@@ -636,7 +636,10 @@ async fn a_pool_not_yet_read_is_not_reported_inactive() -> Result<(), Error> {
             metric_name: "flyball-llama".into(),
         })
         .await;
-    assert!(unknown.is_err(), "the count is rightly unknown: {unknown:?}");
+    assert!(
+        unknown.is_err(),
+        "the count is rightly unknown: {unknown:?}"
+    );
     let answer = keda.is_active(llama.clone()).await;
     assert!(
         !matches!(&answer, Ok(r) if !r.get_ref().result),
