@@ -115,6 +115,22 @@ impl KedaScaler {
         resolve(&config, object).cloned()
     }
 
+    /// Why `pool`'s activity is not known.
+    fn unknown_activity(&self, pool: &PoolDef) -> String {
+        let status = self.status.get(pool.id).unwrap_or_default();
+        match status.last_error {
+            Some(error) => format!(
+                "pool {:?}: activity unknown: its replicas cannot be read ({error}) and no \
+                 fresh telemetry has shown load or idleness",
+                pool.name
+            ),
+            None => format!(
+                "pool {:?}: activity unknown: its replicas have not been read yet",
+                pool.name
+            ),
+        }
+    }
+
     fn answer_for(&self, pool: &PoolDef) -> Answer {
         answer(
             &self.status.get(pool.id).unwrap_or_default(),
@@ -126,7 +142,8 @@ impl KedaScaler {
 /// What KEDA is told of one pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answer {
-    pub active: bool,
+    /// `None` while unknown: KEDA is then told nothing rather than "inactive".
+    pub active: Option<bool>,
     /// `None` before any replica count is known.
     pub desired: Option<u32>,
 }
@@ -144,7 +161,11 @@ pub fn answer(status: &PoolStatus, leading: bool) -> Answer {
         };
     }
     Answer {
-        active: status.active || current.is_some_and(|n| n > 0),
+        active: if current.is_some_and(|n| n > 0) {
+            Some(true)
+        } else {
+            status.active
+        },
         desired: match (decided, current) {
             (Some(decided), Some(current)) => Some(decided.max(current)),
             (decided, current) => decided.or(current),
@@ -320,8 +341,11 @@ impl ExternalScaler for KedaScaler {
         {
             return Ok(tonic::Response::new(IsActiveResponse { result }));
         }
-        let result = self.answer_for(&pool).active;
-        Ok(tonic::Response::new(IsActiveResponse { result }))
+        match self.answer_for(&pool).active {
+            Some(result) => Ok(tonic::Response::new(IsActiveResponse { result })),
+            // An error makes KEDA keep the replicas as they are; false would scale to zero.
+            None => Err(tonic::Status::unavailable(self.unknown_activity(&pool))),
+        }
     }
 
     type StreamIsActiveStream = ActiveStream;
@@ -422,22 +446,24 @@ struct Activation {
 }
 
 impl Activation {
-    /// The activation when it differs from the last sent (at once for the first); `None` at
-    /// shutdown or when the pool goes.
+    /// The activation when it differs from the last sent (at once for the first known one;
+    /// nothing while unknown); `None` at shutdown or when the pool goes.
     async fn next_change(&mut self) -> Option<bool> {
         loop {
             let leads = *self.leading.borrow_and_update();
             let local = answer(&self.receiver.borrow_and_update(), leads).active;
             let following = self.ask_leader && !leads;
             let active = if following {
-                self.link
-                    .is_active(self.object.clone())
-                    .await
-                    .unwrap_or(local)
+                match self.link.is_active(self.object.clone()).await {
+                    Some(leaders) => Some(leaders),
+                    None => local,
+                }
             } else {
                 local
             };
-            if self.last != Some(active) {
+            if let Some(active) = active
+                && self.last != Some(active)
+            {
                 self.last = Some(active);
                 return Some(active);
             }
@@ -458,6 +484,7 @@ mod tests {
     use crate::controller::PoolReplicas;
 
     fn status(running: u32, decided: Option<u32>, active: bool) -> PoolStatus {
+        let active = Some(active);
         PoolStatus {
             replicas: Some(PoolReplicas {
                 desired: running,
@@ -476,7 +503,7 @@ mod tests {
         assert_eq!(
             answer(&down, true),
             Answer {
-                active: true,
+                active: Some(true),
                 desired: Some(2)
             }
         );
@@ -484,7 +511,7 @@ mod tests {
         assert_eq!(
             answer(&to_zero, true),
             Answer {
-                active: false,
+                active: Some(false),
                 desired: Some(0)
             }
         );
@@ -499,16 +526,33 @@ mod tests {
         assert_eq!(
             idle,
             Answer {
-                active: true,
+                active: Some(true),
                 desired: Some(1)
             }
         );
         // At zero, load it sees is certain: it may activate.
-        assert!(answer(&status(0, Some(1), true), false).active);
-        assert!(!answer(&status(0, Some(0), false), false).active);
+        assert_eq!(answer(&status(0, Some(1), true), false).active, Some(true));
+        assert_eq!(
+            answer(&status(0, Some(0), false), false).active,
+            Some(false)
+        );
         // Before any decision: what runs now, so the HPA holds.
         assert_eq!(answer(&status(3, None, false), false).desired, Some(3));
         assert_eq!(answer(&PoolStatus::default(), false).desired, None);
+    }
+
+    #[test]
+    fn activity_not_yet_known_is_answered_as_unknown_not_inactive() {
+        let unread = PoolStatus::default();
+        assert_eq!(answer(&unread, true).active, None);
+        assert_eq!(answer(&unread, false).active, None);
+        // A follower that reads replicas running knows enough: never deactivate them.
+        let running = PoolStatus {
+            active: None,
+            ..status(2, None, false)
+        };
+        assert_eq!(answer(&running, false).active, Some(true));
+        assert_eq!(answer(&running, true).active, None);
     }
 
     #[test]
