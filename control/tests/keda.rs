@@ -126,6 +126,18 @@ async fn scaler_metadata_that_names_no_pool_is_refused_with_the_reason() -> Resu
     assert_eq!(no_role.code(), tonic::Code::InvalidArgument);
     assert!(no_role.message().starts_with("scalerMetadata.role"));
 
+    // The HPA's tolerance, a fraction: "10%" is not one, and is refused when the HPA is made.
+    let tolerance = keda
+        .get_metric_spec(object(&[("pool", "llama"), ("tolerance", "10%")]))
+        .await
+        .unwrap_err();
+    assert_eq!(tolerance.code(), tonic::Code::InvalidArgument);
+    assert!(
+        tolerance.message().starts_with("scalerMetadata.tolerance"),
+        "{}",
+        tolerance.message()
+    );
+
     let decode = keda
         .get_metric_spec(object(&[("autoscaler", "qwen"), ("role", "decode")]))
         .await?;
@@ -466,10 +478,17 @@ async fn load_activates_a_pool_whose_replicas_cannot_be_read() -> Result<(), Err
 /// // isWithin: (1.0-t.scaleDown) <= usageRatio && usageRatio <= (1.0+t.scaleUp)
 /// ```
 ///
-/// KEDA hands the HPA `metricValue` in milli units (`GenerateMetricInMili`) and the target
-/// `targetSizeFloat` (`GetMetricTargetMili`), so usage = value x 1000, target = 1000.
+/// KEDA hands the HPA `metricValue` in milli units (`GenerateMetricInMili`: older releases
+/// truncate `value x 1000`, newer ones round to three decimals; a value must mean the same to
+/// both) and the target `targetSizeFloat` (`GetMetricTargetMili`), so usage = value x 1000,
+/// target = 1000.
 fn hpa_external_average_value(status_replicas: u32, value: f64, target: f64) -> u32 {
     let usage = (value * 1000.0) as i64;
+    assert_eq!(
+        usage,
+        (value * 1000.0).round() as i64,
+        "{value}: KEDA releases would disagree on it"
+    );
     let target = (target * 1000.0) as i64;
     let ratio = usage as f64 / (target as f64 * f64::from(status_replicas));
     let within = ((1.0 - 0.1)..=(1.0 + 0.1)).contains(&ratio);
