@@ -328,13 +328,10 @@ fn resolve<'a>(
     object: &ScaledObjectRef,
 ) -> Result<&'a PoolDef, tonic::Status> {
     let metadata = &object.scaler_metadata;
+    // Names are unique within a namespace, and only there: a ScaledObject in team-b must not
+    // follow team-a's pool of the same name, even when team-b has none.
     let namespace = metadata.get("namespace").unwrap_or(&object.namespace);
-    // Names are unique within a namespace: the ScaledObject's own (or `scalerMetadata.namespace`)
-    // picks among several of one name; a single one needs no namespace unless one is given.
-    let pick = |namespaces: &[&str]| match namespaces {
-        [_] if !metadata.contains_key("namespace") => Some(0),
-        several => several.iter().position(|ns| *ns == namespace.as_str()),
-    };
+    let pick = |namespaces: &[&str]| namespaces.iter().position(|ns| *ns == namespace.as_str());
     if let Some(name) = metadata.get("pool") {
         let named: Vec<&PoolDef> = config.pools().iter().filter(|p| p.name == *name).collect();
         let namespaces: Vec<&str> = named.iter().map(|p| p.target.namespace.as_str()).collect();
@@ -854,5 +851,42 @@ autoscalers:
             "{}",
             elsewhere.message()
         );
+    }
+
+    #[test]
+    fn the_only_pool_of_a_name_is_not_found_from_another_namespace() {
+        let yaml = r#"
+autoscalers:
+  - name: llama
+    namespace: team-a
+    spec:
+      selector: { backend: a }
+      pools: { unified: { scaleTargetRef: { name: vllm }, maxReplicas: 2 } }
+      slo: { ttft: 1s }
+"#;
+        let config = ControlConfig::from_yaml(yaml).unwrap();
+        let object = |namespace: &str, metadata: &[(&str, &str)]| ScaledObjectRef {
+            name: "scaler".into(),
+            namespace: namespace.into(),
+            scaler_metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        for by in [[("pool", "vllm")], [("autoscaler", "llama")]] {
+            let from_team_b = resolve(&config, &object("team-b", &by)).unwrap_err();
+            assert_eq!(from_team_b.code(), tonic::Code::NotFound, "{by:?}");
+            assert!(
+                from_team_b.message().contains("\"team-b\""),
+                "{}",
+                from_team_b.message()
+            );
+            assert!(resolve(&config, &object("team-a", &by)).is_ok(), "{by:?}");
+            let named = [by[0], ("namespace", "team-a")];
+            assert!(
+                resolve(&config, &object("team-b", &named)).is_ok(),
+                "{by:?}"
+            );
+        }
     }
 }

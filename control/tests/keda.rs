@@ -31,6 +31,7 @@ autoscalers:
           capacity: { prefillTokensPerSecond: 1000 }
       slo: { ttft: 500ms }
   - name: qwen
+    namespace: serving
     spec:
       selector: { model: qwen }
       pools:
@@ -126,6 +127,17 @@ async fn scaler_metadata_that_names_no_pool_is_refused_with_the_reason() -> Resu
     assert_eq!(no_role.code(), tonic::Code::InvalidArgument);
     assert!(no_role.message().starts_with("scalerMetadata.role"));
 
+    // The one `llama` is in serving: a ScaledObject in another namespace must not follow it.
+    let mut in_team_b = object(&[("pool", "llama")]);
+    in_team_b.namespace = "team-b".into();
+    let elsewhere = keda.get_metric_spec(in_team_b).await.unwrap_err();
+    assert_eq!(elsewhere.code(), tonic::Code::NotFound);
+    assert!(
+        elsewhere.message().contains("\"team-b\""),
+        "{}",
+        elsewhere.message()
+    );
+
     // The HPA's tolerance, a fraction: "10%" is not one, and is refused when the HPA is made.
     let tolerance = keda
         .get_metric_spec(object(&[("pool", "llama"), ("tolerance", "10%")]))
@@ -152,6 +164,7 @@ async fn scaler_metadata_that_names_no_pool_is_refused_with_the_reason() -> Resu
 const FAST: &str = r#"
 autoscalers:
   - name: llama
+    namespace: serving
     spec:
       selector: { backend: vllm }
       scaleToZero: true
@@ -504,6 +517,7 @@ fn hpa_external_average_value(status_replicas: u32, value: f64, target: f64) -> 
 const KEDA_DRY_RUN: &str = r#"
 autoscalers:
   - name: llama
+    namespace: serving
     spec:
       selector: { backend: vllm }
       dryRun: true
@@ -532,7 +546,7 @@ async fn an_idle_pool_at_twelve_scales_down_through_the_hpa() -> Result<(), Erro
         api_version: "apps/v1".into(),
         kind: "Deployment".into(),
         name: "llama".into(),
-        namespace: "default".into(),
+        namespace: "serving".into(),
     };
     actuator.set(&llama_target, 12).await?;
     let control = support::start_with(KEDA_DRY_RUN, FAST_WINDOWS, actuator.clone()).await?;
