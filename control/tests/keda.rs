@@ -285,7 +285,8 @@ async fn load_on_a_pool_at_zero_is_pushed_as_activation_and_metrics_land_on_the_
         let metrics = keda
             .get_metrics(GetMetricsRequest {
                 scaled_object_ref: Some(llama.clone()),
-                metric_name: "s0-flyball-llama".into(),
+                // KEDA strips its `s<index>-` prefix before asking (RemoveIndexFromMetricName).
+                metric_name: "flyball-llama".into(),
             })
             .await?
             .into_inner();
@@ -294,7 +295,7 @@ async fn load_on_a_pool_at_zero_is_pushed_as_activation_and_metrics_land_on_the_
             continue;
         }
         let value = &metrics.metric_values[0];
-        assert_eq!(value.metric_name, "s0-flyball-llama");
+        assert_eq!(value.metric_name, "flyball-llama");
         assert!(before >= 1);
         assert_eq!(value.metric_value, before);
         assert_eq!(value.metric_value_float, before as f64);
@@ -305,6 +306,23 @@ async fn load_on_a_pool_at_zero_is_pushed_as_activation_and_metrics_land_on_the_
         compared,
         "the decision never held across one GetMetrics call"
     );
+    // KEDA matches the answer by its own name, so any name asked for is answered: the HPA's
+    // indexed one (as the HPA knows the metric), or none.
+    for asked in ["s0-flyball-llama", ""] {
+        let metrics = keda
+            .get_metrics(GetMetricsRequest {
+                scaled_object_ref: Some(llama.clone()),
+                metric_name: asked.into(),
+            })
+            .await?
+            .into_inner();
+        let expected = if asked.is_empty() {
+            "flyball-llama"
+        } else {
+            asked
+        };
+        assert_eq!(metrics.metric_values[0].metric_name, expected);
+    }
     control.stop().await
 }
 
@@ -393,7 +411,7 @@ async fn a_follower_gives_keda_the_leaders_answer() -> Result<(), Error> {
             let answer = keda
                 .get_metrics(GetMetricsRequest {
                     scaled_object_ref: Some(llama),
-                    metric_name: "s0-flyball-llama".into(),
+                    metric_name: "flyball-llama".into(),
                 })
                 .await?
                 .into_inner();
