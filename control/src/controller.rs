@@ -438,8 +438,10 @@ pub struct PoolStatus {
     pub replicas: Option<PoolReplicas>,
     /// Replicas the last decision asked for.
     pub desired: Option<u32>,
-    /// The pool has load or wants replicas (KEDA's activation).
-    pub active: bool,
+    /// The pool has load or wants replicas (KEDA's activation); `None` while unknown (before
+    /// the first read of replicas, or with replicas unreadable and no telemetry): KEDA scales
+    /// to zero on a false, and flyball never does on missing data.
+    pub active: Option<bool>,
     pub decisions: VecDeque<DecisionRecord>,
     pub last_error: Option<String>,
     /// From the actuator: e.g. an HPA scales the same target.
@@ -1261,16 +1263,35 @@ impl<A: Actuator> AutoscalerLoop<A> {
                         .telemetry
                         .pool(pool.id, now)
                         .is_some_and(|view| view.has_load());
+                    // Only complete, fresh telemetry showing no load says idle; else the last
+                    // known activity stands (unknown if none).
+                    let seen_idle = !has_load
+                        && matches!(
+                            freshness(
+                                reporters.live,
+                                last_report,
+                                self.telemetry.silent_feeders(pool.id),
+                                self.telemetry.keys_dropped_recently(pool.id, now),
+                                self.config.stale_after,
+                                now,
+                            ),
+                            Freshness::Fresh
+                        );
                     // A deleted target has no replicas: its last counts would be reported on
                     // in /v1/pools and flyball_pool_replicas for as long as the autoscaler is.
                     let gone = error.kind == TARGET_NOT_FOUND;
                     self.status.update(pool.id, |s| {
+                        s.last_error = Some(error.source.to_string());
+                        let wants_replicas = s.desired.is_some_and(|n| n > 0);
                         if gone {
                             s.replicas = None;
                             s.desired = None;
                         }
-                        s.last_error = Some(error.source.to_string());
-                        s.active |= has_load;
+                        if has_load {
+                            s.active = Some(true);
+                        } else if seen_idle && !wants_replicas {
+                            s.active = Some(false);
+                        }
                         true
                     });
                     // Otherwise a resource whose target is missing, or whose kind RBAC does not
@@ -1418,7 +1439,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
             self.status.update(pool.id, |s| {
                 s.replicas = Some(replicas);
                 s.desired = Some(pool_decision.to);
-                s.active = has_load || pool_decision.to > 0;
+                s.active = Some(has_load || pool_decision.to > 0);
                 s.last_error = error;
                 s.warnings = warnings;
                 push_decision(&mut s.decisions, record, limit);

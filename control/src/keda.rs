@@ -2,14 +2,19 @@
 //!
 //! A ScaledObject names a flyball pool in its trigger's metadata: `pool: <name>` (a scale target's
 //! name), or `autoscaler: <name>` plus `role: unified|prefill|decode` when the autoscaler has two
-//! pools (and optionally `namespace:`, default the ScaledObject's).
+//! pools (and optionally `namespace:`, default the ScaledObject's). `tolerance:` (optional,
+//! default 0.1) is the tolerance of the HPA KEDA makes, which [`metric_for_hpa`] works around.
 //!
 //! KEDA turns `GetMetricSpec` into an HPA external metric with an `AverageValue` target, and the
-//! HPA sets `desired = ceil(metricValue / targetSize)`. flyball reports `targetSize = 1` and
-//! `metricValue = desired replicas`, so the HPA lands on flyball's count. That path inherits the
-//! HPA's sync period (15 s by default) and its 10% tolerance (a change within 10% of the current
-//! count is ignored); flyball's own actuator has neither. `IsActive` / `StreamIsActive` carry
-//! activation (0 <-> 1): the stream pushes a change as soon as the controller sees load appear.
+//! HPA sets `desired = ceil(metricValue / targetSize)`, unless `metricValue / (targetSize x
+//! status.replicas)` is within its tolerance of 1 (10% by default), when it keeps the replicas.
+//! flyball reports `targetSize = 1` and a `metricValue` the HPA applies whenever one exists
+//! ([`metric_for_hpa`]): flyball's count, or, for a change inside the tolerance band, a value
+//! just outside it (a scale-up may then land over flyball's count; a scale-down inside the band
+//! may have no such value, and the HPA holds). The trigger's `tolerance` metadata says which
+//! tolerance the HPA has. That path also inherits the HPA's sync period (15 s by default);
+//! flyball's own actuator has neither. `IsActive` / `StreamIsActive` carry activation (0 <-> 1):
+//! the stream pushes a change as soon as the controller sees load appear.
 //!
 //! KEDA reaches whichever replica its Service picks, and holds that connection. Only the leader
 //! merges every gateway's reports, so a follower asks the leader ([`LeaderLink`]): `IsActive` and
@@ -20,6 +25,7 @@
 //! a part of the load: it may answer more replicas than run now (that much load is certain),
 //! never fewer, and never deactivates a pool that has replicas ([`answer`]).
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -33,6 +39,7 @@ use crate::controller::{PoolStatus, Status};
 use crate::forward::FORWARDED_BY;
 use crate::leader::leader_channel;
 use crate::tls::GrpcTls;
+use crate::window::PoolId;
 
 pub mod externalscaler {
     #![allow(clippy::all)]
@@ -48,6 +55,13 @@ use externalscaler::{
 
 /// The HPA target per replica: one unit of metric per replica.
 pub const TARGET_SIZE: i64 = 1;
+
+/// The HPA's tolerance when the trigger's metadata gives none: kube-controller-manager's
+/// `--horizontal-pod-autoscaler-tolerance` default.
+pub const DEFAULT_HPA_TOLERANCE: f64 = 0.1;
+
+/// KEDA hands the HPA metric values in milli-units: nothing finer reaches it.
+const MILLI: f64 = 1000.0;
 
 /// How often a follower's activation stream asks the leader.
 pub const FOLLOWER_POLL: Duration = Duration::from_secs(1);
@@ -66,6 +80,16 @@ pub struct KedaScaler {
     link: Arc<LeaderLink>,
     /// Turns true at shutdown: activation streams end then, rather than hold the server open.
     stop: watch::Receiver<bool>,
+    /// Pools whose scale-down the HPA's tolerance holds now: warned about once per episode.
+    held_by_tolerance: Arc<Mutex<HashSet<PoolId>>>,
+}
+
+/// A ScaledObject's trigger, resolved.
+#[derive(Debug, Clone)]
+struct Trigger {
+    pool: PoolDef,
+    /// The HPA's tolerance, as the trigger's `tolerance` metadata says.
+    tolerance: f64,
 }
 
 /// How a follower asks the leader.
@@ -96,6 +120,7 @@ impl KedaScaler {
             leading,
             link: Arc::new(link),
             stop,
+            held_by_tolerance: Arc::default(),
         }
     }
 
@@ -109,10 +134,55 @@ impl KedaScaler {
         ExternalScalerServer::new(self)
     }
 
-    /// The pool a ScaledObject names in its metadata, in the configuration in force.
-    fn resolve(&self, object: &ScaledObjectRef) -> Result<PoolDef, tonic::Status> {
+    /// The pool a ScaledObject names in its metadata, in the configuration in force, and the
+    /// tolerance it gives. Every call checks both, so a bad trigger shows from the first.
+    fn resolve(&self, object: &ScaledObjectRef) -> Result<Trigger, tonic::Status> {
+        let tolerance = tolerance(object)?;
         let config = self.config.current();
-        resolve(&config, object).cloned()
+        let pool = resolve(&config, object)?.clone();
+        Ok(Trigger { pool, tolerance })
+    }
+
+    /// Says once, when a pool's scale-down starts being held by the HPA's tolerance, what to do
+    /// about it; and when it stops.
+    fn note_tolerance_hold(&self, pool: &PoolDef, metric: &HpaMetric, tolerance: f64) {
+        let mut held = self
+            .held_by_tolerance
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if metric.held {
+            if held.insert(pool.id) {
+                tracing::warn!(
+                    pool = %pool.name,
+                    namespace = %pool.target.namespace,
+                    running = metric.running,
+                    desired = metric.desired,
+                    tolerance,
+                    "the HPA's tolerance holds this scale-down: no metric value makes it apply; \
+                     set the ScaledObject's HPA tolerance (behavior.scaleUp and scaleDown \
+                     .tolerance, Kubernetes 1.33+) to 0 and the trigger's `tolerance` metadata \
+                     to match"
+                );
+            }
+        } else if held.remove(&pool.id) {
+            tracing::info!(pool = %pool.name, "the HPA's tolerance no longer holds this pool");
+        }
+    }
+
+    /// Why `pool`'s activity is not known.
+    fn unknown_activity(&self, pool: &PoolDef) -> String {
+        let status = self.status.get(pool.id).unwrap_or_default();
+        match status.last_error {
+            Some(error) => format!(
+                "pool {:?}: activity unknown: its replicas cannot be read ({error}) and no \
+                 fresh telemetry has shown load or idleness",
+                pool.name
+            ),
+            None => format!(
+                "pool {:?}: activity unknown: its replicas have not been read yet",
+                pool.name
+            ),
+        }
     }
 
     fn answer_for(&self, pool: &PoolDef) -> Answer {
@@ -126,7 +196,8 @@ impl KedaScaler {
 /// What KEDA is told of one pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answer {
-    pub active: bool,
+    /// `None` while unknown: KEDA is then told nothing rather than "inactive".
+    pub active: Option<bool>,
     /// `None` before any replica count is known.
     pub desired: Option<u32>,
 }
@@ -144,11 +215,110 @@ pub fn answer(status: &PoolStatus, leading: bool) -> Answer {
         };
     }
     Answer {
-        active: status.active || current.is_some_and(|n| n > 0),
+        active: if current.is_some_and(|n| n > 0) {
+            Some(true)
+        } else {
+            status.active
+        },
         desired: match (decided, current) {
             (Some(decided), Some(current)) => Some(decided.max(current)),
             (decided, current) => decided.or(current),
         },
+    }
+}
+
+/// The metric value for the HPA, and where it leads: see [`metric_for_hpa`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HpaMetric {
+    /// `metricValueFloat`, in whole milli-units as KEDA passes it on.
+    pub value: f64,
+    /// The replicas the HPA reads (`status.replicas`) and flyball's count.
+    pub running: u32,
+    pub desired: u32,
+    /// Where the HPA lands on `value`: `desired`, more for a scale-up inside its tolerance,
+    /// `running` when held.
+    pub lands_on: u32,
+    /// A scale-down inside the tolerance that no value can make the HPA apply: it keeps
+    /// `running`, and `value` is flyball's count, for whoever reads it.
+    pub held: bool,
+}
+
+/// The metric value that makes an HPA (AverageValue target 1, `tolerance` both ways, as
+/// kubernetes' replica_calculator.go `GetExternalPerPodMetricReplicas`) move from `running`
+/// replicas to `desired`, whenever one exists.
+///
+/// The HPA keeps `running` while `value / running` is within `[1 - t, 1 + t]`, else sets
+/// `ceil(value)`. Outside that band (and at zero, or with nothing to change) the value is
+/// `desired`. A scale-up inside the band reports the least value above it: the HPA lands at or
+/// over `desired` (short would be worse than over). A scale-down inside the band reports a value
+/// in `(desired - 1, desired]` below the band when one exists, so the HPA lands exactly;
+/// otherwise none does, and the HPA will keep `running` whatever is reported.
+pub fn metric_for_hpa(running: u32, desired: u32, tolerance: f64) -> HpaMetric {
+    let at = |milli: i64, lands_on: u32, held: bool| HpaMetric {
+        value: value_for_milli(milli),
+        running,
+        desired,
+        lands_on,
+        held,
+    };
+    let desired_milli = i64::from(desired) * MILLI as i64;
+    if running == 0 || desired == running || !hpa_holds(desired_milli, running, tolerance) {
+        return at(desired_milli, desired, false);
+    }
+    if desired > running {
+        // Start at the band's edge, then up to the first value the HPA counts as outside it
+        // (it compares in floating point, so the edge itself may count as either).
+        let mut milli = ((1.0 + tolerance) * f64::from(running) * MILLI).floor() as i64;
+        while hpa_holds(milli, running, tolerance) {
+            milli += 1;
+        }
+        return at(milli, ceil_div_milli(milli), false);
+    }
+    let mut milli = ((1.0 - tolerance) * f64::from(running) * MILLI).ceil() as i64;
+    while milli > 0 && hpa_holds(milli, running, tolerance) {
+        milli -= 1;
+    }
+    if milli > desired_milli - MILLI as i64 {
+        at(milli, desired, false)
+    } else {
+        at(desired_milli, running, true)
+    }
+}
+
+/// Whether the HPA keeps `running` replicas on a metric of `milli` milli-units: its own
+/// floating-point comparison, so the band's edges fall where the HPA's do.
+fn hpa_holds(milli: i64, running: u32, tolerance: f64) -> bool {
+    let ratio = milli as f64 / (MILLI * f64::from(running));
+    (1.0 - tolerance) <= ratio && ratio <= (1.0 + tolerance)
+}
+
+fn ceil_div_milli(milli: i64) -> u32 {
+    let whole = milli.div_euclid(MILLI as i64) + i64::from(milli.rem_euclid(MILLI as i64) > 0);
+    u32::try_from(whole).unwrap_or(u32::MAX)
+}
+
+/// A float that KEDA turns into exactly `milli` milli-units, whether it truncates
+/// `value x 1000` (older releases) or rounds to three decimals (newer ones).
+fn value_for_milli(milli: i64) -> f64 {
+    let value = milli as f64 / MILLI;
+    if ((value * MILLI) as i64) < milli {
+        value.next_up()
+    } else {
+        value
+    }
+}
+
+/// The HPA tolerance the trigger's `tolerance` metadata gives, or the HPA's default.
+fn tolerance(object: &ScaledObjectRef) -> Result<f64, tonic::Status> {
+    let Some(given) = object.scaler_metadata.get("tolerance") else {
+        return Ok(DEFAULT_HPA_TOLERANCE);
+    };
+    match given.trim().parse::<f64>() {
+        Ok(t) if (0.0..1.0).contains(&t) => Ok(t),
+        _ => Err(tonic::Status::invalid_argument(format!(
+            "scalerMetadata.tolerance = {given:?}: give the HPA's tolerance, a number from 0 \
+             up to (not including) 1 (default {DEFAULT_HPA_TOLERANCE})"
+        ))),
     }
 }
 
@@ -158,13 +328,10 @@ fn resolve<'a>(
     object: &ScaledObjectRef,
 ) -> Result<&'a PoolDef, tonic::Status> {
     let metadata = &object.scaler_metadata;
+    // Names are unique within a namespace, and only there: a ScaledObject in team-b must not
+    // follow team-a's pool of the same name, even when team-b has none.
     let namespace = metadata.get("namespace").unwrap_or(&object.namespace);
-    // Names are unique within a namespace: the ScaledObject's own (or `scalerMetadata.namespace`)
-    // picks among several of one name; a single one needs no namespace unless one is given.
-    let pick = |namespaces: &[&str]| match namespaces {
-        [_] if !metadata.contains_key("namespace") => Some(0),
-        several => several.iter().position(|ns| *ns == namespace.as_str()),
-    };
+    let pick = |namespaces: &[&str]| namespaces.iter().position(|ns| *ns == namespace.as_str());
     if let Some(name) = metadata.get("pool") {
         let named: Vec<&PoolDef> = config.pools().iter().filter(|p| p.name == *name).collect();
         let namespaces: Vec<&str> = named.iter().map(|p| p.target.namespace.as_str()).collect();
@@ -314,14 +481,17 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: tonic::Request<ScaledObjectRef>,
     ) -> Result<tonic::Response<IsActiveResponse>, tonic::Status> {
-        let pool = self.resolve(request.get_ref())?;
+        let pool = self.resolve(request.get_ref())?.pool;
         if self.for_the_leader(&request)
             && let Some(result) = self.link.is_active(request.get_ref().clone()).await
         {
             return Ok(tonic::Response::new(IsActiveResponse { result }));
         }
-        let result = self.answer_for(&pool).active;
-        Ok(tonic::Response::new(IsActiveResponse { result }))
+        match self.answer_for(&pool).active {
+            Some(result) => Ok(tonic::Response::new(IsActiveResponse { result })),
+            // An error makes KEDA keep the replicas as they are; false would scale to zero.
+            None => Err(tonic::Status::unavailable(self.unknown_activity(&pool))),
+        }
     }
 
     type StreamIsActiveStream = ActiveStream;
@@ -331,7 +501,7 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: tonic::Request<ScaledObjectRef>,
     ) -> Result<tonic::Response<ActiveStream>, tonic::Status> {
-        let pool = self.resolve(request.get_ref())?;
+        let pool = self.resolve(request.get_ref())?.pool;
         let Some(receiver) = self.status.subscribe(pool.id) else {
             return Err(tonic::Status::internal("pool has no status channel"));
         };
@@ -356,7 +526,7 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: tonic::Request<ScaledObjectRef>,
     ) -> Result<tonic::Response<GetMetricSpecResponse>, tonic::Status> {
-        let pool = self.resolve(request.get_ref())?;
+        let pool = self.resolve(request.get_ref())?.pool;
         Ok(tonic::Response::new(GetMetricSpecResponse {
             metric_specs: vec![MetricSpec {
                 metric_name: metric_name(&pool),
@@ -366,8 +536,8 @@ impl ExternalScaler for KedaScaler {
         }))
     }
 
-    /// `desired replicas x targetSize` ([`answer`]); before any replica count is known,
-    /// Unavailable.
+    /// A value that makes the HPA land on the desired replicas ([`answer`], [`metric_for_hpa`]);
+    /// before any replica count is known, Unavailable.
     async fn get_metrics(
         &self,
         request: tonic::Request<GetMetricsRequest>,
@@ -386,14 +556,18 @@ impl ExternalScaler for KedaScaler {
         }
         let request = request.into_inner();
         let object = request.scaled_object_ref.unwrap_or_default();
-        let pool = self.resolve(&object)?;
-        let Some(desired) = self.answer_for(&pool).desired else {
+        let Trigger { pool, tolerance } = self.resolve(&object)?;
+        let status = self.status.get(pool.id).unwrap_or_default();
+        let Some(desired) = answer(&status, *self.leading.borrow()).desired else {
             return Err(tonic::Status::unavailable(format!(
                 "pool {:?}: no replica count known yet",
                 pool.name
             )));
         };
-        let value = i64::from(desired) * TARGET_SIZE;
+        // The HPA weighs the metric against the replicas that exist (status.replicas).
+        let running = status.replicas.map_or(0, |r| r.current);
+        let metric = metric_for_hpa(running, desired, tolerance);
+        self.note_tolerance_hold(&pool, &metric, tolerance);
         let metric_name = if request.metric_name.is_empty() {
             metric_name(&pool)
         } else {
@@ -402,8 +576,10 @@ impl ExternalScaler for KedaScaler {
         Ok(tonic::Response::new(GetMetricsResponse {
             metric_values: vec![MetricValue {
                 metric_name,
-                metric_value: value,
-                metric_value_float: value as f64,
+                // KEDA reads the integer only when the float is 0; rounded up, it leads where
+                // the float does (ceil is where the HPA lands).
+                metric_value: metric.value.ceil() as i64 * TARGET_SIZE,
+                metric_value_float: metric.value * TARGET_SIZE as f64,
             }],
         }))
     }
@@ -422,22 +598,24 @@ struct Activation {
 }
 
 impl Activation {
-    /// The activation when it differs from the last sent (at once for the first); `None` at
-    /// shutdown or when the pool goes.
+    /// The activation when it differs from the last sent (at once for the first known one;
+    /// nothing while unknown); `None` at shutdown or when the pool goes.
     async fn next_change(&mut self) -> Option<bool> {
         loop {
             let leads = *self.leading.borrow_and_update();
             let local = answer(&self.receiver.borrow_and_update(), leads).active;
             let following = self.ask_leader && !leads;
             let active = if following {
-                self.link
-                    .is_active(self.object.clone())
-                    .await
-                    .unwrap_or(local)
+                match self.link.is_active(self.object.clone()).await {
+                    Some(leaders) => Some(leaders),
+                    None => local,
+                }
             } else {
                 local
             };
-            if self.last != Some(active) {
+            if let Some(active) = active
+                && self.last != Some(active)
+            {
                 self.last = Some(active);
                 return Some(active);
             }
@@ -458,6 +636,7 @@ mod tests {
     use crate::controller::PoolReplicas;
 
     fn status(running: u32, decided: Option<u32>, active: bool) -> PoolStatus {
+        let active = Some(active);
         PoolStatus {
             replicas: Some(PoolReplicas {
                 desired: running,
@@ -476,7 +655,7 @@ mod tests {
         assert_eq!(
             answer(&down, true),
             Answer {
-                active: true,
+                active: Some(true),
                 desired: Some(2)
             }
         );
@@ -484,7 +663,7 @@ mod tests {
         assert_eq!(
             answer(&to_zero, true),
             Answer {
-                active: false,
+                active: Some(false),
                 desired: Some(0)
             }
         );
@@ -499,16 +678,136 @@ mod tests {
         assert_eq!(
             idle,
             Answer {
-                active: true,
+                active: Some(true),
                 desired: Some(1)
             }
         );
         // At zero, load it sees is certain: it may activate.
-        assert!(answer(&status(0, Some(1), true), false).active);
-        assert!(!answer(&status(0, Some(0), false), false).active);
+        assert_eq!(answer(&status(0, Some(1), true), false).active, Some(true));
+        assert_eq!(
+            answer(&status(0, Some(0), false), false).active,
+            Some(false)
+        );
         // Before any decision: what runs now, so the HPA holds.
         assert_eq!(answer(&status(3, None, false), false).desired, Some(3));
         assert_eq!(answer(&PoolStatus::default(), false).desired, None);
+    }
+
+    #[test]
+    fn activity_not_yet_known_is_answered_as_unknown_not_inactive() {
+        let unread = PoolStatus::default();
+        assert_eq!(answer(&unread, true).active, None);
+        assert_eq!(answer(&unread, false).active, None);
+        // A follower that reads replicas running knows enough: never deactivate them.
+        let running = PoolStatus {
+            active: None,
+            ..status(2, None, false)
+        };
+        assert_eq!(answer(&running, false).active, Some(true));
+        assert_eq!(answer(&running, true).active, None);
+    }
+
+    /// What the HPA does with a reported value: KEDA makes it milli-units (truncating in older
+    /// releases, rounding to three decimals in newer ones; both are checked), then
+    /// replica_calculator.go's `GetExternalPerPodMetricReplicas` with target 1000 milli.
+    fn hpa_sets(status_replicas: u32, value: f64, tolerance: f64) -> u32 {
+        let truncated = (value * 1000.0) as i64;
+        let rounded = (value * 1000.0).round() as i64;
+        assert_eq!(
+            truncated, rounded,
+            "{value} is not a whole number of milli-units"
+        );
+        let ratio = truncated as f64 / (1000.0 * f64::from(status_replicas));
+        if (1.0 - tolerance) <= ratio && ratio <= (1.0 + tolerance) {
+            status_replicas
+        } else {
+            (truncated as f64 / 1000.0).ceil() as u32
+        }
+    }
+
+    #[test]
+    fn the_metric_makes_the_hpa_apply_a_change_inside_its_tolerance() {
+        // (running, desired, tolerance) -> (value, lands on, held)
+        let table = [
+            // One replica down from 12: 10.799 is under the band (10.8) and ceils to 11.
+            ((12, 11, 0.1), (10.799, 11, false)),
+            // Four up from 41: 45 is inside the band (up to 45.1); the least value above it.
+            ((41, 45, 0.1), (45.101, 46, false)),
+            // One down from 25: the band starts at 22.5, under 23 = 24 - 1: nothing lands on 24.
+            ((25, 24, 0.1), (24.0, 25, true)),
+            // At zero the HPA does not weigh a ratio (KEDA activates): the count itself.
+            ((0, 3, 0.1), (3.0, 3, false)),
+            ((7, 7, 0.1), (7.0, 7, false)),
+            // Outside the band already.
+            ((9, 10, 0.1), (10.0, 10, false)),
+            ((20, 15, 0.1), (15.0, 15, false)),
+            // 11/10 is exactly on the edge, which the HPA counts as inside.
+            ((10, 11, 0.1), (11.001, 12, false)),
+            // No tolerance: every change is applied as it is.
+            ((25, 24, 0.0), (24.0, 24, false)),
+            ((41, 45, 0.0), (45.0, 45, false)),
+        ];
+        for ((running, desired, tolerance), (value, lands_on, held)) in table {
+            let metric = metric_for_hpa(running, desired, tolerance);
+            let case = format!("{running} -> {desired} at {tolerance}: {metric:?}");
+            assert!((metric.value - value).abs() < 1e-9, "{case}");
+            assert_eq!((metric.lands_on, metric.held), (lands_on, held), "{case}");
+            if running > 0 {
+                assert_eq!(
+                    hpa_sets(running, metric.value, tolerance),
+                    lands_on,
+                    "{case}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_hpa_lands_where_the_metric_says_for_every_count() {
+        for tolerance in [0.0, 0.01, 0.05, 0.1, 0.25, 0.5] {
+            for running in 1..=300 {
+                for desired in 0..=400 {
+                    let metric = metric_for_hpa(running, desired, tolerance);
+                    let case = format!("{running} -> {desired} at {tolerance}: {metric:?}");
+                    let set = hpa_sets(running, metric.value, tolerance);
+                    assert_eq!(set, metric.lands_on, "{case}");
+                    if metric.held {
+                        assert!(desired < running && tolerance > 0.0, "{case}");
+                        assert_eq!(metric.value, f64::from(desired), "{case}");
+                        // Held only when no value in (desired - 1, desired] is under the band.
+                        let band_floor = (1.0 - tolerance) * f64::from(running);
+                        assert!(band_floor <= f64::from(desired - 1) + 0.001, "{case}");
+                    } else if desired > running {
+                        // Never short; over by no more than the band's width and a replica.
+                        let over = f64::from(set) - f64::from(desired);
+                        assert!(set >= desired, "{case}");
+                        assert!(over <= tolerance * f64::from(running) + 1.0, "{case}");
+                    } else {
+                        assert_eq!(set, desired, "{case}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_tolerance_metadata_is_a_fraction_below_one() {
+        let with = |tolerance: &str| ScaledObjectRef {
+            scaler_metadata: [("tolerance".to_string(), tolerance.to_string())].into(),
+            ..ScaledObjectRef::default()
+        };
+        assert_eq!(tolerance(&ScaledObjectRef::default()).unwrap(), 0.1);
+        assert_eq!(tolerance(&with("0")).unwrap(), 0.0);
+        assert_eq!(tolerance(&with("0.05")).unwrap(), 0.05);
+        for bad in ["1", "-0.1", "10%", "NaN", "inf", ""] {
+            let refused = tolerance(&with(bad)).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert!(
+                refused.message().starts_with("scalerMetadata.tolerance"),
+                "{}",
+                refused.message()
+            );
+        }
     }
 
     #[test]
@@ -552,5 +851,42 @@ autoscalers:
             "{}",
             elsewhere.message()
         );
+    }
+
+    #[test]
+    fn the_only_pool_of_a_name_is_not_found_from_another_namespace() {
+        let yaml = r#"
+autoscalers:
+  - name: llama
+    namespace: team-a
+    spec:
+      selector: { backend: a }
+      pools: { unified: { scaleTargetRef: { name: vllm }, maxReplicas: 2 } }
+      slo: { ttft: 1s }
+"#;
+        let config = ControlConfig::from_yaml(yaml).unwrap();
+        let object = |namespace: &str, metadata: &[(&str, &str)]| ScaledObjectRef {
+            name: "scaler".into(),
+            namespace: namespace.into(),
+            scaler_metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        for by in [[("pool", "vllm")], [("autoscaler", "llama")]] {
+            let from_team_b = resolve(&config, &object("team-b", &by)).unwrap_err();
+            assert_eq!(from_team_b.code(), tonic::Code::NotFound, "{by:?}");
+            assert!(
+                from_team_b.message().contains("\"team-b\""),
+                "{}",
+                from_team_b.message()
+            );
+            assert!(resolve(&config, &object("team-a", &by)).is_ok(), "{by:?}");
+            let named = [by[0], ("namespace", "team-a")];
+            assert!(
+                resolve(&config, &object("team-b", &named)).is_ok(),
+                "{by:?}"
+            );
+        }
     }
 }

@@ -31,6 +31,7 @@ autoscalers:
           capacity: { prefillTokensPerSecond: 1000 }
       slo: { ttft: 500ms }
   - name: qwen
+    namespace: serving
     spec:
       selector: { model: qwen }
       pools:
@@ -126,6 +127,29 @@ async fn scaler_metadata_that_names_no_pool_is_refused_with_the_reason() -> Resu
     assert_eq!(no_role.code(), tonic::Code::InvalidArgument);
     assert!(no_role.message().starts_with("scalerMetadata.role"));
 
+    // The one `llama` is in serving: a ScaledObject in another namespace must not follow it.
+    let mut in_team_b = object(&[("pool", "llama")]);
+    in_team_b.namespace = "team-b".into();
+    let elsewhere = keda.get_metric_spec(in_team_b).await.unwrap_err();
+    assert_eq!(elsewhere.code(), tonic::Code::NotFound);
+    assert!(
+        elsewhere.message().contains("\"team-b\""),
+        "{}",
+        elsewhere.message()
+    );
+
+    // The HPA's tolerance, a fraction: "10%" is not one, and is refused when the HPA is made.
+    let tolerance = keda
+        .get_metric_spec(object(&[("pool", "llama"), ("tolerance", "10%")]))
+        .await
+        .unwrap_err();
+    assert_eq!(tolerance.code(), tonic::Code::InvalidArgument);
+    assert!(
+        tolerance.message().starts_with("scalerMetadata.tolerance"),
+        "{}",
+        tolerance.message()
+    );
+
     let decode = keda
         .get_metric_spec(object(&[("autoscaler", "qwen"), ("role", "decode")]))
         .await?;
@@ -140,6 +164,7 @@ async fn scaler_metadata_that_names_no_pool_is_refused_with_the_reason() -> Resu
 const FAST: &str = r#"
 autoscalers:
   - name: llama
+    namespace: serving
     spec:
       selector: { backend: vllm }
       scaleToZero: true
@@ -260,7 +285,8 @@ async fn load_on_a_pool_at_zero_is_pushed_as_activation_and_metrics_land_on_the_
         let metrics = keda
             .get_metrics(GetMetricsRequest {
                 scaled_object_ref: Some(llama.clone()),
-                metric_name: "s0-flyball-llama".into(),
+                // KEDA strips its `s<index>-` prefix before asking (RemoveIndexFromMetricName).
+                metric_name: "flyball-llama".into(),
             })
             .await?
             .into_inner();
@@ -269,7 +295,7 @@ async fn load_on_a_pool_at_zero_is_pushed_as_activation_and_metrics_land_on_the_
             continue;
         }
         let value = &metrics.metric_values[0];
-        assert_eq!(value.metric_name, "s0-flyball-llama");
+        assert_eq!(value.metric_name, "flyball-llama");
         assert!(before >= 1);
         assert_eq!(value.metric_value, before);
         assert_eq!(value.metric_value_float, before as f64);
@@ -280,6 +306,23 @@ async fn load_on_a_pool_at_zero_is_pushed_as_activation_and_metrics_land_on_the_
         compared,
         "the decision never held across one GetMetrics call"
     );
+    // KEDA matches the answer by its own name, so any name asked for is answered: the HPA's
+    // indexed one (as the HPA knows the metric), or none.
+    for asked in ["s0-flyball-llama", ""] {
+        let metrics = keda
+            .get_metrics(GetMetricsRequest {
+                scaled_object_ref: Some(llama.clone()),
+                metric_name: asked.into(),
+            })
+            .await?
+            .into_inner();
+        let expected = if asked.is_empty() {
+            "flyball-llama"
+        } else {
+            asked
+        };
+        assert_eq!(metrics.metric_values[0].metric_name, expected);
+    }
     control.stop().await
 }
 
@@ -368,7 +411,7 @@ async fn a_follower_gives_keda_the_leaders_answer() -> Result<(), Error> {
             let answer = keda
                 .get_metrics(GetMetricsRequest {
                     scaled_object_ref: Some(llama),
-                    metric_name: "s0-flyball-llama".into(),
+                    metric_name: "flyball-llama".into(),
                 })
                 .await?
                 .into_inner();
@@ -427,8 +470,9 @@ async fn load_activates_a_pool_whose_replicas_cannot_be_read() -> Result<(), Err
     let control = support::start_with(FAST, FAST_WINDOWS, Arc::new(Unreadable)).await?;
     let mut keda = client(&control).await?;
     let llama = object(&[("pool", "llama")]);
+    // Nothing is known yet (no replicas, no telemetry): the stream pushes nothing until load
+    // shows, rather than false.
     let mut activity = keda.stream_is_active(llama.clone()).await?.into_inner();
-    assert!(!activity.next().await.ok_or("stream ended")??.result);
 
     let mut gateway = TelemetryServiceClient::connect(control.grpc_uri()).await?;
     let load = v1::KeyTelemetry {
@@ -449,5 +493,215 @@ async fn load_activates_a_pool_whose_replicas_cannot_be_read() -> Result<(), Err
         "activation pushed although /scale is unreadable"
     );
     assert!(keda.is_active(llama).await?.into_inner().result);
+    control.stop().await
+}
+
+/// The HPA's replica count for an External metric with an `AverageValue` target, as
+/// kubernetes/kubernetes pkg/controller/podautoscaler/replica_calculator.go computes it
+/// (`GetExternalPerPodMetricReplicas`, default tolerance 0.1 both ways):
+///
+/// ```go
+/// replicaCount = statusReplicas
+/// usageRatio := float64(usage) / (float64(targetUsagePerPod) * float64(replicaCount))
+/// if !tolerances.isWithin(usageRatio) {
+///     replicaCount = int32(math.Ceil(float64(usage) / float64(targetUsagePerPod)))
+/// }
+/// // isWithin: (1.0-t.scaleDown) <= usageRatio && usageRatio <= (1.0+t.scaleUp)
+/// ```
+///
+/// KEDA hands the HPA `metricValue` in milli units (`GenerateMetricInMili`: older releases
+/// truncate `value x 1000`, newer ones round to three decimals; a value must mean the same to
+/// both) and the target `targetSizeFloat` (`GetMetricTargetMili`), so usage = value x 1000,
+/// target = 1000.
+fn hpa_external_average_value(status_replicas: u32, value: f64, target: f64) -> u32 {
+    let usage = (value * 1000.0) as i64;
+    assert_eq!(
+        usage,
+        (value * 1000.0).round() as i64,
+        "{value}: KEDA releases would disagree on it"
+    );
+    let target = (target * 1000.0) as i64;
+    let ratio = usage as f64 / (target as f64 * f64::from(status_replicas));
+    let within = ((1.0 - 0.1)..=(1.0 + 0.1)).contains(&ratio);
+    if within {
+        status_replicas
+    } else {
+        (usage as f64 / target as f64).ceil() as u32
+    }
+}
+
+/// A dry-run autoscaler (as deploy/keda/scaledobject.yaml asks for: KEDA's HPA is the only
+/// writer) with flyball's default scale-down step (maxStep 1), short windows otherwise.
+const KEDA_DRY_RUN: &str = r#"
+autoscalers:
+  - name: llama
+    namespace: serving
+    spec:
+      selector: { backend: vllm }
+      dryRun: true
+      pools:
+        unified:
+          scaleTargetRef: { name: llama }
+          maxReplicas: 20
+          capacity: { prefillTokensPerSecond: 1000 }
+      slo: { ttft: 500ms }
+      behavior:
+        scaleUp: { stabilizationWindow: 0s, maxStep: 10, period: 100ms }
+        scaleDown: { stabilizationWindow: 0s, period: 100ms }
+        cooldown: 0s
+"#;
+
+/// The metric must make KEDA's HPA land on flyball's count. With flyball's default scale-down
+/// step of one replica, an idle pool at 12 asks for 11: 11/12 is within the HPA's 10%
+/// tolerance, so the HPA keeps 12; flyball, deciding from the 12 still running, asks 11 again,
+/// for ever. Every pool at 10 replicas or more never scales down through KEDA (the README and
+/// deploy/keda say such a change "waits until the gap grows"; flyball's own step limit keeps
+/// the gap at one replica).
+#[tokio::test]
+async fn an_idle_pool_at_twelve_scales_down_through_the_hpa() -> Result<(), Error> {
+    let actuator = Arc::new(ScaledToZero::default());
+    let llama_target = ScaleTarget {
+        api_version: "apps/v1".into(),
+        kind: "Deployment".into(),
+        name: "llama".into(),
+        namespace: "serving".into(),
+    };
+    actuator.set(&llama_target, 12).await?;
+    let control = support::start_with(KEDA_DRY_RUN, FAST_WINDOWS, actuator.clone()).await?;
+    let mut keda = client(&control).await?;
+    let llama = object(&[("pool", "llama")]);
+
+    // An idle gateway: fresh telemetry, no load.
+    let mut gateway = TelemetryServiceClient::connect(control.grpc_uri()).await?;
+    let idle = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        for sequence in 1.. {
+            tick.tick().await;
+            if gateway.report(report(sequence, Vec::new())).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    // The HPA's sync, sped up: read the metric, set what the replica calculator gives.
+    let replicas = |actuator: &ScaledToZero| {
+        actuator
+            .replicas
+            .lock()
+            .map_or(0, |r| r.get("llama").copied().unwrap_or(0))
+    };
+    let mut asked_below = None;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(8);
+    while tokio::time::Instant::now() < deadline && replicas(&actuator) >= 12 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let Ok(metrics) = keda
+            .get_metrics(GetMetricsRequest {
+                scaled_object_ref: Some(llama.clone()),
+                // KEDA strips its `sN-` prefix before asking (RemoveIndexFromMetricName).
+                metric_name: "flyball-llama".into(),
+            })
+            .await
+        else {
+            continue;
+        };
+        let value = metrics.into_inner().metric_values[0].metric_value_float;
+        let current = replicas(&actuator);
+        if (value as u32) < current {
+            asked_below = Some(value);
+        }
+        let hpa = hpa_external_average_value(current, value, 1.0).clamp(1, 20);
+        actuator.set(&llama_target, hpa).await?;
+    }
+    idle.abort();
+    let asked = asked_below.ok_or("flyball never asked for fewer than 12 replicas")?;
+    assert!(
+        replicas(&actuator) < 12,
+        "flyball asked for {asked} replicas, but the HPA kept all 12 for 8 s: {asked}/12 is \
+         within its 10% tolerance, and flyball never asks more than one replica below what runs"
+    );
+    control.stop().await
+}
+
+/// Replicas that cannot be read (no RBAC on /scale, as the test above has it) and no telemetry
+/// at all (the gateways down, or not reporting yet after a restart of the control service):
+/// flyball knows neither the load nor what runs, and must hold. It answers `IsActive` false and
+/// pushes false on the stream instead; KEDA's scale executor takes that as "no active trigger"
+/// and, with minReplicaCount 0, scales the target to zero once `cooldownPeriod` has passed since
+/// it was last active (kedacore/keda pkg/scaling/executor/scale_scaledobjects.go,
+/// `currentReplicas > 0 && minReplicas == 0` -> `scaleToZeroOrIdle`). An answer that says
+/// "unknown" (an error: KEDA then does nothing without a fallback) would hold. (The test above
+/// asserts this same first `false` as its starting point; a fix changes that line too.)
+#[tokio::test]
+async fn missing_telemetry_and_unread_replicas_never_deactivate_a_pool() -> Result<(), Error> {
+    let control = support::start_with(FAST, FAST_WINDOWS, Arc::new(Unreadable)).await?;
+    let mut keda = client(&control).await?;
+    let llama = object(&[("pool", "llama")]);
+    // Several evaluations, none of which could read /scale or saw a report.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let answer = keda.is_active(llama.clone()).await;
+    assert!(
+        !matches!(&answer, Ok(r) if !r.get_ref().result),
+        "IsActive answered false with no telemetry and no replica count: {answer:?}"
+    );
+    let mut activity = keda.stream_is_active(llama).await?.into_inner();
+    let first = tokio::time::timeout(std::time::Duration::from_millis(500), activity.next()).await;
+    assert!(
+        !matches!(&first, Ok(Some(Ok(r))) if !r.result),
+        "StreamIsActive pushed false with no telemetry and no replica count"
+    );
+    control.stop().await
+}
+
+/// Three replicas behind a /scale that answers slowly (a loaded API server).
+struct SlowThree;
+
+impl Actuator for SlowThree {
+    async fn current(&self, _: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        Ok(PoolReplicas {
+            desired: 3,
+            current: 3,
+            ready: 3,
+        })
+    }
+
+    async fn set(&self, _: &ScaleTarget, _: u32) -> Result<(), ActuatorError> {
+        Ok(())
+    }
+}
+
+/// Before its first read of /scale (at start, after a restart, for an autoscaler just added)
+/// the leader's status is the default one, and `answer` gives its `active: false` as the
+/// leader's word: KEDA is told a pool with 3 replicas is inactive, and the stream pushes that
+/// false at once. KEDA's executor scales to zero on it when the ScaledObject has no
+/// `lastActiveTime` yet (a new ScaledObject: `scaleToZeroOrIdle` then waits only
+/// `initialCooldownPeriod`, 0 by default) or its cooldown has passed. Nothing is known yet: flyball should hold (answer an error, push
+/// nothing), as `answer` already does for the replica count (GetMetrics is Unavailable).
+#[tokio::test]
+async fn a_pool_not_yet_read_is_not_reported_inactive() -> Result<(), Error> {
+    let control = support::start_with(FAST, FAST_WINDOWS, Arc::new(SlowThree)).await?;
+    let mut keda = client(&control).await?;
+    let llama = object(&[("pool", "llama")]);
+    let unknown = keda
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(llama.clone()),
+            metric_name: "flyball-llama".into(),
+        })
+        .await;
+    assert!(
+        unknown.is_err(),
+        "the count is rightly unknown: {unknown:?}"
+    );
+    let answer = keda.is_active(llama.clone()).await;
+    assert!(
+        !matches!(&answer, Ok(r) if !r.get_ref().result),
+        "IsActive answered false before the replicas were read: {answer:?}"
+    );
+    let mut activity = keda.stream_is_active(llama).await?.into_inner();
+    let first = tokio::time::timeout(std::time::Duration::from_millis(500), activity.next()).await;
+    assert!(
+        !matches!(&first, Ok(Some(Ok(r))) if !r.result),
+        "StreamIsActive pushed false before the replicas were read"
+    );
     control.stop().await
 }

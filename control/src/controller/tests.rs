@@ -215,7 +215,7 @@ async fn load_over_capacity_scales_the_pool_up_through_the_actuator() {
         .await
         .unwrap()
         .clone();
-    assert!(decided.active);
+    assert_eq!(decided.active, Some(true));
     let last = decided.decisions.back().unwrap();
     assert!(last.to >= 5, "{last:?}");
     let set = h.actuator.recommendations();
@@ -1218,6 +1218,41 @@ autoscalers:
         "30 s later llama still holds: {last:?}; set: {:?}",
         h.actuator.inner.recommendations()
     );
+    let _ = h.stop.send(());
+}
+
+/// With replicas unreadable, KEDA's activation comes from telemetry alone: unknown with none
+/// (KEDA must not scale to zero on that), false only from fresh reports showing no load, and
+/// the last known answer while reports are stale.
+#[tokio::test(start_paused = true)]
+async fn unreadable_replicas_leave_activity_to_fresh_telemetry() {
+    let config = ControlConfig::from_yaml(SPEC).unwrap();
+    let actuator = Arc::new(OneTargetMissing {
+        inner: DryRunActuator::for_config(&config),
+        broken: "llama",
+        missing: true.into(),
+    });
+    let h = start_on(config, actuator, true, None);
+    let mut status = h.status.subscribe(PoolId(0)).unwrap();
+    status.wait_for(|s| s.last_error.is_some()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(h.status.get(PoolId(0)).unwrap().active, None);
+
+    let idle = |sequence: u64| v1::ReportRequest {
+        keys: Vec::new(),
+        ..load(sequence, 0)
+    };
+    for s in 1..=3 {
+        h.telemetry.ingest(idle(s), Instant::now()).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(h.status.get(PoolId(0)).unwrap().active, Some(false));
+
+    h.telemetry.ingest(load(4, 5_000), Instant::now()).unwrap();
+    status.wait_for(|s| s.active == Some(true)).await.unwrap();
+    // The gateways go silent: no load is seen any more, but nothing says the pool is idle.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(h.status.get(PoolId(0)).unwrap().active, Some(true));
     let _ = h.stop.send(());
 }
 

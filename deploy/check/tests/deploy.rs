@@ -7,6 +7,8 @@
 //!   holds the same specs;
 //! - the filter configurations inside the mesh manifests are accepted by the filter, and every
 //!   manifest names the control Service the chart creates;
+//! - the KEDA example names an example autoscaler with its bounds, and tells flyball the
+//!   tolerance its HPA has;
 //! - the Helm chart renders (with the renderer in this crate) to the checked-in manifests, grants
 //!   exactly the RBAC rules in `flyball_k8s::rbac::RULES`, and its values match its schema.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -527,6 +529,55 @@ fn keda_scaled_object_names_an_example_autoscaler_and_its_bounds() {
     );
     assert_eq!(scaled.value["spec"]["minReplicaCount"], pool["minReplicas"]);
     assert_eq!(scaled.value["spec"]["maxReplicaCount"], pool["maxReplicas"]);
+}
+
+/// A Kubernetes quantity as the HPA's tolerance takes it: a number, or a decimal string with an
+/// optional `m` (milli) suffix; `None` when absent.
+fn tolerance_quantity(value: &Value) -> Option<f64> {
+    match value {
+        Value::Null => None,
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => Some(match s.strip_suffix('m') {
+            Some(milli) => milli.parse::<f64>().unwrap() / 1000.0,
+            None => s.parse().unwrap(),
+        }),
+        other => panic!("tolerance {other}: not a quantity"),
+    }
+}
+
+/// Why the trigger's `tolerance` metadata differs from the HPA's tolerances (each defaults to
+/// 0.1): flyball computes the value it reports from the former, the HPA applies the latter.
+fn tolerance_mismatch(scaled: &Value) -> Option<String> {
+    let behavior = &scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"];
+    let trigger = scaled["spec"]["triggers"][0]["metadata"]["tolerance"]
+        .as_str()
+        .map_or(0.1, |t| t.parse::<f64>().unwrap());
+    ["scaleUp", "scaleDown"].into_iter().find_map(|direction| {
+        let hpa = tolerance_quantity(&behavior[direction]["tolerance"]).unwrap_or(0.1);
+        (hpa != trigger).then(|| {
+            format!("HPA {direction} tolerance {hpa}, trigger metadata tolerance {trigger}")
+        })
+    })
+}
+
+#[test]
+fn keda_trigger_tolerance_is_the_hpas() {
+    let scaled = one(&documents_in("keda/scaledobject.yaml"), "ScaledObject").value;
+    assert_eq!(
+        tolerance_mismatch(&scaled),
+        None,
+        "deploy/keda/scaledobject.yaml"
+    );
+
+    let mut only_the_hpa = scaled.clone();
+    only_the_hpa["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["tolerance"] =
+        json!(0);
+    assert!(tolerance_mismatch(&only_the_hpa).is_some());
+    let mut both = only_the_hpa.clone();
+    both["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleUp"]["tolerance"] =
+        json!("0m");
+    both["spec"]["triggers"][0]["metadata"]["tolerance"] = json!("0");
+    assert_eq!(tolerance_mismatch(&both), None);
 }
 
 // ===== Envoy stats labels =====
