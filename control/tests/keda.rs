@@ -637,7 +637,16 @@ async fn missing_telemetry_and_unread_replicas_never_deactivate_a_pool() -> Resu
     let mut keda = client(&control).await?;
     let llama = object(&[("pool", "llama")]);
     // Several evaluations, none of which could read /scale or saw a report.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let failed_reads =
+        r#"flyball_actuator_errors_total{namespace="serving",pool="llama",kind="forbidden"}"#;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while control.metric(failed_reads).await?.unwrap_or(0.0) < 3.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fewer than 3 failed reads of /scale after 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let answer = keda.is_active(llama.clone()).await;
     assert!(
         !matches!(&answer, Ok(r) if !r.get_ref().result),
