@@ -1239,6 +1239,9 @@ impl<A: Actuator> AutoscalerLoop<A> {
         let last_report = self.telemetry.last_report();
 
         let mut states = Vec::with_capacity(self.pools.len());
+        // A pool whose replicas cannot be read stops the decision (a pair is decided together),
+        // not what is known of the others: their replicas and activity are still published.
+        let mut unreadable = false;
         for pool in &self.pools {
             let replicas = match self.actuator.current(&pool.target).await {
                 Ok(replicas) => replicas,
@@ -1282,15 +1285,10 @@ impl<A: Actuator> AutoscalerLoop<A> {
                     let gone = error.kind == TARGET_NOT_FOUND;
                     self.status.update(pool.id, |s| {
                         s.last_error = Some(error.source.to_string());
-                        let wants_replicas = s.desired.is_some_and(|n| n > 0);
+                        s.active = activity(s.active, has_load, seen_idle, s.desired, None);
                         if gone {
                             s.replicas = None;
                             s.desired = None;
-                        }
-                        if has_load {
-                            s.active = Some(true);
-                        } else if seen_idle && !wants_replicas {
-                            s.active = Some(false);
                         }
                         true
                     });
@@ -1310,7 +1308,8 @@ impl<A: Actuator> AutoscalerLoop<A> {
                         };
                         self.actuator.record(&evaluation).await;
                     }
-                    return;
+                    unreadable = true;
+                    continue;
                 }
             };
             let observed = self.observed.entry(pool.id).or_default();
@@ -1344,6 +1343,17 @@ impl<A: Actuator> AutoscalerLoop<A> {
             };
             let has_load = view.has_load();
             states.push((pool.clone(), replicas, inputs, has_load));
+        }
+        if unreadable {
+            for (pool, replicas, inputs, has_load) in &states {
+                let seen_idle = !has_load && inputs.telemetry.freshness == Freshness::Fresh;
+                self.status.update(pool.id, |s| {
+                    s.replicas = Some(*replicas);
+                    s.active = activity(s.active, *has_load, seen_idle, s.desired, Some(*replicas));
+                    true
+                });
+            }
+            return;
         }
         let inputs = match states.as_slice() {
             [(_, _, unified, _)] => Pools::Unified(unified.clone()),
@@ -1509,6 +1519,27 @@ async fn leadership_changed(leading: &mut watch::Receiver<bool>, open: &mut bool
 async fn leadership_lost(mut leading: watch::Receiver<bool>) {
     if leading.wait_for(|leading| !*leading).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+/// A pool's activity (KEDA's) when it is not decided this evaluation: load makes it active;
+/// fresh, complete telemetry showing none, with no replicas wanted or running, idle; otherwise
+/// the last known activity stands (unknown if none), as nothing better is known.
+fn activity(
+    known: Option<bool>,
+    has_load: bool,
+    seen_idle: bool,
+    desired: Option<u32>,
+    replicas: Option<PoolReplicas>,
+) -> Option<bool> {
+    let wants_replicas = desired.is_some_and(|n| n > 0);
+    let runs_replicas = replicas.is_some_and(|r| r.desired > 0 || r.current > 0);
+    if has_load {
+        Some(true)
+    } else if seen_idle && !wants_replicas && !runs_replicas {
+        Some(false)
+    } else {
+        known
     }
 }
 

@@ -129,6 +129,7 @@ pub fn decide(
             pool,
             input,
             memory.pool_mut(Role::Unified),
+            true,
         )),
         (
             Pools::Disaggregated { prefill, decode },
@@ -136,22 +137,31 @@ pub fn decide(
                 prefill: prefill_input,
                 decode: decode_input,
             },
-        ) => Pools::Disaggregated {
-            prefill: decide_pool(
-                &cx,
-                Role::Prefill,
-                prefill,
-                prefill_input,
-                memory.pool_mut(Role::Prefill),
-            ),
-            decode: decide_pool(
-                &cx,
-                Role::Decode,
-                decode,
-                decode_input,
-                memory.pool_mut(Role::Decode),
-            ),
-        },
+        ) => {
+            // The gateway cannot tell which pool of the pair failed a request: a pool whose own
+            // objectives are well met is not taken for the one refusing them while the other's
+            // are not. Both well met, the failures are no one's and count against both.
+            let prefill_well = well_met(&cx, Role::Prefill, prefill_input);
+            let decode_well = well_met(&cx, Role::Decode, decode_input);
+            Pools::Disaggregated {
+                prefill: decide_pool(
+                    &cx,
+                    Role::Prefill,
+                    prefill,
+                    prefill_input,
+                    memory.pool_mut(Role::Prefill),
+                    !prefill_well || decode_well,
+                ),
+                decode: decide_pool(
+                    &cx,
+                    Role::Decode,
+                    decode,
+                    decode_input,
+                    memory.pool_mut(Role::Decode),
+                    !decode_well || prefill_well,
+                ),
+            }
+        }
         (pools, inputs) => {
             return Err(DecideError::TopologyMismatch {
                 spec: pools.topology(),
@@ -391,12 +401,14 @@ fn later(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
     }
 }
 
+/// `failures_implicated`: whether failed requests tell against this pool (see `decide`).
 fn decide_pool(
     cx: &Context<'_>,
     role: Role,
     pool: &PoolSpec,
     input: &PoolInputs,
     mem: &mut PoolMemory,
+    failures_implicated: bool,
 ) -> PoolDecision {
     let now = cx.now;
     let t = &input.telemetry;
@@ -487,8 +499,16 @@ fn decide_pool(
     for &dim in dimensions(role) {
         let estimate = match positive(dim.learned(&learned)) {
             Some(learned) => Some(
-                match carried_per_replica(cx, role, dim, t, state, mem, latency_judged)
-                    .filter(|c| *c > learned)
+                match carried_per_replica(
+                    cx,
+                    dim,
+                    t,
+                    state,
+                    mem,
+                    latency_judged,
+                    failures_implicated,
+                )
+                .filter(|c| *c > learned)
                 {
                     Some(per_replica) => CapacityEstimate {
                         per_replica,
@@ -557,7 +577,8 @@ fn decide_pool(
     // the least proven says nothing of how far past it the replicas could go: extrapolated to a
     // load many times it, it asks for many times the replicas needed; latency says how short
     // they are (see `lower_bound_reach`).
-    let lower_bound_reach = lower_bound_reach(cx, role, t, ready, mem, latency_judged);
+    let lower_bound_reach =
+        lower_bound_reach(cx, role, t, ready, mem, latency_judged, failures_implicated);
     let mut feed_forward: Option<u32> = None;
     for &dim in dimensions(role) {
         if let Some(cap) = dim.get(&capacity) {
@@ -863,6 +884,7 @@ fn lower_bound_reach(
     ready: u32,
     mem: &PoolMemory,
     latency_judged: bool,
+    failures_implicated: bool,
 ) -> u32 {
     let served = mem
         .ready_within(cx.now, t.stable.length)
@@ -872,9 +894,8 @@ fn lower_bound_reach(
         .iter()
         .filter_map(|&signal| Some(worst_ratio(signal, t, signal.target(cx.slo)?)))
         .fold(0.0, f64::max);
-    let implicated = failures_implicate(cx, role, t, latency_judged);
     let failing = |window: &WindowStats| {
-        implicated
+        failures_implicated
             && rate(window.error_rate_per_s)
                 > MAX_ERROR_SHARE_FOR_LEARNING * rate(window.request_rate_per_s)
     };
@@ -935,7 +956,9 @@ fn fits(
         // No serving replica is removed (only starting ones, or none).
         return true;
     }
-    if queued_for(role, t, ready) {
+    // Every role: requests waiting for their first token decode at a disaggregated decode pool
+    // next (4 -> 3 with 200 waiting went over its hint).
+    if first_tokens_queue(t, ready) {
         return false;
     }
     for &signal in signals(role) {
@@ -1022,23 +1045,22 @@ fn load_looks_steady(t: &PoolTelemetry) -> bool {
 /// ready, or any with none ready): its latency then no longer speaks for the load (see
 /// `decide_pool`). A disaggregated decode pool's requests wait at the prefill pool, before it.
 fn queued_for(role: Role, t: &PoolTelemetry, ready: u32) -> bool {
-    role != Role::Decode && f64::from(t.in_flight_waiting) >= f64::from(ready.max(1))
+    role != Role::Decode && first_tokens_queue(t, ready)
 }
 
-/// Whether failed requests tell against this pool. The gateway cannot tell which pool of a
-/// disaggregated pair failed a request: one whose own objectives are well met in both windows,
-/// with nothing queued for it, is not the pool refusing them. Without this, a long-output burst
-/// that the decode pool refused part of grew a prefill pool carrying its load at 40% of its TTFT
-/// objective 2 -> 6. A unified pool serves the whole request: its failures are its own.
-fn failures_implicate(
-    cx: &Context<'_>,
-    role: Role,
-    t: &PoolTelemetry,
-    latency_judged: bool,
-) -> bool {
-    role == Role::Unified
-        || !latency_judged
-        || !signals(role).iter().all(|&signal| {
+/// Whether as many requests wait for their first token as replicas are ready (any, with none).
+fn first_tokens_queue(t: &PoolTelemetry, ready: u32) -> bool {
+    f64::from(t.in_flight_waiting) >= f64::from(ready.max(1))
+}
+
+/// Whether a pool of a disaggregated pair meets its own objectives well in both windows, with
+/// nothing queued for it: failures are then taken for its partner's when the partner's are not
+/// met (see `decide`). Without it, a long-output burst that the decode pool refused part of grew
+/// a prefill pool carrying its load at 40% of its TTFT objective 2 -> 6.
+fn well_met(cx: &Context<'_>, role: Role, input: &PoolInputs) -> bool {
+    let t = &input.telemetry;
+    !queued_for(role, t, input.state.ready_replicas)
+        && signals(role).iter().all(|&signal| {
             well_within(signal, cx.slo, &t.short) && well_within(signal, cx.slo, &t.stable)
         })
 }
@@ -1184,12 +1206,12 @@ fn learn(
 /// decoding, with nothing before them to judge them by: they are left out.
 fn carried_per_replica(
     cx: &Context<'_>,
-    role: Role,
     dim: Dimension,
     t: &PoolTelemetry,
     state: &PoolState,
     mem: &PoolMemory,
     latency_judged: bool,
+    failures_implicated: bool,
 ) -> Option<f64> {
     if matches!(dim, Dimension::DecodingSequences) || !latency_judged {
         return None;
@@ -1206,9 +1228,8 @@ fn carried_per_replica(
     // The stable window's load counts too, so its failures must be as few: a burst refused in
     // part is not one the replicas carried. (It holds the short window's requests, so it has
     // completed ones.)
-    let failures_ok = few_failed(&t.stable)
-        || (rate(t.stable.request_rate_per_s) > 0.0
-            && !failures_implicate(cx, role, t, latency_judged));
+    let failures_ok =
+        few_failed(&t.stable) || (rate(t.stable.request_rate_per_s) > 0.0 && !failures_implicated);
     if !well_within(signal, cx.slo, window) || stable_missed || !failures_ok {
         return None;
     }

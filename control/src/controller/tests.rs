@@ -1618,3 +1618,55 @@ fn an_edit_does_not_remove_a_series_another_autoscaler_counts_under() {
         "autoscaler b still counts errors on ns/x; its series must stay (and not go down)"
     );
 }
+
+/// Review of c42a0a3 (activity answered as unknown): an unreadable target's pool takes its
+/// activity from telemetry, but the evaluation returns at the first unreadable pool, so the other
+/// pool of a prefill/decode pair, whose /scale reads fine, is never looked at: with load on it,
+/// its activity stays unknown (KEDA's IsActive: UNAVAILABLE, StreamIsActive: nothing), and its
+/// replicas are never reported, for as long as its partner's target cannot be read.
+#[tokio::test(start_paused = true)]
+async fn a_readable_pool_with_load_is_active_while_its_partner_cannot_be_read() {
+    let config = ControlConfig::from_yaml(
+        r#"
+autoscalers:
+  - name: llama
+    spec:
+      selector: { backend: vllm }
+      pools:
+        prefill:
+          scaleTargetRef: { name: llama-prefill }
+          maxReplicas: 10
+          capacity: { prefillTokensPerSecond: 1000 }
+        decode:
+          scaleTargetRef: { name: llama-decode }
+          maxReplicas: 10
+          capacity: { decodeTokensPerSecond: 1000 }
+      slo: { ttft: 500ms, tpot: 50ms }
+"#,
+    )
+    .unwrap();
+    let decode = config
+        .pools()
+        .iter()
+        .find(|p| p.name == "llama-decode")
+        .unwrap()
+        .id;
+    let actuator = Arc::new(OneTargetMissing {
+        inner: DryRunActuator::for_config(&config),
+        broken: "llama-prefill",
+        missing: true.into(),
+    });
+    let h = start_on(config, actuator, true, None);
+    for s in 1..=5 {
+        h.telemetry.ingest(load(s, 5_000), Instant::now()).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let status = h.status.get(decode).unwrap();
+    assert_eq!(
+        (status.active, status.replicas.is_some()),
+        (Some(true), true),
+        "decode (readable, 3 sequences decoding) 2.5 s into load while prefill's target is \
+         missing: {status:?}"
+    );
+    let _ = h.stop.send(());
+}

@@ -162,3 +162,60 @@ fn a_data_hold_still_honours_a_lowered_max_replicas() {
         );
     }
 }
+
+/// P/D sizing: the failures exemption lets each pool of a pair ignore the
+/// pair's failures while its own objective is well met. When the pool refusing requests is one
+/// whose served requests look fine (a prefill pool at its concurrency limit answering 429 to 3 of
+/// 10 requests/s, the admitted ones at 40% of the TTFT objective), and decode is fine too, both
+/// pools exempt themselves: the failures are ignored altogether and neither pool grows, for as
+/// long as they last. Before 59eec5b the prefill pool grew on exactly this input.
+#[test]
+fn failures_no_pool_of_a_pair_owns_are_not_ignored_by_both() {
+    let spec = spec_with(DISAGGREGATED, without_hints);
+    let mut mem = memory();
+    // A quiet hour teaches both pools a capacity (a lower bound: no hint, no miss).
+    let quiet = Load::tokens(400.0, 200.0, 20);
+    for at in [T0, T0 + STABLE] {
+        let inputs = disaggregated(
+            (telemetry(quiet), state(2, 2)),
+            (telemetry(quiet), state(2, 2)),
+        );
+        run(&spec, &inputs, &mut mem, at);
+    }
+    let at = T0 + STABLE + secs(1);
+    // The day: four times the prompts, and 30% of requests refused, in both windows (not a
+    // burst). Every served request is at 40% of each objective; nothing waits.
+    let mut day = Load::tokens(1_600.0, 200.0, 20);
+    day.errors_per_s = 3.0;
+    let inputs = disaggregated((telemetry(day), state(2, 2)), (telemetry(day), state(2, 2)));
+    let d = run(&spec, &inputs, &mut mem.clone(), at);
+    let (prefill, decode) = (pool(&d, Role::Prefill), pool(&d, Role::Decode));
+    assert!(
+        prefill.action == Action::ScaleUp || decode.action == Action::ScaleUp,
+        "30% of requests fail and no pool of the pair grows:\n  {prefill}\n  {decode}"
+    );
+}
+
+/// N-1 check: 59eec5b made `fits` refuse to remove a serving replica while requests queue for
+/// their first token ("a queue at a burst's start is in neither the token rates, counted as
+/// requests finish, nor the latency of the few completed"; README: scale-down happens "never
+/// while requests queue for their first token"), but `queued_for` is false for a decode pool, so
+/// a decode pool still goes 4 -> 3 with 200 requests waiting for their first token, every one of
+/// which decodes there once its prompt is done: 220 sequences are 55 a replica on 4 (hint 64),
+/// 73 on 3.
+#[test]
+fn a_decode_pool_is_not_scaled_down_while_a_burst_queues_for_its_first_tokens() {
+    let spec = spec(DISAGGREGATED);
+    let queued = Load::tokens(2_000.0, 400.0, 20).waiting(200);
+    let inputs = disaggregated(
+        (telemetry(queued), state(4, 4)),
+        (telemetry(queued), state(4, 4)),
+    );
+    let d = run(&spec, &inputs, &mut memory(), T0);
+    let decode = pool(&d, Role::Decode);
+    assert_ne!(
+        decode.action,
+        Action::ScaleDown,
+        "removed a decode replica with 200 requests waiting for their first token: {decode}"
+    );
+}
