@@ -215,10 +215,12 @@ pub fn answer(status: &PoolStatus, leading: bool) -> Answer {
         };
     }
     Answer {
-        active: if current.is_some_and(|n| n > 0) {
-            Some(true)
-        } else {
-            status.active
+        // Replicas running are never deactivated; replicas it cannot read, from a partial view
+        // of the load, neither: only load seen (true) is certain then.
+        active: match current {
+            Some(n) if n > 0 => Some(true),
+            Some(_) => status.active,
+            None => status.active.filter(|active| *active),
         },
         desired: match (decided, current) {
             (Some(decided), Some(current)) => Some(decided.max(current)),
@@ -691,6 +693,25 @@ mod tests {
         // Before any decision: what runs now, so the HPA holds.
         assert_eq!(answer(&status(3, None, false), false).desired, Some(3));
         assert_eq!(answer(&PoolStatus::default(), false).desired, None);
+    }
+
+    /// A follower that cannot read the replicas, its own reports idle (the leader's may not be),
+    /// and the leader out of reach: "inactive" from that partial view would let KEDA take a
+    /// loaded pool to zero.
+    #[test]
+    fn a_follower_that_cannot_read_replicas_never_answers_inactive() {
+        let unread_idle = PoolStatus {
+            replicas: None,
+            active: Some(false),
+            ..PoolStatus::default()
+        };
+        assert_eq!(answer(&unread_idle, false).active, None);
+        assert_eq!(answer(&unread_idle, true).active, Some(false));
+        let unread_loaded = PoolStatus {
+            active: Some(true),
+            ..unread_idle
+        };
+        assert_eq!(answer(&unread_loaded, false).active, Some(true));
     }
 
     #[test]
