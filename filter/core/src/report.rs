@@ -272,6 +272,27 @@ pub fn on_response(state: &ReporterState, sequence: u64, ok: bool) -> ReporterSt
     s
 }
 
+/// Applies the end of `worker`'s root context (its plugin configuration replaced or removed:
+/// Envoy calls `on_done`, and nothing of that worker ticks or answers again). The report it had
+/// in flight, `in_flight_sequence`, counts as failed, so the pending report goes again at the
+/// next due time rather than after the call's expiry (the control service ignores a sequence it
+/// already merged), and the next report is anyone's to send at its due time rather than after a
+/// takeover delay.
+pub fn on_worker_gone(
+    state: &ReporterState,
+    worker: u64,
+    in_flight_sequence: Option<u64>,
+) -> ReporterState {
+    let mut s = match in_flight_sequence {
+        Some(sequence) => on_response(state, sequence, false),
+        None => state.clone(),
+    };
+    if s.sender == worker {
+        s.sender = 0;
+    }
+    s
+}
+
 /// The gRPC status the control service refuses an invalid report with (naming why).
 pub const GRPC_INVALID_ARGUMENT: u32 = 3;
 

@@ -938,3 +938,36 @@ fn after_a_failed_report_any_worker_may_send_at_the_due_time() {
     // A late failure of an older report does not unseat the sender.
     assert_eq!(on_response(&state, 1, false).sender, 3);
 }
+
+#[test]
+fn a_gone_sender_leaves_the_next_report_to_any_worker_at_its_due_time() {
+    let state = ReporterState::decode_or_new(None, 0);
+    let state = sent_by(&state, 0, 2, true);
+    // Worker 2's configuration is replaced while it has report 2 in flight.
+    let TickPlan::BuildNew { state, sequence } = plan_tick(&state, 100, INTERVAL, TIMEOUT, 2)
+    else {
+        panic!("expected BuildNew");
+    };
+    let state = record_pending(&state, sequence, vec![7], 3, 100);
+    let gone = on_worker_gone(&state, 2, Some(sequence));
+    assert_eq!((gone.sender, gone.dispatched_at_ms), (0, 0));
+    // Worker 1 resends it, unchanged, at the next due time: no expiry, no takeover delay.
+    match plan_tick(&gone, 200, INTERVAL, TIMEOUT, 1) {
+        TickPlan::Resend {
+            report,
+            sequence: s,
+            ..
+        } => assert_eq!((report, s), (vec![7], sequence)),
+        other => panic!("expected a resend, got {other:?}"),
+    }
+    // A worker that was not the sender, gone with nothing in flight, changes nothing.
+    assert_eq!(on_worker_gone(&state, 5, None), state);
+    // The sender gone between reports: the next is anyone's at its due time.
+    let idle = on_response(&state, sequence, true);
+    let gone = on_worker_gone(&idle, 2, None);
+    assert_eq!(gone.sender, 0);
+    assert!(matches!(
+        plan_tick(&gone, 200, INTERVAL, TIMEOUT, 1),
+        TickPlan::BuildNew { .. }
+    ));
+}
