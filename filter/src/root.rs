@@ -101,6 +101,8 @@ pub(crate) struct FlyballRoot {
     in_flight: Option<InFlight>,
     /// This worker's number in the reporter state (`report::plan_tick`): random, not 0.
     worker_number: u64,
+    /// The generation of this root context's configuration (`report::register_configuration`).
+    generation: u64,
 }
 
 /// How this worker's reports travel.
@@ -135,6 +137,7 @@ impl FlyballRoot {
             // Context ids repeat across the workers' VMs; std's hasher keys come from WASI's
             // random_get, different in every VM.
             worker_number: RandomState::new().hash_one(context_id).max(1),
+            generation: 0,
         }
     }
 
@@ -214,12 +217,13 @@ impl FlyballRoot {
         let claimed = shared::update(REPORTER_KEY, |current| {
             let state = ReporterState::decode_or_new(current, now_ms);
             let dropped_before = state.dropped_reports;
-            let plan = report::plan_tick(
+            let plan = report::plan_tick_for(
                 &state,
                 now_ms,
                 config.report_interval_ms,
                 config.report_timeout_ms,
                 self.worker_number,
+                self.generation,
             );
             match plan {
                 TickPlan::Wait => None,
@@ -589,6 +593,21 @@ impl RootContext for FlyballRoot {
             log::error!("flyball: cannot arm the report timer: {status:?}");
             return false;
         }
+        // Last: only a configuration Envoy takes becomes the newest generation.
+        let config_hash = report::config_hash(&raw);
+        let registered = shared::update(REPORTER_KEY, |current| {
+            let state = ReporterState::decode_or_new(current, now_ms);
+            let (next, generation) = report::register_configuration(&state, config_hash, now_ms);
+            Some((next.encode_to_vec(), generation))
+        });
+        match registered {
+            Ok(Some(generation)) => self.generation = generation,
+            Ok(None) => {}
+            Err(error) => {
+                // Generation 0 only gives way to others: reporting goes on.
+                log::warn!("flyball: cannot register the configuration: {error}");
+            }
+        }
         let config = Rc::new(config);
         let worker = Worker {
             accumulator: Accumulator::new(&config),
@@ -602,11 +621,12 @@ impl RootContext for FlyballRoot {
         };
         self.worker = Some(Rc::new(RefCell::new(worker)));
         log::info!(
-            "flyball: configured (gateway {}, control {})",
+            "flyball: configured (gateway {}, control {}, generation {})",
             self.reporter.gateway,
             self.control_target
                 .as_ref()
-                .map_or("none", |_| "configured")
+                .map_or("none", |_| "configured"),
+            self.generation
         );
         true
     }
