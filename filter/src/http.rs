@@ -322,5 +322,9 @@ impl HttpContext for FlyballRequest {
         worker
             .stats
             .request_finished(key.0 as usize, phase == Phase::Decoding, &record);
+        if worker.retired {
+            // No tick will merge this any more.
+            worker.merge_into_shared();
+        }
     }
 }

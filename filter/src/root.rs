@@ -43,6 +43,9 @@ pub(crate) struct Worker {
     pub scratch: Vec<u8>,
     /// Deltas that could not be merged into shared data yet (contention); retried next tick.
     unmerged: Vec<WorkerDelta>,
+    /// The root context is done (its configuration replaced or removed): it ticks no more, so
+    /// a stream still finishing on it merges its own figures (`FlyballRequest::on_log`).
+    pub retired: bool,
 }
 
 // === impl Worker ===
@@ -57,6 +60,34 @@ impl Worker {
             accumulator.labels(KeyId(u32::try_from(index).unwrap_or(u32::MAX)))
         });
     }
+
+    /// Moves this worker's deltas into the process-wide accumulation. Returns how many deltas
+    /// are still held back (lost a compare-and-swap race too often; retried next time).
+    pub(crate) fn merge_into_shared(&mut self) -> usize {
+        if let Some(delta) = self.accumulator.take_delta() {
+            self.unmerged.push(delta);
+        }
+        let max_bytes = self.config.max_buffered_report_bytes;
+        while let Some(delta) = self.unmerged.first() {
+            let merged = shared::update(ACCUMULATION_KEY, |current| {
+                Some((
+                    shared_core::merge_worker_delta(current, delta, max_bytes),
+                    (),
+                ))
+            });
+            match merged {
+                Ok(_) => {
+                    self.unmerged.remove(0);
+                }
+                Err(error) => {
+                    FilterStats::count(self.filter_stats.shared_data_conflicts);
+                    log::warn!("flyball: cannot merge worker telemetry yet: {error}");
+                    break;
+                }
+            }
+        }
+        self.unmerged.len()
+    }
 }
 
 pub(crate) struct FlyballRoot {
@@ -70,6 +101,8 @@ pub(crate) struct FlyballRoot {
     in_flight: Option<InFlight>,
     /// This worker's number in the reporter state (`report::plan_tick`): random, not 0.
     worker_number: u64,
+    /// The generation of this root context's configuration (`report::register_configuration`).
+    generation: u64,
 }
 
 /// How this worker's reports travel.
@@ -104,6 +137,7 @@ impl FlyballRoot {
             // Context ids repeat across the workers' VMs; std's hasher keys come from WASI's
             // random_get, different in every VM.
             worker_number: RandomState::new().hash_one(context_id).max(1),
+            generation: 0,
         }
     }
 
@@ -129,29 +163,44 @@ impl FlyballRoot {
             )
     }
 
-    /// Moves this worker's deltas into the process-wide accumulation.
-    fn merge_into_shared(worker: &mut Worker) {
-        if let Some(delta) = worker.accumulator.take_delta() {
-            worker.unmerged.push(delta);
-        }
-        let max_bytes = worker.config.max_buffered_report_bytes;
-        while let Some(delta) = worker.unmerged.first() {
-            let merged = shared::update(ACCUMULATION_KEY, |current| {
-                Some((
-                    shared_core::merge_worker_delta(current, delta, max_bytes),
-                    (),
-                ))
-            });
-            match merged {
-                Ok(_) => {
-                    worker.unmerged.remove(0);
-                }
-                Err(error) => {
-                    FilterStats::count(worker.filter_stats.shared_data_conflicts);
-                    log::warn!("flyball: cannot merge worker telemetry yet: {error}");
-                    break;
-                }
+    /// This root context is going away: whatever its worker accumulated since its last tick
+    /// goes to shared data now (requests that ended since, streams cut when Envoy closed the
+    /// configuration's last connections), and the reporting role it held goes back to the
+    /// others. Without this, those requests were never reported and their in-flight gauges
+    /// stayed up for good.
+    fn retire(&mut self) {
+        let in_flight = self.in_flight.take();
+        if let Some(in_flight) = in_flight {
+            let cancelled = if in_flight.on_stream {
+                hostcalls::cancel_grpc_stream(in_flight.token)
+            } else {
+                hostcalls::cancel_grpc_call(in_flight.token)
+            };
+            if let Err(status) = cancelled {
+                log::debug!("flyball: report call already gone: {status:?}");
             }
+        }
+        if let Some(worker) = self.worker.clone()
+            && let Ok(mut worker) = worker.try_borrow_mut()
+        {
+            worker.retired = true;
+            let held = worker.merge_into_shared();
+            log::info!("flyball: configuration retired; its figures handed to shared data");
+            if held > 0 {
+                log::warn!(
+                    "flyball: configuration retired with {held} deltas not merged (shared data contended)"
+                );
+            }
+        }
+        let now_ms = Self::now_unix_ms();
+        let worker_number = self.worker_number;
+        let handed_over = shared::update(REPORTER_KEY, |current| {
+            let state = ReporterState::decode_or_new(current, now_ms);
+            let next = report::on_worker_gone(&state, worker_number, in_flight.map(|f| f.sequence));
+            (next != state).then(|| (next.encode_to_vec(), ()))
+        });
+        if let Err(error) = handed_over {
+            log::warn!("flyball: cannot hand reporting over: {error}");
         }
     }
 
@@ -168,12 +217,13 @@ impl FlyballRoot {
         let claimed = shared::update(REPORTER_KEY, |current| {
             let state = ReporterState::decode_or_new(current, now_ms);
             let dropped_before = state.dropped_reports;
-            let plan = report::plan_tick(
+            let plan = report::plan_tick_for(
                 &state,
                 now_ms,
                 config.report_interval_ms,
                 config.report_timeout_ms,
                 self.worker_number,
+                self.generation,
             );
             match plan {
                 TickPlan::Wait => None,
@@ -413,6 +463,13 @@ impl FlyballRoot {
 }
 
 impl Context for FlyballRoot {
+    /// Envoy is done with this root context: its plugin configuration was replaced (a
+    /// `WasmPlugin` edit) or removed, and the last stream on it has ended.
+    fn on_done(&mut self) -> bool {
+        self.retire();
+        true
+    }
+
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, _response_size: usize) {
         let Some((in_flight, worker)) = self.in_flight_on(token_id, false) else {
             return;
@@ -536,6 +593,21 @@ impl RootContext for FlyballRoot {
             log::error!("flyball: cannot arm the report timer: {status:?}");
             return false;
         }
+        // Last: only a configuration Envoy takes becomes the newest generation.
+        let config_hash = report::config_hash(&raw);
+        let registered = shared::update(REPORTER_KEY, |current| {
+            let state = ReporterState::decode_or_new(current, now_ms);
+            let (next, generation) = report::register_configuration(&state, config_hash, now_ms);
+            Some((next.encode_to_vec(), generation))
+        });
+        match registered {
+            Ok(Some(generation)) => self.generation = generation,
+            Ok(None) => {}
+            Err(error) => {
+                // Generation 0 only gives way to others: reporting goes on.
+                log::warn!("flyball: cannot register the configuration: {error}");
+            }
+        }
         let config = Rc::new(config);
         let worker = Worker {
             accumulator: Accumulator::new(&config),
@@ -545,14 +617,16 @@ impl RootContext for FlyballRoot {
             filter_stats: FilterStats::define(),
             scratch: Vec::new(),
             unmerged: Vec::new(),
+            retired: false,
         };
         self.worker = Some(Rc::new(RefCell::new(worker)));
         log::info!(
-            "flyball: configured (gateway {}, control {})",
+            "flyball: configured (gateway {}, control {}, generation {})",
             self.reporter.gateway,
             self.control_target
                 .as_ref()
-                .map_or("none", |_| "configured")
+                .map_or("none", |_| "configured"),
+            self.generation
         );
         true
     }
@@ -565,7 +639,7 @@ impl RootContext for FlyballRoot {
             return;
         };
         worker.define_held_stats();
-        Self::merge_into_shared(&mut worker);
+        worker.merge_into_shared();
         self.expire_streamed_report(&worker);
         self.send_report_if_due(&worker);
     }

@@ -128,6 +128,9 @@ pub struct Envoy {
     pub listener_port: u16,
     log_path: PathBuf,
     config_path: PathBuf,
+    /// The listener's LDS file, when Envoy was started with [`Envoy::start_with_listener_file`].
+    listener_file: Option<PathBuf>,
+    wasm: Option<PathBuf>,
 }
 
 /// Renders `envoy/flyball.yaml` (or `baseline.yaml`) for the given ports, wasm and plugin config.
@@ -201,6 +204,59 @@ pub fn render_config(
     Ok(text)
 }
 
+/// Splits a rendered config into a bootstrap whose listener comes from `listener_file` (LDS
+/// from the filesystem, watched through its directory) and that file's contents: the
+/// listener, as a `Listener` resource.
+pub fn split_listener(config: &str, listener_file: &Path) -> anyhow::Result<(String, String)> {
+    const LISTENERS: &str = "static_resources:\n  listeners:\n";
+    const CLUSTERS: &str = "\n  clusters:\n";
+    let start = config
+        .find(LISTENERS)
+        .ok_or_else(|| anyhow::anyhow!("no static listeners in the config"))?;
+    let body_start = start + LISTENERS.len();
+    let end = config[body_start..]
+        .find(CLUSTERS)
+        .map(|offset| body_start + offset)
+        .ok_or_else(|| anyhow::anyhow!("no clusters after the listeners"))?;
+    // Listener items are indented by four spaces in static_resources, by two under resources.
+    let mut listener = String::from("resources:\n");
+    let mut typed = false;
+    for line in config[body_start..end].lines() {
+        let line = line.strip_prefix("  ").unwrap_or(line);
+        match line.strip_prefix("  - ") {
+            Some(first) => {
+                listener.push_str(
+                    "  - \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n",
+                );
+                listener.push_str("    ");
+                listener.push_str(first);
+                typed = true;
+            }
+            _ => listener.push_str(line),
+        }
+        listener.push('\n');
+    }
+    anyhow::ensure!(typed, "no listener item in the config");
+    let dir = listener_file
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("{} has no directory", listener_file.display()))?;
+    let mut bootstrap = String::with_capacity(config.len());
+    bootstrap.push_str(&config[..start]);
+    bootstrap.push_str("static_resources:");
+    bootstrap.push_str(&config[end..]);
+    if !bootstrap.ends_with('\n') {
+        bootstrap.push('\n');
+    }
+    bootstrap.push_str(&format!(
+        "\nnode:\n  id: flyball-local\n  cluster: flyball-local\n\n\
+         dynamic_resources:\n  lds_config:\n    resource_api_version: V3\n    \
+         path_config_source:\n      path: {}\n      watched_directory:\n        path: {}\n",
+        listener_file.display(),
+        dir.display()
+    ));
+    Ok((bootstrap, listener))
+}
+
 /// The control cluster's `transport_socket`: TLS with a client certificate, the server's checked
 /// against the CA and its name (SNI and subject alternative name), HTTP/2 by ALPN.
 fn upstream_tls(tls: &ControlTls) -> String {
@@ -254,6 +310,112 @@ fn tied_to_this_process() -> Command {
 
 impl Envoy {
     pub async fn start(options: &EnvoyOptions) -> anyhow::Result<Envoy> {
+        Self::launch(options, None).await
+    }
+
+    /// Starts Envoy with its listener from a file it watches (LDS from the filesystem, as a
+    /// control plane would push it), so [`Envoy::reload_listener`] can change the listener and
+    /// the plugin configuration in it while Envoy runs. `drain_time` is `--drain-time-s`: how
+    /// long connections on a replaced listener configuration may go on before Envoy closes them.
+    pub async fn start_with_listener_file(
+        options: &EnvoyOptions,
+        drain_time: Duration,
+    ) -> anyhow::Result<Envoy> {
+        let envoy = Self::launch(options, Some(drain_time)).await?;
+        let admin = http_client();
+        wait_for(
+            "Envoy's listener from the LDS file to be active",
+            Duration::from_secs(10),
+            || {
+                let envoy = &envoy;
+                let admin = admin.clone();
+                async move {
+                    let active = envoy
+                        .admin_stat(&admin, "listener_manager.total_listeners_active")
+                        .await?;
+                    (active >= 1).then_some(())
+                }
+            },
+        )
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}\n{}", envoy.log_tail(40)))?;
+        Ok(envoy)
+    }
+
+    /// Replaces the listener of an Envoy started with [`Envoy::start_with_listener_file`] by
+    /// one rendered from `options` (same ports; typically another plugin configuration), the
+    /// way Envoy wants it: written aside, then moved over the watched file. Returns once Envoy
+    /// counts the update as accepted (`listener_manager.lds.update_success` grew) and has
+    /// applied it, and fails if Envoy rejects it.
+    pub async fn reload_listener(&self, options: &EnvoyOptions) -> anyhow::Result<()> {
+        let Some(path) = &self.listener_file else {
+            anyhow::bail!("Envoy was not started with a listener file");
+        };
+        let admin = http_client();
+        let stat = |name: &'static str| {
+            let admin = admin.clone();
+            async move { self.admin_stat(&admin, name).await }
+        };
+        let accepted_before = stat("listener_manager.lds.update_success")
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no listener_manager.lds.update_success stat"))?;
+        let rejected_before = stat("listener_manager.lds.update_rejected")
+            .await
+            .unwrap_or(0);
+        let config = render_config(
+            options,
+            self.admin_port,
+            self.listener_port,
+            self.wasm.as_deref(),
+        )?;
+        let (_, listener) = split_listener(&config, path)?;
+        let aside = path.with_extension("yaml.next");
+        std::fs::write(&aside, listener)?;
+        std::fs::rename(&aside, path)?;
+        let outcome = wait_for(
+            "Envoy to accept the new listener file",
+            Duration::from_secs(10),
+            || async {
+                let accepted = stat("listener_manager.lds.update_success").await?;
+                let rejected = stat("listener_manager.lds.update_rejected").await?;
+                if rejected > rejected_before {
+                    return Some(Err(()));
+                }
+                // Accepted, and no listener still warming (a new one takes over once warm).
+                let warming = stat("listener_manager.total_listeners_warming").await?;
+                (accepted > accepted_before && warming == 0).then_some(Ok(()))
+            },
+        )
+        .await;
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(())) => anyhow::bail!(
+                "Envoy rejected the new listener file:\n{}",
+                self.log_tail(20)
+            ),
+            Err(error) => anyhow::bail!("{error}\n{}", self.log_tail(20)),
+        }
+    }
+
+    /// One counter or gauge from the admin's `/stats`, by its exact name.
+    pub async fn admin_stat(&self, admin: &crate::client::HttpClient, name: &str) -> Option<u64> {
+        // The filter is a regex: a name's dots match themselves among others; the exact name is
+        // picked below.
+        let url = format!("http://127.0.0.1:{}/stats?filter={name}", self.admin_port);
+        let (status, body) = get(admin, &url).await.ok()?;
+        if status != 200 {
+            return None;
+        }
+        body.lines().find_map(|line| {
+            let (stat, value) = line.split_once(": ")?;
+            (stat == name).then(|| value.trim().parse().ok()).flatten()
+        })
+    }
+
+    async fn launch(
+        options: &EnvoyOptions,
+        listener_file: Option<Duration>,
+    ) -> anyhow::Result<Envoy> {
         let binary = envoy_binary()?;
         let wasm = match options.plugin_config {
             Some(_) => Some(filter_wasm()?),
@@ -261,12 +423,23 @@ impl Envoy {
         };
         let admin_port = free_port()?;
         let listener_port = free_port()?;
-        let config = render_config(options, admin_port, listener_port, wasm.as_deref())?;
+        let mut config = render_config(options, admin_port, listener_port, wasm.as_deref())?;
         let dir =
             std::env::temp_dir().join(format!("flyball-envoy-{}-{admin_port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let config_path = dir.join("envoy.yaml");
         let log_path = dir.join("envoy.log");
+        let mut listener_path = None;
+        if listener_file.is_some() {
+            // A directory of its own: Envoy reloads on any file moved into the watched one.
+            let lds_dir = dir.join("lds");
+            std::fs::create_dir_all(&lds_dir)?;
+            let path = lds_dir.join("listener.yaml");
+            let (bootstrap, listener) = split_listener(&config, &path)?;
+            std::fs::write(&path, listener)?;
+            config = bootstrap;
+            listener_path = Some(path);
+        }
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(&log_path)?;
         let mut command = tied_to_this_process();
@@ -279,6 +452,11 @@ impl Envoy {
             .arg(&config_path)
             .args(["--concurrency", &options.worker_threads.to_string()])
             .args(["--disable-hot-restart", "-l", "info"])
+            .args(
+                listener_file
+                    .map(|drain| vec!["--drain-time-s".to_owned(), drain.as_secs().to_string()])
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -289,6 +467,8 @@ impl Envoy {
             listener_port,
             log_path,
             config_path,
+            listener_file: listener_path,
+            wasm,
         };
         let admin = http_client();
         let url = format!("http://127.0.0.1:{admin_port}/ready");

@@ -62,6 +62,20 @@ pub struct ReporterState {
     /// [`plan_tick`].
     #[prost(uint64, tag = "12")]
     pub sender: u64,
+    /// The configuration generation of `sender` (see [`register_configuration`]).
+    #[prost(uint64, tag = "13")]
+    pub sender_generation: u64,
+    /// The newest configuration generation, and a hash of its plugin configuration.
+    #[prost(uint64, tag = "14")]
+    pub newest_generation: u64,
+    #[prost(uint64, tag = "15")]
+    pub newest_config_hash: u64,
+    /// When a root context of the newest generation last registered or sent.
+    #[prost(uint64, tag = "16")]
+    pub newest_seen_ms: u64,
+    /// The report interval of the sender that set `next_due_ms` (configurations may differ).
+    #[prost(uint64, tag = "17")]
+    pub sender_interval_ms: u64,
 }
 
 /// What a worker's tick should do.
@@ -150,19 +164,69 @@ pub fn early_tick_ms(interval_ms: u64) -> u64 {
     tick_period_ms(interval_ms) / 2
 }
 
-/// Decides the tick of `worker` (a number of its own, not 0). See [`TickPlan`].
+/// A stable hash of a plugin configuration (FNV-1a), the same in every VM.
+pub fn config_hash(raw: &[u8]) -> u64 {
+    raw.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Registers a root context configured with the plugin configuration of hash `config_hash`
+/// (to be applied to the latest state, CAS loop); returns the state and the context's
+/// configuration generation. The root contexts of one configuration (one per worker, and the
+/// main thread's) share a generation; a configuration other than the newest one starts a newer
+/// generation.
 ///
-/// The worker that sent the latest report sends the next one too; the others only once it is
-/// [`takeover_ms`] overdue (that worker is stuck, or gone with its VM), or after a report that
-/// failed. Every worker ticks, and each has its own connections to the control cluster: without
-/// this, over time each would open a report stream, and the control service would hold one
-/// connection and stream per worker of every gateway instead of one per gateway.
+/// Envoy keeps the root contexts of a replaced configuration until its connections have
+/// drained (`--drain-time-s`, 600 s by default, 45 s in Istio), and their ticks go on. Without
+/// generations the sender of the old configuration kept sending, at its old interval, to its
+/// old control cluster, under its old gateway name, until then (a reload from 100 ms to 200 ms
+/// went on reporting every 100 ms).
+pub fn register_configuration(
+    state: &ReporterState,
+    config_hash: u64,
+    now_ms: u64,
+) -> (ReporterState, u64) {
+    let mut s = state.clone();
+    if s.newest_generation == 0 || s.newest_config_hash != config_hash {
+        s.newest_generation = s.newest_generation.saturating_add(1);
+        s.newest_config_hash = config_hash;
+    }
+    s.newest_seen_ms = now_ms;
+    let generation = s.newest_generation;
+    (s, generation)
+}
+
+/// [`plan_tick_for`] for a worker of generation 0 (no configuration generations).
 pub fn plan_tick(
     state: &ReporterState,
     now_ms: u64,
     interval_ms: u64,
     timeout_ms: u64,
     worker: u64,
+) -> TickPlan {
+    plan_tick_for(state, now_ms, interval_ms, timeout_ms, worker, 0)
+}
+
+/// Decides the tick of `worker` (a number of its own, not 0), whose root context has
+/// configuration generation `generation` ([`register_configuration`]). See [`TickPlan`].
+///
+/// The worker that sent the latest report sends the next one too; the others only once it is
+/// [`takeover_ms`] overdue (that worker is stuck, or gone with its VM), or after a report that
+/// failed. Every worker ticks, and each has its own connections to the control cluster: without
+/// this, over time each would open a report stream, and the control service would hold one
+/// connection and stream per worker of every gateway instead of one per gateway.
+///
+/// A newer configuration comes first: a worker of a newer generation than the sender's sends
+/// at the due time, and a sender whose configuration was replaced gives way as long as the
+/// newest generation shows signs of life (it registered or sent within [`takeover_ms`]).
+pub fn plan_tick_for(
+    state: &ReporterState,
+    now_ms: u64,
+    interval_ms: u64,
+    timeout_ms: u64,
+    worker: u64,
+    generation: u64,
 ) -> TickPlan {
     let mut s = state.clone();
     if s.next_sequence == 0 {
@@ -182,9 +246,16 @@ pub fn plan_tick(
     // A report sent a little early schedules the next a little over an interval ahead, and a
     // worker may read the clock a moment before the sender did: only a due time more than an
     // interval and a tick off means the clock went back.
+    // The due time may have been set by a sender of another configuration, at its interval.
+    let scheduled_by = interval_ms.max(s.sender_interval_ms);
     let stepped_back =
-        s.next_due_ms > now_ms.saturating_add(interval_ms + tick_period_ms(interval_ms));
-    let due_ms = if s.sender == 0 || s.sender == worker {
+        s.next_due_ms > now_ms.saturating_add(scheduled_by + tick_period_ms(scheduled_by));
+    let superseded = generation < s.newest_generation
+        && now_ms < s.newest_seen_ms.saturating_add(takeover_ms(interval_ms));
+    let first_in_line = s.sender == 0
+        || (s.sender == worker && !superseded)
+        || (s.sender != worker && generation > s.sender_generation);
+    let due_ms = if first_in_line {
         s.next_due_ms.saturating_sub(early_tick_ms(interval_ms))
     } else {
         s.next_due_ms.saturating_add(takeover_ms(interval_ms))
@@ -193,6 +264,12 @@ pub fn plan_tick(
         return TickPlan::Wait;
     }
     s.sender = worker;
+    s.sender_generation = generation;
+    s.sender_interval_ms = interval_ms;
+    if generation >= s.newest_generation {
+        s.newest_generation = generation;
+        s.newest_seen_ms = now_ms;
+    }
     if s.pending.is_some() {
         if s.pending_since_ms > now_ms {
             s.pending_since_ms = now_ms;
@@ -269,6 +346,27 @@ pub fn on_response(state: &ReporterState, sequence: u64, ok: bool) -> ReporterSt
         s.sender = 0;
     }
     // A failure is retried at the next due time, which the dispatch already set.
+    s
+}
+
+/// Applies the end of `worker`'s root context (its plugin configuration replaced or removed:
+/// Envoy calls `on_done`, and nothing of that worker ticks or answers again). The report it had
+/// in flight, `in_flight_sequence`, counts as failed, so the pending report goes again at the
+/// next due time rather than after the call's expiry (the control service ignores a sequence it
+/// already merged), and the next report is anyone's to send at its due time rather than after a
+/// takeover delay.
+pub fn on_worker_gone(
+    state: &ReporterState,
+    worker: u64,
+    in_flight_sequence: Option<u64>,
+) -> ReporterState {
+    let mut s = match in_flight_sequence {
+        Some(sequence) => on_response(state, sequence, false),
+        None => state.clone(),
+    };
+    if s.sender == worker {
+        s.sender = 0;
+    }
     s
 }
 

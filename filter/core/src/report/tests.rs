@@ -938,3 +938,141 @@ fn after_a_failed_report_any_worker_may_send_at_the_due_time() {
     // A late failure of an older report does not unseat the sender.
     assert_eq!(on_response(&state, 1, false).sender, 3);
 }
+
+#[test]
+fn a_gone_sender_leaves_the_next_report_to_any_worker_at_its_due_time() {
+    let state = ReporterState::decode_or_new(None, 0);
+    let state = sent_by(&state, 0, 2, true);
+    // Worker 2's configuration is replaced while it has report 2 in flight.
+    let TickPlan::BuildNew { state, sequence } = plan_tick(&state, 100, INTERVAL, TIMEOUT, 2)
+    else {
+        panic!("expected BuildNew");
+    };
+    let state = record_pending(&state, sequence, vec![7], 3, 100);
+    let gone = on_worker_gone(&state, 2, Some(sequence));
+    assert_eq!((gone.sender, gone.dispatched_at_ms), (0, 0));
+    // Worker 1 resends it, unchanged, at the next due time: no expiry, no takeover delay.
+    match plan_tick(&gone, 200, INTERVAL, TIMEOUT, 1) {
+        TickPlan::Resend {
+            report,
+            sequence: s,
+            ..
+        } => assert_eq!((report, s), (vec![7], sequence)),
+        other => panic!("expected a resend, got {other:?}"),
+    }
+    // A worker that was not the sender, gone with nothing in flight, changes nothing.
+    assert_eq!(on_worker_gone(&state, 5, None), state);
+    // The sender gone between reports: the next is anyone's at its due time.
+    let idle = on_response(&state, sequence, true);
+    let gone = on_worker_gone(&idle, 2, None);
+    assert_eq!(gone.sender, 0);
+    assert!(matches!(
+        plan_tick(&gone, 200, INTERVAL, TIMEOUT, 1),
+        TickPlan::BuildNew { .. }
+    ));
+}
+
+/// Sends as `worker` of `generation` at `now` (panics if it may not).
+fn sent_by_generation(
+    state: &ReporterState,
+    now: u64,
+    worker: u64,
+    generation: u64,
+) -> ReporterState {
+    let (state, sequence) = match plan_tick_for(state, now, INTERVAL, TIMEOUT, worker, generation) {
+        TickPlan::BuildNew { state, sequence } => (state, sequence),
+        TickPlan::Resend {
+            state, sequence, ..
+        } => (state, sequence),
+        TickPlan::Wait => panic!("worker {worker} may not send at {now}"),
+    };
+    on_response(&state, sequence, true)
+}
+
+#[test]
+fn a_new_configuration_takes_reporting_over_at_the_next_due_time() {
+    let a = config_hash(b"{\"reportIntervalMs\":100}");
+    let b = config_hash(b"{\"reportIntervalMs\":200}");
+    assert_ne!(a, b);
+    let state = ReporterState::decode_or_new(None, 0);
+    // Both workers' root contexts (and the main thread's) of one configuration share a
+    // generation.
+    let (state, old) = register_configuration(&state, a, 0);
+    let (state, again) = register_configuration(&state, a, 0);
+    assert_eq!((old, again), (1, 1));
+    let state = sent_by_generation(&state, 0, 1, old);
+    let state = sent_by_generation(&state, 100, 1, old);
+    // The configuration is replaced; worker 1's old root context goes on ticking while its
+    // connections drain.
+    let (state, new) = register_configuration(&state, b, 150);
+    assert_eq!(new, 2);
+    assert_eq!(
+        plan_tick_for(&state, 200, INTERVAL, TIMEOUT, 1, old),
+        TickPlan::Wait
+    );
+    let state = sent_by_generation(&state, 200, 7, new);
+    assert_eq!((state.sender, state.sender_generation), (7, 2));
+    // From then on the old one is one of the others: it takes over only when the new sender
+    // is gone.
+    assert_eq!(
+        plan_tick_for(&state, 300, INTERVAL, TIMEOUT, 1, old),
+        TickPlan::Wait
+    );
+    let state = sent_by_generation(&state, 300, 7, new);
+    assert_eq!(
+        plan_tick_for(&state, 899, INTERVAL, TIMEOUT, 1, old),
+        TickPlan::Wait
+    );
+    let state = sent_by_generation(&state, 900, 1, old);
+    // Still the newest's signs of life are 600 ms old: the old generation goes on as sender.
+    let state = sent_by_generation(&state, 1_000, 1, old);
+    // Going back to the first configuration is a newer generation still.
+    let (_, newest) = register_configuration(&state, a, 1_050);
+    assert_eq!(newest, 3);
+}
+
+#[test]
+fn a_sibling_of_the_senders_generation_does_not_jump_the_queue() {
+    let state = ReporterState::decode_or_new(None, 0);
+    let (state, generation) = register_configuration(&state, 42, 0);
+    let state = sent_by_generation(&state, 0, 1, generation);
+    assert_eq!(
+        plan_tick_for(&state, 100, INTERVAL, TIMEOUT, 2, generation),
+        TickPlan::Wait
+    );
+    sent_by_generation(&state, 100, 1, generation);
+}
+
+#[test]
+fn a_due_time_set_at_a_longer_interval_is_not_the_clock_going_back() {
+    // A 200 ms sender scheduled the next report; a 100 ms worker of an older configuration
+    // (still draining) must not read that as the clock stepping back and send at once.
+    let state = ReporterState::decode_or_new(None, 0);
+    let (state, old) = register_configuration(&state, 1, 0);
+    let (state, new) = register_configuration(&state, 2, 0);
+    let state = sent_by_every(200, &state, 0, 7, true);
+    let state = ReporterState {
+        sender_generation: new,
+        ..state
+    };
+    assert_eq!(
+        plan_tick_for(&state, 10, INTERVAL, TIMEOUT, 1, old),
+        TickPlan::Wait
+    );
+    // The other way round: an older 200 ms sender scheduled it; a 100 ms worker of the newer
+    // configuration sends when it is due, not at once.
+    let state = ReporterState {
+        sender: 1,
+        sender_generation: old,
+        ..state
+    };
+    assert_eq!(state.next_due_ms, 200);
+    assert_eq!(
+        plan_tick_for(&state, 10, INTERVAL, TIMEOUT, 7, new),
+        TickPlan::Wait
+    );
+    assert!(matches!(
+        plan_tick_for(&state, 190, INTERVAL, TIMEOUT, 7, new),
+        TickPlan::BuildNew { .. }
+    ));
+}
