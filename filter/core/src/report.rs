@@ -252,7 +252,10 @@ pub fn plan_tick_for(
         s.next_due_ms > now_ms.saturating_add(scheduled_by + tick_period_ms(scheduled_by));
     let superseded = generation < s.newest_generation
         && now_ms < s.newest_seen_ms.saturating_add(takeover_ms(interval_ms));
-    let first_in_line = s.sender == 0
+    // With no sender (after a failed report) the newest configuration goes first: a draining
+    // older one that resent first would schedule the next report at its own interval (60 s
+    // held a 100 ms configuration back past the control service's stale limit).
+    let first_in_line = (s.sender == 0 && generation >= s.newest_generation)
         || (s.sender == worker && !superseded)
         || (s.sender != worker && generation > s.sender_generation);
     let due_ms = if first_in_line {

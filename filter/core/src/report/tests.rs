@@ -1050,11 +1050,11 @@ fn a_due_time_set_at_a_longer_interval_is_not_the_clock_going_back() {
     let state = ReporterState::decode_or_new(None, 0);
     let (state, old) = register_configuration(&state, 1, 0);
     let (state, new) = register_configuration(&state, 2, 0);
-    let state = sent_by_every(200, &state, 0, 7, true);
-    let state = ReporterState {
-        sender_generation: new,
-        ..state
+    let TickPlan::BuildNew { state, sequence } = plan_tick_for(&state, 0, 200, TIMEOUT, 7, new)
+    else {
+        panic!("the newest configuration may send first");
     };
+    let state = on_response(&state, sequence, true);
     assert_eq!(
         plan_tick_for(&state, 10, INTERVAL, TIMEOUT, 1, old),
         TickPlan::Wait
@@ -1075,4 +1075,49 @@ fn a_due_time_set_at_a_longer_interval_is_not_the_clock_going_back() {
         plan_tick_for(&state, 190, INTERVAL, TIMEOUT, 7, new),
         TickPlan::BuildNew { .. }
     ));
+}
+
+#[test]
+fn after_a_failed_report_an_older_configuration_does_not_hold_the_newest_back() {
+    // A configuration reporting every 60 s is replaced by one reporting every 100 ms; the old
+    // root contexts tick on (every 15 s) while their connections drain.
+    const OLD_INTERVAL: u64 = 60_000;
+    const OLD_WORKER: u64 = 1;
+    const NEW_WORKER: u64 = 7;
+    let state = ReporterState::decode_or_new(None, 0);
+    let (state, old) = register_configuration(&state, 1, 0);
+    let (state, new) = register_configuration(&state, 2, 900);
+    // The new configuration's worker sends; that one report fails (a connection reset, say).
+    let TickPlan::BuildNew { state, sequence } =
+        plan_tick_for(&state, 1_000, INTERVAL, TIMEOUT, NEW_WORKER, new)
+    else {
+        panic!("expected BuildNew");
+    };
+    let state = record_pending(&state, sequence, vec![1], 1, 1_000);
+    let state = on_response(&state, sequence, false);
+    // An old root context ticks before the new worker's next one. After a failure the report
+    // is anyone's at its due time, but the newest configuration's first: the old one resending
+    // (to the old control cluster) would schedule the next report at its own 60 s interval.
+    assert_eq!(
+        plan_tick_for(&state, 1_010, OLD_INTERVAL, TIMEOUT, OLD_WORKER, old),
+        TickPlan::Wait
+    );
+    // The newest configuration must report again well within the control service's stale
+    // limit (3 intervals, at least 3 s), ticking every 25 ms.
+    let mut now = 1_025;
+    let sent_at = loop {
+        if now > 1_010 + 70_000 {
+            break None;
+        }
+        if plan_tick_for(&state, now, INTERVAL, TIMEOUT, NEW_WORKER, new) != TickPlan::Wait {
+            break Some(now);
+        }
+        now += tick_period_ms(INTERVAL);
+    };
+    assert!(
+        sent_at.is_some_and(|t| t <= 1_010 + 3_000),
+        "the newest configuration's next report waits until {sent_at:?} (next due {} set at the old 60 s interval; sender generation {})",
+        state.next_due_ms,
+        state.sender_generation
+    );
 }
