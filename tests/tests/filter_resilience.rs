@@ -460,8 +460,16 @@ fn envoy_ends_with_the_process_that_started_it() -> anyhow::Result<()> {
         }
     });
     let heard = heard.recv_timeout(Duration::from_secs(60));
+    let starter_pid = starter.id();
     starter.kill()?;
     starter.wait()?;
+    // Killed, the starter left Envoy's config and log behind (its `Drop` never ran).
+    let left = format!("flyball-envoy-{starter_pid}-");
+    for entry in std::fs::read_dir(std::env::temp_dir())?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&left) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     let envoy = heard.map_err(|_| {
         anyhow::anyhow!("the starter never said Envoy's pid (Envoy did not start?)")
     })??;
