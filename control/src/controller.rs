@@ -1238,6 +1238,16 @@ impl<A: Actuator> AutoscalerLoop<A> {
         let reporters = self.telemetry.reporters(now);
         let last_report = self.telemetry.last_report();
 
+        let freshness_of = |pool: PoolId| {
+            freshness(
+                reporters.live,
+                last_report,
+                self.telemetry.silent_feeders(pool),
+                self.telemetry.keys_dropped_recently(pool, now),
+                self.config.stale_after,
+                now,
+            )
+        };
         let mut states = Vec::with_capacity(self.pools.len());
         // A pool whose replicas cannot be read stops the decision (a pair is decided together),
         // not what is known of the others: their replicas and activity are still published.
@@ -1268,18 +1278,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                         .is_some_and(|view| view.has_load());
                     // Only complete, fresh telemetry showing no load says idle; else the last
                     // known activity stands (unknown if none).
-                    let seen_idle = !has_load
-                        && matches!(
-                            freshness(
-                                reporters.live,
-                                last_report,
-                                self.telemetry.silent_feeders(pool.id),
-                                self.telemetry.keys_dropped_recently(pool.id, now),
-                                self.config.stale_after,
-                                now,
-                            ),
-                            Freshness::Fresh
-                        );
+                    let seen_idle = !has_load && freshness_of(pool.id) == Freshness::Fresh;
                     // A deleted target has no replicas: its last counts would be reported on
                     // in /v1/pools and flyball_pool_replicas for as long as the autoscaler is.
                     let gone = error.kind == TARGET_NOT_FOUND;
@@ -1316,14 +1315,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
             observed.read_error = None;
             observed.observe(replicas, policy_now);
             let view = self.telemetry.pool(pool.id, now).unwrap_or_default();
-            let fresh = freshness(
-                reporters.live,
-                last_report,
-                self.telemetry.silent_feeders(pool.id),
-                self.telemetry.keys_dropped_recently(pool.id, now),
-                self.config.stale_after,
-                now,
-            );
+            let fresh = freshness_of(pool.id);
             let inputs = PoolInputs {
                 telemetry: pool_telemetry(
                     &view,
