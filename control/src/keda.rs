@@ -637,6 +637,18 @@ mod tests {
     use super::*;
     use crate::controller::PoolReplicas;
 
+    /// A ScaledObject in `namespace` whose trigger carries `metadata`.
+    fn object(namespace: &str, metadata: &[(&str, &str)]) -> ScaledObjectRef {
+        ScaledObjectRef {
+            name: "scaler".into(),
+            namespace: namespace.into(),
+            scaler_metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
     fn status(running: u32, decided: Option<u32>, active: bool) -> PoolStatus {
         let active = Some(active);
         PoolStatus {
@@ -849,14 +861,6 @@ autoscalers:
       slo: { ttft: 1s }
 "#;
         let config = ControlConfig::from_yaml(yaml).unwrap();
-        let object = |namespace: &str, metadata: &[(&str, &str)]| ScaledObjectRef {
-            name: "scaler".into(),
-            namespace: namespace.into(),
-            scaler_metadata: metadata
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
         let namespace_of =
             |object: &ScaledObjectRef| resolve(&config, object).map(|p| p.target.namespace.clone());
         assert_eq!(
@@ -886,14 +890,6 @@ autoscalers:
       slo: { ttft: 1s }
 "#;
         let config = ControlConfig::from_yaml(yaml).unwrap();
-        let object = |namespace: &str, metadata: &[(&str, &str)]| ScaledObjectRef {
-            name: "scaler".into(),
-            namespace: namespace.into(),
-            scaler_metadata: metadata
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
         for by in [[("pool", "vllm")], [("autoscaler", "llama")]] {
             let from_team_b = resolve(&config, &object("team-b", &by)).unwrap_err();
             assert_eq!(from_team_b.code(), tonic::Code::NotFound, "{by:?}");

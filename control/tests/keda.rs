@@ -553,10 +553,8 @@ autoscalers:
 
 /// The metric must make KEDA's HPA land on flyball's count. With flyball's default scale-down
 /// step of one replica, an idle pool at 12 asks for 11: 11/12 is within the HPA's 10%
-/// tolerance, so the HPA keeps 12; flyball, deciding from the 12 still running, asks 11 again,
-/// for ever. Every pool at 10 replicas or more never scales down through KEDA (the README and
-/// deploy/keda say such a change "waits until the gap grows"; flyball's own step limit keeps
-/// the gap at one replica).
+/// tolerance, so reporting 11 left the HPA at 12, and flyball, deciding from the 12 still
+/// running, asked 11 again for ever. A value just below the band (10.799) lands on 11.
 #[tokio::test]
 async fn an_idle_pool_at_twelve_scales_down_through_the_hpa() -> Result<(), Error> {
     let actuator = Arc::new(ScaledToZero::default());

@@ -14,6 +14,7 @@ use flyball_local::wait_for;
 use flyball_proto::v1::ReportRequest;
 use flyball_sim::{SimConfig, SimServer};
 use flyball_tests::receiver::{ReceivedTotals, Receiver};
+use flyball_tests::streaming_chat;
 use prost::Message;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -29,15 +30,6 @@ fn plugin_config(interval_ms: u64, max_models_per_backend: u64) -> String {
         "maxModelsPerBackend": max_models_per_backend,
     })
     .to_string()
-}
-
-fn chat(model: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "model": model,
-        "messages": [{"role": "user", "content": "hello there"}],
-        "stream": true
-    }))
-    .unwrap_or_default()
 }
 
 /// How the simulator answers one request.
@@ -66,7 +58,7 @@ async fn request(envoy_addr: std::net::SocketAddr, model: &str, timing: Timing) 
         &http_client(),
         envoy_addr,
         "/v1/chat/completions",
-        &chat(model),
+        &streaming_chat(model),
         &headers,
         None,
     )

@@ -8,16 +8,8 @@ use flyball_local::envoy::{
 use flyball_local::{free_port, repo_root, wait_for};
 use flyball_sim::{SimConfig, SimServer};
 use flyball_tests::receiver::Receiver;
+use flyball_tests::streaming_chat;
 use std::time::Duration;
-
-fn chat(model: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "model": model,
-        "messages": [{"role": "user", "content": "hello there"}],
-        "stream": true
-    }))
-    .unwrap_or_default()
-}
 
 async fn send(envoy: &Envoy, count: usize, model: &str) -> anyhow::Result<()> {
     let client = http_client();
@@ -31,7 +23,7 @@ async fn send(envoy: &Envoy, count: usize, model: &str) -> anyhow::Result<()> {
             &client,
             envoy.listener(),
             "/v1/chat/completions",
-            &chat(model),
+            &streaming_chat(model),
             &headers,
             None,
         )

@@ -1441,11 +1441,10 @@ fn a_crashed_replica_back_late_is_not_timed_as_a_later_ask() {
     assert_eq!(observed.time_to_ready, None);
 }
 
-/// Review: a replica crashes (4 asked for, 3 ready), 5 are asked for (the ask shifted down to
-/// the 4th ready), then the count goes back to 4 before the new replica is ready (its pod is
-/// deleted). The ask for the 5th replica was given up, but in its shifted form (3 -> 4) it is
-/// not popped by the lowering (`from` 3 < 4) and the crash-looping replica's return at 1,100 s
-/// is timed as that ask: 900 s, the very measurement 4ed8885 meant to stop.
+/// A replica crashes (4 asked for, 3 ready), 5 are asked for, then the count goes back to 4
+/// before the new replica is ready (its pod is deleted): the ask is given up, and the
+/// crash-looping replica back at 1,100 s is not timed as it (a first fix, which counted asks
+/// from what was ready, kept the given-up ask and measured 900 s).
 #[test]
 fn an_ask_given_up_after_a_crash_does_not_time_the_crashed_replica_back_late() {
     let mut observed = Observed::default();
@@ -1462,12 +1461,11 @@ fn an_ask_given_up_after_a_crash_does_not_time_the_crashed_replica_back_late() {
     );
 }
 
-/// Review: 4 -> 5 at 0 s; at 10 s one of the four running replicas fails a readiness probe
-/// (a loaded vLLM answering slowly: no crash, no restart, no model to load) and is ready again
-/// at 11 s; the new replica is ready at 120 s. The drop shifts the ask down for good (3 -> 4), so
-/// the flapping replica's return at 11 s completes it: time to ready 11 s, and the new replica,
-/// the one asked for, is never timed. The starting grace collapses to a readiness flap's
-/// length; before 4ed8885 this measured 120 s.
+/// 4 -> 5 at 0 s; at 10 s one of the four running replicas fails a readiness probe (a loaded
+/// vLLM answering slowly: no crash, no restart, no model to load) and is ready again at 11 s;
+/// the new replica is ready at 120 s. The flap must not be timed as the ask: a first fix, which
+/// counted asks from what was ready, measured 11 s, and the starting grace collapsed to a
+/// readiness flap's length.
 #[test]
 fn a_readiness_flap_during_an_ask_is_not_timed_as_the_ask() {
     let mut observed = Observed::default();
@@ -1524,10 +1522,9 @@ async fn a_deleted_target_gives_its_part_of_the_shared_budget_back() {
     let _ = h.stop.send(());
 }
 
-/// Review (HTTP surface): decision series are forgotten per autoscaler, and only when the
-/// autoscaler goes. An edit that moves it to another scale target (or splits it into prefill and
-/// decode) keeps it running, so the pool it no longer has keeps its `flyball_decisions_total`
-/// series on `/metrics` for good: one more set of series per such edit.
+/// An edit that moves an autoscaler to another scale target (or splits it into prefill and
+/// decode) keeps it running; the pool it no longer has leaves `/metrics` with it. Series were
+/// forgotten only when a whole autoscaler went: one more set for good per such edit.
 #[tokio::test(start_paused = true)]
 async fn an_edit_to_another_scale_target_drops_the_old_pools_decision_series() {
     let h = start(ControlConfig::from_yaml(SPEC).unwrap());
@@ -1561,10 +1558,10 @@ async fn an_edit_to_another_scale_target_drops_the_old_pools_decision_series() {
     let _ = h.stop.send(());
 }
 
-/// Review (HTTP surface): a scale target found deleted (404) keeps the replica counts last read
-/// in the pool's status, so `/v1/pools` (`replicas.current`, `replicas.ready`) and
-/// `flyball_pool_replicas{state="current"|"ready"}` go on reporting replicas of a Deployment
-/// that no longer exists, for as long as the autoscaler does.
+/// A scale target found deleted (404) no longer has replicas in the pool's status: `/v1/pools`
+/// (`replicas.current`, `replicas.ready`) and `flyball_pool_replicas{state="current"|"ready"}`
+/// went on reporting those of a Deployment that no longer existed, for as long as the
+/// autoscaler did.
 #[tokio::test(start_paused = true)]
 async fn a_deleted_scale_target_is_not_reported_with_its_last_replicas() {
     let config = ControlConfig::from_yaml(SPEC).unwrap();
@@ -1586,12 +1583,12 @@ async fn a_deleted_scale_target_is_not_reported_with_its_last_replicas() {
     let _ = h.stop.send(());
 }
 
-/// Review: one configuration change moves scale target `x` from autoscaler `a` (now on `y`) to
+/// One configuration change moves scale target `x` from autoscaler `a` (now on `y`) to
 /// autoscaler `b`. The two tasks take it up independently; `b`'s first evaluation counts a
 /// refused call on `x` before `a`'s task applies its redefinition. `flyball_actuator_errors_total`
-/// is labelled (namespace, pool, kind) only, so both count under one series, and `a`'s
-/// `retain_series` removes the series `b` is counting under: it leaves `/metrics`, and `b`'s next
-/// error brings it back at 1 (a counter of 4 going down to 1).
+/// is labelled (namespace, pool, kind) only, so both count under one series: `a`'s edit must not
+/// remove it (it left `/metrics`, and `b`'s next error brought it back at 1: a counter of 4
+/// going down to 1).
 #[test]
 fn an_edit_does_not_remove_a_series_another_autoscaler_counts_under() {
     let status = Status::new(0);
@@ -1619,11 +1616,11 @@ fn an_edit_does_not_remove_a_series_another_autoscaler_counts_under() {
     );
 }
 
-/// Review of c42a0a3 (activity answered as unknown): an unreadable target's pool takes its
-/// activity from telemetry, but the evaluation returns at the first unreadable pool, so the other
-/// pool of a prefill/decode pair, whose /scale reads fine, is never looked at: with load on it,
-/// its activity stays unknown (KEDA's IsActive: UNAVAILABLE, StreamIsActive: nothing), and its
-/// replicas are never reported, for as long as its partner's target cannot be read.
+/// A prefill/decode pair with one target unreadable is not decided, but the other pool, whose
+/// /scale reads fine and which has load, is still published: its replicas, and its activity
+/// (active). The evaluation used to return at the first unreadable pool, leaving it unknown
+/// (KEDA's IsActive: UNAVAILABLE, StreamIsActive: nothing) for as long as its partner's target
+/// could not be read.
 #[tokio::test(start_paused = true)]
 async fn a_readable_pool_with_load_is_active_while_its_partner_cannot_be_read() {
     let config = ControlConfig::from_yaml(

@@ -350,10 +350,10 @@ fn a_backlog_is_shared_out_over_the_silence_it_built_up_in() {
     assert!(stable.requests.ok <= 1_000 && stable.requests.ok > 0);
 }
 
-/// Review (HTTP surface, `/v1/pools` totals since start): a pool given a new id (its autoscaler
-/// renamed or re-created under another name, its target renamed, its role changed) is rebuilt
-/// from its keys' totals, but a key idle past `--forget-after` plus the stable window was evicted
-/// with its totals: the rebuilt pool's requests and tokens since start go down.
+/// `/v1/pools` totals since start: a pool given a new id on the same selector (its autoscaler
+/// renamed or re-created under another name, its target renamed, its role changed) keeps the
+/// old pool's totals. Rebuilt from its keys' totals, it lost every key evicted as idle (past
+/// `--forget-after` plus the stable window): requests since start went 9 -> 6.
 #[test]
 fn a_pool_rebuilt_after_a_key_was_evicted_keeps_its_totals_since_start() {
     let base = Instant::now();

@@ -196,13 +196,9 @@ fn failures_no_pool_of_a_pair_owns_are_not_ignored_by_both() {
     );
 }
 
-/// N-1 check: 59eec5b made `fits` refuse to remove a serving replica while requests queue for
-/// their first token ("a queue at a burst's start is in neither the token rates, counted as
-/// requests finish, nor the latency of the few completed"; README: scale-down happens "never
-/// while requests queue for their first token"), but `queued_for` is false for a decode pool, so
-/// a decode pool still goes 4 -> 3 with 200 requests waiting for their first token, every one of
-/// which decodes there once its prompt is done: 220 sequences are 55 a replica on 4 (hint 64),
-/// 73 on 3.
+/// N-1 check on a decode pool: 200 requests waiting for their first token all decode there once
+/// their prompts are done, so no decode replica is removed while they wait (it went 4 -> 3:
+/// 220 sequences are 55 a replica on 4, hint 64, and 73 on 3).
 #[test]
 fn a_decode_pool_is_not_scaled_down_while_a_burst_queues_for_its_first_tokens() {
     let spec = spec(DISAGGREGATED);

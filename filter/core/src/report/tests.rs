@@ -896,7 +896,20 @@ fn sent_by_every(
     worker: u64,
     ok: bool,
 ) -> ReporterState {
-    let (state, sequence) = match plan_tick(state, now, interval, TIMEOUT, worker) {
+    sent_as(state, now, interval, worker, 0, ok)
+}
+
+/// Sends as `worker` of configuration `generation` at `now` and applies the answer (panics if
+/// it may not send).
+fn sent_as(
+    state: &ReporterState,
+    now: u64,
+    interval: u64,
+    worker: u64,
+    generation: u64,
+    ok: bool,
+) -> ReporterState {
+    let (state, sequence) = match plan_tick_for(state, now, interval, TIMEOUT, worker, generation) {
         TickPlan::BuildNew { state, sequence } => (state, sequence),
         TickPlan::Resend {
             state, sequence, ..
@@ -979,14 +992,7 @@ fn sent_by_generation(
     worker: u64,
     generation: u64,
 ) -> ReporterState {
-    let (state, sequence) = match plan_tick_for(state, now, INTERVAL, TIMEOUT, worker, generation) {
-        TickPlan::BuildNew { state, sequence } => (state, sequence),
-        TickPlan::Resend {
-            state, sequence, ..
-        } => (state, sequence),
-        TickPlan::Wait => panic!("worker {worker} may not send at {now}"),
-    };
-    on_response(&state, sequence, true)
+    sent_as(state, now, INTERVAL, worker, generation, true)
 }
 
 #[test]
