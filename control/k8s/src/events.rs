@@ -28,16 +28,32 @@ pub const ACTION_SCALE: &str = "Scale";
 
 /// `events.k8s.io/v1` caps `note` at 1 KiB; longer notes are rejected as invalid.
 const MAX_NOTE_BYTES: usize = 1024;
+/// ... and `reportingInstance` at 128 bytes. The instance is the replica's Lease identity
+/// (`$POD_NAME@<advertise address>`), which a DNS advertise address can take past it.
+const MAX_REPORTING_INSTANCE_BYTES: usize = 128;
 
 fn truncate(note: String) -> String {
     if note.len() <= MAX_NOTE_BYTES {
         return note;
     }
-    let mut end = MAX_NOTE_BYTES - '…'.len_utf8();
-    while !note.is_char_boundary(end) {
+    let end = char_boundary_at_most(&note, MAX_NOTE_BYTES - '…'.len_utf8());
+    format!("{}…", &note[..end])
+}
+
+/// The longest prefix of `instance` the API takes; the pod name comes first, so it survives.
+fn reporting_instance(instance: &str) -> String {
+    let end = char_boundary_at_most(instance, MAX_REPORTING_INSTANCE_BYTES);
+    instance[..end].to_string()
+}
+
+fn char_boundary_at_most(s: &str, mut end: usize) -> usize {
+    if end >= s.len() {
+        return s.len();
+    }
+    while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…", &note[..end])
+    end
 }
 
 /// How long kube's `Recorder` keeps an event to make repeats a series; past it a repeat is a
@@ -119,11 +135,12 @@ impl std::fmt::Debug for ScaleEvents {
 // === impl ScaleEvents ===
 
 impl ScaleEvents {
-    /// `instance` is this replica of the control service (the pod name).
+    /// `instance` is this replica of the control service (its Lease identity, pod name first);
+    /// cut to the 128 bytes the API takes as `reportingInstance`.
     pub fn new(client: kube::Client, instance: &str) -> Self {
         let reporter = Reporter {
             controller: REPORTING_CONTROLLER.to_string(),
-            instance: Some(instance.to_string()),
+            instance: Some(reporting_instance(instance)),
         };
         Self {
             client,

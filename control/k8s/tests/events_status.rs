@@ -258,3 +258,34 @@ async fn a_different_note_is_a_new_event_and_an_exact_repeat_a_series() {
     );
     cluster.cleanup().await.unwrap();
 }
+
+/// The replica's Lease identity is `$POD_NAME@<advertise address>`; with a DNS advertise
+/// address it passes the 128 bytes the API takes as `reportingInstance`, and every Event would
+/// be refused (422) and only logged.
+#[tokio::test]
+async fn a_long_replica_identity_still_gets_its_events_written() {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
+    let name = cluster.unique_name("llama");
+    let fba = cluster
+        .create(&FlyballAutoscaler::new(&name, spec()))
+        .await
+        .unwrap();
+    let ns = cluster.namespace().to_string();
+    let identity = "llm-gateway-flyball-control-0@llm-gateway-flyball-control-0.\
+                    llm-gateway-flyball-control-headless.inference-production.svc.cluster.local:9090";
+    assert!(identity.len() > 128);
+    let events = ScaleEvents::new(cluster.client(), identity);
+    let target = ScaleTargetRef::new("apps/v1", "Deployment", &ns, "vllm");
+
+    events
+        .scaled(&fba.object_ref(&()), &target, 1, 2, "FeedForward")
+        .await
+        .unwrap();
+
+    let ours = events_regarding(&cluster, &ns, &name).await;
+    assert_eq!(ours.len(), 1, "{ours:?}");
+    let instance = ours[0].reporting_instance.as_deref().unwrap_or_default();
+    assert_eq!(instance, &identity[..128]);
+    cluster.cleanup().await.unwrap();
+}

@@ -297,12 +297,22 @@ pub(crate) async fn handle(
         }
     };
 
+    // As `responsewriters.ErrorNegotiated`: a Status naming a delay carries it as a header too,
+    // and that header is what clients (kube's retry layer among them) wait by.
+    let mut retry_after = None;
     let (code, content_type, body) = match answer {
-        Answer::Reply(reply) => (
-            reply.code,
-            reply.content_type,
-            Body::from(serde_json::to_vec(&reply.body).unwrap_or_default()),
-        ),
+        Answer::Reply(reply) => {
+            retry_after = reply
+                .body
+                .pointer("/details/retryAfterSeconds")
+                .and_then(Value::as_i64)
+                .filter(|&s| s > 0);
+            (
+                reply.code,
+                reply.content_type,
+                Body::from(serde_json::to_vec(&reply.body).unwrap_or_default()),
+            )
+        }
         // Failures after the watch has started travel inside the stream; the status stays 200.
         Answer::Watch(w) => (200, "application/json", w.into_body(shared.clone())),
     };
@@ -314,9 +324,13 @@ pub(crate) async fn handle(
     }
     shared.notify();
 
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_TYPE, content_type);
+    if let Some(seconds) = retry_after {
+        response = response.header(header::RETRY_AFTER, seconds.to_string());
+    }
+    response
         .body(body)
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }

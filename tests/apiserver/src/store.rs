@@ -633,6 +633,37 @@ impl Store {
                 format!("Invalid value: {r}: must be greater than or equal to 0"),
             ));
         }
+        if rt.group == "events.k8s.io" {
+            Self::validate_event_lengths(rt, obj, name)?;
+        }
+        Ok(())
+    }
+
+    /// The length limits `legacyValidateEvent` (pkg/apis/core/validation/events.go) puts on an
+    /// `events.k8s.io` Event; Go's `len`, so bytes. The note is stored as the internal
+    /// `message`, which is the field the real error names.
+    fn validate_event_lengths(rt: &ResourceType, obj: &Value, name: &str) -> Result<(), ApiError> {
+        const LIMITS: [(&str, &str, usize); 4] = [
+            ("reportingInstance", "reportingInstance", 128),
+            ("action", "action", 128),
+            ("reason", "reason", 128),
+            ("note", "message", 1024),
+        ];
+        for (field, named, limit) in LIMITS {
+            if obj
+                .get(field)
+                .and_then(Value::as_str)
+                .is_some_and(|v| v.len() > limit)
+            {
+                return Err(ApiError::invalid(
+                    &format!("{}.{}", rt.kind, rt.group),
+                    &rt.group,
+                    name,
+                    named,
+                    format!("Invalid value: \"\": can have at most {limit} characters"),
+                ));
+            }
+        }
         Ok(())
     }
 

@@ -684,3 +684,106 @@ async fn dry_run_is_refused_rather_than_persisted() {
             .is_none()
     );
 }
+
+/// A failure whose `Status` names `details.retryAfterSeconds` carries the same delay in a
+/// `Retry-After` header: the real server's `responsewriters.ErrorNegotiated`
+/// (k8s.io/apiserver/pkg/endpoints/handlers/responsewriters/writers.go) sets the header from the
+/// details on every error it writes, and APF / max-in-flight 429s always carry it. kube's retry
+/// layer (`RetryPolicy::server_retry`, on by default) waits by that header, not by the body; a
+/// 429 without it is retried after 5 ms instead of 1 s, so flyball's tests of a throttled
+/// `/scale` write run faster than it ever would against a cluster.
+#[tokio::test]
+async fn too_many_requests_carries_the_retry_after_header_its_status_names() {
+    let s = server().await;
+    s.seed_deployment("default", "vllm", 2, 1).unwrap();
+    let scale = "/apis/apps/v1/namespaces/default/deployments/vllm/scale";
+    s.fail_next(Some(Verb::Get), scale, 1, 429);
+    // Without kube's retry layer, so the 429 itself comes back.
+    let mut config = s.config().unwrap();
+    config.default_retry = false;
+    let client = kube::Client::try_from(config).unwrap();
+    let resp = client
+        .send(http_get(scale).map(kube::client::Body::from))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let bytes = resp.into_body().collect_bytes().await.unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    let named = body["details"]["retryAfterSeconds"].as_i64();
+    assert_eq!(named, Some(1), "{body}");
+    assert_eq!(
+        retry_after.as_deref(),
+        Some("1"),
+        "the Status names retryAfterSeconds 1, so the header must say the same: {body}"
+    );
+}
+
+/// An `events.k8s.io/v1` Event is validated on create as the real registry validates it
+/// (k8s.io/kubernetes pkg/apis/core/validation/events.go, `ValidateEventCreate` ->
+/// `legacyValidateEvent`): `reportingInstance` of at most 128 characters
+/// (`ReportingInstanceLengthLimit`) and a note of at most 1024 (`NoteLengthLimit`), else 422
+/// Invalid naming the field. flyball's `ScaleEvents` cuts its notes to 1 KiB for this reason, but
+/// passes its Lease identity (`$POD_NAME@<advertise address>`, unbounded) as
+/// `reportingInstance`; the fake takes any length, so a replica whose every Event the real
+/// server refuses passes here.
+#[tokio::test]
+async fn events_v1_over_the_field_limits_are_invalid() {
+    let s = server().await;
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(s.client(), "default");
+    let event = |name: &str, instance: String, note: String| {
+        serde_json::from_value::<k8s_openapi::api::events::v1::Event>(json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "eventTime": "2025-06-15T12:00:00.000000Z",
+            "reportingController": "flyball.dev/control",
+            "reportingInstance": instance,
+            "action": "Scale",
+            "reason": "ScaledUp",
+            "type": "Normal",
+            "note": note,
+            "regarding": {"apiVersion": "apps/v1", "kind": "Deployment", "namespace": "default",
+                          "name": "vllm"},
+        }))
+        .unwrap()
+    };
+    // At the limits: accepted.
+    api.create(
+        &PostParams::default(),
+        &event("vllm.a", "i".repeat(128), "n".repeat(1024)),
+    )
+    .await
+    .unwrap();
+
+    let long_instance = format!(
+        "llm-gateway-flyball-control-0@llm-gateway-flyball-control-0.\
+         llm-gateway-flyball-control-headless.{}.svc.cluster.local:9090",
+        "inference-production"
+    );
+    assert!(long_instance.len() > 128, "{}", long_instance.len());
+    let err = api
+        .create(
+            &PostParams::default(),
+            &event("vllm.b", long_instance, "scaled".into()),
+        )
+        .await
+        .map(|_| ())
+        .map_err(api_error);
+    let err = err.expect_err("a reportingInstance over 128 characters is refused");
+    assert_eq!((err.code, err.reason.as_str()), (422, "Invalid"), "{err:?}");
+    assert!(err.message.contains("reportingInstance"), "{}", err.message);
+
+    let err = api
+        .create(
+            &PostParams::default(),
+            &event("vllm.c", "flyball-control-0".into(), "n".repeat(1025)),
+        )
+        .await
+        .map(|_| ())
+        .map_err(api_error);
+    let err = err.expect_err("a note over 1024 characters is refused");
+    assert_eq!((err.code, err.reason.as_str()), (422, "Invalid"), "{err:?}");
+}
