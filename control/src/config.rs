@@ -213,6 +213,15 @@ impl ControlConfig {
         Self::try_from(&raw)
     }
 
+    /// GPUs every autoscaler's pools hold at their minReplicas: the least a shared budget can be.
+    pub fn gpus_at_min_replicas(&self) -> u64 {
+        self.autoscalers
+            .iter()
+            .flat_map(|a| a.spec.pools().iter())
+            .map(|(_, pool)| u64::from(pool.replicas.min()) * u64::from(pool.gpus_per_replica))
+            .sum()
+    }
+
     pub fn autoscalers(&self) -> &[Autoscaler] {
         &self.autoscalers
     }

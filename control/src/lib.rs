@@ -32,6 +32,7 @@ pub mod source;
 pub mod tls;
 pub mod window;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -197,7 +198,7 @@ pub enum ControlError {
     Flag {
         flag: &'static str,
         value: String,
-        rule: &'static str,
+        rule: Cow<'static, str>,
     },
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -320,6 +321,12 @@ pub async fn run(
     }
 }
 
+/// The smallest `--max-report-bytes` taken.
+const MIN_REPORT_BYTES: usize = 1024;
+
+const KUBERNETES_SOURCE_ONLY: &str =
+    "only read with --source kubernetes (autoscalers come from --config here)";
+
 /// The flags only Kubernetes reads, checked before any client is built.
 fn check_kubernetes_flags(args: &ControlArgs) -> Result<(), ControlError> {
     if args.source == Source::Kubernetes
@@ -328,14 +335,14 @@ fn check_kubernetes_flags(args: &ControlArgs) -> Result<(), ControlError> {
         return Err(ControlError::Flag {
             flag: "config",
             value: path.display().to_string(),
-            rule: "not with --source kubernetes (autoscalers come from FlyballAutoscalers)",
+            rule: "not with --source kubernetes (autoscalers come from FlyballAutoscalers)".into(),
         });
     }
     if args.lease_duration < Duration::from_secs(2) || args.lease_duration.subsec_nanos() != 0 {
         return Err(ControlError::Flag {
             flag: "lease-duration",
             value: format!("{:?}", args.lease_duration),
-            rule: "must be whole seconds, at least 2s",
+            rule: "must be whole seconds, at least 2s".into(),
         });
     }
     Ok(())
@@ -403,11 +410,20 @@ impl Control<DryRunActuator> {
     ) -> Result<Self, ControlError> {
         let windows = WindowConfig::try_new(args.bucket, args.short_window, args.stable_window)
             .map_err(ControlError::Windows)?;
-        let flag = |flag, value: &dyn std::fmt::Display, rule| ControlError::Flag {
+        let flag = |flag, value: &dyn std::fmt::Display, rule: &'static str| ControlError::Flag {
             flag,
             value: value.to_string(),
-            rule,
+            rule: rule.into(),
         };
+        // Read only from FlyballAutoscalers: with the file they would be dropped without a word.
+        if args.source == Source::File {
+            if let Some(namespace) = &args.namespace {
+                return Err(flag("namespace", namespace, KUBERNETES_SOURCE_ONLY));
+            }
+            if let Some(selector) = &args.label_selector {
+                return Err(flag("label-selector", selector, KUBERNETES_SOURCE_ONLY));
+            }
+        }
         if args.min_evaluation_interval.is_zero() {
             return Err(flag("min-evaluation-interval", &"0", "must be above 0"));
         }
@@ -428,8 +444,32 @@ impl Control<DryRunActuator> {
                 "must be >= --stale-after",
             ));
         }
-        if args.max_keys_per_report == 0 || args.max_keys == 0 {
+        if args.max_keys_per_report == 0 {
+            return Err(flag("max-keys-per-report", &0, "must be >= 1"));
+        }
+        if args.max_keys == 0 {
             return Err(flag("max-keys", &0, "must be >= 1"));
+        }
+        if args.max_report_bytes < MIN_REPORT_BYTES {
+            return Err(flag(
+                "max-report-bytes",
+                &args.max_report_bytes,
+                "must be >= 1024: larger reports are refused, and even one of a single key takes \
+                 hundreds of bytes",
+            ));
+        }
+        if let Some(budget) = args.gpu_budget {
+            let floor = config.gpus_at_min_replicas();
+            if u64::from(budget) < floor {
+                return Err(ControlError::Flag {
+                    flag: "gpu-budget",
+                    value: budget.to_string(),
+                    rule: format!(
+                        "must be >= the GPUs of every autoscaler's pools at minReplicas ({floor})"
+                    )
+                    .into(),
+                });
+            }
         }
         if args.max_reporters == 0 {
             return Err(flag("max-reporters", &0, "must be >= 1"));
@@ -523,19 +563,41 @@ impl Control<KubeActuator> {
                 flag: "grpc-tls-ca",
                 value: "(none)".into(),
                 rule: "required with --grpc-tls-cert on Kubernetes: followers check the leader's \
-                       certificate by it when they forward reports",
+                       certificate by it when they forward reports"
+                    .into(),
             });
         }
         let source = match args.source {
             Source::Kubernetes => Some(kubernetes_source(args, client.clone())?),
             Source::File => None,
         };
+        if let Some(why) = match &source {
+            Some(source) => source.label_selector_refusal().await,
+            None => None,
+        } {
+            return Err(ControlError::Flag {
+                flag: "label-selector",
+                value: args.label_selector.clone().unwrap_or_default(),
+                rule: format!("refused by the API server: {why}").into(),
+            });
+        }
         let base = match source {
             Some(_) => Control::bind_with_config(args, ControlConfig::default()).await?,
             None => Control::bind(args).await?,
         };
         let secs = args.lease_duration.as_secs();
         let name = instance_name(args);
+        if let Some(addr) = args.advertise_addr.as_ref().filter(|a| !a.is_empty())
+            && forward::leader_uri(&forward::identity(&name, Some(addr))).is_none()
+        {
+            // Followers would find no address to forward to while this replica leads.
+            return Err(ControlError::Flag {
+                flag: "advertise-addr",
+                value: addr.clone(),
+                rule: "must be host:port (no scheme, no path): followers forward reports there"
+                    .into(),
+            });
+        }
         let identity = forward::identity(&name, advertise_addr(args, base.grpc_addr()).as_deref());
         if !identity.contains('@') {
             tracing::warn!(

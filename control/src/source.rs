@@ -21,8 +21,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use flyball_k8s::crd::{CONDITION_READY, CONDITION_VALID, ConditionUpdate, set_condition};
+use flyball_k8s::crd::{
+    CONDITION_READY, CONDITION_SCALING, CONDITION_VALID, ConditionUpdate, set_condition,
+};
 use flyball_k8s::{
     FlyballAutoscaler, FlyballAutoscalerSpec, FlyballAutoscalerStatus, patch_status,
 };
@@ -140,12 +143,13 @@ pub fn rejected_status(
         conditions: current.map(|s| s.conditions.clone()).unwrap_or_default(),
         pools: Vec::new(),
     };
+    const NOT_SIZED: &str =
+        "the spec is invalid (see the Valid condition); its pools are not sized";
+    // Every condition, so none still describes the last valid generation.
     for (type_, text) in [
         (CONDITION_VALID, message.as_str()),
-        (
-            CONDITION_READY,
-            "the spec is invalid (see the Valid condition); its pools are not sized",
-        ),
+        (CONDITION_READY, NOT_SIZED),
+        (CONDITION_SCALING, NOT_SIZED),
     ] {
         let update = ConditionUpdate {
             type_,
@@ -157,6 +161,9 @@ pub fn rejected_status(
     }
     (current != Some(&status)).then_some(status)
 }
+
+/// How long start-up waits for the API server to judge `--label-selector`.
+const SELECTOR_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 // === impl KubernetesSource ===
 
@@ -180,6 +187,19 @@ impl KubernetesSource {
         match &self.namespace {
             Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
             None => Api::all_with(self.client.clone(), &resource),
+        }
+    }
+
+    /// The API server's reason to refuse the label selector, if it does: a list with it, which
+    /// the service would otherwise retry for good. Any other failure (the API unreachable, the
+    /// CRD not installed yet) says nothing about the selector, so it passes here.
+    pub async fn label_selector_refusal(&self) -> Option<String> {
+        let selector = self.label_selector.as_deref()?;
+        let params = ListParams::default().labels(selector).limit(1);
+        let listed = tokio::time::timeout(SELECTOR_CHECK_TIMEOUT, self.api().list(&params)).await;
+        match listed {
+            Ok(Err(kube::Error::Api(status))) if status.code == 400 => Some(status.message),
+            _ => None,
         }
     }
 
@@ -411,6 +431,43 @@ mod tests {
             .find(|c| c.type_ == CONDITION_READY)
             .unwrap();
         assert_eq!(ready.status, "False");
+    }
+
+    #[test]
+    fn a_resource_rejected_after_an_edit_no_longer_says_its_pools_are_scaling() {
+        // Generation 3 was valid and sizing, mid scale-up; generation 4 breaks a rule, so its
+        // pools are no longer sized (and `pools` is emptied).
+        let mut before = FlyballAutoscalerStatus {
+            observed_generation: Some(3),
+            ..Default::default()
+        };
+        set_condition(
+            &mut before.conditions,
+            &ConditionUpdate {
+                type_: flyball_k8s::crd::CONDITION_SCALING,
+                status: true,
+                reason: "Scaling",
+                message: "unified: 1 ready, 3 wanted",
+            },
+            Some(3),
+            at(5),
+        );
+        let status = rejected_status(Some(&before), &rejected(), Some(4), at(10)).unwrap();
+        assert_eq!(status.observed_generation, Some(4));
+        for condition in &status.conditions {
+            assert!(
+                !(condition.type_ == flyball_k8s::crd::CONDITION_SCALING
+                    && condition.status == "True"),
+                "an invalid spec still reports Scaling=True: {condition:?}"
+            );
+            assert_eq!(
+                condition.observed_generation,
+                Some(4),
+                "{} describes generation {:?}, not the rejected one",
+                condition.type_,
+                condition.observed_generation
+            );
+        }
     }
 
     #[test]

@@ -656,3 +656,44 @@ async fn gateways_sharing_a_connection_that_closes_are_missing_when_quiet() -> R
     );
     control.stop().await
 }
+
+/// What `flags` make binding refuse, or "" when the service binds.
+async fn refusal(flags: &[&str]) -> String {
+    match support::bind(ONE_POOL, flags).await {
+        Ok(_) => String::new(),
+        Err(error) => error.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn a_zero_max_keys_per_report_is_refused_naming_that_flag() {
+    // `--max-keys` is 10,000 here: the message must name the flag that is 0.
+    let error = refusal(&["--max-keys-per-report", "0"]).await;
+    assert!(
+        error.starts_with("--max-keys-per-report = 0: "),
+        "refused as {error:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_report_size_limit_of_zero_is_refused_rather_than_refusing_every_report() {
+    // Every report encodes to more than 0 bytes: the service would start, and then refuse each
+    // one RESOURCE_EXHAUSTED, while `--max-keys 0` is refused at start.
+    let error = refusal(&["--max-report-bytes", "0"]).await;
+    assert!(
+        error.starts_with("--max-report-bytes = 0: "),
+        "refused as {error:?} (\"\": accepted)"
+    );
+}
+
+#[tokio::test]
+async fn a_shared_gpu_budget_below_the_pools_minimum_is_refused_as_a_spec_gpu_budget_is() {
+    // ONE_POOL keeps at least 1 replica of 1 GPU. `spec.gpuBudget: 0` is refused ("must be >= the
+    // GPUs of all pools at minReplicas (1)"); the same budget given for every autoscaler of the
+    // file is taken, and each decision then cuts growth to nothing.
+    let error = refusal(&["--gpu-budget", "0"]).await;
+    assert!(
+        error.starts_with("--gpu-budget = 0: "),
+        "refused as {error:?} (\"\": accepted)"
+    );
+}

@@ -144,15 +144,17 @@ impl fmt::Display for ScaleTargetRef {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CapacityHintsRaw {
-    /// Input (prompt) tokens per second one replica prefills within the TTFT objective.
+    /// Input (prompt) tokens per second one replica prefills within the TTFT objective. Unified
+    /// and prefill pools only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill_tokens_per_second: Option<f64>,
     /// Requests one replica serves at once within the TPOT objective: in a unified pool every
     /// request in flight, one still waiting for its first token too; in a decode pool those
-    /// past their first token.
+    /// past their first token. Unified and decode pools only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrent_sequences: Option<u32>,
-    /// Output tokens per second one replica generates within the TPOT objective.
+    /// Output tokens per second one replica generates within the TPOT objective. Unified and
+    /// decode pools only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode_tokens_per_second: Option<f64>,
 }
@@ -618,8 +620,36 @@ impl Validator {
                 Some(Pools::Unified(unified))
             }
             (None, Some(prefill), Some(decode)) => {
+                let prefill_hints = prefill.capacity.clone().unwrap_or_default();
+                let decode_hints = decode.capacity.clone().unwrap_or_default();
                 let prefill = self.pool("pools.prefill", prefill);
                 let decode = self.pool("pools.decode", decode);
+                // A hint the pool is never sized on would be dropped without a word.
+                const PREFILL_ONLY: &str = "not read for a prefill pool: it is sized on input tokens only \
+                     (prefillTokensPerSecond)";
+                const DECODE_ONLY: &str = "not read for a decode pool: it is sized on output \
+                     tokens and decoding sequences (decodeTokensPerSecond, concurrentSequences)";
+                if let Some(v) = prefill_hints.concurrent_sequences {
+                    self.error(
+                        "pools.prefill.capacity.concurrentSequences",
+                        v,
+                        PREFILL_ONLY,
+                    );
+                }
+                if let Some(v) = prefill_hints.decode_tokens_per_second {
+                    self.error(
+                        "pools.prefill.capacity.decodeTokensPerSecond",
+                        v,
+                        PREFILL_ONLY,
+                    );
+                }
+                if let Some(v) = decode_hints.prefill_tokens_per_second {
+                    self.error(
+                        "pools.decode.capacity.prefillTokensPerSecond",
+                        v,
+                        DECODE_ONLY,
+                    );
+                }
                 if prefill.scale_target_ref == decode.scale_target_ref {
                     self.error(
                         "pools.decode.scaleTargetRef",

@@ -246,3 +246,30 @@ fn validated_constructors_keep_their_invariants() {
     assert!(ScalingRules::try_new(Duration::ZERO, 1, Duration::ZERO).is_err());
     assert!(ScalingRules::try_new(secs(300), 1, secs(60)).is_ok());
 }
+
+#[test]
+fn a_capacity_hint_of_a_load_the_pool_is_not_sized_on_is_refused_naming_it() {
+    // A prefill pool is sized on input tokens only, a decode pool on output tokens and decoding
+    // sequences: a hint of another kind on either (the unified example's hints copied to both
+    // pools of a pair) is never read, so it must be refused rather than dropped without a word.
+    let yaml = DISAGGREGATED
+        .replace(
+            "capacity: { prefillTokensPerSecond: 8000 }",
+            "capacity: { prefillTokensPerSecond: 8000, concurrentSequences: 64, decodeTokensPerSecond: 2000 }",
+        )
+        .replace(
+            "capacity: { decodeTokensPerSecond: 2000, concurrentSequences: 64 }",
+            "capacity: { decodeTokensPerSecond: 2000, concurrentSequences: 64, prefillTokensPerSecond: 8000 }",
+        );
+    let errors = errors_of(&yaml);
+    for path in [
+        "spec.pools.prefill.capacity.concurrentSequences",
+        "spec.pools.prefill.capacity.decodeTokensPerSecond",
+        "spec.pools.decode.capacity.prefillTokensPerSecond",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(&format!("{path} = "))),
+            "no error names {path}: {errors:?}"
+        );
+    }
+}
