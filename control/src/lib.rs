@@ -192,7 +192,7 @@ pub enum Source {
 pub enum ControlError {
     #[error("--config {0}")]
     Config(#[source] ConfigError),
-    #[error("windows: {0}")]
+    #[error("{0}")]
     Windows(#[source] WindowConfigError),
     #[error("--{flag} = {value}: {rule}")]
     Flag {

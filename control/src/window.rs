@@ -29,13 +29,13 @@ pub struct WindowConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WindowConfigError {
-    #[error("bucket = {0:?}: must be at least 10ms")]
+    #[error("--bucket = {0:?}: must be at least 10ms")]
     Bucket(Duration),
-    #[error("short window = {short:?}: must be at least one bucket ({bucket:?})")]
+    #[error("--short-window = {short:?}: must be at least one --bucket ({bucket:?})")]
     Short { short: Duration, bucket: Duration },
-    #[error("stable window = {stable:?}: must be at least the short window ({short:?})")]
+    #[error("--stable-window = {stable:?}: must be at least --short-window ({short:?})")]
     Stable { stable: Duration, short: Duration },
-    #[error("stable window = {stable:?}: at most {MAX_SLOTS} buckets of {bucket:?}")]
+    #[error("--stable-window = {stable:?}: at most {MAX_SLOTS} buckets of --bucket ({bucket:?})")]
     TooManyBuckets { stable: Duration, bucket: Duration },
 }
 

@@ -171,7 +171,8 @@ pub struct SloRaw {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = crate::duration::DURATION_PATTERN))]
     pub tpot: Option<String>,
-    /// Percentile both objectives apply to, above 0 and below 100. Default 95.
+    /// Percentile both objectives apply to, at least 1 and below 100 (99 for p99, not 0.99).
+    /// Default 95.
     #[serde(default = "default_percentile")]
     pub percentile: f64,
 }
@@ -309,7 +310,7 @@ pub struct CapacityHints {
     pub concurrent_sequences: Option<f64>,
 }
 
-/// Latency objectives; at least one is set, each above 0; percentile in (0, 100).
+/// Latency objectives; at least one is set, each above 0; percentile in [1, 100).
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Slo {
@@ -781,6 +782,14 @@ impl Validator {
         let tpot = objective("tpot", raw.tpot.as_ref());
         if !(raw.percentile.is_finite() && raw.percentile > 0.0 && raw.percentile < 100.0) {
             self.error("slo.percentile", raw.percentile, "must be > 0 and < 100");
+        } else if raw.percentile < 1.0 {
+            // Almost surely a quantile (Prometheus writes p99 as 0.99): as a percentile it would
+            // hold the objective against nearly the fastest request.
+            self.error(
+                "slo.percentile",
+                raw.percentile,
+                "must be >= 1: a percentile, not a quantile (99 for p99, not 0.99)",
+            );
         }
         Slo {
             ttft,

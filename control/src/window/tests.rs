@@ -135,7 +135,7 @@ fn window_config_names_the_rule_it_breaks() {
         WindowConfig::try_new(s(1), s(10), s(5))
             .unwrap_err()
             .to_string(),
-        "stable window = 5s: must be at least the short window (10s)"
+        "--stable-window = 5s: must be at least --short-window (10s)"
     );
     assert!(WindowConfig::try_new(Duration::from_millis(1), s(1), s(1)).is_err());
     assert!(WindowConfig::try_new(s(1), Duration::from_millis(500), s(1)).is_err());

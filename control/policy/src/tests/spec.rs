@@ -273,3 +273,16 @@ fn a_capacity_hint_of_a_load_the_pool_is_not_sized_on_is_refused_naming_it() {
         );
     }
 }
+
+#[test]
+fn a_quantile_written_for_the_percentile_is_refused() {
+    let errors = errors_of(&UNIFIED.replace("percentile: 95", "percentile: 0.99"));
+    assert_eq!(
+        errors,
+        [
+            "spec.slo.percentile = 0.99: must be >= 1: a percentile, not a quantile (99 for p99, not 0.99)"
+        ]
+    );
+    let lowest = raw(&UNIFIED.replace("percentile: 95", "percentile: 1"));
+    assert!(AutoscalerSpec::try_from(&lowest).is_ok());
+}
