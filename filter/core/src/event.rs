@@ -28,12 +28,27 @@ pub enum EventKind {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct JsonEvent {
     /// A choice carries generated content: a delta with non-empty `content`, `reasoning_content`,
-    /// `reasoning` or `tool_calls`, or a non-empty completion `text`.
+    /// `reasoning`, `refusal`, `tool_calls` or `function_call`, or a non-empty completion `text`.
     pub content: bool,
     /// `"choices": []`.
     pub choices_empty: bool,
+    /// The highest choice `index` in the event plus one (0 when no choice names one): with
+    /// `n > 1` the choices are decoded side by side and streamed as separate events.
+    pub choices_seen: u32,
+    /// A top-level `error` member that is not `null`: the server failed the request after it had
+    /// started streaming (vLLM, SGLang and TGI send such an event, then end the stream normally).
+    pub error: Option<StreamError>,
     /// The top-level `usage` member, if any.
     pub usage: Option<UsageMember>,
+}
+
+/// Whose fault an in-stream error was, from its `code` where it has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamError {
+    /// `error.code` in 400..=499.
+    Client,
+    /// Any other code, or none.
+    Server,
 }
 
 /// Where the top-level `usage` member sits in the event data.
@@ -100,9 +115,20 @@ fn top_level(b: &[u8], open: usize) -> Option<JsonEvent> {
                 if b.get(v) != Some(&b'[') {
                     return skip_value(b, v, MAX_DEPTH - 1);
                 }
-                let (empty, content, end) = choices(b, v)?;
-                event.choices_empty = empty;
-                event.content |= content;
+                let (listed, end) = choices(b, v)?;
+                event.choices_empty = listed.empty;
+                event.content |= listed.content;
+                event.choices_seen = listed.seen;
+                Some(end)
+            }
+            Key::Error => {
+                let v = ws(b, value_start);
+                let end = skip_value(b, v, MAX_DEPTH - 1)?;
+                event.error = match b.get(v) {
+                    Some(b'n') => None,
+                    Some(b'{') => Some(error_class(b, v)),
+                    _ => Some(StreamError::Server),
+                };
                 Some(end)
             }
             Key::Usage => {
@@ -133,30 +159,76 @@ fn top_level(b: &[u8], open: usize) -> Option<JsonEvent> {
     (ws(b, end) == b.len()).then_some(event)
 }
 
-/// Returns (`choices` is empty, some choice carries content, the array's end).
-fn choices(b: &[u8], open: usize) -> Option<(bool, bool, usize)> {
-    let mut empty = true;
-    let mut content = false;
+/// The class of an `error` object: client when its `code` is a 4xx status.
+fn error_class(b: &[u8], open: usize) -> StreamError {
+    let mut class = StreamError::Server;
+    // A malformed object leaves the default: the stream still failed.
+    let _ = walk_object(b, open, MAX_DEPTH - 1, |key, _, value_start, _| {
+        let v = ws(b, value_start);
+        let end = skip_value(b, v, MAX_DEPTH - 2)?;
+        if key == Key::Code && small_integer(b, v, end).is_some_and(|c| (400..500).contains(&c)) {
+            class = StreamError::Client;
+        }
+        Some(end)
+    });
+    class
+}
+
+/// A JSON integer of at most 9 digits.
+fn small_integer(b: &[u8], start: usize, end: usize) -> Option<u32> {
+    let digits = b.get(start..end)?;
+    if digits.is_empty() || digits.len() > 9 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// What a `choices` array holds.
+struct Choices {
+    empty: bool,
+    content: bool,
+    /// Highest `index` plus one.
+    seen: u32,
+}
+
+/// Returns what the `choices` array opening at `open` holds, and its end.
+fn choices(b: &[u8], open: usize) -> Option<(Choices, usize)> {
+    let mut listed = Choices {
+        empty: true,
+        content: false,
+        seen: 0,
+    };
     let end = walk_array(b, open, MAX_DEPTH - 1, |element| {
-        empty = false;
+        listed.empty = false;
         let v = ws(b, element);
         if b.get(v) == Some(&b'{') {
             walk_object(b, v, MAX_DEPTH - 2, |key, _, value_start, _| match key {
+                Key::Index => {
+                    let i = ws(b, value_start);
+                    let end = skip_value(b, i, MAX_DEPTH - 3)?;
+                    if let Some(index) = small_integer(b, i, end) {
+                        listed.seen = listed.seen.max(index.saturating_add(1));
+                    }
+                    Some(end)
+                }
                 Key::Delta => {
                     let d = ws(b, value_start);
                     if b.get(d) == Some(&b'{') {
                         walk_object(b, d, MAX_DEPTH - 3, |key, _, value_start, _| {
-                            let (nonempty, end) = non_empty_value(b, value_start, MAX_DEPTH - 4)?;
-                            if matches!(
+                            let generated = matches!(
                                 key,
                                 Key::Content
                                     | Key::ReasoningContent
                                     | Key::Reasoning
+                                    | Key::Refusal
                                     | Key::ToolCalls
-                            ) && nonempty
-                            {
-                                content = true;
+                                    | Key::FunctionCall
+                            );
+                            if !generated {
+                                return skip_value(b, value_start, MAX_DEPTH - 4);
                             }
+                            let (nonempty, end) = non_empty_value(b, value_start, MAX_DEPTH - 4)?;
+                            listed.content |= nonempty;
                             Some(end)
                         })
                     } else {
@@ -167,7 +239,7 @@ fn choices(b: &[u8], open: usize) -> Option<(bool, bool, usize)> {
                     // Completions put the text in a string; anything else is not content.
                     let t = ws(b, value_start);
                     let end = skip_value(b, t, MAX_DEPTH - 3)?;
-                    content |= b.get(t) == Some(&b'"') && end - t > 2;
+                    listed.content |= b.get(t) == Some(&b'"') && end - t > 2;
                     Some(end)
                 }
                 _ => skip_value(b, value_start, MAX_DEPTH - 3),
@@ -176,11 +248,12 @@ fn choices(b: &[u8], open: usize) -> Option<(bool, bool, usize)> {
             skip_value(b, v, MAX_DEPTH - 2)
         }
     })?;
-    Some((empty, content, end))
+    Some((listed, end))
 }
 
-/// Whether a value is a non-empty string or a non-empty array (the shapes content comes in),
-/// and where it ends.
+/// Whether a value is a non-empty string, a non-empty array, or an object with a non-empty
+/// string member (the shapes content comes in: `function_call` is `{name, arguments}`), and
+/// where it ends.
 fn non_empty_value(b: &[u8], start: usize, depth: u32) -> Option<(bool, usize)> {
     let v = ws(b, start);
     let end = skip_value(b, v, depth)?;
@@ -188,6 +261,16 @@ fn non_empty_value(b: &[u8], start: usize, depth: u32) -> Option<(bool, usize)> 
         // Any escape decodes to at least one character, so more than two raw bytes is non-empty.
         Some(b'"') => end - v > 2,
         Some(b'[') => b.get(ws(b, v + 1)) != Some(&b']'),
+        Some(b'{') => {
+            let mut any = false;
+            walk_object(b, v, depth, |_, _, member, _| {
+                let m = ws(b, member);
+                let member_end = skip_value(b, m, depth - 1)?;
+                any |= b.get(m) == Some(&b'"') && member_end - m > 2;
+                Some(member_end)
+            })?;
+            any
+        }
         _ => false,
     };
     Some((nonempty, end))
@@ -197,12 +280,17 @@ fn non_empty_value(b: &[u8], start: usize, depth: u32) -> Option<(bool, usize)> 
 enum Key {
     Choices,
     Usage,
+    Error,
+    Code,
+    Index,
     Delta,
     Text,
     Content,
     ReasoningContent,
     Reasoning,
+    Refusal,
     ToolCalls,
+    FunctionCall,
     Other,
 }
 
@@ -210,12 +298,17 @@ fn key_of(raw: &[u8]) -> Key {
     match raw {
         b"choices" => Key::Choices,
         b"usage" => Key::Usage,
+        b"error" => Key::Error,
+        b"code" => Key::Code,
+        b"index" => Key::Index,
         b"delta" => Key::Delta,
         b"text" => Key::Text,
         b"content" => Key::Content,
         b"reasoning_content" => Key::ReasoningContent,
         b"reasoning" => Key::Reasoning,
+        b"refusal" => Key::Refusal,
         b"tool_calls" => Key::ToolCalls,
+        b"function_call" => Key::FunctionCall,
         _ => Key::Other,
     }
 }
@@ -399,6 +492,9 @@ mod tests {
         let non_empty = |v: Option<&Value>| match v {
             Some(Value::String(s)) => !s.is_empty(),
             Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::Object(o)) => o
+                .values()
+                .any(|m| m.as_str().is_some_and(|s| !s.is_empty())),
             _ => false,
         };
         let mut event = JsonEvent::default();
@@ -408,15 +504,40 @@ mod tests {
                 let delta = choice.get("delta");
                 let delta_content = delta.is_some_and(|d| {
                     d.is_object()
-                        && ["content", "reasoning_content", "reasoning", "tool_calls"]
-                            .iter()
-                            .any(|k| non_empty(d.get(*k)))
+                        && [
+                            "content",
+                            "reasoning_content",
+                            "reasoning",
+                            "refusal",
+                            "tool_calls",
+                            "function_call",
+                        ]
+                        .iter()
+                        .any(|k| non_empty(d.get(*k)))
                 });
                 if delta_content || non_empty(choice.get("text").filter(|t| t.is_string())) {
                     event.content = true;
                 }
+                if let Some(index) = choice
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .filter(|i| *i < 1_000_000_000)
+                {
+                    event.choices_seen = event.choices_seen.max(index as u32 + 1);
+                }
             }
         }
+        event.error = match top.get("error") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(e))
+                if e.get("code")
+                    .and_then(Value::as_u64)
+                    .is_some_and(|c| (400..500).contains(&c)) =>
+            {
+                Some(StreamError::Client)
+            }
+            Some(_) => Some(StreamError::Server),
+        };
         event.usage = top.get("usage").map(|u| UsageMember {
             value: match u {
                 Value::Null => UsageValue::Null,
@@ -566,39 +687,63 @@ mod tests {
         ]
     }
 
+    /// `function_call`'s shape: an object of strings, or anything else a server might send.
+    fn arb_call() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            arb_field(),
+            (arb_text(), arb_text())
+                .prop_map(|(name, arguments)| Some(json!({"name": name, "arguments": arguments}))),
+            arb_text().prop_map(|arguments| Some(json!({"arguments": arguments, "n": {"x": "y"}}))),
+        ]
+    }
+
     fn arb_choice() -> impl Strategy<Value = Value> {
         (
+            (arb_field(), arb_field(), arb_field(), arb_field()),
+            (arb_call(), arb_field()),
             arb_field(),
-            arb_field(),
-            arb_field(),
-            arb_field(),
-            arb_field(),
+            prop_oneof![
+                Just(json!(0)),
+                Just(json!(3)),
+                Just(json!("1")),
+                Just(json!(-1))
+            ],
             any::<bool>(),
         )
-            .prop_map(|(content, reasoning, tools, text, role, delta_is_object)| {
-                let mut delta = serde_json::Map::new();
-                for (k, v) in [
-                    ("content", content),
-                    ("reasoning_content", reasoning),
-                    ("tool_calls", tools),
-                    ("role", role),
-                ] {
-                    if let Some(v) = v {
-                        delta.insert(k.into(), v);
+            .prop_map(
+                |(
+                    (content, reasoning, tools, text),
+                    (call, refusal),
+                    role,
+                    index,
+                    delta_is_object,
+                )| {
+                    let mut delta = serde_json::Map::new();
+                    for (k, v) in [
+                        ("content", content),
+                        ("reasoning_content", reasoning),
+                        ("tool_calls", tools),
+                        ("function_call", call),
+                        ("refusal", refusal),
+                        ("role", role),
+                    ] {
+                        if let Some(v) = v {
+                            delta.insert(k.into(), v);
+                        }
                     }
-                }
-                let mut choice = serde_json::Map::new();
-                choice.insert("index".into(), json!(0));
-                if delta_is_object {
-                    choice.insert("delta".into(), Value::Object(delta));
-                } else {
-                    choice.insert("delta".into(), Value::Null);
-                }
-                if let Some(text) = text {
-                    choice.insert("text".into(), text);
-                }
-                Value::Object(choice)
-            })
+                    let mut choice = serde_json::Map::new();
+                    choice.insert("index".into(), index);
+                    if delta_is_object {
+                        choice.insert("delta".into(), Value::Object(delta));
+                    } else {
+                        choice.insert("delta".into(), Value::Null);
+                    }
+                    if let Some(text) = text {
+                        choice.insert("text".into(), text);
+                    }
+                    Value::Object(choice)
+                },
+            )
     }
 
     fn arb_event() -> impl Strategy<Value = Value> {
@@ -612,13 +757,24 @@ mod tests {
                 )),
                 Just(Some(json!("usage"))),
             ],
+            prop_oneof![
+                Just(None),
+                Just(Some(Value::Null)),
+                Just(Some(json!({"message": "m", "code": 500}))),
+                Just(Some(json!({"message": "m", "code": 400, "param": null}))),
+                Just(Some(json!({"code": "400"}))),
+                Just(Some(json!("Request failed during generation"))),
+            ],
             arb_text(),
             any::<u8>(),
         )
-            .prop_map(|(choices, usage, id, order)| {
+            .prop_map(|(choices, usage, error, id, order)| {
                 let mut fields: Vec<(String, Value)> = vec![("id".into(), Value::String(id))];
                 if let Some(choices) = choices {
                     fields.push(("choices".into(), Value::Array(choices)));
+                }
+                if let Some(error) = error {
+                    fields.push(("error".into(), error));
                 }
                 if let Some(usage) = usage {
                     fields.push(("usage".into(), usage));

@@ -10,8 +10,10 @@
 //!   first event carrying generated content (see [`crate::event::JsonEvent::content`]). Streaming
 //!   only. A role-only chunk, a comment or an empty delta is not a token.
 //! - ITL: the gap between consecutive content-carrying chunks.
-//! - TPOT: `(e2e - ttft) / (output_tokens - 1)` when `output_tokens >= 2` (vLLM's benchmark
-//!   definition).
+//! - TPOT: `(e2e - ttft) / (tokens_per_choice - 1)` when `tokens_per_choice >= 2` (vLLM's
+//!   benchmark definition; usage counts every choice, and with `n > 1` the choices the stream
+//!   numbered are decoded side by side).
+//! - Outcome: Envoy's, except that a complete 200 stream carrying an `error` event failed.
 //! - e2e: from `started_at` to `finish`.
 //! - Tokens: the server's `usage` when it sent one (the last one seen in a stream); otherwise
 //!   output is estimated as the number of content events (streaming) or `ceil(chars / 4)` of the
@@ -27,7 +29,7 @@
 
 use crate::Nanos;
 use crate::config::FilterConfig;
-use crate::event::{EventKind, Usage, UsageValue, classify};
+use crate::event::{EventKind, StreamError, Usage, UsageValue, classify};
 use crate::request::{RequestInspection, StripPlan, estimate_completion_tokens};
 use crate::sse::{SseEvent, SseParser};
 use std::ops::Range;
@@ -225,6 +227,10 @@ struct StreamStats {
     last_content_at: Option<Nanos>,
     content_events: u64,
     usage: Option<Usage>,
+    /// The most choices any event numbered (`n > 1`: decoded side by side).
+    choices: u32,
+    /// The server reported a failure inside the stream.
+    error: Option<StreamError>,
     /// The last event of the previous chunk was removed and ended with a CR whose LF may start
     /// the next chunk.
     drop_next_lf: bool,
@@ -495,6 +501,12 @@ impl ResponseTracker {
             self.parse_json();
         }
         let e2e = now.saturating_sub(self.started_at);
+        // Envoy saw a complete 200; the stream itself said the request failed.
+        let outcome = match (outcome, self.stats.error) {
+            (Outcome::Ok, Some(StreamError::Client)) => Outcome::ClientError,
+            (Outcome::Ok, Some(StreamError::Server)) => Outcome::ServerError,
+            (outcome, _) => outcome,
+        };
         let mut record = RequestRecord {
             outcome,
             input_tokens: 0,
@@ -546,8 +558,11 @@ impl ResponseTracker {
         if let Some(first) = self.stats.first_token_at {
             let ttft = first.saturating_sub(self.started_at);
             record.ttft = Some(ttft);
-            if record.output_tokens >= 2 {
-                record.tpot = Some(e2e.saturating_sub(ttft) / (record.output_tokens - 1));
+            // Usage counts the tokens of every choice; each client stream got its own share
+            // one decode step at a time.
+            let per_choice = record.output_tokens / u64::from(self.stats.choices.max(1));
+            if per_choice >= 2 {
+                record.tpot = Some(e2e.saturating_sub(ttft) / (per_choice - 1));
             }
         }
         record
@@ -566,6 +581,10 @@ fn on_event(
     };
     if event.content {
         stats.content_events += 1;
+    }
+    stats.choices = stats.choices.max(event.choices_seen);
+    if event.error.is_some() {
+        stats.error = event.error;
     }
     let Some(usage) = &event.usage else {
         return event.content;
@@ -614,9 +633,14 @@ fn parse_json_response(body: &[u8]) -> Option<JsonResponse> {
     {
         text_chars += chars(choice.get("text"));
         if let Some(message) = choice.get("message") {
-            for key in ["content", "reasoning_content", "reasoning"] {
+            for key in ["content", "reasoning_content", "reasoning", "refusal"] {
                 text_chars += chars(message.get(key));
             }
+            text_chars += chars(
+                message
+                    .get("function_call")
+                    .and_then(|f| f.get("arguments")),
+            );
             for call in message
                 .get("tool_calls")
                 .and_then(serde_json::Value::as_array)

@@ -64,7 +64,8 @@ pub struct KeyTelemetry {
     /// generated content. Streaming responses only.
     #[prost(message, optional, tag = "5")]
     pub ttft_us: ::core::option::Option<Sketch>,
-    /// Time per output token: (e2e - ttft) / (output tokens - 1). Streaming, >= 2 output tokens.
+    /// Time per output token: (e2e - ttft) / (output tokens per choice - 1). Streaming, >= 2
+    /// output tokens per choice.
     #[prost(message, optional, tag = "6")]
     pub tpot_us: ::core::option::Option<Sketch>,
     /// Inter-token latency: gaps between consecutive content events.
