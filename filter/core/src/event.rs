@@ -30,6 +30,10 @@ pub struct JsonEvent {
     /// A choice carries generated content: a delta with non-empty `content`, `reasoning_content`,
     /// `reasoning`, `refusal`, `tool_calls` or `function_call`, or a non-empty completion `text`.
     pub content: bool,
+    /// The choice of index 0 (or one naming no index) carries generated content: inter-token
+    /// gaps are timed on that one stream, since with `n > 1` the other choices' tokens of the
+    /// same decode step arrive a moment apart.
+    pub first_choice_content: bool,
     /// `"choices": []`.
     pub choices_empty: bool,
     /// The highest choice `index` in the event plus one (0 when no choice names one): with
@@ -118,6 +122,7 @@ fn top_level(b: &[u8], open: usize) -> Option<JsonEvent> {
                 let (listed, end) = choices(b, v)?;
                 event.choices_empty = listed.empty;
                 event.content |= listed.content;
+                event.first_choice_content |= listed.first_choice_content;
                 event.choices_seen = listed.seen;
                 Some(end)
             }
@@ -187,6 +192,8 @@ fn small_integer(b: &[u8], start: usize, end: usize) -> Option<u32> {
 struct Choices {
     empty: bool,
     content: bool,
+    /// Content in the choice of index 0 (or one naming no index).
+    first_choice_content: bool,
     /// Highest `index` plus one.
     seen: u32,
 }
@@ -196,57 +203,64 @@ fn choices(b: &[u8], open: usize) -> Option<(Choices, usize)> {
     let mut listed = Choices {
         empty: true,
         content: false,
+        first_choice_content: false,
         seen: 0,
     };
     let end = walk_array(b, open, MAX_DEPTH - 1, |element| {
         listed.empty = false;
         let v = ws(b, element);
-        if b.get(v) == Some(&b'{') {
-            walk_object(b, v, MAX_DEPTH - 2, |key, _, value_start, _| match key {
-                Key::Index => {
-                    let i = ws(b, value_start);
-                    let end = skip_value(b, i, MAX_DEPTH - 3)?;
-                    if let Some(index) = small_integer(b, i, end) {
-                        listed.seen = listed.seen.max(index.saturating_add(1));
-                    }
-                    Some(end)
-                }
-                Key::Delta => {
-                    let d = ws(b, value_start);
-                    if b.get(d) == Some(&b'{') {
-                        walk_object(b, d, MAX_DEPTH - 3, |key, _, value_start, _| {
-                            let generated = matches!(
-                                key,
-                                Key::Content
-                                    | Key::ReasoningContent
-                                    | Key::Reasoning
-                                    | Key::Refusal
-                                    | Key::ToolCalls
-                                    | Key::FunctionCall
-                            );
-                            if !generated {
-                                return skip_value(b, value_start, MAX_DEPTH - 4);
-                            }
-                            let (nonempty, end) = non_empty_value(b, value_start, MAX_DEPTH - 4)?;
-                            listed.content |= nonempty;
-                            Some(end)
-                        })
-                    } else {
-                        skip_value(b, d, MAX_DEPTH - 3)
-                    }
-                }
-                Key::Text => {
-                    // Completions put the text in a string; anything else is not content.
-                    let t = ws(b, value_start);
-                    let end = skip_value(b, t, MAX_DEPTH - 3)?;
-                    listed.content |= b.get(t) == Some(&b'"') && end - t > 2;
-                    Some(end)
-                }
-                _ => skip_value(b, value_start, MAX_DEPTH - 3),
-            })
-        } else {
-            skip_value(b, v, MAX_DEPTH - 2)
+        if b.get(v) != Some(&b'{') {
+            return skip_value(b, v, MAX_DEPTH - 2);
         }
+        // The index may follow the delta, so the choice is judged once walked.
+        let mut content = false;
+        let mut index = None;
+        let end = walk_object(b, v, MAX_DEPTH - 2, |key, _, value_start, _| match key {
+            Key::Index => {
+                let i = ws(b, value_start);
+                let end = skip_value(b, i, MAX_DEPTH - 3)?;
+                index = small_integer(b, i, end);
+                Some(end)
+            }
+            Key::Delta => {
+                let d = ws(b, value_start);
+                if b.get(d) == Some(&b'{') {
+                    walk_object(b, d, MAX_DEPTH - 3, |key, _, value_start, _| {
+                        let generated = matches!(
+                            key,
+                            Key::Content
+                                | Key::ReasoningContent
+                                | Key::Reasoning
+                                | Key::Refusal
+                                | Key::ToolCalls
+                                | Key::FunctionCall
+                        );
+                        if !generated {
+                            return skip_value(b, value_start, MAX_DEPTH - 4);
+                        }
+                        let (nonempty, end) = non_empty_value(b, value_start, MAX_DEPTH - 4)?;
+                        content |= nonempty;
+                        Some(end)
+                    })
+                } else {
+                    skip_value(b, d, MAX_DEPTH - 3)
+                }
+            }
+            Key::Text => {
+                // Completions put the text in a string; anything else is not content.
+                let t = ws(b, value_start);
+                let end = skip_value(b, t, MAX_DEPTH - 3)?;
+                content |= b.get(t) == Some(&b'"') && end - t > 2;
+                Some(end)
+            }
+            _ => skip_value(b, value_start, MAX_DEPTH - 3),
+        })?;
+        if let Some(index) = index {
+            listed.seen = listed.seen.max(index.saturating_add(1));
+        }
+        listed.content |= content;
+        listed.first_choice_content |= content && index.unwrap_or(0) == 0;
+        Some(end)
     })?;
     Some((listed, end))
 }
@@ -515,14 +529,15 @@ mod tests {
                         .iter()
                         .any(|k| non_empty(d.get(*k)))
                 });
-                if delta_content || non_empty(choice.get("text").filter(|t| t.is_string())) {
-                    event.content = true;
-                }
-                if let Some(index) = choice
+                let index = choice
                     .get("index")
                     .and_then(Value::as_u64)
-                    .filter(|i| *i < 1_000_000_000)
-                {
+                    .filter(|i| *i < 1_000_000_000);
+                if delta_content || non_empty(choice.get("text").filter(|t| t.is_string())) {
+                    event.content = true;
+                    event.first_choice_content |= index.unwrap_or(0) == 0;
+                }
+                if let Some(index) = index {
                     event.choices_seen = event.choices_seen.max(index as u32 + 1);
                 }
             }

@@ -9,7 +9,8 @@
 //! - TTFT: from `started_at` (request headers at the filter) to the body chunk that completes the
 //!   first event carrying generated content (see [`crate::event::JsonEvent::content`]). Streaming
 //!   only. A role-only chunk, a comment or an empty delta is not a token.
-//! - ITL: the gap between consecutive content-carrying chunks.
+//! - ITL: the gap between consecutive chunks carrying content of the first choice (with `n > 1`
+//!   the other choices' tokens of one decode step arrive a moment apart, not a step apart).
 //! - TPOT: `(e2e - ttft) / (tokens_per_choice - 1)` when `tokens_per_choice >= 2` (vLLM's
 //!   benchmark definition; usage counts every choice, and with `n > 1` the choices the stream
 //!   numbered are decoded side by side).
@@ -224,7 +225,11 @@ pub struct ResponseTracker {
 #[derive(Debug, Clone, Copy, Default)]
 struct StreamStats {
     first_token_at: Option<Nanos>,
+    /// The last chunk carrying content of the first choice (see
+    /// [`crate::event::JsonEvent::first_choice_content`]).
     last_content_at: Option<Nanos>,
+    /// The chunk being read carries content of the first choice.
+    first_choice_in_chunk: bool,
     content_events: u64,
     usage: Option<Usage>,
     /// The most choices any event numbered (`n > 1`: decoded side by side).
@@ -469,6 +474,7 @@ impl ResponseTracker {
     }
 
     fn timing(&mut self, content: bool, now: Nanos) -> BodyVerdict {
+        let first_choice = std::mem::take(&mut self.stats.first_choice_in_chunk);
         if !content {
             return BodyVerdict::default();
         }
@@ -476,11 +482,14 @@ impl ResponseTracker {
         if first_content {
             self.stats.first_token_at = Some(now);
         }
-        let itl = self
-            .stats
-            .last_content_at
-            .map(|last| now.saturating_sub(last));
-        self.stats.last_content_at = Some(now);
+        let mut itl = None;
+        if first_choice {
+            itl = self
+                .stats
+                .last_content_at
+                .map(|last| now.saturating_sub(last));
+            self.stats.last_content_at = Some(now);
+        }
         BodyVerdict {
             rewrite: false,
             first_content,
@@ -583,6 +592,7 @@ fn on_event(
         stats.content_events += 1;
     }
     stats.choices = stats.choices.max(event.choices_seen);
+    stats.first_choice_in_chunk |= event.first_choice_content;
     if event.error.is_some() {
         stats.error = event.error;
     }

@@ -740,3 +740,26 @@ fn tpot_of_a_request_with_several_choices_is_per_choice_not_over_all_their_token
         record.tpot
     );
 }
+
+/// With `n > 1` each decode step streams one event per choice, a moment apart: gaps between
+/// any two content chunks would be mostly ~0. Inter-token latency is the first choice's.
+#[test]
+fn itl_with_several_choices_is_timed_on_the_first_choice() {
+    let event = |index: u32, text: &str| {
+        chunk(&format!(
+            r#"{{"id":"c","choices":[{{"index":{index},"delta":{{"content":"{text}"}},"finish_reason":null}}]}}"#
+        ))
+    };
+    let mut t = sse_tracker(StripPlan::default());
+    let mut out = Vec::new();
+    let mut gaps = Vec::new();
+    for step in 1..=4u64 {
+        // Choice 1 first this time: the order within a step is the server's.
+        for (index, offset) in [(1, 0), (0, MS / 10)] {
+            let v =
+                t.on_response_body(&event(index, "t"), false, step * 10 * MS + offset, &mut out);
+            gaps.extend(v.itl);
+        }
+    }
+    assert_eq!(gaps, [10 * MS, 10 * MS, 10 * MS]);
+}
