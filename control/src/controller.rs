@@ -777,7 +777,9 @@ pub fn window_stats(summary: &WindowSummary, length: Duration, percentile: f64) 
     }
 }
 
-/// Fresh while some reporter is live and the newest report is within `stale_after`; missing
+/// Fresh while some reporter is live and `now` is before `fresh_until` (when the latest reports
+/// stop keeping their reporters live, each by its own stale limit: see
+/// [`crate::ingest::Telemetry::fresh_until`]); missing
 /// until the first report. A pool none of whose keys are in recent reports is fresh and idle,
 /// not missing: gateways leave keys without deltas or requests in flight out of their reports
 /// (see `flyball.v1.ReportRequest.keys`), so silence about a key from a live gateway is a zero.
@@ -789,14 +791,14 @@ pub fn freshness(
     last_report: Option<Instant>,
     silent_feeders: u32,
     keys_over_limit: bool,
-    stale_after: Duration,
+    fresh_until: Option<Instant>,
     now: Instant,
 ) -> Freshness {
     match last_report {
         None => Freshness::Missing,
         Some(last) => {
             let age = now.saturating_duration_since(last);
-            if live_reporters == 0 || age > stale_after {
+            if live_reporters == 0 || fresh_until.is_none_or(|until| now > until) {
                 Freshness::Stale { age }
             } else if silent_feeders > 0 || keys_over_limit {
                 Freshness::Partial {
@@ -1237,6 +1239,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
         let windows = self.telemetry.windows_config();
         let reporters = self.telemetry.reporters(now);
         let last_report = self.telemetry.last_report();
+        let fresh_until = self.telemetry.fresh_until();
 
         let freshness_of = |pool: PoolId| {
             freshness(
@@ -1244,7 +1247,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                 last_report,
                 self.telemetry.silent_feeders(pool),
                 self.telemetry.keys_dropped_recently(pool, now),
-                self.config.stale_after,
+                fresh_until,
                 now,
             )
         };

@@ -204,6 +204,9 @@ struct Process {
     gauges: Vec<(KeyId, InFlight)>,
     /// The keys it reported on, each with when it last did (only the last stable window's).
     fed: Vec<(KeyId, Instant)>,
+    /// The pools it reported on through keys that found no room (over `--max-keys`), each with
+    /// when it last did: it fed them too, and its silence leaves them as short.
+    fed_unadmitted: Vec<(PoolId, Instant)>,
 }
 
 /// Live and stale reporter counts.
@@ -296,6 +299,9 @@ struct IngestState {
     sweep_every: Duration,
     /// When the newest report (of any reporter, duplicates aside) arrived.
     last_report: Option<Instant>,
+    /// Until when the latest reports keep their reporters live, each by its own stale limit
+    /// (`--stale-after`, or that many of its report intervals if longer).
+    fresh_until: Option<Instant>,
     /// Per pool, the reporters that fed it in the stable window before they went quiet and
     /// are not yet forgotten (recounted at every sweep); pools absent have none.
     silent_feeders: HashMap<PoolId, u32>,
@@ -707,6 +713,7 @@ impl Reporters {
                     dropped_reports: 0,
                     gauges: Vec::new(),
                     fed: Vec::new(),
+                    fed_unadmitted: Vec::new(),
                 });
                 self.live += 1;
                 let last = entry.processes.len() - 1;
@@ -864,22 +871,52 @@ impl Reporters {
 
     /// For every reporter gone quiet (stale, and not gone with its connections closed), the
     /// keys it reported on within `lookback` before it went quiet.
+    /// Per quiet process, the keys it fed and the pools it fed through keys that found no room,
+    /// within `lookback` before it went quiet.
     fn silent_feeds(
         &self,
         lookback: Duration,
-    ) -> impl Iterator<Item = impl Iterator<Item = KeyId> + '_> + '_ {
+    ) -> impl Iterator<
+        Item = (
+            impl Iterator<Item = KeyId> + '_,
+            impl Iterator<Item = PoolId> + '_,
+        ),
+    > + '_ {
         self.gateways
             .values()
             .flat_map(|gateway| &gateway.processes)
             .filter(|process| process.stale && !process.quiet_is_explained())
             .map(move |process| {
                 let since = process.last_seen.checked_sub(lookback);
-                process
+                let recent = move |at: &Instant| since.is_none_or(|since| *at >= since);
+                let keys = process
                     .fed
                     .iter()
-                    .filter(move |(_, at)| since.is_none_or(|since| *at >= since))
-                    .map(|(key, _)| *key)
+                    .filter(move |(_, at)| recent(at))
+                    .map(|(key, _)| *key);
+                let pools = process
+                    .fed_unadmitted
+                    .iter()
+                    .filter(move |(_, at)| recent(at))
+                    .map(|(pool, _)| *pool);
+                (keys, pools)
             })
+    }
+}
+
+/// Sets `item`'s time to `now`, forgetting items older than `lookback` when adding one.
+fn note_recent<T: PartialEq>(
+    list: &mut Vec<(T, Instant)>,
+    item: T,
+    now: Instant,
+    lookback: Duration,
+) {
+    match list.iter_mut().find(|(listed, _)| *listed == item) {
+        Some((_, at)) => *at = now,
+        None => {
+            list.retain(|(_, at)| now.saturating_duration_since(*at) <= lookback);
+            list.push((item, now));
+        }
     }
 }
 
@@ -908,14 +945,12 @@ impl Process {
     /// Notes that this process reported on `key` at `now`, forgetting keys not reported on
     /// within `lookback`.
     fn note_fed(&mut self, key: KeyId, now: Instant, lookback: Duration) {
-        match self.fed.iter_mut().find(|(fed, _)| *fed == key) {
-            Some((_, at)) => *at = now,
-            None => {
-                self.fed
-                    .retain(|(_, at)| now.saturating_duration_since(*at) <= lookback);
-                self.fed.push((key, now));
-            }
-        }
+        note_recent(&mut self.fed, key, now, lookback);
+    }
+
+    /// As [`Process::note_fed`], for a pool fed through a key that found no room.
+    fn note_fed_unadmitted(&mut self, pool: PoolId, now: Instant, lookback: Duration) {
+        note_recent(&mut self.fed_unadmitted, pool, now, lookback);
     }
 }
 
@@ -942,6 +977,8 @@ impl IngestState {
         }
         let mut retired = Vec::new();
         let stale_after = self.reporters.stale_after;
+        let (stale_intervals, forget_after) =
+            (self.reporters.stale_intervals, self.reporters.forget_after);
         let (admission, process) = self.reporters.admit(
             &report.gateway,
             report.process_start_unix_ms,
@@ -965,6 +1002,10 @@ impl IngestState {
             return merged;
         };
         self.last_report = Some(now);
+        // Live on its own schedule: a gateway reporting every 5 s is not stale 3 s after one.
+        let live_until =
+            now + stale_limit(stale_after, stale_intervals, forget_after, process.interval);
+        self.fresh_until = self.fresh_until.max(Some(live_until));
         merged.newly_dropped_reports = report
             .dropped_reports
             .saturating_sub(process.dropped_reports);
@@ -992,6 +1033,7 @@ impl IngestState {
                 merged.keys_over_limit += 1;
                 for pool in self.windows.pools_selecting(&key.backend, &key.model) {
                     self.keys_dropped_at.insert(pool, now);
+                    process.note_fed_unadmitted(pool, now, lookback);
                     merged.pools.push(pool);
                 }
                 continue;
@@ -1018,10 +1060,11 @@ impl IngestState {
         merged
     }
 
-    /// Telemetry for the pools `report` would feed was turned away: they hold scale-down.
-    fn unseen(&mut self, report: &ParsedReport, now: Instant) {
-        for key in &report.keys {
-            for pool in self.windows.pools_selecting(&key.backend, &key.model) {
+    /// Telemetry for the pools these (backend, model) keys would feed was turned away: they
+    /// hold scale-down.
+    fn unseen<'k>(&mut self, keys: impl IntoIterator<Item = (&'k str, &'k str)>, now: Instant) {
+        for (backend, model) in keys {
+            for pool in self.windows.pools_selecting(backend, model) {
                 self.keys_dropped_at.insert(pool, now);
             }
         }
@@ -1064,11 +1107,12 @@ impl IngestState {
     fn count_silent_feeders(&self) -> HashMap<PoolId, u32> {
         let mut counts: HashMap<PoolId, u32> = HashMap::new();
         let mut pools = Vec::new();
-        for keys in self.reporters.silent_feeds(self.windows.config().stable()) {
+        for (keys, unadmitted) in self.reporters.silent_feeds(self.windows.config().stable()) {
             pools.clear();
             for key in keys {
                 pools.extend_from_slice(self.windows.pools_of(key));
             }
+            pools.extend(unadmitted);
             pools.sort_unstable();
             pools.dedup();
             for pool in &pools {
@@ -1114,6 +1158,7 @@ impl Telemetry {
                 last_sweep: None,
                 sweep_every,
                 last_report: None,
+                fresh_until: None,
                 silent_feeders: HashMap::new(),
                 keys_dropped_at: HashMap::new(),
             }),
@@ -1133,6 +1178,12 @@ impl Telemetry {
     /// When the newest report of any reporter arrived.
     pub fn last_report(&self) -> Option<Instant> {
         self.lock().last_report
+    }
+
+    /// Until when the reports so far keep some reporter live (each by its own stale limit):
+    /// past it, every reporter is quiet.
+    pub fn fresh_until(&self) -> Option<Instant> {
+        self.lock().fresh_until
     }
 
     pub fn counters(&self) -> &IngestCounters {
@@ -1160,6 +1211,12 @@ impl Telemetry {
         now: Instant,
         forwarded: bool,
     ) -> Result<Merged, Refusal> {
+        if report.keys.len() > self.config.max_keys_per_report {
+            // Refused whole below: turned away for want of room, as keys over --max-keys are.
+            let keys = report.keys.iter();
+            self.lock()
+                .unseen(keys.map(|k| (k.backend.as_str(), k.model.as_str())), now);
+        }
         let parsed = match parse(report, &self.config) {
             Ok(parsed) => ParsedReport {
                 forwarded,
@@ -1178,7 +1235,8 @@ impl Telemetry {
                     .reporters
                     .would_exceed(&parsed.gateway, parsed.process_start_unix_ms, max)
             {
-                state.unseen(&parsed, now);
+                let keys = parsed.keys.iter();
+                state.unseen(keys.map(|k| (k.backend.as_str(), k.model.as_str())), now);
                 drop(state);
                 let refusal = Refusal::TooManyReporters { max };
                 self.count_refusal(refusal.reason());

@@ -16,39 +16,39 @@ fn rfc3339_renders_utc_with_milliseconds() {
 #[test]
 fn freshness_needs_a_live_reporter_heard_recently() {
     let base = Instant::now();
-    let stale_after = Duration::from_secs(3);
+    let fresh_until = Some(base + Duration::from_secs(3));
     let now = base + Duration::from_secs(2);
     assert_eq!(
-        freshness(1, Some(base), 0, false, stale_after, now),
+        freshness(1, Some(base), 0, false, fresh_until, now),
         Freshness::Fresh
     );
     assert_eq!(
-        freshness(0, None, 0, false, stale_after, now),
+        freshness(0, None, 0, false, fresh_until, now),
         Freshness::Missing
     );
     assert_eq!(
-        freshness(1, Some(base), 2, false, stale_after, now),
+        freshness(1, Some(base), 2, false, fresh_until, now),
         Freshness::Partial {
             silent_reporters: 2,
             keys_over_limit: false
         }
     );
     assert_eq!(
-        freshness(1, Some(base), 0, true, stale_after, now),
+        freshness(1, Some(base), 0, true, fresh_until, now),
         Freshness::Partial {
             silent_reporters: 0,
             keys_over_limit: true
         }
     );
     assert_eq!(
-        freshness(0, Some(base), 0, true, stale_after, now),
+        freshness(0, Some(base), 0, true, fresh_until, now),
         Freshness::Stale {
             age: Duration::from_secs(2)
         }
     );
     let late = base + Duration::from_secs(4);
     assert_eq!(
-        freshness(3, Some(base), 1, true, stale_after, late),
+        freshness(3, Some(base), 1, true, fresh_until, late),
         Freshness::Stale {
             age: Duration::from_secs(4)
         }
@@ -1664,6 +1664,48 @@ autoscalers:
         (Some(true), true),
         "decode (readable, 3 sequences decoding) 2.5 s into load while prefill's target is \
          missing: {status:?}"
+    );
+    let _ = h.stop.send(());
+}
+
+/// README: "quiet gateways become stale after `--stale-after` (3 s, or 3 of their report
+/// intervals if longer)". A gateway configured with `reportIntervalMs: 5000` (the filter takes
+/// 100 to 60000) that reports on schedule is live and its telemetry complete; yet the pool's
+/// freshness compares the newest report's age with the bare `--stale-after`, so 3 to 5 s after
+/// each report every evaluation reads `Stale` and records the current count as held in the
+/// scale-down window: light load, fresh and complete, never lets the pool scale down.
+#[tokio::test(start_paused = true)]
+async fn a_gateway_reporting_every_five_seconds_does_not_hold_scale_down_for_ever() {
+    let spec = QUICK_DOWN.replace("stabilizationWindow: 0s", "stabilizationWindow: 10s");
+    let h = start_with(
+        ControlConfig::from_yaml(&spec).unwrap(),
+        true,
+        &[("llama", 5)],
+    );
+    let mut status = h.status.subscribe(PoolId(0)).unwrap();
+    status.wait_for(|s| s.replicas.is_some()).await.unwrap();
+    // One gateway, light load, one report every 5 s for 3 minutes: past the restart hold (60 s)
+    // and many scale-down windows (10 s).
+    for sequence in 1..=36 {
+        h.telemetry
+            .ingest(load(sequence, 10), Instant::now())
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let reporters = h.telemetry.reporters(Instant::now());
+    assert_eq!(
+        (reporters.live, reporters.stale),
+        (1, 0),
+        "the gateway is live"
+    );
+    let s = h.status.get(PoolId(0)).unwrap();
+    let rules: Vec<Rule> = s.decisions.iter().rev().take(6).map(|d| d.rule).collect();
+    let set = h.actuator.recommendations();
+    assert!(
+        set.iter()
+            .any(|(target, n)| target.name == "llama" && *n == 1),
+        "light load from a live gateway on schedule never scaled 5 -> 1: set {set:?}, \
+         latest rules {rules:?}"
     );
     let _ = h.stop.send(());
 }

@@ -1328,3 +1328,103 @@ fn late_reports_of_a_process_first_seen_here_are_merged_without_a_gap() {
         15
     );
 }
+
+/// README: keys over `--max-keys` hold their pools' scale-down "for a stable window", and
+/// "while a gateway that fed a pool in the stable window is quiet (and not yet forgotten), that
+/// pool's load may be short, so it ... does not scale down (`silent_reporter_hold`)". A gateway
+/// whose telemetry for a pool was all over the key limit fed that pool too: once it goes quiet
+/// (cut off, not gone: its connection never closed), nothing of its load is known. Yet ingest
+/// notes a process as a pool's feeder only through keys it admitted, so a stable window after the
+/// quiet gateway's last dropped key the pool reads fresh and complete, and may scale down (to
+/// zero, with scaleToZero) on the other gateways' load alone.
+#[test]
+fn a_quiet_gateway_whose_keys_were_over_the_limit_still_holds_its_pool() {
+    use flyball_policy::inputs::Freshness;
+    let base = Instant::now();
+    let t = telemetry_with_one_key(base);
+    let pool_b = PoolId(1);
+    let freshness_of_b = |now: Instant| {
+        crate::controller::freshness(
+            t.reporters(now).live,
+            t.last_report(),
+            t.silent_feeders(pool_b),
+            t.keys_dropped_recently(pool_b, now),
+            t.fresh_until(),
+            now,
+        )
+    };
+    // gw-a takes the one place with key a and reports every second throughout.
+    // gw-b reports pool b's key for 5 s, all of it over the limit, then is cut off.
+    for s in 0..=120 {
+        t.ingest(report_on("a", "gw-a", 1, s + 1), at(base, s * 1_000))
+            .unwrap();
+        if s < 5 {
+            let merged = t
+                .ingest(report_on("b", "gw-b", 1, s + 1), at(base, s * 1_000))
+                .unwrap();
+            assert_eq!(merged.keys_over_limit, 1);
+        }
+        if s == 30 {
+            assert!(
+                matches!(freshness_of_b(at(base, 30_000)), Freshness::Partial { .. }),
+                "within a stable window of the drop, pool b holds"
+            );
+        }
+    }
+    let now = at(base, 120_500);
+    assert_eq!(t.reporters(now), ReporterCounts { live: 1, stale: 1 });
+    let fresh = freshness_of_b(now);
+    assert!(
+        matches!(fresh, Freshness::Partial { .. }),
+        "gw-b, which sent pool b's only telemetry, is quiet and not forgotten: pool b's load is \
+         unknown, yet it reads {fresh:?}"
+    );
+}
+
+/// README: telemetry "turned away for want of room" holds the pools it would feed
+/// (`keys_over_limit_hold`, for keys over `--max-keys` and for a reporter over
+/// `--max-reporters`, refused `RESOURCE_EXHAUSTED`). A report with more keys than
+/// `--max-keys-per-report` (1,024; the filter may send 64 backends x 257 models) is refused
+/// `RESOURCE_EXHAUSTED` too, every key of it lost, yet the pools its keys select are not held:
+/// pool b, whose whole load is in such reports, reads fresh and idle while the other gateway
+/// reports, and scales down (to zero, with scaleToZero) without it.
+#[test]
+fn a_report_refused_for_too_many_keys_holds_the_pools_it_would_feed() {
+    use flyball_policy::inputs::Freshness;
+    let base = Instant::now();
+    let t = telemetry_of(base, &["a", "b"]);
+    let pool_b = PoolId(1);
+    let max = t.config().max_keys_per_report;
+    let crowded = |sequence: u64| {
+        let mut report = report_on("b", "gw-crowded", 1, sequence);
+        let key = report.keys[0].clone();
+        for i in 0..max {
+            report.keys.push(v1::KeyTelemetry {
+                backend: "c".into(),
+                model: format!("lora-{i}"),
+                ..key.clone()
+            });
+        }
+        report
+    };
+    for s in 0..30 {
+        t.ingest(report_on("a", "gw-a", 1, s + 1), at(base, s * 1_000))
+            .unwrap();
+        let refusal = t.ingest(crowded(s + 1), at(base, s * 1_000)).unwrap_err();
+        assert_eq!(refusal.reason(), "too_many_keys");
+        assert_eq!(refusal.to_status().code(), tonic::Code::ResourceExhausted);
+    }
+    let now = at(base, 29_500);
+    let fresh = crate::controller::freshness(
+        t.reporters(now).live,
+        t.last_report(),
+        t.silent_feeders(pool_b),
+        t.keys_dropped_recently(pool_b, now),
+        t.fresh_until(),
+        now,
+    );
+    assert!(
+        matches!(fresh, Freshness::Partial { .. }),
+        "pool b's every report was turned away for want of room, yet it reads {fresh:?}"
+    );
+}
