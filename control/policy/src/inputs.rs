@@ -48,9 +48,10 @@ pub struct PoolTelemetry {
 pub enum Freshness {
     /// Reports arrive on schedule.
     Fresh,
-    /// The newest report is older than the ingest's staleness bound.
+    /// Every reporter is quiet past its staleness bound; `age` is the newest report's.
     Stale { age: Duration },
-    /// No reporter has ever reported for this pool.
+    /// No gateway has reported since the service started. (Once any has, a pool none of whose
+    /// keys are reported is fresh and idle: a live gateway leaves idle keys out of its reports.)
     Missing,
     /// Reports arrive, but some of this pool's load is not in them, so the load seen is a lower
     /// bound: scale up on it, never down. `silent_reporters` gateway processes that fed this pool
