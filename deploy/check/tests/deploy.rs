@@ -274,11 +274,18 @@ fn examples() -> Vec<Document> {
     .collect()
 }
 
+/// The examples and the dry-run autoscaler the KEDA example reads.
+fn shipped_autoscalers() -> Vec<Document> {
+    let mut all = examples();
+    all.extend(documents_in("keda/flyballautoscaler.yaml"));
+    all
+}
+
 #[test]
 fn flyball_examples_validate_against_the_generated_crd_schema() {
     let registry = flyball_registry();
-    let examples = examples();
-    assert_eq!(examples.len(), 2);
+    let examples = shipped_autoscalers();
+    assert_eq!(examples.len(), 3);
     for example in &examples {
         assert_eq!(
             registry.check(example).unwrap(),
@@ -290,7 +297,7 @@ fn flyball_examples_validate_against_the_generated_crd_schema() {
 
 #[test]
 fn flyball_examples_pass_the_rules_the_control_service_applies() {
-    for example in examples() {
+    for example in shipped_autoscalers() {
         // As the control service reads the custom resource...
         let resource: flyball_k8s::FlyballAutoscaler =
             serde_json::from_value(example.value.clone()).unwrap();
@@ -515,7 +522,7 @@ fn every_filter_manifest_loads_the_same_module_fail_open_under_root_id_flyball()
 fn keda_scaled_object_names_an_example_autoscaler_and_its_bounds() {
     let scaled = one(&documents_in("keda/scaledobject.yaml"), "ScaledObject");
     let metadata = &scaled.value["spec"]["triggers"][0]["metadata"];
-    let examples = examples();
+    let examples = shipped_autoscalers();
     let autoscaler = examples
         .iter()
         .find(|e| e.name() == metadata["autoscaler"] && e.namespace() == scaled.namespace())
@@ -1049,4 +1056,85 @@ fn chart_turns_on_mutual_tls_from_a_secret() {
     let deployment = one(&render(&named), "Deployment");
     let args = &deployment.value["spec"]["template"]["spec"]["containers"][0]["args"];
     assert!(args.as_array().unwrap().contains(&json!("control.example")));
+}
+
+// ===== what a real gateway does with these manifests =====
+
+/// The HTTP_FILTER patch of the EnvoyFilter: the filter's reference to its ECDS resource.
+fn envoy_filter_http_filter(filter: &Document) -> Value {
+    let patches = filter.value["spec"]["configPatches"].as_array().unwrap();
+    patches
+        .iter()
+        .find(|p| p["applyTo"] == "HTTP_FILTER")
+        .unwrap()["patch"]["value"]
+        .clone()
+}
+
+#[test]
+fn istio_envoyfilter_accepts_the_agents_fail_open_stand_in() {
+    // When the Istio agent cannot pull a remote Wasm module (registry down, tag moved, pull
+    // secret missing) of a fail-open filter, it hands Envoy an allow-all RBAC filter under the
+    // same ECDS name instead (istio/istio pkg/wasm/convert.go: MaybeConvertWasmExtensionConfig ->
+    // createHTTPDefaultFilter, allowHTTPTypedConfig). Envoy rejects an ECDS update whose type is
+    // not in the filter's `config_discovery.type_urls` ("Extension configuration updates are
+    // rejected if they do not match any type URL in the set", envoy.config.core.v3
+    // .ExtensionConfigSource), and a filter left without configuration answers every request
+    // with a 500. Istio's own WasmPlugin and TrafficExtension filters list both types for this
+    // reason (pilot/pkg/networking/core/extension/wasmplugin.go, toEnvoyHTTPFilter).
+    //
+    // Reproduced with this repository's Envoy 1.40: an ECDS file holding that RBAC filter, the
+    // filter's type_urls [Wasm] -> "Filesystem config update rejected: Error: filter config has
+    // type URL envoy.extensions.filters.http.rbac.v3.RBAC but expect ...wasm.v3.Wasm", and
+    // `HTTP/1.1 500` for every request; type_urls [Wasm, RBAC] -> `HTTP/1.1 200`. So a gateway
+    // pod that starts while the module cannot be pulled serves nothing but 500s, where the
+    // manifest's `fail_open: true` means "requests pass unmeasured".
+    let filter = one(&documents_in("istio/envoyfilter.yaml"), "EnvoyFilter");
+    let type_urls: Vec<String> = serde_json::from_value(
+        envoy_filter_http_filter(&filter)["config_discovery"]["type_urls"].clone(),
+    )
+    .unwrap();
+    for needed in [
+        "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+    ] {
+        assert!(
+            type_urls.iter().any(|t| t == needed),
+            "{filter}: config_discovery.type_urls {type_urls:?} lacks {needed}: the Istio \
+             agent's fail-open stand-in is rejected and the filter answers 500"
+        );
+    }
+}
+
+#[test]
+fn keda_scaled_object_names_an_autoscaler_that_leaves_replicas_to_keda() {
+    // The ScaledObject's own header: "The FlyballAutoscaler named below should have
+    // `spec.dryRun: true`: flyball then decides and reports the same numbers but never writes
+    // /scale itself, so KEDA's HPA and flyball do not both set replicas". Without it both write
+    // the target's /scale: flyball its count d through ScaleClient::set_replicas, KEDA's HPA the
+    // count the bridge's metric makes it land on, which is deliberately not d inside the HPA's
+    // tolerance band (README "KEDA": 41 -> 45 asks 45.101 and lands on 46): two writers of one
+    // /scale that can undo each other, which the header itself rules out. The actuator also only treats an HPA on the target as no
+    // conflict in a dry run (control/src/actuator.rs: "In a dry run flyball writes no replicas,
+    // so an HPA (KEDA's own, in the KEDA setup) is no conflict"). Shipped as they are,
+    // examples/flyballautoscaler-unified.yaml and keda/scaledobject.yaml name each other and
+    // the autoscaler has no dryRun (default false).
+    let scaled = one(&documents_in("keda/scaledobject.yaml"), "ScaledObject");
+    let metadata = &scaled.value["spec"]["triggers"][0]["metadata"];
+    let named: Vec<Document> = manifest_documents()
+        .into_iter()
+        .filter(|d| {
+            d.kind() == "FlyballAutoscaler"
+                && d.name() == metadata["autoscaler"]
+                && d.namespace() == scaled.namespace()
+        })
+        .collect();
+    assert!(!named.is_empty(), "{scaled}: names no shipped autoscaler");
+    for autoscaler in named {
+        assert_eq!(
+            autoscaler.value["spec"]["dryRun"],
+            json!(true),
+            "{autoscaler} is the autoscaler {scaled} feeds KEDA from, but it sets replicas \
+             itself too (spec.dryRun is not true)"
+        );
+    }
 }
