@@ -23,15 +23,72 @@ struct EnvoyGrpc {
     authority: String,
 }
 
-/// The serialized `GrpcService` for `cluster`, as the `&str` the SDK's call takes. `None` when the
-/// encoding is not UTF-8, which happens only for names of 128 bytes or more (length varints);
-/// configuration validation refuses those.
+/// The serialized `GrpcService` for `cluster`, as the `&str` the SDK's call takes. The authority
+/// is left out when it is the cluster's name, Envoy's default. `None` when the encoding is not
+/// UTF-8 (128 bytes or more: length varints), which configuration validation refuses first.
 pub(crate) fn encode(cluster: &str, authority: Option<&str>) -> Option<String> {
     let service = GrpcService {
         envoy_grpc: Some(EnvoyGrpc {
             cluster_name: cluster.to_owned(),
-            authority: authority.unwrap_or(cluster).to_owned(),
+            authority: authority
+                .filter(|a| *a != cluster)
+                .unwrap_or_default()
+                .to_owned(),
         }),
     };
     String::from_utf8(service.encode_to_vec()).ok()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use flyball_filter_core::config::FilterConfig;
+
+    /// Validation lets through exactly what encodes, so the glue's `None` is never reached.
+    #[test]
+    fn configuration_accepts_exactly_the_names_that_encode() {
+        for cluster_len in 1..=140 {
+            let cluster = "c".repeat(cluster_len);
+            for authority in [
+                None,
+                Some(cluster.clone()),
+                Some("a".repeat(10)),
+                Some("a".repeat(70)),
+            ] {
+                // Plain letters: nothing to escape.
+                let json = match &authority {
+                    Some(a) => {
+                        format!(r#"{{"controlCluster":"{cluster}","controlAuthority":"{a}"}}"#)
+                    }
+                    None => format!(r#"{{"controlCluster":"{cluster}"}}"#),
+                };
+                let accepted = FilterConfig::from_json(json.as_bytes()).is_ok();
+                let encoded = encode(&cluster, authority.as_deref());
+                assert_eq!(
+                    accepted,
+                    encoded.is_some(),
+                    "cluster of {cluster_len} bytes, authority {:?}",
+                    authority.as_ref().map(String::len)
+                );
+            }
+        }
+        // Istio's name for the chart's Service, with the authority left to its default.
+        assert!(
+            encode(
+                "outbound|9090||flyball-control.flyball-system.svc.cluster.local",
+                None
+            )
+            .is_some()
+        );
+    }
+
+    #[test]
+    fn an_authority_that_is_the_cluster_name_is_left_to_envoy() {
+        assert_eq!(encode("flyball", Some("flyball")), encode("flyball", None));
+        assert_ne!(
+            encode("flyball", Some("flyball.svc")),
+            encode("flyball", None)
+        );
+    }
 }

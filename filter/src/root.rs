@@ -563,7 +563,7 @@ impl RootContext for FlyballRoot {
                 Some(target) => self.control_target = Some(target),
                 None => {
                     log::error!(
-                        "flyball: invalid plugin configuration: controlCluster = {cluster:?}: must be shorter than 120 bytes"
+                        "flyball: invalid plugin configuration: controlCluster = {cluster:?}: with controlAuthority, too long to hand Envoy as a GrpcService"
                     );
                     return false;
                 }

@@ -306,6 +306,41 @@ async fn a_bad_plugin_configuration_is_refused_at_load_naming_the_field() -> any
     Ok(())
 }
 
+/// The README's Istio control cluster (`outbound|9090||flyball-control.flyball-system.svc.cluster.local`,
+/// 63 bytes) with `controlAuthority` left to its default (the cluster name) is a valid
+/// configuration: the core accepts it, and a missing cluster is an ordinary failed call. The
+/// glue serializes `GrpcService { envoy_grpc { cluster_name, authority } }` into the `&str` the
+/// SDK takes, which is UTF-8 only while every length varint is under 128, so any cluster name of
+/// 62 bytes or more without an authority (or cluster and authority over about 120 bytes together)
+/// makes `on_configure` refuse the whole listener, blaming `controlCluster` with "must be shorter
+/// than 120 bytes" for a 63-byte name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_istio_control_cluster_name_without_an_authority_is_accepted() -> anyhow::Result<()> {
+    let cluster = "outbound|9090||flyball-control.flyball-system.svc.cluster.local";
+    let config =
+        serde_json::json!({"controlCluster": cluster, "reportIntervalMs": 100}).to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let envoy = match Envoy::start(&EnvoyOptions::with_filter(
+        sim.local_addr().port(),
+        free_port()?,
+        &config,
+    ))
+    .await
+    {
+        Ok(envoy) => envoy,
+        Err(error) => anyhow::bail!(
+            "Envoy refused controlCluster {cluster:?} ({} bytes, valid by the documented rules):\n{error}",
+            cluster.len()
+        ),
+    };
+    // Traffic passes; reports to the absent cluster fail like any failed call.
+    send(&envoy, 3, "istio-cluster").await?;
+    drop(envoy);
+    drop(sim);
+    Ok(())
+}
+
 #[test]
 fn every_envoy_config_in_the_repository_validates() -> anyhow::Result<()> {
     // The configs name the filter by its path in the build tree.

@@ -195,6 +195,37 @@ impl FilterConfig {
     }
 }
 
+/// The longest length a field of the serialized `GrpcService { envoy_grpc { cluster_name,
+/// authority } }` the glue hands Envoy may have: the SDK takes it as text, and a length of 128
+/// or more is a varint of two bytes, the first with its high bit set, which is not UTF-8.
+const MAX_FIELD_BYTES: usize = 127;
+
+/// Whether the control service's cluster (and `:authority`, when it differs: Envoy defaults it
+/// to the cluster's name) fit one `EnvoyGrpc` message of at most [`MAX_FIELD_BYTES`].
+fn fits_one_grpc_service(cluster: &str, authority: Option<&str>) -> Result<(), ConfigError> {
+    // Each string is a tag byte, a length byte and its bytes.
+    let field = |s: &str| 2 + s.len();
+    const WHY: &str = "Envoy is given the control service as a serialized GrpcService, whose \
+                       EnvoyGrpc message must stay under 128 bytes";
+    match authority.filter(|a| *a != cluster) {
+        None if field(cluster) > MAX_FIELD_BYTES => Err(invalid(
+            "controlCluster",
+            &format!("{cluster:?}"),
+            &format!("must be at most {} bytes ({WHY})", MAX_FIELD_BYTES - 2),
+        )),
+        Some(authority) if field(cluster) + field(authority) > MAX_FIELD_BYTES => Err(invalid(
+            "controlAuthority",
+            &format!("{authority:?}"),
+            &format!(
+                "with controlCluster ({} bytes) must be at most {} bytes together ({WHY})",
+                cluster.len(),
+                MAX_FIELD_BYTES - 4
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn default_paths() -> Vec<String> {
     vec![
         "/v1/chat/completions".to_string(),
@@ -222,6 +253,9 @@ impl TryFrom<RawConfig> for FilterConfig {
         )?;
         let control_cluster = non_empty("controlCluster", raw.control_cluster)?;
         let control_authority = non_empty("controlAuthority", raw.control_authority)?;
+        if let Some(cluster) = &control_cluster {
+            fits_one_grpc_service(cluster, control_authority.as_deref())?;
+        }
         let gateway = name("gateway", raw.gateway)?;
         let backend = name("backend", raw.backend)?;
 
@@ -561,5 +595,25 @@ mod tests {
         assert!(!config.rewrite_options("openai").continuous_usage);
         assert!(config.rewrite_options("openai").inject_include_usage);
         Ok(())
+    }
+
+    #[test]
+    fn a_control_service_name_too_long_to_hand_envoy_names_its_field() {
+        let long = "c".repeat(126);
+        let error = FilterConfig::from_json(format!(r#"{{"controlCluster":"{long}"}}"#).as_bytes())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("controlCluster = "), "{error}");
+        let istio = "outbound|9090||flyball-control.flyball-system.svc.cluster.local";
+        let authority = "a".repeat(70);
+        let json = format!(r#"{{"controlCluster":"{istio}","controlAuthority":"{authority}"}}"#);
+        let error = FilterConfig::from_json(json.as_bytes())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("controlAuthority = "), "{error}");
+        let json = format!(r#"{{"controlCluster":"{istio}"}}"#);
+        assert!(FilterConfig::from_json(json.as_bytes()).is_ok());
     }
 }
