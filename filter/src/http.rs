@@ -4,6 +4,7 @@
 
 use crate::now_nanos;
 use crate::root::Worker;
+use crate::shared::SharedLabels;
 use crate::stats::FilterStats;
 use flyball_filter_core::{KeyId, Phase, ResponseTracker, classify_outcome, inspect_request};
 use proxy_wasm::hostcalls;
@@ -71,7 +72,11 @@ impl FlyballRequest {
     /// Starts accounting a request under (backend, model) and returns its key.
     fn start(&mut self, backend: &str, model: Option<&str>) -> Option<KeyId> {
         let mut worker = self.worker.try_borrow_mut().ok()?;
-        let (key, _) = worker.accumulator.key(backend, model);
+        let mut admission = SharedLabels {
+            max_backends: worker.config.max_backends,
+            max_models_per_backend: worker.config.max_models_per_backend,
+        };
+        let (key, _) = worker.accumulator.key_with(backend, model, &mut admission);
         worker.accumulator.request_started(key);
         worker.stats.request_started(key.0 as usize);
         Some(key)

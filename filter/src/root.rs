@@ -8,7 +8,7 @@
 //! the shared reporter state (`report::on_response`).
 
 use crate::http::FlyballRequest;
-use crate::shared::{self, ACCUMULATION_KEY, REPORTER_KEY};
+use crate::shared::{self, ACCUMULATION_KEY, LABELS_KEY, REPORTER_KEY};
 use crate::stats::{FilterStats, StatsTable};
 use crate::{control_target, now_nanos};
 use flyball_filter_core::config::gateway_from_node_id;
@@ -573,6 +573,7 @@ impl RootContext for FlyballRoot {
         let initial_state = ReporterState::decode_or_new(None, now_ms).encode_to_vec();
         if let Err(error) = shared::initialize(REPORTER_KEY, &initial_state)
             .and_then(|()| shared::initialize(ACCUMULATION_KEY, &[]))
+            .and_then(|()| shared::initialize(LABELS_KEY, &[]))
         {
             log::error!("flyball: shared data unavailable: {error}");
             return false;

@@ -4,6 +4,9 @@
 //! Writes go through compare-and-swap so concurrent workers never overwrite each other: a
 //! mismatch means another worker wrote first, and the update is recomputed from the new value.
 
+use flyball_filter_core::aggregate::{Admission, LabelAdmission};
+use flyball_filter_core::shared::LabelTable;
+use prost::Message;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 
@@ -11,6 +14,8 @@ use proxy_wasm::types::Status;
 pub(crate) use flyball_filter_core::report::REPORTER_KEY;
 /// Deltas and in-flight gauges of all workers, waiting for the next report.
 pub(crate) use flyball_filter_core::shared::ACCUM_KEY as ACCUMULATION_KEY;
+/// The names with labels of their own, so the label caps hold for the process.
+pub(crate) use flyball_filter_core::shared::LABELS_KEY;
 
 /// How often an update is recomputed after losing a race before it gives up for this tick.
 /// Each worker writes at most a few times per tick (four ticks per report interval), so more
@@ -65,4 +70,42 @@ pub(crate) fn initialize(key: &str, initial: &[u8]) -> Result<(), SharedError> {
         hostcalls::set_shared_data(key, Some(initial), None).map_err(SharedError::Host)?;
     }
     Ok(())
+}
+
+/// Admits names new to a worker against the process-wide [`LabelTable`]. Asked once per name a
+/// worker has not seen (until the caps are reached, after which the worker asks no more).
+pub(crate) struct SharedLabels {
+    pub(crate) max_backends: usize,
+    pub(crate) max_models_per_backend: usize,
+}
+
+impl LabelAdmission for SharedLabels {
+    fn backend(&mut self, backend: &str) -> Admission {
+        let max = self.max_backends;
+        admit(|table| table.admit_backend(backend, max))
+    }
+
+    fn model(&mut self, backend: &str, model: &str) -> Admission {
+        let max = self.max_models_per_backend;
+        admit(|table| table.admit_model(backend, model, max))
+    }
+}
+
+fn admit(mut decide: impl FnMut(&mut LabelTable) -> (Admission, bool)) -> Admission {
+    let mut answer = Admission::Unknown;
+    let result = update(LABELS_KEY, |current| {
+        let mut table = LabelTable::decode_or_empty(current);
+        let (admission, changed) = decide(&mut table);
+        answer = admission;
+        changed.then(|| (table.encode_to_vec(), ()))
+    });
+    match result {
+        Ok(_) => answer,
+        Err(error) => {
+            // The worker's own count decides this name: a cap may be exceeded, traffic is not
+            // affected.
+            log::warn!("flyball: label table in shared data: {error}");
+            Admission::Unknown
+        }
+    }
 }

@@ -732,3 +732,89 @@ async fn a_stream_ending_in_trailers_is_counted_ok() -> anyhow::Result<()> {
     assert_eq!(outcomes, (1.0, 0.0), "(ok, server_error)");
     Ok(())
 }
+
+/// `maxModelsPerBackend` caps a backend's model labels for the gateway ("labels are capped
+/// (`maxModelsPerBackend`, then `other`)"): the Envoy stats (process-wide, never expiring) and
+/// the reports (one per process) carry at most that many models per backend. Each worker's VM
+/// interns labels in its own `Labels`, so every worker admits its own first models: with 2
+/// workers and a cap of 1, two models get labels of their own, and a model that is "other" on
+/// one worker has its own label on the other, its figures split between the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_cap_holds_for_the_whole_envoy_not_per_worker() -> anyhow::Result<()> {
+    let receiver = Receiver::start().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let config = serde_json::json!({
+        "controlCluster": "flyball_control",
+        "reportIntervalMs": 100,
+        "maxModelsPerBackend": 1,
+    })
+    .to_string();
+    let envoy = Envoy::start(&EnvoyOptions::with_filter(
+        sim.local_addr().port(),
+        receiver.port(),
+        &config,
+    ))
+    .await?;
+    // One connection per request (a client of its own each), so the kernel spreads them over
+    // both workers' listeners.
+    let count = 32_u64;
+    for i in 0..count {
+        let headers = [
+            ("x-sim-ttft-ms", "1".to_owned()),
+            ("x-sim-itl-ms", "1".to_owned()),
+            ("x-sim-output-tokens", "2".to_owned()),
+        ];
+        let model = format!("capped-{i:02}");
+        let response = post(
+            &http_client(),
+            envoy.listener(),
+            "/v1/chat/completions",
+            &chat_body(&model, true, false, 1),
+            &headers,
+            None,
+        )
+        .await?;
+        assert_eq!(response.status, 200, "{model}");
+    }
+    let totals = wait_for(
+        "every request to be reported",
+        Duration::from_secs(10),
+        || {
+            let totals = receiver.totals();
+            async move { (key_total(&totals) == count).then_some(totals) }
+        },
+    )
+    .await?;
+    let special = |m: &str| m == "other" || m == "unknown";
+    let reported: Vec<(String, u64)> = totals
+        .keys
+        .iter()
+        .filter(|((_, model), _)| !special(model))
+        .map(|((_, model), k)| (model.clone(), k.requests.unwrap_or_default().total()))
+        .collect();
+
+    let prometheus = envoy.prometheus().await?;
+    let mut in_stats = std::collections::BTreeSet::new();
+    for line in prometheus.lines() {
+        let Some(rest) = line.strip_prefix("flyball_requests_total{") else {
+            continue;
+        };
+        if let Some((_, after)) = rest.split_once("model=\"")
+            && let Some((model, _)) = after.split_once('"')
+            && !special(model)
+        {
+            in_stats.insert(model.to_owned());
+        }
+    }
+    assert!(
+        reported.len() <= 1 && in_stats.len() <= 1,
+        "maxModelsPerBackend = 1, but the reports carried {} models of their own {reported:?} \
+         and Envoy's stats {} {in_stats:?}",
+        reported.len(),
+        in_stats.len()
+    );
+    drop(envoy);
+    drop(sim);
+    Ok(())
+}

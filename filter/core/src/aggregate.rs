@@ -22,17 +22,55 @@ pub const UNKNOWN: &str = "unknown";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KeyId(pub u32);
 
+/// Whether a name new to a worker may have a label of its own. The caps are the Envoy process's,
+/// but each worker's VM holds its own [`Labels`]: the glue answers from a table in shared data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// It may.
+    Named,
+    /// It may not: the cap is reached. `named` lists every name that has a label process-wide,
+    /// for the worker to label them by name too from now on (the table no longer changes).
+    Capped { named: Vec<String> },
+    /// Not known (shared data failed): the worker's own count decides.
+    Unknown,
+}
+
+/// Decides [`Admission`] for names new to a worker.
+pub trait LabelAdmission {
+    fn backend(&mut self, backend: &str) -> Admission;
+    /// `backend` is the backend's label.
+    fn model(&mut self, backend: &str, model: &str) -> Admission;
+}
+
+/// Each worker counts alone (tests; a host whose shared data fails).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerLocal;
+
+impl LabelAdmission for WorkerLocal {
+    fn backend(&mut self, _: &str) -> Admission {
+        Admission::Unknown
+    }
+
+    fn model(&mut self, _: &str, _: &str) -> Admission {
+        Admission::Unknown
+    }
+}
+
 /// Interned, capped backend and model names.
 ///
 /// At most `max_backends` distinct backends, then every new one is "other"; at most
 /// `max_models_per_backend` models per backend, then "other". The "other" and "unknown" labels do
 /// not count against the caps, so the number of keys is bounded by
-/// `(max_backends + 1) * (max_models_per_backend + 2)`.
+/// `(max_backends + 1) * (max_models_per_backend + 2)`. Which names get a label is decided for
+/// the whole process by a [`LabelAdmission`]; this table caches the answers (a name capped is
+/// not remembered, so memory stays bounded whatever clients send).
 #[derive(Debug, Clone)]
 pub struct Labels {
     max_backends: usize,
     max_models_per_backend: usize,
     backends: HashMap<String, usize>,
+    /// The process-wide backend cap is reached: a backend not labelled here is "other".
+    backends_closed: bool,
     /// Per backend: its name, its models, and how many of them count against the cap.
     entries: Vec<BackendEntry>,
     keys: Vec<(usize, String)>,
@@ -43,6 +81,8 @@ struct BackendEntry {
     name: String,
     models: HashMap<String, KeyId>,
     capped_models: usize,
+    /// The process-wide model cap is reached: a model not labelled here is "other".
+    closed: bool,
 }
 
 // === impl Labels ===
@@ -53,22 +93,33 @@ impl Labels {
             max_backends,
             max_models_per_backend,
             backends: HashMap::new(),
+            backends_closed: false,
             entries: Vec::new(),
             keys: Vec::new(),
         }
     }
 
-    /// The key for `backend` and `model` (`None`: "unknown"), creating it if needed; the bool is
-    /// true when it was created.
+    /// The key for `backend` and `model` (`None`: "unknown"), creating it if needed, each worker
+    /// counting alone; the bool is true when it was created.
     pub fn key(&mut self, backend: &str, model: Option<&str>) -> (KeyId, bool) {
-        let b = self.backend_index(backend);
+        self.key_with(backend, model, &mut WorkerLocal)
+    }
+
+    /// As [`Labels::key`], new names admitted by `admission`.
+    pub fn key_with(
+        &mut self,
+        backend: &str,
+        model: Option<&str>,
+        admission: &mut impl LabelAdmission,
+    ) -> (KeyId, bool) {
+        let b = self.backend_index(backend, admission);
         // A name the control service would refuse would take the whole report with it, resent
         // until the gateway gives it up: one client's request would blank the gateway's load.
         let model = match model {
             Some(model) if model.len() > MAX_NAME_BYTES => OTHER,
             model => model.unwrap_or(UNKNOWN),
         };
-        let Some(entry) = self.entries.get_mut(b) else {
+        let Some(entry) = self.entries.get(b) else {
             // Unreachable: backend_index returns an existing index.
             return (KeyId(0), false);
         };
@@ -76,24 +127,61 @@ impl Labels {
             return (*id, false);
         }
         let special = model == OTHER || model == UNKNOWN;
-        let label = if special || entry.capped_models < self.max_models_per_backend {
+        let has_room = !entry.closed && entry.capped_models < self.max_models_per_backend;
+        let label = if special {
             model
-        } else {
+        } else if !has_room {
             OTHER
+        } else {
+            match admission.model(&entry.name, model) {
+                Admission::Named | Admission::Unknown => model,
+                Admission::Capped { named } => {
+                    for name in &named {
+                        self.add_model(b, name);
+                    }
+                    if let Some(entry) = self.entries.get_mut(b) {
+                        entry.closed = true;
+                    }
+                    match self.entries.get(b).and_then(|e| e.models.get(model)) {
+                        Some(id) => return (*id, true),
+                        None => OTHER,
+                    }
+                }
+            }
         };
-        if let Some(id) = entry.models.get(label) {
-            return (*id, false);
+        match self.entries.get(b).and_then(|e| e.models.get(label)) {
+            Some(id) => (*id, false),
+            None => (self.add_model(b, label), true),
         }
-        if !special && label == model {
+    }
+
+    /// A key for `model` under backend `b`, unless it has one or the backend has no room left
+    /// (then the existing or "other" key).
+    fn add_model(&mut self, b: usize, model: &str) -> KeyId {
+        let max = self.max_models_per_backend;
+        let Some(entry) = self.entries.get_mut(b) else {
+            return KeyId(0);
+        };
+        if let Some(id) = entry.models.get(model) {
+            return *id;
+        }
+        let special = model == OTHER || model == UNKNOWN;
+        if !special {
+            if entry.capped_models >= max {
+                if let Some(id) = entry.models.get(OTHER) {
+                    return *id;
+                }
+                return self.add_model(b, OTHER);
+            }
             entry.capped_models += 1;
         }
         let id = KeyId(self.keys.len() as u32);
-        entry.models.insert(label.to_string(), id);
-        self.keys.push((b, label.to_string()));
-        (id, true)
+        entry.models.insert(model.to_string(), id);
+        self.keys.push((b, model.to_string()));
+        id
     }
 
-    fn backend_index(&mut self, backend: &str) -> usize {
+    fn backend_index(&mut self, backend: &str, admission: &mut impl LabelAdmission) -> usize {
         let backend = if backend.len() > MAX_NAME_BYTES {
             OTHER
         } else {
@@ -102,21 +190,49 @@ impl Labels {
         if let Some(b) = self.backends.get(backend) {
             return *b;
         }
-        let capped = self.backends.len() - usize::from(self.backends.contains_key(OTHER));
-        let label = if backend == OTHER || capped < self.max_backends {
+        let label = if backend == OTHER {
             backend
-        } else {
+        } else if self.backends_closed || self.counted_backends() >= self.max_backends {
             OTHER
+        } else {
+            match admission.backend(backend) {
+                Admission::Named | Admission::Unknown => backend,
+                Admission::Capped { named } => {
+                    for name in &named {
+                        if !self.backends.contains_key(name.as_str())
+                            && self.counted_backends() < self.max_backends
+                        {
+                            self.add_backend(name);
+                        }
+                    }
+                    self.backends_closed = true;
+                    if self.backends.contains_key(backend) {
+                        backend
+                    } else {
+                        OTHER
+                    }
+                }
+            }
         };
-        if let Some(b) = self.backends.get(label) {
-            return *b;
+        match self.backends.get(label) {
+            Some(b) => *b,
+            None => self.add_backend(label),
         }
+    }
+
+    /// Backends that count against the cap ("other" does not).
+    fn counted_backends(&self) -> usize {
+        self.backends.len() - usize::from(self.backends.contains_key(OTHER))
+    }
+
+    fn add_backend(&mut self, label: &str) -> usize {
         let b = self.entries.len();
         self.backends.insert(label.to_string(), b);
         self.entries.push(BackendEntry {
             name: label.to_string(),
             models: HashMap::new(),
             capped_models: 0,
+            closed: false,
         });
         b
     }
@@ -218,10 +334,21 @@ impl Accumulator {
         }
     }
 
-    /// The key for a request; the bool is true when the key is new (the glue defines its stats).
+    /// The key for a request, each worker counting alone against the caps; the bool is true
+    /// when the key is new (the glue defines its stats).
     pub fn key(&mut self, backend: &str, model: Option<&str>) -> (KeyId, bool) {
-        let (id, new) = self.labels.key(backend, model);
-        while self.keys.len() <= id.0 as usize {
+        self.key_with(backend, model, &mut WorkerLocal)
+    }
+
+    /// As [`Accumulator::key`], new names admitted by `admission` (the process's caps).
+    pub fn key_with(
+        &mut self,
+        backend: &str,
+        model: Option<&str>,
+        admission: &mut impl LabelAdmission,
+    ) -> (KeyId, bool) {
+        let (id, new) = self.labels.key_with(backend, model, admission);
+        while self.keys.len() < self.labels.len() {
             self.keys.push(KeyState::default());
         }
         (id, new)
@@ -407,6 +534,55 @@ mod tests {
         assert_eq!(acc.labels(c), (OTHER, "m1"));
         let (d, _) = acc.key("d", Some("m1"));
         assert_eq!(d, c);
+    }
+
+    /// Two workers' tables consulting one process-wide table, as the glue does in shared data.
+    struct Process<'a> {
+        table: &'a mut crate::shared::LabelTable,
+        max_backends: usize,
+        max_models: usize,
+    }
+
+    impl LabelAdmission for Process<'_> {
+        fn backend(&mut self, backend: &str) -> Admission {
+            self.table.admit_backend(backend, self.max_backends).0
+        }
+
+        fn model(&mut self, backend: &str, model: &str) -> Admission {
+            self.table.admit_model(backend, model, self.max_models).0
+        }
+    }
+
+    #[test]
+    fn the_caps_hold_for_the_process_not_per_worker() {
+        let mut table = crate::shared::LabelTable::default();
+        let (mut first, mut second) = (Labels::new(1, 1), Labels::new(1, 1));
+        fn process(table: &mut crate::shared::LabelTable) -> Process<'_> {
+            Process {
+                table,
+                max_backends: 1,
+                max_models: 1,
+            }
+        }
+        let (m0, _) = first.key_with("a", Some("m0"), &mut process(&mut table));
+        assert_eq!(first.get(m0), ("a", "m0"));
+        // The second worker meets another model first: the process's one place is taken.
+        let (m1, _) = second.key_with("a", Some("m1"), &mut process(&mut table));
+        assert_eq!(second.get(m1), ("a", OTHER));
+        // ... and labels the first worker's model by its name, without asking again.
+        let mut refuse = Process {
+            table: &mut crate::shared::LabelTable::default(),
+            max_backends: 0,
+            max_models: 0,
+        };
+        let (m0_second, _) = second.key_with("a", Some("m0"), &mut refuse);
+        assert_eq!(second.get(m0_second), ("a", "m0"));
+        // Backends likewise.
+        let (b, _) = second.key_with("b", Some("m0"), &mut process(&mut table));
+        assert_eq!(second.get(b), (OTHER, "m0"));
+        let (a_first, _) = first.key_with("a", Some("m2"), &mut process(&mut table));
+        assert_eq!(first.get(a_first), ("a", OTHER));
+        assert_eq!(table.backends.len(), 2, "{table:?}");
     }
 
     #[test]

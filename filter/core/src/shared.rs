@@ -8,7 +8,7 @@
 //!
 //! worker `take_delta` -> [`merge_worker_delta`] -> shared bytes -> [`take_report_keys`] -> report
 
-use crate::aggregate::WorkerDelta;
+use crate::aggregate::{Admission, OTHER, WorkerDelta};
 use flyball_proto::v1;
 use prost::Message;
 use std::collections::HashMap;
@@ -29,6 +29,92 @@ pub struct Accumulation {
     /// the shared data was created.
     #[prost(uint64, tag = "3")]
     pub dropped_requests: u64,
+}
+
+/// Shared-data key of the [`LabelTable`].
+pub const LABELS_KEY: &str = "flyball.labels";
+
+/// The names that have labels of their own in this Envoy process: the caps
+/// (`maxBackends`, `maxModelsPerBackend`) are the process's, and each worker's VM consults this
+/// table for a name it has not seen. Names are never removed, so a full list stays full.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LabelTable {
+    #[prost(message, repeated, tag = "1")]
+    pub backends: Vec<BackendLabels>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BackendLabels {
+    /// The backend's label ("other" for backends past the cap, whose models are capped too).
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, repeated, tag = "2")]
+    pub models: Vec<String>,
+}
+
+impl LabelTable {
+    /// Decodes shared bytes; missing or corrupt bytes give an empty table (a worker then admits
+    /// names as if first: at worst a cap is exceeded once, never traffic affected).
+    pub fn decode_or_empty(shared: Option<&[u8]>) -> LabelTable {
+        shared
+            .and_then(|bytes| LabelTable::decode(bytes).ok())
+            .unwrap_or_default()
+    }
+
+    /// Admits `backend` when it is listed or fewer than `max` backends are; the bool says the
+    /// table changed (write it back).
+    pub fn admit_backend(&mut self, backend: &str, max: usize) -> (Admission, bool) {
+        if self.backends.iter().any(|b| b.name == backend) {
+            return (Admission::Named, false);
+        }
+        let counted = self.backends.iter().filter(|b| b.name != OTHER).count();
+        if counted >= max {
+            let named = self
+                .backends
+                .iter()
+                .filter(|b| b.name != OTHER)
+                .map(|b| b.name.clone())
+                .collect();
+            return (Admission::Capped { named }, false);
+        }
+        self.backends.push(BackendLabels {
+            name: backend.to_owned(),
+            models: Vec::new(),
+        });
+        (Admission::Named, true)
+    }
+
+    /// Admits `model` of the backend labelled `backend` when it is listed or fewer than `max`
+    /// models of that backend are; the bool says the table changed.
+    pub fn admit_model(&mut self, backend: &str, model: &str, max: usize) -> (Admission, bool) {
+        let at = match self.backends.iter().position(|b| b.name == backend) {
+            Some(at) => at,
+            None => {
+                // Labelled by a worker that could not reach this table: listed now.
+                self.backends.push(BackendLabels {
+                    name: backend.to_owned(),
+                    models: Vec::new(),
+                });
+                self.backends.len() - 1
+            }
+        };
+        let Some(entry) = self.backends.get_mut(at) else {
+            return (Admission::Unknown, false);
+        };
+        if entry.models.iter().any(|m| m == model) {
+            return (Admission::Named, false);
+        }
+        if entry.models.len() >= max {
+            return (
+                Admission::Capped {
+                    named: entry.models.clone(),
+                },
+                false,
+            );
+        }
+        entry.models.push(model.to_owned());
+        (Admission::Named, true)
+    }
 }
 
 /// What [`take_report_keys`] moved out.
