@@ -267,6 +267,9 @@ struct Outstanding {
     /// The current stream ended (or stalled): the next report, or the retry timer, opens another
     /// and sends `reports` again first.
     over: bool,
+    /// A failure to reach the leader was logged as a warning, and nothing has been
+    /// acknowledged since: further failures go to debug, not once per retry.
+    warned: bool,
 }
 
 fn lock(state: &Mutex<Outstanding>) -> std::sync::MutexGuard<'_, Outstanding> {
@@ -285,6 +288,8 @@ impl Lane {
     /// Sends queued reports until every [`Forwarder`] handle is gone.
     pub async fn run(mut self) {
         let mut stream: Option<LeaderStream> = None;
+        // When a stream to which leader was last opened.
+        let mut last_opened: Option<(String, Instant)> = None;
         // One timer for the lane's life, not one per report.
         let mut retry = tokio::time::interval(RETRY_EVERY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -325,6 +330,19 @@ impl Lane {
                 state.over || stream.as_ref().is_none_or(|s| s.uri != uri)
             };
             if reopen {
+                let moments_ago = last_opened
+                    .as_ref()
+                    .is_some_and(|(to, at)| *to == uri && at.elapsed() < RETRY_EVERY);
+                if moments_ago {
+                    // The stream to this leader failed moments after it was opened (a refused
+                    // handshake, a holder that is gone): opening one per report would cost the
+                    // leader a connection each. The report waits for the retry timer.
+                    if let Some(report) = report {
+                        self.hold(report);
+                    }
+                    continue;
+                }
+                last_opened = Some((uri.clone(), Instant::now()));
                 stream = self.reopen(uri).await;
             }
             match (report, stream.as_ref()) {
@@ -487,9 +505,12 @@ impl Acknowledgements {
     ) {
         let uri = &self.uri;
         let mut acks = match opened {
-            None => return self.end("opening the stream timed out"),
+            None => {
+                self.warn_once(&"no answer in time");
+                return self.end("opening the stream timed out");
+            }
             Some(Err(status)) => {
-                tracing::debug!(%uri, %status, "opening a forwarding stream failed");
+                self.warn_once(&status);
                 return self.end("opening the stream failed");
             }
             Some(Ok(response)) => response.into_inner(),
@@ -498,6 +519,7 @@ impl Acknowledgements {
             match tokio::time::timeout(self.timeout, acks.message()).await {
                 Ok(Ok(Some(_))) => {
                     let mut state = lock(&self.outstanding);
+                    state.warned = false;
                     // An ack for a stream already replaced: the report is being sent again
                     // and counts when the new stream acknowledges it.
                     // A word that a gateway's connections closed is not a report.
@@ -524,6 +546,17 @@ impl Acknowledgements {
                 Err(_) if lock(&self.outstanding).reports.is_empty() => {}
                 Err(_) => return self.end("reports were not acknowledged in time"),
             }
+        }
+    }
+
+    /// Says once why the leader cannot be reached (until it acknowledges a report again); the
+    /// reports wait meanwhile, and are dropped and counted past [`RESEND_WITHIN`].
+    fn warn_once(&self, why: &dyn std::fmt::Display) {
+        let first = !std::mem::replace(&mut lock(&self.outstanding).warned, true);
+        if first {
+            tracing::warn!(uri = %self.uri, %why, "cannot forward reports to the leader; holding them");
+        } else {
+            tracing::debug!(uri = %self.uri, %why, "opening a forwarding stream failed");
         }
     }
 

@@ -100,8 +100,8 @@ pub struct LeaderLink {
     /// The leader's gRPC URI, when known and not this replica.
     leader: watch::Receiver<Option<String>>,
     tls: Option<Arc<GrpcTls>>,
-    /// The client for the leader last asked, by its URI.
-    client: Mutex<Option<(String, ExternalScalerClient<Channel>)>>,
+    /// The client for the leader last asked, by its URI and the TLS files it was built with.
+    client: Mutex<Option<(String, u64, ExternalScalerClient<Channel>)>>,
 }
 
 // === impl KedaScaler ===
@@ -424,9 +424,13 @@ impl LeaderLink {
 
     fn client(&self) -> Option<ExternalScalerClient<Channel>> {
         let uri = self.leader.borrow().clone()?;
+        // Renewed certificates (or CA) make a new client: the old one's reconnections would
+        // present what the leader no longer accepts.
+        let generation = self.tls.as_ref().map_or(0, |tls| tls.generation());
         let mut cached = self.client.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((known, client)) = cached.as_ref()
+        if let Some((known, built_with, client)) = cached.as_ref()
             && *known == uri
+            && *built_with == generation
         {
             return Some(client.clone());
         }
@@ -438,7 +442,7 @@ impl LeaderLink {
             }
         };
         let client = ExternalScalerClient::new(channel);
-        *cached = Some((uri, client.clone()));
+        *cached = Some((uri, generation, client.clone()));
         Some(client)
     }
 

@@ -22,6 +22,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -58,6 +59,8 @@ pub struct GrpcTls {
     current: RwLock<Loaded>,
     /// The bytes last read, loaded or not (`None`: unreadable), so a change is tried once.
     tried: Mutex<Option<TlsFiles>>,
+    /// Grows with each set of files applied: a client built before holds old ones.
+    generation: AtomicU64,
     counters: TlsCounters,
 }
 
@@ -193,6 +196,7 @@ impl GrpcTls {
             server_name: flags.server_name.to_owned(),
             current: RwLock::new(loaded.clone()),
             tried: Mutex::new(Some(files)),
+            generation: AtomicU64::new(0),
             counters: TlsCounters::default(),
         };
         tls.in_use(&loaded);
@@ -220,6 +224,7 @@ impl GrpcTls {
             Ok(loaded) => {
                 self.in_use(&loaded);
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = loaded;
+                self.generation.fetch_add(1, Ordering::Relaxed);
                 self.count_reload("applied");
                 Ok(true)
             }
@@ -252,6 +257,11 @@ impl GrpcTls {
     /// The server side, for the next handshake.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.loaded().server
+    }
+
+    /// Which set of files is in use: a client built under another holds old ones.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// How a follower reaches the leader now; `None` without `--grpc-tls-ca`.
@@ -375,6 +385,9 @@ fn handshake_failure(error: &io::Error) -> &'static str {
         Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => {
             "certificate"
         }
+        // The client ended the handshake: most often it refused this server's certificate (an
+        // expired one, a CA rotated on one side first, a name it does not find in it).
+        Some(rustls::Error::AlertReceived(_)) => "refused_by_client",
         Some(_) => "protocol",
         None => "io",
     }

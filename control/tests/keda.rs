@@ -712,3 +712,211 @@ async fn a_pool_not_yet_read_is_not_reported_inactive() -> Result<(), Error> {
     );
     control.stop().await
 }
+
+// === KEDA through a follower, over mutual TLS ===
+
+fn tls_file(name: &str) -> std::path::PathBuf {
+    [env!("CARGO_MANIFEST_DIR"), "tests", "tls", name]
+        .iter()
+        .collect()
+}
+
+/// A mutual-TLS channel to `control`, trusting `trust` and presenting `client` (its `.crt` and
+/// `.key`), files of `tests/tls`.
+async fn tls_channel(
+    control: &support::Running,
+    trust: &str,
+    client: &str,
+) -> Result<Channel, Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let pem = |name: &str| std::fs::read(tls_file(name));
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pem(trust)?))
+        .identity(Identity::from_pem(
+            pem(&format!("{client}.crt"))?,
+            pem(&format!("{client}.key"))?,
+        ))
+        .domain_name("flyball-control");
+    Ok(Channel::from_shared(format!("https://{}", control.grpc))?
+        .tls_config(tls)?
+        .connect()
+        .await?)
+}
+
+/// A gateway reporting load for `llama` every 100 ms on `channel`, until aborted.
+fn feed(channel: Channel) -> tokio::task::JoinHandle<()> {
+    let mut gateway = TelemetryServiceClient::new(channel);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        for sequence in 1.. {
+            tick.tick().await;
+            let load = v1::KeyTelemetry {
+                backend: "vllm".into(),
+                model: "llama".into(),
+                tokens: Some(v1::TokenUsage {
+                    input: 300,
+                    ..Default::default()
+                }),
+                in_flight: Some(v1::InFlight {
+                    waiting_first_token: 4,
+                    decoding: 0,
+                }),
+                ..Default::default()
+            };
+            if gateway.report(report(sequence, vec![load])).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Waits (up to 20 s) for `keda` to answer `llama` active.
+async fn wait_active(keda: &mut ExternalScalerClient<Channel>) -> Result<(), Error> {
+    let llama = object(&[("pool", "llama")]);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !keda.is_active(llama.clone()).await?.into_inner().result {
+        assert!(tokio::time::Instant::now() < deadline, "never active");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// `control` on an actuator at zero, leading or following `leader` as told.
+fn led(
+    control: flyball_control::Control,
+    leading: bool,
+    leader: Option<String>,
+) -> Result<support::Running, Error> {
+    let identity = if leading { "a" } else { "b" };
+    let (_keep_leading, leading) = tokio::sync::watch::channel(leading);
+    let (_keep_leader, leader) = tokio::sync::watch::channel(leader);
+    support::spawn(
+        control
+            .with_actuator(Arc::new(ScaledToZero::default()), false)
+            .with_leadership(flyball_control::leader::Leadership::from_channels(
+                identity, leading, leader,
+            )),
+    )
+}
+
+/// The README: after a renewal, "new connections, and new forwarding streams to the leader,
+/// use the new certificate, key and CA, with no restart". A follower passes KEDA's calls to the
+/// leader on a channel it keeps per leader address, made with the TLS files of the time; when
+/// that channel connects again (the leader's container restarted in place, keeping its pod IP
+/// and its Lease identity; or any dropped connection) it still presents the old certificate
+/// and trusts only the old CA, long after both were renewed (and the old certificate expired).
+/// KEDA then gets the follower's partial view for as long as that leader leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_keda_calls_reach_the_leader_with_renewed_certificates() -> Result<(), Error> {
+    // One mounted Secret, as every replica has it.
+    let dir = std::env::temp_dir().join(format!("flyball-keda-renewal-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mount = |from: &str, to: &str| std::fs::copy(tls_file(from), dir.join(to)).map(drop);
+    mount("replica.crt", "tls.crt")?;
+    mount("replica.key", "tls.key")?;
+    mount("ca.crt", "ca.crt")?;
+    let mounted = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let mut flags = vec![
+        "--grpc-tls-cert".to_owned(),
+        mounted("tls.crt"),
+        "--grpc-tls-key".to_owned(),
+        mounted("tls.key"),
+        "--grpc-tls-ca".to_owned(),
+        mounted("ca.crt"),
+        "--grpc-tls-reload-every".to_owned(),
+        "50ms".to_owned(),
+    ];
+    flags.extend(FAST_WINDOWS.iter().map(|f| (*f).to_owned()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+
+    let leader = support::bind(FAST, &flags).await?;
+    let at = leader.grpc_addr().unwrap();
+    let leader = led(leader, true, None)?;
+    let follower = led(
+        support::bind(FAST, &flags).await?,
+        false,
+        Some(format!("http://{at}")),
+    )?;
+    let llama = object(&[("pool", "llama")]);
+
+    // Before the renewal: load reaches the leader only, and the follower gives its answer.
+    let feeding = feed(tls_channel(&leader, "ca.crt", "replica").await?);
+    wait_active(&mut ExternalScalerClient::new(
+        tls_channel(&leader, "ca.crt", "replica").await?,
+    ))
+    .await?;
+    let mut at_follower =
+        ExternalScalerClient::new(tls_channel(&follower, "ca.crt", "replica").await?);
+    assert!(
+        at_follower
+            .is_active(llama.clone())
+            .await?
+            .into_inner()
+            .result,
+        "before the renewal the follower gives the leader's answer"
+    );
+    drop(at_follower);
+
+    // cert-manager renews, with a new CA; kubelet rewrites the files; both replicas load them.
+    mount("next.crt", "tls.crt")?;
+    mount("next.key", "tls.key")?;
+    mount("next-ca.crt", "ca.crt")?;
+    let applied = r#"flyball_grpc_tls_reloads_total{result="applied"}"#;
+    let wait = std::time::Duration::from_secs(10);
+    leader.wait_metric(applied, 1.0, wait).await?;
+    follower.wait_metric(applied, 1.0, wait).await?;
+
+    // The leader's container restarts in place: same address, same Lease holder.
+    feeding.abort();
+    leader.stop().await?;
+    let leader = led(support::bind_at(FAST, at, &flags).await?, true, None)?;
+    let feeding = feed(tls_channel(&leader, "next-ca.crt", "next").await?);
+    wait_active(&mut ExternalScalerClient::new(
+        tls_channel(&leader, "next-ca.crt", "next").await?,
+    ))
+    .await?;
+
+    // The follower, which has no load of its own, asks the leader for KEDA. (A few times: the
+    // first call after the old connection closed is not the point.)
+    let mut at_follower =
+        ExternalScalerClient::new(tls_channel(&follower, "next-ca.crt", "next").await?);
+    let mut answer = at_follower.is_active(llama.clone()).await;
+    for _ in 0..5 {
+        if matches!(&answer, Ok(active) if active.get_ref().result) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        answer = at_follower.is_active(llama.clone()).await;
+    }
+
+    // (New forwarding streams from the follower do use the renewed files and reach it.)
+    let mut gateway =
+        TelemetryServiceClient::new(tls_channel(&follower, "next-ca.crt", "next").await?);
+    gateway
+        .report(support::report("via-follower", 1, 1))
+        .await?;
+    follower
+        .wait_metric("flyball_forward_reports_total", 1.0, wait)
+        .await?;
+    let refused = |reason: &'static str| {
+        let leader = &leader;
+        async move {
+            leader
+                .metric(&format!(
+                    "flyball_grpc_tls_handshake_failures_total{{reason=\"{reason}\"}}"
+                ))
+                .await
+        }
+    };
+    let (protocol, certificate) = (refused("protocol").await?, refused("certificate").await?);
+    assert!(
+        matches!(&answer, Ok(active) if active.get_ref().result),
+        "the follower answered KEDA {answer:?} from its own view: its call to the leader failed \
+         (the leader refused handshakes: protocol {protocol:?}, certificate {certificate:?})"
+    );
+    feeding.abort();
+    leader.stop().await?;
+    follower.stop().await?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

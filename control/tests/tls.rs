@@ -260,3 +260,119 @@ async fn totals(control: &support::Running) -> Result<u64, Error> {
     let pools = control.pools().await?;
     Ok(pools["pools"][0]["requests"].as_u64().unwrap())
 }
+
+/// Every `flyball_grpc_tls_handshake_failures_total` sample, by its `reason`.
+async fn handshake_failures(control: &support::Running) -> Result<Vec<(String, f64)>, Error> {
+    let (_, text) = control.get("/metrics").await?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("flyball_grpc_tls_handshake_failures_total{reason=\"")?;
+            let (reason, value) = rest.split_once("\"} ")?;
+            Some((reason.to_owned(), value.parse().ok()?))
+        })
+        .collect())
+}
+
+/// Waits until handshake failures total at least `n`, whatever their reason.
+async fn wait_handshake_failures(
+    control: &support::Running,
+    n: f64,
+) -> Result<Vec<(String, f64)>, Error> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let failures = handshake_failures(control).await?;
+        if failures.iter().map(|(_, v)| v).sum::<f64>() >= n {
+            return Ok(failures);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("handshake failures {failures:?} after {WAIT:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `protocol` is documented as "not TLS" (README) or "not TLS, or nothing in common": what an
+/// operator reads as something plaintext knocking at the port. A client that speaks TLS
+/// perfectly well but refuses this server's certificate (it expired while renewal stalled, it
+/// is from a CA the client does not trust yet after a CA rotation, it lacks the name a
+/// follower checks) sends a `bad_certificate`/`unknown_ca` alert, which is counted as
+/// `protocol` too: the certificate problem the metric exists to surface is reported as the one
+/// cause it is not.
+#[tokio::test]
+async fn a_client_refusing_the_servers_certificate_is_not_counted_as_not_tls() -> Result<(), Error>
+{
+    let flags = tls_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let control = support::start(ONE_POOL, &flags).await?;
+
+    // A gateway that trusts only the next CA: it refuses replica.crt, from the current one.
+    let refused = connect(&control, "next-ca.crt", Some("replica")).await;
+    assert!(
+        refused.is_err(),
+        "the client took a certificate it does not trust"
+    );
+    let failures = wait_handshake_failures(&control, 1.0).await?;
+    assert!(
+        !failures.iter().any(|(reason, _)| reason == "protocol"),
+        "a TLS client that refused the server's certificate was counted as {failures:?}"
+    );
+    control.stop().await
+}
+
+/// A follower that cannot complete its TLS handshake with the leader (here it checks a name the
+/// leader's certificate lacks; as well a leader whose certificate expired, or a CA rotated on
+/// one side first) opens a new connection, with a full TCP + TLS handshake, for every report
+/// it takes: nothing paces it. A follower carrying a thousand gateways at 10 reports a second
+/// turns a certificate mistake into ten thousand handshakes a second at the leader, for as long
+/// as it lasts. When no reports arrive the lane retries every 500 ms (`RETRY_EVERY`); reports
+/// arriving should not retry faster than that, or a backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_tls_handshake_with_the_leader_fails_does_not_reconnect_per_report()
+-> Result<(), Error> {
+    let flags = tls_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let leader = support::bind(ONE_POOL, &flags).await?;
+    let leader_uri = format!("http://{}", leader.grpc_addr().unwrap());
+    let (_a_leading, a_leading) = watch::channel(true);
+    let (_a_leader, a_leader) = watch::channel(None);
+    let leader = support::spawn(
+        leader.with_leadership(Leadership::from_channels("a", a_leading, a_leader)),
+    )?;
+    let mut follower_flags = flags.clone();
+    follower_flags.extend(["--grpc-tls-server-name", "not-in-the-certificate"]);
+    let (_b_leading, b_leading) = watch::channel(false);
+    let (_b_leader, b_leader) = watch::channel(Some(leader_uri));
+    let follower = support::start_led(
+        ONE_POOL,
+        &follower_flags,
+        Leadership::from_channels("b", b_leading, b_leader),
+    )
+    .await?;
+
+    // One gateway (so one forwarding lane) reports 100 times.
+    let started = tokio::time::Instant::now();
+    let mut grpc = connect(&follower, "ca.crt", Some("replica")).await?;
+    for sequence in 1..=100 {
+        grpc.report(report("gw", sequence, 1)).await?;
+    }
+    // The first attempt has failed by now.
+    wait_handshake_failures(&leader, 1.0).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let elapsed = started.elapsed();
+    let failures = handshake_failures(&leader).await?;
+    let attempts: f64 = failures.iter().map(|(_, v)| v).sum();
+    // Generous: every lane retrying every 500 ms from the start, plus one.
+    let paced = (flyball_control::forward::LANES as f64) * (elapsed.as_secs_f64() / 0.5 + 1.0);
+    assert!(
+        attempts <= paced,
+        "{attempts} handshakes at the leader in {elapsed:?} for 100 reports ({failures:?}); \
+         paced retries would be at most {paced:.0}"
+    );
+    assert_eq!(
+        follower.metric("flyball_forward_reports_total").await?,
+        Some(0.0)
+    );
+    leader.stop().await?;
+    follower.stop().await
+}

@@ -119,6 +119,23 @@ pub async fn start_led(
     spawn(control)
 }
 
+/// As [`bind`], with the gRPC listener at `grpc`: a replica restarted where the Lease names it
+/// (a container restart keeps the pod's IP, and its identity).
+pub async fn bind_at(yaml: &str, grpc: SocketAddr, extra: &[&str]) -> Result<Control, Error> {
+    let config = ControlConfig::from_yaml(yaml)?;
+    let grpc = grpc.to_string();
+    let mut argv = vec![
+        "flyball-control",
+        "--grpc-listen",
+        grpc.as_str(),
+        "--http-listen",
+        "127.0.0.1:0",
+    ];
+    argv.extend_from_slice(extra);
+    let args = Cli::parse_from(argv).args;
+    Ok(Control::bind_with_config(&args, config).await?)
+}
+
 /// Binds the gRPC listener first, so `leadership` can name this replica's address.
 pub async fn bind(yaml: &str, extra: &[&str]) -> Result<Control, Error> {
     let config = ControlConfig::from_yaml(yaml)?;
