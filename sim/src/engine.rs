@@ -387,6 +387,82 @@ mod tests {
         assert_eq!(step.map(|s| s.emitted), Some(vec![SequenceId(2)]));
     }
 
+    /// vLLM's token budget per step on the default model's GPU: V1 always chunks prefills, and
+    /// a step schedules at most `max_num_batched_tokens` tokens, decode tokens included
+    /// (`vllm/v1/core/sched/scheduler.py`, `Scheduler.schedule`: `token_budget =
+    /// self.max_num_scheduled_tokens`, running requests first, then `num_new_tokens =
+    /// min(num_new_tokens, token_budget)` for waiting ones). `EngineArgs._set_default_args_v1`
+    /// (`vllm/engine/arg_utils.py`) sets it to 2048 for the OpenAI server on an A100, the GPU
+    /// [`EngineModel::default`] stands for.
+    const VLLM_A100_SERVER_TOKEN_BUDGET: u64 = 2048;
+
+    #[test]
+    fn a_long_prompt_is_prefilled_in_budgeted_chunks_while_running_sequences_keep_decoding() {
+        let model = EngineModel::default();
+        let mut engine = Engine::new(model.clone());
+        engine.submit(SequenceId(1), 100, 1_000);
+        let _ = engine.step();
+        // A 16k-token prompt arrives while sequence 1 decodes. In vLLM it is prefilled in
+        // 2048-token chunks, one per step, and sequence 1 gets a token in every one of them.
+        engine.submit(SequenceId(2), 16_000, 10);
+        let longest_step = model.step_time(2, VLLM_A100_SERVER_TOKEN_BUDGET);
+        loop {
+            let Some(step) = engine.step() else {
+                unreachable!("sequence 1 is still running");
+            };
+            assert!(
+                step.duration <= longest_step,
+                "sequence 1 waited {:?} between two tokens while the prompt was prefilled; \
+                 with vLLM's chunked prefill a step lasts at most {longest_step:?}",
+                step.duration
+            );
+            // Sequence 1's decode token takes one token of the budget.
+            assert!(
+                step.prefill_tokens < VLLM_A100_SERVER_TOKEN_BUDGET,
+                "one step prefilled {} prompt tokens, over vLLM's budget of {} per step",
+                step.prefill_tokens,
+                VLLM_A100_SERVER_TOKEN_BUDGET
+            );
+            assert!(step.emitted.contains(&SequenceId(1)));
+            if step.emitted.contains(&SequenceId(2)) {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn a_burst_is_prefilled_first_come_first_served_so_early_arrivals_get_their_first_token_first()
+    {
+        let model = EngineModel::default();
+        let mut engine = Engine::new(model.clone());
+        // Eight 2,000-token prompts arrive together at an idle engine with free slots.
+        for id in 1..=8 {
+            engine.submit(SequenceId(id), 2_000, 4);
+        }
+        let mut now = Duration::ZERO;
+        let mut first_token: HashMap<SequenceId, Duration> = HashMap::new();
+        while let Some(step) = engine.step() {
+            now += step.duration;
+            for id in step.emitted {
+                first_token.entry(id).or_insert(now);
+            }
+        }
+        // vLLM fills each step's 2048-token budget in arrival order: the first prompt is done
+        // after one step, the eighth after about eight.
+        let first = first_token[&SequenceId(1)];
+        let last = first_token[&SequenceId(8)];
+        let one_budgeted_step = model.step_time(8, VLLM_A100_SERVER_TOKEN_BUDGET);
+        assert!(
+            first <= one_budgeted_step,
+            "the first request of the burst waited {first:?} for its first token (the last one \
+             {last:?}); vLLM prefills it in the first step, at most {one_budgeted_step:?}"
+        );
+        assert!(
+            first < last,
+            "every request of the burst got its first token at {first:?}"
+        );
+    }
+
     #[test]
     fn absurd_inputs_saturate_instead_of_panicking() {
         let m = EngineModel {
