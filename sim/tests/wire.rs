@@ -1186,3 +1186,41 @@ async fn the_truth_keeps_the_named_model_of_a_request_refused_before_its_body_is
         .collect();
     assert_eq!(truth, ["qwen2.5-7b", "qwen2.5-7b"]);
 }
+
+/// A chat request that sets no `max_tokens` is refused only when its prompt alone fills the
+/// context; otherwise vLLM answers it, its output bounded by what the context has left
+/// (`vllm/entrypoints/openai/serving_engine.py`, `OpenAIServing._validate_input`: with
+/// `max_tokens is None` it raises only for `token_num >= self.max_model_len`; the sampling
+/// parameters then default `max_tokens` to `max_model_len - prompt tokens`).
+#[tokio::test]
+async fn a_chat_prompt_near_the_context_length_without_max_tokens_is_answered_within_it() {
+    let server = start_with(SimConfig {
+        max_model_len: 64,
+        ..SimConfig::default()
+    })
+    .await;
+    // 232 characters: ceil(232 / 4) + 4 for the message = 62 prompt tokens, 2 left.
+    let prompt = "x".repeat(232);
+    let (status, text) = post_chat(
+        &server,
+        &json!({"messages":[{"role":"user","content":prompt}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["usage"]["prompt_tokens"], 62);
+    assert!(
+        answer["usage"]["total_tokens"]
+            .as_u64()
+            .is_some_and(|total| total <= 64),
+        "{text}"
+    );
+    // A prompt that fills the context alone is refused, as vLLM refuses it.
+    let prompt = "x".repeat(240);
+    let (status, text) = post_chat(
+        &server,
+        &json!({"messages":[{"role":"user","content":prompt}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+}
