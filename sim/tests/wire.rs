@@ -1224,3 +1224,97 @@ async fn a_chat_prompt_near_the_context_length_without_max_tokens_is_answered_wi
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
 }
+/// `GET /metrics` as text.
+async fn scrape(server: &SimServer) -> String {
+    body_text(
+        send(server, Proto::H1, "GET", "/metrics", &[], "")
+            .await
+            .response,
+    )
+    .await
+}
+
+/// The value of one sample line of `/metrics`, by its name and labels.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Sends a chat request in the background and holds the response until the task is aborted
+/// (the client going away).
+fn hold_chat(server: &SimServer, id: &'static str, body: String) -> JoinHandle<()> {
+    let addr = server.local_addr();
+    tokio::spawn(async move {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("h1 handshake");
+        tokio::spawn(conn);
+        let request = Request::post("/v1/chat/completions")
+            .header("host", addr.to_string())
+            .header("content-type", "application/json")
+            .header(header::REQUEST_ID, id)
+            .body(Full::new(Bytes::from(body)))
+            .expect("request");
+        let response = sender.send_request(request).await;
+        std::future::pending::<()>().await;
+        drop(response);
+    })
+}
+
+/// vLLM counts tokens in the engine, step by step, whatever the response's shape: each step's
+/// new tokens go to `vllm:generation_tokens` and a prompt goes to `vllm:prompt_tokens` when its
+/// prefill is done (`vllm/v1/metrics/stats.py`, `IterationStats.update_from_output`;
+/// `vllm/v1/metrics/loggers.py`, `PrometheusStatLogger.record` adds them each step). A scraper
+/// reading token throughput off `rate(vllm:generation_tokens_total)` sees a non-streaming
+/// request's tokens as they are generated, and the tokens of one whose client left.
+#[tokio::test]
+async fn token_counters_follow_the_engine_steps_not_the_response_body() {
+    let server = start_with(SimConfig {
+        engine: EngineModel {
+            max_running_sequences: 1,
+            ..EngineModel::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let generation = "vllm:generation_tokens_total{model_name=\"sim-llama-3-8b\"}";
+    let prompt = "vllm:prompt_tokens_total{model_name=\"sim-llama-3-8b\"}";
+    // ~10 ms a step: 400 tokens take about 4 s; this one holds the only slot.
+    let decoding = hold_chat(
+        &server,
+        "nonstream",
+        chat_body(json!({"stream": false, "max_tokens": 400})),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Queued behind it, not prefilled.
+    let queued = hold_chat(
+        &server,
+        "queued",
+        chat_body(json!({"stream": true, "max_tokens": 4})),
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let during = scrape(&server).await;
+    decoding.abort();
+    let _ = decoding.await;
+    let _ = truth(&server, "nonstream").await;
+    let after = scrape(&server).await;
+    queued.abort();
+
+    let generated = sample(&during, generation).unwrap_or_default();
+    assert!(
+        generated >= 50.0,
+        "after ~1 s of decoding (~90 steps) vllm:generation_tokens_total read {generated}"
+    );
+    let kept = sample(&after, generation).unwrap_or_default();
+    assert!(
+        kept >= generated && kept >= 50.0,
+        "the tokens generated for a client that left are not counted: {kept}"
+    );
+    assert_eq!(
+        sample(&during, prompt),
+        Some(11.0),
+        "only the prompt that was prefilled counts; the queued one has not been"
+    );
+}
