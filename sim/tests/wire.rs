@@ -1318,3 +1318,21 @@ async fn token_counters_follow_the_engine_steps_not_the_response_body() {
         "only the prompt that was prefilled counts; the queued one has not been"
     );
 }
+
+/// vLLM's `/metrics` is prometheus_client's `generate_latest`, which writes a counter's HELP and
+/// TYPE lines under the sample's name (`# TYPE vllm:prompt_tokens_total counter`: "Munging from
+/// OpenMetrics into Prometheus format", `mname = mname + '_total'` for counters, in
+/// `prometheus_client/exposition.py`). A strict text parser (Go's `expfmt.TextParser`) reads
+/// `# TYPE vllm:prompt_tokens counter` followed by `vllm:prompt_tokens_total ...` as a counter
+/// family with no samples, which it drops, and an untyped `vllm:prompt_tokens_total`.
+#[tokio::test]
+async fn counters_are_typed_under_their_sample_names_as_vllm_writes_them() {
+    let server = start().await;
+    let metrics = scrape(&server).await;
+    for counter in ["vllm:prompt_tokens_total", "vllm:generation_tokens_total"] {
+        assert!(
+            metrics.contains(&format!("# TYPE {counter} counter\n")),
+            "no TYPE line for {counter}:\n{metrics}"
+        );
+    }
+}
