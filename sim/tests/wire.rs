@@ -1336,3 +1336,47 @@ async fn counters_are_typed_under_their_sample_names_as_vllm_writes_them() {
         );
     }
 }
+
+/// vLLM exports its request latencies as histograms, one observation per request
+/// (`vllm/v1/metrics/loggers.py`, `PrometheusStatLogger`: `vllm:time_to_first_token_seconds`
+/// observed in `record` from `IterationStats.time_to_first_tokens_iter`, and
+/// `vllm:e2e_request_latency_seconds` for each finished request). Autoscaling on TTFT from
+/// Prometheus (a KEDA `prometheus` trigger on `histogram_quantile(0.95, ...
+/// vllm:time_to_first_token_seconds_bucket ...)`) reads these; against the simulator it reads
+/// nothing.
+#[tokio::test]
+async fn latency_histograms_count_every_served_request() {
+    let server = start().await;
+    for id in ["h1", "h2"] {
+        let sent = send(
+            &server,
+            Proto::H1,
+            "POST",
+            "/v1/chat/completions",
+            &[(header::REQUEST_ID, id)],
+            &chat_body(json!({"stream": true, "max_tokens": 3})),
+        )
+        .await;
+        let _ = body_text(sent.response).await;
+        let _ = truth(&server, id).await;
+    }
+    let metrics = scrape(&server).await;
+    for histogram in [
+        "vllm:time_to_first_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {histogram} histogram\n")),
+            "no {histogram} histogram:\n{metrics}"
+        );
+        // Labels as the simulator's other series, plus any vLLM adds (`engine`).
+        let count = metrics.lines().find_map(|line| {
+            let rest = line.strip_prefix(&format!("{histogram}_count{{"))?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            labels
+                .contains("model_name=\"sim-llama-3-8b\"")
+                .then(|| value.parse::<f64>().ok())?
+        });
+        assert_eq!(count, Some(2.0), "{histogram}:\n{metrics}");
+    }
+}
