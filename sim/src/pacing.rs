@@ -295,6 +295,7 @@ mod tests {
             step_base: Duration::from_millis(10),
             step_per_sequence: Duration::from_millis(1),
             max_running_sequences: 1,
+            max_tokens_per_step: 2048,
         }
     }
 

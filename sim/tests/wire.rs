@@ -822,6 +822,7 @@ async fn engine_model_times_requests_that_carry_no_timing_knobs() {
         step_base: Duration::from_millis(20),
         step_per_sequence: Duration::from_millis(1),
         max_running_sequences: 4,
+        max_tokens_per_step: 2048,
     };
     let server = start_with(SimConfig {
         engine: engine.clone(),
@@ -957,6 +958,22 @@ async fn invalid_config_is_refused_naming_field_value_and_rule() {
     assert_eq!(
         err.as_deref(),
         Some("engine.max_running_sequences = 0: must be >= 1")
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let config = SimConfig {
+        engine: EngineModel {
+            max_tokens_per_step: 0,
+            ..EngineModel::default()
+        },
+        ..SimConfig::default()
+    };
+    let err = SimServer::start(config, listener)
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert_eq!(
+        err.as_deref(),
+        Some("engine.max_tokens_per_step = 0: must be >= 1")
     );
 }
 
