@@ -53,8 +53,10 @@ pub struct SimConfig {
     pub refuse_other_models: bool,
     /// Timing of requests that carry no timing knobs.
     pub engine: EngineModel,
-    /// Context length, as vLLM's `--max-model-len`: prompt plus output tokens over it are refused
-    /// (400), as vLLM refuses them; reported by `/v1/models`.
+    /// Context length, as vLLM's `--max-model-len`; reported by `/v1/models`. As vLLM, a request
+    /// whose prompt plus `max_tokens` (or output-tokens knob) exceeds it is refused (400); one
+    /// with no bound is refused only when its prompt alone fills it, else its answer stops where
+    /// the context ends.
     pub max_model_len: u64,
     /// On shutdown, how long open responses may run before their connections are cut.
     pub shutdown_grace: Duration,
@@ -415,17 +417,10 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
     }
     // Each answer is planned whole before its first byte, so this bound is also what keeps one
     // request's memory bounded (`max_tokens: 4000000000` took the process down).
-    let output = plan::output_tokens(&req, &knobs);
-    let requested = req.prompt_tokens.saturating_add(output);
-    if requested > app.config.max_model_len {
-        let message = format!(
-            "This model's maximum context length is {} tokens. However, you requested {requested} \
-             tokens ({} in the messages, {output} in the completion). Please reduce the length of \
-             the messages or completion.",
-            app.config.max_model_len, req.prompt_tokens
-        );
-        return respond(plan::error_plan(400, &message), None, &knobs, recorder);
-    }
+    let output = match plan::output_length(&req, &knobs, app.config.max_model_len) {
+        Ok(output) => output,
+        Err(message) => return respond(plan::error_plan(400, &message), None, &knobs, recorder),
+    };
 
     let model = app.config.answered_as(req.model.as_deref());
     let identity = Identity {
@@ -437,7 +432,7 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
         model: model.clone(),
         request_id,
     };
-    let plan = plan::plan(&req, &knobs, &identity);
+    let plan = plan::plan(&req, &knobs, &identity, output);
     let entry = recorder.entry_mut();
     entry.stream = req.stream;
     entry.include_usage_requested = req.include_usage;
