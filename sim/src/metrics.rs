@@ -1,6 +1,9 @@
-//! `GET /metrics`: a few series under vLLM's names, in the Prometheus text format as vLLM's
-//! Python client writes it (a counter `vllm:x` is exposed as the sample `vllm:x_total`), so
-//! scrapers and autoscalers configured for vLLM read the simulator unchanged.
+//! `GET /metrics`: a few series under vLLM's names, in the Prometheus text format (0.0.4) as
+//! vLLM's Python client writes it, so scrapers and autoscalers configured for vLLM read the
+//! simulator unchanged. A counter vLLM declares as `vllm:x` is exposed as the sample
+//! `vllm:x_total`, and prometheus_client's `generate_latest` writes its HELP and TYPE lines under
+//! that sample name too (`# TYPE vllm:x_total counter`): a strict parser (Go's `expfmt`) reads a
+//! TYPE line under `vllm:x` as a family with no samples and the samples as untyped.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -19,37 +22,33 @@ pub(crate) fn render(model: &str, gauges: &LoadGauges, counters: &TokenCounters)
     let generation = counters.generation_tokens_total.load(Ordering::Relaxed);
 
     let mut out = String::new();
-    let mut series = |name: &str, kind: &str, help: &str, sample: &str, value: u64| {
+    let mut series = |name: &str, kind: &str, help: &str, value: u64| {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
-        let _ = writeln!(out, "{sample}{{model_name=\"{label}\"}} {value}.0");
+        let _ = writeln!(out, "{name}{{model_name=\"{label}\"}} {value}.0");
     };
     series(
         "vllm:num_requests_running",
         "gauge",
         "Number of requests in model execution batches.",
-        "vllm:num_requests_running",
         running,
     );
     series(
         "vllm:num_requests_waiting",
         "gauge",
         "Number of requests waiting to be processed.",
-        "vllm:num_requests_waiting",
         waiting,
     );
     series(
-        "vllm:prompt_tokens",
+        "vllm:prompt_tokens_total",
         "counter",
         "Number of prefill tokens processed.",
-        "vllm:prompt_tokens_total",
         prompt,
     );
     series(
-        "vllm:generation_tokens",
+        "vllm:generation_tokens_total",
         "counter",
         "Number of generation tokens processed.",
-        "vllm:generation_tokens_total",
         generation,
     );
     out
@@ -85,7 +84,10 @@ mod tests {
         let text = render("m\"x", &gauges, &counters);
         assert!(text.contains("vllm:num_requests_running{model_name=\"m\\\"x\"} 3.0\n"));
         assert!(text.contains("vllm:num_requests_waiting{model_name=\"m\\\"x\"} 4.0\n"));
-        assert!(text.contains("# TYPE vllm:prompt_tokens counter\n"));
+        assert!(text.contains("# HELP vllm:prompt_tokens_total Number of prefill tokens"));
+        assert!(text.contains("# TYPE vllm:prompt_tokens_total counter\n"));
+        assert!(text.contains("# TYPE vllm:generation_tokens_total counter\n"));
+        assert!(!text.contains("# TYPE vllm:prompt_tokens counter"));
         assert!(text.contains("vllm:prompt_tokens_total{model_name=\"m\\\"x\"} 30.0\n"));
         assert!(text.contains("vllm:generation_tokens_total{model_name=\"m\\\"x\"} 7.0\n"));
     }
