@@ -6,20 +6,56 @@
 //! TYPE line under `vllm:x` as a family with no samples and the samples as untyped.
 
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::pacing::LoadGauges;
-use crate::truth::TokenCounters;
 
 pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-pub(crate) fn render(model: &str, gauges: &LoadGauges, counters: &TokenCounters) -> String {
+/// What the engine did, counted where it happens (the engine driver's steps, or a scripted
+/// request's schedule), not where the response body hands it out: vLLM counts in its engine,
+/// step by step, whatever the response's shape (`IterationStats.update_from_output` in
+/// `vllm/v1/metrics/stats.py`), so a non-streaming answer's tokens show up as they are
+/// generated, and those of a request whose client left stay counted.
+#[derive(Debug, Default)]
+pub(crate) struct EngineStats {
+    prompt_tokens_total: AtomicU64,
+    generation_tokens_total: AtomicU64,
+}
+
+// === impl EngineStats ===
+
+impl EngineStats {
+    /// A prompt's prefill completed; vLLM counts the whole prompt in the step that completes it
+    /// (a queued or part-prefilled prompt is not counted yet).
+    pub(crate) fn prefill_completed(&self, prompt_tokens: u64) {
+        self.prompt_tokens_total
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
+    }
+
+    /// The engine produced `tokens` output tokens.
+    pub(crate) fn tokens_generated(&self, tokens: u64) {
+        self.generation_tokens_total
+            .fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// `(prompt, generation)` tokens counted so far.
+    #[cfg(test)]
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (
+            self.prompt_tokens_total.load(Ordering::Relaxed),
+            self.generation_tokens_total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+pub(crate) fn render(model: &str, gauges: &LoadGauges, stats: &EngineStats) -> String {
     let label = escape_label(model);
     let running = gauges.engine_running.load(Ordering::Relaxed)
         + gauges.scripted_running.load(Ordering::Relaxed);
     let waiting = gauges.engine_waiting.load(Ordering::Relaxed);
-    let prompt = counters.prompt_tokens_total.load(Ordering::Relaxed);
-    let generation = counters.generation_tokens_total.load(Ordering::Relaxed);
+    let prompt = stats.prompt_tokens_total.load(Ordering::Relaxed);
+    let generation = stats.generation_tokens_total.load(Ordering::Relaxed);
 
     let mut out = String::new();
     let mut series = |name: &str, kind: &str, help: &str, value: u64| {
@@ -78,10 +114,11 @@ mod tests {
         gauges.engine_running.store(2, Ordering::Relaxed);
         gauges.scripted_running.store(1, Ordering::Relaxed);
         gauges.engine_waiting.store(4, Ordering::Relaxed);
-        let counters = TokenCounters::default();
-        counters.prompt_tokens_total.store(30, Ordering::Relaxed);
-        counters.generation_tokens_total.store(7, Ordering::Relaxed);
-        let text = render("m\"x", &gauges, &counters);
+        let stats = EngineStats::default();
+        stats.prefill_completed(30);
+        stats.tokens_generated(3);
+        stats.tokens_generated(4);
+        let text = render("m\"x", &gauges, &stats);
         assert!(text.contains("vllm:num_requests_running{model_name=\"m\\\"x\"} 3.0\n"));
         assert!(text.contains("vllm:num_requests_waiting{model_name=\"m\\\"x\"} 4.0\n"));
         assert!(text.contains("# HELP vllm:prompt_tokens_total Number of prefill tokens"));

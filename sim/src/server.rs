@@ -27,11 +27,11 @@ use crate::SimError;
 use crate::body::{self, ResponseBody};
 use crate::engine::EngineModel;
 use crate::knobs::{self, Knobs};
-use crate::metrics;
+use crate::metrics::{self, EngineStats};
 use crate::openai::{self, Endpoint};
-use crate::pacing::{EngineDriver, EngineHandle, LoadGauges, Pacer};
+use crate::pacing::{EngineDriver, EngineHandle, LoadGauges, Pacer, Schedule};
 use crate::plan::{self, Identity, Plan};
-use crate::truth::{Recorder, RequestTruth, TokenCounters, TruthLog};
+use crate::truth::{Recorder, RequestTruth, TruthLog};
 
 /// Request bodies above this are refused; prompts in tests are far smaller.
 const MAX_REQUEST_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -75,7 +75,7 @@ pub struct SimServer {
 struct App {
     config: SimConfig,
     truth: Arc<TruthLog>,
-    counters: Arc<TokenCounters>,
+    stats: Arc<EngineStats>,
     gauges: Arc<LoadGauges>,
     engine: EngineHandle,
     next_request: AtomicU64,
@@ -281,11 +281,13 @@ impl App {
     fn new(config: SimConfig) -> Result<(Arc<App>, EngineDriver), SimError> {
         config.validate()?;
         let gauges = Arc::new(LoadGauges::default());
-        let (engine, driver) = EngineHandle::new(config.engine.clone(), gauges.clone());
+        let stats = Arc::new(EngineStats::default());
+        let (engine, driver) =
+            EngineHandle::new(config.engine.clone(), gauges.clone(), stats.clone());
         let app = App {
             config,
             truth: Arc::new(TruthLog::default()),
-            counters: Arc::new(TokenCounters::default()),
+            stats,
             gauges,
             engine,
             next_request: AtomicU64::new(1),
@@ -353,7 +355,6 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
         .unwrap_or_else(|| app.next_request_id());
     let mut recorder = Recorder::new(
         app.truth.clone(),
-        app.counters.clone(),
         received,
         received_at,
         request_id.clone(),
@@ -439,22 +440,20 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
     entry.continuous_usage_requested = req.continuous_usage;
     entry.prompt_tokens = req.prompt_tokens;
     entry.completion_tokens_planned = plan.completion_tokens_planned;
-    app.counters
-        .prompt_tokens_total
-        .fetch_add(req.prompt_tokens, Ordering::Relaxed);
 
     let mut pacer = if knobs.scripts_timing() {
         // A missing half of the script comes from the engine model, unloaded.
         let engine = &app.config.engine;
-        Pacer::scripted(
-            received_tokio,
-            knobs
+        let schedule = Schedule {
+            start: received_tokio,
+            ttft: knobs
                 .ttft
                 .unwrap_or_else(|| engine.unloaded_ttft(req.prompt_tokens)),
-            knobs.itl.unwrap_or_else(|| engine.decode_step_time(1)),
-            plan.completion_tokens_planned,
-            app.gauges.clone(),
-        )
+            itl: knobs.itl.unwrap_or_else(|| engine.decode_step_time(1)),
+            prompt_tokens: req.prompt_tokens,
+            output_tokens: plan.completion_tokens_planned,
+        };
+        Pacer::scripted(schedule, app.gauges.clone(), app.stats.clone())
     } else {
         app.engine
             .submit(req.prompt_tokens, plan.completion_tokens_planned)
@@ -511,7 +510,7 @@ async fn health() -> StatusCode {
 }
 
 async fn metrics_text(State(app): State<Arc<App>>) -> Response {
-    let text = metrics::render(&app.config.model, &app.gauges, &app.counters);
+    let text = metrics::render(&app.config.model, &app.gauges, &app.stats);
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
 
