@@ -65,6 +65,7 @@ struct ScriptedLedger {
 struct Counted {
     prefill: bool,
     tokens: u64,
+    finished: bool,
 }
 
 #[derive(Debug)]
@@ -86,6 +87,7 @@ enum Tick {
 enum Command {
     Submit {
         id: SequenceId,
+        arrival: Instant,
         prompt_tokens: u64,
         output_tokens: u64,
         ticks: mpsc::UnboundedSender<Tick>,
@@ -104,9 +106,18 @@ pub(crate) struct EngineHandle {
 pub(crate) struct EngineDriver {
     engine: Engine,
     commands: mpsc::UnboundedReceiver<Command>,
-    ticks: HashMap<SequenceId, mpsc::UnboundedSender<Tick>>,
+    /// Sequences someone still waits for; an aborted one is forgotten at once.
+    sequences: HashMap<SequenceId, Tracked>,
     gauges: Arc<LoadGauges>,
     stats: Arc<EngineStats>,
+}
+
+/// The driver's side of one sequence.
+struct Tracked {
+    ticks: mpsc::UnboundedSender<Tick>,
+    /// When the handler got the request: latencies count from here, as vLLM's from arrival.
+    arrival: Instant,
+    first_token_seen: bool,
 }
 
 // === impl Pacer ===
@@ -163,6 +174,11 @@ impl Schedule {
         self.token_deadline(1)
     }
 
+    /// When the request is finished: its last token, or its prefill when it has none.
+    fn end(&self) -> Instant {
+        self.token_deadline(self.output_tokens.max(1))
+    }
+
     /// Tokens that exist at `now`: the last `n` whose deadline has passed (deadlines only grow,
     /// so a binary search; a long answer at `itl = 0` is settled at once).
     fn tokens_by(&self, now: Instant) -> u64 {
@@ -191,8 +207,17 @@ impl ScriptedLedger {
         }
         let tokens = self.schedule.tokens_by(now);
         if tokens > counted.tokens {
+            if counted.tokens == 0 {
+                self.stats.first_token(self.schedule.ttft);
+            }
             self.stats.tokens_generated(tokens - counted.tokens);
             counted.tokens = tokens;
+        }
+        let end = self.schedule.end();
+        if !counted.finished && end <= now {
+            counted.finished = true;
+            self.stats
+                .request_finished(end.saturating_duration_since(self.schedule.start));
         }
     }
 
@@ -203,6 +228,8 @@ impl ScriptedLedger {
             Some(self.schedule.prefill_deadline())
         } else if counted.tokens < self.schedule.output_tokens {
             Some(self.schedule.token_deadline(counted.tokens + 1))
+        } else if !counted.finished {
+            Some(self.schedule.end())
         } else {
             None
         }
@@ -224,7 +251,7 @@ impl Scripted {
         let deadline = match gate {
             Gate::Now => return,
             Gate::Tokens(n) => schedule.token_deadline(n.min(schedule.output_tokens).max(1)),
-            Gate::Finished => schedule.token_deadline(schedule.output_tokens.max(1)),
+            Gate::Finished => schedule.end(),
         };
         // Skipping a sleep that is already due keeps back-to-back events in one poll, which
         // the fragmenter relies on to split across event boundaries.
@@ -299,19 +326,21 @@ impl EngineHandle {
             EngineDriver {
                 engine: Engine::new(model),
                 commands: rx,
-                ticks: HashMap::new(),
+                sequences: HashMap::new(),
                 gauges,
                 stats,
             },
         )
     }
 
-    /// Queues a sequence in the engine; its tokens arrive as the driver steps.
-    pub(crate) fn submit(&self, prompt_tokens: u64, output_tokens: u64) -> Pacer {
+    /// Queues a sequence in the engine for a request that arrived at `arrival`; its tokens come
+    /// as the driver steps.
+    pub(crate) fn submit(&self, arrival: Instant, prompt_tokens: u64, output_tokens: u64) -> Pacer {
         let id = SequenceId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = self.commands.send(Command::Submit {
             id,
+            arrival,
             prompt_tokens,
             output_tokens,
             ticks: tx,
@@ -354,12 +383,23 @@ impl EngineDriver {
                 self.stats.prefill_completed(*prompt_tokens);
             }
             self.stats.tokens_generated(step.emitted.len() as u64);
+            let now = Instant::now();
             for id in step.emitted {
-                self.tick(id, Tick::Token);
+                if let Some(seq) = self.sequences.get_mut(&id) {
+                    if !seq.first_token_seen {
+                        seq.first_token_seen = true;
+                        self.stats
+                            .first_token(now.saturating_duration_since(seq.arrival));
+                    }
+                    let _ = seq.ticks.send(Tick::Token);
+                }
             }
             for id in step.finished {
-                self.tick(id, Tick::Finished);
-                self.ticks.remove(&id);
+                if let Some(seq) = self.sequences.remove(&id) {
+                    self.stats
+                        .request_finished(now.saturating_duration_since(seq.arrival));
+                    let _ = seq.ticks.send(Tick::Finished);
+                }
             }
         }
     }
@@ -368,23 +408,23 @@ impl EngineDriver {
         match command {
             Command::Submit {
                 id,
+                arrival,
                 prompt_tokens,
                 output_tokens,
                 ticks,
             } => {
                 self.engine.submit(id, prompt_tokens, output_tokens);
-                self.ticks.insert(id, ticks);
+                let tracked = Tracked {
+                    ticks,
+                    arrival,
+                    first_token_seen: false,
+                };
+                self.sequences.insert(id, tracked);
             }
             Command::Abort(id) => {
                 self.engine.abort(id);
-                self.ticks.remove(&id);
+                self.sequences.remove(&id);
             }
-        }
-    }
-
-    fn tick(&self, id: SequenceId, tick: Tick) {
-        if let Some(tx) = self.ticks.get(&id) {
-            let _ = tx.send(tick);
         }
     }
 
@@ -416,8 +456,8 @@ mod tests {
         let (handle, driver) = EngineHandle::new(model(), gauges.clone(), Arc::default());
         let driver = tokio::spawn(driver.run());
         let start = Instant::now();
-        let mut first = handle.submit(100, 3);
-        let mut second = handle.submit(100, 1);
+        let mut first = handle.submit(Instant::now(), 100, 3);
+        let mut second = handle.submit(Instant::now(), 100, 1);
 
         first.wait(Gate::Tokens(1)).await;
         assert_eq!(start.elapsed(), Duration::from_millis(111));
@@ -437,8 +477,8 @@ mod tests {
         let (handle, driver) = EngineHandle::new(model(), gauges.clone(), Arc::default());
         let driver = tokio::spawn(driver.run());
         let start = Instant::now();
-        let mut hog = handle.submit(0, 1_000_000);
-        let mut next = handle.submit(0, 1);
+        let mut hog = handle.submit(Instant::now(), 0, 1_000_000);
+        let mut next = handle.submit(Instant::now(), 0, 1);
         hog.wait(Gate::Tokens(1)).await;
         assert_eq!(gauges.engine_waiting.load(Ordering::Relaxed), 1);
         drop(hog);
@@ -482,8 +522,8 @@ mod tests {
         let (handle, driver) = EngineHandle::new(model(), Arc::default(), stats.clone());
         let driver = tokio::spawn(driver.run());
         let start = Instant::now();
-        let mut first = handle.submit(100, 3);
-        let mut queued = handle.submit(50, 1);
+        let mut first = handle.submit(Instant::now(), 100, 3);
+        let mut queued = handle.submit(Instant::now(), 50, 1);
         // Prefill step of the first (111 ms) and one decode step: 2 tokens, one prompt.
         tokio::time::sleep_until(start + Duration::from_millis(111 + 11 + 1)).await;
         assert_eq!(stats.counts(), (100, 2));
@@ -503,10 +543,12 @@ mod tests {
         // Nobody waits on the pacer (a non-streaming body waits for the end), yet tokens count.
         tokio::time::sleep_until(start + Duration::from_millis(115)).await;
         assert_eq!(stats.counts(), (7, 2));
-        // The client leaves before the third token: two existed, two stay counted.
+        // The client leaves before the third token: two existed, two stay counted; its first
+        // token was timed, its end never comes.
         drop(pacer);
         tokio::time::sleep_until(start + Duration::from_millis(1_000)).await;
         assert_eq!(stats.counts(), (7, 2));
+        assert_eq!(stats.latency_counts(), (1, 0));
     }
 
     #[tokio::test(start_paused = true)]
@@ -518,5 +560,25 @@ mod tests {
         drop(pacer);
         tokio::time::sleep_until(start + Duration::from_millis(1_000)).await;
         assert_eq!(stats.counts(), (7, 5));
+        assert_eq!(stats.latency_counts(), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_engine_times_first_tokens_and_finished_requests_but_no_end_for_an_aborted_one() {
+        let stats = Arc::new(EngineStats::default());
+        let (handle, driver) = EngineHandle::new(model(), Arc::default(), stats.clone());
+        let driver = tokio::spawn(driver.run());
+        let mut done = handle.submit(Instant::now(), 10, 2);
+        done.wait(Gate::Finished).await;
+        assert_eq!(stats.latency_counts(), (1, 1));
+        let mut left = handle.submit(Instant::now(), 10, 1_000);
+        left.wait(Gate::Tokens(1)).await;
+        drop(left);
+        let mut never_started = handle.submit(Instant::now(), 10, 1_000);
+        never_started.wait(Gate::Now).await;
+        drop(never_started);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(stats.latency_counts(), (2, 1));
+        driver.abort();
     }
 }

@@ -455,8 +455,11 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
         };
         Pacer::scripted(schedule, app.gauges.clone(), app.stats.clone())
     } else {
-        app.engine
-            .submit(req.prompt_tokens, plan.completion_tokens_planned)
+        app.engine.submit(
+            received_tokio,
+            req.prompt_tokens,
+            plan.completion_tokens_planned,
+        )
     };
     // Dropping this future (the client left before the headers) drops the recorder: a
     // client cancellation.
