@@ -56,9 +56,13 @@ struct SimArgs {
     /// Extra step cost per running sequence, in milliseconds.
     #[arg(long = "step-per-sequence-ms", value_name = "MS", default_value = "0.2", value_parser = milliseconds)]
     step_per_sequence: Duration,
-    /// Most sequences decoding at once.
+    /// Most sequences running at once (vLLM's --max-num-seqs).
     #[arg(long, default_value_t = 64)]
     max_running_sequences: usize,
+    /// Most tokens one engine step schedules, decodes and prefill chunks together (vLLM's
+    /// --max-num-batched-tokens): longer prompts are prefilled over several steps.
+    #[arg(long, visible_alias = "max-num-batched-tokens", default_value_t = 2048)]
+    max_tokens_per_step: u64,
 }
 
 /// A duration in milliseconds, fractions allowed: finite, not negative, at most an hour.
@@ -155,6 +159,7 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
             step_base: args.step_base,
             step_per_sequence: args.step_per_sequence,
             max_running_sequences: args.max_running_sequences,
+            max_tokens_per_step: args.max_tokens_per_step,
         },
         ..flyball_sim::SimConfig::default()
     };

@@ -203,7 +203,7 @@ mod tests {
 
     use super::*;
     use crate::plan::Gate;
-    use crate::truth::{TokenCounters, TruthLog};
+    use crate::truth::TruthLog;
 
     fn event(text: &str, content_tokens: u64) -> PlannedEvent {
         PlannedEvent {
@@ -222,7 +222,6 @@ mod tests {
     ) -> ResponseBody {
         let recorder = Recorder::new(
             log.clone(),
-            Arc::new(TokenCounters::default()),
             Instant::now(),
             SystemTime::now(),
             "r".to_owned(),

@@ -19,7 +19,9 @@ pub mod header {
     pub const TTFT_MS: &str = "x-sim-ttft-ms";
     /// Gap between content tokens, in ms (see [`TTFT_MS`] for what it does to batching).
     pub const ITL_MS: &str = "x-sim-itl-ms";
-    /// Content tokens to generate (default: `max_completion_tokens`, `max_tokens`, else 16).
+    /// Content tokens to generate (default: `max_completion_tokens`, `max_tokens`, else 16, cut
+    /// to what the context has left). Like `max_tokens`, the prompt plus this must fit the
+    /// context.
     pub const OUTPUT_TOKENS: &str = "x-sim-output-tokens";
     /// Content tokens packed into one SSE event (default 1).
     pub const TOKENS_PER_EVENT: &str = "x-sim-tokens-per-event";

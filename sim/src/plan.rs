@@ -13,7 +13,8 @@ use crate::openai::{
 };
 use crate::tokens;
 
-/// Content tokens when neither a knob nor the request bounds the output.
+/// Content tokens an answer runs to on its own, when neither a knob nor the request bounds it
+/// (a chat request without `max_tokens`): the simulator's stand-in for a model's natural stop.
 pub(crate) const DEFAULT_OUTPUT_TOKENS: u64 = 16;
 
 /// When an event may go out.
@@ -68,12 +69,69 @@ pub(crate) struct Identity {
 pub(crate) const SSE_CONTENT_TYPE: &str = "text/event-stream; charset=utf-8";
 pub(crate) const JSON_CONTENT_TYPE: &str = "application/json";
 
-/// Content tokens this request will generate.
-pub(crate) fn output_tokens(req: &ParsedRequest, knobs: &Knobs) -> u64 {
-    knobs
-        .output_tokens
-        .or(req.max_tokens)
-        .unwrap_or(DEFAULT_OUTPUT_TOKENS)
+/// How long an answer is, and why it ends there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OutputLength {
+    /// Content tokens the request will generate.
+    pub tokens: u64,
+    /// `length` when a bound cut the answer (the request's `max_tokens`, or the context), `stop`
+    /// when it ended on its own.
+    pub finish_reason: &'static str,
+}
+
+/// The answer's length within a context of `max_model_len` tokens, or the message vLLM refuses
+/// the request with (`OpenAIServing._validate_input` in `vllm/entrypoints/openai/serving_engine.py`).
+///
+/// With a bound (the output-tokens knob, `max_tokens`, or a legacy completion's default of 16),
+/// prompt plus bound must fit. Without one (a chat request), only a prompt that fills the context
+/// alone is refused; vLLM then defaults `max_tokens` to what the context has left, so the answer
+/// runs to its natural length or stops there with `length`.
+pub(crate) fn output_length(
+    req: &ParsedRequest,
+    knobs: &Knobs,
+    max_model_len: u64,
+) -> Result<OutputLength, String> {
+    let Some(bound) = knobs.output_tokens.or(req.max_tokens) else {
+        if req.prompt_tokens >= max_model_len {
+            return Err(format!(
+                "This model's maximum context length is {max_model_len} tokens. However, you \
+                 requested {} tokens in the messages, Please reduce the length of the messages.",
+                req.prompt_tokens
+            ));
+        }
+        let context_left = max_model_len - req.prompt_tokens;
+        return Ok(if DEFAULT_OUTPUT_TOKENS > context_left {
+            OutputLength {
+                tokens: context_left,
+                finish_reason: "length",
+            }
+        } else {
+            OutputLength {
+                tokens: DEFAULT_OUTPUT_TOKENS,
+                finish_reason: "stop",
+            }
+        });
+    };
+    let requested = req.prompt_tokens.saturating_add(bound);
+    if requested > max_model_len {
+        return Err(format!(
+            "This model's maximum context length is {max_model_len} tokens. However, you requested \
+             {requested} tokens ({} in the messages, {bound} in the completion). Please reduce the \
+             length of the messages or completion.",
+            req.prompt_tokens
+        ));
+    }
+    // "length" when the output hit the request's bound, "stop" when it ended on its own (a knob
+    // shorter than max_tokens).
+    let finish_reason = if req.max_tokens == Some(bound) {
+        "length"
+    } else {
+        "stop"
+    };
+    Ok(OutputLength {
+        tokens: bound,
+        finish_reason,
+    })
 }
 
 /// An error answer, sent at once.
@@ -95,15 +153,17 @@ pub(crate) fn error_plan(status: u16, message: &str) -> Plan {
     }
 }
 
-/// The answer to an accepted completion request.
-pub(crate) fn plan(req: &ParsedRequest, knobs: &Knobs, identity: &Identity) -> Plan {
-    let total = output_tokens(req, knobs);
-    // "length" when the output hit the request's bound, "stop" when it ended on its own.
-    let finish_reason = if req.max_tokens == Some(total) {
-        "length"
-    } else {
-        "stop"
-    };
+/// The answer to an accepted completion request, `output` long (from [`output_length`]).
+pub(crate) fn plan(
+    req: &ParsedRequest,
+    knobs: &Knobs,
+    identity: &Identity,
+    output: OutputLength,
+) -> Plan {
+    let OutputLength {
+        tokens: total,
+        finish_reason,
+    } = output;
     let writer = Writer {
         req,
         knobs,
@@ -396,6 +456,13 @@ mod tests {
         }
     }
 
+    /// Plans within a context no test prompt comes near.
+    fn planned(req: &ParsedRequest, knobs: &Knobs, identity: &Identity) -> Plan {
+        let output = output_length(req, knobs, u64::MAX)
+            .unwrap_or_else(|e| unreachable!("test request refused: {e}"));
+        super::plan(req, knobs, identity, output)
+    }
+
     fn chat(body: Value) -> ParsedRequest {
         parse_request(Endpoint::Chat, body.to_string().as_bytes())
             .unwrap_or_else(|e| unreachable!("test body refused: {e}"))
@@ -420,7 +487,7 @@ mod tests {
         let req =
             chat(json!({"messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":3}));
         let knobs = Knobs::default();
-        let plan = plan(&req, &knobs, &identity());
+        let plan = planned(&req, &knobs, &identity());
         let events = events_json(&plan, &knobs);
         assert_eq!(events.len(), 4, "role + 3 tokens");
         assert!(events.iter().all(|e| e.get("usage").is_none()));
@@ -447,7 +514,7 @@ mod tests {
                               "stream_options":{"include_usage":true,"continuous_usage_stats":true}}),
         );
         let knobs = Knobs::default();
-        let plan = plan(&req, &knobs, &identity());
+        let plan = planned(&req, &knobs, &identity());
         let usage: Vec<Value> = events_json(&plan, &knobs)
             .iter()
             .map(|e| e["usage"].clone())
@@ -467,7 +534,7 @@ mod tests {
             json!({"messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":2,
                               "stream_options":{"include_usage":false,"continuous_usage_stats":true}}),
         );
-        let plan = super::plan(&req, &knobs, &identity());
+        let plan = planned(&req, &knobs, &identity());
         assert!(
             events_json(&plan, &knobs)
                 .iter()
@@ -478,7 +545,7 @@ mod tests {
             json!({"messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":2,
                               "stream_options":{"continuous_usage_stats":true}}),
         );
-        let plan = super::plan(&req, &knobs, &identity());
+        let plan = planned(&req, &knobs, &identity());
         let with_usage = events_json(&plan, &knobs)
             .iter()
             .filter(|e| e.get("usage").is_some_and(|u| !u.is_null()))
@@ -494,7 +561,7 @@ mod tests {
             tokens_per_event: NonZeroU64::new(2).unwrap_or(NonZeroU64::MIN),
             ..Knobs::default()
         };
-        let plan = plan(&req, &knobs, &identity());
+        let plan = planned(&req, &knobs, &identity());
         let counted: Vec<(Gate, u64)> = plan
             .events
             .iter()
@@ -523,7 +590,7 @@ mod tests {
                 reset_after_tokens: Some(n),
                 ..Knobs::default()
             };
-            let plan = plan(&req, &knobs, &identity());
+            let plan = planned(&req, &knobs, &identity());
             assert!(plan.reset);
             assert_eq!(
                 plan.events.iter().map(|e| e.content_tokens).sum::<u64>(),
@@ -538,13 +605,70 @@ mod tests {
     }
 
     #[test]
+    fn a_chat_without_max_tokens_runs_to_its_natural_length_or_to_the_end_of_the_context() {
+        // "hi": 1 token + 4 for the message.
+        let req = chat(json!({"messages":[{"role":"user","content":"hi"}]}));
+        let knobs = Knobs::default();
+        assert_eq!(
+            output_length(&req, &knobs, 1_000),
+            Ok(OutputLength {
+                tokens: DEFAULT_OUTPUT_TOKENS,
+                finish_reason: "stop"
+            })
+        );
+        assert_eq!(
+            output_length(&req, &knobs, 7),
+            Ok(OutputLength {
+                tokens: 2,
+                finish_reason: "length"
+            })
+        );
+        assert_eq!(
+            output_length(&req, &knobs, 5),
+            Err(
+                "This model's maximum context length is 5 tokens. However, you requested 5 \
+                 tokens in the messages, Please reduce the length of the messages."
+                    .to_owned()
+            )
+        );
+    }
+
+    #[test]
+    fn a_bound_that_overflows_the_context_is_refused_naming_both_parts() {
+        let req = chat(json!({"messages":[{"role":"user","content":"hi"}],"max_tokens":10}));
+        assert_eq!(
+            output_length(&req, &Knobs::default(), 14),
+            Err(
+                "This model's maximum context length is 14 tokens. However, you requested 15 \
+                 tokens (5 in the messages, 10 in the completion). Please reduce the length of \
+                 the messages or completion."
+                    .to_owned()
+            )
+        );
+        // The knob is a bound too, even without max_tokens: it is never cut to fit.
+        let req = chat(json!({"messages":[{"role":"user","content":"hi"}]}));
+        let knobs = Knobs {
+            output_tokens: Some(10),
+            ..Knobs::default()
+        };
+        assert!(output_length(&req, &knobs, 14).is_err());
+        assert_eq!(
+            output_length(&req, &knobs, 15),
+            Ok(OutputLength {
+                tokens: 10,
+                finish_reason: "stop"
+            })
+        );
+    }
+
+    #[test]
     fn zero_output_tokens_still_finishes_with_an_empty_delta() {
         let req = chat(json!({"messages":[{"role":"user","content":"hi"}],"stream":true}));
         let knobs = Knobs {
             output_tokens: Some(0),
             ..Knobs::default()
         };
-        let plan = plan(&req, &knobs, &identity());
+        let plan = planned(&req, &knobs, &identity());
         let events = events_json(&plan, &knobs);
         assert_eq!(events.len(), 2);
         assert_eq!(events[1]["choices"][0]["delta"], json!({"content":""}));
@@ -555,7 +679,7 @@ mod tests {
     #[test]
     fn non_streaming_waits_for_the_whole_generation_and_omits_usage_on_request() {
         let req = chat(json!({"messages":[{"role":"user","content":"hi"}],"max_tokens":4}));
-        let plan_with = plan(&req, &Knobs::default(), &identity());
+        let plan_with = planned(&req, &Knobs::default(), &identity());
         assert_eq!(plan_with.headers_gate, Gate::Finished);
         assert_eq!(
             plan_with.content_length,
@@ -571,7 +695,7 @@ mod tests {
             no_usage: true,
             ..Knobs::default()
         };
-        let plan_without = plan(&req, &knobs, &identity());
+        let plan_without = planned(&req, &knobs, &identity());
         let body: Value = serde_json::from_slice(&plan_without.events[0].bytes).unwrap_or_default();
         assert!(body.get("usage").is_none());
         assert!(!plan_without.events[0].final_usage);

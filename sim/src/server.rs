@@ -27,11 +27,11 @@ use crate::SimError;
 use crate::body::{self, ResponseBody};
 use crate::engine::EngineModel;
 use crate::knobs::{self, Knobs};
-use crate::metrics;
+use crate::metrics::{self, EngineStats};
 use crate::openai::{self, Endpoint};
-use crate::pacing::{EngineDriver, EngineHandle, LoadGauges, Pacer};
+use crate::pacing::{EngineDriver, EngineHandle, LoadGauges, Pacer, Schedule};
 use crate::plan::{self, Identity, Plan};
-use crate::truth::{Recorder, RequestTruth, TokenCounters, TruthLog};
+use crate::truth::{Recorder, RequestTruth, TruthLog};
 
 /// Request bodies above this are refused; prompts in tests are far smaller.
 const MAX_REQUEST_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -53,8 +53,10 @@ pub struct SimConfig {
     pub refuse_other_models: bool,
     /// Timing of requests that carry no timing knobs.
     pub engine: EngineModel,
-    /// Context length, as vLLM's `--max-model-len`: prompt plus output tokens over it are refused
-    /// (400), as vLLM refuses them; reported by `/v1/models`.
+    /// Context length, as vLLM's `--max-model-len`; reported by `/v1/models`. As vLLM, a request
+    /// whose prompt plus `max_tokens` (or output-tokens knob) exceeds it is refused (400); one
+    /// with no bound is refused only when its prompt alone fills it, else its answer stops where
+    /// the context ends.
     pub max_model_len: u64,
     /// On shutdown, how long open responses may run before their connections are cut.
     pub shutdown_grace: Duration,
@@ -73,7 +75,7 @@ pub struct SimServer {
 struct App {
     config: SimConfig,
     truth: Arc<TruthLog>,
-    counters: Arc<TokenCounters>,
+    stats: Arc<EngineStats>,
     gauges: Arc<LoadGauges>,
     engine: EngineHandle,
     next_request: AtomicU64,
@@ -279,11 +281,13 @@ impl App {
     fn new(config: SimConfig) -> Result<(Arc<App>, EngineDriver), SimError> {
         config.validate()?;
         let gauges = Arc::new(LoadGauges::default());
-        let (engine, driver) = EngineHandle::new(config.engine.clone(), gauges.clone());
+        let stats = Arc::new(EngineStats::default());
+        let (engine, driver) =
+            EngineHandle::new(config.engine.clone(), gauges.clone(), stats.clone());
         let app = App {
             config,
             truth: Arc::new(TruthLog::default()),
-            counters: Arc::new(TokenCounters::default()),
+            stats,
             gauges,
             engine,
             next_request: AtomicU64::new(1),
@@ -351,7 +355,6 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
         .unwrap_or_else(|| app.next_request_id());
     let mut recorder = Recorder::new(
         app.truth.clone(),
-        app.counters.clone(),
         received,
         received_at,
         request_id.clone(),
@@ -415,17 +418,10 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
     }
     // Each answer is planned whole before its first byte, so this bound is also what keeps one
     // request's memory bounded (`max_tokens: 4000000000` took the process down).
-    let output = plan::output_tokens(&req, &knobs);
-    let requested = req.prompt_tokens.saturating_add(output);
-    if requested > app.config.max_model_len {
-        let message = format!(
-            "This model's maximum context length is {} tokens. However, you requested {requested} \
-             tokens ({} in the messages, {output} in the completion). Please reduce the length of \
-             the messages or completion.",
-            app.config.max_model_len, req.prompt_tokens
-        );
-        return respond(plan::error_plan(400, &message), None, &knobs, recorder);
-    }
+    let output = match plan::output_length(&req, &knobs, app.config.max_model_len) {
+        Ok(output) => output,
+        Err(message) => return respond(plan::error_plan(400, &message), None, &knobs, recorder),
+    };
 
     let model = app.config.answered_as(req.model.as_deref());
     let identity = Identity {
@@ -437,32 +433,33 @@ async fn completion(app: Arc<App>, endpoint: Endpoint, request: Request) -> Resp
         model: model.clone(),
         request_id,
     };
-    let plan = plan::plan(&req, &knobs, &identity);
+    let plan = plan::plan(&req, &knobs, &identity, output);
     let entry = recorder.entry_mut();
     entry.stream = req.stream;
     entry.include_usage_requested = req.include_usage;
     entry.continuous_usage_requested = req.continuous_usage;
     entry.prompt_tokens = req.prompt_tokens;
     entry.completion_tokens_planned = plan.completion_tokens_planned;
-    app.counters
-        .prompt_tokens_total
-        .fetch_add(req.prompt_tokens, Ordering::Relaxed);
 
     let mut pacer = if knobs.scripts_timing() {
         // A missing half of the script comes from the engine model, unloaded.
         let engine = &app.config.engine;
-        Pacer::scripted(
-            received_tokio,
-            knobs
+        let schedule = Schedule {
+            start: received_tokio,
+            ttft: knobs
                 .ttft
                 .unwrap_or_else(|| engine.unloaded_ttft(req.prompt_tokens)),
-            knobs.itl.unwrap_or_else(|| engine.decode_step_time(1)),
-            plan.completion_tokens_planned,
-            app.gauges.clone(),
-        )
+            itl: knobs.itl.unwrap_or_else(|| engine.decode_step_time(1)),
+            prompt_tokens: req.prompt_tokens,
+            output_tokens: plan.completion_tokens_planned,
+        };
+        Pacer::scripted(schedule, app.gauges.clone(), app.stats.clone())
     } else {
-        app.engine
-            .submit(req.prompt_tokens, plan.completion_tokens_planned)
+        app.engine.submit(
+            received_tokio,
+            req.prompt_tokens,
+            plan.completion_tokens_planned,
+        )
     };
     // Dropping this future (the client left before the headers) drops the recorder: a
     // client cancellation.
@@ -516,7 +513,7 @@ async fn health() -> StatusCode {
 }
 
 async fn metrics_text(State(app): State<Arc<App>>) -> Response {
-    let text = metrics::render(&app.config.model, &app.gauges, &app.counters);
+    let text = metrics::render(&app.config.model, &app.gauges, &app.stats);
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
 

@@ -7,7 +7,6 @@
 //! lands in the [`TruthLog`] when the body ends, fails, or is dropped; a drop before the end is
 //! a client cancellation.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -64,13 +63,6 @@ pub struct RequestTruth {
 pub(crate) struct TruthLog {
     entries: Mutex<Vec<RequestTruth>>,
     changed: watch::Sender<u64>,
-}
-
-/// Running counters the metrics endpoint reads.
-#[derive(Debug, Default)]
-pub(crate) struct TokenCounters {
-    pub prompt_tokens_total: AtomicU64,
-    pub generation_tokens_total: AtomicU64,
 }
 
 // === impl TruthLog ===
@@ -137,7 +129,6 @@ impl TruthLog {
 #[derive(Debug)]
 pub(crate) struct Recorder {
     log: Arc<TruthLog>,
-    counters: Arc<TokenCounters>,
     received: Instant,
     entry: RequestTruth,
     done: bool,
@@ -148,7 +139,6 @@ pub(crate) struct Recorder {
 impl Recorder {
     pub(crate) fn new(
         log: Arc<TruthLog>,
-        counters: Arc<TokenCounters>,
         received: Instant,
         received_at: SystemTime,
         request_id: String,
@@ -160,7 +150,6 @@ impl Recorder {
             .unwrap_or(0);
         Self {
             log,
-            counters,
             received,
             entry: RequestTruth {
                 request_id,
@@ -201,9 +190,6 @@ impl Recorder {
                 .entry
                 .completion_tokens_sent
                 .saturating_add(content_tokens);
-            self.counters
-                .generation_tokens_total
-                .fetch_add(content_tokens, Ordering::Relaxed);
         }
         self.entry.usage_reported |= final_usage;
     }
@@ -253,7 +239,6 @@ mod tests {
     fn recorder(log: &Arc<TruthLog>, id: &str) -> Recorder {
         Recorder::new(
             log.clone(),
-            Arc::new(TokenCounters::default()),
             Instant::now(),
             SystemTime::now(),
             id.to_owned(),

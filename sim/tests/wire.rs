@@ -822,6 +822,7 @@ async fn engine_model_times_requests_that_carry_no_timing_knobs() {
         step_base: Duration::from_millis(20),
         step_per_sequence: Duration::from_millis(1),
         max_running_sequences: 4,
+        max_tokens_per_step: 2048,
     };
     let server = start_with(SimConfig {
         engine: engine.clone(),
@@ -957,6 +958,22 @@ async fn invalid_config_is_refused_naming_field_value_and_rule() {
     assert_eq!(
         err.as_deref(),
         Some("engine.max_running_sequences = 0: must be >= 1")
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let config = SimConfig {
+        engine: EngineModel {
+            max_tokens_per_step: 0,
+            ..EngineModel::default()
+        },
+        ..SimConfig::default()
+    };
+    let err = SimServer::start(config, listener)
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert_eq!(
+        err.as_deref(),
+        Some("engine.max_tokens_per_step = 0: must be >= 1")
     );
 }
 
@@ -1185,4 +1202,198 @@ async fn the_truth_keeps_the_named_model_of_a_request_refused_before_its_body_is
         .map(|t| t.model.clone())
         .collect();
     assert_eq!(truth, ["qwen2.5-7b", "qwen2.5-7b"]);
+}
+
+/// A chat request that sets no `max_tokens` is refused only when its prompt alone fills the
+/// context; otherwise vLLM answers it, its output bounded by what the context has left
+/// (`vllm/entrypoints/openai/serving_engine.py`, `OpenAIServing._validate_input`: with
+/// `max_tokens is None` it raises only for `token_num >= self.max_model_len`; the sampling
+/// parameters then default `max_tokens` to `max_model_len - prompt tokens`).
+#[tokio::test]
+async fn a_chat_prompt_near_the_context_length_without_max_tokens_is_answered_within_it() {
+    let server = start_with(SimConfig {
+        max_model_len: 64,
+        ..SimConfig::default()
+    })
+    .await;
+    // 232 characters: ceil(232 / 4) + 4 for the message = 62 prompt tokens, 2 left.
+    let prompt = "x".repeat(232);
+    let (status, text) = post_chat(
+        &server,
+        &json!({"messages":[{"role":"user","content":prompt}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["usage"]["prompt_tokens"], 62);
+    assert!(
+        answer["usage"]["total_tokens"]
+            .as_u64()
+            .is_some_and(|total| total <= 64),
+        "{text}"
+    );
+    // A prompt that fills the context alone is refused, as vLLM refuses it.
+    let prompt = "x".repeat(240);
+    let (status, text) = post_chat(
+        &server,
+        &json!({"messages":[{"role":"user","content":prompt}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+}
+/// `GET /metrics` as text.
+async fn scrape(server: &SimServer) -> String {
+    body_text(
+        send(server, Proto::H1, "GET", "/metrics", &[], "")
+            .await
+            .response,
+    )
+    .await
+}
+
+/// The value of one sample line of `/metrics`, by its name and labels.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Sends a chat request in the background and holds the response until the task is aborted
+/// (the client going away).
+fn hold_chat(server: &SimServer, id: &'static str, body: String) -> JoinHandle<()> {
+    let addr = server.local_addr();
+    tokio::spawn(async move {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("h1 handshake");
+        tokio::spawn(conn);
+        let request = Request::post("/v1/chat/completions")
+            .header("host", addr.to_string())
+            .header("content-type", "application/json")
+            .header(header::REQUEST_ID, id)
+            .body(Full::new(Bytes::from(body)))
+            .expect("request");
+        let response = sender.send_request(request).await;
+        std::future::pending::<()>().await;
+        drop(response);
+    })
+}
+
+/// vLLM counts tokens in the engine, step by step, whatever the response's shape: each step's
+/// new tokens go to `vllm:generation_tokens` and a prompt goes to `vllm:prompt_tokens` when its
+/// prefill is done (`vllm/v1/metrics/stats.py`, `IterationStats.update_from_output`;
+/// `vllm/v1/metrics/loggers.py`, `PrometheusStatLogger.record` adds them each step). A scraper
+/// reading token throughput off `rate(vllm:generation_tokens_total)` sees a non-streaming
+/// request's tokens as they are generated, and the tokens of one whose client left.
+#[tokio::test]
+async fn token_counters_follow_the_engine_steps_not_the_response_body() {
+    let server = start_with(SimConfig {
+        engine: EngineModel {
+            max_running_sequences: 1,
+            ..EngineModel::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let generation = "vllm:generation_tokens_total{model_name=\"sim-llama-3-8b\"}";
+    let prompt = "vllm:prompt_tokens_total{model_name=\"sim-llama-3-8b\"}";
+    // ~10 ms a step: 400 tokens take about 4 s; this one holds the only slot.
+    let decoding = hold_chat(
+        &server,
+        "nonstream",
+        chat_body(json!({"stream": false, "max_tokens": 400})),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Queued behind it, not prefilled.
+    let queued = hold_chat(
+        &server,
+        "queued",
+        chat_body(json!({"stream": true, "max_tokens": 4})),
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let during = scrape(&server).await;
+    decoding.abort();
+    let _ = decoding.await;
+    let _ = truth(&server, "nonstream").await;
+    let after = scrape(&server).await;
+    queued.abort();
+
+    let generated = sample(&during, generation).unwrap_or_default();
+    assert!(
+        generated >= 50.0,
+        "after ~1 s of decoding (~90 steps) vllm:generation_tokens_total read {generated}"
+    );
+    let kept = sample(&after, generation).unwrap_or_default();
+    assert!(
+        kept >= generated && kept >= 50.0,
+        "the tokens generated for a client that left are not counted: {kept}"
+    );
+    assert_eq!(
+        sample(&during, prompt),
+        Some(11.0),
+        "only the prompt that was prefilled counts; the queued one has not been"
+    );
+}
+
+/// vLLM's `/metrics` is prometheus_client's `generate_latest`, which writes a counter's HELP and
+/// TYPE lines under the sample's name (`# TYPE vllm:prompt_tokens_total counter`: "Munging from
+/// OpenMetrics into Prometheus format", `mname = mname + '_total'` for counters, in
+/// `prometheus_client/exposition.py`). A strict text parser (Go's `expfmt.TextParser`) reads
+/// `# TYPE vllm:prompt_tokens counter` followed by `vllm:prompt_tokens_total ...` as a counter
+/// family with no samples, which it drops, and an untyped `vllm:prompt_tokens_total`.
+#[tokio::test]
+async fn counters_are_typed_under_their_sample_names_as_vllm_writes_them() {
+    let server = start().await;
+    let metrics = scrape(&server).await;
+    for counter in ["vllm:prompt_tokens_total", "vllm:generation_tokens_total"] {
+        assert!(
+            metrics.contains(&format!("# TYPE {counter} counter\n")),
+            "no TYPE line for {counter}:\n{metrics}"
+        );
+    }
+}
+
+/// vLLM exports its request latencies as histograms, one observation per request
+/// (`vllm/v1/metrics/loggers.py`, `PrometheusStatLogger`: `vllm:time_to_first_token_seconds`
+/// observed in `record` from `IterationStats.time_to_first_tokens_iter`, and
+/// `vllm:e2e_request_latency_seconds` for each finished request). Autoscaling on TTFT from
+/// Prometheus (a KEDA `prometheus` trigger on `histogram_quantile(0.95, ...
+/// vllm:time_to_first_token_seconds_bucket ...)`) reads these; against the simulator it reads
+/// nothing.
+#[tokio::test]
+async fn latency_histograms_count_every_served_request() {
+    let server = start().await;
+    for id in ["h1", "h2"] {
+        let sent = send(
+            &server,
+            Proto::H1,
+            "POST",
+            "/v1/chat/completions",
+            &[(header::REQUEST_ID, id)],
+            &chat_body(json!({"stream": true, "max_tokens": 3})),
+        )
+        .await;
+        let _ = body_text(sent.response).await;
+        let _ = truth(&server, id).await;
+    }
+    let metrics = scrape(&server).await;
+    for histogram in [
+        "vllm:time_to_first_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {histogram} histogram\n")),
+            "no {histogram} histogram:\n{metrics}"
+        );
+        // Labels as the simulator's other series, plus any vLLM adds (`engine`).
+        let count = metrics.lines().find_map(|line| {
+            let rest = line.strip_prefix(&format!("{histogram}_count{{"))?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            labels
+                .contains("model_name=\"sim-llama-3-8b\"")
+                .then(|| value.parse::<f64>().ok())?
+        });
+        assert_eq!(count, Some(2.0), "{histogram}:\n{metrics}");
+    }
 }
