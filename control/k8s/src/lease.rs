@@ -95,8 +95,31 @@ impl LeaseConfig {
                 rule: "must not be empty",
             });
         }
-        Ok(LeaseParams::new(self.identity.clone(), duration, margin))
+        Ok(LeaseParams::new(self.identity.clone(), duration, margin)
+            .with_field_manager(field_manager(&self.identity)))
     }
+}
+
+/// kube-lease-manager's own field manager name, `kube-lease-manager-<identity>`, when it fits
+/// the 128 bytes the API server (and kube, before sending) takes. A longer identity (a pod name
+/// with a DNS advertise address) keeps a prefix and a hash of the whole, still one per replica:
+/// with the name as it was, every apply failed and the replica never led.
+fn field_manager(identity: &str) -> String {
+    const PREFIX: &str = "kube-lease-manager-";
+    const MAX_BYTES: usize = 128;
+    let whole = format!("{PREFIX}{identity}");
+    if whole.len() <= MAX_BYTES {
+        return whole;
+    }
+    // FNV-1a: stable across builds, so a restarted replica keeps its manager.
+    let hash = identity.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let mut end = MAX_BYTES - PREFIX.len() - 17;
+    while !identity.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{PREFIX}{}-{hash:016x}", &identity[..end])
 }
 
 /// A running election. Dropping it steps down in the background; [`LeaderElection::step_down`]
@@ -435,5 +458,25 @@ mod tests {
             .params()
             .unwrap_err();
         assert_eq!(err.metric_label(), "config");
+    }
+
+    #[test]
+    fn field_managers_fit_the_api_and_stay_one_per_replica() {
+        assert_eq!(
+            field_manager("pod-0@10.0.0.7:9090"),
+            "kube-lease-manager-pod-0@10.0.0.7:9090"
+        );
+        let long = |n: u32| {
+            format!(
+                "{}@flyball-control-{n}.flyball.svc.cluster.local:9090",
+                "p".repeat(80)
+            )
+        };
+        let (a, b) = (field_manager(&long(0)), field_manager(&long(1)));
+        assert!(a.len() <= 128 && b.len() <= 128, "{a} {b}");
+        assert_ne!(a, b);
+        assert_eq!(a, field_manager(&long(0)));
+        let wide = "é".repeat(100);
+        assert!(field_manager(&wide).len() <= 128);
     }
 }

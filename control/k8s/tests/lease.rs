@@ -427,3 +427,44 @@ async fn a_hung_lease_read_does_not_delay_the_cut_off() {
     let _ = a.step_down().await;
     cluster.cleanup().await.unwrap();
 }
+
+/// The replica's identity is its Lease identity, `$POD_NAME@<advertise address>`: with a DNS
+/// advertise address it runs past 110 bytes (the Events fix cuts `reportingInstance` to 128
+/// bytes for just that case, and events_status.rs tests this very identity). kube-lease-manager
+/// names its field manager `kube-lease-manager-<identity>`, and a `fieldManager` over 128 bytes
+/// is refused: by kube's `PatchParams` validation before the request leaves (so no apply ever
+/// reaches the API server), and by the API server itself (apimachinery's `ValidateFieldManager`,
+/// 422). The election retries for good and the replica never leads: nothing is scaled, and no
+/// Event is written either, long identity or not.
+#[tokio::test]
+async fn a_replica_with_a_long_lease_identity_still_takes_the_lease() {
+    let cluster = TestCluster::start().await.unwrap();
+    let lease_name = tracked_lease(&cluster, "flyball-leader");
+    let identity = "llm-gateway-flyball-control-0@llm-gateway-flyball-control-0.\
+                    llm-gateway-flyball-control-headless.inference-production.svc.cluster.local:9090";
+    let election =
+        LeaderElection::start(cluster.client(), &config(&cluster, &lease_name, identity))
+            .await
+            .unwrap();
+    let mut leads = election.is_leader();
+    let led = tokio::time::timeout(WAIT, leads.wait_for(|leading| *leading))
+        .await
+        .is_ok();
+    let applies = cluster.fake().map(|fake| {
+        let path = lease_path(&cluster, &lease_name);
+        fake.requests()
+            .iter()
+            .filter(|r| r.path == path && r.method == "PATCH")
+            .count()
+    });
+    assert!(
+        led,
+        "a replica whose identity is {} bytes did not take a free Lease within {WAIT:?} \
+         ({applies:?} patches reached the Lease; its field manager \
+         \"kube-lease-manager-<identity>\" is {} bytes, over the 128 the API takes)",
+        identity.len(),
+        "kube-lease-manager-".len() + identity.len()
+    );
+    election.step_down().await.unwrap();
+    cluster.cleanup().await.unwrap();
+}

@@ -41,18 +41,11 @@ pub struct JsonEvent {
     pub choices_seen: u32,
     /// A top-level `error` member that is not `null`: the server failed the request after it had
     /// started streaming (vLLM, SGLang and TGI send such an event, then end the stream normally).
-    pub error: Option<StreamError>,
+    /// Older vLLM sends a flat `{"object":"error",..}` instead. Its `code` is not trusted: older
+    /// vLLM and SGLang send 400 for an engine failure.
+    pub error: bool,
     /// The top-level `usage` member, if any.
     pub usage: Option<UsageMember>,
-}
-
-/// Whose fault an in-stream error was, from its `code` where it has one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamError {
-    /// `error.code` in 400..=499.
-    Client,
-    /// Any other code, or none.
-    Server,
 }
 
 /// Where the top-level `usage` member sits in the event data.
@@ -129,11 +122,14 @@ fn top_level(b: &[u8], open: usize) -> Option<JsonEvent> {
             Key::Error => {
                 let v = ws(b, value_start);
                 let end = skip_value(b, v, MAX_DEPTH - 1)?;
-                event.error = match b.get(v) {
-                    Some(b'n') => None,
-                    Some(b'{') => Some(error_class(b, v)),
-                    _ => Some(StreamError::Server),
-                };
+                event.error |= b.get(v) != Some(&b'n');
+                Some(end)
+            }
+            Key::Object => {
+                // Older vLLM's ErrorResponse is flat: `{"object":"error","message":..}`.
+                let v = ws(b, value_start);
+                let end = skip_value(b, v, MAX_DEPTH - 1)?;
+                event.error |= b.get(v..end) == Some(b"\"error\"".as_slice());
                 Some(end)
             }
             Key::Usage => {
@@ -162,21 +158,6 @@ fn top_level(b: &[u8], open: usize) -> Option<JsonEvent> {
     )?;
     // Only trailing whitespace may follow the object.
     (ws(b, end) == b.len()).then_some(event)
-}
-
-/// The class of an `error` object: client when its `code` is a 4xx status.
-fn error_class(b: &[u8], open: usize) -> StreamError {
-    let mut class = StreamError::Server;
-    // A malformed object leaves the default: the stream still failed.
-    let _ = walk_object(b, open, MAX_DEPTH - 1, |key, _, value_start, _| {
-        let v = ws(b, value_start);
-        let end = skip_value(b, v, MAX_DEPTH - 2)?;
-        if key == Key::Code && small_integer(b, v, end).is_some_and(|c| (400..500).contains(&c)) {
-            class = StreamError::Client;
-        }
-        Some(end)
-    });
-    class
 }
 
 /// A JSON integer of at most 9 digits.
@@ -295,7 +276,7 @@ enum Key {
     Choices,
     Usage,
     Error,
-    Code,
+    Object,
     Index,
     Delta,
     Text,
@@ -313,7 +294,7 @@ fn key_of(raw: &[u8]) -> Key {
         b"choices" => Key::Choices,
         b"usage" => Key::Usage,
         b"error" => Key::Error,
-        b"code" => Key::Code,
+        b"object" => Key::Object,
         b"index" => Key::Index,
         b"delta" => Key::Delta,
         b"text" => Key::Text,
@@ -542,17 +523,8 @@ mod tests {
                 }
             }
         }
-        event.error = match top.get("error") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(e))
-                if e.get("code")
-                    .and_then(Value::as_u64)
-                    .is_some_and(|c| (400..500).contains(&c)) =>
-            {
-                Some(StreamError::Client)
-            }
-            Some(_) => Some(StreamError::Server),
-        };
+        event.error = !matches!(top.get("error"), None | Some(Value::Null))
+            || top.get("object").and_then(Value::as_str) == Some("error");
         event.usage = top.get("usage").map(|u| UsageMember {
             value: match u {
                 Value::Null => UsageValue::Null,
@@ -780,11 +752,20 @@ mod tests {
                 Just(Some(json!({"code": "400"}))),
                 Just(Some(json!("Request failed during generation"))),
             ],
+            prop_oneof![
+                Just(None),
+                Just(Some(json!("error"))),
+                Just(Some(json!("chat.completion.chunk"))),
+                Just(Some(json!({"error": 1}))),
+            ],
             arb_text(),
             any::<u8>(),
         )
-            .prop_map(|(choices, usage, error, id, order)| {
+            .prop_map(|(choices, usage, error, object_kind, id, order)| {
                 let mut fields: Vec<(String, Value)> = vec![("id".into(), Value::String(id))];
+                if let Some(kind) = object_kind {
+                    fields.push(("object".into(), kind));
+                }
                 if let Some(choices) = choices {
                     fields.push(("choices".into(), Value::Array(choices)));
                 }

@@ -30,7 +30,7 @@
 
 use crate::Nanos;
 use crate::config::FilterConfig;
-use crate::event::{EventKind, StreamError, Usage, UsageValue, classify};
+use crate::event::{EventKind, Usage, UsageValue, classify};
 use crate::request::{RequestInspection, StripPlan, estimate_completion_tokens};
 use crate::sse::{SseEvent, SseParser};
 use std::ops::Range;
@@ -235,7 +235,7 @@ struct StreamStats {
     /// The most choices any event numbered (`n > 1`: decoded side by side).
     choices: u32,
     /// The server reported a failure inside the stream.
-    error: Option<StreamError>,
+    error: bool,
     /// The last event of the previous chunk was removed and ended with a CR whose LF may start
     /// the next chunk.
     drop_next_lf: bool,
@@ -511,10 +511,9 @@ impl ResponseTracker {
         }
         let e2e = now.saturating_sub(self.started_at);
         // Envoy saw a complete 200; the stream itself said the request failed.
-        let outcome = match (outcome, self.stats.error) {
-            (Outcome::Ok, Some(StreamError::Client)) => Outcome::ClientError,
-            (Outcome::Ok, Some(StreamError::Server)) => Outcome::ServerError,
-            (outcome, _) => outcome,
+        let outcome = match outcome {
+            Outcome::Ok if self.stats.error => Outcome::ServerError,
+            outcome => outcome,
         };
         let mut record = RequestRecord {
             outcome,
@@ -593,9 +592,7 @@ fn on_event(
     }
     stats.choices = stats.choices.max(event.choices_seen);
     stats.first_choice_in_chunk |= event.first_choice_content;
-    if event.error.is_some() {
-        stats.error = event.error;
-    }
+    stats.error |= event.error;
     let Some(usage) = &event.usage else {
         return event.content;
     };

@@ -605,6 +605,9 @@ fn a_stream_that_ends_in_an_error_event_is_a_server_error_not_ok() {
         r#"{"error":{"message":"EngineCore encountered an issue.","type":"InternalServerError","param":null,"code":500}}"#,
         r#"{"error":{"object":"error","message":"Generation aborted.","type":"INTERNAL_SERVER_ERROR","param":null,"code":500}}"#,
         r#"{"error":"Request failed during generation: Server error: CUDA out of memory","error_type":"generation"}"#,
+        // Older vLLM's create_streaming_error_response(str(e)) defaults to BadRequestError/400
+        // for whatever failed in the engine.
+        r#"{"object":"error","message":"Background loop has errored already.","type":"BadRequestError","param":null,"code":400}"#,
     ] {
         let mut t = sse_tracker(StripPlan::default());
         let mut out = Vec::new();
