@@ -124,12 +124,14 @@ impl EngineModel {
                 rule: "must be >= 1",
             });
         }
-        // A step with no budget would schedule nothing, and the engine would never progress.
-        if self.max_tokens_per_step == 0 {
+        // Every running sequence takes one token of a step's budget: with fewer tokens than
+        // sequences, those past the budget hold a slot and starve. vLLM refuses it at start
+        // (SchedulerConfig._verify_args).
+        if self.max_tokens_per_step < self.max_running_sequences as u64 {
             return Err(SimError::InvalidConfig {
                 field: "engine.max_tokens_per_step",
-                value: "0".to_owned(),
-                rule: "must be >= 1",
+                value: self.max_tokens_per_step.to_string(),
+                rule: "must be >= engine.max_running_sequences (each running sequence takes a token of every step)",
             });
         }
         Ok(())
@@ -648,6 +650,39 @@ mod tests {
         );
     }
 
+    /// vLLM refuses a token budget below its sequence limit at start-up (`SchedulerConfig.
+    /// _verify_args` in `vllm/config/scheduler.py`: "max_num_batched_tokens (..) must be greater
+    /// than or equal to max_num_seqs (..)"), since every running sequence needs one token of the
+    /// budget per step. The simulator takes such a model (`flyball sim --max-num-batched-tokens 16`
+    /// with the default 64 sequences), and then running sequences past the budget hold a slot
+    /// but get no token, step after step, until those ahead of them finish.
+    #[test]
+    fn a_token_budget_below_the_sequence_limit_is_refused_as_vllm_refuses_it() {
+        let m = budgeted(4, 2);
+        // What that model does: four short prompts, all admitted in the first step; from then on
+        // the first two take the whole budget and the last two wait for them to finish.
+        let mut engine = Engine::new(m.clone());
+        for id in 1..=4 {
+            engine.submit(SequenceId(id), 0, 20);
+        }
+        let _ = engine.step();
+        let mut starved_steps = 0;
+        while let Some(step) = engine.step() {
+            if !step.emitted.contains(&SequenceId(4)) {
+                starved_steps += 1;
+            } else {
+                break;
+            }
+        }
+        let err = m.validate().err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.starts_with("engine.max_tokens_per_step = 2: ")),
+            "accepted ({err:?}), and under it a running sequence went {starved_steps} steps \
+             without a token"
+        );
+    }
+
     #[test]
     fn absurd_inputs_saturate_instead_of_panicking() {
         let m = EngineModel {
@@ -678,7 +713,10 @@ mod tests {
         let err = budgeted(1, 0).validate().err().map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
-            Some("engine.max_tokens_per_step = 0: must be >= 1")
+            Some(
+                "engine.max_tokens_per_step = 0: must be >= engine.max_running_sequences (each \
+                 running sequence takes a token of every step)"
+            )
         );
         assert!(model(1).validate().is_ok());
         assert!(EngineModel::default().validate().is_ok());

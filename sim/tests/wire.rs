@@ -973,7 +973,10 @@ async fn invalid_config_is_refused_naming_field_value_and_rule() {
         .map(|e| e.to_string());
     assert_eq!(
         err.as_deref(),
-        Some("engine.max_tokens_per_step = 0: must be >= 1")
+        Some(
+            "engine.max_tokens_per_step = 0: must be >= engine.max_running_sequences (each \
+             running sequence takes a token of every step)"
+        )
     );
 }
 
