@@ -557,6 +557,36 @@ async fn pool_metrics_carry_each_latency_and_the_pool_identity() -> Result<(), E
     }
     let silent = format!("flyball_pool_silent_reporters{{{pool}}}");
     assert_eq!(control.metric(&silent).await?, Some(0.0));
+
+    // The report: 1 ok and 1 server error, 100 input and 10 output tokens, 1 decoding. The
+    // rates share the short window's divisor, so their ratios are the report's.
+    let rate = |name: &str| format!("{name}{{{pool}}}");
+    let per_second =
+        |value: Option<f64>, name: &str| value.unwrap_or_else(|| panic!("{name} missing"));
+    let requests = per_second(
+        control
+            .metric(&rate("flyball_pool_requests_per_second"))
+            .await?,
+        "requests",
+    );
+    assert!(requests > 0.0, "{requests}");
+    for (name, per_request) in [
+        ("flyball_pool_errors_per_second", 0.5),
+        ("flyball_pool_input_tokens_per_second", 50.0),
+        ("flyball_pool_output_tokens_per_second", 5.0),
+    ] {
+        let value = per_second(control.metric(&rate(name)).await?, name);
+        assert!(
+            (value / requests - per_request).abs() < 1e-9,
+            "{name}: {value} for {requests} requests/s"
+        );
+    }
+    let in_flight = |state: &str| format!(r#"flyball_pool_in_flight{{{pool},state="{state}"}}"#);
+    assert_eq!(control.metric(&in_flight("decoding")).await?, Some(1.0));
+    assert_eq!(
+        control.metric(&in_flight("waiting_first_token")).await?,
+        Some(0.0)
+    );
     control.stop().await
 }
 
