@@ -941,36 +941,35 @@ async fn requests_without_an_id_are_numbered_and_stamped_with_the_current_time()
     assert_eq!(truth(&server, "sim-1").await.outcome, Outcome::Ok);
 }
 
-#[tokio::test]
-async fn invalid_config_is_refused_naming_field_value_and_rule() {
+/// Why a server with `engine` does not start, or `None` when it does.
+async fn engine_refusal(engine: EngineModel) -> Option<String> {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let config = SimConfig {
-        engine: EngineModel {
-            max_running_sequences: 0,
-            ..EngineModel::default()
-        },
+        engine,
         ..SimConfig::default()
     };
-    let err = SimServer::start(config, listener)
+    SimServer::start(config, listener)
         .await
         .err()
-        .map(|e| e.to_string());
+        .map(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn invalid_config_is_refused_naming_field_value_and_rule() {
+    let err = engine_refusal(EngineModel {
+        max_running_sequences: 0,
+        ..EngineModel::default()
+    })
+    .await;
     assert_eq!(
         err.as_deref(),
         Some("engine.max_running_sequences = 0: must be >= 1")
     );
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let config = SimConfig {
-        engine: EngineModel {
-            max_tokens_per_step: 0,
-            ..EngineModel::default()
-        },
-        ..SimConfig::default()
-    };
-    let err = SimServer::start(config, listener)
-        .await
-        .err()
-        .map(|e| e.to_string());
+    let err = engine_refusal(EngineModel {
+        max_tokens_per_step: 0,
+        ..EngineModel::default()
+    })
+    .await;
     assert_eq!(
         err.as_deref(),
         Some(

@@ -13,6 +13,7 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::CustomResourceExt;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::core::Resource;
 use serde_json::json;
@@ -38,15 +39,22 @@ fn spec() -> FlyballAutoscalerSpec {
     .unwrap()
 }
 
-#[tokio::test]
-async fn scale_changes_and_refusals_become_events_on_the_autoscaler() {
+/// A cluster with the CRD installed and one FlyballAutoscaler of [`spec`] in its namespace.
+async fn cluster_with_an_autoscaler() -> (TestCluster, FlyballAutoscaler) {
     let cluster = TestCluster::start().await.unwrap();
     cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
     let name = cluster.unique_name("llama");
-    let fba = cluster
+    let created = cluster
         .create(&FlyballAutoscaler::new(&name, spec()))
         .await
         .unwrap();
+    (cluster, created)
+}
+
+#[tokio::test]
+async fn scale_changes_and_refusals_become_events_on_the_autoscaler() {
+    let (cluster, fba) = cluster_with_an_autoscaler().await;
+    let name = fba.name_any();
     let ns = cluster.namespace().to_string();
     if let Some(fake) = cluster.fake() {
         fake.clear_requests();
@@ -120,13 +128,8 @@ async fn scale_changes_and_refusals_become_events_on_the_autoscaler() {
 
 #[tokio::test]
 async fn status_is_written_through_the_status_subresource_and_leaves_the_spec_alone() {
-    let cluster = TestCluster::start().await.unwrap();
-    cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
-    let name = cluster.unique_name("llama");
-    let created = cluster
-        .create(&FlyballAutoscaler::new(&name, spec()))
-        .await
-        .unwrap();
+    let (cluster, created) = cluster_with_an_autoscaler().await;
+    let name = created.name_any();
     let ns = cluster.namespace().to_string();
     if let Some(fake) = cluster.fake() {
         fake.clear_requests();
@@ -197,13 +200,8 @@ async fn status_is_written_through_the_status_subresource_and_leaves_the_spec_al
 /// would show as another count of the first one's text.
 #[tokio::test]
 async fn a_different_note_is_a_new_event_and_an_exact_repeat_a_series() {
-    let cluster = TestCluster::start().await.unwrap();
-    cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
-    let name = cluster.unique_name("llama");
-    let fba = cluster
-        .create(&FlyballAutoscaler::new(&name, spec()))
-        .await
-        .unwrap();
+    let (cluster, fba) = cluster_with_an_autoscaler().await;
+    let name = fba.name_any();
     let ns = cluster.namespace().to_string();
     let target = ScaleTargetRef::new("apps/v1", "Deployment", &ns, "vllm");
     let events = ScaleEvents::new(cluster.client(), "flyball-control-0");
@@ -264,13 +262,8 @@ async fn a_different_note_is_a_new_event_and_an_exact_repeat_a_series() {
 /// be refused (422) and only logged.
 #[tokio::test]
 async fn a_long_replica_identity_still_gets_its_events_written() {
-    let cluster = TestCluster::start().await.unwrap();
-    cluster.ensure_crd(&FlyballAutoscaler::crd()).await.unwrap();
-    let name = cluster.unique_name("llama");
-    let fba = cluster
-        .create(&FlyballAutoscaler::new(&name, spec()))
-        .await
-        .unwrap();
+    let (cluster, fba) = cluster_with_an_autoscaler().await;
+    let name = fba.name_any();
     let ns = cluster.namespace().to_string();
     let identity = "llm-gateway-flyball-control-0@llm-gateway-flyball-control-0.\
                     llm-gateway-flyball-control-headless.inference-production.svc.cluster.local:9090";
