@@ -715,12 +715,6 @@ async fn a_pool_not_yet_read_is_not_reported_inactive() -> Result<(), Error> {
 
 // === KEDA through a follower, over mutual TLS ===
 
-fn tls_file(name: &str) -> std::path::PathBuf {
-    [env!("CARGO_MANIFEST_DIR"), "tests", "tls", name]
-        .iter()
-        .collect()
-}
-
 /// A mutual-TLS channel to `control`, trusting `trust` and presenting `client` (its `.crt` and
 /// `.key`), files of `tests/tls`.
 async fn tls_channel(
@@ -729,7 +723,7 @@ async fn tls_channel(
     client: &str,
 ) -> Result<Channel, Error> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let pem = |name: &str| std::fs::read(tls_file(name));
+    let pem = |name: &str| std::fs::read(support::tls_fixture(name));
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(pem(trust)?))
         .identity(Identity::from_pem(
@@ -809,23 +803,9 @@ fn led(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_followers_keda_calls_reach_the_leader_with_renewed_certificates() -> Result<(), Error> {
     // One mounted Secret, as every replica has it.
-    let dir = std::env::temp_dir().join(format!("flyball-keda-renewal-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mount = |from: &str, to: &str| std::fs::copy(tls_file(from), dir.join(to)).map(drop);
-    mount("replica.crt", "tls.crt")?;
-    mount("replica.key", "tls.key")?;
-    mount("ca.crt", "ca.crt")?;
-    let mounted = |name: &str| dir.join(name).to_str().unwrap().to_owned();
-    let mut flags = vec![
-        "--grpc-tls-cert".to_owned(),
-        mounted("tls.crt"),
-        "--grpc-tls-key".to_owned(),
-        mounted("tls.key"),
-        "--grpc-tls-ca".to_owned(),
-        mounted("ca.crt"),
-        "--grpc-tls-reload-every".to_owned(),
-        "50ms".to_owned(),
-    ];
+    let secret = support::MountedSecret::new("keda-renewal")?;
+    let mount = |from: &str, to: &str| secret.mount(from, to);
+    let mut flags = secret.flags();
     flags.extend(FAST_WINDOWS.iter().map(|f| (*f).to_owned()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
 
@@ -917,6 +897,6 @@ async fn a_followers_keda_calls_reach_the_leader_with_renewed_certificates() -> 
     feeding.abort();
     leader.stop().await?;
     follower.stop().await?;
-    std::fs::remove_dir_all(&dir)?;
+    std::fs::remove_dir_all(&secret.dir)?;
     Ok(())
 }

@@ -179,24 +179,9 @@ async fn tls_flags_that_cannot_work_stop_the_start_naming_the_flag() {
 
 #[tokio::test]
 async fn renewed_certificates_serve_new_connections_without_a_restart() -> Result<(), Error> {
-    // The files as a mounted Secret holds them, in a directory of this test's own.
-    let dir = std::env::temp_dir().join(format!("flyball-tls-renewal-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mounted = |name: &str| dir.join(name).to_str().unwrap().to_owned();
-    let mount = |from: &str, to: &str| std::fs::copy(file(from), dir.join(to)).map(drop);
-    mount("replica.crt", "tls.crt")?;
-    mount("replica.key", "tls.key")?;
-    mount("ca.crt", "ca.crt")?;
-    let flags = [
-        "--grpc-tls-cert".to_owned(),
-        mounted("tls.crt"),
-        "--grpc-tls-key".to_owned(),
-        mounted("tls.key"),
-        "--grpc-tls-ca".to_owned(),
-        mounted("ca.crt"),
-        "--grpc-tls-reload-every".to_owned(),
-        "50ms".to_owned(),
-    ];
+    let secret = support::MountedSecret::new("tls-renewal")?;
+    let mount = |from: &str, to: &str| secret.mount(from, to);
+    let flags = secret.flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let control = support::start(ONE_POOL, &flags).await?;
     let mut before = connect(&control, "ca.crt", Some("replica")).await?;
@@ -252,7 +237,7 @@ async fn renewed_certificates_serve_new_connections_without_a_restart() -> Resul
         Some(1.0)
     );
     control.stop().await?;
-    std::fs::remove_dir_all(&dir)?;
+    std::fs::remove_dir_all(&secret.dir)?;
     Ok(())
 }
 

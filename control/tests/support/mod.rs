@@ -235,3 +235,49 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), Error> {
     let body = response.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8(body.to_vec())?))
 }
+
+/// A file of the test PKI in `tests/tls/`.
+pub fn tls_fixture(name: &str) -> std::path::PathBuf {
+    [env!("CARGO_MANIFEST_DIR"), "tests", "tls", name]
+        .iter()
+        .collect()
+}
+
+/// The gRPC port's TLS files as a mounted Secret holds them (`tls.crt`, `tls.key`, `ca.crt`), in
+/// a directory of one test's own, starting with the replica certificate of `tests/tls/`.
+pub struct MountedSecret {
+    pub dir: std::path::PathBuf,
+}
+
+impl MountedSecret {
+    /// `name` tells the tests' directories apart (with this process's id).
+    pub fn new(name: &str) -> std::io::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("flyball-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let secret = MountedSecret { dir };
+        secret.mount("replica.crt", "tls.crt")?;
+        secret.mount("replica.key", "tls.key")?;
+        secret.mount("ca.crt", "ca.crt")?;
+        Ok(secret)
+    }
+
+    /// Puts the fixture `from` in place as the Secret's file `to`, as a renewal does.
+    pub fn mount(&self, from: &str, to: &str) -> std::io::Result<()> {
+        std::fs::copy(tls_fixture(from), self.dir.join(to)).map(drop)
+    }
+
+    /// The flags serving the Secret's files, read again every 50 ms.
+    pub fn flags(&self) -> Vec<String> {
+        let mounted = |name: &str| self.dir.join(name).to_str().unwrap().to_owned();
+        vec![
+            "--grpc-tls-cert".to_owned(),
+            mounted("tls.crt"),
+            "--grpc-tls-key".to_owned(),
+            mounted("tls.key"),
+            "--grpc-tls-ca".to_owned(),
+            mounted("ca.crt"),
+            "--grpc-tls-reload-every".to_owned(),
+            "50ms".to_owned(),
+        ]
+    }
+}
