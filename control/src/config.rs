@@ -217,8 +217,7 @@ impl ControlConfig {
     pub fn gpus_at_min_replicas(&self) -> u64 {
         self.autoscalers
             .iter()
-            .flat_map(|a| a.spec.pools().iter())
-            .map(|(_, pool)| u64::from(pool.replicas.min()) * u64::from(pool.gpus_per_replica))
+            .map(|a| a.spec.gpus_at_min_replicas())
             .sum()
     }
 

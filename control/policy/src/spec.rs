@@ -355,6 +355,11 @@ impl AutoscalerSpec {
         &self.pools
     }
 
+    /// GPUs the pools hold at their minReplicas: the least a GPU budget over them can be.
+    pub fn gpus_at_min_replicas(&self) -> u64 {
+        gpus_at_min_replicas(&self.pools)
+    }
+
     pub fn slo(&self) -> &Slo {
         &self.slo
     }
@@ -474,6 +479,13 @@ impl fmt::Display for SpecError {
     }
 }
 
+fn gpus_at_min_replicas(pools: &Pools<PoolSpec>) -> u64 {
+    pools
+        .iter()
+        .map(|(_, p)| u64::from(p.replicas.min()) * u64::from(p.gpus_per_replica))
+        .sum()
+}
+
 // ===== validation =====
 
 /// Shown for a field that is not there.
@@ -556,10 +568,7 @@ impl Validator {
         if let Some(pools) = &pools {
             self.slo_covers_pools(&raw.slo, pools);
             if let Some(budget) = raw.gpu_budget {
-                let floor: u64 = pools
-                    .iter()
-                    .map(|(_, p)| u64::from(p.replicas.min) * u64::from(p.gpus_per_replica))
-                    .sum();
+                let floor = gpus_at_min_replicas(pools);
                 if u64::from(budget) < floor {
                     self.error(
                         "gpuBudget",
