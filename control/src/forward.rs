@@ -18,11 +18,10 @@
 //! through its Kubernetes Service, which spreads their connections over every replica, and a
 //! gateway knows nothing of leases. Rather than teach each gateway to chase the leader, every
 //! replica takes every report it is given, merges it into its own windows, and a follower passes
-//! it on. A follower's windows hold only its own gateways' reports (nothing comes back from the
-//! leader), so a follower that becomes leader starts on partial windows: the restart hold keeps
-//! it from scaling down for a stable window, and it scales up only on load it has seen. Reports
-//! that wait longer than [`RESEND_WITHIN`] for a new leader (a crashed one's Lease runs out
-//! first) are dropped and counted. Forwarding is idempotent because the leader admits
+//! it on. The leader streams back to each follower what the others forwarded and its own
+//! gateways sent ([`crate::replication`]), so a follower that becomes leader starts on complete
+//! windows. Reports that wait longer than [`RESEND_WITHIN`] for a new leader (a crashed one's
+//! Lease runs out first) are dropped and counted. Forwarding is idempotent because the leader admits
 //! reports by (reporter, sequence) as ingest always does: a report that reaches it twice (sent
 //! directly and forwarded) is merged once. Order does not matter either: a forwarded report that
 //! arrives after a newer one from the same gateway sent directly (its connection moved between

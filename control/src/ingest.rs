@@ -34,6 +34,7 @@ use tokio::time::Instant;
 
 use crate::connection::ConnectionInfo;
 use crate::forward::{FORWARDED_BY, Forwarder};
+use crate::replication::Replication;
 use crate::window::{
     Delta, InFlight, KeyId, KeyView, Latencies, PoolId, Selector, View, WindowConfig, Windows,
 };
@@ -316,6 +317,8 @@ pub struct IngestService {
     telemetry: Arc<Telemetry>,
     /// Set on replicas that may follow: reports they merge go on to the leader.
     forwarder: Option<Arc<Forwarder>>,
+    /// Set on replicas that may lead: reports they merge go on to their followers.
+    replication: Option<Arc<Replication>>,
     /// Turns true when the service shuts down: open report streams end (gateways reconnect,
     /// to another replica) instead of holding the graceful shutdown open.
     stopping: tokio::sync::watch::Receiver<bool>,
@@ -1424,6 +1427,7 @@ impl IngestService {
         IngestService {
             telemetry,
             forwarder: None,
+            replication: None,
             stopping,
         }
     }
@@ -1431,6 +1435,13 @@ impl IngestService {
     /// Forward what this replica merges while it follows (see [`crate::forward`]).
     pub fn with_forwarder(mut self, forwarder: Arc<Forwarder>) -> Self {
         self.forwarder = Some(forwarder);
+        self
+    }
+
+    /// Send what this replica merges while it leads to its followers (see
+    /// [`crate::replication`]).
+    pub fn with_replication(mut self, replication: Arc<Replication>) -> Self {
+        self.replication = Some(replication);
         self
     }
 
@@ -1446,8 +1457,9 @@ impl IngestService {
     fn merge(
         &self,
         report: v1::ReportRequest,
-        forwarded: bool,
+        forwarded_by: Option<&Arc<str>>,
     ) -> Result<v1::ReportResponse, tonic::Status> {
+        let forwarded = forwarded_by.is_some();
         // A follower forwards to the replica the Lease names, which may have stopped leading
         // (its renewals fail) while the Lease still names it, until it expires. Taken and
         // acknowledged there, the report would be lost to whoever leads next: refused as
@@ -1476,16 +1488,21 @@ impl IngestService {
         // the check above and now).
         let sequence = report.sequence;
         let forwarder = self.forwarder.as_ref().filter(|f| !forwarded && f.active());
-        let copy = forwarder.map(|_| report.clone());
+        let replication = self.replication.as_ref().filter(|r| r.wanted());
+        let copy = (forwarder.is_some() || replication.is_some()).then(|| report.clone());
         match self
             .telemetry
             .ingest_from(report, Instant::now(), forwarded)
         {
             Ok(merged) => {
-                if let (Some(forwarder), Some(copy)) = (forwarder, copy)
-                    && matches!(merged.admission, Admission::Fresh { .. } | Admission::Late)
-                {
-                    forwarder.offer(copy);
+                let new = matches!(merged.admission, Admission::Fresh { .. } | Admission::Late);
+                let closed = merged.admission == Admission::ConnectionsClosed;
+                match (copy, forwarder, replication) {
+                    (Some(copy), Some(forwarder), _) if new => forwarder.offer(copy),
+                    (Some(copy), None, Some(replication)) if new || closed => {
+                        replication.publish(copy, forwarded_by.cloned());
+                    }
+                    _ => {}
                 }
                 Ok(v1::ReportResponse {
                     acknowledged_sequence: sequence,
@@ -1579,6 +1596,7 @@ impl Drop for ConnectionReporters {
             return;
         }
         let forwarder = self.service.forwarder.as_ref().filter(|f| f.active());
+        let replication = self.service.replication.as_ref().filter(|r| r.wanted());
         let (own, now) = (!self.shared, Instant::now());
         for (gateway, start, number) in self.carried.drain(..) {
             let telemetry = &self.service.telemetry;
@@ -1587,17 +1605,21 @@ impl Drop for ConnectionReporters {
                 continue;
             };
             tracing::debug!(%gateway, start, sequence, "a reporter's connections all closed");
+            let word = || v1::ReportRequest {
+                reporter: Some(v1::Reporter {
+                    gateway,
+                    process_start_unix_ms: start,
+                    filter_version: String::new(),
+                }),
+                sequence,
+                connections_closed: true,
+                ..v1::ReportRequest::default()
+            };
+            // The leader's followers are told as the leader is by a follower.
             if let Some(forwarder) = forwarder {
-                forwarder.offer(v1::ReportRequest {
-                    reporter: Some(v1::Reporter {
-                        gateway,
-                        process_start_unix_ms: start,
-                        filter_version: String::new(),
-                    }),
-                    sequence,
-                    connections_closed: true,
-                    ..v1::ReportRequest::default()
-                });
+                forwarder.offer(word());
+            } else if let Some(replication) = replication {
+                replication.publish(word(), None);
             }
         }
     }
@@ -1638,19 +1660,27 @@ impl IngestService {
     fn take(
         &self,
         report: v1::ReportRequest,
-        forwarded: bool,
+        forwarded_by: Option<&Arc<str>>,
         connection: Option<&ConnectionInfo>,
     ) -> Result<v1::ReportResponse, tonic::Status> {
+        let forwarded = forwarded_by.is_some();
         // A replica's forwarding connection carries many gateways; its close says nothing of them.
         let connection =
             connection.filter(|_| !forwarded && self.telemetry.config().departed_on_close);
         let reporter = self.untracked(connection, &report);
-        let answer = self.merge(report, forwarded);
+        let answer = self.merge(report, forwarded_by);
         if answer.is_ok() {
             self.track(connection, reporter);
         }
         answer
     }
+}
+
+/// The replica that forwarded `request`'s reports, if one did ([`FORWARDED_BY`]).
+fn forwarded_by<T>(request: &tonic::Request<T>) -> Option<Arc<str>> {
+    let value = request.metadata().get(FORWARDED_BY)?;
+    // An identity that is not text still marks the report forwarded.
+    Some(Arc::from(value.to_str().unwrap_or_default()))
 }
 
 /// The acknowledgements of one `ReportStream`, in the order of its reports.
@@ -1664,10 +1694,14 @@ impl TelemetryService for IngestService {
         &self,
         request: tonic::Request<v1::ReportRequest>,
     ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED_BY);
+        let forwarded_by = forwarded_by(&request);
         let connection = request.extensions().get::<ConnectionInfo>().cloned();
-        self.take(request.into_inner(), forwarded, connection.as_ref())
-            .map(tonic::Response::new)
+        self.take(
+            request.into_inner(),
+            forwarded_by.as_ref(),
+            connection.as_ref(),
+        )
+        .map(tonic::Response::new)
     }
 
     type ReportStreamStream = AckStream;
@@ -1676,7 +1710,7 @@ impl TelemetryService for IngestService {
         &self,
         request: tonic::Request<tonic::Streaming<v1::ReportRequest>>,
     ) -> Result<tonic::Response<AckStream>, tonic::Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED_BY);
+        let forwarded_by = forwarded_by(&request);
         let connection = request.extensions().get::<ConnectionInfo>().cloned();
         let reports = request.into_inner();
         // Each report is merged when it arrives and acknowledged before the next is read. A
@@ -1684,23 +1718,28 @@ impl TelemetryService for IngestService {
         // stream's last answer: its status ends the stream, as it would end a unary call.
         let acks = futures::stream::unfold(
             (reports, Some(self.clone()), connection),
-            move |(mut reports, service, connection)| async move {
-                let mut service = service?;
-                let mut stopping = service.stopping.clone();
-                let received = tokio::select! {
-                    received = reports.message() => received,
-                    _ = stopping.wait_for(|stop| *stop) => Err(tonic::Status::unavailable(
-                        "the control service is shutting down; report to another replica",
-                    )),
-                };
-                let answer = match received {
-                    Ok(Some(report)) => service.take(report, forwarded, connection.as_ref()),
-                    Ok(None) => return None,
-                    Err(status) => Err(status),
-                };
-                service.stopping = stopping;
-                let next = answer.is_ok().then_some(service);
-                Some((answer, (reports, next, connection)))
+            move |(mut reports, service, connection)| {
+                let forwarded_by = forwarded_by.clone();
+                async move {
+                    let mut service = service?;
+                    let mut stopping = service.stopping.clone();
+                    let received = tokio::select! {
+                        received = reports.message() => received,
+                        _ = stopping.wait_for(|stop| *stop) => Err(tonic::Status::unavailable(
+                            "the control service is shutting down; report to another replica",
+                        )),
+                    };
+                    let answer = match received {
+                        Ok(Some(report)) => {
+                            service.take(report, forwarded_by.as_ref(), connection.as_ref())
+                        }
+                        Ok(None) => return None,
+                        Err(status) => Err(status),
+                    };
+                    service.stopping = stopping;
+                    let next = answer.is_ok().then_some(service);
+                    Some((answer, (reports, next, connection)))
+                }
             },
         );
         Ok(tonic::Response::new(Box::pin(acks)))

@@ -8,8 +8,9 @@
 //! KEDA; the HTTP port serves `/metrics`, `/healthz`, `/readyz`, `/v1/pools` and `/v1/decisions`
 //! ([`http`]). Autoscalers come from a YAML file ([`config`]) or from `FlyballAutoscaler`
 //! resources ([`source`]), with the same rules. On Kubernetes every replica ingests and decides;
-//! only the holder of the leader Lease ([`leader`]) sets replicas, and followers forward what they
-//! receive to it ([`forward`]). Every gRPC connection is tracked ([`connection`]), so a gateway
+//! only the holder of the leader Lease ([`leader`]) sets replicas, followers forward what they
+//! receive to it ([`forward`]), and it streams what it merges back to them ([`replication`]), so
+//! any of them can take over with complete windows. Every gRPC connection is tracked ([`connection`]), so a gateway
 //! whose connections closed (Envoy exited) is told from one cut off.
 //!
 //! It never trusts a gateway's clock, never lets a gateway grow its memory beyond the gateway's
@@ -28,6 +29,7 @@ pub mod ingest;
 pub mod keda;
 pub mod leader;
 pub mod metrics;
+pub mod replication;
 pub mod source;
 pub mod tls;
 pub mod window;
@@ -53,6 +55,7 @@ use crate::ingest::{IngestConfig, IngestService, Telemetry};
 use crate::keda::KedaScaler;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
+use crate::replication::{Following, Replication, ReplicationCounters};
 use crate::source::KubernetesSource;
 use crate::window::{WindowConfig, WindowConfigError};
 
@@ -241,6 +244,7 @@ pub struct Control<A = DryRunActuator> {
     leadership: Leadership,
     source: Option<KubernetesSource>,
     forward: ForwardCounters,
+    replication: ReplicationCounters,
     /// The autoscalers are known (false until a Kubernetes source has listed them).
     configured: bool,
 }
@@ -540,6 +544,7 @@ impl Control<DryRunActuator> {
             leadership: Leadership::standalone(),
             source: None,
             forward: ForwardCounters::default(),
+            replication: ReplicationCounters::default(),
             configured: true,
         })
     }
@@ -654,6 +659,7 @@ impl<A: Actuator> Control<A> {
             leadership: self.leadership,
             source: self.source,
             forward: self.forward,
+            replication: self.replication,
             configured: self.configured,
         }
     }
@@ -693,6 +699,7 @@ impl<A: Actuator> Control<A> {
             self.telemetry.clone(),
             self.status.clone(),
             &self.forward,
+            &self.replication,
             self.tls.as_deref().map(tls::GrpcTls::counters),
         );
         Arc::new(AppState {
@@ -766,7 +773,8 @@ impl<A: Actuator> Control<A> {
         };
         let mut tasks = tokio::task::JoinSet::new();
 
-        let mut ingest = IngestService::new(self.telemetry.clone(), ingest_stop);
+        let mut ingest = IngestService::new(self.telemetry.clone(), ingest_stop.clone());
+        let mut replication = None;
         if self.leadership.forward {
             let defaults = forward::ForwardSettings::default();
             let settings = forward::ForwardSettings {
@@ -798,6 +806,29 @@ impl<A: Actuator> Control<A> {
                     Ok(())
                 });
             }
+            let leader_side = Arc::new(Replication::new(
+                self.leadership.leading.clone(),
+                ingest_stop,
+                self.replication.clone(),
+            ));
+            ingest = ingest.with_replication(leader_side.clone());
+            replication = Some(leader_side);
+            let following = Following {
+                identity: self.leadership.identity.clone(),
+                leading: self.leadership.leading.clone(),
+                leader: self.leadership.leader.clone(),
+                telemetry: self.telemetry.clone(),
+                tls: self.tls.clone(),
+                counters: self.replication.clone(),
+            };
+            let stop = stopped();
+            tasks.spawn(async move {
+                tokio::select! {
+                    () = following.run() => {}
+                    () = stop => {}
+                }
+                Ok(())
+            });
         }
         let telemetry = self.telemetry.clone();
         let oversize = tower::util::MapResponseLayer::new(
@@ -808,7 +839,8 @@ impl<A: Actuator> Control<A> {
         let router = grpc_server()
             .layer(oversize)
             .add_service(ingest.into_server())
-            .add_service(keda.into_server());
+            .add_service(keda.into_server())
+            .add_optional_service(replication.map(Replication::into_server));
         let incoming = grpc_incoming(self.grpc);
         match self.tls.clone() {
             Some(tls) => {

@@ -17,6 +17,7 @@ use crate::config::LiveConfig;
 use crate::controller::Status;
 use crate::forward::ForwardCounters;
 use crate::ingest::Telemetry;
+use crate::replication::ReplicationCounters;
 use crate::tls::TlsCounters;
 
 /// The registry behind `/metrics`.
@@ -42,6 +43,7 @@ impl Metrics {
         telemetry: Arc<Telemetry>,
         status: Arc<Status>,
         forward: &ForwardCounters,
+        replication: &ReplicationCounters,
         tls: Option<&TlsCounters>,
     ) -> Self {
         let mut registry = Registry::default();
@@ -131,6 +133,21 @@ impl Metrics {
             "flyball_forward_dropped",
             "Reports a follower could not forward to the leader, by reason",
             forward.dropped.clone(),
+        );
+        registry.register(
+            "flyball_replication_followers",
+            "Followers following this replica's reports (while it leads)",
+            replication.followers.clone(),
+        );
+        registry.register(
+            "flyball_replication_lagged",
+            "Reports a follower missed because it fell too far behind the leader",
+            replication.lagged.clone(),
+        );
+        registry.register(
+            "flyball_replication_followed",
+            "Reports merged from the leader's stream while following (duplicates excluded)",
+            replication.followed.clone(),
         );
         if let Some(tls) = tls {
             registry.register(

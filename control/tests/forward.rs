@@ -120,12 +120,14 @@ async fn a_report_that_reaches_the_leader_twice_is_merged_once() -> Result<(), E
     let (b, _b_leading, _b_leader) = fixed("b", false, Some(leader_uri));
     let follower = support::start_led(ONE_POOL, &[], b).await?;
 
-    // The gateway's connection moved: each report went to the leader, then to the follower.
+    // The gateway's connection moved: each report went to the follower, then to the leader.
+    // (The other way round, the follower would have each already from the leader's stream, and
+    // forward none.)
     let mut direct = client(leader.grpc_uri()).await?;
     let mut via_follower = client(follower.grpc_uri()).await?;
     for sequence in 1..=10 {
-        direct.report(report("gw", sequence, 3)).await?;
         via_follower.report(report("gw", sequence, 3)).await?;
+        direct.report(report("gw", sequence, 3)).await?;
     }
     follower
         .wait_metric("flyball_forward_reports_total", 10.0, WAIT)
@@ -236,7 +238,12 @@ async fn reports_forwarded_to_a_replica_that_no_longer_leads_reach_the_next_lead
     for replica in [&follower, &old] {
         assert_eq!(replica.metric("flyball_forward_dropped_total").await?, None);
     }
-    assert_eq!(old.metric("flyball_ingest_reports_total").await?, Some(1.0));
+    // Following the next leader, `old` merged the follower's five from its stream (and not its
+    // own one again).
+    old.wait_metric("flyball_replication_followed_total", 5.0, WAIT)
+        .await?;
+    assert_eq!(old.metric("flyball_ingest_reports_total").await?, Some(6.0));
+    assert_eq!(totals(&old.pools().await?), (12, 6, 600, 42));
     old.stop().await?;
     next.stop().await?;
     follower.stop().await?;

@@ -116,7 +116,7 @@ async fn reports_land_only_over_mutual_tls_with_a_certificate_from_the_ca() -> R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn followers_forward_to_the_leader_over_mutual_tls() -> Result<(), Error> {
+async fn followers_forward_to_and_follow_the_leader_over_mutual_tls() -> Result<(), Error> {
     let flags = tls_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let leader = support::bind(ONE_POOL, &flags).await?;
@@ -135,11 +135,22 @@ async fn followers_forward_to_the_leader_over_mutual_tls() -> Result<(), Error> 
     )
     .await?;
 
+    // The follower follows the leader over the same mutual TLS.
+    leader
+        .wait_metric("flyball_replication_followers", 1.0, WAIT)
+        .await?;
     send_over_tls(&follower, Some("replica")).await?;
     follower
         .wait_metric("flyball_forward_reports_total", 1.0, WAIT)
         .await?;
     assert_eq!(totals(&leader).await?, 2);
+    // And the leader's own gateways' reports come back to it.
+    let mut grpc = connect(&leader, "ca.crt", Some("replica")).await?;
+    grpc.report(report("gw-at-the-leader", 1, 1)).await?;
+    follower
+        .wait_metric("flyball_replication_followed_total", 1.0, WAIT)
+        .await?;
+    assert_eq!(totals(&follower).await?, 4);
     leader.stop().await?;
     follower.stop().await
 }

@@ -1,6 +1,7 @@
 //! flyball's wire protocol, package `flyball.v1`: what gateways report to the control service.
 //!
-//! `flyball/v1/telemetry.proto` is the contract; `src/gen/` holds its prost and tonic bindings,
+//! `flyball/v1/telemetry.proto` is the contract (and `replication.proto` the one between control
+//! replicas); `src/gen/` holds their prost and tonic bindings,
 //! checked in and verified by `tests/generated_code.rs`, so no protobuf compiler is needed to
 //! build. The message types compile everywhere, the wasm32 filter included; the tonic client and
 //! server (`grpc` module) need the `grpc` feature and a native target.
@@ -22,6 +23,7 @@ pub mod codec;
 pub mod grpc {
     #![allow(clippy::all)]
     include!("gen/grpc/flyball.v1.TelemetryService.rs");
+    include!("gen/grpc/flyball.v1.ReplicationService.rs");
 }
 
 pub use flyball_sketch::{Sketch, SketchError};

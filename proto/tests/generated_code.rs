@@ -1,6 +1,6 @@
 //! The prost and tonic bindings under `src/gen/` are checked in, so building flyball needs no
-//! protobuf compiler. This test compiles `flyball/v1/telemetry.proto` again with protox (a pure
-//! Rust compiler) and fails on any difference. To update the bindings after editing the .proto:
+//! protobuf compiler. This test compiles `flyball/v1/*.proto` again with protox (a pure Rust
+//! compiler) and fails on any difference. To update the bindings after editing the .proto:
 //!
 //!     FLYBALL_REGENERATE=1 cargo test -p flyball-proto --test generated_code
 
@@ -16,7 +16,10 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&messages)?;
     std::fs::create_dir_all(&grpc)?;
 
-    let descriptors = protox::compile(["flyball/v1/telemetry.proto"], [crate_dir()])?;
+    let descriptors = protox::compile(
+        ["flyball/v1/telemetry.proto", "flyball/v1/replication.proto"],
+        [crate_dir()],
+    )?;
     let files = descriptors.clone();
     prost_build::Config::new()
         .out_dir(&messages)
@@ -40,39 +43,59 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .client_streaming()
         .server_streaming()
         .build();
-    // The service is described by hand (tonic's manual builder takes no descriptors): check that
-    // the description says what the .proto says.
-    let methods: Vec<(String, bool, bool)> = descriptors
+    let follow = tonic_build::manual::Method::builder()
+        .name("follow")
+        .route_name("Follow")
+        .input_type("crate::v1::FollowRequest")
+        .output_type("crate::v1::ReportRequest")
+        .codec_path("crate::codec::ReportCodec")
+        .server_streaming()
+        .build();
+    // The services are described by hand (tonic's manual builder takes no descriptors): check
+    // that the description says what the .proto files say.
+    let methods: Vec<(String, String, bool, bool)> = descriptors
         .file
         .iter()
         .flat_map(|file| file.service.iter())
-        .flat_map(|service| service.method.iter())
-        .map(|m| {
-            (
-                m.name().to_owned(),
-                m.client_streaming(),
-                m.server_streaming(),
-            )
+        .flat_map(|service| {
+            service.method.iter().map(|m| {
+                (
+                    service.name().to_owned(),
+                    m.name().to_owned(),
+                    m.client_streaming(),
+                    m.server_streaming(),
+                )
+            })
         })
         .collect();
-    let described = vec![
-        ("Report".to_owned(), false, false),
-        ("ReportStream".to_owned(), true, true),
-    ];
+    let described: Vec<(String, String, bool, bool)> = [
+        ("TelemetryService", "Report", false, false),
+        ("TelemetryService", "ReportStream", true, true),
+        ("ReplicationService", "Follow", false, true),
+    ]
+    .iter()
+    .map(|(s, m, c, r)| (s.to_string(), m.to_string(), *c, *r))
+    .collect();
     if methods != described {
-        return Err(
-            format!("the .proto has methods {methods:?}, the generator {described:?}").into(),
-        );
+        return Err(format!(
+            "the .proto files have methods {methods:?}, the generator {described:?}"
+        )
+        .into());
     }
-    let service = tonic_build::manual::Service::builder()
+    let telemetry = tonic_build::manual::Service::builder()
         .name("TelemetryService")
         .package("flyball.v1")
         .method(report)
         .method(report_stream)
         .build();
+    let replication = tonic_build::manual::Service::builder()
+        .name("ReplicationService")
+        .package("flyball.v1")
+        .method(follow)
+        .build();
     tonic_build::manual::Builder::new()
         .out_dir(&grpc)
-        .compile(&[service]);
+        .compile(&[telemetry, replication]);
     Ok(())
 }
 
@@ -88,6 +111,10 @@ fn checked_in_bindings_match_the_proto() -> Result<(), Box<dyn std::error::Error
         (
             scratch.join("grpc/flyball.v1.TelemetryService.rs"),
             crate_dir().join("src/gen/grpc/flyball.v1.TelemetryService.rs"),
+        ),
+        (
+            scratch.join("grpc/flyball.v1.ReplicationService.rs"),
+            crate_dir().join("src/gen/grpc/flyball.v1.ReplicationService.rs"),
         ),
     ];
     let regenerate = std::env::var_os("FLYBALL_REGENERATE").is_some();

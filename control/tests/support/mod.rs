@@ -206,11 +206,7 @@ impl Running {
 
     /// One sample's value from `/metrics`, by its full series text (name and labels).
     pub async fn metric(&self, series: &str) -> Result<Option<f64>, Error> {
-        let (_, text) = self.get("/metrics").await?;
-        Ok(text.lines().find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        }))
+        metric(self.http, series).await
     }
 }
 
@@ -280,4 +276,75 @@ impl MountedSecret {
             "50ms".to_owned(),
         ]
     }
+}
+
+/// A replica in a runtime of its own: [`Crashable::crash`] ends every task and connection of it
+/// at once, mid-way, as when the process dies (a stop lets it finish what it was doing, and a
+/// task aborted in the test's runtime leaves its connections served).
+pub struct Crashable {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// As [`start_led`], in a runtime of its own, on its own thread.
+pub fn start_crashable(
+    yaml: &str,
+    extra: &[&str],
+    leadership: Leadership,
+) -> Result<Crashable, Error> {
+    let config = ControlConfig::from_yaml(yaml)?;
+    let args = args(extra);
+    std::thread::spawn(move || -> Result<Crashable, Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let control = runtime.block_on(Control::bind_with_config(&args, config))?;
+        let control = control.with_leadership(leadership);
+        let grpc = control.grpc_addr().ok_or("no gRPC address")?;
+        let http = control.http_addr().ok_or("no HTTP address")?;
+        runtime.spawn(control.serve(std::future::pending()));
+        Ok(Crashable {
+            grpc,
+            http,
+            runtime: Some(runtime),
+        })
+    })
+    .join()
+    .map_err(|_| "the replica's thread panicked")?
+}
+
+impl Crashable {
+    pub fn grpc_uri(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// Everything of this replica stops where it is; its sockets close.
+    pub fn crash(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    pub async fn metric(&self, series: &str) -> Result<Option<f64>, Error> {
+        metric(self.http, series).await
+    }
+}
+
+impl Drop for Crashable {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// One sample's value from the `/metrics` of the service at `http`.
+pub async fn metric(http: SocketAddr, series: &str) -> Result<Option<f64>, Error> {
+    let (_, text) = get(http, "/metrics").await?;
+    Ok(text.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    }))
 }

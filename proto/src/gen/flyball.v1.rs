@@ -161,3 +161,9 @@ pub struct ReportResponse {
     #[prost(uint64, tag = "1")]
     pub acknowledged_sequence: u64,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FollowRequest {
+    /// The follower's Lease identity, as it sends it in flyball-forwarded-by when forwarding.
+    #[prost(string, tag = "1")]
+    pub follower: ::prost::alloc::string::String,
+}

@@ -1,0 +1,300 @@
+//! Followers follow: control services on loopback, gateways reporting over real gRPC to
+//! different replicas, and every replica's totals read back from its real HTTP server. A follower
+//! holds every gateway's load, not only its own gateways', so a change of leader, by stepping
+//! down or by a crash, leaves the next leader the whole view.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use flyball_control::leader::Leadership;
+use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
+use support::{Error, ONE_POOL, report};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+/// Long enough for loopback, short enough to fail fast.
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn client(uri: String) -> Result<TelemetryServiceClient<Channel>, Error> {
+    Ok(TelemetryServiceClient::new(
+        Channel::from_shared(uri)?.connect().await?,
+    ))
+}
+
+/// Leadership fixed by the test: `leading`, and the leader at `leader`.
+fn fixed(
+    identity: &str,
+    leading: bool,
+    leader: Option<String>,
+) -> (
+    Leadership,
+    watch::Sender<bool>,
+    watch::Sender<Option<String>>,
+) {
+    let (leading_tx, leading_rx) = watch::channel(leading);
+    let (leader_tx, leader_rx) = watch::channel(leader);
+    (
+        Leadership::from_channels(identity, leading_rx, leader_rx),
+        leading_tx,
+        leader_tx,
+    )
+}
+
+/// Requests, errors, input and output tokens since start, from `/v1/pools`.
+fn totals(pools: &serde_json::Value) -> (u64, u64, u64, u64) {
+    let pool = &pools["pools"][0];
+    let n = |k: &str| pool[k].as_u64().unwrap();
+    (
+        n("requests"),
+        n("errors"),
+        n("input_tokens"),
+        n("output_tokens"),
+    )
+}
+
+/// What `support::report(_, _, ok)` adds to the totals.
+fn report_totals(ok: u64) -> (u64, u64, u64, u64) {
+    (ok + 1, 1, 100 * ok, 7 * ok)
+}
+
+fn add(a: (u64, u64, u64, u64), b: (u64, u64, u64, u64)) -> (u64, u64, u64, u64) {
+    (a.0 + b.0, a.1 + b.1, a.2 + b.2, a.3 + b.3)
+}
+
+/// Polls `series` on the service at `http` until it reads `value`.
+async fn wait_metric(http: std::net::SocketAddr, series: &str, value: f64) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = support::metric(http, series).await?;
+        if now == Some(value) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("{series} = {now:?} after {WAIT:?}, wanted {value}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `series` on the service at `http` until it reads at least `min`.
+async fn wait_at_least(http: std::net::SocketAddr, series: &str, min: f64) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = support::metric(http, series).await?;
+        if now.is_some_and(|now| now >= min) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("{series} = {now:?} after {WAIT:?}, wanted {min} or more").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `gateways` gateways named `{prefix}-{g}`, 25 reports each, to `uri`; what they sent.
+async fn report_all(
+    uri: String,
+    prefix: &str,
+    gateways: u64,
+) -> Result<(u64, u64, u64, u64), Error> {
+    let mut tasks = Vec::new();
+    for g in 0..gateways {
+        let mut grpc = client(uri.clone()).await?;
+        let gateway = format!("{prefix}-{g}");
+        tasks.push(tokio::spawn(async move {
+            let mut sent = (0, 0, 0, 0);
+            for sequence in 1..=25u64 {
+                let ok = 1 + (g + sequence) % 4;
+                grpc.report(report(&gateway, sequence, ok)).await.unwrap();
+                sent = add(sent, report_totals(ok));
+            }
+            sent
+        }));
+    }
+    let mut sent = (0, 0, 0, 0);
+    for task in tasks {
+        sent = add(sent, task.await?);
+    }
+    Ok(sent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_holds_every_gateways_load_whichever_replica_it_reports_to()
+-> Result<(), Error> {
+    let leader = support::bind(ONE_POOL, &[]).await?;
+    let leader_uri = format!("http://{}", leader.grpc_addr().unwrap());
+    let (a, _a_leading, _a_leader) = fixed("a", true, None);
+    let leader = support::spawn(leader.with_leadership(a))?;
+    let (b, _b_leading, _b_leader) = fixed("b", false, Some(leader_uri.clone()));
+    let b = support::start_led(ONE_POOL, &[], b).await?;
+    let (c, _c_leading, _c_leader) = fixed("c", false, Some(leader_uri));
+    let c = support::start_led(ONE_POOL, &[], c).await?;
+    // A follower has what the leader merged since it started following.
+    leader
+        .wait_metric("flyball_replication_followers", 2.0, WAIT)
+        .await?;
+
+    // 4 gateways on each replica, concurrently.
+    let (on_a, on_b, on_c) = tokio::try_join!(
+        report_all(leader.grpc_uri(), "a", 4),
+        report_all(b.grpc_uri(), "b", 4),
+        report_all(c.grpc_uri(), "c", 4),
+    )?;
+    let sent = add(add(on_a, on_b), on_c);
+    for replica in [&leader, &b, &c] {
+        replica
+            .wait_metric("flyball_ingest_reports_total", 300.0, WAIT)
+            .await?;
+        assert_eq!(totals(&replica.pools().await?), sent);
+    }
+    for follower in [&b, &c] {
+        // Its own 100 it merged as they came, and the others' 200 from the leader, each once:
+        // the leader does not send a follower back what it forwarded.
+        assert_eq!(
+            follower
+                .metric("flyball_replication_followed_total")
+                .await?,
+            Some(200.0)
+        );
+        assert_eq!(
+            follower.metric("flyball_ingest_duplicates_total").await?,
+            Some(0.0)
+        );
+        assert_eq!(follower.pools().await?["leading"], false);
+    }
+    assert_eq!(
+        leader.metric("flyball_replication_lagged_total").await?,
+        Some(0.0)
+    );
+    leader.stop().await?;
+    b.stop().await?;
+    c.stop().await?;
+    Ok(())
+}
+
+/// A rollout replaces the leader: it stops, the Lease goes to a follower, and what the old
+/// leader acknowledged is in the new one's windows, to the last report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_steps_down_leaves_the_next_one_everything_it_merged() -> Result<(), Error> {
+    let old = support::bind(ONE_POOL, &[]).await?;
+    let old_uri = format!("http://{}", old.grpc_addr().unwrap());
+    let (a, _a_leading, _a_leader) = fixed("a", true, None);
+    let old = support::spawn(old.with_leadership(a))?;
+    let (b, b_leading, b_leader) = fixed("b", false, Some(old_uri));
+    let next = support::start_led(ONE_POOL, &[], b).await?;
+    old.wait_metric("flyball_replication_followers", 1.0, WAIT)
+        .await?;
+
+    let on_old = report_all(old.grpc_uri(), "old", 6).await?;
+    let on_next = report_all(next.grpc_uri(), "next", 2).await?;
+    // Stopped at once, with reports perhaps still on their way to the follower.
+    old.stop().await?;
+    b_leader.send(None)?;
+    b_leading.send(true)?;
+    let sent = add(on_old, on_next);
+    next.wait_metric("flyball_ingest_reports_total", 200.0, WAIT)
+        .await?;
+    assert_eq!(totals(&next.pools().await?), sent);
+    assert_eq!(next.pools().await?["leading"], true);
+    next.stop().await?;
+    Ok(())
+}
+
+/// A gateway reporting every 50 ms to `first`, moving to `then` when a report to `first`
+/// fails, and sending that report again there, as the filter does.
+struct MovingGateway {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(u64, u64, u64, u64), Error>>,
+}
+
+impl MovingGateway {
+    fn start(name: &'static str, first: String, then: String) -> MovingGateway {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut grpc = client(first).await?;
+            let mut moved = false;
+            let mut sent = (0, 0, 0, 0);
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            for sequence in 1.. {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tick.tick() => {}
+                }
+                let ok = 1 + sequence % 3;
+                while let Err(status) = grpc.report(report(name, sequence, ok)).await {
+                    if moved {
+                        return Err(format!("{name}: {status}").into());
+                    }
+                    moved = true;
+                    grpc = client(then.clone()).await?;
+                }
+                sent = add(sent, report_totals(ok));
+            }
+            Ok(sent)
+        });
+        MovingGateway { stop, task }
+    }
+
+    /// Stops; what the control service acknowledged.
+    async fn stop(self) -> Result<(u64, u64, u64, u64), Error> {
+        let _ = self.stop.send(());
+        self.task.await?
+    }
+}
+
+/// The leader's process dies with gateways reporting to it and to the follower: its gateways
+/// move to the follower, which takes the Lease, and its windows miss at most one report per
+/// gateway (one the old leader acknowledged and had not yet passed on when it died).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_crashes_costs_the_next_one_at_most_one_report_per_gateway()
+-> Result<(), Error> {
+    let (a, _a_leading, _a_leader) = fixed("a", true, None);
+    let old = support::start_crashable(ONE_POOL, &[], a)?;
+    let (b, b_leading, b_leader) = fixed("b", false, Some(old.grpc_uri()));
+    let next = support::start_led(ONE_POOL, &[], b).await?;
+    wait_metric(old.http, "flyball_replication_followers", 1.0).await?;
+
+    let gateways: Vec<MovingGateway> = ["gw-1", "gw-2", "gw-3"]
+        .into_iter()
+        .map(|name| MovingGateway::start(name, old.grpc_uri(), next.grpc_uri()))
+        .chain(std::iter::once(MovingGateway::start(
+            "gw-on-next",
+            next.grpc_uri(),
+            next.grpc_uri(),
+        )))
+        .collect();
+    // Over a second of reports before the crash.
+    wait_at_least(next.http, "flyball_replication_followed_total", 60.0).await?;
+    old.crash();
+    // The Lease runs out and names the follower; the gateways go on, there.
+    b_leader.send(None)?;
+    b_leading.send(true)?;
+    let at_crash = next
+        .metric("flyball_ingest_reports_total")
+        .await?
+        .unwrap_or(0.0);
+    wait_at_least(next.http, "flyball_ingest_reports_total", at_crash + 40.0).await?;
+    let mut sent = (0, 0, 0, 0);
+    for gateway in gateways {
+        sent = add(sent, gateway.stop().await?);
+    }
+    let reports_sent = sent.1;
+    let kept = totals(&next.pools().await?);
+    let lost_reports = reports_sent - kept.1;
+    println!(
+        "crash of the leader: the next leader kept {} of {reports_sent} reports ({lost_reports} \
+         lost), {} of {} requests",
+        kept.1, kept.0, sent.0
+    );
+    assert!(kept.0 <= sent.0 && kept.1 <= sent.1, "{kept:?} > {sent:?}");
+    assert!(
+        lost_reports <= 3,
+        "lost {lost_reports} reports of 3 gateways: more than one each"
+    );
+    // Each report lost takes at most 4 requests (3 ok, 1 error) with it.
+    assert!(sent.0 - kept.0 <= 4 * lost_reports);
+    next.stop().await?;
+    Ok(())
+}
