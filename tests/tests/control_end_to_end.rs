@@ -1,13 +1,13 @@
 //! The whole data path: real Envoy with the filter reports to the real ingest of flyball control
-//! (file configuration, dry-run actuator) in front of the simulator. A load step must produce a
-//! scale-up recommendation, and the control service's totals must equal the simulator's ground
-//! truth exactly. Then the same path actuating: load steps at the gateway become `PATCH`es of a
+//! (file configuration, dry-run actuator) in front of the simulator. A load step must produce the
+//! scale-up recommendation its spec makes of it, and the control service's totals (failures
+//! included) must equal the simulator's ground truth exactly. Then the same path actuating: load steps at the gateway become `PATCH`es of a
 //! Deployment's `/scale` on the in-process API server.
 
 use flyball_local::client::{HttpClient, Response, get, http_client, post};
 use flyball_local::envoy::{ControlTls, Envoy, EnvoyOptions};
 use flyball_local::wait_for;
-use flyball_sim::{SimConfig, SimServer};
+use flyball_sim::{Outcome, SimConfig, SimServer};
 use flyball_tests::LocalControl;
 use std::time::{Duration, Instant};
 
@@ -169,8 +169,75 @@ async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyho
         let response = task.await??;
         anyhow::ensure!(response.status == 200, "step request: {}", response.status);
     }
+    // The recommendation the spec makes of 24 sequences in flight: feed-forward 24 / 2 per
+    // replica = 12, held to maxReplicas 10, reached by steps of at most maxStep 4 a second.
+    let (status, body) = get(&client, &format!("http://{}/v1/decisions", control.http)).await?;
+    anyhow::ensure!(status == 200, "/v1/decisions: {status}");
+    let log: serde_json::Value = serde_json::from_str(&body)?;
+    let decisions = log["pools"][0]["decisions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let at_the_peak = decisions.iter().find(|d| {
+        let load = &d["details"]["load"];
+        load["decoding_sequences"].as_u64().unwrap_or(0)
+            + load["waiting_sequences"].as_u64().unwrap_or(0)
+            == 24
+    });
+    let at_the_peak =
+        at_the_peak.ok_or_else(|| anyhow::anyhow!("no decision saw the 24 sequences: {log}"))?;
+    assert_eq!(
+        at_the_peak["details"]["feed_forward_replicas"].as_u64(),
+        Some(12),
+        "{at_the_peak}"
+    );
+    assert_eq!(
+        at_the_peak["details"]["recommended_replicas"].as_u64(),
+        Some(10),
+        "{at_the_peak}"
+    );
+    let ups: Vec<(u64, u64)> = decisions
+        .iter()
+        .filter(|d| d["action"] == "scaleUp")
+        .map(|d| {
+            (
+                d["from"].as_u64().unwrap_or(0),
+                d["to"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    anyhow::ensure!(
+        ups.first().is_some_and(|(from, _)| *from == 1)
+            && ups
+                .iter()
+                .all(|(from, to)| to > from && to - from <= 4 && *to <= 10)
+            && ups.iter().any(|(_, to)| *to >= 5),
+        "scale-ups from 1, each by at most 4 up to 10, reaching 1 + 4 at least: {ups:?}"
+    );
 
-    // Totals: exactly what the simulator served.
+    // Failures the simulator answers at once: 503s (server errors) and 429s (client errors, as
+    // an overloaded server answers). Nothing is generated for them: they add requests and
+    // errors, and no tokens.
+    for status in [503u16, 503, 503, 429, 429] {
+        let headers = [("x-sim-error", status.to_string())];
+        let r = post(
+            &client,
+            envoy.listener(),
+            "/v1/chat/completions",
+            &chat(sent),
+            &headers,
+            None,
+        )
+        .await?;
+        anyhow::ensure!(
+            r.status == status,
+            "failing request: {}, not {status}",
+            r.status
+        );
+        sent += 1;
+    }
+
+    // Totals: exactly what the simulator's log says it did.
     let truth = wait_for(
         "the simulator to log every request",
         Duration::from_secs(10),
@@ -180,18 +247,29 @@ async fn a_load_step_scales_up_and_control_totals_equal_the_simulator() -> anyho
         },
     )
     .await?;
-    let want_input: u64 = truth.iter().map(|t| t.prompt_tokens).sum();
+    assert_eq!(truth.len(), sent, "the simulator logged every request once");
+    let served: Vec<_> = truth.iter().filter(|t| t.outcome == Outcome::Ok).collect();
+    let want_errors = truth.len() - served.len();
+    assert_eq!(
+        want_errors, 5,
+        "the simulator failed the five it was told to"
+    );
+    let want_input: u64 = served.iter().map(|t| t.prompt_tokens).sum();
     let want_output: u64 = truth.iter().map(|t| t.completion_tokens_sent).sum();
     assert!(
-        truth.iter().all(|t| t.usage_reported),
-        "every request here reports usage"
+        served.iter().all(|t| t.usage_reported),
+        "every request served here reports usage"
     );
     let pool = wait_for_pool("control totals to cover every request", &url, |pool| {
-        Some(pool["requests"].as_u64()? >= sent as u64 && pool["in_flight"].as_u64()? == 0)
+        Some(pool["requests"].as_u64()? >= truth.len() as u64 && pool["in_flight"].as_u64()? == 0)
     })
     .await?;
-    assert_eq!(pool["requests"].as_u64(), Some(sent as u64), "{pool}");
-    assert_eq!(pool["errors"].as_u64(), Some(0), "{pool}");
+    assert_eq!(
+        pool["requests"].as_u64(),
+        Some(truth.len() as u64),
+        "{pool}"
+    );
+    assert_eq!(pool["errors"].as_u64(), Some(want_errors as u64), "{pool}");
     assert_eq!(pool["input_tokens"].as_u64(), Some(want_input), "{pool}");
     assert_eq!(pool["output_tokens"].as_u64(), Some(want_output), "{pool}");
     let ttft_p50 = pool["ttft_ms"]["p50"].as_f64().unwrap_or(0.0);
