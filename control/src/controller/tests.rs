@@ -245,6 +245,44 @@ async fn a_burst_of_reports_costs_one_evaluation_per_interval() {
     let _ = h.stop.send(());
 }
 
+/// A report is acted on once merged: within the 100 ms two evaluations of an autoscaler are kept
+/// apart, never on the next idle tick (1 s here). Paused time makes "within" exact: whenever it
+/// arrives, from just after an evaluation to long after one.
+#[tokio::test(start_paused = true)]
+async fn every_report_is_evaluated_within_100_ms_of_its_arrival() {
+    let h = start(ControlConfig::from_yaml(SPEC).unwrap());
+    let mut status = h.status.subscribe(PoolId(0)).unwrap();
+    status.wait_for(|s| s.replicas.is_some()).await.unwrap();
+    let evaluations = |s: &PoolStatus| -> u64 { s.decisions.iter().map(|d| d.repeats + 1).sum() };
+    // Quiet first: the next evaluation without a report would be the idle one.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let mut slowest = Duration::ZERO;
+    for (sequence, gap_ms) in [
+        (1, 0),
+        (2, 1),
+        (3, 30),
+        (4, 70),
+        (5, 99),
+        (6, 100),
+        (7, 250),
+    ] {
+        tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+        let before = evaluations(&status.borrow_and_update());
+        let arrived = Instant::now();
+        h.telemetry.ingest(load(sequence, 5_000), arrived).unwrap();
+        status.wait_for(|s| evaluations(s) > before).await.unwrap();
+        let waited = arrived.elapsed();
+        assert!(
+            waited <= Duration::from_millis(100),
+            "report {sequence}, {gap_ms} ms after the last evaluation: evaluated {waited:?} later"
+        );
+        slowest = slowest.max(waited);
+    }
+    // Reports right after an evaluation wait for the interval; that is what bounds the rate.
+    assert!(slowest >= Duration::from_millis(69), "{slowest:?}");
+    let _ = h.stop.send(());
+}
+
 #[tokio::test(start_paused = true)]
 async fn without_reports_the_loop_still_evaluates_every_idle_interval() {
     let h = start(ControlConfig::from_yaml(SPEC).unwrap());
