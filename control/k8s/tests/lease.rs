@@ -159,6 +159,63 @@ async fn leadership_passes_to_the_second_instance_when_the_first_steps_down() {
     cluster.cleanup().await.unwrap();
 }
 
+/// b's first attempt to take the Lease a gave up is answered 409 Conflict (another writer won
+/// the race, as the API server answers a stale write): b does not lead on it, tries again, and
+/// leads once a write of its own lands. Needs an injected conflict: skipped on a real cluster
+/// (`of_two_instances_started_together_only_the_lease_holder_leads` races there for real).
+#[tokio::test]
+async fn a_conflict_when_taking_the_lease_is_retried_and_leads_only_once_a_write_lands() {
+    let cluster = TestCluster::start().await.unwrap();
+    let Some(fake) = cluster.fake() else {
+        eprintln!("skipped: injecting a Lease conflict needs the in-process API server");
+        return;
+    };
+    let lease_name = tracked_lease(&cluster, "flyball-conflict");
+    let path = lease_path(&cluster, &lease_name);
+    let a = leading(&cluster, &lease_name, "a").await;
+    let b = LeaderElection::start(cluster.client(), &config(&cluster, &lease_name, "b"))
+        .await
+        .unwrap();
+    let mut b_leads = b.is_leader();
+    a.step_down().await.unwrap();
+    // b waits out a's claim (at least a second of it is left) before it looks again: the
+    // conflict is in place for its first write.
+    fake.clear_requests();
+    fake.conflict_next(Some(Verb::Patch), &path, 1);
+    until_leading(&mut b_leads, "b").await;
+
+    let writes: Vec<(Option<u16>, Option<Value>)> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path == path && r.method == "PATCH")
+        .map(|r| {
+            let holder = r
+                .body
+                .as_ref()
+                .and_then(|b| b.pointer("/spec/holderIdentity"));
+            (r.status, holder.cloned())
+        })
+        .collect();
+    assert_eq!(
+        writes.first(),
+        Some(&(Some(409), Some(Value::from("b")))),
+        "b's first write meets the conflict: {writes:?}"
+    );
+    assert!(
+        writes[1..]
+            .iter()
+            .any(|w| *w == (Some(200), Some(Value::from("b")))),
+        "and a later one lands: {writes:?}"
+    );
+    let lease = Api::<Lease>::namespaced(cluster.client(), cluster.namespace())
+        .get(&lease_name)
+        .await
+        .unwrap();
+    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("b"));
+    b.step_down().await.unwrap();
+    cluster.cleanup().await.unwrap();
+}
+
 #[tokio::test]
 async fn of_two_instances_started_together_only_the_lease_holder_leads() {
     let cluster = TestCluster::start().await.unwrap();
