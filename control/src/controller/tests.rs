@@ -1747,3 +1747,119 @@ async fn a_gateway_reporting_every_five_seconds_does_not_hold_scale_down_for_eve
     );
     let _ = h.stop.send(());
 }
+
+/// A pool whose replicas come ready `takes` after they are asked for, until `stuck`: replicas
+/// asked for after that stay starting (Pending for want of nodes).
+struct StartsSlowly {
+    takes: Duration,
+    state: std::sync::Mutex<SlowPool>,
+}
+
+struct SlowPool {
+    desired: u32,
+    ready: u32,
+    /// When each count was asked for, and whether its replicas will ever be ready.
+    asks: Vec<(Instant, u32, bool)>,
+    stuck: bool,
+}
+
+impl StartsSlowly {
+    fn new(takes: Duration) -> Self {
+        StartsSlowly {
+            takes,
+            state: std::sync::Mutex::new(SlowPool {
+                desired: 1,
+                ready: 1,
+                asks: Vec::new(),
+                stuck: false,
+            }),
+        }
+    }
+}
+
+impl Actuator for StartsSlowly {
+    async fn current(&self, _: &ScaleTarget) -> Result<PoolReplicas, ActuatorError> {
+        let mut pool = self.state.lock().unwrap();
+        let now = Instant::now();
+        let came_ready = pool
+            .asks
+            .iter()
+            .filter(|(at, _, comes)| *comes && now.duration_since(*at) >= self.takes)
+            .map(|(_, n, _)| *n)
+            .max();
+        pool.ready = pool.ready.max(came_ready.unwrap_or(0)).min(pool.desired);
+        Ok(PoolReplicas {
+            desired: pool.desired,
+            current: pool.desired,
+            ready: pool.ready,
+        })
+    }
+
+    async fn set(&self, _: &ScaleTarget, replicas: u32) -> Result<(), ActuatorError> {
+        let mut pool = self.state.lock().unwrap();
+        pool.desired = replicas;
+        let comes = !pool.stuck;
+        pool.asks.push((Instant::now(), replicas, comes));
+        Ok(())
+    }
+}
+
+/// The time a pool took to become ready is what the policy waits for before it asks again for
+/// replicas that are still starting: measured at 20 s here, replicas stuck starting are asked
+/// for again 1.5 x 20 s = 30 s after they were asked for, not after the 300 s assumed before any
+/// was measured.
+#[tokio::test(start_paused = true)]
+async fn replicas_still_starting_are_asked_for_again_after_the_measured_time_to_ready() {
+    let config = ControlConfig::from_yaml(SPEC).unwrap();
+    let actuator = Arc::new(StartsSlowly::new(secs(20)));
+    let h = start_on(config, actuator.clone(), true, None);
+    let mut status = h.status.subscribe(PoolId(0)).unwrap();
+    status.wait_for(|s| s.replicas.is_some()).await.unwrap();
+
+    // Input tokens per second against 1,000 per replica, reported every 100 ms (so the rate
+    // read over a window is within 1%: away from whole replicas, the need does not move).
+    let rate = Arc::new(std::sync::atomic::AtomicU64::new(2_500));
+    let feeding = {
+        let (telemetry, rate) = (h.telemetry.clone(), rate.clone());
+        tokio::spawn(async move {
+            for sequence in 1.. {
+                let tokens = rate.load(std::sync::atomic::Ordering::SeqCst) / 10;
+                telemetry
+                    .ingest(load(sequence, tokens), Instant::now())
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    status
+        .wait_for(|s| s.replicas.is_some_and(|r| r.ready >= 3))
+        .await
+        .unwrap();
+
+    // Twice the load, and no node for the replicas it needs.
+    actuator.state.lock().unwrap().stuck = true;
+    rate.store(5_500, std::sync::atomic::Ordering::SeqCst);
+    status
+        .wait_for(|s| s.replicas.is_some_and(|r| r.desired >= 6))
+        .await
+        .unwrap();
+    let asked = Instant::now();
+    let asked_for = status.borrow().replicas.unwrap().desired;
+    status
+        .wait_for(|s| s.replicas.is_some_and(|r| r.desired > asked_for))
+        .await
+        .unwrap();
+    let waited = asked.elapsed();
+    assert!(
+        (secs(30)..=secs(32)).contains(&waited),
+        "replicas starting for {waited:?} were asked for again; 1.5 x the 20 s measured is 30 s: {:#?}",
+        status
+            .borrow()
+            .decisions
+            .iter()
+            .map(|d| &d.reason)
+            .collect::<Vec<_>>()
+    );
+    feeding.abort();
+    let _ = h.stop.send(());
+}
