@@ -6,6 +6,7 @@
 //!     cargo bench -p flyball-control --bench ingest -- --gateways 2000 --rate 10 --seconds 30
 //!     cargo bench -p flyball-control --bench ingest -- --rpc unary  # one call per report
 //!     cargo bench -p flyball-control --bench ingest -- --forward    # through a follower
+//!     cargo bench -p flyball-control --bench ingest -- --followed   # a leader with a follower
 //!
 //! Each server runs in a child process of this one (this binary again, `--child`) on a
 //! current-thread runtime pinned to CPU 0 (the load generator to CPU 1), so its CPU and memory
@@ -22,6 +23,9 @@
 //! taking them and forwarding each to a leader in a third process (on CPU 1, beside the load
 //! generator): the worst case of a Service that sent every gateway to a follower. It prints the
 //! follower's CPU and memory, the reports it forwarded per second and any it dropped.
+//!
+//! `--followed` compares a leader alone (the baseline) with a leader that a follower (a third
+//! process, on CPU 1) follows: what streaming every report to a follower costs the leader.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -48,6 +52,8 @@ struct Options {
     streaming: bool,
     /// Follower against leader, instead of ingest against decode-and-ack.
     forward: bool,
+    /// Leader with a follower against leader alone.
+    followed: bool,
     rounds: usize,
     warmup: Duration,
     measure: Duration,
@@ -73,6 +79,7 @@ fn main() -> Result<(), Error> {
             .map_or(gateways, |c| c as usize)
             .max(1),
         forward: args.iter().any(|a| a == "--forward"),
+        followed: args.iter().any(|a| a == "--followed"),
         rounds: value("--rounds")
             .map_or(if quick { 1 } else { 3 }, |r| r as usize)
             .max(1),
@@ -120,11 +127,15 @@ struct Measured {
     forwarded_per_s: f64,
     /// Reports the follower could not forward, all told (`--forward` only).
     forward_dropped: f64,
+    /// Reports the follower missed for falling behind the leader, all told (`--followed` only).
+    follower_missed: f64,
 }
 
 async fn parent(options: Options) -> Result<(), Error> {
     let (base_mode, mode) = if options.forward {
         ("leader", "follower")
+    } else if options.followed {
+        ("leader", "followed")
     } else {
         ("baseline", "ingest")
     };
@@ -192,6 +203,19 @@ async fn parent(options: Options) -> Result<(), Error> {
             forwarded.median,
             rate.median,
             dropped.median
+        );
+        return Ok(());
+    }
+    if options.followed {
+        let (_, missed) = row("follower missed", |m| m.follower_missed);
+        println!();
+        println!(
+            "leader followed by one follower: {:.1} us CPU per report ({:+.1} us over a leader \
+             alone), {:.1}% of one core; the follower missed {:.0} reports",
+            cpu.median,
+            cpu.median - base_cpu.median,
+            share.median,
+            missed.median
         );
         return Ok(());
     }
@@ -299,13 +323,29 @@ fn pin_to_cpu(pid: u32, cpu: usize) {
 }
 
 async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measured, Error> {
-    // A follower forwards to a leader of its own, on the load generator's CPU.
+    // A follower forwards to a leader of its own, and a followed leader has a follower, in a
+    // process on the load generator's CPU.
     let mut leader = None;
+    let mut follower = None;
     let (mut child, addr, http) = match mode {
         "follower" => {
             let (upstream, grpc, _) = spawn_child("leader", 1, &[])?;
             leader = Some(upstream);
             spawn_child(mode, 0, &[&grpc])?
+        }
+        "followed" => {
+            let (measured, grpc, http) = spawn_child("leader", 0, &[])?;
+            let (downstream, _, _) = spawn_child("follower", 1, &[&grpc])?;
+            follower = Some(downstream);
+            let http = http.as_deref().ok_or("the leader has no HTTP address")?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while metric(http, "flyball_replication_followers").await? < 1.0 {
+                if Instant::now() > deadline {
+                    return Err("the follower did not follow the leader within 10 s".into());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (measured, grpc, Some(http.to_owned()))
         }
         _ => spawn_child(mode, 0, &[])?,
     };
@@ -393,6 +433,10 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
         (Some(_), Some(http)) => metric(http, "flyball_forward_dropped_total").await?,
         _ => 0.0,
     };
+    let follower_missed = match (&follower, &http) {
+        (Some(_), Some(http)) => metric(http, "flyball_replication_lagged_total").await?,
+        _ => 0.0,
+    };
     let rss = rss_mb(pid, "VmRSS:").unwrap_or(0.0);
     let peak = rss_mb(pid, "VmHWM:").unwrap_or(0.0);
     gateways.shutdown().await;
@@ -401,7 +445,10 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
     // reluctance to give memory back).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after_rss_mb = rss_mb(pid, "VmRSS:").unwrap_or(0.0);
-    for process in std::iter::once(&mut child).chain(leader.as_mut()) {
+    for process in std::iter::once(&mut child)
+        .chain(leader.as_mut())
+        .chain(follower.as_mut())
+    {
         let _ = process.kill();
         let _ = process.wait();
     }
@@ -424,6 +471,7 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
         errors: errors1 - errors0,
         forwarded_per_s: (forwarded1 - forwarded0) / elapsed,
         forward_dropped,
+        follower_missed,
     };
     println!("{mode:>8}: {measured:?}");
     Ok(measured)
