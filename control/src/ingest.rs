@@ -382,6 +382,16 @@ impl Refusal {
         }
     }
 
+    /// Refused for want of room (`--max-reporters`, `--max-keys-per-report`), not for what it
+    /// says: the load it carries goes unseen, and the pools it would feed hold. Every replica is
+    /// told, so that the leader, and whoever leads next, holds too.
+    pub fn for_want_of_room(&self) -> bool {
+        matches!(
+            self,
+            Refusal::TooManyReporters { .. } | Refusal::TooManyKeys { .. }
+        )
+    }
+
     pub fn to_status(&self) -> tonic::Status {
         match self {
             Refusal::TooManyKeys { .. } | Refusal::TooManyReporters { .. } => {
@@ -1510,6 +1520,22 @@ impl IngestService {
             }
             Err(refusal) => {
                 tracing::debug!(reason = refusal.reason(), %refusal, "report refused");
+                if refusal.for_want_of_room() {
+                    match (copy, forwarder, replication) {
+                        (Some(copy), Some(forwarder), _) => forwarder.offer(copy),
+                        (Some(copy), None, Some(replication)) => {
+                            replication.publish(copy, forwarded_by.cloned());
+                        }
+                        _ => {}
+                    }
+                    // Taken into account (it holds the pools here), and the forwarding stream
+                    // goes on: ending it would hold back the other reports on it.
+                    if forwarded {
+                        return Ok(v1::ReportResponse {
+                            acknowledged_sequence: sequence,
+                        });
+                    }
+                }
                 Err(refusal.to_status())
             }
         }

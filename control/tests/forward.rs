@@ -429,3 +429,71 @@ async fn a_follower_shutting_down_says_nothing_of_its_gateways() -> Result<(), E
     drop((reports, acks));
     leader.stop().await
 }
+
+/// A follower with no room for a new gateway (`--max-reporters`) refuses its reports and holds
+/// the pools they feed; so must the leader, which sets replicas, and which never heard of the
+/// gateway: the follower forwards the refused report, the leader refuses it too, and holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_a_follower_has_no_room_for_makes_the_leader_hold_too() -> Result<(), Error> {
+    let one = ["--max-reporters", "1"];
+    let leader = support::bind(ONE_POOL, &one).await?;
+    let leader_uri = format!("http://{}", leader.grpc_addr().unwrap());
+    let (a, _a_leading, _a_leader) = fixed("a", true, None);
+    let leader = support::spawn(leader.with_leadership(a))?;
+    let (b, _b_leading, _b_leader) = fixed("b", false, Some(leader_uri));
+    let follower = support::start_led(ONE_POOL, &one, b).await?;
+    leader
+        .wait_metric("flyball_replication_followers", 1.0, WAIT)
+        .await?;
+
+    // The one gateway there is room for reports to the leader; the follower has it from there.
+    client(leader.grpc_uri())
+        .await?
+        .report(report("gw-1", 1, 1))
+        .await?;
+    follower
+        .wait_metric("flyball_replication_followed_total", 1.0, WAIT)
+        .await?;
+    let refused = client(follower.grpc_uri())
+        .await?
+        .report(report("gw-2", 1, 5))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+
+    let too_many = "flyball_ingest_refused_total{reason=\"too_many_reporters\"}";
+    leader.wait_metric(too_many, 1.0, WAIT).await?;
+    follower
+        .wait_metric("flyball_forward_reports_total", 1.0, WAIT)
+        .await?;
+    assert_eq!(
+        follower.metric("flyball_forward_dropped_total").await?,
+        None
+    );
+    // The leader's pool knows load goes unseen.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = leader.get("/v1/decisions").await?;
+        let log: serde_json::Value = serde_json::from_str(&body)?;
+        let last = log["pools"][0]["decisions"]
+            .as_array()
+            .and_then(|d| d.last().cloned())
+            .unwrap_or_default();
+        if last["details"]["freshness"]
+            .to_string()
+            .contains("keys_over_limit\":true")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader's last decision does not hold for the unseen load: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its one gateway's figures only.
+    assert_eq!(totals(&leader.pools().await?), (2, 1, 100, 7));
+    leader.stop().await?;
+    follower.stop().await?;
+    Ok(())
+}
