@@ -50,6 +50,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::leader::leader_channel;
+use crate::replication::Replication;
 use crate::tls::GrpcTls;
 
 /// gRPC metadata naming the replica that forwarded a report. A report carrying it is merged
@@ -99,6 +100,9 @@ pub struct ForwardSettings {
     /// TLS to the leader (`https`), when the gRPC port speaks it: each new stream takes the
     /// client config current then, so renewed certificates are used without a restart.
     pub tls: Option<Arc<GrpcTls>>,
+    /// Where this replica keeps what it merges for its followers once it leads: what a lane
+    /// holds for a leader when this replica takes the lead goes there.
+    pub replication: Option<Arc<Replication>>,
 }
 
 impl Default for ForwardSettings {
@@ -108,6 +112,7 @@ impl Default for ForwardSettings {
             timeout: SEND_TIMEOUT,
             resend_within: RESEND_WITHIN,
             tls: None,
+            replication: None,
         }
     }
 }
@@ -162,6 +167,7 @@ pub struct Lane {
     max_outstanding: usize,
     outstanding: Arc<Mutex<Outstanding>>,
     tls: Option<Arc<GrpcTls>>,
+    replication: Option<Arc<Replication>>,
 }
 
 /// The identity a replica claims the Lease with: its name and, when known, where its gRPC
@@ -214,6 +220,7 @@ impl Forwarder {
                 max_outstanding: limits.queue_per_lane.max(1),
                 outstanding: Arc::default(),
                 tls: limits.tls.clone(),
+                replication: limits.replication.clone(),
             });
         }
         let forwarder = Forwarder {
@@ -271,6 +278,16 @@ struct Outstanding {
     warned: bool,
 }
 
+/// `report`, taken at `taken`, saying how long it was held by `now`, so that whoever merges it
+/// places it where it was taken.
+fn held_since(report: v1::ReportRequest, taken: Instant, now: Instant) -> v1::ReportRequest {
+    v1::ReportRequest {
+        held_ms: u64::try_from(now.saturating_duration_since(taken).as_millis())
+            .unwrap_or(u64::MAX),
+        ..report
+    }
+}
+
 fn lock(state: &Mutex<Outstanding>) -> std::sync::MutexGuard<'_, Outstanding> {
     // Plain data: a panic elsewhere cannot leave it half-updated.
     state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -305,13 +322,22 @@ impl Lane {
                 _ = retry.tick(), if waiting => None,
             };
             if *self.leading.borrow() {
-                // This replica leads now: what it held for the old leader is in its own windows.
+                // This replica leads now: what it held for the old leader is in its own windows,
+                // and goes to its followers, which nobody else told of it.
                 let held = std::mem::take(&mut lock(&self.outstanding).reports);
+                let now = Instant::now();
+                let held: Vec<_> = held
+                    .into_iter()
+                    .map(|(taken, report)| held_since(report, taken, now))
+                    .chain(report)
+                    .collect();
                 self.counters.drop("leading", held.len() as u64);
-                stream = None;
-                if report.is_some() {
-                    self.counters.drop("leading", 1);
+                if let Some(replication) = &self.replication {
+                    for report in held {
+                        replication.publish(report, None);
+                    }
                 }
+                stream = None;
                 continue;
             }
             let Some(uri) = self.leader.borrow().clone() else {
@@ -374,11 +400,7 @@ impl Lane {
         let resend: Vec<v1::ReportRequest> = lock(&self.outstanding)
             .reports
             .iter()
-            .map(|(taken, report)| v1::ReportRequest {
-                held_ms: u64::try_from(now.saturating_duration_since(*taken).as_millis())
-                    .unwrap_or(u64::MAX),
-                ..report.clone()
-            })
+            .map(|(taken, report)| held_since(report.clone(), *taken, now))
             .collect();
         for report in resend {
             if !self.send(&open, report).await {

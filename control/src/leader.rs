@@ -232,5 +232,16 @@ pub fn leader_channel(
     Ok(endpoint
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
+        // A connection gone half-open (no FIN, no RST: a node that vanished, a conntrack entry
+        // that expired) must be noticed: a follower only reads on its follow stream, and would
+        // wait on a dead one for as long as the Lease names that leader.
+        .http2_keep_alive_interval(KEEPALIVE_EVERY)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .connect_lazy())
 }
+
+/// A connection to the leader with nothing received for this long is pinged...
+pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(2);
+/// ...and given up when the ping is not answered within this.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);

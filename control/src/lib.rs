@@ -776,6 +776,11 @@ impl<A: Actuator> Control<A> {
         let mut ingest = IngestService::new(self.telemetry.clone(), ingest_stop.clone());
         let mut replication = None;
         if self.leadership.forward {
+            let leader_side = Arc::new(Replication::new(
+                self.leadership.leading.clone(),
+                ingest_stop,
+                self.replication.clone(),
+            ));
             let defaults = forward::ForwardSettings::default();
             let settings = forward::ForwardSettings {
                 tls: self.tls.clone(),
@@ -785,6 +790,7 @@ impl<A: Actuator> Control<A> {
                     .leadership
                     .hand_over
                     .map_or(defaults.resend_within, |h| h.max(defaults.resend_within)),
+                replication: Some(leader_side.clone()),
                 ..defaults
             };
             let (forwarder, lanes) = Forwarder::with_settings(
@@ -795,7 +801,10 @@ impl<A: Actuator> Control<A> {
                 self.forward.clone(),
                 settings,
             );
-            ingest = ingest.with_forwarder(Arc::new(forwarder));
+            ingest = ingest
+                .with_forwarder(Arc::new(forwarder))
+                .with_replication(leader_side.clone());
+            replication = Some(leader_side);
             for lane in lanes {
                 let stop = stopped();
                 tasks.spawn(async move {
@@ -806,17 +815,11 @@ impl<A: Actuator> Control<A> {
                     Ok(())
                 });
             }
-            let leader_side = Arc::new(Replication::new(
-                self.leadership.leading.clone(),
-                ingest_stop,
-                self.replication.clone(),
-            ));
-            ingest = ingest.with_replication(leader_side.clone());
-            replication = Some(leader_side);
             let following = Following {
                 identity: self.leadership.identity.clone(),
                 leading: self.leadership.leading.clone(),
                 leader: self.leadership.leader.clone(),
+                refresh: self.leadership.refresh.clone(),
                 telemetry: self.telemetry.clone(),
                 tls: self.tls.clone(),
                 counters: self.replication.clone(),
@@ -875,7 +878,10 @@ impl<A: Actuator> Control<A> {
             self.leadership.leading.clone(),
             stopped(),
         );
-        tasks.spawn(async move {
+        // What acts on the cluster (sets replicas, writes status), apart from the servers: once
+        // these are done, the Lease can go, whatever the servers still have to drain.
+        let mut actors = tokio::task::JoinSet::new();
+        actors.spawn(async move {
             control_loop.await;
             Ok(())
         });
@@ -883,7 +889,7 @@ impl<A: Actuator> Control<A> {
         if let Some(source) = self.source.clone() {
             let leading = self.leadership.leading.clone();
             let run = source.run(app.clone(), leading, stopped());
-            tasks.spawn(async move {
+            actors.spawn(async move {
                 run.await;
                 Ok(())
             });
@@ -919,25 +925,41 @@ impl<A: Actuator> Control<A> {
             },
             "control service serving"
         );
-        let mut result = tokio::select! {
+        let first = tokio::select! {
             () = shutdown => Ok(()),
             Some(done) = tasks.join_next() => flatten(done),
+            Some(done) = actors.join_next() => flatten(done),
         };
         let _ = stop_tx.send(true);
-        let drain = async {
-            while let Some(done) = tasks.join_next().await {
-                if result.is_ok() {
-                    result = flatten(done);
-                }
+        // The Lease goes as soon as nothing acts any more, not once the servers have drained: a
+        // stream that cannot drain (a follower that stopped reading fills its HTTP/2 window, and
+        // graceful shutdown waits for it) must not keep the next leader waiting.
+        let leadership = self.leadership;
+        let give_up_the_lease = async {
+            let mut result = Ok(());
+            if tokio::time::timeout(DRAIN, join_all(&mut actors, &mut result))
+                .await
+                .is_err()
+            {
+                tracing::debug!("still acting after {DRAIN:?}; cutting it off");
+                actors.shutdown().await;
             }
+            leadership.step_down().await;
+            result
         };
-        if tokio::time::timeout(DRAIN, drain).await.is_err() {
-            tracing::debug!("servers still busy after {DRAIN:?}; cutting them off");
-            tasks.shutdown().await;
-        }
-        // Nothing acts any more: give the Lease away.
-        self.leadership.step_down().await;
-        result
+        let drain_the_servers = async {
+            let mut result = Ok(());
+            if tokio::time::timeout(DRAIN, join_all(&mut tasks, &mut result))
+                .await
+                .is_err()
+            {
+                tracing::debug!("servers still busy after {DRAIN:?}; cutting them off");
+                tasks.shutdown().await;
+            }
+            result
+        };
+        let (acting, serving) = tokio::join!(give_up_the_lease, drain_the_servers);
+        first.and(acting).and(serving)
     }
 }
 
@@ -961,6 +983,18 @@ pub fn grpc_incoming(listener: TcpListener) -> tonic::transport::server::TcpInco
 /// Each accepted connection, tracked: ingest learns when a gateway's connection closes.
 fn tracked<IO, E>(accepted: Result<IO, E>) -> Result<connection::Tracked<IO>, E> {
     accepted.map(connection::Tracked::new)
+}
+
+/// Waits for every task of `set`, keeping the first failure in `result`.
+async fn join_all(
+    set: &mut tokio::task::JoinSet<Result<(), ControlError>>,
+    result: &mut Result<(), ControlError>,
+) {
+    while let Some(done) = set.join_next().await {
+        if result.is_ok() {
+            *result = flatten(done);
+        }
+    }
 }
 
 fn flatten(

@@ -1,9 +1,10 @@
 //! Followers follow: the leader streams every report it merges to each follower, which merges it
 //! too, so every replica's windows hold every gateway's load.
 //!
-//! leader: a report merged ([`crate::ingest`]) -> [`Replication::publish`] -> a ring of the last
-//! [`BUFFER`] reports -> one `flyball.v1.ReplicationService/Follow` stream per follower, less the
-//! reports that follower forwarded itself.
+//! leader: a report merged ([`crate::ingest`]) -> [`Replication::publish`] -> the reports of the
+//! last [`RETAIN`] (at most [`RETAIN_BYTES`]) -> one `flyball.v1.ReplicationService/Follow`
+//! stream per follower, starting with what is kept, less the reports that follower forwarded
+//! itself.
 //! follower: [`Following::run`] -> `Follow` on the replica the Lease names -> each report merged
 //! as a forwarded one ([`Telemetry::ingest_from`]; never forwarded again).
 //!
@@ -16,12 +17,20 @@
 //! report once by reporter and sequence), so nothing needs to be exact about where a stream
 //! starts or which replica a gateway's connection reaches.
 //!
-//! The cost is the leader sending each report once per follower, and every follower merging all
-//! reports as the leader does. A follower that cannot keep up misses reports ([`BUFFER`] bounds
-//! what the leader keeps for it), counted in `flyball_replication_lagged_total`; the restart hold
-//! still keeps a new leader from scaling down until its stable window is full.
+//! A stream starts with what the leader kept, not with what comes next: a follower that starts
+//! following late (the Lease was read a few seconds after the hand-over, or the follower
+//! restarted) still gets what was merged meanwhile, and so do the reports a new leader took while
+//! it followed and could not pass on (no leader took them during the hand-over): it keeps them
+//! for its followers when it takes the lead ([`crate::forward`]). Reports a follower has already
+//! are merged once, as every resend is.
+//!
+//! The cost is the leader keeping a copy of each report for [`RETAIN`], sending each once per
+//! follower, and every follower merging all reports as the leader does. A follower that falls
+//! behind what is kept misses reports, counted in `flyball_replication_lagged_total`; the
+//! restart hold still keeps a new leader from scaling down until its stable window is full.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use flyball_proto::grpc::replication_service_client::ReplicationServiceClient;
@@ -31,17 +40,31 @@ use flyball_proto::grpc::replication_service_server::{
 use flyball_proto::v1;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{broadcast, watch};
+use prost::Message;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::ingest::{Admission, Telemetry};
 use crate::leader::leader_channel;
 use crate::tls::GrpcTls;
 
-/// Reports the leader keeps for followers that have not sent them on yet: a few seconds of a
-/// thousand gateways, under a second of ten thousand (a follower on the same network keeps up
-/// with what the leader merges; one that cannot misses reports rather than grow this).
-pub const BUFFER: usize = 4096;
+/// How long the leader keeps what it merged, for followers: longer than a hand-over of the
+/// Lease (15 s by default, then the followers' next read of its holder), so that a follower
+/// starting to follow a new leader gets what it merged since it took the lead.
+pub const RETAIN: Duration = Duration::from_secs(30);
+
+/// And at most this much of it, encoded: all of [`RETAIN`] for a thousand gateways reporting
+/// every second, about a second of ten thousand (a follower on the same network keeps up with
+/// what the leader merges; one that cannot misses reports rather than grow this).
+pub const RETAIN_BYTES: usize = 32 * 1024 * 1024;
+
+/// Follow streams the leader serves at once. Each costs a copy of every report, so the port's
+/// other clients (any gateway can reach it) must not be able to multiply that without bound;
+/// flyball runs two or three replicas.
+pub const MAX_FOLLOWERS: usize = 16;
+
+/// A `FollowRequest` is a name; anything larger is not one.
+const MAX_FOLLOW_REQUEST_BYTES: usize = 4 * 1024;
 
 /// A follower opens a stream to the same leader at most this often, so a leader refusing it
 /// (not leading yet, or a handshake failing) costs a call every half second, not a loop.
@@ -55,7 +78,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct ReplicationCounters {
     /// Leader: followers following now.
     pub followers: Gauge,
-    /// Leader: reports a follower missed because it fell [`BUFFER`] reports behind.
+    /// Leader: reports a follower missed because it fell behind what is kept.
     pub lagged: Counter,
     /// Follower: reports merged from the leader's stream (not counting duplicates and
     /// connections-closed words).
@@ -69,10 +92,51 @@ struct Published {
     forwarded_by: Option<Arc<str>>,
 }
 
+/// What the leader merged lately, oldest first.
+#[derive(Debug, Default)]
+struct Kept {
+    reports: VecDeque<KeptReport>,
+    /// The position of `reports[0]` among all reports ever kept.
+    first: u64,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct KeptReport {
+    at: Instant,
+    bytes: usize,
+    published: Arc<Published>,
+}
+
+impl Kept {
+    fn next(&self) -> u64 {
+        self.first + self.reports.len() as u64
+    }
+
+    fn push(&mut self, published: Published, now: Instant) {
+        let bytes = published.report.encoded_len();
+        self.bytes += bytes;
+        self.reports.push_back(KeptReport {
+            at: now,
+            bytes,
+            published: Arc::new(published),
+        });
+        while let Some(oldest) = self.reports.front()
+            && (self.bytes > RETAIN_BYTES || now.saturating_duration_since(oldest.at) > RETAIN)
+        {
+            self.bytes -= oldest.bytes;
+            self.first += 1;
+            self.reports.pop_front();
+        }
+    }
+}
+
 /// The leader's side: what it merged, for the followers following it.
 #[derive(Debug)]
 pub struct Replication {
-    reports: broadcast::Sender<Arc<Published>>,
+    kept: Mutex<Kept>,
+    /// Wakes the follow streams when a report is kept.
+    published: Arc<Notify>,
     leading: watch::Receiver<bool>,
     stopping: watch::Receiver<bool>,
     counters: ReplicationCounters,
@@ -87,37 +151,71 @@ impl Replication {
         stopping: watch::Receiver<bool>,
         counters: ReplicationCounters,
     ) -> Self {
-        let (reports, _) = broadcast::channel(BUFFER);
         Replication {
-            reports,
+            kept: Mutex::default(),
+            published: Arc::new(Notify::new()),
             leading,
             stopping,
             counters,
         }
     }
 
-    /// Whether a report merged now goes to followers: this replica leads and one follows it.
-    /// Checked before merging, so a report is copied only when someone will read it.
+    /// Whether a report merged now is kept for followers: this replica leads. Checked before
+    /// merging, so a follower copies nothing.
     pub fn wanted(&self) -> bool {
-        self.reports.receiver_count() > 0 && *self.leading.borrow()
+        *self.leading.borrow()
     }
 
-    /// Sends `report`, merged here, to every follower but the one that forwarded it.
+    /// Keeps `report`, merged here, for every follower but the one that forwarded it.
     pub fn publish(&self, report: v1::ReportRequest, forwarded_by: Option<Arc<str>>) {
-        // No receiver is not an error: nobody follows.
-        let _ = self.reports.send(Arc::new(Published {
+        let published = Published {
             report,
             forwarded_by,
-        }));
+        };
+        self.lock().push(published, Instant::now());
+        self.published.notify_waiters();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        // Plain data: a panic elsewhere cannot leave it half-updated.
+        self.kept.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The tonic server answering followers.
     pub fn into_server(self: Arc<Self>) -> ReplicationServiceServer<FollowService> {
         ReplicationServiceServer::new(FollowService { replication: self })
+            .max_decoding_message_size(MAX_FOLLOW_REQUEST_BYTES)
     }
 
     pub fn counters(&self) -> &ReplicationCounters {
         &self.counters
+    }
+
+    /// A stream of what is merged from now on for `follower`, if there is room for one more.
+    fn stream_for(self: &Arc<Self>, follower: String) -> Result<FollowStream, tonic::Status> {
+        if follower.len() > flyball_proto::MAX_NAME_BYTES {
+            return Err(tonic::Status::invalid_argument(format!(
+                "follower: {} bytes, at most {}",
+                follower.len(),
+                flyball_proto::MAX_NAME_BYTES
+            )));
+        }
+        if self.counters.followers.get() >= MAX_FOLLOWERS as i64 {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "{MAX_FOLLOWERS} followers follow this replica already"
+            )));
+        }
+        tracing::info!(%follower, "a follower follows this replica's reports");
+        self.counters.followers.inc();
+        Ok(FollowStream {
+            follower,
+            replication: self.clone(),
+            // Everything kept: what was merged before this follower came is new to it too.
+            next: self.lock().first,
+            leading: self.leading.clone(),
+            stopping: self.stopping.clone(),
+            counters: self.counters.clone(),
+        })
     }
 }
 
@@ -127,10 +225,12 @@ pub struct FollowService {
     replication: Arc<Replication>,
 }
 
-/// One follower's stream: what it still has to be sent, and its place among the followers.
+/// One follower's stream: where it is in what the leader kept.
 struct FollowStream {
     follower: String,
-    reports: broadcast::Receiver<Arc<Published>>,
+    replication: Arc<Replication>,
+    /// The position of the next report to send.
+    next: u64,
     leading: watch::Receiver<bool>,
     stopping: watch::Receiver<bool>,
     counters: ReplicationCounters,
@@ -147,33 +247,53 @@ impl FollowStream {
     /// ended because this replica stopped leading).
     async fn next(&mut self) -> Option<Result<v1::ReportRequest, tonic::Status>> {
         loop {
-            tokio::select! {
-                // Reports first: what was merged before this replica stopped leading, or before
-                // the service stopped, still goes out.
+            // Registered before looking, so a report kept after the look wakes it.
+            let published = self.replication.published.clone();
+            let kept_one = published.notified();
+            tokio::pin!(kept_one);
+            kept_one.as_mut().enable();
+            if let Some(report) = self.take_kept() {
+                return Some(Ok(report));
+            }
+            // Reports first: what was merged before this replica stopped leading, or before the
+            // service stopped, still goes out.
+            let last_word = tokio::select! {
                 biased;
-                received = self.reports.recv() => match received {
-                    Ok(published) => {
-                        if published.forwarded_by.as_deref() == Some(self.follower.as_str()) {
-                            continue;
-                        }
-                        return Some(Ok(published.report.clone()));
-                    }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        self.counters.lagged.inc_by(missed);
-                        tracing::debug!(
-                            follower = %self.follower,
-                            missed,
-                            "a follower fell behind the leader's reports"
-                        );
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                },
-                () = stops_leading(&mut self.leading) => {
-                    return Some(Err(not_leading()));
-                }
-                _ = self.stopping.wait_for(|stop| *stop) => return None,
+                () = kept_one => continue,
+                () = stops_leading(&mut self.leading) => Some(Err(not_leading())),
+                _ = self.stopping.wait_for(|stop| *stop) => None,
+            };
+            if self.all_sent() {
+                return last_word;
             }
         }
+    }
+
+    /// Whether every report kept has been sent (or skipped).
+    fn all_sent(&self) -> bool {
+        self.replication.lock().next() <= self.next
+    }
+
+    /// The next kept report for this follower, if there is one; counts what it fell behind.
+    fn take_kept(&mut self) -> Option<v1::ReportRequest> {
+        let kept = self.replication.lock();
+        if self.next < kept.first {
+            let missed = kept.first - self.next;
+            self.counters.lagged.inc_by(missed);
+            tracing::debug!(
+                follower = %self.follower,
+                missed,
+                "a follower fell behind the leader's reports"
+            );
+            self.next = kept.first;
+        }
+        while let Some(entry) = kept.reports.get((self.next - kept.first) as usize) {
+            self.next += 1;
+            if entry.published.forwarded_by.as_deref() != Some(self.follower.as_str()) {
+                return Some(entry.published.report.clone());
+            }
+        }
+        None
     }
 }
 
@@ -198,15 +318,7 @@ impl ReplicationService for FollowService {
             return Err(not_leading());
         }
         let follower = request.into_inner().follower;
-        tracing::info!(%follower, "a follower follows this replica's reports");
-        replication.counters.followers.inc();
-        let stream = FollowStream {
-            follower,
-            reports: replication.reports.subscribe(),
-            leading: replication.leading.clone(),
-            stopping: replication.stopping.clone(),
-            counters: replication.counters.clone(),
-        };
+        let stream = replication.stream_for(follower)?;
         let reports = futures::stream::unfold(Some(stream), |stream| async move {
             let mut stream = stream?;
             let next = stream.next().await?;
@@ -226,6 +338,8 @@ pub struct Following {
     pub leading: watch::Receiver<bool>,
     /// The leader's gRPC URI, when known and not this replica.
     pub leader: watch::Receiver<Option<String>>,
+    /// Asks for the Lease to be read again (the replica it names may no longer lead).
+    pub refresh: Arc<Notify>,
     pub telemetry: Arc<Telemetry>,
     pub tls: Option<Arc<GrpcTls>>,
     pub counters: ReplicationCounters,
@@ -259,7 +373,11 @@ impl Following {
                 }
             }
             last_opened = Some((uri.clone(), Instant::now()));
-            match self.follow(&uri, &mut warned).await {
+            let followed = self.follow(&uri, &mut warned).await;
+            if followed.is_err() {
+                self.refresh.notify_one();
+            }
+            match followed {
                 Ok(()) => tracing::debug!(%uri, "stopped following the leader"),
                 Err(error) if !warned => {
                     warned = true;
@@ -308,6 +426,8 @@ impl Following {
         }
         loop {
             tokio::select! {
+                // What arrived is merged before a change of leader ends the stream.
+                biased;
                 received = reports.message() => match received? {
                     Some(report) => self.take(report),
                     None => return Ok(()),
@@ -373,15 +493,16 @@ mod tests {
         }
     }
 
-    fn stream_of(replication: &Replication, follower: &str) -> FollowStream {
-        replication.counters.followers.inc();
-        FollowStream {
-            follower: follower.into(),
-            reports: replication.reports.subscribe(),
-            leading: replication.leading.clone(),
-            stopping: replication.stopping.clone(),
-            counters: replication.counters.clone(),
-        }
+    /// A replication leading (as `leading` says, with the sender kept by the caller) and its
+    /// stop switch.
+    fn replication(leading: watch::Receiver<bool>) -> (Arc<Replication>, watch::Sender<bool>) {
+        let (stop, stopping) = watch::channel(false);
+        let replication = Replication::new(leading, stopping, ReplicationCounters::default());
+        (Arc::new(replication), stop)
+    }
+
+    fn stream_of(replication: &Arc<Replication>, follower: &str) -> FollowStream {
+        replication.stream_for(follower.into()).unwrap()
     }
 
     fn sequence(next: Option<Result<v1::ReportRequest, tonic::Status>>) -> u64 {
@@ -391,11 +512,9 @@ mod tests {
     #[tokio::test]
     async fn a_follower_gets_every_report_but_those_it_forwarded_in_order() {
         let (_leading_tx, leading) = watch::channel(true);
-        let (_stop_tx, stopping) = watch::channel(false);
-        let replication = Replication::new(leading, stopping, ReplicationCounters::default());
-        assert!(!replication.wanted(), "nobody follows yet");
-        let mut b = stream_of(&replication, "b");
+        let (replication, _stop) = replication(leading);
         assert!(replication.wanted());
+        let mut b = stream_of(&replication, "b");
         replication.publish(report("gw-1", 1), None);
         replication.publish(report("gw-2", 1), Some("b".into()));
         replication.publish(report("gw-3", 7), Some("c".into()));
@@ -408,33 +527,97 @@ mod tests {
         assert_eq!(replication.counters.followers.get(), 1);
         drop(b);
         assert_eq!(replication.counters.followers.get(), 0);
-        assert!(!replication.wanted());
     }
 
+    /// A follower that comes after reports were merged (it read the Lease late, or restarted)
+    /// gets them too, from what the leader kept.
     #[tokio::test]
-    async fn a_follower_too_far_behind_misses_the_oldest_reports_and_they_are_counted() {
+    async fn a_follower_starts_with_what_the_leader_kept() {
         let (_leading_tx, leading) = watch::channel(true);
-        let (_stop_tx, stopping) = watch::channel(false);
-        let replication = Replication::new(leading, stopping, ReplicationCounters::default());
+        let (replication, _stop) = replication(leading);
+        replication.publish(report("gw", 1), None);
+        replication.publish(report("gw", 2), None);
+        let mut late = stream_of(&replication, "late");
+        assert_eq!(sequence(late.next().await), 1);
+        assert_eq!(sequence(late.next().await), 2);
+        let waiting = tokio::spawn(async move { sequence(late.next().await) });
+        tokio::task::yield_now().await;
+        replication.publish(report("gw", 3), None);
+        assert_eq!(waiting.await.unwrap(), 3);
+    }
+
+    /// What is kept is bounded by age (and size): reports older than `RETAIN` are gone, and a
+    /// follower that had not been sent them counts them missed.
+    #[tokio::test(start_paused = true)]
+    async fn reports_older_than_retain_are_dropped_and_counted_for_a_follower_behind() {
+        let (_leading_tx, leading) = watch::channel(true);
+        let (replication, _stop) = replication(leading);
         let mut b = stream_of(&replication, "b");
-        let extra = 10;
-        for sequence in 1..=(BUFFER as u64 + extra) {
+        for sequence in 1..=10 {
             replication.publish(report("gw", sequence), None);
         }
-        assert_eq!(sequence(b.next().await), extra + 1);
-        assert_eq!(replication.counters.lagged.get(), extra);
+        tokio::time::advance(RETAIN + Duration::from_secs(1)).await;
+        replication.publish(report("gw", 11), None);
+        assert_eq!(replication.lock().reports.len(), 1);
+        assert_eq!(sequence(b.next().await), 11);
+        assert_eq!(replication.counters.lagged.get(), 10);
+        // A late follower gets only what is kept.
+        let mut late = stream_of(&replication, "late");
+        assert_eq!(sequence(late.next().await), 11);
+        assert_eq!(replication.counters.lagged.get(), 10);
+    }
+
+    #[test]
+    fn what_is_kept_is_bounded_by_size() {
+        let mut kept = Kept::default();
+        let now = Instant::now();
+        let big = || Published {
+            report: v1::ReportRequest {
+                reporter: Some(v1::Reporter {
+                    gateway: "g".repeat(1024 * 1024),
+                    ..v1::Reporter::default()
+                }),
+                ..v1::ReportRequest::default()
+            },
+            forwarded_by: None,
+        };
+        for _ in 0..40 {
+            kept.push(big(), now);
+        }
+        assert!(kept.bytes <= RETAIN_BYTES, "{}", kept.bytes);
+        assert!(kept.reports.len() >= 30, "{}", kept.reports.len());
+        assert_eq!(kept.first + kept.reports.len() as u64, 40);
     }
 
     #[tokio::test]
-    async fn the_stream_ends_unavailable_when_the_leader_stops_leading() {
+    async fn the_stream_ends_unavailable_when_the_leader_stops_leading_once_sent() {
         let (leading_tx, leading) = watch::channel(true);
-        let (_stop_tx, stopping) = watch::channel(false);
-        let replication = Replication::new(leading, stopping, ReplicationCounters::default());
+        let (replication, _stop) = replication(leading);
         let mut b = stream_of(&replication, "b");
+        replication.publish(report("gw", 1), None);
         leading_tx.send(false).unwrap();
-        assert!(!replication.wanted(), "a follower publishes nothing");
+        assert!(!replication.wanted(), "a follower keeps nothing");
+        assert_eq!(sequence(b.next().await), 1, "what was kept still goes");
         let status = b.next().await.expect("a last word").unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+
+    #[test]
+    fn followers_are_bounded_and_named_by_a_name() {
+        let (_leading_tx, leading) = watch::channel(true);
+        let (replication, _stop) = replication(leading);
+        let streams: Vec<_> = (0..MAX_FOLLOWERS)
+            .map(|i| stream_of(&replication, &format!("f-{i}")))
+            .collect();
+        let refused = replication.stream_for("one-more".into()).err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        drop(streams);
+        assert_eq!(replication.counters.followers.get(), 0);
+        let long = "x".repeat(flyball_proto::MAX_NAME_BYTES + 1);
+        let refused = replication.stream_for(long).err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().starts_with("follower:"), "{refused}");
+        assert!(replication.stream_for("f".into()).is_ok());
     }
 
     /// Leadership set once (a test's, or another election's that keeps no sender): the stream
@@ -442,8 +625,7 @@ mod tests {
     #[tokio::test]
     async fn leadership_fixed_for_good_keeps_the_stream_going() {
         let (leading_tx, leading) = watch::channel(true);
-        let (_stop_tx, stopping) = watch::channel(false);
-        let replication = Replication::new(leading, stopping, ReplicationCounters::default());
+        let (replication, _stop) = replication(leading);
         let mut b = stream_of(&replication, "b");
         drop(leading_tx);
         let next = tokio::spawn(async move { b.next().await.map(|r| r.map(|r| r.sequence)) });
@@ -455,10 +637,9 @@ mod tests {
     #[tokio::test]
     async fn the_stream_ends_when_the_service_stops() {
         let (_leading_tx, leading) = watch::channel(true);
-        let (stop_tx, stopping) = watch::channel(false);
-        let replication = Replication::new(leading, stopping, ReplicationCounters::default());
+        let (replication, stop) = replication(leading);
         let mut b = stream_of(&replication, "b");
-        stop_tx.send(true).unwrap();
+        stop.send(true).unwrap();
         assert!(b.next().await.is_none());
     }
 }

@@ -1086,6 +1086,69 @@ async fn only_the_leader_scales_and_the_follower_takes_over_when_it_steps_down()
     cluster.cleanup().await.unwrap();
 }
 
+/// A follower that stops reading its follow stream (an overloaded node) fills its HTTP/2
+/// window, and graceful shutdown waits for that stream until the drain gives up on it. The
+/// leader must give the Lease up as soon as it stops acting, not after that drain: every rollout
+/// of the leader would otherwise leave the pools without one for seconds. (Found by review.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_gives_the_lease_up_before_its_servers_have_drained() {
+    use flyball_proto::grpc::replication_service_client::ReplicationServiceClient;
+
+    let cluster = TestCluster::start().await.unwrap();
+    let ns = cluster.namespace().to_string();
+    let target = deployment(&cluster, "vllm", 1, 1).await;
+    let config = config_file(&target, &ns, &target);
+    let lease = lease(&cluster);
+    let config_flag = ["--config", config.to_str().unwrap()];
+    let a = control(&cluster, &flags(&cluster, &lease, "a", &config_flag)).await;
+    let b =
+        support::spawn(bind(&cluster, &flags(&cluster, &lease, "b", &config_flag)).await).unwrap();
+    // A follower with a small window that opens its stream and then reads nothing.
+    let channel = tonic::transport::Endpoint::from_shared(a.grpc_uri())
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .initial_connection_window_size(Some(1024))
+        .connect()
+        .await
+        .unwrap();
+    let _stalled = ReplicationServiceClient::new(channel)
+        .follow(v1::FollowRequest {
+            follower: "stalled".into(),
+        })
+        .await
+        .unwrap();
+    a.wait_metric("flyball_replication_followers", 2.0, WAIT)
+        .await
+        .unwrap();
+    // Reports enough to fill the stalled follower's window many times over.
+    let mut gateway = TelemetryServiceClient::connect(a.grpc_uri()).await.unwrap();
+    for sequence in 1..=200 {
+        gateway.report(step(sequence)).await.unwrap();
+    }
+    drop(gateway);
+
+    let a_holds = format!("a@{}", a.grpc);
+    let stopping = tokio::spawn(a.stop());
+    let leases = Api::<Lease>::namespaced(cluster.client(), &ns);
+    wait_until("a to give the Lease up", || async {
+        let holder = leases.get(&lease).await.ok()?.spec?.holder_identity;
+        (holder.as_deref() != Some(a_holds.as_str())).then_some(())
+    })
+    .await;
+    assert!(
+        !stopping.is_finished(),
+        "the Lease was given up only once a had stopped serving"
+    );
+    stopping.await.unwrap().unwrap();
+    wait_until("b to lead", || async {
+        (b.pools().await.ok()?["leading"] == true).then_some(())
+    })
+    .await;
+    b.stop().await.unwrap();
+    drop(config);
+    cluster.cleanup().await.unwrap();
+}
+
 /// A write still being retried when leadership goes is dropped, not sent again: a retry landing
 /// after the hand-over could undo what the new leader set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

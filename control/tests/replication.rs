@@ -6,6 +6,8 @@
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flyball_control::leader::Leadership;
@@ -296,5 +298,202 @@ async fn a_leader_that_crashes_costs_the_next_one_at_most_one_report_per_gateway
     // Each report lost takes at most 4 requests (3 ok, 1 error) with it.
     assert!(sent.0 - kept.0 <= 4 * lost_reports);
     next.stop().await?;
+    Ok(())
+}
+
+/// A rollout: the leader stops and gives the Lease up; while it changes hands, a gateway goes on
+/// reporting to the replica that takes it next, which holds those reports for the leader to
+/// come, then finds it is that leader. The other follower follows it from then on, and must have
+/// those reports too: if the new leader goes next (the rolling update moves on to it), that
+/// follower takes over, and must not size pools on a view short of them. (Found by review.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_the_next_leader_took_during_the_hand_over_reach_its_followers() -> Result<(), Error>
+{
+    let old = support::bind(ONE_POOL, &[]).await?;
+    let old_uri = format!("http://{}", old.grpc_addr().unwrap());
+    let (a, _a_leading, _a_leader) = fixed("a", true, None);
+    let old = support::spawn(old.with_leadership(a))?;
+    let next = support::bind(ONE_POOL, &[]).await?;
+    let next_uri = format!("http://{}", next.grpc_addr().unwrap());
+    let (b, b_leading, b_leader) = fixed("b", false, Some(old_uri.clone()));
+    let next = support::spawn(next.with_leadership(b))?;
+    let (c, _c_leading, c_leader) = fixed("c", false, Some(old_uri));
+    let other = support::start_led(ONE_POOL, &[], c).await?;
+    old.wait_metric("flyball_replication_followers", 2.0, WAIT)
+        .await?;
+
+    // The old leader goes; nobody holds the Lease for a moment.
+    old.stop().await?;
+    b_leader.send(None)?;
+    c_leader.send(None)?;
+    let mut grpc = client(next.grpc_uri()).await?;
+    for sequence in 1..=5 {
+        grpc.report(report("gw", sequence, 3)).await?;
+    }
+    // `next` takes the Lease; `other` follows it.
+    b_leading.send(true)?;
+    c_leader.send(Some(next_uri))?;
+    next.wait_metric("flyball_replication_followers", 1.0, WAIT)
+        .await?;
+    for sequence in 6..=10 {
+        grpc.report(report("gw", sequence, 3)).await?;
+    }
+    next.wait_metric("flyball_ingest_reports_total", 10.0, WAIT)
+        .await?;
+    let at_next = totals(&next.pools().await?);
+    assert_eq!(at_next, (40, 10, 3000, 210));
+    // Every report the new leader merged, in the follower's windows too.
+    let waited = other
+        .wait_metric("flyball_ingest_reports_total", 10.0, WAIT)
+        .await;
+    assert_eq!(
+        totals(&other.pools().await?),
+        at_next,
+        "the follower of the new leader misses what it took during the hand-over ({waited:?})"
+    );
+    next.stop().await?;
+    other.stop().await?;
+    Ok(())
+}
+
+/// A TCP relay in front of a replica. [`Relay::cut`] turns every connection open now into a
+/// black hole: bytes go nowhere, and neither side's socket closes (a half-open connection, as a
+/// NAT or conntrack entry that expired, or a peer's node that vanished, leave behind).
+/// Connections made later are relayed.
+struct Relay {
+    addr: std::net::SocketAddr,
+    cut_below: Arc<AtomicU64>,
+    next: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target: std::net::SocketAddr) -> Result<Relay, Error> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let cut_below = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let (cut, count) = (cut_below.clone(), next.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let id = count.fetch_add(1, Ordering::SeqCst);
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (in_read, in_write) = inbound.into_split();
+                let (out_read, out_write) = outbound.into_split();
+                tokio::spawn(pipe(in_read, out_write, id, cut.clone()));
+                tokio::spawn(pipe(out_read, in_write, id, cut.clone()));
+            }
+        });
+        Ok(Relay {
+            addr,
+            cut_below,
+            next,
+            task,
+        })
+    }
+
+    fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every connection open now stops carrying bytes, and stays open.
+    fn cut(&self) {
+        self.cut_below
+            .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    id: u64,
+    cut_below: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(read) = from.read(&mut buffer).await else {
+            return;
+        };
+        if read == 0 {
+            return;
+        }
+        if id < cut_below.load(Ordering::SeqCst) {
+            // A black hole: keep both sockets open, carry nothing, read no more.
+            let _open = (from, to);
+            std::future::pending::<()>().await;
+            return;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reports from `gateway` to `uri`, one every 100 ms, until aborted.
+fn keep_reporting(uri: String, gateway: &'static str) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Ok(mut grpc) = client(uri).await else {
+            return;
+        };
+        for sequence in 1.. {
+            let _ = grpc.report(report(gateway, sequence, 1)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// The follower's connection to the leader goes half-open (no FIN, no RST: a conntrack entry
+/// expired, a node's network vanished and came back) while the leader goes on leading and the
+/// Lease goes on naming it. The follower only reads on that stream, so only its HTTP/2 pings
+/// tell it the stream is dead; it then follows again, over a new connection, and misses nothing
+/// the leader kept. (Found by review.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_stream_went_half_open_follows_the_leader_again() -> Result<(), Error> {
+    let (a, _a_leading, _a_leader) = fixed("a", true, None);
+    let leader = support::start_led(ONE_POOL, &[], a).await?;
+    let relay = Relay::start(leader.grpc).await?;
+    let (b, _b_leading, _b_leader) = fixed("b", false, Some(relay.uri()));
+    let follower = support::start_led(ONE_POOL, &[], b).await?;
+    leader
+        .wait_metric("flyball_replication_followers", 1.0, WAIT)
+        .await?;
+    let mut grpc = client(leader.grpc_uri()).await?;
+    grpc.report(report("gw-before", 1, 1)).await?;
+    follower
+        .wait_metric("flyball_replication_followed_total", 1.0, WAIT)
+        .await?;
+
+    relay.cut();
+    let reporting = keep_reporting(leader.grpc_uri(), "gw-after");
+    // Well over any keepalive a fix would choose, and twice the default Lease duration.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut followed = None;
+    while tokio::time::Instant::now() < deadline {
+        followed = follower
+            .metric("flyball_replication_followed_total")
+            .await?;
+        if followed.is_some_and(|n| n >= 3.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    reporting.abort();
+    let merged_at_leader = leader.metric("flyball_ingest_reports_total").await?;
+    assert!(
+        followed.is_some_and(|n| n >= 3.0),
+        "30 s after its stream went half-open the follower has followed {followed:?} reports \
+         (the leader merged {merged_at_leader:?})"
+    );
+    follower.stop().await?;
+    leader.stop().await?;
     Ok(())
 }
