@@ -324,7 +324,14 @@ impl Lane {
             if *self.leading.borrow() {
                 // This replica leads now: what it held for the old leader is in its own windows,
                 // and goes to its followers, which nobody else told of it.
-                let held = std::mem::take(&mut lock(&self.outstanding).reports);
+                let held = {
+                    let mut state = lock(&self.outstanding);
+                    // Acknowledgements still coming from the old stream are for reports no
+                    // longer here: they must not take the ones held from now on.
+                    state.stream += 1;
+                    state.over = true;
+                    std::mem::take(&mut state.reports)
+                };
                 let now = Instant::now();
                 let held: Vec<_> = held
                     .into_iter()
@@ -334,7 +341,7 @@ impl Lane {
                 self.counters.drop("leading", held.len() as u64);
                 if let Some(replication) = &self.replication {
                     for report in held {
-                        replication.publish(report, None);
+                        replication.publish(&report, None);
                     }
                 }
                 stream = None;

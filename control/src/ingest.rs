@@ -38,6 +38,7 @@ use crate::replication::Replication;
 use crate::window::{
     Delta, InFlight, KeyId, KeyView, Latencies, PoolId, Selector, View, WindowConfig, Windows,
 };
+use flyball_proto::codec::EncodedReport;
 
 /// Limits and timings of ingest.
 #[derive(Debug, Clone, PartialEq)]
@@ -1496,23 +1497,32 @@ impl IngestService {
         // A forwarded report has made its one hop; forwarding it again could bounce it between
         // two replicas that each think the other leads (should this one stop leading between
         // the check above and now).
-        let sequence = report.sequence;
+        let (sequence, held_ms) = (report.sequence, report.held_ms);
+        // A follower passes the report on to the leader; the leader keeps it, encoded, for its
+        // followers. Both before ingest takes it.
         let forwarder = self.forwarder.as_ref().filter(|f| !forwarded && f.active());
+        let copy = forwarder.map(|_| report.clone());
         let replication = self.replication.as_ref().filter(|r| r.wanted());
-        let copy = (forwarder.is_some() || replication.is_some()).then(|| report.clone());
+        let encoded = replication.map(|_| EncodedReport::encode(&report));
+        let pass_on = move || match (copy, forwarder, encoded, replication) {
+            (Some(copy), Some(forwarder), _, _) => forwarder.offer(copy),
+            (_, _, Some(encoded), Some(replication)) => {
+                replication.keep(encoded, held_ms, forwarded_by.cloned());
+            }
+            _ => {}
+        };
         match self
             .telemetry
             .ingest_from(report, Instant::now(), forwarded)
         {
             Ok(merged) => {
                 let new = matches!(merged.admission, Admission::Fresh { .. } | Admission::Late);
-                let closed = merged.admission == Admission::ConnectionsClosed;
-                match (copy, forwarder, replication) {
-                    (Some(copy), Some(forwarder), _) if new => forwarder.offer(copy),
-                    (Some(copy), None, Some(replication)) if new || closed => {
-                        replication.publish(copy, forwarded_by.cloned());
-                    }
-                    _ => {}
+                // Only a leader passes on a word that a gateway's connections closed (a follower
+                // sends its own words, when they close here).
+                let closed =
+                    merged.admission == Admission::ConnectionsClosed && forwarder.is_none();
+                if new || closed {
+                    pass_on();
                 }
                 Ok(v1::ReportResponse {
                     acknowledged_sequence: sequence,
@@ -1521,13 +1531,7 @@ impl IngestService {
             Err(refusal) => {
                 tracing::debug!(reason = refusal.reason(), %refusal, "report refused");
                 if refusal.for_want_of_room() {
-                    match (copy, forwarder, replication) {
-                        (Some(copy), Some(forwarder), _) => forwarder.offer(copy),
-                        (Some(copy), None, Some(replication)) => {
-                            replication.publish(copy, forwarded_by.cloned());
-                        }
-                        _ => {}
-                    }
+                    pass_on();
                     // Taken into account (it holds the pools here), and the forwarding stream
                     // goes on: ending it would hold back the other reports on it.
                     if forwarded {
@@ -1645,7 +1649,7 @@ impl Drop for ConnectionReporters {
             if let Some(forwarder) = forwarder {
                 forwarder.offer(word());
             } else if let Some(replication) = replication {
-                replication.publish(word(), None);
+                replication.publish(&word(), None);
             }
         }
     }

@@ -793,8 +793,18 @@ impl<A: Actuator> Control<A> {
                 replication: Some(leader_side.clone()),
                 ..defaults
             };
+            // Reports are forwarded, and followed, under this name: the Lease identity of this
+            // process. A restart keeps the identity (the pod's name and IP), and the leader must
+            // not take the reports this process's predecessor forwarded for its own.
+            let forwarding_as = format!(
+                "{}#{}",
+                self.leadership.identity,
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis())
+            );
             let (forwarder, lanes) = Forwarder::with_settings(
-                &self.leadership.identity,
+                &forwarding_as,
                 self.leadership.leading.clone(),
                 self.leadership.leader.clone(),
                 self.leadership.refresh.clone(),
@@ -816,7 +826,7 @@ impl<A: Actuator> Control<A> {
                 });
             }
             let following = Following {
-                identity: self.leadership.identity.clone(),
+                identity: forwarding_as,
                 leading: self.leadership.leading.clone(),
                 leader: self.leadership.leader.clone(),
                 refresh: self.leadership.refresh.clone(),

@@ -33,6 +33,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use flyball_proto::codec::EncodedReport;
 use flyball_proto::grpc::replication_service_client::ReplicationServiceClient;
 use flyball_proto::grpc::replication_service_server::{
     ReplicationService, ReplicationServiceServer,
@@ -40,11 +41,10 @@ use flyball_proto::grpc::replication_service_server::{
 use flyball_proto::v1;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use prost::Message;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::ingest::{Admission, Telemetry};
+use crate::ingest::{Admission, MALFORMED, Telemetry};
 use crate::leader::leader_channel;
 use crate::tls::GrpcTls;
 
@@ -53,10 +53,14 @@ use crate::tls::GrpcTls;
 /// starting to follow a new leader gets what it merged since it took the lead.
 pub const RETAIN: Duration = Duration::from_secs(30);
 
-/// And at most this much of it, encoded: all of [`RETAIN`] for a thousand gateways reporting
-/// every second, about a second of ten thousand (a follower on the same network keeps up with
-/// what the leader merges; one that cannot misses reports rather than grow this).
+/// And at most this much of it (reports are kept encoded, as they go out): all of [`RETAIN`] for
+/// a thousand gateways reporting every second, about a second of ten thousand (a follower on the
+/// same network keeps up with what the leader merges; one that cannot misses reports rather
+/// than grow this).
 pub const RETAIN_BYTES: usize = 32 * 1024 * 1024;
+
+/// What keeping one report costs beside its bytes (its entry, the shared buffer's header).
+const KEPT_OVERHEAD_BYTES: usize = 128;
 
 /// Follow streams the leader serves at once. Each costs a copy of every report, so the port's
 /// other clients (any gateway can reach it) must not be able to multiply that without bound;
@@ -88,7 +92,9 @@ pub struct ReplicationCounters {
 /// A report the leader merged, and the replica that forwarded it, if one did.
 #[derive(Debug)]
 struct Published {
-    report: v1::ReportRequest,
+    report: EncodedReport,
+    /// Its `held_ms` when merged: what it waited before it reached the leader.
+    held_ms: u64,
     forwarded_by: Option<Arc<str>>,
 }
 
@@ -114,13 +120,18 @@ impl Kept {
     }
 
     fn push(&mut self, published: Published, now: Instant) {
-        let bytes = published.report.encoded_len();
+        let bytes = published.report.len() + KEPT_OVERHEAD_BYTES;
         self.bytes += bytes;
         self.reports.push_back(KeptReport {
             at: now,
             bytes,
             published: Arc::new(published),
         });
+        self.trim(now);
+    }
+
+    /// Lets go of what is older than [`RETAIN`], and the oldest beyond [`RETAIN_BYTES`].
+    fn trim(&mut self, now: Instant) {
         while let Some(oldest) = self.reports.front()
             && (self.bytes > RETAIN_BYTES || now.saturating_duration_since(oldest.at) > RETAIN)
         {
@@ -167,9 +178,16 @@ impl Replication {
     }
 
     /// Keeps `report`, merged here, for every follower but the one that forwarded it.
-    pub fn publish(&self, report: v1::ReportRequest, forwarded_by: Option<Arc<str>>) {
+    pub fn publish(&self, report: &v1::ReportRequest, forwarded_by: Option<Arc<str>>) {
+        self.keep(EncodedReport::encode(report), report.held_ms, forwarded_by);
+    }
+
+    /// As [`Replication::publish`], for a report encoded already (before ingest took it), whose
+    /// `held_ms` was `held_ms`.
+    pub fn keep(&self, report: EncodedReport, held_ms: u64, forwarded_by: Option<Arc<str>>) {
         let published = Published {
             report,
+            held_ms,
             forwarded_by,
         };
         self.lock().push(published, Instant::now());
@@ -200,18 +218,26 @@ impl Replication {
                 flyball_proto::MAX_NAME_BYTES
             )));
         }
-        if self.counters.followers.get() >= MAX_FOLLOWERS as i64 {
+        // Counted and checked at once, so that followers coming together cannot pass the bound.
+        if self.counters.followers.inc() >= MAX_FOLLOWERS as i64 {
+            self.counters.followers.dec();
             return Err(tonic::Status::resource_exhausted(format!(
                 "{MAX_FOLLOWERS} followers follow this replica already"
             )));
         }
         tracing::info!(%follower, "a follower follows this replica's reports");
-        self.counters.followers.inc();
+        let first = {
+            let mut kept = self.lock();
+            // A replica that led before keeps what it merged then: not for a term that ended
+            // longer ago than RETAIN.
+            kept.trim(Instant::now());
+            kept.first
+        };
         Ok(FollowStream {
             follower,
             replication: self.clone(),
             // Everything kept: what was merged before this follower came is new to it too.
-            next: self.lock().first,
+            next: first,
             leading: self.leading.clone(),
             stopping: self.stopping.clone(),
             counters: self.counters.clone(),
@@ -245,7 +271,7 @@ impl Drop for FollowStream {
 impl FollowStream {
     /// The next report for this follower; `None` when the stream is over (`Err` first if it
     /// ended because this replica stopped leading).
-    async fn next(&mut self) -> Option<Result<v1::ReportRequest, tonic::Status>> {
+    async fn next(&mut self) -> Option<Result<EncodedReport, tonic::Status>> {
         loop {
             // Registered before looking, so a report kept after the look wakes it.
             let published = self.replication.published.clone();
@@ -275,8 +301,10 @@ impl FollowStream {
     }
 
     /// The next kept report for this follower, if there is one; counts what it fell behind.
-    fn take_kept(&mut self) -> Option<v1::ReportRequest> {
-        let kept = self.replication.lock();
+    fn take_kept(&mut self) -> Option<EncodedReport> {
+        let mut kept = self.replication.lock();
+        let now = Instant::now();
+        kept.trim(now);
         if self.next < kept.first {
             let missed = kept.first - self.next;
             self.counters.lagged.inc_by(missed);
@@ -289,9 +317,21 @@ impl FollowStream {
         }
         while let Some(entry) = kept.reports.get((self.next - kept.first) as usize) {
             self.next += 1;
-            if entry.published.forwarded_by.as_deref() != Some(self.follower.as_str()) {
-                return Some(entry.published.report.clone());
+            let published = &entry.published;
+            if published.forwarded_by.as_deref() == Some(self.follower.as_str()) {
+                continue;
             }
+            // Kept a while (a follower that came late, or caught up): the follower places it
+            // where the leader did, not as a burst of now.
+            let kept_ms = u64::try_from(now.saturating_duration_since(entry.at).as_millis())
+                .unwrap_or(u64::MAX);
+            return Some(if kept_ms == 0 {
+                published.report.clone()
+            } else {
+                published
+                    .report
+                    .with_held_ms(published.held_ms.saturating_add(kept_ms))
+            });
         }
         None
     }
@@ -303,7 +343,7 @@ fn not_leading() -> tonic::Status {
 
 /// The reports of one `Follow` call, in the order the leader merged them.
 pub type FollowedStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::ReportRequest, tonic::Status>> + Send>>;
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<EncodedReport, tonic::Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ReplicationService for FollowService {
@@ -446,7 +486,15 @@ impl Following {
         }
     }
 
-    fn take(&self, report: v1::ReportRequest) {
+    fn take(&self, report: EncodedReport) {
+        let report = match report.decode() {
+            Ok(report) => report,
+            Err(error) => {
+                self.telemetry.count_refusal(MALFORMED);
+                tracing::debug!(%error, "a report from the leader could not be decoded");
+                return;
+            }
+        };
         match self.telemetry.ingest_from(report, Instant::now(), true) {
             Ok(merged) => {
                 if matches!(merged.admission, Admission::Fresh { .. } | Admission::Late) {
@@ -505,8 +553,12 @@ mod tests {
         replication.stream_for(follower.into()).unwrap()
     }
 
-    fn sequence(next: Option<Result<v1::ReportRequest, tonic::Status>>) -> u64 {
-        next.expect("a report").expect("not an error").sequence
+    fn sequence(next: Option<Result<EncodedReport, tonic::Status>>) -> u64 {
+        next.expect("a report")
+            .expect("not an error")
+            .decode()
+            .expect("a report")
+            .sequence
     }
 
     #[tokio::test]
@@ -515,9 +567,9 @@ mod tests {
         let (replication, _stop) = replication(leading);
         assert!(replication.wanted());
         let mut b = stream_of(&replication, "b");
-        replication.publish(report("gw-1", 1), None);
-        replication.publish(report("gw-2", 1), Some("b".into()));
-        replication.publish(report("gw-3", 7), Some("c".into()));
+        replication.publish(&report("gw-1", 1), None);
+        replication.publish(&report("gw-2", 1), Some("b".into()));
+        replication.publish(&report("gw-3", 7), Some("c".into()));
         assert_eq!(sequence(b.next().await), 1);
         assert_eq!(
             sequence(b.next().await),
@@ -535,14 +587,14 @@ mod tests {
     async fn a_follower_starts_with_what_the_leader_kept() {
         let (_leading_tx, leading) = watch::channel(true);
         let (replication, _stop) = replication(leading);
-        replication.publish(report("gw", 1), None);
-        replication.publish(report("gw", 2), None);
+        replication.publish(&report("gw", 1), None);
+        replication.publish(&report("gw", 2), None);
         let mut late = stream_of(&replication, "late");
         assert_eq!(sequence(late.next().await), 1);
         assert_eq!(sequence(late.next().await), 2);
         let waiting = tokio::spawn(async move { sequence(late.next().await) });
         tokio::task::yield_now().await;
-        replication.publish(report("gw", 3), None);
+        replication.publish(&report("gw", 3), None);
         assert_eq!(waiting.await.unwrap(), 3);
     }
 
@@ -554,10 +606,10 @@ mod tests {
         let (replication, _stop) = replication(leading);
         let mut b = stream_of(&replication, "b");
         for sequence in 1..=10 {
-            replication.publish(report("gw", sequence), None);
+            replication.publish(&report("gw", sequence), None);
         }
         tokio::time::advance(RETAIN + Duration::from_secs(1)).await;
-        replication.publish(report("gw", 11), None);
+        replication.publish(&report("gw", 11), None);
         assert_eq!(replication.lock().reports.len(), 1);
         assert_eq!(sequence(b.next().await), 11);
         assert_eq!(replication.counters.lagged.get(), 10);
@@ -572,13 +624,14 @@ mod tests {
         let mut kept = Kept::default();
         let now = Instant::now();
         let big = || Published {
-            report: v1::ReportRequest {
+            report: EncodedReport::encode(&v1::ReportRequest {
                 reporter: Some(v1::Reporter {
                     gateway: "g".repeat(1024 * 1024),
                     ..v1::Reporter::default()
                 }),
                 ..v1::ReportRequest::default()
-            },
+            }),
+            held_ms: 0,
             forwarded_by: None,
         };
         for _ in 0..40 {
@@ -594,7 +647,7 @@ mod tests {
         let (leading_tx, leading) = watch::channel(true);
         let (replication, _stop) = replication(leading);
         let mut b = stream_of(&replication, "b");
-        replication.publish(report("gw", 1), None);
+        replication.publish(&report("gw", 1), None);
         leading_tx.send(false).unwrap();
         assert!(!replication.wanted(), "a follower keeps nothing");
         assert_eq!(sequence(b.next().await), 1, "what was kept still goes");
@@ -628,10 +681,10 @@ mod tests {
         let (replication, _stop) = replication(leading);
         let mut b = stream_of(&replication, "b");
         drop(leading_tx);
-        let next = tokio::spawn(async move { b.next().await.map(|r| r.map(|r| r.sequence)) });
+        let next = tokio::spawn(async move { sequence(b.next().await) });
         tokio::task::yield_now().await;
-        replication.publish(report("gw", 3), None);
-        assert_eq!(next.await.unwrap().unwrap().unwrap(), 3);
+        replication.publish(&report("gw", 3), None);
+        assert_eq!(next.await.unwrap(), 3);
     }
 
     #[tokio::test]

@@ -1,4 +1,5 @@
-//! The gRPC codec of `TelemetryService`: prost, with buffers sized for reports and acks.
+//! The gRPC codecs: `TelemetryService`'s (prost, with buffers sized for reports and acks) and
+//! `ReplicationService`'s (reports that go out as they were encoded once).
 //!
 //! tonic's default codec buffers are 8 KiB each way. A unary call frees them when it ends, but a
 //! `ReportStream` keeps its pair for as long as the gateway stays connected, and the control
@@ -8,8 +9,12 @@
 
 use std::marker::PhantomData;
 
-use tonic::codec::{BufferSettings, Codec};
+use bytes::{Buf, BufMut, Bytes};
+use prost::Message;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+use crate::v1;
 
 /// Initial size of the buffer a message is decoded from.
 pub const DECODE_BUFFER_BYTES: usize = 2 * 1024;
@@ -50,5 +55,156 @@ where
             DECODE_BUFFER_BYTES,
             YIELD_THRESHOLD_BYTES,
         ))
+    }
+}
+
+/// A `flyball.v1.ReportRequest` as encoded once: a leader keeps what it merged this way for its
+/// followers, and sends it to each as it is (its bytes shared, not copied or encoded again).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodedReport(pub Bytes);
+
+impl EncodedReport {
+    pub fn encode(report: &v1::ReportRequest) -> Self {
+        EncodedReport(report.encode_to_vec().into())
+    }
+
+    pub fn decode(&self) -> Result<v1::ReportRequest, prost::DecodeError> {
+        v1::ReportRequest::decode(self.0.clone())
+    }
+
+    /// The same report with `held_ms` set to `held_ms`. Protobuf takes the last value of a
+    /// singular field it meets, so the field is appended rather than the report encoded again.
+    pub fn with_held_ms(&self, held_ms: u64) -> Self {
+        let mut bytes = Vec::with_capacity(self.0.len() + 11);
+        bytes.extend_from_slice(&self.0);
+        prost::encoding::uint64::encode(HELD_MS_FIELD, &held_ms, &mut bytes);
+        EncodedReport(bytes.into())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// `ReportRequest.held_ms`'s field number.
+const HELD_MS_FIELD: u32 = 6;
+
+/// A message as `ReplicationService` puts it on the wire: `FollowRequest` through prost, an
+/// [`EncodedReport`] as it is.
+pub trait WireMessage: Send + 'static + Sized {
+    fn write(self, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status>;
+    fn read(src: &mut DecodeBuf<'_>) -> Result<Self, tonic::Status>;
+}
+
+impl WireMessage for EncodedReport {
+    fn write(self, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&self.0);
+        Ok(())
+    }
+
+    fn read(src: &mut DecodeBuf<'_>) -> Result<Self, tonic::Status> {
+        Ok(EncodedReport(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl WireMessage for v1::FollowRequest {
+    fn write(self, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        self.encode(dst)
+            .map_err(|error| tonic::Status::internal(error.to_string()))
+    }
+
+    fn read(src: &mut DecodeBuf<'_>) -> Result<Self, tonic::Status> {
+        v1::FollowRequest::decode(src).map_err(|error| tonic::Status::internal(error.to_string()))
+    }
+}
+
+/// The codec of `ReplicationService`.
+#[derive(Debug)]
+pub struct FollowCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for FollowCodec<T, U> {
+    fn default() -> Self {
+        FollowCodec(PhantomData)
+    }
+}
+
+impl<T: WireMessage, U: WireMessage> Codec for FollowCodec<T, U> {
+    type Encode = T;
+    type Decode = U;
+    type Encoder = WireEncoder<T>;
+    type Decoder = WireDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        WireEncoder(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        WireDecoder(PhantomData)
+    }
+}
+
+#[derive(Debug)]
+pub struct WireEncoder<T>(PhantomData<T>);
+
+impl<T: WireMessage> Encoder for WireEncoder<T> {
+    type Item = T;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: T, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        item.write(dst)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(DECODE_BUFFER_BYTES, YIELD_THRESHOLD_BYTES)
+    }
+}
+
+#[derive(Debug)]
+pub struct WireDecoder<U>(PhantomData<U>);
+
+impl<U: WireMessage> Decoder for WireDecoder<U> {
+    type Item = U;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, tonic::Status> {
+        U::read(src).map(Some)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(DECODE_BUFFER_BYTES, YIELD_THRESHOLD_BYTES)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_encoded_report_decodes_to_the_report_and_takes_a_new_held_ms() {
+        let report = v1::ReportRequest {
+            reporter: Some(v1::Reporter {
+                gateway: "gw".into(),
+                process_start_unix_ms: 7,
+                filter_version: "v".into(),
+            }),
+            sequence: 9,
+            held_ms: 40,
+            ..v1::ReportRequest::default()
+        };
+        let encoded = EncodedReport::encode(&report);
+        assert_eq!(encoded.decode().unwrap(), report);
+        let later = encoded.with_held_ms(1_040);
+        assert_eq!(
+            later.decode().unwrap(),
+            v1::ReportRequest {
+                held_ms: 1_040,
+                ..report
+            }
+        );
     }
 }

@@ -43,12 +43,14 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .client_streaming()
         .server_streaming()
         .build();
+    // Reports go to followers as the leader encoded them once (`EncodedReport`, whose bytes
+    // are a `ReportRequest`'s).
     let follow = tonic_build::manual::Method::builder()
         .name("follow")
         .route_name("Follow")
         .input_type("crate::v1::FollowRequest")
-        .output_type("crate::v1::ReportRequest")
-        .codec_path("crate::codec::ReportCodec")
+        .output_type("crate::codec::EncodedReport")
+        .codec_path("crate::codec::FollowCodec")
         .server_streaming()
         .build();
     // The services are described by hand (tonic's manual builder takes no descriptors): check

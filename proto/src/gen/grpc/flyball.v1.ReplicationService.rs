@@ -93,7 +93,7 @@ pub mod replication_service_client {
             &mut self,
             request: impl tonic::IntoRequest<crate::v1::FollowRequest>,
         ) -> std::result::Result<
-            tonic::Response<tonic::codec::Streaming<crate::v1::ReportRequest>>,
+            tonic::Response<tonic::codec::Streaming<crate::codec::EncodedReport>>,
             tonic::Status,
         > {
             self.inner
@@ -104,7 +104,7 @@ pub mod replication_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = crate::codec::ReportCodec::default();
+            let codec = crate::codec::FollowCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/flyball.v1.ReplicationService/Follow",
             );
@@ -130,7 +130,7 @@ pub mod replication_service_server {
     pub trait ReplicationService: std::marker::Send + std::marker::Sync + 'static {
         /// Server streaming response type for the Follow method.
         type FollowStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<crate::v1::ReportRequest, tonic::Status>,
+                Item = std::result::Result<crate::codec::EncodedReport, tonic::Status>,
             >
             + std::marker::Send
             + 'static;
@@ -222,7 +222,7 @@ pub mod replication_service_server {
                         T: ReplicationService,
                     > tonic::server::ServerStreamingService<crate::v1::FollowRequest>
                     for FollowSvc<T> {
-                        type Response = crate::v1::ReportRequest;
+                        type Response = crate::codec::EncodedReport;
                         type ResponseStream = T::FollowStream;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,
@@ -246,7 +246,7 @@ pub mod replication_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = FollowSvc(inner);
-                        let codec = crate::codec::ReportCodec::default();
+                        let codec = crate::codec::FollowCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
