@@ -883,13 +883,21 @@ struct Observed {
     /// Replicas asked for and not yet ready, oldest ask first: a re-ask adds only the replicas
     /// above those already asked for, so each keeps the time it was first asked for.
     asks: VecDeque<Ask>,
+    /// The latest time to ready measured.
     time_to_ready: Option<Duration>,
+    /// The last [`TIME_TO_READY_SAMPLES`] measured, oldest first.
+    ready_times: VecDeque<Duration>,
     /// The last change logged: a recommendation that is not applied (a dry run, a follower) is
     /// made again at every evaluation, up to ten times a second, and is logged once.
     logged: Option<(u32, u32, Rule)>,
     /// The last failure to read replicas, until a read succeeds.
     read_error: Option<String>,
 }
+
+/// Times to ready the policy's expectation is the median of: one replica that came up at once
+/// (its image cached on the node) or one that waited for a new node does not set, on its own,
+/// how long the next replicas asked for are waited for; a lasting change does within three asks.
+const TIME_TO_READY_SAMPLES: usize = 5;
 
 /// Replicas first asked for at `at` and not yet ready: those above `from`, up to `up_to`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -971,8 +979,21 @@ impl Observed {
             }
         }
         if let Some(at) = oldest_progress {
-            self.time_to_ready = Some(now.saturating_sub(at));
+            let took = now.saturating_sub(at);
+            self.time_to_ready = Some(took);
+            if self.ready_times.len() == TIME_TO_READY_SAMPLES {
+                self.ready_times.pop_front();
+            }
+            self.ready_times.push_back(took);
         }
+    }
+
+    /// How long replicas asked for now are expected to take to be ready: the median of the
+    /// times measured lately (the longer middle one of an even count); `None` before any.
+    fn expected_time_to_ready(&self) -> Option<Duration> {
+        let mut times: Vec<Duration> = self.ready_times.iter().copied().collect();
+        times.sort_unstable();
+        times.get(times.len() / 2).copied()
     }
 }
 
@@ -1333,7 +1354,7 @@ impl<A: Actuator> AutoscalerLoop<A> {
                     ready_replicas: replicas.ready,
                     starting_replicas: replicas.desired.saturating_sub(replicas.ready),
                     last_scale_change_at: observed.changed_at,
-                    time_to_ready: observed.time_to_ready,
+                    time_to_ready: observed.expected_time_to_ready(),
                 },
             };
             let has_load = view.has_load();

@@ -1748,6 +1748,44 @@ async fn a_gateway_reporting_every_five_seconds_does_not_hold_scale_down_for_eve
     let _ = h.stop.send(());
 }
 
+/// One fast start (an image already on the node) among slow ones does not make the policy expect
+/// every start to be fast; a lasting change is followed within three asks.
+#[test]
+fn the_expected_time_to_ready_is_the_median_of_the_last_five() {
+    // Each ask: one more replica asked for at `at`, ready `took` later.
+    fn ask(observed: &mut Observed, n: u32, at: u64, took: u64) {
+        observed.observe(replicas(n + 1, n), secs(at));
+        observed.observe(replicas(n + 1, n + 1), secs(at + took));
+    }
+    let mut observed = Observed::default();
+    observed.observe(replicas(1, 1), secs(0));
+    assert_eq!(observed.expected_time_to_ready(), None);
+    ask(&mut observed, 1, 0, 120);
+    assert_eq!(observed.expected_time_to_ready(), Some(secs(120)));
+    ask(&mut observed, 2, 1_000, 120);
+    ask(&mut observed, 3, 2_000, 20);
+    assert_eq!(
+        observed.time_to_ready,
+        Some(secs(20)),
+        "the latest measured"
+    );
+    assert_eq!(observed.expected_time_to_ready(), Some(secs(120)));
+    ask(&mut observed, 4, 3_000, 20);
+    assert_eq!(
+        observed.expected_time_to_ready(),
+        Some(secs(120)),
+        "of an even count, the longer middle one"
+    );
+    ask(&mut observed, 5, 4_000, 20);
+    assert_eq!(observed.expected_time_to_ready(), Some(secs(20)));
+    // Only the last five count: three slow ones now outweigh the two fast ones left.
+    for (i, n) in (6..9).enumerate() {
+        ask(&mut observed, n, 5_000 + 1_000 * i as u64, 300);
+    }
+    assert_eq!(observed.ready_times.len(), 5);
+    assert_eq!(observed.expected_time_to_ready(), Some(secs(300)));
+}
+
 /// A pool whose replicas come ready `takes` after they are asked for, until `stuck`: replicas
 /// asked for after that stay starting (Pending for want of nodes).
 struct StartsSlowly {
