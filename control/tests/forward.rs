@@ -6,50 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use flyball_control::leader::Leadership;
-use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
-use support::{Error, ONE_POOL, report};
-use tokio::sync::watch;
-use tonic::transport::Channel;
+use support::{Error, ONE_POOL, client, fixed, report, totals};
 
 /// Long enough for loopback, short enough to fail fast.
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn client(uri: String) -> Result<TelemetryServiceClient<Channel>, Error> {
-    Ok(TelemetryServiceClient::new(
-        Channel::from_shared(uri)?.connect().await?,
-    ))
-}
-
-/// Leadership fixed by the test: `leading`, and the leader at `leader`.
-fn fixed(
-    identity: &str,
-    leading: bool,
-    leader: Option<String>,
-) -> (
-    Leadership,
-    watch::Sender<bool>,
-    watch::Sender<Option<String>>,
-) {
-    let (leading_tx, leading_rx) = watch::channel(leading);
-    let (leader_tx, leader_rx) = watch::channel(leader);
-    (
-        Leadership::from_channels(identity, leading_rx, leader_rx),
-        leading_tx,
-        leader_tx,
-    )
-}
-
-fn totals(pools: &serde_json::Value) -> (u64, u64, u64, u64) {
-    let pool = &pools["pools"][0];
-    let n = |k: &str| pool[k].as_u64().unwrap();
-    (
-        n("requests"),
-        n("errors"),
-        n("input_tokens"),
-        n("output_tokens"),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_sent_to_the_follower_reach_the_leader_totals_exactly() -> Result<(), Error> {

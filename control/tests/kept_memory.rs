@@ -11,13 +11,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use flyball_control::leader::Leadership;
-use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
 use flyball_proto::v1;
 use prost::Message;
-use support::{Error, ONE_POOL, report};
-use tokio::sync::watch;
-use tonic::transport::Channel;
+use support::{Error, ONE_POOL, client, fixed, report};
 
 /// Bytes allocated and not yet freed, by anything in this test process.
 struct Counting;
@@ -56,31 +52,6 @@ static ALLOCATOR: Counting = Counting;
 
 /// Long enough for loopback, short enough to fail fast.
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn client(uri: String) -> Result<TelemetryServiceClient<Channel>, Error> {
-    Ok(TelemetryServiceClient::new(
-        Channel::from_shared(uri)?.connect().await?,
-    ))
-}
-
-/// Leadership fixed by the test: `leading`, and the leader at `leader`.
-fn fixed(
-    identity: &str,
-    leading: bool,
-    leader: Option<String>,
-) -> (
-    Leadership,
-    watch::Sender<bool>,
-    watch::Sender<Option<String>>,
-) {
-    let (leading_tx, leading_rx) = watch::channel(leading);
-    let (leader_tx, leader_rx) = watch::channel(leader);
-    (
-        Leadership::from_channels(identity, leading_rx, leader_rx),
-        leading_tx,
-        leader_tx,
-    )
-}
 
 /// A report of `gateway` with `keys` (backend, model) keys, each with a request and tokens: what a
 /// gateway fronting many models sends every second.

@@ -10,53 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use flyball_control::leader::Leadership;
-use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
 use flyball_proto::grpc::telemetry_service_server::{TelemetryService, TelemetryServiceServer};
 use flyball_proto::v1;
-use support::{Error, ONE_POOL, report};
-use tokio::sync::watch;
-use tonic::transport::Channel;
+use support::{Error, ONE_POOL, client, fixed, report, totals};
 
 /// Long enough for loopback, short enough to fail fast.
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn client(uri: String) -> Result<TelemetryServiceClient<Channel>, Error> {
-    Ok(TelemetryServiceClient::new(
-        Channel::from_shared(uri)?.connect().await?,
-    ))
-}
-
-/// Leadership fixed by the test: `leading`, and the leader at `leader`.
-fn fixed(
-    identity: &str,
-    leading: bool,
-    leader: Option<String>,
-) -> (
-    Leadership,
-    watch::Sender<bool>,
-    watch::Sender<Option<String>>,
-) {
-    let (leading_tx, leading_rx) = watch::channel(leading);
-    let (leader_tx, leader_rx) = watch::channel(leader);
-    (
-        Leadership::from_channels(identity, leading_rx, leader_rx),
-        leading_tx,
-        leader_tx,
-    )
-}
-
-/// Requests, errors, input and output tokens since start, from `/v1/pools`.
-fn totals(pools: &serde_json::Value) -> (u64, u64, u64, u64) {
-    let pool = &pools["pools"][0];
-    let n = |k: &str| pool[k].as_u64().unwrap();
-    (
-        n("requests"),
-        n("errors"),
-        n("input_tokens"),
-        n("output_tokens"),
-    )
-}
 
 /// What `support::report(_, _, ok)` adds to the totals.
 fn report_totals(ok: u64) -> (u64, u64, u64, u64) {

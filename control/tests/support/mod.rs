@@ -348,3 +348,49 @@ pub async fn metric(http: SocketAddr, series: &str) -> Result<Option<f64>, Error
         (name == series).then(|| value.parse().ok()).flatten()
     }))
 }
+
+/// A gRPC client of the service at `uri`, connected.
+pub async fn client(
+    uri: String,
+) -> Result<
+    flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient<
+        tonic::transport::Channel,
+    >,
+    Error,
+> {
+    let channel = tonic::transport::Channel::from_shared(uri)?
+        .connect()
+        .await?;
+    Ok(flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient::new(channel))
+}
+
+/// Leadership fixed by the test: `leading`, and the leader at `leader`; the senders change them.
+pub fn fixed(
+    identity: &str,
+    leading: bool,
+    leader: Option<String>,
+) -> (
+    Leadership,
+    tokio::sync::watch::Sender<bool>,
+    tokio::sync::watch::Sender<Option<String>>,
+) {
+    let (leading_tx, leading_rx) = tokio::sync::watch::channel(leading);
+    let (leader_tx, leader_rx) = tokio::sync::watch::channel(leader);
+    (
+        Leadership::from_channels(identity, leading_rx, leader_rx),
+        leading_tx,
+        leader_tx,
+    )
+}
+
+/// Requests, errors, input and output tokens since start of the first pool in `/v1/pools`.
+pub fn totals(pools: &serde_json::Value) -> (u64, u64, u64, u64) {
+    let pool = &pools["pools"][0];
+    let n = |k: &str| pool[k].as_u64().unwrap();
+    (
+        n("requests"),
+        n("errors"),
+        n("input_tokens"),
+        n("output_tokens"),
+    )
+}
