@@ -325,6 +325,9 @@ pub struct IngestService {
     stopping: tokio::sync::watch::Receiver<bool>,
 }
 
+/// The refusal reason of reports that reach a replica that is shutting down.
+pub const STOPPING: &str = "stopping";
+
 /// The refusal reason of reports over `max_report_bytes`, which tonic refuses before ingest
 /// sees them (the service rewrites and counts those refusals on their way out).
 pub const OVERSIZE: &str = "oversize";
@@ -1471,6 +1474,14 @@ impl IngestService {
         forwarded_by: Option<&Arc<str>>,
     ) -> Result<v1::ReportResponse, tonic::Status> {
         let forwarded = forwarded_by.is_some();
+        // Stopping, this replica steps down before its servers have drained, and its followers'
+        // streams end: a report taken now would be acknowledged and reach no other replica.
+        // Refused, it goes again to another replica, as gateways and followers send again what
+        // is not acknowledged.
+        if *self.stopping.borrow() {
+            self.telemetry.count_refusal(STOPPING);
+            return Err(shutting_down());
+        }
         // A follower forwards to the replica the Lease names, which may have stopped leading
         // (its renewals fail) while the Lease still names it, until it expires. Taken and
         // acknowledged there, the report would be lost to whoever leads next: refused as
@@ -1706,6 +1717,10 @@ impl IngestService {
     }
 }
 
+fn shutting_down() -> tonic::Status {
+    tonic::Status::unavailable("the control service is shutting down; report to another replica")
+}
+
 /// The replica that forwarded `request`'s reports, if one did ([`FORWARDED_BY`]).
 fn forwarded_by<T>(request: &tonic::Request<T>) -> Option<Arc<str>> {
     let value = request.metadata().get(FORWARDED_BY)?;
@@ -1754,10 +1769,10 @@ impl TelemetryService for IngestService {
                     let mut service = service?;
                     let mut stopping = service.stopping.clone();
                     let received = tokio::select! {
+                        // Stopping first: see `IngestService::merge`.
+                        biased;
+                        _ = stopping.wait_for(|stop| *stop) => Err(shutting_down()),
                         received = reports.message() => received,
-                        _ = stopping.wait_for(|stop| *stop) => Err(tonic::Status::unavailable(
-                            "the control service is shutting down; report to another replica",
-                        )),
                     };
                     let answer = match received {
                         Ok(Some(report)) => {

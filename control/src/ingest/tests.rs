@@ -1428,3 +1428,33 @@ fn a_report_refused_for_too_many_keys_holds_the_pools_it_would_feed() {
         "pool b's every report was turned away for want of room, yet it reads {fresh:?}"
     );
 }
+
+/// A replica that is stopping steps down before its servers have drained, and its followers'
+/// streams end: a report it took and acknowledged then would reach no other replica. It refuses
+/// it instead (`UNAVAILABLE`), from a gateway or a follower alike, and counts the refusal; the
+/// sender goes to another replica.
+#[tokio::test]
+async fn a_stopping_replica_refuses_reports_so_they_go_elsewhere() {
+    let base = Instant::now();
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let service = IngestService::new(Arc::new(telemetry(base)), stopping);
+    let forwarder: Arc<str> = Arc::from("b#1");
+    assert!(service.merge(report("gw", 1, 1, 1, 2), None).is_ok());
+    stop.send(true).unwrap();
+    for forwarded_by in [None, Some(&forwarder)] {
+        let refused = service
+            .merge(report("gw", 1, 2, 1, 2), forwarded_by)
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert!(refused.message().contains("shutting down"), "{refused}");
+    }
+    let counters = service.telemetry.counters();
+    assert_eq!(
+        counters
+            .refused
+            .get_or_create(&RefusedLabels { reason: STOPPING })
+            .get(),
+        2
+    );
+    assert_eq!(counters.reports.get(), 1);
+}
