@@ -105,21 +105,6 @@ async fn a_report_that_reaches_the_leader_twice_is_merged_once() -> Result<(), E
     Ok(())
 }
 
-/// Polls `/metrics` until `series` reads at least `min`.
-async fn wait_at_least(running: &support::Running, series: &str, min: f64) -> Result<(), Error> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let now = running.metric(series).await?;
-        if now.is_some_and(|v| v >= min) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(format!("{series} = {now:?} after {WAIT:?}, wanted {min} or more").into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 const NOT_LEADER: &str = "flyball_ingest_refused_total{reason=\"not_leader\"}";
 
 #[tokio::test]
@@ -138,7 +123,7 @@ async fn replicas_that_each_think_the_other_leads_do_not_bounce_reports() -> Res
         grpc.report(report("gw", sequence, 1)).await?;
     }
     // a does not lead: it refuses what b forwards, so there is nothing it could send back.
-    wait_at_least(&a, NOT_LEADER, 1.0).await?;
+    support::wait_at_least(a.http, NOT_LEADER, 1.0, WAIT).await?;
     assert_eq!(a.metric("flyball_ingest_reports_total").await?, Some(0.0));
     assert_eq!(a.metric("flyball_forward_reports_total").await?, Some(0.0));
     assert_eq!(b.metric("flyball_forward_reports_total").await?, Some(0.0));
@@ -169,7 +154,7 @@ async fn reports_forwarded_to_a_replica_that_no_longer_leads_reach_the_next_lead
     for sequence in 1..=5 {
         grpc.report(report("gw", sequence, 1)).await?;
     }
-    wait_at_least(&old, NOT_LEADER, 1.0).await?;
+    support::wait_at_least(old.http, NOT_LEADER, 1.0, WAIT).await?;
     assert_eq!(old.metric("flyball_ingest_reports_total").await?, Some(0.0));
     assert_eq!(
         follower.metric("flyball_forward_reports_total").await?,

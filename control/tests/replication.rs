@@ -26,36 +26,6 @@ fn add(a: (u64, u64, u64, u64), b: (u64, u64, u64, u64)) -> (u64, u64, u64, u64)
     (a.0 + b.0, a.1 + b.1, a.2 + b.2, a.3 + b.3)
 }
 
-/// Polls `series` on the service at `http` until it reads `value`.
-async fn wait_metric(http: std::net::SocketAddr, series: &str, value: f64) -> Result<(), Error> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let now = support::metric(http, series).await?;
-        if now == Some(value) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(format!("{series} = {now:?} after {WAIT:?}, wanted {value}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Polls `series` on the service at `http` until it reads at least `min`.
-async fn wait_at_least(http: std::net::SocketAddr, series: &str, min: f64) -> Result<(), Error> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let now = support::metric(http, series).await?;
-        if now.is_some_and(|now| now >= min) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(format!("{series} = {now:?} after {WAIT:?}, wanted {min} or more").into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `gateways` gateways named `{prefix}-{g}`, 25 reports each, to `uri`; what they sent.
 async fn report_all(
     uri: String,
@@ -217,7 +187,7 @@ async fn a_leader_that_crashes_costs_the_next_one_at_most_one_report_per_gateway
     let old = support::start_crashable(ONE_POOL, &[], a)?;
     let (b, b_leading, b_leader) = fixed("b", false, Some(old.grpc_uri()));
     let next = support::start_led(ONE_POOL, &[], b).await?;
-    wait_metric(old.http, "flyball_replication_followers", 1.0).await?;
+    support::wait_metric(old.http, "flyball_replication_followers", 1.0, WAIT).await?;
 
     let gateways: Vec<MovingGateway> = ["gw-1", "gw-2", "gw-3"]
         .into_iter()
@@ -229,7 +199,7 @@ async fn a_leader_that_crashes_costs_the_next_one_at_most_one_report_per_gateway
         )))
         .collect();
     // Over a second of reports before the crash.
-    wait_at_least(next.http, "flyball_replication_followed_total", 60.0).await?;
+    support::wait_at_least(next.http, "flyball_replication_followed_total", 60.0, WAIT).await?;
     old.crash();
     // The Lease runs out and names the follower; the gateways go on, there.
     b_leader.send(None)?;
@@ -238,7 +208,13 @@ async fn a_leader_that_crashes_costs_the_next_one_at_most_one_report_per_gateway
         .metric("flyball_ingest_reports_total")
         .await?
         .unwrap_or(0.0);
-    wait_at_least(next.http, "flyball_ingest_reports_total", at_crash + 40.0).await?;
+    support::wait_at_least(
+        next.http,
+        "flyball_ingest_reports_total",
+        at_crash + 40.0,
+        WAIT,
+    )
+    .await?;
     let mut sent = (0, 0, 0, 0);
     for gateway in gateways {
         sent = add(sent, gateway.stop().await?);

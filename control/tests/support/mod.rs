@@ -184,17 +184,7 @@ impl Running {
         value: f64,
         timeout: std::time::Duration,
     ) -> Result<(), Error> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let now = self.metric(series).await?;
-            if now == Some(value) {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(format!("{series} = {now:?} after {timeout:?}, wanted {value}").into());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        wait_metric(self.http, series, value, timeout).await
     }
 
     /// `GET /v1/pools` as JSON.
@@ -393,4 +383,49 @@ pub fn totals(pools: &serde_json::Value) -> (u64, u64, u64, u64) {
         n("input_tokens"),
         n("output_tokens"),
     )
+}
+
+/// Polls the `/metrics` of the service at `http` until `series` reads a value `done` accepts, or
+/// fails after `timeout` with what it read and `wanted`.
+async fn wait_metric_for(
+    http: SocketAddr,
+    series: &str,
+    timeout: std::time::Duration,
+    wanted: &str,
+    done: impl Fn(f64) -> bool,
+) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let now = metric(http, series).await?;
+        if now.is_some_and(&done) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("{series} = {now:?} after {timeout:?}, wanted {wanted}").into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls the `/metrics` of the service at `http` until `series` reads `value`.
+pub async fn wait_metric(
+    http: SocketAddr,
+    series: &str,
+    value: f64,
+    timeout: std::time::Duration,
+) -> Result<(), Error> {
+    wait_metric_for(http, series, timeout, &value.to_string(), |v| v == value).await
+}
+
+/// Polls the `/metrics` of the service at `http` until `series` reads at least `min`.
+pub async fn wait_at_least(
+    http: SocketAddr,
+    series: &str,
+    min: f64,
+    timeout: std::time::Duration,
+) -> Result<(), Error> {
+    wait_metric_for(http, series, timeout, &format!("{min} or more"), |v| {
+        v >= min
+    })
+    .await
 }
