@@ -34,11 +34,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flyball_proto::Sketch;
+use flyball_proto::codec::ReceivedReport;
 use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
 use flyball_proto::grpc::telemetry_service_server::{TelemetryService, TelemetryServiceServer};
 use flyball_proto::v1;
 use futures::StreamExt;
 use tonic::transport::{Channel, Endpoint};
+
+/// The allocator the `flyball` binary runs the control service on (cli/src/main.rs), so the
+/// figures are the product's.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -833,10 +839,10 @@ struct AckOnly;
 impl TelemetryService for AckOnly {
     async fn report(
         &self,
-        request: tonic::Request<v1::ReportRequest>,
+        request: tonic::Request<ReceivedReport>,
     ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
         Ok(tonic::Response::new(v1::ReportResponse {
-            acknowledged_sequence: request.get_ref().sequence,
+            acknowledged_sequence: request.get_ref().report.sequence,
         }))
     }
 
@@ -844,11 +850,11 @@ impl TelemetryService for AckOnly {
 
     async fn report_stream(
         &self,
-        request: tonic::Request<tonic::Streaming<v1::ReportRequest>>,
+        request: tonic::Request<tonic::Streaming<ReceivedReport>>,
     ) -> Result<tonic::Response<Self::ReportStreamStream>, tonic::Status> {
         let acks = request.into_inner().map(|report| {
-            report.map(|report| v1::ReportResponse {
-                acknowledged_sequence: report.sequence,
+            report.map(|received| v1::ReportResponse {
+                acknowledged_sequence: received.report.sequence,
             })
         });
         Ok(tonic::Response::new(Box::pin(acks)))

@@ -765,6 +765,8 @@ mod tests {
         assert_eq!(dropped_now(&f.counters, "send_failed"), 0);
     }
 
+    use flyball_proto::codec::ReceivedReport;
+
     /// A leader that acknowledges every report and keeps what it was sent.
     #[derive(Clone, Default)]
     struct RecordingLeader {
@@ -775,9 +777,9 @@ mod tests {
     impl flyball_proto::grpc::telemetry_service_server::TelemetryService for RecordingLeader {
         async fn report(
             &self,
-            request: tonic::Request<v1::ReportRequest>,
+            request: tonic::Request<ReceivedReport>,
         ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
-            let report = request.into_inner();
+            let report = request.into_inner().report;
             let acknowledged_sequence = report.sequence;
             self.received.lock().unwrap().push(report);
             Ok(tonic::Response::new(v1::ReportResponse {
@@ -789,12 +791,12 @@ mod tests {
 
         async fn report_stream(
             &self,
-            request: tonic::Request<tonic::Streaming<v1::ReportRequest>>,
+            request: tonic::Request<tonic::Streaming<ReceivedReport>>,
         ) -> Result<tonic::Response<Self::ReportStreamStream>, tonic::Status> {
             use futures::StreamExt;
             let received = self.received.clone();
             let acks = request.into_inner().map(move |report| {
-                report.map(|report| {
+                report.map(|ReceivedReport { report, .. }| {
                     let acknowledged_sequence = report.sequence;
                     received.lock().unwrap().push(report);
                     v1::ReportResponse {

@@ -38,7 +38,7 @@ use crate::replication::Replication;
 use crate::window::{
     Delta, InFlight, KeyId, KeyView, Latencies, PoolId, Selector, View, WindowConfig, Windows,
 };
-use flyball_proto::codec::EncodedReport;
+use flyball_proto::codec::ReceivedReport;
 
 /// Limits and timings of ingest.
 #[derive(Debug, Clone, PartialEq)]
@@ -1470,9 +1470,10 @@ impl IngestService {
     /// Merges one report, unary or streamed, and answers with its acknowledgement or refusal.
     fn merge(
         &self,
-        report: v1::ReportRequest,
+        received: ReceivedReport,
         forwarded_by: Option<&Arc<str>>,
     ) -> Result<v1::ReportResponse, tonic::Status> {
+        let ReceivedReport { report, encoded } = received;
         let forwarded = forwarded_by.is_some();
         // Stopping, this replica steps down before its servers have drained, and its followers'
         // streams end: a report taken now would be acknowledged and reach no other replica.
@@ -1509,12 +1510,12 @@ impl IngestService {
         // two replicas that each think the other leads (should this one stop leading between
         // the check above and now).
         let (sequence, held_ms) = (report.sequence, report.held_ms);
-        // A follower passes the report on to the leader; the leader keeps it, encoded, for its
-        // followers. Both before ingest takes it.
+        // A follower passes the report on to the leader; the leader keeps it, as it arrived, for
+        // its followers. Both before ingest takes it.
         let forwarder = self.forwarder.as_ref().filter(|f| !forwarded && f.active());
         let copy = forwarder.map(|_| report.clone());
         let replication = self.replication.as_ref().filter(|r| r.wanted());
-        let encoded = replication.map(|_| EncodedReport::encode(&report));
+        let encoded = replication.map(|_| encoded);
         let pass_on = move || match (copy, forwarder, encoded, replication) {
             (Some(copy), Some(forwarder), _, _) => forwarder.offer(copy),
             (_, _, Some(encoded), Some(replication)) => {
@@ -1700,7 +1701,7 @@ impl IngestService {
     /// Merges a report from a gateway or another replica, following the gateway's connection.
     fn take(
         &self,
-        report: v1::ReportRequest,
+        report: ReceivedReport,
         forwarded_by: Option<&Arc<str>>,
         connection: Option<&ConnectionInfo>,
     ) -> Result<v1::ReportResponse, tonic::Status> {
@@ -1708,7 +1709,7 @@ impl IngestService {
         // A replica's forwarding connection carries many gateways; its close says nothing of them.
         let connection =
             connection.filter(|_| !forwarded && self.telemetry.config().departed_on_close);
-        let reporter = self.untracked(connection, &report);
+        let reporter = self.untracked(connection, &report.report);
         let answer = self.merge(report, forwarded_by);
         if answer.is_ok() {
             self.track(connection, reporter);
@@ -1737,7 +1738,7 @@ pub type AckStream = std::pin::Pin<
 impl TelemetryService for IngestService {
     async fn report(
         &self,
-        request: tonic::Request<v1::ReportRequest>,
+        request: tonic::Request<ReceivedReport>,
     ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
         let forwarded_by = forwarded_by(&request);
         let connection = request.extensions().get::<ConnectionInfo>().cloned();
@@ -1753,7 +1754,7 @@ impl TelemetryService for IngestService {
 
     async fn report_stream(
         &self,
-        request: tonic::Request<tonic::Streaming<v1::ReportRequest>>,
+        request: tonic::Request<tonic::Streaming<ReceivedReport>>,
     ) -> Result<tonic::Response<AckStream>, tonic::Status> {
         let forwarded_by = forwarded_by(&request);
         let connection = request.extensions().get::<ConnectionInfo>().cloned();

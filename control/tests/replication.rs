@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use flyball_proto::codec::ReceivedReport;
 use flyball_proto::grpc::telemetry_service_server::{TelemetryService, TelemetryServiceServer};
 use flyball_proto::v1;
 use support::{Error, ONE_POOL, client, fixed, report, totals};
@@ -570,7 +571,7 @@ struct StallingLeader {
 impl TelemetryService for StallingLeader {
     async fn report(
         &self,
-        _request: tonic::Request<v1::ReportRequest>,
+        _request: tonic::Request<ReceivedReport>,
     ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("streams only"))
     }
@@ -581,14 +582,14 @@ impl TelemetryService for StallingLeader {
 
     async fn report_stream(
         &self,
-        request: tonic::Request<tonic::Streaming<v1::ReportRequest>>,
+        request: tonic::Request<tonic::Streaming<ReceivedReport>>,
     ) -> Result<tonic::Response<Self::ReportStreamStream>, tonic::Status> {
         let (taken, sequences) = tokio::sync::mpsc::unbounded_channel();
         let (mut reports, received) = (request.into_inner(), self.received.clone());
         tokio::spawn(async move {
             while let Ok(Some(report)) = reports.message().await {
                 received.fetch_add(1, Ordering::SeqCst);
-                if taken.send(report.sequence).is_err() {
+                if taken.send(report.report.sequence).is_err() {
                     return;
                 }
             }

@@ -22,7 +22,10 @@ pub mod codec;
 #[cfg(feature = "grpc")]
 pub mod grpc {
     #![allow(clippy::all)]
-    include!("gen/grpc/flyball.v1.TelemetryService.rs");
+    // What sends reports (gateways in tests, followers) and what receives them (the control
+    // service) are generated apart: see `codec::ReceivedReport`.
+    include!("gen/grpc/client/flyball.v1.TelemetryService.rs");
+    include!("gen/grpc/server/flyball.v1.TelemetryService.rs");
     include!("gen/grpc/flyball.v1.ReplicationService.rs");
 }
 

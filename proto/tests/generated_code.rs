@@ -14,7 +14,9 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let messages = out.join("messages");
     let grpc = out.join("grpc");
     std::fs::create_dir_all(&messages)?;
-    std::fs::create_dir_all(&grpc)?;
+    for dir in [grpc.clone(), grpc.join("client"), grpc.join("server")] {
+        std::fs::create_dir_all(dir)?;
+    }
 
     let descriptors = protox::compile(
         ["flyball/v1/telemetry.proto", "flyball/v1/replication.proto"],
@@ -27,22 +29,33 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
 
     // Service code is generated apart from the messages so that the messages build for wasm32
     // without tonic.
-    let report = tonic_build::manual::Method::builder()
-        .name("report")
-        .route_name("Report")
-        .input_type("crate::v1::ReportRequest")
-        .output_type("crate::v1::ReportResponse")
-        .codec_path("crate::codec::ReportCodec")
-        .build();
-    let report_stream = tonic_build::manual::Method::builder()
-        .name("report_stream")
-        .route_name("ReportStream")
-        .input_type("crate::v1::ReportRequest")
-        .output_type("crate::v1::ReportResponse")
-        .codec_path("crate::codec::ReportCodec")
-        .client_streaming()
-        .server_streaming()
-        .build();
+    // Gateways and followers send `ReportRequest`s; the control service's server receives
+    // each with the bytes it arrived as (`ReceivedReport`), to keep them for its followers
+    // without encoding them again. So the client and the server are generated apart.
+    let telemetry_methods = |input: &str, codec: &str| {
+        let report = tonic_build::manual::Method::builder()
+            .name("report")
+            .route_name("Report")
+            .input_type(input)
+            .output_type("crate::v1::ReportResponse")
+            .codec_path(codec)
+            .build();
+        let report_stream = tonic_build::manual::Method::builder()
+            .name("report_stream")
+            .route_name("ReportStream")
+            .input_type(input)
+            .output_type("crate::v1::ReportResponse")
+            .codec_path(codec)
+            .client_streaming()
+            .server_streaming()
+            .build();
+        tonic_build::manual::Service::builder()
+            .name("TelemetryService")
+            .package("flyball.v1")
+            .method(report)
+            .method(report_stream)
+            .build()
+    };
     // Reports go to followers as the leader encoded them once (`EncodedReport`, whose bytes
     // are a `ReportRequest`'s).
     let follow = tonic_build::manual::Method::builder()
@@ -84,12 +97,6 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
-    let telemetry = tonic_build::manual::Service::builder()
-        .name("TelemetryService")
-        .package("flyball.v1")
-        .method(report)
-        .method(report_stream)
-        .build();
     let replication = tonic_build::manual::Service::builder()
         .name("ReplicationService")
         .package("flyball.v1")
@@ -97,7 +104,21 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .build();
     tonic_build::manual::Builder::new()
         .out_dir(&grpc)
-        .compile(&[telemetry, replication]);
+        .compile(&[replication]);
+    tonic_build::manual::Builder::new()
+        .out_dir(grpc.join("client"))
+        .build_server(false)
+        .compile(&[telemetry_methods(
+            "crate::v1::ReportRequest",
+            "crate::codec::ReportCodec",
+        )]);
+    tonic_build::manual::Builder::new()
+        .out_dir(grpc.join("server"))
+        .build_client(false)
+        .compile(&[telemetry_methods(
+            "crate::codec::ReceivedReport",
+            "crate::codec::IngestCodec",
+        )]);
     Ok(())
 }
 
@@ -111,8 +132,12 @@ fn checked_in_bindings_match_the_proto() -> Result<(), Box<dyn std::error::Error
             crate_dir().join("src/gen/flyball.v1.rs"),
         ),
         (
-            scratch.join("grpc/flyball.v1.TelemetryService.rs"),
-            crate_dir().join("src/gen/grpc/flyball.v1.TelemetryService.rs"),
+            scratch.join("grpc/client/flyball.v1.TelemetryService.rs"),
+            crate_dir().join("src/gen/grpc/client/flyball.v1.TelemetryService.rs"),
+        ),
+        (
+            scratch.join("grpc/server/flyball.v1.TelemetryService.rs"),
+            crate_dir().join("src/gen/grpc/server/flyball.v1.TelemetryService.rs"),
         ),
         (
             scratch.join("grpc/flyball.v1.ReplicationService.rs"),

@@ -1,6 +1,7 @@
 //! A test receiver for the filter's reports: a real tonic `TelemetryService` on loopback that
 //! records every report, and can be taken down and brought back on the same port.
 
+use flyball_proto::codec::ReceivedReport;
 use flyball_proto::grpc::telemetry_service_server::{TelemetryService, TelemetryServiceServer};
 use flyball_proto::v1::{KeyTelemetry, ReportRequest, ReportResponse};
 use std::collections::BTreeMap;
@@ -62,10 +63,10 @@ type AckStream =
 impl TelemetryService for RecorderService {
     async fn report(
         &self,
-        request: tonic::Request<ReportRequest>,
+        request: tonic::Request<ReceivedReport>,
     ) -> Result<tonic::Response<ReportResponse>, tonic::Status> {
         self.recorder
-            .record(request.into_inner())
+            .record(request.into_inner().report)
             .map(tonic::Response::new)
     }
 
@@ -73,7 +74,7 @@ impl TelemetryService for RecorderService {
 
     async fn report_stream(
         &self,
-        request: tonic::Request<tonic::Streaming<ReportRequest>>,
+        request: tonic::Request<tonic::Streaming<ReceivedReport>>,
     ) -> Result<tonic::Response<AckStream>, tonic::Status> {
         if self.unary_only {
             return Err(tonic::Status::unimplemented("no ReportStream here"));
@@ -92,7 +93,7 @@ impl TelemetryService for RecorderService {
                 Ok(Some(report)) => {
                     service.recorder.streamed.fetch_add(1, Ordering::Relaxed);
                     // A refusal ends the stream, as the control service's does.
-                    match service.recorder.record(report) {
+                    match service.recorder.record(report.report) {
                         Ok(ack) => Some((Ok(ack), (reports, Some(service)))),
                         Err(status) => Some((Err(status), (reports, None))),
                     }

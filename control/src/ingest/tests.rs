@@ -1439,11 +1439,15 @@ async fn a_stopping_replica_refuses_reports_so_they_go_elsewhere() {
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let service = IngestService::new(Arc::new(telemetry(base)), stopping);
     let forwarder: Arc<str> = Arc::from("b#1");
-    assert!(service.merge(report("gw", 1, 1, 1, 2), None).is_ok());
+    assert!(
+        service
+            .merge(ReceivedReport::new(report("gw", 1, 1, 1, 2)), None)
+            .is_ok()
+    );
     stop.send(true).unwrap();
     for forwarded_by in [None, Some(&forwarder)] {
         let refused = service
-            .merge(report("gw", 1, 2, 1, 2), forwarded_by)
+            .merge(ReceivedReport::new(report("gw", 1, 2, 1, 2)), forwarded_by)
             .unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unavailable);
         assert!(refused.message().contains("shutting down"), "{refused}");

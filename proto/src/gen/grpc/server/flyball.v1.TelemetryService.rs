@@ -1,144 +1,3 @@
-/// Generated client implementations.
-pub mod telemetry_service_client {
-    #![allow(
-        unused_variables,
-        dead_code,
-        missing_docs,
-        clippy::wildcard_imports,
-        clippy::let_unit_value,
-    )]
-    use tonic::codegen::*;
-    use tonic::codegen::http::Uri;
-    #[derive(Debug, Clone)]
-    pub struct TelemetryServiceClient<T> {
-        inner: tonic::client::Grpc<T>,
-    }
-    impl TelemetryServiceClient<tonic::transport::Channel> {
-        /// Attempt to create a new client by connecting to a given endpoint.
-        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
-        where
-            D: TryInto<tonic::transport::Endpoint>,
-            D::Error: Into<StdError>,
-        {
-            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
-            Ok(Self::new(conn))
-        }
-    }
-    impl<T> TelemetryServiceClient<T>
-    where
-        T: tonic::client::GrpcService<tonic::body::Body>,
-        T::Error: Into<StdError>,
-        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
-        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
-    {
-        pub fn new(inner: T) -> Self {
-            let inner = tonic::client::Grpc::new(inner);
-            Self { inner }
-        }
-        pub fn with_origin(inner: T, origin: Uri) -> Self {
-            let inner = tonic::client::Grpc::with_origin(inner, origin);
-            Self { inner }
-        }
-        pub fn with_interceptor<F>(
-            inner: T,
-            interceptor: F,
-        ) -> TelemetryServiceClient<InterceptedService<T, F>>
-        where
-            F: tonic::service::Interceptor,
-            T::ResponseBody: Default,
-            T: tonic::codegen::Service<
-                http::Request<tonic::body::Body>,
-                Response = http::Response<
-                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
-                >,
-            >,
-            <T as tonic::codegen::Service<
-                http::Request<tonic::body::Body>,
-            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
-        {
-            TelemetryServiceClient::new(InterceptedService::new(inner, interceptor))
-        }
-        /// Compress requests with the given encoding.
-        ///
-        /// This requires the server to support it otherwise it might respond with an
-        /// error.
-        #[must_use]
-        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
-            self.inner = self.inner.send_compressed(encoding);
-            self
-        }
-        /// Enable decompressing responses.
-        #[must_use]
-        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
-            self.inner = self.inner.accept_compressed(encoding);
-            self
-        }
-        /// Limits the maximum size of a decoded message.
-        ///
-        /// Default: `4MB`
-        #[must_use]
-        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
-            self.inner = self.inner.max_decoding_message_size(limit);
-            self
-        }
-        /// Limits the maximum size of an encoded message.
-        ///
-        /// Default: `usize::MAX`
-        #[must_use]
-        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
-            self.inner = self.inner.max_encoding_message_size(limit);
-            self
-        }
-        pub async fn report(
-            &mut self,
-            request: impl tonic::IntoRequest<crate::v1::ReportRequest>,
-        ) -> std::result::Result<
-            tonic::Response<crate::v1::ReportResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
-            let codec = crate::codec::ReportCodec::default();
-            let path = http::uri::PathAndQuery::from_static(
-                "/flyball.v1.TelemetryService/Report",
-            );
-            let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(GrpcMethod::new("flyball.v1.TelemetryService", "Report"));
-            self.inner.unary(req, path, codec).await
-        }
-        pub async fn report_stream(
-            &mut self,
-            request: impl tonic::IntoStreamingRequest<Message = crate::v1::ReportRequest>,
-        ) -> std::result::Result<
-            tonic::Response<tonic::codec::Streaming<crate::v1::ReportResponse>>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
-            let codec = crate::codec::ReportCodec::default();
-            let path = http::uri::PathAndQuery::from_static(
-                "/flyball.v1.TelemetryService/ReportStream",
-            );
-            let mut req = request.into_streaming_request();
-            req.extensions_mut()
-                .insert(GrpcMethod::new("flyball.v1.TelemetryService", "ReportStream"));
-            self.inner.streaming(req, path, codec).await
-        }
-    }
-}
 /// Generated server implementations.
 pub mod telemetry_service_server {
     #![allow(
@@ -154,7 +13,7 @@ pub mod telemetry_service_server {
     pub trait TelemetryService: std::marker::Send + std::marker::Sync + 'static {
         async fn report(
             &self,
-            request: tonic::Request<crate::v1::ReportRequest>,
+            request: tonic::Request<crate::codec::ReceivedReport>,
         ) -> std::result::Result<
             tonic::Response<crate::v1::ReportResponse>,
             tonic::Status,
@@ -167,7 +26,7 @@ pub mod telemetry_service_server {
             + 'static;
         async fn report_stream(
             &self,
-            request: tonic::Request<tonic::Streaming<crate::v1::ReportRequest>>,
+            request: tonic::Request<tonic::Streaming<crate::codec::ReceivedReport>>,
         ) -> std::result::Result<
             tonic::Response<Self::ReportStreamStream>,
             tonic::Status,
@@ -254,7 +113,7 @@ pub mod telemetry_service_server {
                     struct ReportSvc<T: TelemetryService>(pub Arc<T>);
                     impl<
                         T: TelemetryService,
-                    > tonic::server::UnaryService<crate::v1::ReportRequest>
+                    > tonic::server::UnaryService<crate::codec::ReceivedReport>
                     for ReportSvc<T> {
                         type Response = crate::v1::ReportResponse;
                         type Future = BoxFuture<
@@ -263,7 +122,7 @@ pub mod telemetry_service_server {
                         >;
                         fn call(
                             &mut self,
-                            request: tonic::Request<crate::v1::ReportRequest>,
+                            request: tonic::Request<crate::codec::ReceivedReport>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
@@ -279,7 +138,7 @@ pub mod telemetry_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReportSvc(inner);
-                        let codec = crate::codec::ReportCodec::default();
+                        let codec = crate::codec::IngestCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -299,7 +158,7 @@ pub mod telemetry_service_server {
                     struct ReportStreamSvc<T: TelemetryService>(pub Arc<T>);
                     impl<
                         T: TelemetryService,
-                    > tonic::server::StreamingService<crate::v1::ReportRequest>
+                    > tonic::server::StreamingService<crate::codec::ReceivedReport>
                     for ReportStreamSvc<T> {
                         type Response = crate::v1::ReportResponse;
                         type ResponseStream = T::ReportStreamStream;
@@ -310,7 +169,7 @@ pub mod telemetry_service_server {
                         fn call(
                             &mut self,
                             request: tonic::Request<
-                                tonic::Streaming<crate::v1::ReportRequest>,
+                                tonic::Streaming<crate::codec::ReceivedReport>,
                             >,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
@@ -328,7 +187,7 @@ pub mod telemetry_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReportStreamSvc(inner);
-                        let codec = crate::codec::ReportCodec::default();
+                        let codec = crate::codec::IngestCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
