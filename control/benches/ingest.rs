@@ -7,6 +7,7 @@
 //!     cargo bench -p flyball-control --bench ingest -- --rpc unary  # one call per report
 //!     cargo bench -p flyball-control --bench ingest -- --forward    # through a follower
 //!     cargo bench -p flyball-control --bench ingest -- --followed   # a leader with a follower
+//!     cargo bench -p flyball-control --bench ingest -- --dense-sketches  # sparseSketches off
 //!
 //! Each server runs in a child process of this one (this binary again, `--child`) on a
 //! current-thread runtime pinned to CPU 0 (the load generator to CPU 1), so its CPU and memory
@@ -60,6 +61,8 @@ struct Options {
     forward: bool,
     /// Leader with a follower against leader alone.
     followed: bool,
+    /// Every sketch in the dense form, as a filter with `sparseSketches` off sends them.
+    dense: bool,
     rounds: usize,
     warmup: Duration,
     measure: Duration,
@@ -86,6 +89,7 @@ fn main() -> Result<(), Error> {
             .max(1),
         forward: args.iter().any(|a| a == "--forward"),
         followed: args.iter().any(|a| a == "--followed"),
+        dense: args.iter().any(|a| a == "--dense-sketches"),
         rounds: value("--rounds")
             .map_or(if quick { 1 } else { 3 }, |r| r as usize)
             .max(1),
@@ -146,8 +150,8 @@ async fn parent(options: Options) -> Result<(), Error> {
         ("baseline", "ingest")
     };
     println!(
-        "ingest bench: {} gateways x {} keys at {} Hz over {} connections, {}; {} rounds of \
-         {base_mode} then {mode}, each warm-up {:?} + measure {:?}",
+        "ingest bench: {} gateways x {} keys at {} Hz over {} connections, {}, sketches {}; {} \
+         rounds of {base_mode} then {mode}, each warm-up {:?} + measure {:?}",
         options.gateways,
         KEYS,
         options.rate_hz,
@@ -157,9 +161,23 @@ async fn parent(options: Options) -> Result<(), Error> {
         } else {
             "unary Report calls"
         },
+        if options.dense {
+            "dense (--dense-sketches)"
+        } else {
+            "compact (dense or sparse, whichever is smaller, as the filter sends)"
+        },
         options.rounds,
         options.warmup,
         options.measure
+    );
+    let mean_bytes = |bodies: &Bodies| {
+        use prost::Message;
+        bodies.0.iter().map(|b| b.encoded_len()).sum::<usize>() / bodies.0.len()
+    };
+    println!(
+        "reports of {} bytes on average ({} with every sketch dense)",
+        mean_bytes(&Bodies::new(64, options.dense)),
+        mean_bytes(&Bodies::new(64, true)),
     );
     let clk_tck = clock_ticks_per_s();
     let (mut baseline, mut ingest) = (Vec::new(), Vec::new());
@@ -379,7 +397,7 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
 
     let sent = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let bodies = Arc::new(Bodies::new(64));
+    let bodies = Arc::new(Bodies::new(64, options.dense));
     let period = Duration::from_secs_f64(1.0 / options.rate_hz);
     // Every gateway connects (and opens its stream) first; the reports start together once the
     // server's RSS with idle connections has been read: the gRPC stack's floor, in this run.
@@ -611,9 +629,9 @@ async fn streaming_gateway(
 struct Bodies(Vec<v1::ReportRequest>);
 
 impl Bodies {
-    fn new(n: usize) -> Self {
+    fn new(n: usize, dense: bool) -> Self {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        Bodies((0..n).map(|_| synthetic_report(&mut rng)).collect())
+        Bodies((0..n).map(|_| synthetic_report(&mut rng, dense)).collect())
     }
 
     fn pick(&self, i: u64) -> v1::ReportRequest {
@@ -622,7 +640,15 @@ impl Bodies {
 }
 
 /// One second of a busy gateway: per key a handful of requests, latencies spread as real ones.
-fn synthetic_report(rng: &mut Rng) -> v1::ReportRequest {
+/// Sketches go in the form the filter sends: the smaller of dense and sparse, or dense.
+fn synthetic_report(rng: &mut Rng, dense: bool) -> v1::ReportRequest {
+    let wire = |sketch: &Sketch| {
+        Some(if dense {
+            v1::Sketch::from(sketch)
+        } else {
+            v1::Sketch::compact(sketch)
+        })
+    };
     let keys = (0..KEYS)
         .map(|k| {
             let requests = 2 + rng.below(8);
@@ -656,10 +682,10 @@ fn synthetic_report(rng: &mut Rng) -> v1::ReportRequest {
                     output,
                     ..Default::default()
                 }),
-                ttft_us: Some(v1::Sketch::from(&ttft)),
-                tpot_us: Some(v1::Sketch::from(&tpot)),
-                itl_us: Some(v1::Sketch::from(&itl)),
-                e2e_us: Some(v1::Sketch::from(&e2e)),
+                ttft_us: wire(&ttft),
+                tpot_us: wire(&tpot),
+                itl_us: wire(&itl),
+                e2e_us: wire(&e2e),
                 in_flight: Some(v1::InFlight {
                     waiting_first_token: rng.below(3),
                     decoding: rng.below(10),

@@ -283,6 +283,19 @@ async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), E
         status.message()
     );
 
+    // A sparse sketch whose gaps and counts do not pair up.
+    let mut uneven = report("gw", 1, 1, 5);
+    if let Some(sketch) = uneven.keys[0].ttft_us.as_mut() {
+        sketch.counts.clear();
+        (sketch.sparse_gaps, sketch.sparse_counts) = (vec![0, 3], vec![5]);
+    }
+    let status = client.report(uneven).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        status.message(),
+        "keys[0].ttft_us: sparse_gaps has 2 entries and sparse_counts 1: one gap per count"
+    );
+
     // A summary no recording produces: its quantiles would panic downstream.
     let mut swapped = report("gw", 1, 1, 5);
     if let Some(sketch) = swapped.keys[0].ttft_us.as_mut() {
@@ -361,7 +374,7 @@ async fn garbage_is_refused_with_the_reason_and_merges_nothing() -> Result<(), E
     let pools = control.pools().await?;
     assert_eq!(pools["pools"][0]["requests"], 6);
     for (reason, n) in [
-        ("bad_sketch", 3.0),
+        ("bad_sketch", 4.0),
         ("zero_sequence", 1.0),
         ("no_gateway", 1.0),
         ("oversize", 1.0),

@@ -96,6 +96,8 @@ pub(crate) struct FlyballRoot {
     /// Serialized `GrpcService` naming the control cluster; `None` = stats only.
     control_target: Option<String>,
     reporter: v1::Reporter,
+    /// `sparseSketches`: reports carry sketches in their smaller form.
+    sparse_sketches: bool,
     transport: Transport,
     /// The report this worker has in flight.
     in_flight: Option<InFlight>,
@@ -132,6 +134,7 @@ impl FlyballRoot {
             epoch: Instant::now(),
             control_target: None,
             reporter: v1::Reporter::default(),
+            sparse_sketches: true,
             transport: Transport::Stream(None),
             in_flight: None,
             // Context ids repeat across the workers' VMs; std's hasher keys come from WASI's
@@ -383,6 +386,7 @@ impl FlyballRoot {
             sequence,
             now_ms,
             claimed.dropped(taken.dropped_requests),
+            self.sparse_sketches,
         )
         .encode_to_vec();
         let stored = shared::update(REPORTER_KEY, |current| {
@@ -588,6 +592,7 @@ impl RootContext for FlyballRoot {
             process_start_unix_ms: process_start_ms,
             filter_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
+        self.sparse_sketches = config.sparse_sketches;
         if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(
             report::tick_period_ms(config.report_interval_ms),
         )) {

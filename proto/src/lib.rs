@@ -49,6 +49,34 @@ impl From<&Sketch> for v1::Sketch {
             sum: parts.sum,
             min: parts.min,
             max: parts.max,
+            sparse_gaps: Vec::new(),
+            sparse_counts: Vec::new(),
+        }
+    }
+}
+
+impl v1::Sketch {
+    /// The sketch in whichever form, dense `counts` or `sparse_*`, encodes smaller: sparse when
+    /// few buckets are occupied across a wide range, as at a few requests a second.
+    pub fn compact(sketch: &Sketch) -> Self {
+        use prost::encoding::encoded_len_varint;
+        let dense = v1::Sketch::from(sketch);
+        let dense_len: usize = dense.counts.iter().map(|&n| encoded_len_varint(n)).sum();
+        let sparse_len: usize = sketch
+            .sparse_buckets()
+            .map(|(gap, n)| encoded_len_varint(u64::from(gap)) + encoded_len_varint(n))
+            // A second packed field: its tag and length.
+            .sum::<usize>()
+            + 3;
+        if sparse_len >= dense_len {
+            return dense;
+        }
+        let (sparse_gaps, sparse_counts) = sketch.sparse_buckets().unzip();
+        v1::Sketch {
+            counts: Vec::new(),
+            sparse_gaps,
+            sparse_counts,
+            ..dense
         }
     }
 }
@@ -57,15 +85,24 @@ impl TryFrom<&v1::Sketch> for Sketch {
     type Error = SketchError;
 
     fn try_from(wire: &v1::Sketch) -> Result<Self, Self::Error> {
-        Sketch::from_parts(flyball_sketch::SketchParts {
+        let parts = |offset, counts| flyball_sketch::SketchParts {
             relative_accuracy: wire.relative_accuracy,
-            offset: wire.offset,
-            counts: &wire.counts,
+            offset,
+            counts,
             zero_count: wire.zero_count,
             sum: wire.sum,
             min: wire.min,
             max: wire.max,
-        })
+        };
+        if wire.sparse_gaps.is_empty() && wire.sparse_counts.is_empty() {
+            return Sketch::from_parts(parts(wire.offset, &wire.counts));
+        }
+        if !wire.counts.is_empty() {
+            return Err(SketchError::DenseAndSparse);
+        }
+        let (first, dense) =
+            flyball_sketch::dense_from_sparse(wire.offset, &wire.sparse_gaps, &wire.sparse_counts)?;
+        Sketch::from_parts(parts(first, &dense))
     }
 }
 
@@ -143,6 +180,7 @@ fn merge_sketch(into: &mut Option<v1::Sketch>, from: &Option<v1::Sketch>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use prost::Message;
@@ -157,6 +195,87 @@ mod tests {
         let back = Sketch::try_from(&v1::Sketch::decode(bytes.as_slice())?)?;
         assert_eq!(back, sketch);
         Ok(())
+    }
+
+    proptest::proptest! {
+        /// Whichever form `compact` picks, the receiver gets the very sketch recorded, and the
+        /// form is never larger than the dense one.
+        #[test]
+        fn a_compact_sketch_survives_the_wire_and_is_never_larger(
+            values in proptest::collection::vec(0.0f64..1.0e7, 0..200),
+            spread in 1.0f64..1.0e5,
+        ) {
+            let mut sketch = Sketch::new();
+            for v in &values {
+                sketch.record(1.0 + v * spread / 1.0e7 * v);
+            }
+            let compact = v1::Sketch::compact(&sketch);
+            let dense = v1::Sketch::from(&sketch);
+            proptest::prop_assert!(compact.encoded_len() <= dense.encoded_len());
+            let bytes = compact.encode_to_vec();
+            let back = Sketch::try_from(&v1::Sketch::decode(bytes.as_slice()).unwrap()).unwrap();
+            proptest::prop_assert_eq!(back, sketch);
+        }
+    }
+
+    #[test]
+    fn a_few_requests_over_a_wide_range_go_sparse_and_a_busy_narrow_one_dense() {
+        let mut few = Sketch::new();
+        for v in [60_000.0, 400_000.0, 1_900_000.0] {
+            few.record(v);
+        }
+        let few_wire = v1::Sketch::compact(&few);
+        assert!(few_wire.counts.is_empty());
+        assert_eq!(few_wire.sparse_counts, vec![1, 1, 1]);
+        // Three buckets across 89: 49 bytes in all, against 128 dense.
+        assert!(few_wire.encoded_len() * 2 < v1::Sketch::from(&few).encoded_len());
+        let mut busy = Sketch::new();
+        for i in 0..1_000 {
+            busy.record(20_000.0 + f64::from(i) * 10.0);
+        }
+        let busy_wire = v1::Sketch::compact(&busy);
+        assert!(busy_wire.sparse_counts.is_empty());
+        assert_eq!(busy_wire, v1::Sketch::from(&busy));
+    }
+
+    #[test]
+    fn a_forged_sparse_sketch_is_refused_naming_what_is_wrong() {
+        let mut sketch = Sketch::new();
+        for v in [10.0, 1_000.0] {
+            sketch.record(v);
+        }
+        let good = v1::Sketch::compact(&sketch);
+        assert!(!good.sparse_gaps.is_empty());
+        let refused = |wire: v1::Sketch| Sketch::try_from(&wire).unwrap_err().to_string();
+        let mut lengths = good.clone();
+        lengths.sparse_counts.push(1);
+        assert_eq!(
+            refused(lengths),
+            "sparse_gaps has 2 entries and sparse_counts 3: one gap per count"
+        );
+        let mut zero = good.clone();
+        zero.sparse_gaps[1] = 0;
+        assert_eq!(
+            refused(zero),
+            "sparse_gaps[1] = 0: each occupied bucket lies past the one before"
+        );
+        let mut far = good.clone();
+        // Far past the last bucket: refused before anything is allocated for it.
+        far.sparse_gaps[1] = u32::MAX;
+        assert!(
+            refused(far).starts_with("buckets "),
+            "a bucket out of range"
+        );
+        let mut both = good.clone();
+        both.counts = vec![1];
+        assert_eq!(
+            refused(both),
+            "counts and sparse_counts are both set: a sketch is sent in one form or the other"
+        );
+        // And the rules of the dense form hold in the sparse one: min must match the buckets.
+        let mut forged_min = good;
+        forged_min.min = 900.0;
+        assert!(refused(forged_min).starts_with("min = 900"));
     }
 
     #[test]

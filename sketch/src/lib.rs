@@ -46,6 +46,12 @@ pub enum SketchError {
     BucketRange { offset: i32, end: i64 },
     #[error("counts add up to more than 2^64")]
     CountOverflow,
+    #[error("sparse_gaps has {gaps} entries and sparse_counts {counts}: one gap per count")]
+    SparseLengths { gaps: usize, counts: usize },
+    #[error("sparse_gaps[{index}] = 0: each occupied bucket lies past the one before")]
+    SparseGapZero { index: usize },
+    #[error("counts and sparse_counts are both set: a sketch is sent in one form or the other")]
+    DenseAndSparse,
     #[error("{field} = {value}: must be a finite number")]
     NotFinite { field: &'static str, value: f64 },
     #[error("{field} = {value}: must lie within 0..={MAX_VALUE}, as every recorded value does")]
@@ -72,6 +78,50 @@ pub struct Sketch {
     sum: f64,
     min: f64,
     max: f64,
+}
+
+/// Contiguous counts from `offset` on, from buckets given sparsely (see
+/// [`Sketch::sparse_buckets`]): bucket `offset + gaps[0]` holds `counts[0]`, and each next one
+/// lies `gaps[i]` past the one before. Returns the first bucket's index and the counts from it,
+/// for [`Sketch::from_parts`]; nothing is allocated before the buckets are known to lie within
+/// the sketch's range, so a forged gap cannot make it allocate more than [`MAX_BUCKETS`].
+pub fn dense_from_sparse(
+    offset: i32,
+    gaps: &[u32],
+    counts: &[u64],
+) -> Result<(i32, Vec<u64>), SketchError> {
+    if gaps.len() != counts.len() {
+        return Err(SketchError::SparseLengths {
+            gaps: gaps.len(),
+            counts: counts.len(),
+        });
+    }
+    let Some(&first_gap) = gaps.first() else {
+        return Ok((offset, Vec::new()));
+    };
+    let first = i64::from(offset) + i64::from(first_gap);
+    let mut last = first;
+    for (index, &gap) in gaps.iter().enumerate().skip(1) {
+        if gap == 0 {
+            return Err(SketchError::SparseGapZero { index });
+        }
+        last += i64::from(gap);
+        if last > i64::from(MAX_INDEX) {
+            break;
+        }
+    }
+    if first < 0 || last > i64::from(MAX_INDEX) {
+        return Err(SketchError::BucketRange { offset, end: last });
+    }
+    let mut dense = vec![0; (last - first) as usize + 1];
+    let mut at = 0;
+    for (index, (&gap, &n)) in gaps.iter().zip(counts).enumerate() {
+        if index > 0 {
+            at += gap as usize;
+        }
+        dense[at] = n;
+    }
+    Ok((first as i32, dense))
 }
 
 /// The raw parts of a sketch, as they travel in `flyball.v1.Sketch`.
@@ -235,6 +285,22 @@ impl Sketch {
             min: self.min,
             max: self.max,
         }
+    }
+
+    /// The occupied buckets, sparsely: each as its distance from the previous occupied bucket
+    /// (the first from the sketch's offset, [`SketchParts::offset`]) and its count.
+    pub fn sparse_buckets(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        let mut previous = None;
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(move |(at, &n)| {
+                let gap = at - previous.unwrap_or(0);
+                previous = Some(at);
+                // Bucket positions are below MAX_BUCKETS.
+                (gap as u32, n)
+            })
     }
 
     /// Rebuilds a sketch from its raw parts, refusing anything that would break the accuracy or

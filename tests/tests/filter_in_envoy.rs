@@ -818,3 +818,89 @@ async fn the_model_cap_holds_for_the_whole_envoy_not_per_worker() -> anyhow::Res
     drop(sim);
     Ok(())
 }
+
+/// The filter sends each sketch in the smaller of its two forms (`sparseSketches`, on by
+/// default), and only dense with it off. Requests whose TTFTs lie far apart (1 ms to 400 ms)
+/// share a report's sketch: a few buckets across a wide range, which goes sparse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sketches_go_in_their_smaller_form_unless_sparse_sketches_is_off() -> anyhow::Result<()> {
+    for sparse in [true, false] {
+        let receiver = Receiver::start().await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let sim = SimServer::start(SimConfig::default(), listener).await?;
+        let config = serde_json::json!({
+            "controlCluster": "flyball_control",
+            "reportIntervalMs": 500,
+            "sparseSketches": sparse,
+        })
+        .to_string();
+        let envoy = Envoy::start(&EnvoyOptions::with_filter(
+            sim.local_addr().port(),
+            receiver.port(),
+            &config,
+        ))
+        .await?;
+        let count = 12_u64;
+        let requests = (0..count).map(|i| {
+            let envoy = &envoy;
+            async move {
+                let ttft_ms = [1, 40, 400][i as usize % 3];
+                let headers = [
+                    ("x-sim-ttft-ms", ttft_ms.to_string()),
+                    ("x-sim-itl-ms", "1".to_owned()),
+                    ("x-sim-output-tokens", "2".to_owned()),
+                ];
+                post(
+                    &http_client(),
+                    envoy.listener(),
+                    "/v1/chat/completions",
+                    &chat_body("m", true, false, 1),
+                    &headers,
+                    None,
+                )
+                .await
+            }
+        });
+        for response in futures::future::join_all(requests).await {
+            assert_eq!(response?.status, 200);
+        }
+        wait_for(
+            "every request to be reported",
+            Duration::from_secs(10),
+            || {
+                let totals = receiver.totals();
+                async move { (key_total(&totals) == count).then_some(()) }
+            },
+        )
+        .await?;
+        let sketches: Vec<flyball_proto::v1::Sketch> = receiver
+            .reports()
+            .iter()
+            .flat_map(|r| &r.keys)
+            .flat_map(|k| [&k.ttft_us, &k.tpot_us, &k.itl_us, &k.e2e_us])
+            .flatten()
+            .cloned()
+            .collect();
+        for wire in &sketches {
+            let sketch = flyball_sketch::Sketch::try_from(wire)?;
+            let expected = if sparse {
+                flyball_proto::v1::Sketch::compact(&sketch)
+            } else {
+                flyball_proto::v1::Sketch::from(&sketch)
+            };
+            assert_eq!(wire, &expected, "sparseSketches = {sparse}");
+        }
+        let sparse_sent = sketches.iter().filter(|s| !s.sparse_counts.is_empty());
+        if sparse {
+            assert!(
+                sparse_sent.count() > 0,
+                "no sketch went sparse: {sketches:?}"
+            );
+        } else {
+            assert_eq!(sparse_sent.count(), 0);
+        }
+        drop(envoy);
+        drop(sim);
+    }
+    Ok(())
+}

@@ -26,6 +26,7 @@ pub const FIELDS: &[&str] = &[
     "maxResponseJsonBytes",
     "maxSseLineBytes",
     "maxBufferedReportBytes",
+    "sparseSketches",
 ];
 
 const KIB: u64 = 1024;
@@ -77,6 +78,7 @@ pub struct RawConfig {
     pub max_response_json_bytes: Option<u64>,
     pub max_sse_line_bytes: Option<u64>,
     pub max_buffered_report_bytes: Option<u64>,
+    pub sparse_sketches: Option<bool>,
 }
 
 /// The validated configuration.
@@ -118,6 +120,9 @@ pub struct FilterConfig {
     /// Bound on undelivered telemetry kept in shared data while the control service is
     /// unreachable; beyond it new deltas are dropped (and counted as dropped requests).
     pub max_buffered_report_bytes: usize,
+    /// Send each sketch in the smaller of its dense and sparse forms (`flyball.v1.Sketch`); off,
+    /// dense only, for control services that predate the sparse form.
+    pub sparse_sketches: bool,
 }
 
 // === impl FilterConfig ===
@@ -191,6 +196,7 @@ impl FilterConfig {
             max_response_json_bytes: MIB as usize,
             max_sse_line_bytes: (256 * KIB) as usize,
             max_buffered_report_bytes: MIB as usize,
+            sparse_sketches: true,
         }
     }
 }
@@ -335,6 +341,7 @@ impl TryFrom<RawConfig> for FilterConfig {
                 64 * KIB,
                 64 * MIB,
             )? as usize,
+            sparse_sketches: raw.sparse_sketches.unwrap_or(true),
         })
     }
 }
@@ -466,7 +473,7 @@ mod tests {
                 "reportTimeoutMs":2000,"gateway":"gw-0","paths":["/v1/chat/completions"],"backend":"vllm",
                 "maxModelsPerBackend":8,"maxBackends":4,"injectIncludeUsage":false,
                 "continuousUsageStats":["vllm"],"maxRequestBodyBytes":65536,"maxResponseJsonBytes":65536,
-                "maxSseLineBytes":4096,"maxBufferedReportBytes":131072}"#,
+                "maxSseLineBytes":4096,"maxBufferedReportBytes":131072,"sparseSketches":false}"#,
         )?;
         assert_eq!(config.control_cluster.as_deref(), Some("flyball"));
         assert_eq!(config.report_interval_ms, 250);
@@ -474,6 +481,7 @@ mod tests {
         assert_eq!(config.max_backends, 4);
         assert!(!config.inject_include_usage);
         assert_eq!(config.max_buffered_report_bytes, 131072);
+        assert!(!config.sparse_sketches);
         Ok(())
     }
 

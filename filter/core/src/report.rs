@@ -410,12 +410,25 @@ fn clear_pending(s: &mut ReporterState) {
 
 /// Builds one report.
 pub fn build_report(
-    keys: Vec<v1::KeyTelemetry>,
+    mut keys: Vec<v1::KeyTelemetry>,
     reporter: &v1::Reporter,
     sequence: u64,
     now_unix_ms: u64,
     dropped: v1::DroppedTelemetry,
+    sparse_sketches: bool,
 ) -> v1::ReportRequest {
+    if sparse_sketches {
+        for key in &mut keys {
+            for sketch in [
+                &mut key.ttft_us,
+                &mut key.tpot_us,
+                &mut key.itl_us,
+                &mut key.e2e_us,
+            ] {
+                compact(sketch);
+            }
+        }
+    }
     v1::ReportRequest {
         reporter: Some(reporter.clone()),
         sequence,
@@ -425,6 +438,17 @@ pub fn build_report(
         // Only a forwarding control replica holds reports.
         held_ms: 0,
         connections_closed: false,
+    }
+}
+
+/// `sketch` in the smaller of its dense and sparse forms. Accumulated telemetry holds sketches
+/// dense; one that does not read back (it cannot happen: this filter wrote it) goes as it is,
+/// for the control service to refuse, naming what is wrong.
+fn compact(sketch: &mut Option<v1::Sketch>) {
+    if let Some(wire) = sketch.as_mut()
+        && let Ok(read) = flyball_sketch::Sketch::try_from(&*wire)
+    {
+        *wire = v1::Sketch::compact(&read);
     }
 }
 

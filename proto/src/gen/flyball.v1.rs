@@ -145,6 +145,17 @@ pub struct Sketch {
     pub min: f64,
     #[prost(double, tag = "7")]
     pub max: f64,
+    /// The buckets of `counts` for a sketch whose occupied buckets are few and far apart (a few
+    /// requests a second spread over a wide range of latencies), in place of `counts`, which is then
+    /// empty: only the occupied buckets, each as its distance from the previous one (the first from
+    /// `offset`) and its count. A sender sets whichever of the two forms is smaller; every zero of
+    /// `counts` costs a byte to send and a varint to decode. A receiver that does not know these
+    /// fields reads the sketch as empty, so the filter sends them only with `sparseSketches` on
+    /// (turn it off while control replicas older than the filter run).
+    #[prost(uint32, repeated, tag = "8")]
+    pub sparse_gaps: ::prost::alloc::vec::Vec<u32>,
+    #[prost(uint64, repeated, tag = "9")]
+    pub sparse_counts: ::prost::alloc::vec::Vec<u64>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DroppedTelemetry {

@@ -276,6 +276,7 @@ fn a_report_carries_its_reporter_sequence_and_drops() {
             reports: 1,
             requests: 2,
         },
+        true,
     );
     assert_eq!(report.sequence, 9);
     assert_eq!(report.sent_at_unix_ms, 1234);
@@ -637,6 +638,7 @@ impl Sim {
                     sequence,
                     self.now,
                     state.dropped(taken.dropped_requests),
+                    true,
                 );
                 Some(TickStage::Record {
                     sequence,
@@ -1126,4 +1128,31 @@ fn after_a_failed_report_an_older_configuration_does_not_hold_the_newest_back() 
         state.next_due_ms,
         state.sender_generation
     );
+}
+
+#[test]
+fn sketches_go_sparse_when_smaller_unless_turned_off() {
+    let mut sketch = flyball_sketch::Sketch::new();
+    for ttft_us in [55_000.0, 700_000.0, 1_800_000.0] {
+        sketch.record(ttft_us);
+    }
+    let key = v1::KeyTelemetry {
+        ttft_us: Some(v1::Sketch::from(&sketch)),
+        ..v1::KeyTelemetry::default()
+    };
+    let build = |sparse| {
+        build_report(
+            vec![key.clone()],
+            &reporter(),
+            1,
+            0,
+            v1::DroppedTelemetry::default(),
+            sparse,
+        )
+    };
+    let sparse = build(true).keys[0].ttft_us.clone().unwrap();
+    assert!(sparse.counts.is_empty());
+    assert_eq!(sparse.sparse_counts, vec![1, 1, 1]);
+    assert_eq!(flyball_sketch::Sketch::try_from(&sparse), Ok(sketch));
+    assert_eq!(build(false).keys[0].ttft_us, key.ttft_us);
 }
