@@ -8,7 +8,8 @@
 //! in it, and two sketches merge exactly by adding their bucket counts.
 //!
 //! Why not the `sketches-ddsketch` crate: flyball needs the bucket layout itself on the wire
-//! (`flyball.v1.Sketch`: offset + contiguous counts) and a hard bound on memory for any input, and
+//! (`flyball.v1.Sketch`: offset + contiguous counts, or the occupied buckets alone when they are
+//! few and far apart, [`Sketch::sparse_buckets`]) and a hard bound on memory for any input, and
 //! that crate keeps both private. This one is small, has no dependencies and builds for wasm32.
 //!
 //! Values are unit-free `f64`s; flyball records microseconds. Values below [`MIN_VALUE`] count as
