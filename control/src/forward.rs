@@ -40,7 +40,8 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use flyball_proto::grpc::telemetry_service_client::TelemetryServiceClient;
+use flyball_proto::codec::EncodedReport;
+use flyball_proto::grpc::forward::telemetry_service_client::TelemetryServiceClient;
 use flyball_proto::v1;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -147,7 +148,7 @@ pub struct DroppedLabels {
 /// The follower's side of forwarding, shared by every ingest call.
 #[derive(Debug)]
 pub struct Forwarder {
-    lanes: Vec<mpsc::Sender<v1::ReportRequest>>,
+    lanes: Vec<mpsc::Sender<Forwarded>>,
     leading: watch::Receiver<bool>,
     hasher: RandomState,
     counters: ForwardCounters,
@@ -156,7 +157,7 @@ pub struct Forwarder {
 /// One sending task; run it with [`Lane::run`].
 #[derive(Debug)]
 pub struct Lane {
-    queue: mpsc::Receiver<v1::ReportRequest>,
+    queue: mpsc::Receiver<Forwarded>,
     leading: watch::Receiver<bool>,
     leader: watch::Receiver<Option<String>>,
     refresh: Arc<Notify>,
@@ -237,21 +238,38 @@ impl Forwarder {
         !*self.leading.borrow()
     }
 
-    /// Queues `report` for the leader; never waits.
-    pub fn offer(&self, report: v1::ReportRequest) {
+    /// `report`, which arrived as `encoded`, made ready to forward: taken apart before ingest
+    /// takes the report, offered once ingest has merged it.
+    pub fn prepare(&self, report: &v1::ReportRequest, encoded: EncodedReport) -> Forwarded {
         let gateway = report
             .reporter
             .as_ref()
             .map(|r| r.gateway.as_str())
             .unwrap_or_default();
+        // One gateway's reports keep to one lane, so they reach the leader in order.
         let lane = (self.hasher.hash_one(gateway) % self.lanes.len().max(1) as u64) as usize;
-        let Some(lane) = self.lanes.get(lane) else {
+        Forwarded {
+            encoded,
+            word: report.connections_closed,
+            lane,
+        }
+    }
+
+    /// Queues `report` for the leader; never waits.
+    pub fn offer(&self, report: Forwarded) {
+        let Some(lane) = self.lanes.get(report.lane) else {
             return;
         };
         match lane.try_reserve() {
             Ok(permit) => permit.send(report),
             Err(_) => self.counters.drop("queue_full", 1),
         }
+    }
+
+    /// Queues a report made here (a word that a gateway's connections closed), encoding it.
+    pub fn offer_report(&self, report: v1::ReportRequest) {
+        let encoded = EncodedReport::encode(&report);
+        self.offer(self.prepare(&report, encoded));
     }
 
     pub fn counters(&self) -> &ForwardCounters {
@@ -267,7 +285,7 @@ impl Forwarder {
 #[derive(Debug, Default)]
 struct Outstanding {
     /// Sent (or to be sent again) in order, each with when the lane first took it.
-    reports: VecDeque<(Instant, v1::ReportRequest)>,
+    reports: VecDeque<(Instant, Forwarded)>,
     /// Counts streams; a reading task acts only on the stream it was started for.
     stream: u64,
     /// The current stream ended (or stalled): the next report, or the retry timer, opens another
@@ -278,14 +296,25 @@ struct Outstanding {
     warned: bool,
 }
 
+/// A report on its way to the leader: the bytes it arrived as, which go on as they are (the
+/// follower neither copies the report nor encodes it again), and the lane it keeps to.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    encoded: EncodedReport,
+    /// A word that a gateway's connections closed, not a report: not counted as forwarded.
+    word: bool,
+    lane: usize,
+}
+
+/// How long a report taken at `taken` has been held by `now`.
+fn held_ms(taken: Instant, now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(taken).as_millis()).unwrap_or(u64::MAX)
+}
+
 /// `report`, taken at `taken`, saying how long it was held by `now`, so that whoever merges it
 /// places it where it was taken.
-fn held_since(report: v1::ReportRequest, taken: Instant, now: Instant) -> v1::ReportRequest {
-    v1::ReportRequest {
-        held_ms: u64::try_from(now.saturating_duration_since(taken).as_millis())
-            .unwrap_or(u64::MAX),
-        ..report
-    }
+fn held_since(report: &Forwarded, taken: Instant, now: Instant) -> EncodedReport {
+    report.encoded.with_held_ms(held_ms(taken, now))
 }
 
 fn lock(state: &Mutex<Outstanding>) -> std::sync::MutexGuard<'_, Outstanding> {
@@ -297,7 +326,7 @@ fn lock(state: &Mutex<Outstanding>) -> std::sync::MutexGuard<'_, Outstanding> {
 #[derive(Debug)]
 struct LeaderStream {
     uri: String,
-    reports: mpsc::Sender<v1::ReportRequest>,
+    reports: mpsc::Sender<EncodedReport>,
 }
 
 impl Lane {
@@ -335,13 +364,13 @@ impl Lane {
                 let now = Instant::now();
                 let held: Vec<_> = held
                     .into_iter()
-                    .map(|(taken, report)| held_since(report, taken, now))
-                    .chain(report)
+                    .map(|(taken, report)| (report, held_ms(taken, now)))
+                    .chain(report.map(|report| (report, 0)))
                     .collect();
                 self.counters.drop("leading", held.len() as u64);
                 if let Some(replication) = &self.replication {
-                    for report in held {
-                        replication.publish(&report, None);
+                    for (report, held_ms) in held {
+                        replication.keep(report.encoded, held_ms, None);
                     }
                 }
                 stream = None;
@@ -379,11 +408,12 @@ impl Lane {
             }
             match (report, stream.as_ref()) {
                 (Some(report), Some(open)) => {
+                    let encoded = report.encoded.clone();
                     lock(&self.outstanding)
                         .reports
-                        .push_back((Instant::now(), report.clone()));
+                        .push_back((Instant::now(), report));
                     self.trim();
-                    self.send(open, report).await;
+                    self.send(open, encoded).await;
                 }
                 // The leader's address is unusable: it may advertise another.
                 (Some(report), None) => self.hold(report),
@@ -404,10 +434,10 @@ impl Lane {
         self.expire("send_failed");
         let open = self.open(uri, stream_id)?;
         let now = Instant::now();
-        let resend: Vec<v1::ReportRequest> = lock(&self.outstanding)
+        let resend: Vec<EncodedReport> = lock(&self.outstanding)
             .reports
             .iter()
-            .map(|(taken, report)| held_since(report.clone(), *taken, now))
+            .map(|(taken, report)| held_since(report, *taken, now))
             .collect();
         for report in resend {
             if !self.send(&open, report).await {
@@ -419,7 +449,7 @@ impl Lane {
 
     /// Hands `report` to the stream; on a stall or a closed stream, marks it over (the report
     /// stays outstanding, for the next stream).
-    async fn send(&self, open: &LeaderStream, report: v1::ReportRequest) -> bool {
+    async fn send(&self, open: &LeaderStream, report: EncodedReport) -> bool {
         let sent = tokio::time::timeout(self.timeout, open.reports.send(report)).await;
         let ok = matches!(sent, Ok(Ok(())));
         if !ok {
@@ -461,7 +491,7 @@ impl Lane {
     }
 
     /// Keeps `report` outstanding, to be sent first on the next stream opened.
-    fn hold(&self, report: v1::ReportRequest) {
+    fn hold(&self, report: Forwarded) {
         {
             let mut state = lock(&self.outstanding);
             state.reports.push_back((Instant::now(), report));
@@ -554,7 +584,7 @@ impl Acknowledgements {
                     let acknowledged = (state.stream == self.stream_id)
                         .then(|| state.reports.pop_front())
                         .flatten();
-                    if acknowledged.is_some_and(|(_, report)| !report.connections_closed) {
+                    if acknowledged.is_some_and(|(_, report)| !report.word) {
                         self.counters.forwarded.inc();
                     }
                 }
@@ -687,7 +717,7 @@ mod tests {
         assert!(f.forwarder.active());
         // Nothing drains the lanes: one gateway's reports all go to one lane of 2.
         for sequence in 1..=5 {
-            f.forwarder.offer(report("gw", sequence));
+            f.forwarder.offer_report(report("gw", sequence));
         }
         assert_eq!(dropped_now(&f.counters, "queue_full"), 3);
         let queued: usize = f.lanes.iter().map(|l| l.queue.len()).sum();
@@ -704,8 +734,8 @@ mod tests {
         for lane in f.lanes.drain(..) {
             tokio::spawn(lane.run());
         }
-        f.forwarder.offer(report("gw", 1));
-        f.forwarder.offer(report("gw", 2));
+        f.forwarder.offer_report(report("gw", 1));
+        f.forwarder.offer_report(report("gw", 2));
         dropped(&f.counters, "no_leader", 2).await;
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(dropped_now(&f.counters, "no_leader"), 2);
@@ -746,7 +776,7 @@ mod tests {
     async fn reports_no_leader_takes_in_time_are_dropped_and_counted_once() {
         let f = unreachable_leader(Duration::from_millis(300));
         for sequence in 1..=3 {
-            f.forwarder.offer(report("gw", sequence));
+            f.forwarder.offer_report(report("gw", sequence));
         }
         dropped(&f.counters, "send_failed", 3).await;
         // Each once, however often the lane tried again.
@@ -758,8 +788,8 @@ mod tests {
     #[tokio::test]
     async fn reports_held_for_a_leader_are_let_go_when_this_replica_takes_the_lead() {
         let f = unreachable_leader(RESEND_WITHIN);
-        f.forwarder.offer(report("gw", 1));
-        f.forwarder.offer(report("gw", 2));
+        f.forwarder.offer_report(report("gw", 1));
+        f.forwarder.offer_report(report("gw", 2));
         f.leading.send(true).unwrap();
         dropped(&f.counters, "leading", 2).await;
         assert_eq!(dropped_now(&f.counters, "send_failed"), 0);
@@ -852,13 +882,13 @@ mod tests {
         for lane in f.lanes.drain(..) {
             tokio::spawn(lane.run());
         }
-        f.forwarder.offer(report("gw", 1));
-        f.forwarder.offer(report("gw", 2));
+        f.forwarder.offer_report(report("gw", 1));
+        f.forwarder.offer_report(report("gw", 2));
         tokio::time::sleep(Duration::from_millis(300)).await;
         // One poll later the Lease names the next leader.
         let next = RecordingLeader::default();
         f.leader.send(Some(next.serve().await)).unwrap();
-        f.forwarder.offer(report("gw", 3));
+        f.forwarder.offer_report(report("gw", 3));
         next.wait_for(1).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let received: Vec<u64> = next
@@ -880,8 +910,8 @@ mod tests {
     async fn reports_sent_again_after_a_hand_over_say_how_long_they_were_held() {
         let f = unreachable_leader(RESEND_WITHIN);
         let taken = Instant::now();
-        f.forwarder.offer(report("gw", 1));
-        f.forwarder.offer(report("gw", 2));
+        f.forwarder.offer_report(report("gw", 1));
+        f.forwarder.offer_report(report("gw", 2));
         let held_at_least = Duration::from_millis(400);
         tokio::time::sleep(held_at_least).await;
 
@@ -903,7 +933,7 @@ mod tests {
         );
 
         // A report the open stream takes at once was not held.
-        f.forwarder.offer(report("gw", 3));
+        f.forwarder.offer_report(report("gw", 3));
         let all = next.wait_for(3).await;
         assert_eq!(all[2].sequence, 3);
         assert_eq!(all[2].held_ms, 0);

@@ -1513,11 +1513,11 @@ impl IngestService {
         // A follower passes the report on to the leader; the leader keeps it, as it arrived, for
         // its followers. Both before ingest takes it.
         let forwarder = self.forwarder.as_ref().filter(|f| !forwarded && f.active());
-        let copy = forwarder.map(|_| report.clone());
+        let to_leader = forwarder.map(|f| f.prepare(&report, encoded.clone()));
         let replication = self.replication.as_ref().filter(|r| r.wanted());
         let encoded = replication.map(|_| encoded);
-        let pass_on = move || match (copy, forwarder, encoded, replication) {
-            (Some(copy), Some(forwarder), _, _) => forwarder.offer(copy),
+        let pass_on = move || match (to_leader, forwarder, encoded, replication) {
+            (Some(to_leader), Some(forwarder), _, _) => forwarder.offer(to_leader),
             (_, _, Some(encoded), Some(replication)) => {
                 replication.keep(encoded, held_ms, forwarded_by.cloned());
             }
@@ -1659,7 +1659,7 @@ impl Drop for ConnectionReporters {
             };
             // The leader's followers are told as the leader is by a follower.
             if let Some(forwarder) = forwarder {
-                forwarder.offer(word());
+                forwarder.offer_report(word());
             } else if let Some(replication) = replication {
                 replication.publish(&word(), None);
             }

@@ -1,6 +1,7 @@
 //! The gRPC codecs: `TelemetryService`'s (prost, with buffers sized for reports and acks; its
-//! server keeps each report's bytes as they arrived, [`ReceivedReport`]) and
-//! `ReplicationService`'s (reports that go out as they were encoded once).
+//! server keeps each report's bytes as they arrived, [`ReceivedReport`]) and [`WireCodec`], with
+//! which reports go on as they arrived: from a leader to its followers (`ReplicationService`), and
+//! from a follower to the leader.
 //!
 //! tonic's default codec buffers are 8 KiB each way. A unary call frees them when it ends, but a
 //! `ReportStream` keeps its pair for as long as the gateway stays connected, and the control
@@ -168,8 +169,8 @@ impl EncodedReport {
 /// `ReportRequest.held_ms`'s field number.
 const HELD_MS_FIELD: u32 = 6;
 
-/// A message as `ReplicationService` puts it on the wire: `FollowRequest` through prost, an
-/// [`EncodedReport`] as it is.
+/// A message as [`WireCodec`] puts it on the wire: an [`EncodedReport`] as it is, anything else
+/// through prost.
 pub trait WireMessage: Send + 'static + Sized {
     fn write(self, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status>;
     fn read(src: &mut DecodeBuf<'_>) -> Result<Self, tonic::Status>;
@@ -186,28 +187,36 @@ impl WireMessage for EncodedReport {
     }
 }
 
-impl WireMessage for v1::FollowRequest {
-    fn write(self, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        self.encode(dst)
-            .map_err(|error| tonic::Status::internal(error.to_string()))
-    }
+/// Messages that go through prost as [`WireMessage`]s.
+macro_rules! prost_wire_message {
+    ($($message:ty),*) => {$(
+        impl WireMessage for $message {
+            fn write(self, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+                self.encode(dst)
+                    .map_err(|error| tonic::Status::internal(error.to_string()))
+            }
 
-    fn read(src: &mut DecodeBuf<'_>) -> Result<Self, tonic::Status> {
-        v1::FollowRequest::decode(src).map_err(|error| tonic::Status::internal(error.to_string()))
-    }
+            fn read(src: &mut DecodeBuf<'_>) -> Result<Self, tonic::Status> {
+                <$message>::decode(src).map_err(|error| tonic::Status::internal(error.to_string()))
+            }
+        }
+    )*};
 }
 
-/// The codec of `ReplicationService`.
+prost_wire_message!(v1::FollowRequest, v1::ReportResponse);
+
+/// The codec of `ReplicationService`, and of the client a follower forwards reports with: reports
+/// go as the bytes they arrived as.
 #[derive(Debug)]
-pub struct FollowCodec<T, U>(PhantomData<(T, U)>);
+pub struct WireCodec<T, U>(PhantomData<(T, U)>);
 
-impl<T, U> Default for FollowCodec<T, U> {
+impl<T, U> Default for WireCodec<T, U> {
     fn default() -> Self {
-        FollowCodec(PhantomData)
+        WireCodec(PhantomData)
     }
 }
 
-impl<T: WireMessage, U: WireMessage> Codec for FollowCodec<T, U> {
+impl<T: WireMessage, U: WireMessage> Codec for WireCodec<T, U> {
     type Encode = T;
     type Decode = U;
     type Encoder = WireEncoder<T>;

@@ -22,11 +22,16 @@ pub mod codec;
 #[cfg(feature = "grpc")]
 pub mod grpc {
     #![allow(clippy::all)]
-    // What sends reports (gateways in tests, followers) and what receives them (the control
-    // service) are generated apart: see `codec::ReceivedReport`.
+    // What sends reports (gateways, in tests) and what receives them (the control service) are
+    // generated apart: see `codec::ReceivedReport`.
     include!("gen/grpc/client/flyball.v1.TelemetryService.rs");
     include!("gen/grpc/server/flyball.v1.TelemetryService.rs");
     include!("gen/grpc/flyball.v1.ReplicationService.rs");
+
+    /// The client a follower forwards reports to the leader with, as they arrived.
+    pub mod forward {
+        include!("gen/grpc/forward/flyball.v1.TelemetryService.rs");
+    }
 }
 
 pub use flyball_sketch::{Sketch, SketchError};

@@ -14,7 +14,7 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let messages = out.join("messages");
     let grpc = out.join("grpc");
     std::fs::create_dir_all(&messages)?;
-    for dir in [grpc.clone(), grpc.join("client"), grpc.join("server")] {
+    for dir in ["", "client", "server", "forward"].map(|sub| grpc.join(sub)) {
         std::fs::create_dir_all(dir)?;
     }
 
@@ -63,7 +63,7 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .route_name("Follow")
         .input_type("crate::v1::FollowRequest")
         .output_type("crate::codec::EncodedReport")
-        .codec_path("crate::codec::FollowCodec")
+        .codec_path("crate::codec::WireCodec")
         .server_streaming()
         .build();
     // The services are described by hand (tonic's manual builder takes no descriptors): check
@@ -112,6 +112,14 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
             "crate::v1::ReportRequest",
             "crate::codec::ReportCodec",
         )]);
+    // A follower passes reports on to the leader as they arrived.
+    tonic_build::manual::Builder::new()
+        .out_dir(grpc.join("forward"))
+        .build_server(false)
+        .compile(&[telemetry_methods(
+            "crate::codec::EncodedReport",
+            "crate::codec::WireCodec",
+        )]);
     tonic_build::manual::Builder::new()
         .out_dir(grpc.join("server"))
         .build_client(false)
@@ -134,6 +142,10 @@ fn checked_in_bindings_match_the_proto() -> Result<(), Box<dyn std::error::Error
         (
             scratch.join("grpc/client/flyball.v1.TelemetryService.rs"),
             crate_dir().join("src/gen/grpc/client/flyball.v1.TelemetryService.rs"),
+        ),
+        (
+            scratch.join("grpc/forward/flyball.v1.TelemetryService.rs"),
+            crate_dir().join("src/gen/grpc/forward/flyball.v1.TelemetryService.rs"),
         ),
         (
             scratch.join("grpc/server/flyball.v1.TelemetryService.rs"),

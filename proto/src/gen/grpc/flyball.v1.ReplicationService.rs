@@ -104,7 +104,7 @@ pub mod replication_service_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = crate::codec::FollowCodec::default();
+            let codec = crate::codec::WireCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/flyball.v1.ReplicationService/Follow",
             );
@@ -246,7 +246,7 @@ pub mod replication_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = FollowSvc(inner);
-                        let codec = crate::codec::FollowCodec::default();
+                        let codec = crate::codec::WireCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
