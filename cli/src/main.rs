@@ -10,8 +10,9 @@
 
 /// jemalloc rather than the system allocator: every report the control service takes is decoded
 /// into a few dozen small allocations, and with glibc's malloc they were a sixth of its CPU.
-/// Measured by `cargo bench -p flyball-control --bench ingest` (10,000 gateways at 1 Hz):
-/// 36.5 us of CPU per report against 47 us, at about the same memory.
+/// Measured by `cargo bench -p flyball-control --bench ingest` (10,000 gateways at 1 Hz, the two
+/// builds alternating): 29.5 and 29.9 us of CPU per report against 38.1 and 38.2 us, with 8%
+/// more memory.
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -250,6 +250,7 @@ impl Forwarder {
         let lane = (self.hasher.hash_one(gateway) % self.lanes.len().max(1) as u64) as usize;
         Forwarded {
             encoded,
+            held_ms: report.held_ms,
             word: report.connections_closed,
             lane,
         }
@@ -301,6 +302,8 @@ struct Outstanding {
 #[derive(Debug, Clone)]
 pub struct Forwarded {
     encoded: EncodedReport,
+    /// `held_ms` as the report arrived with it.
+    held_ms: u64,
     /// A word that a gateway's connections closed, not a report: not counted as forwarded.
     word: bool,
     lane: usize,
@@ -365,7 +368,10 @@ impl Lane {
                 let held: Vec<_> = held
                     .into_iter()
                     .map(|(taken, report)| (report, held_ms(taken, now)))
-                    .chain(report.map(|report| (report, 0)))
+                    .chain(report.map(|report| {
+                        let held_ms = report.held_ms;
+                        (report, held_ms)
+                    }))
                     .collect();
                 self.counters.drop("leading", held.len() as u64);
                 if let Some(replication) = &self.replication {

@@ -61,27 +61,33 @@ impl From<&Sketch> for v1::Sketch {
 }
 
 impl v1::Sketch {
-    /// The sketch in whichever form, dense `counts` or `sparse_*`, encodes smaller: sparse when
-    /// few buckets are occupied across a wide range, as at a few requests a second.
+    /// `sketch` in whichever form, dense `counts` or `sparse_*`, encodes smaller.
     pub fn compact(sketch: &Sketch) -> Self {
+        v1::Sketch::from(sketch).compacted()
+    }
+
+    /// This sketch in whichever form encodes smaller: sparse when few buckets are occupied
+    /// across a wide range, as at a few requests a second. A sparse one stays as it is.
+    pub fn compacted(self) -> Self {
         use prost::encoding::encoded_len_varint;
-        let dense = v1::Sketch::from(sketch);
-        let dense_len: usize = dense.counts.iter().map(|&n| encoded_len_varint(n)).sum();
-        let sparse_len: usize = sketch
-            .sparse_buckets()
-            .map(|(gap, n)| encoded_len_varint(u64::from(gap)) + encoded_len_varint(n))
-            // A second packed field: its tag and length.
+        let (sparse_gaps, sparse_counts): (Vec<u32>, Vec<u64>) =
+            flyball_sketch::sparse_from_dense(&self.counts).unzip();
+        let dense_len: usize = self.counts.iter().map(|&n| encoded_len_varint(n)).sum();
+        let sparse_len: usize = sparse_gaps
+            .iter()
+            .map(|&gap| encoded_len_varint(u64::from(gap)))
+            .chain(sparse_counts.iter().map(|&n| encoded_len_varint(n)))
             .sum::<usize>()
+            // A second packed field: its tag and length.
             + 3;
         if sparse_len >= dense_len {
-            return dense;
+            return self;
         }
-        let (sparse_gaps, sparse_counts) = sketch.sparse_buckets().unzip();
         v1::Sketch {
             counts: Vec::new(),
             sparse_gaps,
             sparse_counts,
-            ..dense
+            ..self
         }
     }
 }

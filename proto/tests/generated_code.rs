@@ -29,9 +29,10 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
 
     // Service code is generated apart from the messages so that the messages build for wasm32
     // without tonic.
-    // Gateways and followers send `ReportRequest`s; the control service's server receives
-    // each with the bytes it arrived as (`ReceivedReport`), to keep them for its followers
-    // without encoding them again. So the client and the server are generated apart.
+    // Gateways send `ReportRequest`s; the control service's server receives each with the
+    // bytes it arrived as (`ReceivedReport`), and a follower passes those bytes on to the leader
+    // (`EncodedReport`). So the client, the server and the forwarding client are generated
+    // apart.
     let telemetry_methods = |input: &str, codec: &str| {
         let report = tonic_build::manual::Method::builder()
             .name("report")
@@ -105,28 +106,30 @@ fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     tonic_build::manual::Builder::new()
         .out_dir(&grpc)
         .compile(&[replication]);
-    tonic_build::manual::Builder::new()
-        .out_dir(grpc.join("client"))
-        .build_server(false)
-        .compile(&[telemetry_methods(
+    for (dir, input, codec) in [
+        (
+            "client",
             "crate::v1::ReportRequest",
             "crate::codec::ReportCodec",
-        )]);
-    // A follower passes reports on to the leader as they arrived.
-    tonic_build::manual::Builder::new()
-        .out_dir(grpc.join("forward"))
-        .build_server(false)
-        .compile(&[telemetry_methods(
+        ),
+        (
+            "forward",
             "crate::codec::EncodedReport",
             "crate::codec::WireCodec",
-        )]);
-    tonic_build::manual::Builder::new()
-        .out_dir(grpc.join("server"))
-        .build_client(false)
-        .compile(&[telemetry_methods(
+        ),
+        (
+            "server",
             "crate::codec::ReceivedReport",
             "crate::codec::IngestCodec",
-        )]);
+        ),
+    ] {
+        let server = dir == "server";
+        tonic_build::manual::Builder::new()
+            .out_dir(grpc.join(dir))
+            .build_client(!server)
+            .build_server(server)
+            .compile(&[telemetry_methods(input, codec)]);
+    }
     Ok(())
 }
 

@@ -9,7 +9,7 @@
 //!
 //! Why not the `sketches-ddsketch` crate: flyball needs the bucket layout itself on the wire
 //! (`flyball.v1.Sketch`: offset + contiguous counts, or the occupied buckets alone when they are
-//! few and far apart, [`Sketch::sparse_buckets`]) and a hard bound on memory for any input, and
+//! few and far apart, [`sparse_from_dense`]) and a hard bound on memory for any input, and
 //! that crate keeps both private. This one is small, has no dependencies and builds for wasm32.
 //!
 //! Values are unit-free `f64`s; flyball records microseconds. Values below [`MIN_VALUE`] count as
@@ -81,8 +81,23 @@ pub struct Sketch {
     max: f64,
 }
 
-/// Contiguous counts from `offset` on, from buckets given sparsely (see
-/// [`Sketch::sparse_buckets`]): bucket `offset + gaps[0]` holds `counts[0]`, and each next one
+/// The occupied buckets of `counts` (contiguous buckets from some offset), sparsely: each as its
+/// distance from the previous occupied bucket (the first from the offset) and its count.
+pub fn sparse_from_dense(counts: &[u64]) -> impl Iterator<Item = (u32, u64)> + '_ {
+    let mut previous = None;
+    counts
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(move |(at, &n)| {
+            let gap = at - previous.unwrap_or(0);
+            previous = Some(at);
+            // Within a sketch, bucket positions are below MAX_BUCKETS.
+            (u32::try_from(gap).unwrap_or(u32::MAX), n)
+        })
+}
+
+/// Contiguous counts from `offset` on, from buckets given sparsely (see [`sparse_from_dense`]): bucket `offset + gaps[0]` holds `counts[0]`, and each next one
 /// lies `gaps[i]` past the one before. Returns the first bucket's index and the counts from it,
 /// for [`Sketch::from_parts`]; nothing is allocated before the buckets are known to lie within
 /// the sketch's range, so a forged gap cannot make it allocate more than [`MAX_BUCKETS`].
@@ -286,22 +301,6 @@ impl Sketch {
             min: self.min,
             max: self.max,
         }
-    }
-
-    /// The occupied buckets, sparsely: each as its distance from the previous occupied bucket
-    /// (the first from the sketch's offset, [`SketchParts::offset`]) and its count.
-    pub fn sparse_buckets(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
-        let mut previous = None;
-        self.counts
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .map(move |(at, &n)| {
-                let gap = at - previous.unwrap_or(0);
-                previous = Some(at);
-                // Bucket positions are below MAX_BUCKETS.
-                (gap as u32, n)
-            })
     }
 
     /// Rebuilds a sketch from its raw parts, refusing anything that would break the accuracy or

@@ -425,7 +425,7 @@ pub fn build_report(
                 &mut key.itl_us,
                 &mut key.e2e_us,
             ] {
-                compact(sketch);
+                *sketch = sketch.take().map(v1::Sketch::compacted);
             }
         }
     }
@@ -438,17 +438,6 @@ pub fn build_report(
         // Only a forwarding control replica holds reports.
         held_ms: 0,
         connections_closed: false,
-    }
-}
-
-/// `sketch` in the smaller of its dense and sparse forms. Accumulated telemetry holds sketches
-/// dense; one that does not read back (it cannot happen: this filter wrote it) goes as it is,
-/// for the control service to refuse, naming what is wrong.
-fn compact(sketch: &mut Option<v1::Sketch>) {
-    if let Some(wire) = sketch.as_mut()
-        && let Ok(read) = flyball_sketch::Sketch::try_from(&*wire)
-    {
-        *wire = v1::Sketch::compact(&read);
     }
 }
 
