@@ -8,6 +8,7 @@
 //!     cargo bench -p flyball-control --bench ingest -- --forward    # through a follower
 //!     cargo bench -p flyball-control --bench ingest -- --followed   # a leader with a follower
 //!     cargo bench -p flyball-control --bench ingest -- --dense-sketches  # sparseSketches off
+//!     cargo bench -p flyball-control --bench ingest -- --merge-only  # ingest's own code alone
 //!
 //! Each server runs in a child process of this one (this binary again, `--child`) on a
 //! current-thread runtime pinned to CPU 0 (the load generator to CPU 1), so its CPU and memory
@@ -27,6 +28,11 @@
 //!
 //! `--followed` compares a leader alone (the baseline) with a leader that a follower (a third
 //! process, on CPU 1) follows: what streaming every report to a follower costs the leader.
+//!
+//! `--merge-only` leaves gRPC out: in this process, on one core, the same reports, encoded, are
+//! read and merged (`EncodedReport::decode`, `Telemetry::ingest_from`) as fast as they go, the
+//! gateways taking turns as they do at 1 Hz. The transport's share of the figures above moves by
+//! more than ingest's own code costs; this shows that code's cost apart, with less noise.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -74,6 +80,9 @@ fn main() -> Result<(), Error> {
         return child(&args[at + 1..]);
     }
     let quick = args.iter().any(|a| a == "--quick");
+    if args.iter().any(|a| a == "--merge-only") {
+        return merge_only(args.iter().any(|a| a == "--dense-sketches"));
+    }
     let value = |flag: &str| {
         args.iter()
             .position(|a| a == flag)
@@ -831,6 +840,65 @@ fn child(args: &[String]) -> Result<(), Error> {
         }
         Ok(())
     })
+}
+
+/// `--merge-only`: see the module documentation.
+fn merge_only(dense: bool) -> Result<(), Error> {
+    use flyball_control::ingest::{IngestConfig, Telemetry};
+    use flyball_proto::codec::EncodedReport;
+    const GATEWAYS: u64 = 10_000;
+    const ROUNDS: u64 = 15;
+    pin_to_cpu(std::process::id(), 0);
+    let config = flyball_control::config::ControlConfig::from_yaml(&bench_config())?;
+    let telemetry = Telemetry::new(
+        IngestConfig::default(),
+        flyball_control::window::WindowConfig::default(),
+        config.selectors(),
+        tokio::time::Instant::now(),
+    );
+    let bodies = Bodies::new(64, dense);
+    let encoded_round = |round: u64| -> Vec<EncodedReport> {
+        (0..GATEWAYS)
+            .map(|gateway| {
+                let sequence = round + 1;
+                let mut report = bodies.pick(gateway ^ sequence);
+                report.reporter = Some(v1::Reporter {
+                    gateway: format!("gateway-{gateway:05}"),
+                    process_start_unix_ms: 1_700_000_000_000,
+                    filter_version: "bench".into(),
+                });
+                report.sequence = sequence;
+                EncodedReport::encode(&report)
+            })
+            .collect()
+    };
+    let mut per_report_us = Vec::new();
+    for round in 0..ROUNDS {
+        let reports = encoded_round(round);
+        let started = Instant::now();
+        for encoded in &reports {
+            let report = encoded.decode()?;
+            telemetry
+                .ingest_from(report, tokio::time::Instant::now(), false)
+                .map_err(|refusal| refusal.to_string())?;
+        }
+        let us = started.elapsed().as_secs_f64() * 1e6 / GATEWAYS as f64;
+        // The first rounds meet every gateway for the first time.
+        if round >= 3 {
+            per_report_us.push(us);
+        }
+    }
+    per_report_us.sort_by(f64::total_cmp);
+    let median = per_report_us[per_report_us.len() / 2];
+    println!(
+        "merge only ({} sketches): {median:.2} us per report read and merged, median of {} rounds \
+         of {GATEWAYS} gateways [{:.2}..{:.2}]",
+        if dense { "dense" } else { "compact" },
+        per_report_us.len(),
+        per_report_us[0],
+        per_report_us[per_report_us.len() - 1],
+    );
+    Ok(())
 }
 
 fn announce(addr: &str) -> Result<(), Error> {

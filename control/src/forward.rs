@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use flyball_proto::codec::EncodedReport;
 use flyball_proto::grpc::forward::telemetry_service_client::TelemetryServiceClient;
-use flyball_proto::v1;
+use flyball_proto::{packed, v1};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -240,7 +240,7 @@ impl Forwarder {
 
     /// `report`, which arrived as `encoded`, made ready to forward: taken apart before ingest
     /// takes the report, offered once ingest has merged it.
-    pub fn prepare(&self, report: &v1::ReportRequest, encoded: EncodedReport) -> Forwarded {
+    pub fn prepare(&self, report: &packed::ReportRequest, encoded: EncodedReport) -> Forwarded {
         let gateway = report
             .reporter
             .as_ref()
@@ -270,7 +270,7 @@ impl Forwarder {
     /// Queues a report made here (a word that a gateway's connections closed), encoding it.
     pub fn offer_report(&self, report: v1::ReportRequest) {
         let encoded = EncodedReport::encode(&report);
-        self.offer(self.prepare(&report, encoded));
+        self.offer(self.prepare(&packed::ReportRequest::from(&report), encoded));
     }
 
     pub fn counters(&self) -> &ForwardCounters {
@@ -801,7 +801,12 @@ mod tests {
         assert_eq!(dropped_now(&f.counters, "send_failed"), 0);
     }
 
-    use flyball_proto::codec::ReceivedReport;
+    use flyball_proto::codec::{EncodedReport, ReceivedReport};
+
+    /// What the fake leader was sent, as prost decodes it.
+    fn decoded(encoded: EncodedReport) -> v1::ReportRequest {
+        prost::Message::decode(encoded.0).expect("a report")
+    }
 
     /// A leader that acknowledges every report and keeps what it was sent.
     #[derive(Clone, Default)]
@@ -815,7 +820,7 @@ mod tests {
             &self,
             request: tonic::Request<ReceivedReport>,
         ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
-            let report = request.into_inner().report;
+            let report = decoded(request.into_inner().encoded);
             let acknowledged_sequence = report.sequence;
             self.received.lock().unwrap().push(report);
             Ok(tonic::Response::new(v1::ReportResponse {
@@ -832,7 +837,8 @@ mod tests {
             use futures::StreamExt;
             let received = self.received.clone();
             let acks = request.into_inner().map(move |report| {
-                report.map(|ReceivedReport { report, .. }| {
+                report.map(|ReceivedReport { encoded, .. }| {
+                    let report = decoded(encoded);
                     let acknowledged_sequence = report.sequence;
                     received.lock().unwrap().push(report);
                     v1::ReportResponse {

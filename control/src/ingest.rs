@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use flyball_proto::grpc::telemetry_service_server::{TelemetryService, TelemetryServiceServer};
-use flyball_proto::v1;
-use flyball_sketch::{Sketch, SketchError};
+use flyball_proto::{packed, v1};
+use flyball_sketch::{SketchError, SparseSketch};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -36,7 +36,8 @@ use crate::connection::ConnectionInfo;
 use crate::forward::{FORWARDED_BY, Forwarder};
 use crate::replication::Replication;
 use crate::window::{
-    Delta, InFlight, KeyId, KeyView, Latencies, PoolId, Selector, View, WindowConfig, Windows,
+    Delta, InFlight, KeyId, KeyView, PoolId, ReportedLatencies, Selector, View, WindowConfig,
+    Windows,
 };
 use flyball_proto::codec::ReceivedReport;
 
@@ -409,7 +410,10 @@ impl Refusal {
 // === parse ===
 
 /// Validates a report and decodes its sketches; nothing shared is touched.
-pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedReport, Refusal> {
+pub fn parse(
+    report: packed::ReportRequest,
+    config: &IngestConfig,
+) -> Result<ParsedReport, Refusal> {
     let reporter = report.reporter.unwrap_or_default();
     if reporter.gateway.is_empty() {
         return Err(Refusal::NoGateway);
@@ -464,15 +468,15 @@ pub fn parse(report: v1::ReportRequest, config: &IngestConfig) -> Result<ParsedR
                 });
             }
         }
-        let sketch = |field: &'static str, wire: &Option<v1::Sketch>| match wire {
-            None => Ok(Sketch::new()),
-            Some(wire) => Sketch::try_from(wire).map_err(|source| Refusal::BadSketch {
+        let sketch = |field: &'static str, wire: &Option<packed::PackedSketch>| match wire {
+            None => Ok(SparseSketch::default()),
+            Some(wire) => SparseSketch::try_from(wire).map_err(|source| Refusal::BadSketch {
                 index,
                 field,
                 source,
             }),
         };
-        let latency = Latencies {
+        let latency = ReportedLatencies {
             ttft_us: sketch("ttft_us", &key.ttft_us)?,
             tpot_us: sketch("tpot_us", &key.tpot_us)?,
             itl_us: sketch("itl_us", &key.itl_us)?,
@@ -1217,14 +1221,14 @@ impl Telemetry {
 
     /// Validates and merges one report that arrived at `now` from its gateway.
     pub fn ingest(&self, report: v1::ReportRequest, now: Instant) -> Result<Merged, Refusal> {
-        self.ingest_from(report, now, false)
+        self.ingest_from(packed::ReportRequest::from(&report), now, false)
     }
 
     /// Validates and merges one report that arrived at `now`, `forwarded` by another replica or
     /// straight from its gateway.
     pub fn ingest_from(
         &self,
-        report: v1::ReportRequest,
+        report: packed::ReportRequest,
         now: Instant,
         forwarded: bool,
     ) -> Result<Merged, Refusal> {
@@ -1674,7 +1678,7 @@ impl IngestService {
     fn untracked(
         &self,
         connection: Option<&ConnectionInfo>,
-        report: &v1::ReportRequest,
+        report: &packed::ReportRequest,
     ) -> Option<(String, u64)> {
         let reporter = report
             .reporter

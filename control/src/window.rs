@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use flyball_proto::v1::{RequestOutcomes, TokenUsage};
-use flyball_sketch::Sketch;
+use flyball_sketch::{Sketch, SparseSketch};
 use tokio::time::Instant;
 
 /// The ring may not hold more buckets than this: one hour of 1 s buckets.
@@ -39,7 +39,7 @@ pub enum WindowConfigError {
     TooManyBuckets { stable: Duration, bucket: Duration },
 }
 
-/// The latency sketches of one bucket, one key's report, or a window, in microseconds.
+/// The latency sketches of one bucket or a window, in microseconds.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Latencies {
     pub ttft_us: Sketch,
@@ -48,12 +48,22 @@ pub struct Latencies {
     pub e2e_us: Sketch,
 }
 
+/// The latency sketches of one key's report, in microseconds, as checked on arrival: merged into
+/// every window the key feeds from their occupied buckets alone ([`SparseSketch`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReportedLatencies {
+    pub ttft_us: SparseSketch,
+    pub tpot_us: SparseSketch,
+    pub itl_us: SparseSketch,
+    pub e2e_us: SparseSketch,
+}
+
 /// One key's deltas from one report, already validated.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Delta {
     pub requests: RequestOutcomes,
     pub tokens: TokenUsage,
-    pub latency: Latencies,
+    pub latency: ReportedLatencies,
 }
 
 /// Requests in flight, summed over live gateways.
@@ -241,6 +251,13 @@ impl Latencies {
         self.e2e_us.merge(&other.e2e_us);
     }
 
+    fn add(&mut self, reported: &ReportedLatencies) {
+        self.ttft_us.merge_sparse(&reported.ttft_us);
+        self.tpot_us.merge_sparse(&reported.tpot_us);
+        self.itl_us.merge_sparse(&reported.itl_us);
+        self.e2e_us.merge_sparse(&reported.e2e_us);
+    }
+
     fn clear(&mut self) {
         self.ttft_us.clear();
         self.tpot_us.clear();
@@ -321,7 +338,7 @@ impl Window {
         }
         slot.requests.add(&delta.requests);
         slot.tokens.add(&delta.tokens);
-        slot.latency.merge(&delta.latency);
+        slot.latency.add(&delta.latency);
     }
 
     /// Adds a delta that accumulated since `since` (a reporter's backlog after a silence): its
@@ -341,7 +358,7 @@ impl Window {
             let part = Delta {
                 requests: split_outcomes(&delta.requests, share),
                 tokens: split_tokens(&delta.tokens, share),
-                latency: Latencies::default(),
+                latency: ReportedLatencies::default(),
             };
             if bucket == last {
                 let part = Delta {

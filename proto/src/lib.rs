@@ -18,6 +18,7 @@ pub mod v1 {
 
 #[cfg(feature = "grpc")]
 pub mod codec;
+pub mod packed;
 
 #[cfg(feature = "grpc")]
 pub mod grpc {
@@ -34,7 +35,7 @@ pub mod grpc {
     }
 }
 
-pub use flyball_sketch::{Sketch, SketchError};
+pub use flyball_sketch::{Sketch, SketchError, SparseSketch};
 
 /// A gateway, backend or model name, at most, in bytes. The control service refuses a report
 /// that names a longer one (it keeps names, so their length bounds its memory); the filter never
@@ -111,9 +112,12 @@ impl TryFrom<&v1::Sketch> for Sketch {
         if !wire.counts.is_empty() {
             return Err(SketchError::DenseAndSparse);
         }
-        let (first, dense) =
-            flyball_sketch::dense_from_sparse(wire.offset, &wire.sparse_gaps, &wire.sparse_counts)?;
-        Sketch::from_parts(parts(first, &dense))
+        let mut buckets = Vec::with_capacity(wire.sparse_counts.len());
+        let gaps = wire.sparse_gaps.iter().copied();
+        let counts = wire.sparse_counts.iter().copied();
+        flyball_sketch::sparse_buckets(wire.offset, gaps, counts, &mut buckets)?;
+        let sparse = SparseSketch::from_buckets(parts(wire.offset, &[]), buckets)?;
+        Ok(Sketch::from(&sparse))
     }
 }
 
@@ -274,7 +278,7 @@ mod tests {
         // Far past the last bucket: refused before anything is allocated for it.
         far.sparse_gaps[1] = u32::MAX;
         assert!(
-            refused(far).starts_with("buckets "),
+            refused(far).starts_with("occupied buckets "),
             "a bucket out of range"
         );
         let mut both = good.clone();

@@ -1,8 +1,9 @@
 //! Mergeable log-bucketed histograms (DDSketch's logarithmic mapping, dense buckets).
 //!
 //! The filter records latencies into a [`Sketch`] per (backend, model) key, the control service
-//! merges the sketches of every gateway into its windows, and the simulators use the same type, so
-//! a quantile means the same thing everywhere. Bucket `i` holds values `v` with
+//! merges the sketches of every gateway into its windows (each report's as a [`SparseSketch`],
+//! its occupied buckets alone, checked as a [`Sketch`] would be), and the simulators use the same
+//! type, so a quantile means the same thing everywhere. Bucket `i` holds values `v` with
 //! `gamma^(i-1) < v <= gamma^i`, `gamma = (1 + a) / (1 - a)`: a bucket's representative value
 //! `2 gamma^i / (gamma + 1)` is within relative error `a` ([`RELATIVE_ACCURACY`], 2%) of every value
 //! in it, and two sketches merge exactly by adding their bucket counts.
@@ -43,8 +44,8 @@ pub enum SketchError {
         "relative_accuracy = {0}: must be {RELATIVE_ACCURACY} (sketches of other accuracies do not merge)"
     )]
     Accuracy(f64),
-    #[error("buckets {offset}..{end}: must lie within 0..={MAX_INDEX}")]
-    BucketRange { offset: i32, end: i64 },
+    #[error("occupied buckets {first}..={last}: must lie within 0..={MAX_INDEX}")]
+    BucketRange { first: i64, last: i64 },
     #[error("counts add up to more than 2^64")]
     CountOverflow,
     #[error("sparse_gaps has {gaps} entries and sparse_counts {counts}: one gap per count")]
@@ -81,6 +82,25 @@ pub struct Sketch {
     max: f64,
 }
 
+/// A sketch received and checked, kept as its occupied buckets: what the control service merges
+/// each report's sketches into its windows from. A report's sketch spans a wide range of buckets
+/// with few of them occupied; built dense, each would be a few KiB zeroed and added bucket by
+/// bucket into every window it joins. Made by [`SparseSketch::from_buckets`] (so it holds what
+/// a [`Sketch`] may) or from a [`Sketch`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SparseSketch {
+    /// (index, count), each count non-zero and each index within `0..=MAX_INDEX`.
+    buckets: Vec<(i64, u64)>,
+    /// The lowest and highest index in `buckets`; meaningless while it is empty.
+    lowest: i32,
+    highest: i32,
+    zero_count: u64,
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
 /// The occupied buckets of `counts` (contiguous buckets from some offset), sparsely: each as its
 /// distance from the previous occupied bucket (the first from the offset) and its count.
 pub fn sparse_from_dense(counts: &[u64]) -> impl Iterator<Item = (u32, u64)> + '_ {
@@ -97,47 +117,32 @@ pub fn sparse_from_dense(counts: &[u64]) -> impl Iterator<Item = (u32, u64)> + '
         })
 }
 
-/// Contiguous counts from `offset` on, from buckets given sparsely (see [`sparse_from_dense`]): bucket `offset + gaps[0]` holds `counts[0]`, and each next one
-/// lies `gaps[i]` past the one before. Returns the first bucket's index and the counts from it,
-/// for [`Sketch::from_parts`]; nothing is allocated before the buckets are known to lie within
-/// the sketch's range, so a forged gap cannot make it allocate more than [`MAX_BUCKETS`].
-pub fn dense_from_sparse(
+/// Appends the buckets of a sketch given sparsely (see [`sparse_from_dense`]) to `buckets`, as
+/// (index, count) pairs for [`SparseSketch::from_buckets`]: bucket `offset + gaps[0]` holds
+/// `counts[0]`, and each next one lies `gaps[i]` past the one before. Refuses gaps and counts of
+/// different lengths and a zero gap past the first; where the buckets land is
+/// [`SparseSketch::from_buckets`]'s to check.
+pub fn sparse_buckets(
     offset: i32,
-    gaps: &[u32],
-    counts: &[u64],
-) -> Result<(i32, Vec<u64>), SketchError> {
+    gaps: impl ExactSizeIterator<Item = u32>,
+    counts: impl ExactSizeIterator<Item = u64>,
+    buckets: &mut Vec<(i64, u64)>,
+) -> Result<(), SketchError> {
     if gaps.len() != counts.len() {
         return Err(SketchError::SparseLengths {
             gaps: gaps.len(),
             counts: counts.len(),
         });
     }
-    let Some(&first_gap) = gaps.first() else {
-        return Ok((offset, Vec::new()));
-    };
-    let first = i64::from(offset) + i64::from(first_gap);
-    let mut last = first;
-    for (index, &gap) in gaps.iter().enumerate().skip(1) {
-        if gap == 0 {
-            return Err(SketchError::SparseGapZero { index });
+    let mut index = i64::from(offset);
+    for (at, (gap, n)) in gaps.zip(counts).enumerate() {
+        if gap == 0 && at > 0 {
+            return Err(SketchError::SparseGapZero { index: at });
         }
-        last += i64::from(gap);
-        if last > i64::from(MAX_INDEX) {
-            break;
-        }
+        index += i64::from(gap);
+        buckets.push((index, n));
     }
-    if first < 0 || last > i64::from(MAX_INDEX) {
-        return Err(SketchError::BucketRange { offset, end: last });
-    }
-    let mut dense = vec![0; (last - first) as usize + 1];
-    let mut at = 0;
-    for (index, (&gap, &n)) in gaps.iter().zip(counts).enumerate() {
-        if index > 0 {
-            at += gap as usize;
-        }
-        dense[at] = n;
-    }
-    Ok((first as i32, dense))
+    Ok(())
 }
 
 /// The raw parts of a sketch, as they travel in `flyball.v1.Sketch`.
@@ -306,75 +311,30 @@ impl Sketch {
     /// Rebuilds a sketch from its raw parts, refusing anything that would break the accuracy or
     /// the memory bound. Leading and trailing empty buckets are trimmed.
     pub fn from_parts(parts: SketchParts<'_>) -> Result<Sketch, SketchError> {
-        if parts.relative_accuracy != RELATIVE_ACCURACY {
-            return Err(SketchError::Accuracy(parts.relative_accuracy));
+        let offset = i64::from(parts.offset);
+        let buckets = (parts.counts.iter().enumerate()).map(|(at, &n)| (offset + at as i64, n));
+        let sparse = SparseSketch::from_buckets(parts, buckets.collect())?;
+        Ok(Sketch::from(&sparse))
+    }
+
+    /// Adds every value of `other` to `self`, as [`Sketch::merge`] does.
+    pub fn merge_sparse(&mut self, other: &SparseSketch) {
+        if other.count == 0 {
+            return;
         }
-        for (field, value) in [("sum", parts.sum), ("min", parts.min), ("max", parts.max)] {
-            if !value.is_finite() {
-                return Err(SketchError::NotFinite { field, value });
-            }
-        }
-        let first = parts.counts.iter().position(|&n| n > 0);
-        let last = parts.counts.iter().rposition(|&n| n > 0);
-        let mut sketch = Sketch::new();
-        if let (Some(first), Some(last)) = (first, last) {
-            let start = i64::from(parts.offset) + first as i64;
-            let end = i64::from(parts.offset) + last as i64;
-            if start < 0 || end > i64::from(MAX_INDEX) {
-                return Err(SketchError::BucketRange {
-                    offset: parts.offset,
-                    end: i64::from(parts.offset) + parts.counts.len() as i64,
-                });
-            }
-            sketch.offset = start as i32;
-            sketch.counts.extend_from_slice(&parts.counts[first..=last]);
-        }
-        let mut count = parts.zero_count;
-        for &n in &sketch.counts {
-            count = count.checked_add(n).ok_or(SketchError::CountOverflow)?;
-        }
-        sketch.zero_count = parts.zero_count;
-        sketch.count = count;
-        if count > 0 {
-            // A summary no recording can produce would corrupt every quantile it merges into.
-            for (field, value) in [("min", parts.min), ("max", parts.max)] {
-                if !(0.0..=MAX_VALUE).contains(&value) {
-                    return Err(SketchError::OutOfRange { field, value });
+        if !other.buckets.is_empty() {
+            self.cover(other.lowest, other.highest);
+            for &(index, n) in &other.buckets {
+                if let Some(bucket) = self
+                    .counts
+                    .get_mut((index - i64::from(self.offset)) as usize)
+                {
+                    *bucket = bucket.saturating_add(n);
                 }
             }
-            if parts.sum < 0.0 {
-                return Err(SketchError::OutOfRange {
-                    field: "sum",
-                    value: parts.sum,
-                });
-            }
-            if parts.min > parts.max {
-                return Err(SketchError::MinAboveMax {
-                    min: parts.min,
-                    max: parts.max,
-                });
-            }
-            // Quantiles are clamped into min..=max, so a min or max its buckets contradict would
-            // move every quantile of every window it merges into (one forged report could ask
-            // for the pool's maximum). The lowest occupied bucket holds min, the highest max.
-            let occupied = (!sketch.counts.is_empty()).then(|| {
-                (
-                    sketch.offset,
-                    sketch.offset + sketch.counts.len() as i32 - 1,
-                )
-            });
-            let lowest = if sketch.zero_count > 0 {
-                None
-            } else {
-                occupied.map(|(lo, _)| lo)
-            };
-            check_summary("min", parts.min, lowest)?;
-            check_summary("max", parts.max, occupied.map(|(_, hi)| hi))?;
-            sketch.sum = parts.sum;
-            sketch.min = parts.min;
-            sketch.max = parts.max;
         }
-        Ok(sketch)
+        self.zero_count = self.zero_count.saturating_add(other.zero_count);
+        self.note_summary(other.min, other.max, other.count, other.sum);
     }
 
     /// Widens `counts` so that buckets `lo..=hi` exist (`lo <= hi`).
@@ -423,6 +383,118 @@ impl Sketch {
         }
         self.count = self.count.saturating_add(n);
         self.sum += sum;
+    }
+}
+
+// === impl SparseSketch ===
+
+impl SparseSketch {
+    /// A sketch from its raw parts with the buckets given as (index, count) pairs, in any order,
+    /// instead of `parts`' offset and counts (which are ignored): as they travel sparsely
+    /// ([`sparse_buckets`]) or as a report's packed counts are read. Refuses anything
+    /// [`Sketch::from_parts`] refuses, with the same errors; `buckets` becomes the sketch's own,
+    /// its empty ones dropped, so nothing is allocated for buckets out of range.
+    pub fn from_buckets(
+        parts: SketchParts<'_>,
+        mut buckets: Vec<(i64, u64)>,
+    ) -> Result<SparseSketch, SketchError> {
+        if parts.relative_accuracy != RELATIVE_ACCURACY {
+            return Err(SketchError::Accuracy(parts.relative_accuracy));
+        }
+        for (field, value) in [("sum", parts.sum), ("min", parts.min), ("max", parts.max)] {
+            if !value.is_finite() {
+                return Err(SketchError::NotFinite { field, value });
+            }
+        }
+        buckets.retain(|&(_, n)| n > 0);
+        let mut count = parts.zero_count;
+        let (mut first, mut last) = (i64::MAX, i64::MIN);
+        for &(index, n) in &buckets {
+            count = count.checked_add(n).ok_or(SketchError::CountOverflow)?;
+            (first, last) = (first.min(index), last.max(index));
+        }
+        let occupied = (!buckets.is_empty()).then_some((first, last));
+        if occupied.is_some() && (first < 0 || last > i64::from(MAX_INDEX)) {
+            return Err(SketchError::BucketRange { first, last });
+        }
+        // Within 0..=MAX_INDEX when there are buckets: both fit an i32.
+        let occupied = occupied.map(|(first, last)| (first as i32, last as i32));
+        let mut sketch = SparseSketch {
+            buckets,
+            lowest: occupied.map_or(0, |(lo, _)| lo),
+            highest: occupied.map_or(0, |(_, hi)| hi),
+            zero_count: parts.zero_count,
+            count,
+            ..SparseSketch::default()
+        };
+        if count > 0 {
+            // A summary no recording can produce would corrupt every quantile it merges into.
+            for (field, value) in [("min", parts.min), ("max", parts.max)] {
+                if !(0.0..=MAX_VALUE).contains(&value) {
+                    return Err(SketchError::OutOfRange { field, value });
+                }
+            }
+            if parts.sum < 0.0 {
+                return Err(SketchError::OutOfRange {
+                    field: "sum",
+                    value: parts.sum,
+                });
+            }
+            if parts.min > parts.max {
+                return Err(SketchError::MinAboveMax {
+                    min: parts.min,
+                    max: parts.max,
+                });
+            }
+            // Quantiles are clamped into min..=max, so a min or max its buckets contradict would
+            // move every quantile of every window it merges into (one forged report could ask
+            // for the pool's maximum). The lowest occupied bucket holds min, the highest max.
+            let lowest = if parts.zero_count > 0 {
+                None
+            } else {
+                occupied.map(|(lo, _)| lo)
+            };
+            check_summary("min", parts.min, lowest)?;
+            check_summary("max", parts.max, occupied.map(|(_, hi)| hi))?;
+            sketch.sum = parts.sum;
+            sketch.min = parts.min;
+            sketch.max = parts.max;
+        }
+        Ok(sketch)
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+impl From<&SparseSketch> for Sketch {
+    fn from(sparse: &SparseSketch) -> Self {
+        let mut sketch = Sketch::new();
+        sketch.merge_sparse(sparse);
+        sketch
+    }
+}
+
+impl From<&Sketch> for SparseSketch {
+    fn from(sketch: &Sketch) -> Self {
+        let offset = i64::from(sketch.offset);
+        let buckets: Vec<(i64, u64)> = (sketch.counts.iter().enumerate())
+            .filter(|(_, n)| **n > 0)
+            .map(|(at, &n)| (offset + at as i64, n))
+            .collect();
+        let lowest = buckets.first().map_or(0, |&(index, _)| index as i32);
+        let highest = buckets.last().map_or(0, |&(index, _)| index as i32);
+        SparseSketch {
+            buckets,
+            lowest,
+            highest,
+            zero_count: sketch.zero_count,
+            count: sketch.count,
+            sum: sketch.sum,
+            min: sketch.min,
+            max: sketch.max,
+        }
     }
 }
 

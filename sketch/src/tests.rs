@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 use super::*;
 use proptest::prelude::*;
 
@@ -205,6 +206,35 @@ proptest! {
         prop_assert_eq!(left.min(), both.min());
         prop_assert_eq!(left.max(), both.max());
         prop_assert!((left.sum() - both.sum()).abs() <= 1e-6 * both.sum().max(1.0));
+    }
+
+    /// Merged from its occupied buckets, a sketch adds exactly what merging it whole adds, and
+    /// its buckets may come in any order.
+    #[test]
+    fn a_sparse_sketch_merges_as_the_sketch_it_came_from(
+        a in prop::collection::vec(0.0f64..1.0e10, 0..200),
+        b in prop::collection::vec(0.0f64..1.0e10, 0..200),
+        reversed in any::<bool>(),
+    ) {
+        let (mut left, mut right) = (Sketch::new(), Sketch::new());
+        for &v in &a { left.record(v); }
+        for &v in &b { right.record(v); }
+        let parts = right.parts();
+        let offset = i64::from(parts.offset);
+        let mut buckets: Vec<(i64, u64)> =
+            (parts.counts.iter().enumerate()).map(|(at, &n)| (offset + at as i64, n)).collect();
+        if reversed {
+            buckets.reverse();
+        }
+        let sparse = SparseSketch::from_buckets(parts, buckets).unwrap();
+        if !reversed {
+            prop_assert_eq!(&sparse, &SparseSketch::from(&right));
+        }
+        prop_assert_eq!(Sketch::from(&sparse), right.clone());
+        let mut whole = left.clone();
+        whole.merge(&right);
+        left.merge_sparse(&sparse);
+        prop_assert_eq!(left, whole);
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl TelemetryService for RecorderService {
         request: tonic::Request<ReceivedReport>,
     ) -> Result<tonic::Response<ReportResponse>, tonic::Status> {
         self.recorder
-            .record(request.into_inner().report)
+            .record(decoded(request.into_inner())?)
             .map(tonic::Response::new)
     }
 
@@ -93,7 +93,7 @@ impl TelemetryService for RecorderService {
                 Ok(Some(report)) => {
                     service.recorder.streamed.fetch_add(1, Ordering::Relaxed);
                     // A refusal ends the stream, as the control service's does.
-                    match service.recorder.record(report.report) {
+                    match decoded(report).and_then(|report| service.recorder.record(report)) {
                         Ok(ack) => Some((Ok(ack), (reports, Some(service)))),
                         Err(status) => Some((Err(status), (reports, None))),
                     }
@@ -104,6 +104,12 @@ impl TelemetryService for RecorderService {
         });
         Ok(tonic::Response::new(Box::pin(acks)))
     }
+}
+
+/// A report as prost decodes it, every field at hand for the tests.
+fn decoded(received: ReceivedReport) -> Result<ReportRequest, tonic::Status> {
+    prost::Message::decode(received.encoded.0)
+        .map_err(|error| tonic::Status::internal(error.to_string()))
 }
 
 pub struct Receiver {

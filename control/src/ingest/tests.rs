@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use super::*;
 use crate::window::WindowConfig;
+use flyball_sketch::Sketch;
 
 fn telemetry(base: Instant) -> Telemetry {
     telemetry_of(base, &["vllm"])
@@ -55,6 +56,11 @@ fn report(
         held_ms: 0,
         connections_closed: false,
     }
+}
+
+/// `report` as ingest reads it off the wire.
+fn packed(report: v1::ReportRequest) -> flyball_proto::packed::ReportRequest {
+    flyball_proto::packed::ReportRequest::from(&report)
 }
 
 fn at(base: Instant, ms: u64) -> Instant {
@@ -1212,8 +1218,12 @@ fn a_report_forwarded_after_its_connection_here_closed_shows_the_gateway_running
             t.reporters(at(base, 8_900));
             assert_eq!(departed(&t), 1);
         }
-        t.ingest_from(report("gw", 1, sequence, 1, 2), at(base, arrives), true)
-            .unwrap();
+        t.ingest_from(
+            packed(report("gw", 1, sequence, 1, 2)),
+            at(base, arrives),
+            true,
+        )
+        .unwrap();
         // Quiet again, past any stale limit it learned.
         t.reporters(at(base, arrives + 12_000));
         assert_eq!(
@@ -1269,13 +1279,21 @@ fn a_forwarded_report_overtaken_by_a_newer_direct_one_is_merged_late_once() {
     ));
     for sequence in [3, 2] {
         let late = t
-            .ingest_from(report("gw", 1, sequence, 5, 7), at(base, 3100), true)
+            .ingest_from(
+                packed(report("gw", 1, sequence, 5, 7)),
+                at(base, 3100),
+                true,
+            )
             .unwrap();
         assert_eq!(late.admission, Admission::Late, "report {sequence}");
     }
     for sequence in [1, 2, 3, 4] {
         let again = t
-            .ingest_from(report("gw", 1, sequence, 5, 7), at(base, 3200), true)
+            .ingest_from(
+                packed(report("gw", 1, sequence, 5, 7)),
+                at(base, 3200),
+                true,
+            )
             .unwrap();
         assert_eq!(again.admission, Admission::Duplicate, "report {sequence}");
     }
@@ -1317,7 +1335,7 @@ fn late_reports_of_a_process_first_seen_here_are_merged_without_a_gap() {
     ));
     for sequence in [3, 4] {
         let late = t
-            .ingest_from(report("gw", 1, sequence, 5, 0), at(base, 100), true)
+            .ingest_from(packed(report("gw", 1, sequence, 5, 0)), at(base, 100), true)
             .unwrap();
         assert_eq!(late.admission, Admission::Late, "report {sequence}");
     }

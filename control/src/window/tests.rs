@@ -18,15 +18,17 @@ fn requests(ok: u64, errors: u64) -> Delta {
             output: 100 * ok,
             ..Default::default()
         },
-        latency: Latencies::default(),
+        latency: ReportedLatencies::default(),
     }
 }
 
 fn ttft(values_us: &[f64]) -> Delta {
-    let mut delta = Delta::default();
+    let mut sketch = Sketch::new();
     for v in values_us {
-        delta.latency.ttft_us.record(*v);
+        sketch.record(*v);
     }
+    let mut delta = Delta::default();
+    delta.latency.ttft_us = SparseSketch::from(&sketch);
     delta
 }
 
