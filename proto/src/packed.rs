@@ -353,11 +353,25 @@ impl TryFrom<&PackedSketch> for Sketch {
 
 impl Varints {
     fn read(bytes: Bytes) -> Read<Self> {
-        let mut rest = bytes.as_ref();
-        let mut len = 0;
-        while rest.has_remaining() {
-            decode_varint(&mut rest)?;
-            len += 1;
+        // A varint ends at its first byte below 0x80; one of more than 10 bytes, or whose tenth
+        // takes it past 64 bits, or that does not end, is refused, with prost's own error.
+        let (mut len, mut run) = (0, 0);
+        for &byte in bytes.iter() {
+            run += 1;
+            if byte < 0x80 {
+                if run == 10 && byte > 1 {
+                    break;
+                }
+                (len, run) = (len + 1, 0);
+            } else if run == 10 {
+                break;
+            }
+        }
+        if run > 0 {
+            let mut rest = bytes.as_ref();
+            while rest.has_remaining() {
+                decode_varint(&mut rest)?;
+            }
         }
         Ok(Varints { bytes, len })
     }
@@ -387,6 +401,13 @@ impl Iterator for VarintIter<'_> {
 
     fn next(&mut self) -> Option<u64> {
         self.left = self.left.checked_sub(1)?;
+        // Most counts and gaps are below 128: one byte.
+        if let Some((&byte, rest)) = self.bytes.split_first()
+            && byte < 0x80
+        {
+            self.bytes = rest;
+            return Some(u64::from(byte));
+        }
         // Checked when read, so this fails only if `len` were wrong: then the iterator ends.
         decode_varint(&mut self.bytes).ok().or_else(|| {
             self.left = 0;
