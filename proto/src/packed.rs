@@ -8,8 +8,8 @@
 //! few buckets a second of traffic fills, added bucket by bucket into every window it joined.
 //! Read here, each varint is decoded into the one list of occupied buckets that ingest merges
 //! from ([`SparseSketch`]). Ingest's own code, without gRPC (`cargo bench -p flyball-control
-//! --bench ingest -- --merge-only`, alternating with the commit before, 3 runs each): 7.0 us per
-//! report against 7.9 with the filter's compact sketches, 8.2-8.4 against 8.9-9.0 all dense.
+//! --bench ingest -- --merge-only`, alternating with the commit before, 3 runs each): 6.4 us per
+//! report against 7.95 with the filter's compact sketches, 7.9 against 8.9 all dense.
 //!
 //! The reader handles the encoding prost (so the filter and every control replica) writes: each
 //! sketch field once, each packed field in one run. Protobuf also allows a field repeated (the
