@@ -15,7 +15,9 @@
 //! sketch field once, each packed field in one run. Protobuf also allows a field repeated (the
 //! last one wins, or sub-messages merge) and repeated scalars sent unpacked or in several runs;
 //! a report written so is decoded by prost instead ([`v1::ReportRequest`]) and converted, so it
-//! means the same either way (`tests/packed_reports.rs`).
+//! means the same either way (`tests/packed_reports.rs`). Fields are read one by one and unknown
+//! ones skipped, as prost does; a field added to these messages in the .proto must be read here
+//! too, which that test checks against the .proto itself.
 
 use bytes::{Buf, Bytes};
 use flyball_sketch::{SketchError, SketchParts};
