@@ -14,8 +14,9 @@
 //! The reader handles the encoding prost (so the filter and every control replica) writes: each
 //! sketch field once, each packed field in one run. Protobuf also allows a field repeated (the
 //! last one wins, or sub-messages merge) and repeated scalars sent unpacked or in several runs;
-//! a report written so is decoded by prost instead ([`v1::ReportRequest`]) and converted, so it
-//! means the same either way (`tests/packed_reports.rs`). Fields are read one by one and unknown
+//! a report written so, or holding a (proto2) group, or not decoding at all, is decoded by prost
+//! instead ([`v1::ReportRequest`]) and converted: it means the same either way, and fails where
+//! prost fails with prost's error (`tests/packed_reports.rs`). Fields are read one by one and unknown
 //! ones skipped, as prost does; a field added to these messages in the .proto must be read here
 //! too, which that test checks against the .proto itself.
 
@@ -81,18 +82,15 @@ struct VarintIter<'a> {
     left: usize,
 }
 
-/// Why the fast reader stopped: the bytes do not decode, or they are written in a way it leaves
-/// to prost.
-enum Unread {
-    Invalid(DecodeError),
-    Irregular,
-}
+/// The reader leaves this report to prost: it does not decode (prost says why), or it is written
+/// in a way the reader does not take itself.
+struct LeftToProst;
 
-type Read<T> = Result<T, Unread>;
+type Read<T> = Result<T, LeftToProst>;
 
-impl From<DecodeError> for Unread {
-    fn from(error: DecodeError) -> Self {
-        Unread::Invalid(error)
+impl From<DecodeError> for LeftToProst {
+    fn from(_: DecodeError) -> Self {
+        LeftToProst
     }
 }
 
@@ -100,12 +98,11 @@ impl From<DecodeError> for Unread {
 
 impl ReportRequest {
     /// Reads an encoded `flyball.v1.ReportRequest`. Fails where prost's decoding of it fails,
-    /// with prost's error.
+    /// with prost's error: whatever the reader does not take itself, prost decodes.
     pub fn decode(encoded: Bytes) -> Result<Self, DecodeError> {
         match Self::read(encoded.clone()) {
             Ok(report) => Ok(report),
-            Err(Unread::Invalid(error)) => Err(error),
-            Err(Unread::Irregular) => Ok(ReportRequest::from(&v1::ReportRequest::decode(encoded)?)),
+            Err(LeftToProst) => Ok(ReportRequest::from(&v1::ReportRequest::decode(encoded)?)),
         }
     }
 
@@ -117,7 +114,7 @@ impl ReportRequest {
             match tag {
                 1 => {
                     let reporter = report.reporter.get_or_insert_with(Default::default);
-                    prost::encoding::message::merge(wire_type, reporter, &mut buf, ctx())?;
+                    merge_small(wire_type, reporter, &mut buf)?;
                 }
                 2 => prost::encoding::uint64::merge(
                     wire_type,
@@ -136,7 +133,11 @@ impl ReportRequest {
                     .push(KeyTelemetry::read(length_delimited(wire_type, &mut buf)?)?),
                 5 => {
                     let dropped = report.dropped.get_or_insert_with(Default::default);
-                    prost::encoding::message::merge(wire_type, dropped, &mut buf, ctx())?;
+                    read_uint64s(
+                        wire_type,
+                        &mut buf,
+                        [&mut dropped.reports, &mut dropped.requests],
+                    )?;
                 }
                 6 => {
                     prost::encoding::uint64::merge(wire_type, &mut report.held_ms, &mut buf, ctx())?
@@ -147,7 +148,7 @@ impl ReportRequest {
                     &mut buf,
                     ctx(),
                 )?,
-                _ => skip_field(wire_type, tag, &mut buf, ctx())?,
+                _ => skip_unknown(wire_type, tag, &mut buf)?,
             }
         }
         Ok(report)
@@ -187,12 +188,42 @@ impl KeyTelemetry {
                 }
                 3 => {
                     let requests = key.requests.get_or_insert_with(Default::default);
-                    prost::encoding::message::merge(wire_type, requests, &mut buf, ctx())?;
+                    let v1::RequestOutcomes {
+                        ok,
+                        client_error,
+                        server_error,
+                        upstream_reset,
+                        client_cancel,
+                    } = requests;
+                    let fields = [
+                        ok,
+                        client_error,
+                        server_error,
+                        upstream_reset,
+                        client_cancel,
+                    ];
+                    read_uint64s(wire_type, &mut buf, fields)?;
                     continue;
                 }
                 4 => {
                     let tokens = key.tokens.get_or_insert_with(Default::default);
-                    prost::encoding::message::merge(wire_type, tokens, &mut buf, ctx())?;
+                    let v1::TokenUsage {
+                        input,
+                        output,
+                        input_estimated,
+                        output_estimated,
+                        requests_estimated,
+                        requests_unmeasured,
+                    } = tokens;
+                    let fields = [
+                        input,
+                        output,
+                        input_estimated,
+                        output_estimated,
+                        requests_estimated,
+                        requests_unmeasured,
+                    ];
+                    read_uint64s(wire_type, &mut buf, fields)?;
                     continue;
                 }
                 5 => &mut key.ttft_us,
@@ -201,18 +232,22 @@ impl KeyTelemetry {
                 8 => &mut key.e2e_us,
                 9 => {
                     let in_flight = key.in_flight.get_or_insert_with(Default::default);
-                    prost::encoding::message::merge(wire_type, in_flight, &mut buf, ctx())?;
+                    let v1::InFlight {
+                        waiting_first_token,
+                        decoding,
+                    } = in_flight;
+                    read_uint64s(wire_type, &mut buf, [waiting_first_token, decoding])?;
                     continue;
                 }
                 _ => {
-                    skip_field(wire_type, tag, &mut buf, ctx())?;
+                    skip_unknown(wire_type, tag, &mut buf)?;
                     continue;
                 }
             };
             let bytes = length_delimited(wire_type, &mut buf)?;
             if sketch.is_some() {
                 // A sketch sent in parts merges them: prost's to do.
-                return Err(Unread::Irregular);
+                return Err(LeftToProst);
             }
             *sketch = Some(PackedSketch::read(bytes)?);
         }
@@ -276,13 +311,13 @@ impl PackedSketch {
                 8 => &mut sketch.sparse_gaps,
                 9 => &mut sketch.sparse_counts,
                 _ => {
-                    skip_field(wire_type, tag, &mut buf, ctx())?;
+                    skip_unknown(wire_type, tag, &mut buf)?;
                     continue;
                 }
             };
             if wire_type != WireType::LengthDelimited || !packed.bytes.is_empty() {
                 // Unpacked, or packed in several runs: prost's to do.
-                return Err(Unread::Irregular);
+                return Err(LeftToProst);
             }
             *packed = Varints::read(length_delimited(wire_type, &mut buf)?)?;
         }
@@ -356,7 +391,7 @@ impl TryFrom<&PackedSketch> for Sketch {
 impl Varints {
     fn read(bytes: Bytes) -> Read<Self> {
         // A varint ends at its first byte below 0x80; one of more than 10 bytes, or whose tenth
-        // takes it past 64 bits, or that does not end, is refused, with prost's own error.
+        // takes it past 64 bits, or that does not end, is prost's to refuse.
         let (mut len, mut run) = (0, 0);
         for &byte in bytes.iter() {
             run += 1;
@@ -370,10 +405,7 @@ impl Varints {
             }
         }
         if run > 0 {
-            let mut rest = bytes.as_ref();
-            while rest.has_remaining() {
-                decode_varint(&mut rest)?;
-            }
+            return Err(LeftToProst);
         }
         Ok(Varints { bytes, len })
     }
@@ -423,6 +455,66 @@ impl Iterator for VarintIter<'_> {
 }
 
 impl ExactSizeIterator for VarintIter<'_> {}
+
+/// Skips a field none of these messages has. A group (proto2's, which no flyball.v1 sender
+/// writes) is prost's: nested groups count against a recursion limit the reader does not track.
+fn skip_unknown(wire_type: WireType, tag: u32, buf: &mut impl Buf) -> Read<()> {
+    if wire_type == WireType::StartGroup {
+        return Err(LeftToProst);
+    }
+    skip_field(wire_type, tag, buf, DecodeContext::default())?;
+    Ok(())
+}
+
+/// Merges `Reporter` with prost, after checking that it holds no group (see [`skip_unknown`]).
+fn merge_small(wire_type: WireType, message: &mut impl Message, buf: &mut Bytes) -> Read<()> {
+    with_sub_message(wire_type, buf, |body| {
+        let mut fields = body;
+        while fields.has_remaining() {
+            let (tag, wire_type) = decode_key(&mut fields)?;
+            skip_unknown(wire_type, tag, &mut fields)?;
+        }
+        message.merge(body)?;
+        Ok(())
+    })
+}
+
+/// Reads a message of uint64 fields numbered from 1 (`RequestOutcomes`, `TokenUsage`...) into
+/// `fields`, merging as prost does: the last value of a field wins, others are skipped.
+fn read_uint64s<const N: usize>(
+    wire_type: WireType,
+    buf: &mut Bytes,
+    mut fields: [&mut u64; N],
+) -> Read<()> {
+    with_sub_message(wire_type, buf, |mut body| {
+        while body.has_remaining() {
+            let (tag, wire_type) = decode_key(&mut body)?;
+            let at = usize::try_from(tag).ok().and_then(|tag| tag.checked_sub(1));
+            match at.and_then(|at| fields.get_mut(at)) {
+                Some(field) => {
+                    let ctx = DecodeContext::default();
+                    prost::encoding::uint64::merge(wire_type, field, &mut body, ctx)?;
+                }
+                None => skip_unknown(wire_type, tag, &mut body)?,
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Reads a sub-message from `buf` there and then, from its bytes in place.
+fn with_sub_message<T>(
+    wire_type: WireType,
+    buf: &mut Bytes,
+    read: impl FnOnce(&[u8]) -> Read<T>,
+) -> Read<T> {
+    prost::encoding::check_wire_type(WireType::LengthDelimited, wire_type)?;
+    let len = usize::try_from(decode_varint(buf)?).map_err(|_| LeftToProst)?;
+    let body = buf.get(..len).ok_or(LeftToProst)?;
+    let read = read(body)?;
+    buf.advance(len);
+    Ok(read)
+}
 
 /// A length-delimited field's bytes, sliced from `buf` without copying.
 fn length_delimited(wire_type: WireType, buf: &mut Bytes) -> Read<Bytes> {
