@@ -61,10 +61,11 @@ where
 }
 
 /// A report as the control service's `TelemetryService` receives it: read (its sketches left
-/// packed, [`packed::ReportRequest`]), and the bytes it arrived as. A leader keeps those bytes for its followers as they are: encoding the report
-/// again cost it about 5 us of the 40 a report took (`cargo bench -p flyball-control --bench
-/// ingest`). They are copied out of the connection's buffer, so that keeping a report holds
-/// its own size and not the buffer it was read into.
+/// packed, [`packed::ReportRequest`]), and the bytes it arrived as. A leader keeps those bytes
+/// for its followers as they are: encoding the report again cost it about 5 us of the 40 a
+/// report took (`cargo bench -p flyball-control --bench ingest`). They are copied out of the
+/// connection's buffer, so that keeping a report holds its own size and not the buffer it was
+/// read into.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReceivedReport {
     pub report: packed::ReportRequest,

@@ -111,43 +111,27 @@ impl ReportRequest {
         let ctx = DecodeContext::default;
         while buf.has_remaining() {
             let (tag, wire_type) = decode_key(&mut buf)?;
+            let uint64 = prost::encoding::uint64::merge;
             match tag {
                 1 => {
                     let reporter = report.reporter.get_or_insert_with(Default::default);
                     merge_small(wire_type, reporter, &mut buf)?;
                 }
-                2 => prost::encoding::uint64::merge(
-                    wire_type,
-                    &mut report.sequence,
-                    &mut buf,
-                    ctx(),
-                )?,
-                3 => prost::encoding::uint64::merge(
-                    wire_type,
-                    &mut report.sent_at_unix_ms,
-                    &mut buf,
-                    ctx(),
-                )?,
-                4 => report
-                    .keys
-                    .push(KeyTelemetry::read(length_delimited(wire_type, &mut buf)?)?),
+                2 => uint64(wire_type, &mut report.sequence, &mut buf, ctx())?,
+                3 => uint64(wire_type, &mut report.sent_at_unix_ms, &mut buf, ctx())?,
+                4 => {
+                    let key = KeyTelemetry::read(length_delimited(wire_type, &mut buf)?)?;
+                    report.keys.push(key);
+                }
                 5 => {
-                    let dropped = report.dropped.get_or_insert_with(Default::default);
-                    read_uint64s(
-                        wire_type,
-                        &mut buf,
-                        [&mut dropped.reports, &mut dropped.requests],
-                    )?;
+                    let d = report.dropped.get_or_insert_with(Default::default);
+                    read_uint64s(wire_type, &mut buf, [&mut d.reports, &mut d.requests])?;
                 }
-                6 => {
-                    prost::encoding::uint64::merge(wire_type, &mut report.held_ms, &mut buf, ctx())?
+                6 => uint64(wire_type, &mut report.held_ms, &mut buf, ctx())?,
+                7 => {
+                    let closed = &mut report.connections_closed;
+                    prost::encoding::bool::merge(wire_type, closed, &mut buf, ctx())?;
                 }
-                7 => prost::encoding::bool::merge(
-                    wire_type,
-                    &mut report.connections_closed,
-                    &mut buf,
-                    ctx(),
-                )?,
                 _ => skip_unknown(wire_type, tag, &mut buf)?,
             }
         }
@@ -177,82 +161,65 @@ impl KeyTelemetry {
         let ctx = DecodeContext::default;
         while buf.has_remaining() {
             let (tag, wire_type) = decode_key(&mut buf)?;
-            let sketch = match tag {
-                1 => {
-                    prost::encoding::string::merge(wire_type, &mut key.backend, &mut buf, ctx())?;
-                    continue;
-                }
-                2 => {
-                    prost::encoding::string::merge(wire_type, &mut key.model, &mut buf, ctx())?;
-                    continue;
-                }
+            match tag {
+                1 => prost::encoding::string::merge(wire_type, &mut key.backend, &mut buf, ctx())?,
+                2 => prost::encoding::string::merge(wire_type, &mut key.model, &mut buf, ctx())?,
                 3 => {
-                    let requests = key.requests.get_or_insert_with(Default::default);
-                    let v1::RequestOutcomes {
-                        ok,
-                        client_error,
-                        server_error,
-                        upstream_reset,
-                        client_cancel,
-                    } = requests;
+                    let r = key.requests.get_or_insert_with(Default::default);
                     let fields = [
-                        ok,
-                        client_error,
-                        server_error,
-                        upstream_reset,
-                        client_cancel,
+                        &mut r.ok,
+                        &mut r.client_error,
+                        &mut r.server_error,
+                        &mut r.upstream_reset,
+                        &mut r.client_cancel,
                     ];
                     read_uint64s(wire_type, &mut buf, fields)?;
-                    continue;
                 }
                 4 => {
-                    let tokens = key.tokens.get_or_insert_with(Default::default);
-                    let v1::TokenUsage {
-                        input,
-                        output,
-                        input_estimated,
-                        output_estimated,
-                        requests_estimated,
-                        requests_unmeasured,
-                    } = tokens;
+                    let t = key.tokens.get_or_insert_with(Default::default);
                     let fields = [
-                        input,
-                        output,
-                        input_estimated,
-                        output_estimated,
-                        requests_estimated,
-                        requests_unmeasured,
+                        &mut t.input,
+                        &mut t.output,
+                        &mut t.input_estimated,
+                        &mut t.output_estimated,
+                        &mut t.requests_estimated,
+                        &mut t.requests_unmeasured,
                     ];
                     read_uint64s(wire_type, &mut buf, fields)?;
-                    continue;
                 }
-                5 => &mut key.ttft_us,
-                6 => &mut key.tpot_us,
-                7 => &mut key.itl_us,
-                8 => &mut key.e2e_us,
+                5..=8 => {
+                    let sketch = match tag {
+                        5 => &mut key.ttft_us,
+                        6 => &mut key.tpot_us,
+                        7 => &mut key.itl_us,
+                        _ => &mut key.e2e_us,
+                    };
+                    read_sketch(sketch, wire_type, &mut buf)?;
+                }
                 9 => {
-                    let in_flight = key.in_flight.get_or_insert_with(Default::default);
-                    let v1::InFlight {
-                        waiting_first_token,
-                        decoding,
-                    } = in_flight;
-                    read_uint64s(wire_type, &mut buf, [waiting_first_token, decoding])?;
-                    continue;
+                    let f = key.in_flight.get_or_insert_with(Default::default);
+                    let fields = [&mut f.waiting_first_token, &mut f.decoding];
+                    read_uint64s(wire_type, &mut buf, fields)?;
                 }
-                _ => {
-                    skip_unknown(wire_type, tag, &mut buf)?;
-                    continue;
-                }
-            };
-            let bytes = length_delimited(wire_type, &mut buf)?;
-            if sketch.is_some() {
-                // A sketch sent in parts merges them: prost's to do.
-                return Err(LeftToProst);
+                _ => skip_unknown(wire_type, tag, &mut buf)?,
             }
-            *sketch = Some(PackedSketch::read(bytes)?);
         }
         Ok(key)
     }
+}
+
+/// Reads a sketch field into `sketch`. A sketch sent in parts merges them: prost's to do.
+fn read_sketch(
+    sketch: &mut Option<PackedSketch>,
+    wire_type: WireType,
+    buf: &mut Bytes,
+) -> Read<()> {
+    let bytes = length_delimited(wire_type, buf)?;
+    if sketch.is_some() {
+        return Err(LeftToProst);
+    }
+    *sketch = Some(PackedSketch::read(bytes)?);
+    Ok(())
 }
 
 impl From<&v1::KeyTelemetry> for KeyTelemetry {
@@ -280,49 +247,44 @@ impl PackedSketch {
         let ctx = DecodeContext::default;
         while buf.has_remaining() {
             let (tag, wire_type) = decode_key(&mut buf)?;
-            let packed = match tag {
-                1 => {
-                    let accuracy = &mut sketch.relative_accuracy;
-                    prost::encoding::double::merge(wire_type, accuracy, &mut buf, ctx())?;
-                    continue;
-                }
+            let double = prost::encoding::double::merge;
+            match tag {
+                1 => double(wire_type, &mut sketch.relative_accuracy, &mut buf, ctx())?,
                 2 => {
-                    prost::encoding::sint32::merge(wire_type, &mut sketch.offset, &mut buf, ctx())?;
-                    continue;
+                    prost::encoding::sint32::merge(wire_type, &mut sketch.offset, &mut buf, ctx())?
                 }
-                4 => {
-                    let zero_count = &mut sketch.zero_count;
-                    prost::encoding::uint64::merge(wire_type, zero_count, &mut buf, ctx())?;
-                    continue;
+                3 | 8 | 9 => {
+                    let varints = match tag {
+                        3 => &mut sketch.counts,
+                        8 => &mut sketch.sparse_gaps,
+                        _ => &mut sketch.sparse_counts,
+                    };
+                    read_packed(varints, wire_type, &mut buf)?;
                 }
-                5 => {
-                    prost::encoding::double::merge(wire_type, &mut sketch.sum, &mut buf, ctx())?;
-                    continue;
-                }
-                6 => {
-                    prost::encoding::double::merge(wire_type, &mut sketch.min, &mut buf, ctx())?;
-                    continue;
-                }
-                7 => {
-                    prost::encoding::double::merge(wire_type, &mut sketch.max, &mut buf, ctx())?;
-                    continue;
-                }
-                3 => &mut sketch.counts,
-                8 => &mut sketch.sparse_gaps,
-                9 => &mut sketch.sparse_counts,
-                _ => {
-                    skip_unknown(wire_type, tag, &mut buf)?;
-                    continue;
-                }
-            };
-            if wire_type != WireType::LengthDelimited || !packed.bytes.is_empty() {
-                // Unpacked, or packed in several runs: prost's to do.
-                return Err(LeftToProst);
+                4 => prost::encoding::uint64::merge(
+                    wire_type,
+                    &mut sketch.zero_count,
+                    &mut buf,
+                    ctx(),
+                )?,
+                5 => double(wire_type, &mut sketch.sum, &mut buf, ctx())?,
+                6 => double(wire_type, &mut sketch.min, &mut buf, ctx())?,
+                7 => double(wire_type, &mut sketch.max, &mut buf, ctx())?,
+                _ => skip_unknown(wire_type, tag, &mut buf)?,
             }
-            *packed = Varints::read(length_delimited(wire_type, &mut buf)?)?;
         }
         Ok(sketch)
     }
+}
+
+/// Reads a packed repeated varint field into `varints`. Unpacked, or packed in several runs, it
+/// is prost's to do.
+fn read_packed(varints: &mut Varints, wire_type: WireType, buf: &mut Bytes) -> Read<()> {
+    if wire_type != WireType::LengthDelimited || !varints.bytes.is_empty() {
+        return Err(LeftToProst);
+    }
+    *varints = Varints::read(length_delimited(wire_type, buf)?)?;
+    Ok(())
 }
 
 impl From<&v1::Sketch> for PackedSketch {
@@ -357,13 +319,11 @@ impl TryFrom<&PackedSketch> for SparseSketch {
             max: packed.max,
         };
         if packed.sparse_gaps.len == 0 && packed.sparse_counts.len == 0 {
-            let offset = i64::from(packed.offset);
             let mut buckets = Vec::with_capacity(packed.counts.len);
-            for (at, n) in packed.counts.iter().enumerate() {
-                if n > 0 {
-                    buckets.push((offset + at as i64, n));
-                }
-            }
+            buckets.extend(flyball_sketch::dense_buckets(
+                packed.offset,
+                packed.counts.iter(),
+            ));
             return SparseSketch::from_buckets(parts, buckets);
         }
         if packed.counts.len > 0 {

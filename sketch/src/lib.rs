@@ -117,6 +117,18 @@ pub fn sparse_from_dense(counts: &[u64]) -> impl Iterator<Item = (u32, u64)> + '
         })
 }
 
+/// The occupied buckets of contiguous `counts` from bucket `offset` on, as (index, count) pairs
+/// for [`SparseSketch::from_buckets`].
+pub fn dense_buckets(
+    offset: i32,
+    counts: impl IntoIterator<Item = u64>,
+) -> impl Iterator<Item = (i64, u64)> {
+    let offset = i64::from(offset);
+    (counts.into_iter().enumerate())
+        .filter(|&(_, n)| n > 0)
+        .map(move |(at, n)| (offset + at as i64, n))
+}
+
 /// Appends the buckets of a sketch given sparsely (see [`sparse_from_dense`]) to `buckets`, as
 /// (index, count) pairs for [`SparseSketch::from_buckets`]: bucket `offset + gaps[0]` holds
 /// `counts[0]`, and each next one lies `gaps[i]` past the one before. Refuses gaps and counts of
@@ -311,9 +323,8 @@ impl Sketch {
     /// Rebuilds a sketch from its raw parts, refusing anything that would break the accuracy or
     /// the memory bound. Leading and trailing empty buckets are trimmed.
     pub fn from_parts(parts: SketchParts<'_>) -> Result<Sketch, SketchError> {
-        let offset = i64::from(parts.offset);
-        let buckets = (parts.counts.iter().enumerate()).map(|(at, &n)| (offset + at as i64, n));
-        let sparse = SparseSketch::from_buckets(parts, buckets.collect())?;
+        let buckets = dense_buckets(parts.offset, parts.counts.iter().copied()).collect();
+        let sparse = SparseSketch::from_buckets(parts, buckets)?;
         Ok(Sketch::from(&sparse))
     }
 
@@ -478,11 +489,8 @@ impl From<&SparseSketch> for Sketch {
 
 impl From<&Sketch> for SparseSketch {
     fn from(sketch: &Sketch) -> Self {
-        let offset = i64::from(sketch.offset);
-        let buckets: Vec<(i64, u64)> = (sketch.counts.iter().enumerate())
-            .filter(|(_, n)| **n > 0)
-            .map(|(at, &n)| (offset + at as i64, n))
-            .collect();
+        let buckets: Vec<(i64, u64)> =
+            dense_buckets(sketch.offset, sketch.counts.iter().copied()).collect();
         let lowest = buckets.first().map_or(0, |&(index, _)| index as i32);
         let highest = buckets.last().map_or(0, |&(index, _)| index as i32);
         SparseSketch {
