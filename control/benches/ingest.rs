@@ -940,7 +940,8 @@ impl TelemetryService for AckOnly {
         }))
     }
 
-    type ReportStreamStream = flyball_control::ingest::AckStream;
+    type ReportStreamStream =
+        futures::stream::BoxStream<'static, Result<v1::ReportResponse, tonic::Status>>;
 
     async fn report_stream(
         &self,

@@ -828,7 +828,8 @@ mod tests {
             }))
         }
 
-        type ReportStreamStream = crate::ingest::AckStream;
+        type ReportStreamStream =
+            futures::stream::BoxStream<'static, Result<v1::ReportResponse, tonic::Status>>;
 
         async fn report_stream(
             &self,

@@ -435,7 +435,11 @@ async fn shutting_down_ends_open_report_streams() -> Result<(), Error> {
     };
     // The stream stays open (its sender is alive) while the service stops.
     let stopped = tokio::spawn(control.stop());
-    let status = acks.message().await.unwrap_err();
+    // Bounded, so that a stream the stop leaves open fails here rather than hangs the suite.
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), acks.message())
+        .await
+        .map_err(|_| "the open stream did not end within 10 s of the stop")?
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(
         status.message().contains("shutting down"),
