@@ -123,7 +123,7 @@ impl Decoder for ReceivedReportDecoder {
         let encoded = Bytes::copy_from_slice(&arrived);
         // As tonic's prost codec answers what does not decode, so that ingest's refusal of it
         // reads the same whichever decoder met it.
-        let report = packed::ReportRequest::decode(encoded.clone())
+        let report = packed::ReportRequest::decode(&encoded)
             .map_err(|error| tonic::Status::internal(error.to_string()))?;
         Ok(Some(ReceivedReport {
             report,
@@ -147,7 +147,7 @@ impl EncodedReport {
     }
 
     pub fn decode(&self) -> Result<packed::ReportRequest, prost::DecodeError> {
-        packed::ReportRequest::decode(self.0.clone())
+        packed::ReportRequest::decode(&self.0)
     }
 
     /// The same report with `held_ms` set to `held_ms`. Protobuf takes the last value of a

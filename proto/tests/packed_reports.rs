@@ -173,7 +173,7 @@ fn assert_same_report(packed: &packed::ReportRequest, report: &v1::ReportRequest
 fn assert_reads_as(encoded: Vec<u8>, report: &v1::ReportRequest) {
     let decoded = v1::ReportRequest::decode(encoded.as_slice()).expect("prost decodes it");
     assert_eq!(&decoded, report, "the forged encoding means the report");
-    let packed = packed::ReportRequest::decode(Bytes::from(encoded)).expect("it reads");
+    let packed = packed::ReportRequest::decode(&Bytes::from(encoded)).expect("it reads");
     assert_same_report(&packed, report);
 }
 
@@ -181,7 +181,7 @@ proptest! {
     #[test]
     fn a_report_reads_as_prost_decodes_it(report in report_strategy()) {
         let encoded = Bytes::from(report.encode_to_vec());
-        let packed = packed::ReportRequest::decode(encoded).unwrap();
+        let packed = packed::ReportRequest::decode(&encoded).unwrap();
         // prost's own encoding: the very bytes, too.
         prop_assert_eq!(&packed, &packed::ReportRequest::from(&report));
         assert_same_report(&packed, &report);
@@ -202,7 +202,7 @@ proptest! {
         encoded[at] = byte;
         encoded.truncate(cut.index(encoded.len() + 1));
         let theirs = v1::ReportRequest::decode(encoded.as_slice());
-        let mine = packed::ReportRequest::decode(Bytes::from(encoded));
+        let mine = packed::ReportRequest::decode(&Bytes::from(encoded));
         match (mine, theirs) {
             (Ok(mine), Ok(theirs)) => assert_same_report(&mine, &theirs),
             (Err(mine), Err(theirs)) => prop_assert_eq!(mine.to_string(), theirs.to_string()),
@@ -318,7 +318,7 @@ fn a_forged_packed_sketch_is_refused_as_the_decoded_one_is() {
     both.counts = vec![1];
     for forged in [far, lengths, both] {
         let report = report_of(forged.clone());
-        let packed = packed::ReportRequest::decode(Bytes::from(report.encode_to_vec())).unwrap();
+        let packed = packed::ReportRequest::decode(&Bytes::from(report.encode_to_vec())).unwrap();
         let refusal = Sketch::try_from(packed.keys[0].ttft_us.as_ref().unwrap());
         assert!(refusal.is_err());
         assert_eq!(refusal, Sketch::try_from(&forged));
@@ -350,7 +350,7 @@ fn packed_varints_fail_where_prost_fails() {
         sketch.extend_from_slice(counts);
         let encoded = report_with_sketch_bytes(&sketch);
         let theirs = v1::ReportRequest::decode(encoded.as_slice());
-        let mine = packed::ReportRequest::decode(Bytes::from(encoded));
+        let mine = packed::ReportRequest::decode(&Bytes::from(encoded));
         assert_eq!(
             mine.is_ok(),
             theirs.is_ok(),
@@ -428,7 +428,7 @@ fn nested_groups_are_refused_where_prost_refuses_them() {
         let in_sketch = report_with_sketch_bytes(&sketch);
         for encoded in [in_report, in_key, in_requests, in_sketch] {
             let theirs = v1::ReportRequest::decode(encoded.as_slice());
-            let mine = packed::ReportRequest::decode(Bytes::from(encoded));
+            let mine = packed::ReportRequest::decode(&Bytes::from(encoded));
             match (mine, theirs) {
                 (Ok(mine), Ok(theirs)) => assert_same_report(&mine, &theirs),
                 (Err(mine), Err(theirs)) => assert_eq!(mine.to_string(), theirs.to_string()),
