@@ -160,6 +160,11 @@ pub struct Reporters {
     next_number: u64,
     /// Processes remembered, whatever their state (bounded by `max_reporters`).
     processes: usize,
+    /// No process goes stale or is forgotten before this (`None`: none will by the clock), so
+    /// a sweep before it has nothing to do. At 10,000 gateways a sweep visits 10,000 entries
+    /// spread over the heap; every 300 ms that was about 1% of the service's CPU, while a
+    /// gateway reporting every second is not due for 2 s or more.
+    next_due: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -347,9 +352,9 @@ pub const NOT_LEADER: &str = "not_leader";
 // === impl IngestConfig ===
 
 impl IngestConfig {
-    /// How often silent reporters are looked for. Sweeping scans every reporter (10,000
-    /// gateways, 10,000 entries), so it runs a tenth of `stale_after` apart, not on every read:
-    /// staleness is then seen at most 10% late.
+    /// How often silent reporters are looked for. A sweep that finds a reporter due scans every
+    /// reporter (10,000 gateways, 10,000 entries), so it runs a tenth of `stale_after` apart,
+    /// not on every read: staleness is then seen at most 10% late.
     pub fn sweep_every(&self) -> Duration {
         (self.stale_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(1))
     }
@@ -561,6 +566,7 @@ impl Reporters {
             forgotten,
             next_number: 0,
             processes: 0,
+            next_due: None,
         }
     }
 
@@ -740,6 +746,9 @@ impl Reporters {
                 let last = entry.processes.len() - 1;
                 let process = &mut entry.processes[last];
                 process.last_sequence = sequence;
+                let due =
+                    process.next_due(self.stale_after, self.stale_intervals, self.forget_after);
+                bring_forward(&mut self.next_due, due);
                 let admission = Admission::Fresh {
                     // Nothing is known of what came before the first report seen: a control
                     // service restart must not count as lost reports.
@@ -827,6 +836,8 @@ impl Reporters {
             }
             self.live += 1;
         }
+        let due = process.next_due(self.stale_after, self.stale_intervals, self.forget_after);
+        bring_forward(&mut self.next_due, due);
         let admission = Admission::Fresh {
             missing,
             restart: false,
@@ -839,10 +850,14 @@ impl Reporters {
     /// leave the in-flight sums.
     fn sweep(&mut self, now: Instant) -> Vec<(KeyId, InFlight)> {
         let mut dropped = Vec::new();
+        if self.next_due.is_none_or(|due| now < due) {
+            return dropped;
+        }
         let (stale_after, intervals, forget_after) =
             (self.stale_after, self.stale_intervals, self.forget_after);
         let (departed, forgotten) = (&self.departed, &self.forgotten);
         let (mut live, mut stale, mut processes) = (self.live, self.stale, self.processes);
+        let mut next_due = None;
         self.gateways.retain(|_, gateway| {
             gateway.processes.retain_mut(|process| {
                 let silent = now.saturating_duration_since(process.last_seen);
@@ -868,6 +883,10 @@ impl Reporters {
                     }
                     dropped.append(&mut process.gauges);
                 }
+                bring_forward(
+                    &mut next_due,
+                    process.next_due(stale_after, intervals, forget_after),
+                );
                 true
             });
             !gateway.processes.is_empty()
@@ -875,6 +894,7 @@ impl Reporters {
         self.live = live;
         self.processes = processes;
         self.stale = stale;
+        self.next_due = next_due;
         dropped
     }
 
@@ -952,7 +972,30 @@ fn stale_limit(
     stale_after.max(interval.saturating_mul(intervals))
 }
 
+/// Lowers `next_due` to `due` if that is sooner (`None`: never).
+fn bring_forward(next_due: &mut Option<Instant>, due: Option<Instant>) {
+    if let Some(due) = due {
+        *next_due = Some(next_due.map_or(due, |next| next.min(due)));
+    }
+}
+
 impl Process {
+    /// When it next changes by the clock alone: goes stale, or, stale, is forgotten (`None`:
+    /// beyond what `Instant` holds). A sweep before then leaves it as it is.
+    fn next_due(
+        &self,
+        stale_after: Duration,
+        intervals: u32,
+        forget_after: Duration,
+    ) -> Option<Instant> {
+        let silence = if self.stale {
+            forget_after
+        } else {
+            stale_limit(stale_after, intervals, forget_after, self.interval).min(forget_after)
+        };
+        self.last_seen.checked_add(silence)
+    }
+
     /// Quiet, it is not missing: its connections closed as Envoy's do when it exits.
     fn quiet_is_explained(&self) -> bool {
         self.connections_closed

@@ -245,6 +245,32 @@ fn a_slow_reporter_gets_three_of_its_own_intervals_before_going_stale() {
 }
 
 #[test]
+fn a_reporter_that_comes_after_a_sweep_still_goes_stale_on_time() {
+    // Sweeps skip until the soonest reporter is due; one that comes later, due sooner, must
+    // bring that forward.
+    let base = Instant::now();
+    let t = telemetry(base);
+    // Every 20 s: its limit grows to 3 x 20 s (9 s, then 27 s, then 60 s; see above).
+    for s in 0..4 {
+        t.ingest(report("slow", 1, s + 1, 0, 1), at(base, s * 20_000))
+            .unwrap();
+    }
+    // A sweep: nothing is due before 120 s.
+    assert_eq!(t.reporters(at(base, 60_500)).live, 1);
+    t.ingest(report("fast", 1, 1, 0, 1), at(base, 61_000))
+        .unwrap();
+    assert_eq!(
+        t.reporters(at(base, 64_500)),
+        ReporterCounts { live: 1, stale: 1 }
+    );
+    assert_eq!(t.reporters(at(base, 119_000)).live, 1);
+    assert_eq!(
+        t.reporters(at(base, 120_500)),
+        ReporterCounts { live: 0, stale: 2 }
+    );
+}
+
+#[test]
 fn a_reporter_back_from_a_long_silence_goes_stale_at_its_usual_bound_if_it_dies_again() {
     let base = Instant::now();
     let t = telemetry(base);
