@@ -1506,3 +1506,34 @@ async fn a_stopping_replica_refuses_reports_so_they_go_elsewhere() {
     );
     assert_eq!(counters.reports.get(), 1);
 }
+
+/// A stream's task may first look for the stop with its budget spent (much other work in the
+/// same poll); the stop must still wake it once it comes.
+#[tokio::test]
+async fn a_stop_wakes_a_stream_that_first_looked_for_it_out_of_budget() {
+    let (stop, signal) = tokio::sync::watch::channel(false);
+    let mut watch = StopWatch::new(&signal);
+    let mut first = true;
+    let waiting = tokio::spawn(std::future::poll_fn(move |cx| {
+        if std::mem::take(&mut first) {
+            while let std::task::Poll::Ready(spent) = tokio::task::coop::poll_proceed(cx) {
+                spent.made_progress();
+            }
+        }
+        if watch.stopped(cx) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }));
+    // Let it poll, out of budget, and again (the budget's own wake-up) until it waits.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!waiting.is_finished(), "nothing stopped yet");
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the stop woke the stream's task")
+        .unwrap();
+}
