@@ -491,15 +491,14 @@ fn skip_unknown(wire_type: WireType, tag: u32, buf: &mut impl Buf) -> Read<()> {
 
 /// Merges `Reporter` with prost, after checking that it holds no group (see [`skip_unknown`]).
 fn merge_small(wire_type: WireType, message: &mut impl Message, buf: &mut &[u8]) -> Read<()> {
-    with_sub_message(wire_type, buf, |body| {
-        let mut fields = body;
-        while fields.has_remaining() {
-            let (tag, wire_type) = decode_key(&mut fields)?;
-            skip_unknown(wire_type, tag, &mut fields)?;
-        }
-        message.merge(body)?;
-        Ok(())
-    })
+    let body = length_delimited(wire_type, buf)?;
+    let mut fields = body;
+    while fields.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut fields)?;
+        skip_unknown(wire_type, tag, &mut fields)?;
+    }
+    message.merge(body)?;
+    Ok(())
 }
 
 /// Reads a message of uint64 fields numbered from 1 (`RequestOutcomes`, `TokenUsage`...) into
@@ -509,29 +508,19 @@ fn read_uint64s<const N: usize>(
     buf: &mut &[u8],
     mut fields: [&mut u64; N],
 ) -> Read<()> {
-    with_sub_message(wire_type, buf, |mut body| {
-        while body.has_remaining() {
-            let (tag, wire_type) = decode_key(&mut body)?;
-            let at = usize::try_from(tag).ok().and_then(|tag| tag.checked_sub(1));
-            match at.and_then(|at| fields.get_mut(at)) {
-                Some(field) => {
-                    let ctx = DecodeContext::default();
-                    prost::encoding::uint64::merge(wire_type, field, &mut body, ctx)?;
-                }
-                None => skip_unknown(wire_type, tag, &mut body)?,
+    let mut body = length_delimited(wire_type, buf)?;
+    while body.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut body)?;
+        let at = usize::try_from(tag).ok().and_then(|tag| tag.checked_sub(1));
+        match at.and_then(|at| fields.get_mut(at)) {
+            Some(field) => {
+                let ctx = DecodeContext::default();
+                prost::encoding::uint64::merge(wire_type, field, &mut body, ctx)?;
             }
+            None => skip_unknown(wire_type, tag, &mut body)?,
         }
-        Ok(())
-    })
-}
-
-/// Reads a sub-message from `buf` there and then, from its bytes in place.
-fn with_sub_message<T>(
-    wire_type: WireType,
-    buf: &mut &[u8],
-    read: impl FnOnce(&[u8]) -> Read<T>,
-) -> Read<T> {
-    read(length_delimited(wire_type, buf)?)
+    }
+    Ok(())
 }
 
 /// A length-delimited field's bytes, in place.
