@@ -812,7 +812,10 @@ fn child(args: &[String]) -> Result<(), Error> {
                 // The same server settings as the control service's.
                 flyball_control::grpc_server()
                     .add_service(TelemetryServiceServer::new(AckOnly))
-                    .serve_with_incoming(flyball_control::grpc_incoming(listener))
+                    .serve_with_incoming(flyball_control::grpc_incoming(
+                        listener,
+                        flyball_control::GrpcKeepalive::default(),
+                    ))
                     .await?;
             }
             _ => {

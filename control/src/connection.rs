@@ -1,22 +1,62 @@
-//! gRPC connections that know when they close, so ingest can tell a gateway whose connection
-//! closed (Envoy exited) from one whose stream merely ended (the filter reset it after a
+//! gRPC connections that know when and how they close, so ingest can tell a gateway whose
+//! connection closed (Envoy exited) from one whose stream merely ended (the filter reset it after a
 //! timeout, a report was refused) or that went quiet with its connection open (a partition).
 //!
 //! accepted connection -> [`Tracked`] (the IO, and a [`ConnectionInfo`] every request on it
 //! carries as an extension) -> requests register what the connection carried with
 //! [`ConnectionInfo::carried`] -> the connection closes (its IO is dropped) -> what it carried is
-//! dropped with it, which is how ingest learns of the close.
+//! told how ([`Carried::closed`]), which is how ingest learns of the close.
+//!
+//! How: a connection ends (the peer's FIN, reset or GOAWAY, or this side closing it for a
+//! protocol error), or is lost: the kernel gave up on a peer that stopped acknowledging
+//! (keepalive probes, or what was sent, unanswered: a node lost, a partition). Only an end says
+//! the peer is gone; a peer behind a partition may live on and report again once it heals.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
 
-/// What requests on one connection left with it, dropped when the connection closes.
-pub type Carried = Box<dyn std::any::Any + Send>;
+/// What requests on one connection left with it, told when the connection closes.
+pub trait Carried: std::any::Any + Send {
+    fn closed(self: Box<Self>, how: Closed);
+}
+
+/// Closed connections, on `/metrics`: lost ones are peers gone without a word, or partitions.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionCounters {
+    pub closed: Family<ClosedLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    how: &'static str,
+}
+
+/// How a connection closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// Without a sign of loss: its peer ended it (a FIN, a reset, a GOAWAY), or this side did.
+    Ended,
+    /// The kernel gave up on its peer (keepalive or sent data unacknowledged, or the host
+    /// unreachable), which says nothing of whether the peer lives.
+    Lost,
+}
+
+impl Closed {
+    fn label(self) -> &'static str {
+        match self {
+            Closed::Ended => "ended",
+            Closed::Lost => "lost",
+        }
+    }
+}
 
 /// The request extension naming the connection a request came on.
 #[derive(Clone, Default)]
@@ -26,7 +66,7 @@ pub struct ConnectionInfo {
 
 #[derive(Default)]
 struct State {
-    carried: Option<Carried>,
+    carried: Option<Box<dyn Carried>>,
     /// A request still running when its connection closed registers nothing more.
     closed: bool,
 }
@@ -40,7 +80,7 @@ impl std::fmt::Debug for ConnectionInfo {
 impl ConnectionInfo {
     /// Runs `with` on what this connection carries, made by `new` the first time. Whatever it is,
     /// it is dropped when the connection closes. None once it has closed.
-    pub fn carried<T: Send + 'static, R>(
+    pub fn carried<T: Carried, R>(
         &self,
         new: impl FnOnce() -> T,
         with: impl FnOnce(&mut T) -> R,
@@ -49,41 +89,71 @@ impl ConnectionInfo {
         if state.closed {
             return None;
         }
-        let carried = state.carried.get_or_insert_with(|| Box::new(new()));
+        let carried: &mut dyn Carried = &mut **state.carried.get_or_insert_with(|| Box::new(new()));
+        let carried: &mut dyn std::any::Any = carried;
         carried.downcast_mut::<T>().map(with)
     }
 
-    fn close(&self) {
+    fn close(&self, how: Closed) {
         let carried = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             state.closed = true;
             state.carried.take()
         };
-        // Dropped outside the lock: what it does on drop takes other locks.
-        drop(carried);
+        // Told outside the lock: what it does takes other locks.
+        if let Some(carried) = carried {
+            carried.closed(how);
+        }
     }
 }
 
-/// An accepted connection's IO, unchanged, that drops what its requests registered when it
-/// closes.
+/// An accepted connection's IO, unchanged, that tells what its requests registered how it
+/// closed.
 #[derive(Debug)]
 pub struct Tracked<IO> {
     io: IO,
     info: ConnectionInfo,
+    /// A read or write failed as the kernel does when it gives up on a peer.
+    lost: bool,
+    counters: ConnectionCounters,
 }
 
 impl<IO> Tracked<IO> {
-    pub fn new(io: IO) -> Self {
+    pub fn new(io: IO, counters: ConnectionCounters) -> Self {
         Tracked {
             io,
             info: ConnectionInfo::default(),
+            lost: false,
+            counters,
         }
+    }
+
+    /// Notes whether `result` says the peer was lost; passes it on.
+    fn note<T>(&mut self, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Err(error)) = &result {
+            self.lost |= matches!(
+                error.kind(),
+                io::ErrorKind::TimedOut
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+            );
+        }
+        result
     }
 }
 
 impl<IO> Drop for Tracked<IO> {
     fn drop(&mut self) {
-        self.info.close();
+        let how = if self.lost {
+            Closed::Lost
+        } else {
+            Closed::Ended
+        };
+        self.counters
+            .closed
+            .get_or_create(&ClosedLabels { how: how.label() })
+            .inc();
+        self.info.close(how);
     }
 }
 
@@ -101,7 +171,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.note(read)
     }
 }
 
@@ -111,7 +182,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(written)
     }
 
     fn poll_write_vectored(
@@ -119,7 +191,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note(written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -127,11 +200,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let flushed = Pin::new(&mut self.io).poll_flush(cx);
+        self.note(flushed)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let shut = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.note(shut)
     }
 }
 
@@ -139,38 +214,128 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
 
-    struct SaysWhenDropped(Arc<AtomicBool>);
+    /// Records how its connection closed.
+    struct SaysHowClosed(Arc<Mutex<Option<Closed>>>);
 
-    impl Drop for SaysWhenDropped {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
+    impl Carried for SaysHowClosed {
+        fn closed(self: Box<Self>, how: Closed) {
+            *self.0.lock().unwrap() = Some(how);
         }
     }
 
-    #[test]
-    fn what_requests_registered_is_dropped_when_the_connection_closes_not_before() {
-        let (io, _peer) = tokio::io::duplex(64);
-        let tracked = Tracked::new(io);
-        let dropped = Arc::new(AtomicBool::new(false));
-        let request = tracked.connect_info();
-        let made = request.carried(|| SaysWhenDropped(dropped.clone()), |_| 1);
+    struct NeverMade;
+
+    impl Carried for NeverMade {
+        fn closed(self: Box<Self>, _: Closed) {}
+    }
+
+    fn register<IO>(tracked: &Tracked<IO>) -> Arc<Mutex<Option<Closed>>> {
+        let told = Arc::new(Mutex::new(None));
+        let made = tracked
+            .connect_info()
+            .carried(|| SaysHowClosed(told.clone()), |_| 1);
         assert_eq!(made, Some(1));
+        told
+    }
+
+    #[test]
+    fn what_requests_registered_is_told_when_the_connection_closes_not_before() {
+        let (io, _peer) = tokio::io::duplex(64);
+        let tracked = Tracked::new(io, ConnectionCounters::default());
+        let told = register(&tracked);
         // A request ending (its copy of the info dropped) is not the connection closing.
-        drop(request);
-        assert!(!dropped.load(Ordering::SeqCst));
+        drop(tracked.connect_info());
+        assert_eq!(*told.lock().unwrap(), None);
         drop(tracked);
-        assert!(dropped.load(Ordering::SeqCst));
+        assert_eq!(*told.lock().unwrap(), Some(Closed::Ended));
+    }
+
+    /// IO whose reads and writes fail with `kind`.
+    struct Failing(io::ErrorKind);
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(self.0.into()))
+        }
+    }
+
+    impl AsyncWrite for Failing {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(self.0.into()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(self.0.into()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(self.0.into()))
+        }
+    }
+
+    /// How a connection whose `read` or write failed with `kind` closes, and what is counted.
+    async fn closed_after(kind: io::ErrorKind, read: bool) -> (Closed, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let counters = ConnectionCounters::default();
+        let mut tracked = Tracked::new(Failing(kind), counters.clone());
+        let told = register(&tracked);
+        if read {
+            assert!(tracked.read(&mut [0u8; 8]).await.is_err());
+        } else {
+            assert!(tracked.write(b"ack").await.is_err());
+        }
+        drop(tracked);
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("closed", "", counters.closed);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let how = told.lock().unwrap().unwrap();
+        (how, text)
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_kernel_gave_up_on_is_lost_one_reset_or_broken_ended() {
+        for read in [true, false] {
+            for kind in [
+                io::ErrorKind::TimedOut,
+                io::ErrorKind::HostUnreachable,
+                io::ErrorKind::NetworkUnreachable,
+            ] {
+                let (how, text) = closed_after(kind, read).await;
+                assert_eq!(how, Closed::Lost, "{kind:?}, read: {read}");
+                assert!(text.contains("closed_total{how=\"lost\"} 1"), "{text}");
+            }
+            for kind in [
+                io::ErrorKind::ConnectionReset,
+                io::ErrorKind::BrokenPipe,
+                io::ErrorKind::InvalidData,
+            ] {
+                let (how, text) = closed_after(kind, read).await;
+                assert_eq!(how, Closed::Ended, "{kind:?}, read: {read}");
+                assert!(text.contains("closed_total{how=\"ended\"} 1"), "{text}");
+            }
+        }
     }
 
     #[test]
     fn a_request_that_outlives_its_connection_registers_nothing() {
         let (io, _peer) = tokio::io::duplex(64);
-        let tracked = Tracked::new(io);
+        let tracked = Tracked::new(io, ConnectionCounters::default());
         let request = tracked.connect_info();
         drop(tracked);
-        let made = request.carried(|| panic!("nothing is made for a closed connection"), |()| 1);
+        let made = request.carried(
+            || -> NeverMade { panic!("nothing is made for a closed connection") },
+            |_| 1,
+        );
         assert_eq!(made, None);
     }
 }

@@ -863,7 +863,10 @@ mod tests {
             tokio::spawn(
                 crate::grpc_server()
                     .add_service(service)
-                    .serve_with_incoming(crate::grpc_incoming(listener)),
+                    .serve_with_incoming(crate::grpc_incoming(
+                        listener,
+                        crate::GrpcKeepalive::default(),
+                    )),
             );
             uri
         }

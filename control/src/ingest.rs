@@ -32,7 +32,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::connection::ConnectionInfo;
+use crate::connection::{Carried, Closed, ConnectionInfo};
 use crate::forward::{FORWARDED_BY, Forwarder};
 use crate::replication::Replication;
 use crate::window::{
@@ -605,8 +605,8 @@ impl Reporters {
     /// and the process is still live, returns the sequence of its latest report: if it now goes
     /// quiet, it is gone. A connection that closes once the process is stale is a dead one
     /// being reaped (keepalive), which says nothing of whether the gateway is gone.
-    /// A connection shared with other gateways (`own` false) only stops counting as open: its
-    /// close says nothing of any one of them.
+    /// A connection shared with other gateways, or lost (`own` false), only stops counting as
+    /// open: its close says nothing of any one of them.
     fn connection_closed(
         &mut self,
         gateway: &str,
@@ -1433,7 +1433,8 @@ impl Telemetry {
     /// A connection that [`Telemetry::connection_opened`] for this reporter (returning `number`)
     /// closed. `Some(sequence)` when it was the reporter's last open connection and the reporter
     /// is live: the sequence of its latest report, for the word passed on to the leader.
-    /// `own`: the connection carried only this gateway's reports.
+    /// `own`: the connection carried only this gateway's reports, and it ended rather than was
+    /// lost.
     pub fn connection_closed(
         &self,
         gateway: &str,
@@ -1611,7 +1612,7 @@ impl IngestService {
 /// when quiet, as before.
 const REPORTERS_PER_CONNECTION: usize = 4;
 
-/// The gateway processes one connection carried reports of. Dropped when the connection closes
+/// The gateway processes one connection carried reports of. Told when the connection closes
 /// ([`crate::connection`]): each process is told, and on a follower the leader too.
 struct ConnectionReporters {
     service: IngestService,
@@ -1678,15 +1679,18 @@ impl ConnectionReporters {
     }
 }
 
-impl Drop for ConnectionReporters {
-    fn drop(&mut self) {
+impl Carried for ConnectionReporters {
+    fn closed(mut self: Box<Self>, how: Closed) {
         // This service's own shutdown closes every connection: that says nothing of gateways.
         if *self.service.stopping.borrow() {
             return;
         }
         let forwarder = self.service.forwarder.as_ref().filter(|f| f.active());
         let replication = self.service.replication.as_ref().filter(|r| r.wanted());
-        let (own, now) = (!self.shared, Instant::now());
+        // Lost, it still stops counting as open; its gateway may live on behind a partition,
+        // held for as a quiet one is.
+        let own = !self.shared && how == Closed::Ended;
+        let now = Instant::now();
         for (gateway, start, number) in self.carried.drain(..) {
             let telemetry = &self.service.telemetry;
             let Some(sequence) = telemetry.connection_closed(&gateway, start, number, own, now)

@@ -14,6 +14,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::config::LiveConfig;
+use crate::connection::ConnectionCounters;
 use crate::controller::Status;
 use crate::forward::ForwardCounters;
 use crate::ingest::Telemetry;
@@ -44,6 +45,7 @@ impl Metrics {
         status: Arc<Status>,
         forward: &ForwardCounters,
         replication: &ReplicationCounters,
+        connections: &ConnectionCounters,
         tls: Option<&TlsCounters>,
     ) -> Self {
         let mut registry = Registry::default();
@@ -148,6 +150,12 @@ impl Metrics {
             "flyball_replication_followed",
             "Reports merged from the leader's stream while following (duplicates excluded)",
             replication.followed.clone(),
+        );
+        registry.register(
+            "flyball_grpc_connections_closed",
+            "gRPC connections closed, by how: by_peer (it ended it, or had just spoken), \
+             after_silence (keepalive gave up on it: a peer lost without a word)",
+            connections.closed.clone(),
         );
         if let Some(tls) = tls {
             registry.register(

@@ -41,7 +41,6 @@ use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use x509_cert::der::Decode;
 
@@ -325,7 +324,7 @@ impl GrpcTls {
     /// without TLS.
     pub fn incoming(
         self: Arc<Self>,
-        mut tcp: TcpIncoming,
+        mut tcp: impl futures::Stream<Item = io::Result<TcpStream>> + Send + Unpin + 'static,
     ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
         let (accepted, incoming) = mpsc::channel(ACCEPTED_BUFFER);
         tokio::spawn(async move {

@@ -649,6 +649,73 @@ async fn a_gateway_whose_connection_closed_is_gone_when_quiet_one_cut_off_is_mis
     control.stop().await
 }
 
+/// A gateway cut off one way: its reports arrive, this service's acknowledgements do not. The
+/// kernel gives its connection up (what was sent stays unacknowledged past
+/// `--grpc-keepalive` plus `--grpc-keepalive-timeout`) while the gateway is live; that close
+/// says nothing of whether the gateway lives, so it is held for as missing, not taken as gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_while_its_gateway_is_live_leaves_the_gateway_missing_not_gone()
+-> Result<(), Error> {
+    let flags = [
+        "--stale-after",
+        "6s",
+        "--grpc-keepalive",
+        "1s",
+        "--grpc-keepalive-timeout",
+        "1s",
+    ];
+    let control = support::start(ONE_POOL, &flags).await?;
+    let pool = r#"autoscaler="llama",namespace="default",pool="llama",role="unified""#;
+    let relay = support::Relay::start(control.grpc).await?;
+    let channel = Channel::from_shared(relay.uri())?.connect().await?;
+    let mut stream = Reporting::stream(TelemetryServiceClient::new(channel.clone())).await?;
+    stream.send_acked("cut-one-way", 1..=3).await?;
+    let Reporting::Stream { reports, .. } = &stream else {
+        unreachable!("a stream")
+    };
+
+    relay.cut_replies();
+    // Reports go on arriving; the acknowledgements pile up unread.
+    let reports = reports.clone();
+    let flood = tokio::spawn(async move {
+        for sequence in 4..100_000 {
+            if reports
+                .send(report("cut-one-way", 1, sequence, 1))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    });
+    let wait = std::time::Duration::from_secs(10);
+    let lost = r#"flyball_grpc_connections_closed_total{how="lost"}"#;
+    control.wait_metric(lost, 1.0, wait).await?;
+    assert_eq!(
+        control.metric("flyball_reporters{state=\"live\"}").await?,
+        Some(1.0),
+        "lost while the gateway was live"
+    );
+    flood.abort();
+    control
+        .wait_metric("flyball_reporters{state=\"stale\"}", 1.0, wait)
+        .await?;
+    assert_eq!(
+        control.metric("flyball_ingest_departed_total").await?,
+        Some(0.0)
+    );
+    assert_eq!(
+        control
+            .metric(&format!("flyball_pool_silent_reporters{{{pool}}}"))
+            .await?,
+        Some(1.0),
+        "the cut-off gateway holds its pool"
+    );
+    drop((stream, channel));
+    control.stop().await
+}
+
 /// A gateway silent past `--forget-after` with its connection still open is forgotten; when it
 /// reports again on that connection and then exits, its exit is seen as for any gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,6 +769,15 @@ async fn gateways_sharing_a_connection_that_closes_are_missing_when_quiet() -> R
         Some(0.0)
     );
     control.stop().await
+}
+
+#[tokio::test]
+async fn a_keepalive_under_a_second_is_refused_naming_the_flag() {
+    let refused = refusal(&["--grpc-keepalive-timeout", "500ms"]).await;
+    assert!(
+        refused.contains("--grpc-keepalive-timeout") && refused.contains("at least 1s"),
+        "{refused}"
+    );
 }
 
 /// What `flags` make binding refuse, or "" when the service binds.

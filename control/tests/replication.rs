@@ -7,13 +7,13 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use flyball_proto::codec::ReceivedReport;
 use flyball_proto::grpc::telemetry_service_server::{TelemetryService, TelemetryServiceServer};
 use flyball_proto::v1;
-use support::{Error, ONE_POOL, client, fixed, report, totals};
+use support::{Error, ONE_POOL, Relay, client, fixed, report, totals};
 
 /// Long enough for loopback, short enough to fail fast.
 const WAIT: Duration = Duration::from_secs(10);
@@ -294,97 +294,19 @@ async fn reports_the_next_leader_took_during_the_hand_over_reach_its_followers()
     Ok(())
 }
 
-/// A TCP relay in front of a replica. [`Relay::cut`] turns every connection open now into a
-/// black hole: bytes go nowhere, and neither side's socket closes (a half-open connection, as a
-/// NAT or conntrack entry that expired, or a peer's node that vanished, leave behind).
-/// Connections made later are relayed.
-struct Relay {
-    addr: std::net::SocketAddr,
-    cut_below: Arc<AtomicU64>,
-    next: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(target: std::net::SocketAddr) -> Result<Relay, Error> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let cut_below = Arc::new(AtomicU64::new(0));
-        let next = Arc::new(AtomicU64::new(0));
-        let (cut, count) = (cut_below.clone(), next.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                let id = count.fetch_add(1, Ordering::SeqCst);
-                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
-                    continue;
-                };
-                let (in_read, in_write) = inbound.into_split();
-                let (out_read, out_write) = outbound.into_split();
-                tokio::spawn(pipe(in_read, out_write, id, cut.clone()));
-                tokio::spawn(pipe(out_read, in_write, id, cut.clone()));
-            }
-        });
-        Ok(Relay {
-            addr,
-            cut_below,
-            next,
-            task,
-        })
-    }
-
-    fn uri(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Every connection open now stops carrying bytes, and stays open.
-    fn cut(&self) {
-        self.cut_below
-            .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn pipe(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    id: u64,
-    cut_below: Arc<AtomicU64>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buffer = vec![0u8; 16 * 1024];
-    loop {
-        let Ok(read) = from.read(&mut buffer).await else {
-            return;
-        };
-        if read == 0 {
-            return;
-        }
-        if id < cut_below.load(Ordering::SeqCst) {
-            // A black hole: keep both sockets open, carry nothing, read no more.
-            let _open = (from, to);
-            std::future::pending::<()>().await;
-            return;
-        }
-        if to.write_all(&buffer[..read]).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Reports from `gateway` to `uri`, one every 100 ms, until aborted.
-fn keep_reporting(uri: String, gateway: &'static str) -> tokio::task::JoinHandle<()> {
+/// Reports from `gateway` to `uri`, one every `every`, until aborted.
+fn keep_reporting(
+    uri: String,
+    gateway: &'static str,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let Ok(mut grpc) = client(uri).await else {
             return;
         };
         for sequence in 1.. {
             let _ = grpc.report(report(gateway, sequence, 1)).await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(every).await;
         }
     })
 }
@@ -411,7 +333,7 @@ async fn a_follower_whose_stream_went_half_open_follows_the_leader_again() -> Re
         .await?;
 
     relay.cut();
-    let reporting = keep_reporting(leader.grpc_uri(), "gw-after");
+    let reporting = keep_reporting(leader.grpc_uri(), "gw-after", Duration::from_millis(100));
     // Well over any keepalive a fix would choose, and twice the default Lease duration.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut followed = None;
@@ -434,6 +356,47 @@ async fn a_follower_whose_stream_went_half_open_follows_the_leader_again() -> Re
     follower.stop().await?;
     leader.stop().await?;
     Ok(())
+}
+
+/// A follower's node vanishes: its connection to the leader goes half-open and nothing closes
+/// it. What the leader streams to it goes unacknowledged, so the kernel gives the connection up
+/// (`--grpc-keepalive` plus `--grpc-keepalive-timeout`) and the follower's place (one of
+/// `MAX_FOLLOWERS`) is free again, not held until TCP gives up (~15 min).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_vanished_frees_its_place_at_the_leader() -> Result<(), Error> {
+    let keepalive = ["--grpc-keepalive", "1s", "--grpc-keepalive-timeout", "1s"];
+    let (a, _a_leading, _a_leader) = fixed("a", true, None);
+    let leader = support::start_led(ONE_POOL, &keepalive, a).await?;
+    let relay = Relay::start(leader.grpc).await?;
+    let (b, _b_leading, _b_leader) = fixed("b", false, Some(relay.uri()));
+    let follower = support::start_led(ONE_POOL, &[], b).await?;
+    leader
+        .wait_metric("flyball_replication_followers", 1.0, WAIT)
+        .await?;
+    // Reports flow to the follower as it vanishes.
+    let reporting = keep_reporting(leader.grpc_uri(), "gw", Duration::from_millis(2));
+    support::wait_at_least(
+        follower.http,
+        "flyball_replication_followed_total",
+        1.0,
+        WAIT,
+    )
+    .await?;
+    relay.cut();
+    // Its last words (a GOAWAY, a FIN) go nowhere.
+    follower.stop().await?;
+    leader
+        .wait_metric("flyball_replication_followers", 0.0, WAIT)
+        .await?;
+    support::wait_at_least(
+        leader.http,
+        r#"flyball_grpc_connections_closed_total{how="lost"}"#,
+        1.0,
+        WAIT,
+    )
+    .await?;
+    reporting.abort();
+    leader.stop().await
 }
 
 /// The first sample of the metric `name` (whatever its labels) on the service at `http`.
