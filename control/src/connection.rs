@@ -44,8 +44,9 @@ pub struct ClosedLabels {
 pub enum Closed {
     /// Without a sign of loss: its peer ended it (a FIN, a reset, a GOAWAY), or this side did.
     Ended,
-    /// The kernel gave up on its peer (keepalive or sent data unacknowledged, or the host
-    /// unreachable), which says nothing of whether the peer lives.
+    /// The kernel gave up on its peer (keepalive probes or sent data unacknowledged, or a zero
+    /// window: a peer that reads nothing; or an ICMP error), which says nothing of whether the
+    /// peer lives.
     Lost,
 }
 
@@ -79,7 +80,7 @@ impl std::fmt::Debug for ConnectionInfo {
 
 impl ConnectionInfo {
     /// Runs `with` on what this connection carries, made by `new` the first time. Whatever it is,
-    /// it is dropped when the connection closes. None once it has closed.
+    /// it is told how the connection closed ([`Carried::closed`]). None once it has closed.
     pub fn carried<T: Carried, R>(
         &self,
         new: impl FnOnce() -> T,
@@ -113,7 +114,7 @@ impl ConnectionInfo {
 pub struct Tracked<IO> {
     io: IO,
     info: ConnectionInfo,
-    /// A read or write failed as the kernel does when it gives up on a peer.
+    /// A read or write failed otherwise than with a sign that the connection ended.
     lost: bool,
     counters: ConnectionCounters,
 }
@@ -128,14 +129,19 @@ impl<IO> Tracked<IO> {
         }
     }
 
-    /// Notes whether `result` says the peer was lost; passes it on.
+    /// Notes whether `result` says the peer was lost; passes it on. Only the clear signs of an
+    /// end count as one: when the kernel gives up on a peer it reports a timeout, or the last
+    /// ICMP error it saw (host or network unreachable or down, prohibited, refused...), and
+    /// taking any of those as the peer leaving would stop holding for a gateway cut off.
     fn note<T>(&mut self, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if let Poll::Ready(Err(error)) = &result {
-            self.lost |= matches!(
+            self.lost |= !matches!(
                 error.kind(),
-                io::ErrorKind::TimedOut
-                    | io::ErrorKind::HostUnreachable
-                    | io::ErrorKind::NetworkUnreachable
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::InvalidData
             );
         }
         result
@@ -309,6 +315,12 @@ mod tests {
                 io::ErrorKind::TimedOut,
                 io::ErrorKind::HostUnreachable,
                 io::ErrorKind::NetworkUnreachable,
+                io::ErrorKind::NetworkDown,
+                // EACCES: ICMPv6 "administratively prohibited", as network policies answer.
+                io::ErrorKind::PermissionDenied,
+                io::ErrorKind::ConnectionRefused,
+                // EHOSTDOWN, ENONET: no ErrorKind of their own.
+                io::ErrorKind::Other,
             ] {
                 let (how, text) = closed_after(kind, read).await;
                 assert_eq!(how, Closed::Lost, "{kind:?}, read: {read}");
@@ -316,7 +328,9 @@ mod tests {
             }
             for kind in [
                 io::ErrorKind::ConnectionReset,
+                io::ErrorKind::ConnectionAborted,
                 io::ErrorKind::BrokenPipe,
+                io::ErrorKind::UnexpectedEof,
                 io::ErrorKind::InvalidData,
             ] {
                 let (how, text) = closed_after(kind, read).await;
@@ -324,6 +338,18 @@ mod tests {
                 assert!(text.contains("closed_total{how=\"ended\"} 1"), "{text}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_its_peer_closed_ended() {
+        use tokio::io::AsyncReadExt;
+        let (io, peer) = tokio::io::duplex(64);
+        let mut tracked = Tracked::new(io, ConnectionCounters::default());
+        let told = register(&tracked);
+        drop(peer);
+        assert_eq!(tracked.read(&mut [0u8; 8]).await.unwrap(), 0);
+        drop(tracked);
+        assert_eq!(*told.lock().unwrap(), Some(Closed::Ended));
     }
 
     #[test]

@@ -153,8 +153,8 @@ impl Metrics {
         );
         registry.register(
             "flyball_grpc_connections_closed",
-            "gRPC connections closed, by how: by_peer (it ended it, or had just spoken), \
-             after_silence (keepalive gave up on it: a peer lost without a word)",
+            "gRPC connections closed, by how: ended (the peer or this side closed it), lost (the \
+             kernel gave up on the peer: a node lost, a partition)",
             connections.closed.clone(),
         );
         if let Some(tls) = tls {

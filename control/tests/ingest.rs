@@ -650,9 +650,10 @@ async fn a_gateway_whose_connection_closed_is_gone_when_quiet_one_cut_off_is_mis
 }
 
 /// A gateway cut off one way: its reports arrive, this service's acknowledgements do not. The
-/// kernel gives its connection up (what was sent stays unacknowledged past
-/// `--grpc-keepalive` plus `--grpc-keepalive-timeout`) while the gateway is live; that close
-/// says nothing of whether the gateway lives, so it is held for as missing, not taken as gone.
+/// kernel gives its connection up (what was sent is not taken for `--grpc-keepalive` plus
+/// `--grpc-keepalive-timeout`: on loopback a zero window, which Linux 5.11 and later give up on)
+/// while the gateway is live; that close says nothing of whether the gateway lives, so it is
+/// held for as missing, not taken as gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_lost_while_its_gateway_is_live_leaves_the_gateway_missing_not_gone()
 -> Result<(), Error> {
@@ -775,7 +776,7 @@ async fn gateways_sharing_a_connection_that_closes_are_missing_when_quiet() -> R
 async fn a_keepalive_under_a_second_is_refused_naming_the_flag() {
     let refused = refusal(&["--grpc-keepalive-timeout", "500ms"]).await;
     assert!(
-        refused.contains("--grpc-keepalive-timeout") && refused.contains("at least 1s"),
+        refused.contains("--grpc-keepalive-timeout") && refused.contains("whole seconds"),
         "{refused}"
     );
 }

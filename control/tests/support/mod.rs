@@ -516,18 +516,17 @@ async fn pipe(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
-        let Ok(read) = from.read(&mut buffer).await else {
-            return;
-        };
-        if read == 0 {
-            return;
-        }
+        let read = from.read(&mut buffer).await;
         if id < cut_below.load(Ordering::SeqCst) {
-            // A black hole: keep both sockets open, carry nothing, read no more.
+            // A black hole: keep both sockets open, carry nothing (not even an end), read no
+            // more.
             let _open = (from, to);
             std::future::pending::<()>().await;
             return;
         }
+        let Ok(read @ 1..) = read else {
+            return;
+        };
         if to.write_all(&buffer[..read]).await.is_err() {
             return;
         }
