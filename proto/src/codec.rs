@@ -11,7 +11,7 @@
 
 use std::marker::PhantomData;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
@@ -119,8 +119,12 @@ impl Decoder for ReceivedReportDecoder {
     type Error = tonic::Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<ReceivedReport>, tonic::Status> {
-        let arrived = src.copy_to_bytes(src.remaining());
-        let encoded = Bytes::copy_from_slice(&arrived);
+        // Copied straight out of the connection's buffer: splitting the report off it first
+        // (`copy_to_bytes`) made that buffer shared, and raised and dropped its count each
+        // report, only to copy the report and drop the split.
+        let mut encoded = BytesMut::with_capacity(src.remaining());
+        encoded.put(&mut *src);
+        let encoded = encoded.freeze();
         // As tonic's prost codec answers what does not decode, so that ingest's refusal of it
         // reads the same whichever decoder met it.
         let report = packed::ReportRequest::decode(&encoded)
