@@ -96,6 +96,8 @@ pub struct EnvoyOptions {
     pub control_tls: Option<ControlTls>,
     /// Speak HTTP/2 to the model server (whose responses may then end in trailers).
     pub upstream_http2: bool,
+    /// The control cluster's HTTP/2 keepalive (interval, timeout) instead of the config's.
+    pub control_keepalive: Option<(Duration, Duration)>,
 }
 
 /// The files and name of the control cluster's mutual TLS: Envoy presents `cert` and `key`,
@@ -118,6 +120,7 @@ impl EnvoyOptions {
             cpu_list: None,
             control_tls: None,
             upstream_http2: false,
+            control_keepalive: None,
         }
     }
 }
@@ -175,6 +178,21 @@ pub fn render_config(
              envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n          \
              \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n          \
              explicit_http_config:\n            http2_protocol_options: {}\n",
+        );
+    }
+    if let Some((interval, timeout)) = options.control_keepalive {
+        const KEEPALIVE: &str = "connection_keepalive: { interval: 15s, timeout: 30s }";
+        anyhow::ensure!(
+            text.contains(KEEPALIVE),
+            "the control cluster's keepalive not found in {file}"
+        );
+        text = text.replace(
+            KEEPALIVE,
+            &format!(
+                "connection_keepalive: {{ interval: {}s, timeout: {}s }}",
+                interval.as_secs_f64(),
+                timeout.as_secs_f64()
+            ),
         );
     }
     if let Some(tls) = &options.control_tls {

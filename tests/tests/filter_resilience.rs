@@ -9,6 +9,8 @@ use flyball_local::{free_port, repo_root, wait_for};
 use flyball_sim::{SimConfig, SimServer};
 use flyball_tests::receiver::Receiver;
 use flyball_tests::streaming_chat;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 async fn send(envoy: &Envoy, count: usize, model: &str) -> anyhow::Result<()> {
@@ -141,6 +143,117 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() 
 /// A report the control service refuses as invalid is dropped and counted at once, not resent
 /// until retention passes (60 s, while nothing after it got through), and the next report says
 /// what was dropped.
+/// A TCP relay to a port whose connections can all be turned into black holes at once: bytes go
+/// nowhere and neither side's socket closes, as when the peer's node vanishes. Connections made
+/// after the cut are relayed.
+struct HalfOpener {
+    port: u16,
+    cut_below: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HalfOpener {
+    async fn start(target: u16) -> anyhow::Result<HalfOpener> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (cut_below, accepted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (cut, count) = (cut_below.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let number = count.fetch_add(1, Ordering::SeqCst);
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                else {
+                    continue;
+                };
+                let (in_read, in_write) = inbound.into_split();
+                let (out_read, out_write) = outbound.into_split();
+                tokio::spawn(carry(in_read, out_write, number, cut.clone()));
+                tokio::spawn(carry(out_read, in_write, number, cut.clone()));
+            }
+        });
+        Ok(HalfOpener {
+            port,
+            cut_below,
+            accepted,
+            task,
+        })
+    }
+
+    /// Every connection open now carries nothing more, and stays open.
+    fn cut(&self) {
+        self.cut_below
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+impl Drop for HalfOpener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn carry(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    number: u64,
+    cut_below: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = from.read(&mut buffer).await;
+        if number < cut_below.load(Ordering::SeqCst) {
+            let _held_open = (from, to);
+            return std::future::pending().await;
+        }
+        match read {
+            Ok(read @ 1..) if to.write_all(&buffer[..read]).await.is_ok() => {}
+            _ => return,
+        }
+    }
+}
+
+/// The control replica a gateway reports to vanishes (its node lost): the connection goes
+/// half-open and nothing closes it. The control cluster's HTTP/2 keepalive (`envoy/flyball.yaml`,
+/// scaled down here) gives it up, and the filter's reports, the ones held meanwhile too, go over
+/// a new connection. Without it they would go into the dead one until TCP gives up (~15 min).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_move_off_a_control_connection_gone_half_open() -> anyhow::Result<()> {
+    let receiver = Receiver::start().await?;
+    let relay = HalfOpener::start(receiver.port()).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let config = serde_json::json!({"controlCluster": "flyball_control", "reportIntervalMs": 100})
+        .to_string();
+    let envoy = Envoy::start(&EnvoyOptions {
+        control_keepalive: Some((Duration::from_secs(1), Duration::from_secs(2))),
+        ..EnvoyOptions::with_filter(sim.local_addr().port(), relay.port, &config)
+    })
+    .await?;
+    let reported = |n: u64| {
+        let receiver = &receiver;
+        move || {
+            let seen = requests_in(receiver);
+            async move { (seen >= n).then_some(seen) }
+        }
+    };
+    send(&envoy, 5, "before").await?;
+    wait_for("5 requests reported", Duration::from_secs(10), reported(5)).await?;
+
+    relay.cut();
+    send(&envoy, 10, "after").await?;
+    let seen = wait_for(
+        "the requests after the cut reported over a new connection",
+        Duration::from_secs(20),
+        reported(15),
+    )
+    .await?;
+    assert_eq!(seen, 15, "every request reported once");
+    drop((envoy, sim));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_the_control_service_refuses_is_dropped_not_resent() -> anyhow::Result<()> {
     let receiver = Receiver::start_refusing("refused-model").await?;
