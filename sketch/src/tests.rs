@@ -303,3 +303,32 @@ fn from_parts_refuses_a_min_or_max_its_buckets_contradict() {
         "{message}"
     );
 }
+
+proptest! {
+    /// The summary check's shortcut accepts only what the logarithm accepts, and takes every
+    /// value well inside its own bucket.
+    #[test]
+    fn the_summary_shortcut_agrees_with_the_logarithm(
+        anywhere in prop_oneof![0.0..10.0f64, 1.0..2.0e12f64],
+        bucket in 0i32..=MAX_INDEX,
+        // Values on the edges of the band the shortcut may accept: bucket - 2's end, bucket + 1's.
+        edge in prop_oneof![Just(None), (-3i32..=2).prop_map(Some)],
+        nudge in -4i32..=4,
+    ) {
+        let value = edge.map_or(anywhere, |edge| GAMMA.powi(bucket + edge))
+            * (1.0 + f64::from(nudge) * f64::EPSILON);
+        if surely_within_one_bucket(value, Some(bucket)) {
+            let index = Sketch::bucket_index(value);
+            prop_assert!(
+                index.is_some_and(|i| (i - bucket).abs() <= 1),
+                "{value} in bucket {index:?}, said within one of {bucket}"
+            );
+        }
+        if let Some(own) =
+            Sketch::bucket_index(value).filter(|_| (MIN_VALUE..MAX_VALUE).contains(&value))
+        {
+            let middle = Sketch::bucket_value(own);
+            prop_assert!(surely_within_one_bucket(middle, Some(own)), "{middle} in {own}");
+        }
+    }
+}
