@@ -667,7 +667,7 @@ async fn a_connection_lost_while_its_gateway_is_live_leaves_the_gateway_missing_
     ];
     let control = support::start(ONE_POOL, &flags).await?;
     let pool = r#"autoscaler="llama",namespace="default",pool="llama",role="unified""#;
-    let relay = support::Relay::start(control.grpc).await?;
+    let relay = flyball_relay::Relay::start(control.grpc).await?;
     let channel = Channel::from_shared(relay.uri())?.connect().await?;
     let mut stream = Reporting::stream(TelemetryServiceClient::new(channel.clone())).await?;
     stream.send_acked("cut-one-way", 1..=3).await?;

@@ -13,7 +13,9 @@ use std::time::Duration;
 use flyball_proto::codec::ReceivedReport;
 use flyball_proto::grpc::telemetry_service_server::{TelemetryService, TelemetryServiceServer};
 use flyball_proto::v1;
-use support::{Error, ONE_POOL, Relay, client, fixed, report, totals};
+use flyball_relay::Relay;
+use support::{Error, ONE_POOL, client, fixed, report, totals};
+use tokio::sync::watch;
 
 /// Long enough for loopback, short enough to fail fast.
 const WAIT: Duration = Duration::from_secs(10);
@@ -294,6 +296,33 @@ async fn reports_the_next_leader_took_during_the_hand_over_reach_its_followers()
     Ok(())
 }
 
+/// A leader ("a", run with `leader_flags`) and a follower ("b") following it through a
+/// [`Relay`], once the leader counts the follower.
+struct FollowedThroughRelay {
+    leader: support::Running,
+    follower: support::Running,
+    relay: Relay,
+    /// What keeps both replicas' leadership fixed.
+    _fixed: [(watch::Sender<bool>, watch::Sender<Option<String>>); 2],
+}
+
+async fn followed_through_relay(leader_flags: &[&str]) -> Result<FollowedThroughRelay, Error> {
+    let (a, a_leading, a_leader) = fixed("a", true, None);
+    let leader = support::start_led(ONE_POOL, leader_flags, a).await?;
+    let relay = Relay::start(leader.grpc).await?;
+    let (b, b_leading, b_leader) = fixed("b", false, Some(relay.uri()));
+    let follower = support::start_led(ONE_POOL, &[], b).await?;
+    leader
+        .wait_metric("flyball_replication_followers", 1.0, WAIT)
+        .await?;
+    Ok(FollowedThroughRelay {
+        leader,
+        follower,
+        relay,
+        _fixed: [(a_leading, a_leader), (b_leading, b_leader)],
+    })
+}
+
 /// Reports from `gateway` to `uri`, one every `every`, until aborted.
 fn keep_reporting(
     uri: String,
@@ -318,14 +347,12 @@ fn keep_reporting(
 /// the leader kept. (Found by review.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_whose_stream_went_half_open_follows_the_leader_again() -> Result<(), Error> {
-    let (a, _a_leading, _a_leader) = fixed("a", true, None);
-    let leader = support::start_led(ONE_POOL, &[], a).await?;
-    let relay = Relay::start(leader.grpc).await?;
-    let (b, _b_leading, _b_leader) = fixed("b", false, Some(relay.uri()));
-    let follower = support::start_led(ONE_POOL, &[], b).await?;
-    leader
-        .wait_metric("flyball_replication_followers", 1.0, WAIT)
-        .await?;
+    let FollowedThroughRelay {
+        leader,
+        follower,
+        relay,
+        _fixed,
+    } = followed_through_relay(&[]).await?;
     let mut grpc = client(leader.grpc_uri()).await?;
     grpc.report(report("gw-before", 1, 1)).await?;
     follower
@@ -367,14 +394,12 @@ async fn a_follower_whose_stream_went_half_open_follows_the_leader_again() -> Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_that_vanished_frees_its_place_at_the_leader() -> Result<(), Error> {
     let keepalive = ["--grpc-keepalive", "1s", "--grpc-keepalive-timeout", "1s"];
-    let (a, _a_leading, _a_leader) = fixed("a", true, None);
-    let leader = support::start_led(ONE_POOL, &keepalive, a).await?;
-    let relay = Relay::start(leader.grpc).await?;
-    let (b, _b_leading, _b_leader) = fixed("b", false, Some(relay.uri()));
-    let follower = support::start_led(ONE_POOL, &[], b).await?;
-    leader
-        .wait_metric("flyball_replication_followers", 1.0, WAIT)
-        .await?;
+    let FollowedThroughRelay {
+        leader,
+        follower,
+        relay,
+        _fixed,
+    } = followed_through_relay(&keepalive).await?;
     // Reports flow to the follower as it vanishes.
     let reporting = keep_reporting(leader.grpc_uri(), "gw", Duration::from_millis(2));
     support::wait_at_least(

@@ -6,11 +6,10 @@ use flyball_local::envoy::{
     Envoy, EnvoyOptions, envoy_binary, filter_wasm, render_config, validate,
 };
 use flyball_local::{free_port, repo_root, wait_for};
+use flyball_relay::Relay;
 use flyball_sim::{SimConfig, SimServer};
 use flyball_tests::receiver::Receiver;
 use flyball_tests::streaming_chat;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 async fn send(envoy: &Envoy, count: usize, model: &str) -> anyhow::Result<()> {
@@ -140,77 +139,6 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() 
     Ok(())
 }
 
-/// A TCP relay to a port whose connections can all be turned into black holes at once: bytes go
-/// nowhere and neither side's socket closes, as when the peer's node vanishes. Connections made
-/// after the cut are relayed.
-struct HalfOpener {
-    port: u16,
-    cut_below: Arc<AtomicU64>,
-    accepted: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl HalfOpener {
-    async fn start(target: u16) -> anyhow::Result<HalfOpener> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let (cut_below, accepted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let (cut, count) = (cut_below.clone(), accepted.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                let number = count.fetch_add(1, Ordering::SeqCst);
-                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
-                else {
-                    continue;
-                };
-                let (in_read, in_write) = inbound.into_split();
-                let (out_read, out_write) = outbound.into_split();
-                tokio::spawn(carry(in_read, out_write, number, cut.clone()));
-                tokio::spawn(carry(out_read, in_write, number, cut.clone()));
-            }
-        });
-        Ok(HalfOpener {
-            port,
-            cut_below,
-            accepted,
-            task,
-        })
-    }
-
-    /// Every connection open now carries nothing more, and stays open.
-    fn cut(&self) {
-        self.cut_below
-            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
-    }
-}
-
-impl Drop for HalfOpener {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn carry(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    number: u64,
-    cut_below: Arc<AtomicU64>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buffer = vec![0u8; 16 * 1024];
-    loop {
-        let read = from.read(&mut buffer).await;
-        if number < cut_below.load(Ordering::SeqCst) {
-            let _held_open = (from, to);
-            return std::future::pending().await;
-        }
-        match read {
-            Ok(read @ 1..) if to.write_all(&buffer[..read]).await.is_ok() => {}
-            _ => return,
-        }
-    }
-}
-
 /// The control replica a gateway reports to vanishes (its node lost): the connection goes
 /// half-open and nothing closes it. The control cluster's HTTP/2 keepalive (`envoy/flyball.yaml`,
 /// scaled down here) gives it up, and the filter's reports, the ones held meanwhile too, go over
@@ -219,14 +147,14 @@ async fn carry(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_move_off_a_control_connection_gone_half_open() -> anyhow::Result<()> {
     let receiver = Receiver::start().await?;
-    let relay = HalfOpener::start(receiver.port()).await?;
+    let relay = Relay::start(([127, 0, 0, 1], receiver.port()).into()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim = SimServer::start(SimConfig::default(), listener).await?;
     let config = serde_json::json!({"controlCluster": "flyball_control", "reportIntervalMs": 100})
         .to_string();
     let envoy = Envoy::start(&EnvoyOptions {
         control_keepalive: Some((Duration::from_secs(1), Duration::from_secs(2))),
-        ..EnvoyOptions::with_filter(sim.local_addr().port(), relay.port, &config)
+        ..EnvoyOptions::with_filter(sim.local_addr().port(), relay.addr().port(), &config)
     })
     .await?;
     let reported = |n: u64| {
@@ -257,7 +185,7 @@ async fn reports_move_off_a_control_connection_gone_half_open() -> anyhow::Resul
         .await?;
     assert!(timed_out >= 1.0, "keepalive timeouts: {timed_out}");
     assert!(
-        relay.accepted.load(Ordering::SeqCst) > relay.cut_below.load(Ordering::SeqCst),
+        relay.accepted_since_cut() > 0,
         "no connection after the cut"
     );
     drop((envoy, sim));
