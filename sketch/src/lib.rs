@@ -252,13 +252,19 @@ impl Sketch {
         self.note_summary(other.min, other.max, other.count, other.sum);
     }
 
-    /// The value at quantile `q` (0..=1) within [`RELATIVE_ACCURACY`] of the true value at rank
-    /// `q * (count - 1)`, or `None` when the sketch is empty.
+    /// The value at quantile `q` (0..=1), within [`RELATIVE_ACCURACY`] of the nearest-rank
+    /// percentile: the smallest recorded value that at least `q` of the values are at or below
+    /// (the `ceil(q * count)`-th smallest), or `None` when the sketch is empty.
+    ///
+    /// Nearest rank because flyball reads quantiles against objectives: "p95 of TTFT <= 500 ms"
+    /// then says exactly that 95% of the requests met 500 ms. DDSketch's rank, `q * (count - 1)`
+    /// rounded down, reads low when values are few: the p99 of three requests was the middle
+    /// one, so two of three could miss an objective that read as met.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         if self.count == 0 || !(0.0..=1.0).contains(&q) {
             return None;
         }
-        let rank = (q * (self.count - 1) as f64).floor() as u64;
+        let rank = nearest_rank(q, self.count);
         if rank < self.zero_count {
             return Some(self.min.min(MIN_VALUE));
         }
@@ -505,6 +511,14 @@ impl From<&Sketch> for SparseSketch {
             max: sketch.max,
         }
     }
+}
+
+/// The 0-based rank of the nearest-rank `q`-quantile of `count` values: `ceil(q * count) - 1`,
+/// at least 0. The product is nudged down first, so that one a float's rounding lifts just past
+/// a whole number (0.07 * 100 is 7.000000000000001) does not take the next value up.
+fn nearest_rank(q: f64, count: u64) -> u64 {
+    let at_or_below = (q * count as f64 - 1e-9).ceil();
+    (at_or_below as u64).clamp(1, count) - 1
 }
 
 impl fmt::Debug for Sketch {

@@ -2,9 +2,15 @@
 use super::*;
 use proptest::prelude::*;
 
+/// The nearest-rank percentile: the smallest value that at least `q` of `sorted` are at or
+/// below, found by counting rather than by the formula under test.
 fn exact_quantile(sorted: &[f64], q: f64) -> f64 {
-    let rank = (q * (sorted.len() - 1) as f64).floor() as usize;
-    sorted[rank]
+    let n = sorted.len() as f64;
+    sorted
+        .iter()
+        .enumerate()
+        .find(|&(at, _)| (at + 1) as f64 >= q * n - 1e-9)
+        .map_or(f64::NAN, |(_, &v)| v)
 }
 
 fn within_accuracy(estimate: f64, truth: f64) -> bool {
@@ -30,6 +36,42 @@ fn every_bucket_value_is_within_accuracy_of_its_members() {
         assert!(within_accuracy(value, high), "bucket {index} high");
         assert_eq!(Sketch::bucket_index(high * (1.0 - 1e-12)), Some(index));
     }
+}
+
+/// A percentile is read against an objective: "p99 <= target" must mean that 99% of the
+/// requests met it, however few they were.
+#[test]
+fn a_high_percentile_of_few_values_is_their_largest() {
+    let mut sketch = Sketch::new();
+    for ms in [100.0, 200.0, 900.0] {
+        sketch.record(ms * 1000.0);
+    }
+    assert!(within_accuracy(sketch.quantile(0.99).unwrap(), 900_000.0));
+    assert!(within_accuracy(sketch.quantile(0.95).unwrap(), 900_000.0));
+    // Two of three are at or below the second, so it is every quantile up to 2/3.
+    assert!(within_accuracy(sketch.quantile(0.5).unwrap(), 200_000.0));
+    assert!(within_accuracy(
+        sketch.quantile(2.0 / 3.0).unwrap(),
+        200_000.0
+    ));
+    assert!(within_accuracy(sketch.quantile(0.0).unwrap(), 100_000.0));
+    // 95 of 100 at or below 10 ms: p95 is 10 ms, not the next value up; the 5 slow ones show
+    // from p96.
+    let mut hundred = Sketch::new();
+    for at in 0..100 {
+        hundred.record(if at < 95 { 10_000.0 } else { 1_000_000.0 });
+    }
+    assert!(within_accuracy(hundred.quantile(0.95).unwrap(), 10_000.0));
+    assert!(within_accuracy(
+        hundred.quantile(0.96).unwrap(),
+        1_000_000.0
+    ));
+    // q * count rounds to just over a whole number here (0.07 * 100 = 7.000000000000001).
+    let mut ranks = Sketch::new();
+    for at in 1..=100 {
+        ranks.record(f64::from(at) * 1000.0);
+    }
+    assert!(within_accuracy(ranks.quantile(0.07).unwrap(), 7000.0));
 }
 
 #[test]
@@ -187,6 +229,30 @@ proptest! {
         let truth = exact_quantile(&sorted, q);
         let estimate = sketch.quantile(q).unwrap_or(f64::NAN);
         prop_assert!(within_accuracy(estimate, truth), "q={q} estimate={estimate} truth={truth}");
+    }
+
+    /// What an objective reads: at least `q` of the values lie at or below the quantile, and
+    /// fewer than `q` below it, both within the sketch's error.
+    #[test]
+    fn the_quantile_splits_the_values_at_q(
+        values in prop::collection::vec(1.0f64..1.0e9, 1..400),
+        q in 0.0f64..=1.0,
+    ) {
+        let mut sketch = Sketch::new();
+        for &v in &values { sketch.record(v); }
+        let estimate = sketch.quantile(q).unwrap_or(f64::NAN);
+        // The estimate is within RELATIVE_ACCURACY of the true value t: t <= e / (1 - a) and
+        // t >= e / (1 + a).
+        let (high, low) = (
+            estimate / (1.0 - RELATIVE_ACCURACY) * (1.0 + 1e-9),
+            estimate / (1.0 + RELATIVE_ACCURACY) * (1.0 - 1e-9),
+        );
+        let n = values.len() as f64;
+        let at_or_below = values.iter().filter(|&&v| v <= high).count() as f64;
+        let below = values.iter().filter(|&&v| v < low).count() as f64;
+        prop_assert!(at_or_below >= q * n - 1e-9, "q={q}: {at_or_below} of {n} at or below {estimate}");
+        prop_assert!(below < q * n.max(1.0) || q == 0.0 && below == 0.0,
+            "q={q}: {below} of {n} below {estimate}");
     }
 
     #[test]
