@@ -774,6 +774,8 @@ pub fn window_stats(summary: &WindowSummary, length: Duration, percentile: f64) 
         error_rate_per_s: summary.errors_per_s(),
         ttft: quantile(&summary.latency.ttft_us),
         tpot: quantile(&summary.latency.tpot_us),
+        mean_waiting: Some(summary.mean_waiting()),
+        mean_decoding: Some(summary.mean_decoding()),
     }
 }
 

@@ -1059,7 +1059,7 @@ impl IngestState {
         };
         for (key, old) in retired {
             self.windows
-                .replace_in_flight(key, old, InFlight::default());
+                .replace_in_flight(key, old, InFlight::default(), now);
             merged.pools.extend_from_slice(self.windows.pools_of(key));
         }
         let Some(process) = process else {
@@ -1080,7 +1080,7 @@ impl IngestState {
         if !late {
             for (key, old) in process.gauges.drain(..) {
                 self.windows
-                    .replace_in_flight(key, old, InFlight::default());
+                    .replace_in_flight(key, old, InFlight::default(), now);
                 merged.pools.extend_from_slice(self.windows.pools_of(key));
             }
         }
@@ -1114,7 +1114,7 @@ impl IngestState {
             }
             if key.in_flight.total() > 0 && !late {
                 self.windows
-                    .replace_in_flight(id, InFlight::default(), key.in_flight);
+                    .replace_in_flight(id, InFlight::default(), key.in_flight, now);
                 process.gauges.push((id, key.in_flight));
             }
             merged.pools.extend_from_slice(self.windows.pools_of(id));
@@ -1139,7 +1139,7 @@ impl IngestState {
         let mut pools = Vec::new();
         for (key, gauge) in self.reporters.sweep(now) {
             self.windows
-                .replace_in_flight(key, gauge, InFlight::default());
+                .replace_in_flight(key, gauge, InFlight::default(), now);
             pools.extend_from_slice(self.windows.pools_of(key));
         }
         // Idle for the stable window past `forget_after`: every reporter that fed the key within

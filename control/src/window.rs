@@ -5,7 +5,9 @@
 //! sums and one merged [`Sketch`] per latency, so memory is bounded by keys x buckets x
 //! [`flyball_sketch::MAX_BUCKETS`] whatever the gateways send, and never grows with the number of
 //! gateways. [`Windows`] keeps one window per key and one per pool, the totals since start, and the
-//! in-flight sums that ingest maintains from each live gateway's latest gauge.
+//! in-flight sums that ingest maintains from each live gateway's latest gauge. Those sums are also
+//! integrated over time into the buckets ([`InFlightTime`]), so a window knows how many requests
+//! were in flight on average over its span, not only at its end.
 //!
 //! Everything here is pure: `now` is a parameter and nothing reads a clock.
 
@@ -73,6 +75,16 @@ pub struct InFlight {
     pub decoding: u64,
 }
 
+/// Requests in flight integrated over time, in request-microseconds: the in-flight sums as the
+/// control service saw them, each gateway's gauges held from one of its reports to the next.
+/// Divided by the time covered, the mean number in flight over a window, which is what a latency
+/// measured over the same window answers to; the sum at the window's end is one moment of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InFlightTime {
+    pub waiting_first_token_us: u64,
+    pub decoding_us: u64,
+}
+
 /// Counts since the service started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Totals {
@@ -86,6 +98,9 @@ pub struct Totals {
 #[derive(Debug, Clone)]
 pub struct Window {
     width: Duration,
+    /// `width` in nanoseconds: every report finds its buckets, and u64 division is several
+    /// times cheaper than the u128 of `Duration::as_nanos`.
+    width_ns: u64,
     epoch: Instant,
     slots: Vec<Slot>,
 }
@@ -97,6 +112,7 @@ struct Slot {
     requests: RequestOutcomes,
     tokens: TokenUsage,
     latency: Latencies,
+    in_flight: InFlightTime,
 }
 
 /// What a window held over a span ending at `now`.
@@ -107,6 +123,7 @@ pub struct WindowSummary {
     pub requests: RequestOutcomes,
     pub tokens: TokenUsage,
     pub latency: Latencies,
+    pub in_flight: InFlightTime,
 }
 
 /// Selects the keys that feed a pool: a backend, a model, or both.
@@ -147,6 +164,8 @@ struct KeyState {
     window: Window,
     totals: Totals,
     in_flight: InFlight,
+    /// Since when `in_flight` has held: integrated into the windows up to here.
+    in_flight_since: Option<Instant>,
     pools: Vec<PoolId>,
     last_update: Option<Instant>,
 }
@@ -172,6 +191,16 @@ pub struct View {
 }
 
 impl View {
+    /// Counts `key`'s requests in flight now, and in the windows for the time since they were
+    /// last integrated into its buckets.
+    fn hold_in_flight(&mut self, key: &KeyState, now: Instant) {
+        self.in_flight.add(key.in_flight);
+        self.short
+            .accrue_open(key.in_flight, key.in_flight_since, now);
+        self.stable
+            .accrue_open(key.in_flight, key.in_flight_since, now);
+    }
+
     /// Requests in flight, or seen in the short window: KEDA's activation.
     pub fn has_load(&self) -> bool {
         self.in_flight.total() > 0 || self.short.requests.total() > 0
@@ -288,6 +317,26 @@ impl InFlight {
     }
 }
 
+// === impl InFlightTime ===
+
+impl InFlightTime {
+    fn add(&mut self, other: InFlightTime) {
+        self.waiting_first_token_us = self
+            .waiting_first_token_us
+            .saturating_add(other.waiting_first_token_us);
+        self.decoding_us = self.decoding_us.saturating_add(other.decoding_us);
+    }
+
+    /// `in_flight` held for `span`.
+    fn held(in_flight: InFlight, span: Duration) -> Self {
+        let us = u64::try_from(span.as_micros()).unwrap_or(u64::MAX);
+        InFlightTime {
+            waiting_first_token_us: in_flight.waiting_first_token.saturating_mul(us),
+            decoding_us: in_flight.decoding.saturating_mul(us),
+        }
+    }
+}
+
 // === impl Totals ===
 
 impl Totals {
@@ -312,33 +361,80 @@ impl Window {
     pub fn new(config: &WindowConfig, epoch: Instant) -> Self {
         Window {
             width: config.bucket,
+            width_ns: u64::try_from(config.bucket.as_nanos())
+                .unwrap_or(u64::MAX)
+                .max(1),
             epoch,
             slots: vec![Slot::default(); config.slots()],
         }
     }
 
     fn bucket_of(&self, now: Instant) -> u64 {
-        let since = now.saturating_duration_since(self.epoch).as_nanos();
-        u64::try_from(since / self.width.as_nanos()).unwrap_or(u64::MAX)
+        // u64 nanoseconds reach 584 years past the epoch.
+        let since = now.saturating_duration_since(self.epoch);
+        let since_ns = since
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(since.subsec_nanos()));
+        since_ns / self.width_ns
     }
 
-    /// Adds a delta to the bucket holding `now`, recycling the slot if it holds an older bucket.
-    pub fn record(&mut self, now: Instant, delta: &Delta) {
-        let bucket = self.bucket_of(now);
+    /// The slot of `bucket`, recycled if it holds an older bucket; `None` if it holds a newer one.
+    fn slot_for(&mut self, bucket: u64) -> Option<&mut Slot> {
         let len = self.slots.len() as u64;
-        let Some(slot) = self.slots.get_mut((bucket % len) as usize) else {
-            return;
-        };
+        let slot = self.slots.get_mut((bucket % len) as usize)?;
         if slot.index != Some(bucket) {
             if slot.index.is_some_and(|old| old > bucket) {
                 // A late writer racing a newer one: the bucket it belongs to is already gone.
-                return;
+                return None;
             }
             slot.reset(bucket);
         }
+        Some(slot)
+    }
+
+    /// When `bucket` starts.
+    fn start_of(&self, bucket: u64) -> Instant {
+        self.epoch + Duration::from_nanos(self.width_ns.saturating_mul(bucket))
+    }
+
+    /// Adds a delta to the bucket holding `now`.
+    pub fn record(&mut self, now: Instant, delta: &Delta) {
+        let Some(slot) = self.slot_for(self.bucket_of(now)) else {
+            return;
+        };
         slot.requests.add(&delta.requests);
         slot.tokens.add(&delta.tokens);
         slot.latency.add(&delta.latency);
+    }
+
+    /// Adds `in_flight`, held from `from` to `to`, to the buckets that span overlaps (those
+    /// still kept), each its part.
+    pub fn accrue_in_flight(&mut self, from: Instant, to: Instant, in_flight: InFlight) {
+        if in_flight.total() == 0 || to <= from {
+            return;
+        }
+        let last = self.bucket_of(to);
+        let kept = self.slots.len() as u64;
+        let first = self.bucket_of(from).max(last.saturating_sub(kept - 1));
+        if first == last {
+            // Gateways report more often than buckets turn: most spans fall in one.
+            if let Some(slot) = self.slot_for(last) {
+                slot.in_flight.add(InFlightTime::held(in_flight, to - from));
+            }
+            return;
+        }
+        for bucket in first..=last {
+            let start = self.start_of(bucket).max(from);
+            let end = self.start_of(bucket.saturating_add(1)).min(to);
+            let span = end.saturating_duration_since(start);
+            if span.is_zero() {
+                continue;
+            }
+            if let Some(slot) = self.slot_for(bucket) {
+                slot.in_flight.add(InFlightTime::held(in_flight, span));
+            }
+        }
     }
 
     /// Adds a delta that accumulated since `since` (a reporter's backlog after a silence): its
@@ -367,9 +463,7 @@ impl Window {
                 };
                 self.record(now, &part);
             } else {
-                let start_ns = self.width.as_nanos().saturating_mul(u128::from(bucket));
-                let start = Duration::from_nanos(u64::try_from(start_ns).unwrap_or(u64::MAX));
-                self.record(self.epoch + start, &part);
+                self.record(self.start_of(bucket), &part);
             }
         }
     }
@@ -390,6 +484,7 @@ impl Window {
                 summary.requests.add(&slot.requests);
                 summary.tokens.add(&slot.tokens);
                 summary.latency.merge(&slot.latency);
+                summary.in_flight.add(slot.in_flight);
             }
         }
         // The oldest bucket's start to now: the time the summed deltas arrived in.
@@ -416,6 +511,7 @@ impl Window {
             mine.requests.add(&theirs.requests);
             mine.tokens.add(&theirs.tokens);
             mine.latency.merge(&theirs.latency);
+            mine.in_flight.add(theirs.in_flight);
         }
     }
 }
@@ -426,6 +522,7 @@ impl Slot {
         self.requests = RequestOutcomes::default();
         self.tokens = TokenUsage::default();
         self.latency.clear();
+        self.in_flight = InFlightTime::default();
     }
 }
 
@@ -450,6 +547,29 @@ impl WindowSummary {
 
     pub fn output_tokens_per_s(&self) -> f64 {
         self.per_s(self.tokens.output)
+    }
+
+    /// Requests waiting for their first token, on average over the time covered.
+    pub fn mean_waiting(&self) -> f64 {
+        self.in_flight.waiting_first_token_us as f64 / self.covered.as_micros().max(1) as f64
+    }
+
+    /// Requests decoding, on average over the time covered.
+    pub fn mean_decoding(&self) -> f64 {
+        self.in_flight.decoding_us as f64 / self.covered.as_micros().max(1) as f64
+    }
+
+    /// Adds `in_flight`, held since `since` and not yet in the buckets, for the part of the
+    /// covered span ending at `now` it overlaps.
+    fn accrue_open(&mut self, in_flight: InFlight, since: Option<Instant>, now: Instant) {
+        let Some(since) = since else { return };
+        let start = now
+            .checked_sub(self.covered)
+            .map_or(since, |s| s.max(since));
+        self.in_flight.add(InFlightTime::held(
+            in_flight,
+            now.saturating_duration_since(start),
+        ));
     }
 }
 
@@ -618,6 +738,7 @@ impl Windows {
             window: Window::new(&self.config, self.epoch),
             totals: Totals::default(),
             in_flight: InFlight::default(),
+            in_flight_since: None,
             pools,
             last_update: None,
         });
@@ -684,10 +805,6 @@ impl Windows {
         self.keys.get(key.0 as usize)?.as_ref()
     }
 
-    fn state_mut(&mut self, key: KeyId) -> Option<&mut KeyState> {
-        self.keys.get_mut(key.0 as usize)?.as_mut()
-    }
-
     /// Merges one key's deltas into its window and its pools' windows: at `now`, or shared
     /// out from `since` when they are a backlog ([`Window::record_over`]).
     pub fn record(&mut self, key: KeyId, since: Option<Instant>, now: Instant, delta: &Delta) {
@@ -711,45 +828,64 @@ impl Windows {
         }
     }
 
-    /// Replaces one gateway's contribution to a key's in-flight sum.
-    pub fn replace_in_flight(&mut self, key: KeyId, old: InFlight, new: InFlight) {
-        if let Some(state) = self.state_mut(key) {
-            state.in_flight.sub(old);
-            state.in_flight.add(new);
+    /// Replaces one gateway's contribution to a key's in-flight sum at `now`, first adding the
+    /// sum as it held until then to the key's and its pools' windows.
+    pub fn replace_in_flight(&mut self, key: KeyId, old: InFlight, new: InFlight, now: Instant) {
+        let Some(state) = self.keys.get_mut(key.0 as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if let Some(since) = state.in_flight_since
+            && since < now
+            && state.in_flight.total() > 0
+        {
+            state.window.accrue_in_flight(since, now, state.in_flight);
+            for pool in &state.pools {
+                if let Some(Some(pool)) = self.pools.get_mut(pool.0) {
+                    pool.window.accrue_in_flight(since, now, state.in_flight);
+                }
+            }
         }
+        // `now` may be in the past (a report held through a hand-over): never move back.
+        state.in_flight_since = state.in_flight_since.max(Some(now));
+        state.in_flight.sub(old);
+        state.in_flight.add(new);
     }
 
     pub fn pool(&self, pool: PoolId, now: Instant) -> Option<View> {
         let state = self.pools.get(pool.0)?.as_ref()?;
-        let mut in_flight = InFlight::default();
-        for key in &state.keys {
-            if let Some(key) = self.state(*key) {
-                in_flight.add(key.in_flight);
-            }
-        }
-        Some(View {
+        let mut view = View {
             short: state.window.summary(now, self.config.short),
             stable: state.window.summary(now, self.config.stable),
             totals: state.totals,
-            in_flight,
+            in_flight: InFlight::default(),
             last_update: state.last_update,
-        })
+        };
+        for key in &state.keys {
+            if let Some(key) = self.state(*key) {
+                view.hold_in_flight(key, now);
+            }
+        }
+        Some(view)
     }
 
     pub fn keys(&self, now: Instant) -> Vec<KeyView> {
         self.keys
             .iter()
             .flatten()
-            .map(|key| KeyView {
-                backend: key.backend.to_string(),
-                model: key.model.to_string(),
-                view: View {
+            .map(|key| {
+                let mut view = View {
                     short: key.window.summary(now, self.config.short),
                     stable: key.window.summary(now, self.config.stable),
                     totals: key.totals,
-                    in_flight: key.in_flight,
+                    in_flight: InFlight::default(),
                     last_update: key.last_update,
-                },
+                };
+                view.hold_in_flight(key, now);
+                KeyView {
+                    backend: key.backend.to_string(),
+                    model: key.model.to_string(),
+                    view,
+                }
             })
             .collect()
     }

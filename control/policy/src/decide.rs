@@ -258,6 +258,17 @@ impl Dimension {
         }
     }
 
+    /// The load learning sets against `window`'s latency: requests in flight on average over
+    /// the window where measured, as the latency was; else the count at its end, which a lull or
+    /// a burst of a few seconds sets far from what the latency answered to.
+    fn learning_load(self, window: &WindowStats, telemetry: &PoolTelemetry) -> f64 {
+        match (self, window.mean_decoding, window.mean_waiting) {
+            (Dimension::DecodingSequences, Some(decoding), _) => rate(decoding),
+            (Dimension::Sequences, Some(decoding), Some(waiting)) => rate(decoding) + rate(waiting),
+            _ => self.load(window, telemetry),
+        }
+    }
+
     /// The higher of both windows: scale-up reacts to the short one, scale-down needs both low.
     fn sizing_load(self, telemetry: &PoolTelemetry) -> f64 {
         self.load(&telemetry.short, telemetry)
@@ -1127,7 +1138,7 @@ fn learn(
         let (Some(target), Some(q)) = (signal.target(cx.slo), signal.measured(window)) else {
             continue;
         };
-        let x = dim.load(window, t) / f64::from(ready);
+        let x = dim.learning_load(window, t) / f64::from(ready);
         if !(x.is_finite() && x > 0.0) {
             continue;
         }
@@ -1141,10 +1152,10 @@ fn learn(
             // just proved enough.
             match prior {
                 Some(p) if x <= p => probe(p, x, r, windows),
-                // Sequences in flight are a snapshot, compared with a latency over the whole
-                // window: a burst seconds old shows many sequences at a latency it has not yet
-                // moved. Taken at once it would be learned as capacity and cancel the scale-up
-                // it calls for, so it rises as a probe does.
+                // Sequences count from their first token, TPOT once they finish: a burst
+                // seconds old shows in the sequences (at the window's end, and some in its
+                // mean) at a latency it has not yet moved. Taken at once it would be learned as
+                // capacity and cancel the scale-up it calls for, so it rises as a probe does.
                 Some(p) if dim.is_sequences() => {
                     Some(x.min(p * MAX_PROBE_GROWTH.powf(windows.min(1.0))))
                 }

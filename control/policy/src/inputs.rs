@@ -81,6 +81,14 @@ pub struct WindowStats {
     pub ttft: Option<Duration>,
     /// TPOT at the SLO percentile; `None` without samples.
     pub tpot: Option<Duration>,
+    /// Requests waiting for their first token, on average over the window; `None` where not
+    /// measured, and learning then takes the count at the window's end
+    /// ([`PoolTelemetry::in_flight_waiting`]).
+    #[serde(default)]
+    pub mean_waiting: Option<f64>,
+    /// Requests decoding, on average over the window; `None` where not measured (as above).
+    #[serde(default)]
+    pub mean_decoding: Option<f64>,
 }
 
 /// One pool's replicas as the control service observes them.
@@ -115,6 +123,8 @@ impl WindowStats {
             error_rate_per_s: 0.0,
             ttft: None,
             tpot: None,
+            mean_waiting: None,
+            mean_decoding: None,
         }
     }
 

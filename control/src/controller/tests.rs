@@ -63,6 +63,9 @@ fn window_stats_take_the_slo_percentile_in_durations() {
     };
     summary.requests.ok = 50;
     summary.tokens.output = 5_000;
+    // 3 waiting and 40 decoding on average over the 5 s covered.
+    summary.in_flight.waiting_first_token_us = 15_000_000;
+    summary.in_flight.decoding_us = 200_000_000;
     for v in 1..=100 {
         summary.latency.ttft_us.record(f64::from(v) * 1_000.0);
     }
@@ -73,6 +76,8 @@ fn window_stats_take_the_slo_percentile_in_durations() {
     let ttft = stats.ttft.unwrap().as_secs_f64();
     assert!((ttft - 0.095).abs() <= 0.095 * 0.021, "{ttft}");
     assert_eq!(stats.tpot, None);
+    assert_eq!(stats.mean_waiting, Some(3.0));
+    assert_eq!(stats.mean_decoding, Some(40.0));
 }
 
 const SPEC: &str = r#"

@@ -175,8 +175,8 @@ fn a_pool_sums_the_keys_its_selector_matches() {
         waiting_first_token: 3,
         decoding: 5,
     };
-    windows.replace_in_flight(b, InFlight::default(), busy);
-    windows.replace_in_flight(c, InFlight::default(), busy);
+    windows.replace_in_flight(b, InFlight::default(), busy, now);
+    windows.replace_in_flight(c, InFlight::default(), busy, now);
 
     let vllm = windows.pool(PoolId(0), now).unwrap();
     assert_eq!(vllm.totals.requests, 4);
@@ -188,8 +188,53 @@ fn a_pool_sums_the_keys_its_selector_matches() {
     assert_eq!(llama.short.requests.total(), 5);
     assert_eq!(llama.in_flight.total(), 8);
 
-    windows.replace_in_flight(c, busy, InFlight::default());
+    windows.replace_in_flight(c, busy, InFlight::default(), now);
     assert_eq!(windows.pool(PoolId(1), now).unwrap().in_flight.total(), 0);
+}
+
+/// What a latency over a window answers to: the requests in flight over that window, not at its
+/// end. Gateways' gauges are held from one report to the next.
+#[test]
+fn a_window_knows_the_mean_in_flight_over_its_span_not_only_the_last_gauge() {
+    let base = Instant::now();
+    let mut windows = Windows::new(WindowConfig::default(), base, 100);
+    windows.set_pools(vec![selector(Some("vllm"), None)]);
+    let key = windows.key("vllm", "llama").unwrap();
+    let decoding = |n| InFlight {
+        waiting_first_token: 1,
+        decoding: n,
+    };
+    // Two gateways: one reports 40 decoding from 0 to 30 s then none; the other 10 throughout,
+    // each once a second (its old gauge out, its new one in, as ingest does).
+    let mut first = InFlight::default();
+    let mut second = InFlight::default();
+    for s in 0..60 {
+        let now = at(base, s * 1000 + 250);
+        let next = decoding(if s < 30 { 40 } else { 0 });
+        windows.replace_in_flight(key, first, next, now);
+        first = next;
+        let now = at(base, s * 1000 + 750);
+        windows.replace_in_flight(key, second, decoding(10), now);
+        second = decoding(10);
+    }
+    let now = at(base, 60_000);
+    let pool = windows.pool(PoolId(0), now).unwrap();
+    // At the end: 10 decoding (and 2 waiting), while the minute's mean was 10 + 40 / 2.
+    assert_eq!(pool.in_flight.decoding, 10);
+    assert!((pool.stable.mean_decoding() - 30.0).abs() < 0.5, "{pool:?}");
+    assert!((pool.stable.mean_waiting() - 2.0).abs() < 0.05, "{pool:?}");
+    // The last ten seconds: the 10 alone (the first gateway's 0s held since 30 s).
+    assert!((pool.short.mean_decoding() - 10.0).abs() < 0.05, "{pool:?}");
+    // The key's own windows hold the same.
+    let keys = windows.keys(now);
+    assert!((keys[0].view.stable.mean_decoding() - 30.0).abs() < 0.5);
+    // A gauge held without a report since counts up to `now`, not to its last report: a minute
+    // later, the 10 decoding alone fill the whole stable window.
+    let later = windows.pool(PoolId(0), at(base, 120_000)).unwrap();
+    assert!(
+        (later.stable.mean_decoding() - 10.0).abs() < 0.05,
+        "{later:?}"
+    );
 }
 
 #[test]
@@ -215,7 +260,7 @@ fn idle_keys_are_evicted_and_their_ids_reused_but_not_keys_with_requests_in_flig
         waiting_first_token: 0,
         decoding: 2,
     };
-    windows.replace_in_flight(busy, InFlight::default(), gauge);
+    windows.replace_in_flight(busy, InFlight::default(), gauge, base);
 
     let idle_for = Duration::from_secs(600);
     assert_eq!(windows.evict_idle(at(base, 599_999), idle_for), vec![]);

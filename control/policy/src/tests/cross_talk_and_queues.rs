@@ -215,3 +215,51 @@ fn a_decode_pool_is_not_scaled_down_while_a_burst_queues_for_its_first_tokens() 
         "removed a decode replica with 200 requests waiting for their first token: {decode}"
     );
 }
+
+/// A decode pool without hints learns the sequences a replica serves from a TPOT miss. The miss
+/// is the window's, so the sequences it is set against are the window's mean: taking the count
+/// at the window's end, a lull of a few seconds (8 decoding where the minute averaged 80) taught
+/// 1.8 sequences a replica, ten times too few, and the pool's next busy minute asked for 45
+/// replicas where 5 would do.
+#[test]
+fn a_decode_pool_without_hints_learns_from_the_sequences_its_latency_answered_to() {
+    let spec = spec_with(DISAGGREGATED, without_hints);
+    let learn = |mean_known: bool| {
+        let mut mem = memory();
+        // TPOT at twice its objective over a minute of 80 sequences decoding on 4 replicas.
+        let missed = Load::tokens(400.0, 800.0, 80).tpot(ms(100));
+        let mut decode = telemetry(missed);
+        decode.in_flight_decoding = 8;
+        if !mean_known {
+            decode.stable.mean_decoding = None;
+            decode.short.mean_decoding = None;
+        }
+        let mut last = None;
+        for at in [T0, T0 + STABLE] {
+            let inputs = disaggregated(
+                (telemetry(missed), state(4, 4)),
+                (decode.clone(), state(4, 4)),
+            );
+            last = Some(run(&spec, &inputs, &mut mem, at));
+        }
+        let decision = last.unwrap();
+        let decode = pool(&decision, Role::Decode).clone();
+        let learned = mem.pool(Role::Decode).learned().concurrent_sequences;
+        // The next minute: the same 80 sequences, TPOT met.
+        let busy = Load::tokens(400.0, 800.0, 80).tpot(ms(45));
+        let inputs = disaggregated(
+            (telemetry(busy), state(4, 4)),
+            (telemetry(busy), state(4, 4)),
+        );
+        let next = run(&spec, &inputs, &mut mem, T0 + STABLE + secs(1));
+        let sized = pool(&next, Role::Decode).reason.feed_forward_replicas;
+        (learned.unwrap_or(0.0), sized, decode)
+    };
+    let (learned, sized, decode) = learn(true);
+    assert!((learned - 18.0).abs() < 1e-9, "{learned}: {decode}");
+    assert_eq!(sized, Some(5));
+    // Where the mean is not known (an older caller), the count at the end is all there is.
+    let (from_the_end, sized, _) = learn(false);
+    assert!((from_the_end - 1.8).abs() < 1e-9, "{from_the_end}");
+    assert_eq!(sized, Some(45));
+}

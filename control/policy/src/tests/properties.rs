@@ -205,6 +205,8 @@ fn heavier(t: &PoolTelemetry, k: f64, m: f64, extra: u32) -> PoolTelemetry {
         error_rate_per_s: w.error_rate_per_s * k,
         ttft: w.ttft.map(|d| d.mul_f64(m)),
         tpot: w.tpot.map(|d| d.mul_f64(m)),
+        mean_waiting: w.mean_waiting.map(|n| n + f64::from(extra)),
+        mean_decoding: w.mean_decoding.map(|n| n + f64::from(extra)),
         ..*w
     };
     PoolTelemetry {
@@ -632,6 +634,8 @@ proptest! {
             error_rate_per_s: rates[3],
             ttft: Some(Duration::from_nanos(nanos[2])),
             tpot: Some(Duration::MAX),
+            mean_waiting: Some(rates[0]),
+            mean_decoding: Some(rates[2]),
         };
         let t = PoolTelemetry {
             freshness: Freshness::Fresh,

@@ -158,6 +158,8 @@ pub fn window(length: Duration, load: &Load) -> WindowStats {
         error_rate_per_s: load.errors_per_s,
         ttft: load.ttft,
         tpot: load.tpot,
+        mean_waiting: Some(f64::from(load.waiting)),
+        mean_decoding: Some(f64::from(load.decoding)),
     }
 }
 
