@@ -1003,6 +1003,7 @@ fn load_used(t: &PoolTelemetry) -> LoadUsed {
         error_rate_per_s: rate(t.short.error_rate_per_s).max(rate(t.stable.error_rate_per_s)),
         decoding_sequences: t.in_flight_decoding,
         waiting_sequences: t.in_flight_waiting,
+        decoding_sequences_mean: t.stable.mean_decoding.map(rate),
     }
 }
 

@@ -143,6 +143,9 @@ pub struct LoadUsed {
     pub error_rate_per_s: f64,
     pub decoding_sequences: u32,
     pub waiting_sequences: u32,
+    /// Decoding over the stable window on average: what learning sets against its latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoding_sequences_mean: Option<f64>,
 }
 
 /// Which window a figure comes from.
@@ -437,6 +440,9 @@ impl fmt::Display for Reason {
             l.decoding_sequences,
             l.waiting_sequences
         )?;
+        if let Some(mean) = l.decoding_sequences_mean {
+            write!(f, " ({mean:.1} decoding on average over the stable window)")?;
+        }
         for (name, reading) in [("TTFT", self.ttft), ("TPOT", self.tpot)] {
             if let Some(s) = reading {
                 write!(

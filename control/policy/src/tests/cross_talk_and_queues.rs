@@ -257,6 +257,20 @@ fn a_decode_pool_without_hints_learns_from_the_sequences_its_latency_answered_to
     };
     let (learned, sized, decode) = learn(true);
     assert!((learned - 18.0).abs() < 1e-9, "{learned}: {decode}");
+    // The reason shows both counts.
+    assert_eq!(
+        (
+            decode.reason.load.decoding_sequences,
+            decode.reason.load.decoding_sequences_mean
+        ),
+        (8, Some(80.0))
+    );
+    assert!(
+        decode
+            .to_string()
+            .contains("8 decoding, 0 waiting (80.0 decoding on average over the stable window)"),
+        "{decode}"
+    );
     assert_eq!(sized, Some(5));
     // Where the mean is not known (an older caller), the count at the end is all there is.
     let (from_the_end, sized, _) = learn(false);
