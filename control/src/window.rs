@@ -76,7 +76,9 @@ pub struct InFlight {
 }
 
 /// Requests in flight integrated over time, in request-microseconds: the in-flight sums as the
-/// control service saw them, each gateway's gauges held from one of its reports to the next.
+/// control service saw them, each gateway's gauges held from one of its reports to the next (a
+/// gateway gone quiet: until it is given up on, as for the sums). Time before a key's first
+/// report counts as nothing in flight.
 /// Divided by the time covered, the mean number in flight over a window, which is what a latency
 /// measured over the same window answers to; the sum at the window's end is one moment of it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -845,7 +847,8 @@ impl Windows {
                 }
             }
         }
-        // `now` may be in the past (a report held through a hand-over): never move back.
+        // Merges and sweeps read the clock before they take the lock, so `now` may be behind the
+        // last change: never move back.
         state.in_flight_since = state.in_flight_since.max(Some(now));
         state.in_flight.sub(old);
         state.in_flight.add(new);

@@ -257,9 +257,9 @@ impl Sketch {
     /// (the `ceil(q * count)`-th smallest), or `None` when the sketch is empty.
     ///
     /// Nearest rank because flyball reads quantiles against objectives: "p95 of TTFT <= 500 ms"
-    /// then says exactly that 95% of the requests met 500 ms. DDSketch's rank, `q * (count - 1)`
-    /// rounded down, reads low when values are few: the p99 of three requests was the middle
-    /// one, so two of three could miss an objective that read as met.
+    /// then says that 95% of the requests met 500 ms (within the 2%). DDSketch's rank,
+    /// `q * (count - 1)` rounded down, reads low when values are few: the p99 of three requests
+    /// was the middle one, so one of three could miss an objective that read as met.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         if self.count == 0 || !(0.0..=1.0).contains(&q) {
             return None;
@@ -514,10 +514,12 @@ impl From<&Sketch> for SparseSketch {
 }
 
 /// The 0-based rank of the nearest-rank `q`-quantile of `count` values: `ceil(q * count) - 1`,
-/// at least 0. The product is nudged down first, so that one a float's rounding lifts just past
-/// a whole number (0.07 * 100 is 7.000000000000001) does not take the next value up.
+/// at least 0. The product is nudged down by a few units of its last place first, so that one
+/// a float's rounding lifts just past a whole number does not take the next value up:
+/// `0.07 * 100` is 7.000000000000001, and `99.9 / 100` (a percentile as configured) is
+/// 0.9990000000000001, which times 10^8 values lands 10^-8 past 99,900,000.
 fn nearest_rank(q: f64, count: u64) -> u64 {
-    let at_or_below = (q * count as f64 - 1e-9).ceil();
+    let at_or_below = (q * count as f64 * (1.0 - 4.0 * f64::EPSILON)).ceil();
     (at_or_below as u64).clamp(1, count) - 1
 }
 

@@ -9,7 +9,7 @@ fn exact_quantile(sorted: &[f64], q: f64) -> f64 {
     sorted
         .iter()
         .enumerate()
-        .find(|&(at, _)| (at + 1) as f64 >= q * n - 1e-9)
+        .find(|&(at, _)| (at + 1) as f64 >= q * n * (1.0 - 4.0 * f64::EPSILON))
         .map_or(f64::NAN, |(_, &v)| v)
 }
 
@@ -72,6 +72,27 @@ fn a_high_percentile_of_few_values_is_their_largest() {
         ranks.record(f64::from(at) * 1000.0);
     }
     assert!(within_accuracy(ranks.quantile(0.07).unwrap(), 7000.0));
+    // A percentile configured as 99.9 is 0.9990000000000001 as a quantile: over 10^8 values,
+    // 99,900,000 of them fast, p99.9 is fast.
+    let (fast, slow) = (Sketch::bucket_index(1_000.0), Sketch::bucket_index(1e6));
+    let (fast, slow) = (fast.unwrap(), slow.unwrap());
+    let mut counts = vec![0; (slow - fast + 1) as usize];
+    counts[0] = 99_900_000;
+    counts[(slow - fast) as usize] = 100_000;
+    let many = Sketch::from_parts(SketchParts {
+        relative_accuracy: RELATIVE_ACCURACY,
+        offset: fast,
+        counts: &counts,
+        zero_count: 0,
+        sum: 99_900_000.0 * 1_000.0 + 100_000.0 * 1e6,
+        min: 1_000.0,
+        max: 1e6,
+    })
+    .unwrap();
+    assert!(within_accuracy(
+        many.quantile(99.9 / 100.0).unwrap(),
+        1_000.0
+    ));
 }
 
 #[test]

@@ -258,15 +258,24 @@ impl Dimension {
         }
     }
 
-    /// The load learning sets against `window`'s latency: requests in flight on average over
-    /// the window where measured, as the latency was; else the count at its end, which a lull or
-    /// a burst of a few seconds sets far from what the latency answered to.
+    /// The load learning sets against `window`'s latency. For sequences, the larger of the
+    /// count at the window's end and its mean over the window where measured: a lull at the end
+    /// (8 decoding where the minute averaged 80) read alone taught a tenth of the capacity the
+    /// latency answered to. Not the mean alone: sizing divides the count now by what is learned,
+    /// so learning less than that count would ask for fewer replicas the more were in flight on
+    /// average; and a count at the end above the mean (a burst seconds old) is what learning
+    /// already guards against (it rises as a probe does).
     fn learning_load(self, window: &WindowStats, telemetry: &PoolTelemetry) -> f64 {
-        match (self, window.mean_decoding, window.mean_waiting) {
-            (Dimension::DecodingSequences, Some(decoding), _) => rate(decoding),
-            (Dimension::Sequences, Some(decoding), Some(waiting)) => rate(decoding) + rate(waiting),
-            _ => self.load(window, telemetry),
-        }
+        let now = self.load(window, telemetry);
+        let mean = match self {
+            Dimension::DecodingSequences => window.mean_decoding,
+            Dimension::Sequences => window
+                .mean_decoding
+                .zip(window.mean_waiting)
+                .map(|(decoding, waiting)| rate(decoding) + rate(waiting)),
+            Dimension::PrefillTokens | Dimension::DecodeTokens => None,
+        };
+        mean.map_or(now, |mean| rate(mean).max(now))
     }
 
     /// The higher of both windows: scale-up reacts to the short one, scale-down needs both low.
@@ -1114,7 +1123,9 @@ fn learn(
     if !shows_steady_replicas(window, t, ready, mem, now, window.length) {
         return *mem.learned();
     }
-    let waiting_per_replica = f64::from(t.in_flight_waiting) / f64::from(ready);
+    // A queue at the window's end, or over it on average.
+    let waiting = f64::from(t.in_flight_waiting).max(window.mean_waiting.map_or(0.0, rate));
+    let waiting_per_replica = waiting / f64::from(ready);
     let tau = window.length.as_secs_f64();
     let learned = mem.learned_mut();
     let dt = learned

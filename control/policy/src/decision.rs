@@ -143,7 +143,8 @@ pub struct LoadUsed {
     pub error_rate_per_s: f64,
     pub decoding_sequences: u32,
     pub waiting_sequences: u32,
-    /// Decoding over the stable window on average: what learning sets against its latency.
+    /// Decoding over the stable window on average: learning sets the larger of it and the count
+    /// now against the window's latency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decoding_sequences_mean: Option<f64>,
 }

@@ -217,10 +217,10 @@ fn a_decode_pool_is_not_scaled_down_while_a_burst_queues_for_its_first_tokens() 
 }
 
 /// A decode pool without hints learns the sequences a replica serves from a TPOT miss. The miss
-/// is the window's, so the sequences it is set against are the window's mean: taking the count
-/// at the window's end, a lull of a few seconds (8 decoding where the minute averaged 80) taught
-/// 1.8 sequences a replica, ten times too few, and the pool's next busy minute asked for 45
-/// replicas where 5 would do.
+/// is the window's, so the sequences it is set against include the window's mean: taking the
+/// count at the window's end alone, a lull of a few seconds (8 decoding where the minute
+/// averaged 80) taught 1.8 sequences a replica, ten times too few, and the pool's next busy
+/// minute asked for 45 replicas where 5 would do.
 #[test]
 fn a_decode_pool_without_hints_learns_from_the_sequences_its_latency_answered_to() {
     let spec = spec_with(DISAGGREGATED, without_hints);
@@ -276,4 +276,26 @@ fn a_decode_pool_without_hints_learns_from_the_sequences_its_latency_answered_to
     let (from_the_end, sized, _) = learn(false);
     assert!((from_the_end - 1.8).abs() < 1e-9, "{from_the_end}");
     assert_eq!(sized, Some(45));
+}
+
+/// A queue is never learned as sequences a unified replica serves, whether it shows at the
+/// window's end or only over the window: one that lasted most of the minute and drained by its
+/// end was counted in the mean and learned (15 a replica where 10 were served). Found by review.
+#[test]
+fn a_queue_that_drained_by_the_windows_end_is_not_learned_as_served_sequences() {
+    let spec = spec_with(UNIFIED, without_hints);
+    let learned = |mean_waiting: f64| {
+        // 40 decoding on 4 replicas, TPOT met, nothing waiting at the end.
+        let mut t = telemetry(Load::tokens(400.0, 800.0, 40).tpot(ms(40)));
+        t.stable.mean_waiting = Some(mean_waiting);
+        t.short.mean_waiting = Some(mean_waiting);
+        let mut mem = memory();
+        for at in [T0, T0 + STABLE] {
+            decide_unified(&spec, t.clone(), state(4, 4), &mut mem, at);
+        }
+        mem.pool(Role::Unified).learned().concurrent_sequences
+    };
+    assert_eq!(learned(0.0), Some(10.0));
+    // 5 waiting a replica on average: a queue. Nothing is learned from the window.
+    assert_eq!(learned(20.0), None);
 }

@@ -407,6 +407,48 @@ proptest! {
     }
 
     #[test]
+    fn more_sequences_now_and_on_average_never_yield_fewer_replicas(
+        replicas in 1u32..8,
+        decoding in 0u32..300,
+        mean_decoding in 0.0..300.0f64,
+        extra in 1u32..100,
+        tpot_share in 0.1..3.0f64,
+        one_pool in any::<bool>(),
+    ) {
+        // Learning takes the window's mean where it is known, sizing the count now; the two
+        // differ (a lull or a burst at the window's end), and more of both, latency unchanged,
+        // never asks for fewer replicas. Found by review: learning from the mean alone did
+        // (80 decoding now and 8 on average went 4 -> 10; 152 and 80 went 4 -> 9).
+        let spec = spec_with(if one_pool { UNIFIED } else { DISAGGREGATED }, without_hints);
+        let tpot = ms(50).mul_f64(tpot_share);
+        let looks = |decoding: u32, mean: f64| {
+            let load = Load::tokens(100.0 * f64::from(replicas), 20.0, decoding).tpot(tpot);
+            let mut t = telemetry(load);
+            t.stable.mean_decoding = Some(mean);
+            t.short.mean_decoding = Some(mean);
+            let s = state(replicas, replicas);
+            if one_pool {
+                unified(t, s)
+            } else {
+                disaggregated((telemetry(load), s), (t, s))
+            }
+        };
+        let decide_twice = |inputs: &AutoscalerInputs| {
+            let mut mem = memory();
+            run(&spec, inputs, &mut mem, T0);
+            run(&spec, inputs, &mut mem, T0 + STABLE)
+        };
+        let light = decide_twice(&looks(decoding, mean_decoding));
+        let heavy = decide_twice(&looks(decoding + extra, mean_decoding + f64::from(extra)));
+        let role = if one_pool { Role::Unified } else { Role::Decode };
+        let (light, heavy) = (pool(&light, role), pool(&heavy, role));
+        prop_assert!(
+            heavy.to >= light.to,
+            "more sequences gave fewer replicas\nlight: {light}\nheavy: {heavy}"
+        );
+    }
+
+    #[test]
     fn near_the_objectives_more_load_never_yields_fewer_replicas(
         (spec, inputs) in near_objectives(),
         k in 1.0..1.5f64,
