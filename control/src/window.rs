@@ -122,6 +122,9 @@ struct Slot {
 pub struct WindowSummary {
     /// The time the figures cover: the span, or less just after the epoch; never under one bucket.
     pub covered: Duration,
+    /// The oldest bucket's start to now, not padded to a bucket as `covered` is: the time
+    /// `in_flight` was integrated over.
+    pub spanned: Duration,
     pub requests: RequestOutcomes,
     pub tokens: TokenUsage,
     pub latency: Latencies,
@@ -417,15 +420,16 @@ impl Window {
             return;
         }
         let last = self.bucket_of(to);
-        let kept = self.slots.len() as u64;
-        let first = self.bucket_of(from).max(last.saturating_sub(kept - 1));
-        if first == last {
+        let from_bucket = self.bucket_of(from);
+        if from_bucket == last {
             // Gateways report more often than buckets turn: most spans fall in one.
             if let Some(slot) = self.slot_for(last) {
                 slot.in_flight.add(InFlightTime::held(in_flight, to - from));
             }
             return;
         }
+        let kept = self.slots.len() as u64;
+        let first = from_bucket.max(last.saturating_sub(kept - 1));
         for bucket in first..=last {
             let start = self.start_of(bucket).max(from);
             let end = self.start_of(bucket.saturating_add(1)).min(to);
@@ -493,6 +497,7 @@ impl Window {
         let since_ns = now.saturating_duration_since(self.epoch).as_nanos();
         let covered_ns = since_ns.saturating_sub(u128::from(oldest) * self.width.as_nanos());
         let covered = Duration::from_nanos(u64::try_from(covered_ns).unwrap_or(u64::MAX));
+        summary.spanned = covered;
         summary.covered = covered.max(self.width);
         summary
     }
@@ -551,22 +556,22 @@ impl WindowSummary {
         self.per_s(self.tokens.output)
     }
 
-    /// Requests waiting for their first token, on average over the time covered.
+    /// Requests waiting for their first token, on average over the time spanned.
     pub fn mean_waiting(&self) -> f64 {
-        self.in_flight.waiting_first_token_us as f64 / self.covered.as_micros().max(1) as f64
+        self.in_flight.waiting_first_token_us as f64 / self.spanned.as_micros().max(1) as f64
     }
 
-    /// Requests decoding, on average over the time covered.
+    /// Requests decoding, on average over the time spanned.
     pub fn mean_decoding(&self) -> f64 {
-        self.in_flight.decoding_us as f64 / self.covered.as_micros().max(1) as f64
+        self.in_flight.decoding_us as f64 / self.spanned.as_micros().max(1) as f64
     }
 
     /// Adds `in_flight`, held since `since` and not yet in the buckets, for the part of the
-    /// covered span ending at `now` it overlaps.
+    /// spanned time ending at `now` it overlaps.
     fn accrue_open(&mut self, in_flight: InFlight, since: Option<Instant>, now: Instant) {
         let Some(since) = since else { return };
         let start = now
-            .checked_sub(self.covered)
+            .checked_sub(self.spanned)
             .map_or(since, |s| s.max(since));
         self.in_flight.add(InFlightTime::held(
             in_flight,

@@ -59,6 +59,7 @@ fn freshness_needs_a_live_reporter_heard_recently() {
 fn window_stats_take_the_slo_percentile_in_durations() {
     let mut summary = WindowSummary {
         covered: Duration::from_secs(5),
+        spanned: Duration::from_secs(5),
         ..WindowSummary::default()
     };
     summary.requests.ok = 50;

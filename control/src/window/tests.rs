@@ -237,6 +237,48 @@ fn a_window_knows_the_mean_in_flight_over_its_span_not_only_the_last_gauge() {
     );
 }
 
+/// A span longer than the ring keeps only what the ring covers, even a ring of one bucket.
+#[test]
+fn in_flight_time_older_than_the_kept_buckets_is_not_kept() {
+    let base = Instant::now();
+    let ten = Duration::from_secs(10);
+    for config in [
+        WindowConfig::try_new(ten, ten, ten).unwrap(),
+        WindowConfig::default(),
+    ] {
+        let mut window = Window::new(&config, base);
+        let one = InFlight {
+            waiting_first_token: 0,
+            decoding: 1,
+        };
+        // One request decoding from 0 to 95 s.
+        window.accrue_in_flight(base, at(base, 95_000), one);
+        let now = at(base, 95_000);
+        let summary = window.summary(now, config.stable());
+        // The ring holds 90..95 s of it in one bucket of 10 s, or 36..95 s in 60 of 1 s.
+        assert_eq!(
+            Duration::from_micros(summary.in_flight.decoding_us),
+            summary.spanned,
+            "{config:?}"
+        );
+        assert!((summary.mean_decoding() - 1.0).abs() < 1e-9, "{config:?}");
+    }
+    // Its open stretch, not yet in the buckets, counts the same way.
+    let config = WindowConfig::try_new(ten, ten, ten).unwrap();
+    let mut windows = Windows::new(config, base, 10);
+    windows.set_pools(vec![selector(None, None)]);
+    let key = windows.key("b", "m").unwrap();
+    let one = InFlight {
+        waiting_first_token: 1,
+        decoding: 1,
+    };
+    windows.replace_in_flight(key, InFlight::default(), one, base);
+    let view = windows.pool(PoolId(0), at(base, 95_000)).unwrap();
+    assert_eq!(view.stable.spanned, Duration::from_secs(5));
+    assert!((view.stable.mean_decoding() - 1.0).abs() < 1e-9, "{view:?}");
+    assert!((view.stable.mean_waiting() - 1.0).abs() < 1e-9, "{view:?}");
+}
+
 #[test]
 fn keys_beyond_the_limit_are_not_registered() {
     let mut windows = Windows::new(WindowConfig::default(), Instant::now(), 2);
