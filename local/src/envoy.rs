@@ -96,8 +96,26 @@ pub struct EnvoyOptions {
     pub control_tls: Option<ControlTls>,
     /// Speak HTTP/2 to the model server (whose responses may then end in trailers).
     pub upstream_http2: bool,
-    /// The control cluster's HTTP/2 keepalive (interval, timeout) instead of the config's.
-    pub control_keepalive: Option<(Duration, Duration)>,
+    /// How the control cluster notices a dead connection.
+    pub control_connections: ControlConnections,
+}
+
+/// How Envoy's control cluster gives up on a connection whose peer is gone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ControlConnections {
+    /// As the config file has it (HTTP/2 pings every 15 s, given up after 30 s).
+    #[default]
+    AsConfigured,
+    /// HTTP/2 pings at this interval, given up after this timeout.
+    Pings {
+        interval: Duration,
+        timeout: Duration,
+    },
+    /// No pings, as Istio's outbound clusters have none; with at most this many requests a
+    /// connection, as a DestinationRule's `maxRequestsPerConnection` renders.
+    WithoutPings {
+        max_requests_per_connection: Option<u32>,
+    },
 }
 
 /// The files and name of the control cluster's mutual TLS: Envoy presents `cert` and `key`,
@@ -120,7 +138,7 @@ impl EnvoyOptions {
             cpu_list: None,
             control_tls: None,
             upstream_http2: false,
-            control_keepalive: None,
+            control_connections: ControlConnections::AsConfigured,
         }
     }
 }
@@ -180,20 +198,32 @@ pub fn render_config(
              explicit_http_config:\n            http2_protocol_options: {}\n",
         );
     }
-    if let Some((interval, timeout)) = options.control_keepalive {
-        const KEEPALIVE: &str = "connection_keepalive: { interval: 15s, timeout: 30s }";
+    const KEEPALIVE: &str = "connection_keepalive: { interval: 15s, timeout: 30s }";
+    let keepalive = match options.control_connections {
+        ControlConnections::AsConfigured => None,
+        ControlConnections::Pings { interval, timeout } => Some(format!(
+            "connection_keepalive: {{ interval: {}s, timeout: {}s }}",
+            interval.as_secs_f64(),
+            timeout.as_secs_f64()
+        )),
+        // Istio's outbound cluster: `common_http_protocol_options` beside an HTTP/2 config
+        // without pings, where Istio's cluster builder puts a DestinationRule's connection pool.
+        ControlConnections::WithoutPings {
+            max_requests_per_connection,
+        } => Some(match max_requests_per_connection {
+            Some(max) => format!(
+                "{{}}\n          common_http_protocol_options: \
+                 {{ max_requests_per_connection: {max} }}"
+            ),
+            None => "{}".to_owned(),
+        }),
+    };
+    if let Some(keepalive) = keepalive {
         anyhow::ensure!(
             text.contains(KEEPALIVE),
             "the control cluster's keepalive not found in {file}"
         );
-        text = text.replace(
-            KEEPALIVE,
-            &format!(
-                "connection_keepalive: {{ interval: {}s, timeout: {}s }}",
-                interval.as_secs_f64(),
-                timeout.as_secs_f64()
-            ),
-        );
+        text = text.replace(KEEPALIVE, &keepalive);
     }
     if let Some(tls) = &options.control_tls {
         let cluster =

@@ -219,6 +219,7 @@ fn custom_resources_validate_against_their_upstream_crd_schemas() {
         "extensions.istio.io/v1alpha1 WasmPlugin",
         "extensions.istio.io/v1alpha1 TrafficExtension",
         "networking.istio.io/v1alpha3 EnvoyFilter",
+        "networking.istio.io/v1 DestinationRule",
         "gateway.envoyproxy.io/v1alpha1 EnvoyExtensionPolicy",
         "gateway.envoyproxy.io/v1alpha1 EnvoyPatchPolicy",
         "gateway.networking.k8s.io/v1 Gateway",
@@ -471,6 +472,15 @@ fn manifests_name_the_control_service_the_chart_creates() {
         assert_eq!(config["controlCluster"], json!(expected_cluster), "{at}");
         assert_eq!(config["controlAuthority"], json!(authority), "{at}");
     }
+
+    // Istio: the DestinationRule for the gateways' connections to it, beside the plugin.
+    let rule = one(
+        &documents_in("istio/destinationrule.yaml"),
+        "DestinationRule",
+    );
+    assert_eq!(rule.value["spec"]["host"], json!(authority));
+    let plugin = one(&documents_in("istio/wasmplugin.yaml"), "WasmPlugin");
+    assert_eq!(rule.namespace(), plugin.namespace());
 
     let scaled = one(&documents_in("keda/scaledobject.yaml"), "ScaledObject");
     assert_eq!(
