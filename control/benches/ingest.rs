@@ -9,6 +9,7 @@
 //!     cargo bench -p flyball-control --bench ingest -- --followed   # a leader with a follower
 //!     cargo bench -p flyball-control --bench ingest -- --dense-sketches  # sparseSketches off
 //!     cargo bench -p flyball-control --bench ingest -- --merge-only  # ingest's own code alone
+//!     cargo bench -p flyball-control --bench ingest -- --alloc-census  # where the memory goes
 //!
 //! Each server runs in a child process of this one (this binary again, `--child`) on a
 //! current-thread runtime pinned to CPU 0 (the load generator to CPU 1), so its CPU and memory
@@ -33,6 +34,10 @@
 //! read and merged (`EncodedReport::decode`, `Telemetry::ingest_from`) as fast as they go, the
 //! gateways taking turns as they do at 1 Hz. The transport's share of the figures above moves by
 //! more than ingest's own code costs; this shows that code's cost apart, with less noise.
+//!
+//! `--alloc-census` has each server print its live allocations by size, per gateway, once every
+//! gateway is connected and again under load: what each connection holds, by the size of each
+//! buffer and state, beside RSS (which counts only the pages touched).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -49,9 +54,9 @@ use futures::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 
 /// The allocator the `flyball` binary runs the control service on (cli/src/main.rs), so the
-/// figures are the product's.
+/// figures are the product's; it counts allocations only for `--alloc-census`.
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: census::Counting = census::Counting;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -80,6 +85,7 @@ fn main() -> Result<(), Error> {
         return child(&args[at + 1..]);
     }
     let quick = args.iter().any(|a| a == "--quick");
+    census::ask(args.iter().any(|a| a == "--alloc-census"));
     if args.iter().any(|a| a == "--merge-only") {
         return merge_only(args.iter().any(|a| a == "--dense-sketches"));
     }
@@ -444,6 +450,7 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let connected_rss_mb = rss_mb(pid, "VmRSS:").unwrap_or(0.0);
+    census::request(&mut child, "connected", options.gateways)?;
     start.send_replace(true);
 
     tokio::time::sleep(options.warmup).await;
@@ -472,6 +479,7 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
     };
     let rss = rss_mb(pid, "VmRSS:").unwrap_or(0.0);
     let peak = rss_mb(pid, "VmHWM:").unwrap_or(0.0);
+    census::request(&mut child, "under load", options.gateways)?;
     gateways.shutdown().await;
     drop(channels);
     // What stays once every connection is gone: the service's own state (and the allocator's
@@ -758,6 +766,7 @@ fn spawn_child(
         }
         None => Command::new(&exe),
     };
+    census::pass_on(&mut command);
     let mut child = command
         .args(["--child", mode, &cpu.to_string()])
         .args(extra)
@@ -801,6 +810,7 @@ fn child(args: &[String]) -> Result<(), Error> {
     let cpu = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let leader = args.get(2).map(|grpc| format!("http://{grpc}"));
     pin_to_cpu(std::process::id(), cpu);
+    census::serve();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -956,6 +966,142 @@ impl TelemetryService for AckOnly {
             })
         });
         Ok(tonic::Response::new(Box::pin(acks)))
+    }
+}
+
+// === --alloc-census ===
+
+#[allow(unsafe_code)] // Only for the counting allocator, which passes every call on to jemalloc.
+mod census {
+    use std::alloc::{GlobalAlloc, Layout};
+    use std::io::{BufRead, Write};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use tikv_jemallocator::Jemalloc;
+
+    /// Set in the servers by the environment, so counting costs the other runs one load a call.
+    static COUNTING: AtomicBool = AtomicBool::new(false);
+    const ASKED: &str = "FLYBALL_BENCH_ALLOC_CENSUS";
+    /// Live allocations by size, in 16-byte classes; the last class holds everything larger.
+    const CLASS_BYTES: usize = 16;
+    const CLASSES: usize = 4096;
+    static LIVE: [AtomicU64; CLASSES] = [const { AtomicU64::new(0) }; CLASSES];
+
+    fn class(size: usize) -> usize {
+        size.div_ceil(CLASS_BYTES).min(CLASSES - 1)
+    }
+
+    fn count(size: usize, delta: i64) {
+        if COUNTING.load(Ordering::Relaxed) {
+            // Wraps as two's complement: a free of a block allocated before counting began
+            // and its allocation cancel out only if both are counted, so counting starts
+            // before the server allocates anything (`serve`).
+            LIVE[class(size)].fetch_add(delta as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub struct Counting;
+
+    // SAFETY: every call is passed on to jemalloc unchanged; only sizes are counted.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            count(layout.size(), 1);
+            // SAFETY: as the caller's contract for `GlobalAlloc::alloc`.
+            unsafe { Jemalloc.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            count(layout.size(), -1);
+            // SAFETY: as the caller's contract for `GlobalAlloc::dealloc`.
+            unsafe { Jemalloc.dealloc(ptr, layout) }
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            count(layout.size(), 1);
+            // SAFETY: as the caller's contract for `GlobalAlloc::alloc_zeroed`.
+            unsafe { Jemalloc.alloc_zeroed(layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            count(layout.size(), -1);
+            count(new_size, 1);
+            // SAFETY: as the caller's contract for `GlobalAlloc::realloc`.
+            unsafe { Jemalloc.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    /// In the load generator: whether the servers it starts take a census.
+    static ASKED_OF_SERVERS: AtomicBool = AtomicBool::new(false);
+
+    pub fn ask(asked: bool) {
+        ASKED_OF_SERVERS.store(asked, Ordering::Relaxed);
+    }
+
+    /// In the load generator: has `server` take a census if asked to.
+    pub fn pass_on(server: &mut std::process::Command) {
+        if ASKED_OF_SERVERS.load(Ordering::Relaxed) {
+            server.env(ASKED, "1");
+        }
+    }
+
+    /// In a server: counts from now on if asked to, and answers each line on stdin
+    /// (`<when> <gateways>`) with the census on stderr.
+    pub fn serve() {
+        if std::env::var_os(ASKED).is_none() {
+            return;
+        }
+        COUNTING.store(true, Ordering::Relaxed);
+        std::thread::spawn(|| {
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { return };
+                let (when, gateways) = line.rsplit_once(' ').unwrap_or((&line, "1"));
+                print(when, gateways.parse().unwrap_or(1));
+            }
+        });
+    }
+
+    /// In the load generator: asks `server` for its census, if the servers take one.
+    pub fn request(
+        server: &mut std::process::Child,
+        when: &str,
+        gateways: usize,
+    ) -> Result<(), super::Error> {
+        if ASKED_OF_SERVERS.load(Ordering::Relaxed)
+            && let Some(stdin) = server.stdin.as_mut()
+        {
+            writeln!(stdin, "{when} {gateways}")?;
+            // The census is printed while the load goes on; give it a moment to be read.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    fn print(when: &str, gateways: u64) {
+        let mut rows: Vec<(usize, u64)> = LIVE
+            .iter()
+            .enumerate()
+            .map(|(class, live)| (class * CLASS_BYTES, live.load(Ordering::Relaxed)))
+            .filter(|&(_, live)| live > 0 && live < u64::MAX / 2)
+            .collect();
+        let bytes = |&(size, live): &(usize, u64)| size as u64 * live;
+        let total: u64 = rows.iter().map(bytes).sum();
+        rows.sort_by_key(|row| std::cmp::Reverse(bytes(row)));
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(
+            err,
+            "allocation census, {when}: {:.1} MB live ({:.1} KB a gateway); largest classes:",
+            total as f64 / 1e6,
+            total as f64 / 1e3 / gateways as f64
+        );
+        for row in rows.iter().take(16) {
+            let _ = writeln!(
+                err,
+                "  {:>6} B or less: {:>5.2} a gateway, {:>6.1} MB",
+                row.0,
+                row.1 as f64 / gateways as f64,
+                bytes(row) as f64 / 1e6
+            );
+        }
     }
 }
 
