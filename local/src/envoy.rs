@@ -98,6 +98,9 @@ pub struct EnvoyOptions {
     pub upstream_http2: bool,
     /// How the control cluster notices a dead connection.
     pub control_connections: ControlConnections,
+    /// A control cluster given whole, in place of the config's (a cluster as a deployment
+    /// manifest ships it); the filter's `controlCluster` must then name it.
+    pub control_cluster: Option<serde_json::Value>,
 }
 
 /// How Envoy's control cluster gives up on a connection whose peer is gone.
@@ -139,6 +142,7 @@ impl EnvoyOptions {
             control_tls: None,
             upstream_http2: false,
             control_connections: ControlConnections::AsConfigured,
+            control_cluster: None,
         }
     }
 }
@@ -224,6 +228,25 @@ pub fn render_config(
             "the control cluster's keepalive not found in {file}"
         );
         text = text.replace(KEEPALIVE, &keepalive);
+    }
+    if let Some(cluster) = &options.control_cluster {
+        anyhow::ensure!(
+            options.control_connections == ControlConnections::AsConfigured
+                && options.control_tls.is_none(),
+            "a control cluster given whole takes no other control cluster options"
+        );
+        // The block runs to the next line indented less than its fields; YAML takes the JSON
+        // as it is.
+        let at = text
+            .find("    - name: flyball_control\n")
+            .ok_or_else(|| anyhow::anyhow!("the flyball_control cluster not found in {file}"))?;
+        let fields = at + "    - ".len();
+        let end = text[fields..]
+            .match_indices('\n')
+            .map(|(i, _)| fields + i + 1)
+            .find(|&line| !text[line..].starts_with("      "))
+            .unwrap_or(text.len());
+        text.replace_range(at..end, &format!("    - {cluster}\n"));
     }
     if let Some(tls) = &options.control_tls {
         let cluster =

@@ -152,17 +152,31 @@ struct HalfOpen {
 
 impl HalfOpen {
     async fn start(control_connections: ControlConnections) -> anyhow::Result<HalfOpen> {
+        Self::start_with("flyball_control", |options| EnvoyOptions {
+            control_connections,
+            ..options
+        })
+        .await
+    }
+
+    /// As [`HalfOpen::start`], with the filter reporting to `control_cluster` and Envoy's options
+    /// as `configure` makes them (the relay's port is the control port).
+    async fn start_with(
+        control_cluster: &str,
+        configure: impl FnOnce(EnvoyOptions) -> EnvoyOptions,
+    ) -> anyhow::Result<HalfOpen> {
         let receiver = Receiver::start().await?;
         let relay = Relay::start(([127, 0, 0, 1], receiver.port()).into()).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let sim = SimServer::start(SimConfig::default(), listener).await?;
         let config =
-            serde_json::json!({"controlCluster": "flyball_control", "reportIntervalMs": 100})
+            serde_json::json!({"controlCluster": control_cluster, "reportIntervalMs": 100})
                 .to_string();
-        let envoy = Envoy::start(&EnvoyOptions {
-            control_connections,
-            ..EnvoyOptions::with_filter(sim.local_addr().port(), relay.addr().port(), &config)
-        })
+        let envoy = Envoy::start(&configure(EnvoyOptions::with_filter(
+            sim.local_addr().port(),
+            relay.addr().port(),
+            &config,
+        )))
         .await?;
         send(&envoy, 5, "before").await?;
         wait_for("5 requests reported", Duration::from_secs(10), || {
@@ -199,11 +213,12 @@ impl HalfOpen {
         Ok(())
     }
 
-    async fn ping_timeouts(&self) -> anyhow::Result<f64> {
+    /// Connections `cluster` gave up for want of an answer to its pings.
+    async fn ping_timeouts(&self, cluster: &str) -> anyhow::Result<f64> {
         self.envoy
             .metric_sum(
                 "envoy_cluster_http2_keepalive_timeout",
-                &[("envoy_cluster_name", "flyball_control")],
+                &[("envoy_cluster_name", cluster)],
             )
             .await
     }
@@ -222,7 +237,49 @@ async fn reports_move_off_a_control_connection_gone_half_open() -> anyhow::Resul
     .await?;
     gateway.all_reported_over_a_new_connection().await?;
     // Moved by the pings, not by a report that happened to open a connection of its own.
-    let timed_out = gateway.ping_timeouts().await?;
+    let timed_out = gateway.ping_timeouts("flyball_control").await?;
+    assert!(timed_out >= 1.0, "keepalive timeouts: {timed_out}");
+    Ok(())
+}
+
+/// The control cluster Envoy Gateway users add by `EnvoyPatchPolicy`, as shipped but for its
+/// address (the relay) and its pings (scaled down from 15 s and 30 s to 1 s and 2 s): the filter
+/// reports through it, and it leaves a control connection gone half-open by its pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_envoy_gateway_control_cluster_carries_reports_and_leaves_a_half_open_connection()
+-> anyhow::Result<()> {
+    let path = repo_root().join("deploy/envoy-gateway/envoypatchpolicy-control-cluster.yaml");
+    let policy: serde_json::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&path)?)?;
+    let mut cluster = policy["spec"]["jsonPatches"][0]["operation"]["value"].clone();
+    let name = cluster["name"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("{}: no cluster name", path.display()))?
+        .to_owned();
+    let address = cluster
+        .pointer_mut("/load_assignment/endpoints/0/lb_endpoints/0/endpoint/address/socket_address")
+        .ok_or_else(|| anyhow::anyhow!("{}: no socket address", path.display()))?;
+    address["address"] = "127.0.0.1".into();
+    let keepalive = cluster
+        .pointer_mut(
+            "/typed_extension_protocol_options/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\
+             /explicit_http_config/http2_protocol_options/connection_keepalive",
+        )
+        .ok_or_else(|| anyhow::anyhow!("{}: no HTTP/2 pings", path.display()))?;
+    *keepalive = serde_json::json!({"interval": "1s", "timeout": "2s"});
+    let gateway =
+        HalfOpen::start_with(&name, |options| {
+            let port = options.control_port;
+            let mut cluster = cluster;
+            cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                ["socket_address"]["port_value"] = port.into();
+            EnvoyOptions {
+                control_cluster: Some(cluster),
+                ..options
+            }
+        })
+        .await?;
+    gateway.all_reported_over_a_new_connection().await?;
+    let timed_out = gateway.ping_timeouts(&name).await?;
     assert!(timed_out >= 1.0, "keepalive timeouts: {timed_out}");
     Ok(())
 }
@@ -255,7 +312,11 @@ async fn reports_reach_a_new_connection_from_an_istio_gateway_with_the_destinati
         "all reported {:.1} s after the cut",
         cut_at.elapsed().as_secs_f64()
     );
-    assert_eq!(gateway.ping_timeouts().await?, 0.0, "no pings configured");
+    assert_eq!(
+        gateway.ping_timeouts("flyball_control").await?,
+        0.0,
+        "no pings configured"
+    );
     Ok(())
 }
 
