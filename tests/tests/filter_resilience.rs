@@ -152,9 +152,11 @@ struct HalfOpen {
 
 impl HalfOpen {
     async fn start(control_connections: ControlConnections) -> anyhow::Result<HalfOpen> {
-        Self::start_with("flyball_control", |options| EnvoyOptions {
-            control_connections,
-            ..options
+        Self::start_with("flyball_control", |options| {
+            Ok(EnvoyOptions {
+                control_connections,
+                ..options
+            })
         })
         .await
     }
@@ -163,7 +165,7 @@ impl HalfOpen {
     /// as `configure` makes them (the relay's port is the control port).
     async fn start_with(
         control_cluster: &str,
-        configure: impl FnOnce(EnvoyOptions) -> EnvoyOptions,
+        configure: impl FnOnce(EnvoyOptions) -> anyhow::Result<EnvoyOptions>,
     ) -> anyhow::Result<HalfOpen> {
         let receiver = Receiver::start().await?;
         let relay = Relay::start(([127, 0, 0, 1], receiver.port()).into()).await?;
@@ -176,7 +178,7 @@ impl HalfOpen {
             sim.local_addr().port(),
             relay.addr().port(),
             &config,
-        )))
+        ))?)
         .await?;
         send(&envoy, 5, "before").await?;
         wait_for("5 requests reported", Duration::from_secs(10), || {
@@ -255,10 +257,6 @@ async fn the_envoy_gateway_control_cluster_carries_reports_and_leaves_a_half_ope
         .as_str()
         .ok_or_else(|| anyhow::anyhow!("{}: no cluster name", path.display()))?
         .to_owned();
-    let address = cluster
-        .pointer_mut("/load_assignment/endpoints/0/lb_endpoints/0/endpoint/address/socket_address")
-        .ok_or_else(|| anyhow::anyhow!("{}: no socket address", path.display()))?;
-    address["address"] = "127.0.0.1".into();
     let keepalive = cluster
         .pointer_mut(
             "/typed_extension_protocol_options/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\
@@ -266,18 +264,19 @@ async fn the_envoy_gateway_control_cluster_carries_reports_and_leaves_a_half_ope
         )
         .ok_or_else(|| anyhow::anyhow!("{}: no HTTP/2 pings", path.display()))?;
     *keepalive = serde_json::json!({"interval": "1s", "timeout": "2s"});
-    let gateway =
-        HalfOpen::start_with(&name, |options| {
-            let port = options.control_port;
-            let mut cluster = cluster;
-            cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-                ["socket_address"]["port_value"] = port.into();
-            EnvoyOptions {
-                control_cluster: Some(cluster),
-                ..options
-            }
+    let gateway = HalfOpen::start_with(&name, |options| {
+        let address = cluster
+            .pointer_mut("/load_assignment/endpoints/0/lb_endpoints/0/endpoint/address")
+            .ok_or_else(|| anyhow::anyhow!("{}: no endpoint address", path.display()))?;
+        *address = serde_json::json!({
+            "socket_address": {"address": "127.0.0.1", "port_value": options.control_port}
+        });
+        Ok(EnvoyOptions {
+            control_cluster: Some(cluster),
+            ..options
         })
-        .await?;
+    })
+    .await?;
     gateway.all_reported_over_a_new_connection().await?;
     let timed_out = gateway.ping_timeouts(&name).await?;
     assert!(timed_out >= 1.0, "keepalive timeouts: {timed_out}");
@@ -346,8 +345,12 @@ async fn without_the_destination_rule_an_istio_gateway_reopens_streams_on_the_de
         },
     )
     .await?;
-    assert_eq!(gateway.relay.accepted_since_cut(), 0, "a new connection");
-    assert_eq!(requests_in(&gateway.receiver), 5, "reported after the cut");
+    assert_eq!(
+        gateway.relay.accepted_since_cut(),
+        0,
+        "connections since the cut"
+    );
+    assert_eq!(requests_in(&gateway.receiver), 5, "requests reported");
     Ok(())
 }
 
