@@ -335,6 +335,24 @@ impl FlyballRoot {
         }
     }
 
+    /// Ends this worker's side of the stream, leaving Envoy to finish it when the control service
+    /// answers, if it ever does; the next report opens a new one. Not a reset: with one request
+    /// a connection (`deploy/istio/destinationrule.yaml`) Envoy closes a connection as soon as
+    /// its stream is reset, and the control service reads a gateway's connection ended as the
+    /// gateway gone; cut off one way (the reports arrive, the acknowledgements do not) it would
+    /// stop holding for a gateway that lives on. Half-closed, the stream keeps its connection
+    /// open until the control service's answer arrives or either side gives the connection up,
+    /// the control service first (its keepalive), which holds for the gateway. Envoy calls back
+    /// for the stream when it ends: it is no longer this worker's, so that is ignored.
+    fn leave_stream(&mut self, token: u32) {
+        if let Err(status) = hostcalls::close_grpc_stream(token) {
+            log::debug!("flyball: report stream already gone: {status:?}");
+        }
+        if self.transport == Transport::Stream(Some(token)) {
+            self.transport = Transport::Stream(None);
+        }
+    }
+
     /// Envoy ends a unary call at its timeout; a message on a stream has no deadline of its own.
     /// Past the report timeout the stream is presumed dead (a peer that vanished without a FIN,
     /// say) and the report is failed, to be resent on a new stream at the next due time.
@@ -354,7 +372,7 @@ impl FlyballRoot {
             "flyball: report {} unacknowledged after {timeout} ms; reopening the report stream",
             in_flight.sequence
         );
-        self.abandon_stream(in_flight.token);
+        self.leave_stream(in_flight.token);
         FilterStats::count(worker.filter_stats.reports_failed);
         self.settle(in_flight.sequence, false, worker);
     }

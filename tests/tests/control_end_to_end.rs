@@ -5,8 +5,9 @@
 //! Deployment's `/scale` on the in-process API server.
 
 use flyball_local::client::{HttpClient, Response, get, http_client, post};
-use flyball_local::envoy::{ControlTls, Envoy, EnvoyOptions};
+use flyball_local::envoy::{ControlConnections, ControlTls, Envoy, EnvoyOptions};
 use flyball_local::wait_for;
+use flyball_relay::Relay;
 use flyball_sim::{Outcome, SimConfig, SimServer};
 use flyball_tests::LocalControl;
 use std::time::{Duration, Instant};
@@ -85,6 +86,18 @@ fn gateway(sim: &SimServer, control: &LocalControl, gateway: &str) -> EnvoyOptio
     })
     .to_string();
     EnvoyOptions::with_filter(sim.local_addr().port(), control.grpc.port(), &plugin)
+}
+
+/// The value of `series` (name and labels, exactly as exposed) on `control`'s `/metrics`.
+async fn control_metric(control: &LocalControl, series: &str) -> Option<f64> {
+    let metrics = format!("http://{}/metrics", control.http);
+    let (_, text) = get(&http_client(), &metrics).await.ok()?;
+    text.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series)
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+    })
 }
 
 /// Starts `count` streams at once (numbered from `first`), each `output_tokens` tokens 20 ms
@@ -450,19 +463,7 @@ async fn a_gateway_whose_envoy_exits_is_gone_not_missing() -> anyhow::Result<()>
         .await?;
         anyhow::ensure!(r.status == 200, "request: {}", r.status);
     }
-    let metrics = format!("http://{}/metrics", control.http);
-    let metric = |series: &'static str| {
-        let metrics = metrics.clone();
-        async move {
-            let (_, text) = get(&http_client(), &metrics).await.ok()?;
-            text.lines().find_map(|line| {
-                let (name, value) = line.rsplit_once(' ')?;
-                (name == series)
-                    .then(|| value.parse::<f64>().ok())
-                    .flatten()
-            })
-        }
-    };
+    let metric = |series: &'static str| control_metric(&control, series);
     let silent = r#"flyball_pool_silent_reporters{autoscaler="e2e",namespace="default",pool="llama-e2e",role="unified"}"#;
     let url = control.pools_url();
     wait_for_pool("control to see the requests", &url, |pool| {
@@ -488,6 +489,95 @@ async fn a_gateway_whose_envoy_exits_is_gone_not_missing() -> anyhow::Result<()>
         holding,
         Some(0.0),
         "nothing holds scale-down for a gateway that is gone"
+    );
+    drop(envoy);
+    control.stop().await?;
+    Ok(())
+}
+
+/// A gateway cut off one way from the control service (its reports arrive, the
+/// acknowledgements do not, and no new connection completes) is held for, as a gateway cut off
+/// is, not taken for gone: on Istio's cluster with `deploy/istio/destinationrule.yaml` (one
+/// request a connection, no pings) Envoy closes a connection as soon as its stream is reset, so
+/// the filter leaves an unanswered stream half-closed instead, and the connection stays open.
+/// (With the stream reset, the control service saw the connection end while the gateway was
+/// live, and took it for gone once quiet: `flyball_ingest_departed_total` 1, nothing held.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_cut_off_one_way_is_held_for_not_taken_for_gone() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    // Quiet only well after the filter's 1 s report timeout: a connection the gateway ended then
+    // would end while it was live, which is what reads as Envoy exiting.
+    let control = LocalControl::start(CONFIG, &["--dry-run", "--stale-after", "3s"]).await?;
+    let relay = Relay::start(control.grpc).await?;
+    // One worker: each worker's reports go on a stream, so a connection, of its own.
+    let options = EnvoyOptions {
+        worker_threads: 1,
+        control_port: relay.addr().port(),
+        control_connections: ControlConnections::WithoutPings {
+            max_requests_per_connection: Some(1),
+        },
+        ..gateway(&sim, &control, "e2e-one-way")
+    };
+    let envoy = Envoy::start(&options).await?;
+    let client = http_client();
+    for i in 0..5 {
+        let r = post(
+            &client,
+            envoy.listener(),
+            "/v1/chat/completions",
+            &chat(i),
+            &[("x-sim-output-tokens", "4".to_owned())],
+            None,
+        )
+        .await?;
+        anyhow::ensure!(r.status == 200, "request: {}", r.status);
+    }
+    wait_for_pool(
+        "control to see the requests",
+        &control.pools_url(),
+        |pool| Some(pool["requests"].as_u64()? >= 5),
+    )
+    .await?;
+    let metric = |series: &'static str| control_metric(&control, series);
+    assert_eq!(metric("flyball_reporters{state=\"live\"}").await, Some(1.0));
+
+    relay.refuse_new_connections();
+    relay.cut_replies();
+    // The filter gives up on a report after 1 s; its next one finds no connection.
+    wait_for(
+        "two reports to fail at the gateway",
+        Duration::from_secs(10),
+        || async {
+            let failed = envoy
+                .metric_sum("flyball_reports_failed_total", &[])
+                .await
+                .ok()?;
+            (failed >= 2.0).then_some(())
+        },
+    )
+    .await?;
+    wait_for(
+        "the gateway to be quiet",
+        Duration::from_secs(10),
+        || async { (metric("flyball_reporters{state=\"live\"}").await? == 0.0).then_some(()) },
+    )
+    .await?;
+    let silent = r#"flyball_pool_silent_reporters{autoscaler="e2e",namespace="default",pool="llama-e2e",role="unified"}"#;
+    assert_eq!(
+        metric("flyball_ingest_departed_total").await,
+        Some(0.0),
+        "taken for gone: {}",
+        envoy.log_tail(20)
+    );
+    assert_eq!(
+        metric("flyball_reporters{state=\"stale\"}").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(silent).await,
+        Some(1.0),
+        "scale-down held for the gateway cut off"
     );
     drop(envoy);
     control.stop().await?;

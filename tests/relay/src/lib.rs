@@ -5,7 +5,8 @@
 //!
 //! client -> [`Relay`] (one connection to the service per client connection, numbered as
 //! accepted) -> service; [`Relay::cut`] or [`Relay::cut_replies`] -> the connections open now
-//! go silent, one or both ways; those made later are relayed.
+//! go silent, one or both ways; those made later are relayed, unless
+//! [`Relay::refuse_new_connections`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -75,6 +76,12 @@ impl Relay {
         self.cut_replies();
         self.cut_to_service
             .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// New connections are refused from now on, as none completes past a partition; those
+    /// open now stay as they are.
+    pub fn refuse_new_connections(&self) {
+        self.task.abort();
     }
 
     /// Every connection open now stops carrying the service's bytes (a partition one way), and
