@@ -450,7 +450,7 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let connected_rss_mb = rss_mb(pid, "VmRSS:").unwrap_or(0.0);
-    census::request(&mut child, "connected", options.gateways)?;
+    census::request(&mut child, "connected", options.gateways).await?;
     start.send_replace(true);
 
     tokio::time::sleep(options.warmup).await;
@@ -479,7 +479,7 @@ async fn run_mode(mode: &str, options: &Options, clk_tck: f64) -> Result<Measure
     };
     let rss = rss_mb(pid, "VmRSS:").unwrap_or(0.0);
     let peak = rss_mb(pid, "VmHWM:").unwrap_or(0.0);
-    census::request(&mut child, "under load", options.gateways)?;
+    census::request(&mut child, "under load", options.gateways).await?;
     gateways.shutdown().await;
     drop(channels);
     // What stays once every connection is gone: the service's own state (and the allocator's
@@ -982,10 +982,14 @@ mod census {
     /// Set in the servers by the environment, so counting costs the other runs one load a call.
     static COUNTING: AtomicBool = AtomicBool::new(false);
     const ASKED: &str = "FLYBALL_BENCH_ALLOC_CENSUS";
-    /// Live allocations by size, in 16-byte classes; the last class holds everything larger.
+    /// Live allocations by size, in 16-byte classes up to 64 KiB; the last class holds every
+    /// larger one.
     const CLASS_BYTES: usize = 16;
-    const CLASSES: usize = 4096;
+    const CLASSES: usize = 4098;
     static LIVE: [AtomicU64; CLASSES] = [const { AtomicU64::new(0) }; CLASSES];
+    /// Live bytes, exactly: in all, and in the last class.
+    static LIVE_BYTES: AtomicU64 = AtomicU64::new(0);
+    static LARGE_BYTES: AtomicU64 = AtomicU64::new(0);
 
     fn class(size: usize) -> usize {
         size.div_ceil(CLASS_BYTES).min(CLASSES - 1)
@@ -993,10 +997,16 @@ mod census {
 
     fn count(size: usize, delta: i64) {
         if COUNTING.load(Ordering::Relaxed) {
-            // Wraps as two's complement: a free of a block allocated before counting began
-            // and its allocation cancel out only if both are counted, so counting starts
-            // before the server allocates anything (`serve`).
-            LIVE[class(size)].fetch_add(delta as u64, Ordering::Relaxed);
+            // Wrapping, as two's complement: counting starts in the server before its runtime
+            // (`serve`), and a block allocated before then (its arguments) takes its class below
+            // zero when freed; such classes are left out of the census.
+            let class = class(size);
+            let bytes = (size as i64 * delta) as u64;
+            LIVE[class].fetch_add(delta as u64, Ordering::Relaxed);
+            LIVE_BYTES.fetch_add(bytes, Ordering::Relaxed);
+            if class == CLASSES - 1 {
+                LARGE_BYTES.fetch_add(bytes, Ordering::Relaxed);
+            }
         }
     }
 
@@ -1061,7 +1071,7 @@ mod census {
     }
 
     /// In the load generator: asks `server` for its census, if the servers take one.
-    pub fn request(
+    pub async fn request(
         server: &mut std::process::Child,
         when: &str,
         gateways: usize,
@@ -1070,8 +1080,8 @@ mod census {
             && let Some(stdin) = server.stdin.as_mut()
         {
             writeln!(stdin, "{when} {gateways}")?;
-            // The census is printed while the load goes on; give it a moment to be read.
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            // The census is taken while the load goes on; give it a moment to be.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
         Ok(())
     }
@@ -1083,8 +1093,16 @@ mod census {
             .map(|(class, live)| (class * CLASS_BYTES, live.load(Ordering::Relaxed)))
             .filter(|&(_, live)| live > 0 && live < u64::MAX / 2)
             .collect();
-        let bytes = |&(size, live): &(usize, u64)| size as u64 * live;
-        let total: u64 = rows.iter().map(bytes).sum();
+        let large = (CLASSES - 1) * CLASS_BYTES;
+        // A class's bytes at its upper bound (up to 15 B a block over), the last one's exact.
+        let bytes = |&(size, live): &(usize, u64)| {
+            if size == large {
+                LARGE_BYTES.load(Ordering::Relaxed)
+            } else {
+                size as u64 * live
+            }
+        };
+        let total = LIVE_BYTES.load(Ordering::Relaxed);
         rows.sort_by_key(|row| std::cmp::Reverse(bytes(row)));
         let mut err = std::io::stderr().lock();
         let _ = writeln!(
@@ -1094,10 +1112,14 @@ mod census {
             total as f64 / 1e3 / gateways as f64
         );
         for row in rows.iter().take(16) {
+            let size = if row.0 == large {
+                format!("over {} KiB", (large - CLASS_BYTES) / 1024)
+            } else {
+                format!("{} B or less", row.0)
+            };
             let _ = writeln!(
                 err,
-                "  {:>6} B or less: {:>5.2} a gateway, {:>6.1} MB",
-                row.0,
+                "  {size:>16}: {:>5.2} a gateway, {:>6.1} MB",
                 row.1 as f64 / gateways as f64,
                 bytes(row) as f64 / 1e6
             );

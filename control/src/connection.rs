@@ -1,6 +1,6 @@
 //! gRPC connections that know when and how they close, so ingest can tell a gateway whose
-//! connection closed (Envoy exited) from one whose stream merely ended (the filter reset it after a
-//! timeout, a report was refused) or that went quiet with its connection open (a partition).
+//! connection closed (Envoy exited) from one whose stream merely ended (the filter gave it up after
+//! a timeout, a report was refused) or that went quiet with its connection open (a partition).
 //!
 //! accepted connection -> [`Tracked`] (the IO, and a [`ConnectionInfo`] every request on it
 //! carries as an extension) -> requests register what the connection carried with

@@ -12,7 +12,7 @@
 //! hold scale-down, since its load may be going unseen, until it is forgotten. Unless it is gone
 //! rather than cut off: a reporter whose connections to this service all closed while it was
 //! live (Envoy closes its connections when it exits; a partition closes nothing, and a stream
-//! reset or refused leaves its connection open) is `departed` when it goes quiet, and nothing
+//! given up or refused leaves its connection open) is `departed` when it goes quiet, and nothing
 //! holds for it (see [`crate::connection`]). Ingest never trusts a
 //! remote clock's time: the time of arrival is what counts. Only the difference between two
 //! consecutive reports' `sent_at_unix_ms` is used, to tell how long a backlog built up after a

@@ -21,6 +21,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::rc::Rc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -29,6 +30,16 @@ const SERVICE: &str = "flyball.v1.TelemetryService";
 const UNARY_METHOD: &str = "Report";
 const STREAM_METHOD: &str = "ReportStream";
 const GRPC_UNIMPLEMENTED: u32 = 12;
+/// Streams left half-closed ([`FlyballRoot::leave_stream`]) a worker keeps waiting for an
+/// answer: past that the oldest is reset, so a control service that stalls with its
+/// connections open does not collect a stream (and, one request a connection, a connection) per
+/// report.
+const MAX_LEFT_STREAMS: usize = 4;
+/// How long a stream left half-closed waits for the control service's answer before it is
+/// reset: above the control service's own give-up on a silent connection (20 s with its
+/// defaults), so that cut off one way it gives the connection up first and holds for this
+/// gateway.
+const LEFT_STREAM_DEADLINE_MS: u64 = 60_000;
 
 /// What the HTTP contexts of this VM share with the root: one VM runs one thread, so a
 /// `RefCell` is enough, and callbacks never nest.
@@ -101,6 +112,8 @@ pub(crate) struct FlyballRoot {
     transport: Transport,
     /// The report this worker has in flight.
     in_flight: Option<InFlight>,
+    /// Streams given up on and half-closed, oldest first, until they end or are reset.
+    left_streams: VecDeque<LeftStream>,
     /// This worker's number in the reporter state (`report::plan_tick`): random, not 0.
     worker_number: u64,
     /// The generation of this root context's configuration (`report::register_configuration`).
@@ -114,6 +127,12 @@ enum Transport {
     Stream(Option<u32>),
     /// Unary calls: the control service has no `ReportStream` (an older version).
     Unary,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LeftStream {
+    token: u32,
+    left_at_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -137,6 +156,7 @@ impl FlyballRoot {
             sparse_sketches: true,
             transport: Transport::Stream(None),
             in_flight: None,
+            left_streams: VecDeque::new(),
             // Context ids repeat across the workers' VMs; std's hasher keys come from WASI's
             // random_get, different in every VM.
             worker_number: RandomState::new().hash_one(context_id).max(1),
@@ -343,13 +363,41 @@ impl FlyballRoot {
     /// stop holding for a gateway that lives on. Half-closed, the stream keeps its connection
     /// open until the control service's answer arrives or either side gives the connection up,
     /// the control service first (its keepalive), which holds for the gateway. Envoy calls back
-    /// for the stream when it ends: it is no longer this worker's, so that is ignored.
-    fn leave_stream(&mut self, token: u32) {
+    /// for the stream when it ends: it is no longer this worker's, so that is ignored. A stream
+    /// left waits at most [`LEFT_STREAM_DEADLINE_MS`], and at most [`MAX_LEFT_STREAMS`] wait,
+    /// before being reset.
+    fn leave_stream(&mut self, token: u32, now_ms: u64) {
         if let Err(status) = hostcalls::close_grpc_stream(token) {
             log::debug!("flyball: report stream already gone: {status:?}");
         }
         if self.transport == Transport::Stream(Some(token)) {
             self.transport = Transport::Stream(None);
+        }
+        self.left_streams.push_back(LeftStream {
+            token,
+            left_at_ms: now_ms,
+        });
+        if self.left_streams.len() > MAX_LEFT_STREAMS
+            && let Some(oldest) = self.left_streams.pop_front()
+        {
+            Self::reset_left_stream(oldest, "too many unanswered");
+        }
+    }
+
+    /// Resets the streams left half-closed longer than [`LEFT_STREAM_DEADLINE_MS`].
+    fn expire_left_streams(&mut self, now_ms: u64) {
+        while let Some(&oldest) = self.left_streams.front()
+            && now_ms >= oldest.left_at_ms.saturating_add(LEFT_STREAM_DEADLINE_MS)
+        {
+            self.left_streams.pop_front();
+            Self::reset_left_stream(oldest, "unanswered past the deadline");
+        }
+    }
+
+    fn reset_left_stream(left: LeftStream, why: &str) {
+        log::info!("flyball: resetting a report stream left half-closed ({why})");
+        if let Err(status) = hostcalls::cancel_grpc_stream(left.token) {
+            log::debug!("flyball: report stream already gone: {status:?}");
         }
     }
 
@@ -372,7 +420,7 @@ impl FlyballRoot {
             "flyball: report {} unacknowledged after {timeout} ms; reopening the report stream",
             in_flight.sequence
         );
-        self.leave_stream(in_flight.token);
+        self.leave_stream(in_flight.token, now_ms);
         FilterStats::count(worker.filter_stats.reports_failed);
         self.settle(in_flight.sequence, false, worker);
     }
@@ -535,6 +583,8 @@ impl Context for FlyballRoot {
     }
 
     fn on_grpc_stream_close(&mut self, token_id: u32, status_code: u32) {
+        // Envoy lets go of an ended stream: its token must not be closed or reset after this.
+        self.left_streams.retain(|left| left.token != token_id);
         if self.transport != Transport::Stream(Some(token_id)) {
             return;
         }
@@ -548,6 +598,9 @@ impl Context for FlyballRoot {
             return;
         };
         let Ok(worker) = worker.try_borrow() else {
+            // Not left on the ended stream: the reporter state resends the report when its
+            // time is up.
+            self.in_flight = None;
             return;
         };
         if status_code == report::GRPC_INVALID_ARGUMENT {
@@ -664,6 +717,7 @@ impl RootContext for FlyballRoot {
         };
         worker.define_held_stats();
         worker.merge_into_shared();
+        self.expire_left_streams(Self::now_unix_ms());
         self.expire_streamed_report(&worker);
         self.send_report_if_due(&worker);
     }

@@ -579,6 +579,10 @@ async fn a_gateway_cut_off_one_way_is_held_for_not_taken_for_gone() -> anyhow::R
         Some(1.0),
         "scale-down held for the gateway cut off"
     );
+    // The gateway ended no connection. (Through the relay, whose kernel acknowledges what the
+    // control service sends, the control service's own give-up does not come: not tested here.)
+    let ended = metric("flyball_grpc_connections_closed_total{how=\"ended\"}").await;
+    assert_eq!(ended.unwrap_or(0.0), 0.0, "connections ended");
     drop(envoy);
     control.stop().await?;
     Ok(())

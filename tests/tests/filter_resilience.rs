@@ -319,6 +319,54 @@ async fn reports_reach_a_new_connection_from_an_istio_gateway_with_the_destinati
     Ok(())
 }
 
+/// A control service that takes reports and never answers (cut off one way, or stalled with its
+/// connections open), with the DestinationRule's one request a connection: each report the
+/// filter gives up on leaves a stream half-closed, and its connection, open; at most
+/// `MAX_LEFT_STREAMS` (4) wait, so the connections do not grow with every report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_left_unanswered_are_bounded() -> anyhow::Result<()> {
+    let receiver = Receiver::start().await?;
+    let relay = Relay::start(([127, 0, 0, 1], receiver.port()).into()).await?;
+    relay.cut_all_replies();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let config = serde_json::json!({"controlCluster": "flyball_control", "reportIntervalMs": 100})
+        .to_string();
+    let envoy = Envoy::start(&EnvoyOptions {
+        // One worker: each worker's reports go on streams of their own.
+        worker_threads: 1,
+        control_connections: ControlConnections::WithoutPings {
+            max_requests_per_connection: Some(1),
+        },
+        ..EnvoyOptions::with_filter(sim.local_addr().port(), relay.addr().port(), &config)
+    })
+    .await?;
+    send(&envoy, 3, "unanswered").await?;
+    let cluster = [("envoy_cluster_name", "flyball_control")];
+    let opened = wait_for(
+        "eight connections to the control service",
+        Duration::from_secs(30),
+        || async {
+            let opened = envoy
+                .metric_sum("envoy_cluster_upstream_cx_total", &cluster)
+                .await
+                .ok()?;
+            (opened >= 8.0).then_some(opened)
+        },
+    )
+    .await?;
+    let open = envoy
+        .metric_sum("envoy_cluster_upstream_cx_active", &cluster)
+        .await?;
+    println!(
+        "{opened} connections opened, {open} open; {} streams reached the control service",
+        receiver.streams_opened()
+    );
+    // The streams left, the current one, and one being closed as its stream is reset.
+    assert!(open <= 6.0, "{open} of {opened} connections still open");
+    Ok(())
+}
+
 /// The same Istio cluster without the DestinationRule: each stream the filter reopens goes into
 /// the half-open connection (on a real vanished node, until TCP gives up, ~15 min; through this
 /// relay, for ever), so the rule above is what moves the reports.
@@ -351,6 +399,17 @@ async fn without_the_destination_rule_an_istio_gateway_reopens_streams_on_the_de
         "connections since the cut"
     );
     assert_eq!(requests_in(&gateway.receiver), 5, "requests reported");
+    // The streams were reopened, on the one connection.
+    let cluster = [("envoy_cluster_name", "flyball_control")];
+    let envoy = &gateway.envoy;
+    let streams = envoy
+        .metric_sum("envoy_cluster_upstream_rq_total", &cluster)
+        .await?;
+    let connections = envoy
+        .metric_sum("envoy_cluster_upstream_cx_total", &cluster)
+        .await?;
+    assert!(streams >= 4.0, "{streams} streams");
+    assert_eq!(connections, 1.0, "connections");
     Ok(())
 }
 

@@ -78,6 +78,12 @@ impl Relay {
             .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
+    /// Every connection, open now or made later, stops carrying the service's bytes: a service
+    /// that takes what it is sent and never answers.
+    pub fn cut_all_replies(&self) {
+        self.cut_to_client.store(u64::MAX, Ordering::SeqCst);
+    }
+
     /// New connections are refused from now on, as none completes past a partition; those
     /// open now stay as they are.
     pub fn refuse_new_connections(&self) {
