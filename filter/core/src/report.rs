@@ -76,6 +76,10 @@ pub struct ReporterState {
     /// The report interval of the sender that set `next_due_ms` (configurations may differ).
     #[prost(uint64, tag = "17")]
     pub sender_interval_ms: u64,
+    /// Reports that failed since the control service last answered one: each past the first puts
+    /// the next one back ([`backoff_ms`]).
+    #[prost(uint64, tag = "18")]
+    pub failures_in_a_row: u64,
 }
 
 /// What a worker's tick should do.
@@ -163,6 +167,25 @@ pub fn tick_period_ms(interval_ms: u64) -> u64 {
 pub fn early_tick_ms(interval_ms: u64) -> u64 {
     tick_period_ms(interval_ms) / 2
 }
+
+/// How much later than its due time a report goes after `failures` reports in a row failed: none
+/// after one (a connection lost, say: the next report goes on a new one at once), then 1, 3 and 7
+/// intervals, and no more than that or 8 s. A control service that answers too slowly or not at
+/// all would otherwise get a new stream from every gateway each interval, and a new connection
+/// with one request a connection (the Istio `DestinationRule`): more load on a service already
+/// failing to keep up. Reports are only delayed: what they carry accumulates meanwhile.
+pub fn backoff_ms(interval_ms: u64, failures: u64) -> u64 {
+    let intervals = match failures {
+        0 | 1 => 0,
+        2 => 1,
+        3 => 3,
+        _ => 7,
+    };
+    interval_ms.saturating_mul(intervals).min(MAX_BACKOFF_MS)
+}
+
+/// The most a report is put back after failures ([`backoff_ms`]).
+pub const MAX_BACKOFF_MS: u64 = 8_000;
 
 /// A stable hash of a plugin configuration (FNV-1a), the same in every VM.
 pub fn config_hash(raw: &[u8]) -> u64 {
@@ -262,7 +285,8 @@ pub fn plan_tick_for(
         s.next_due_ms.saturating_sub(early_tick_ms(interval_ms))
     } else {
         s.next_due_ms.saturating_add(takeover_ms(interval_ms))
-    };
+    }
+    .saturating_add(backoff_ms(interval_ms, s.failures_in_a_row));
     if now_ms < due_ms && !stepped_back {
         return TickPlan::Wait;
     }
@@ -343,10 +367,14 @@ pub fn on_response(state: &ReporterState, sequence: u64, ok: bool) -> ReporterSt
     if ok && s.pending.is_some() && s.pending_sequence == sequence {
         clear_pending(&mut s);
     }
+    if ok {
+        s.failures_in_a_row = 0;
+    }
     if !ok && current {
         // Perhaps only the sender's connection is broken: whichever worker ticks first may
         // send the next one.
         s.sender = 0;
+        s.failures_in_a_row = s.failures_in_a_row.saturating_add(1);
     }
     // A failure is retried at the next due time, which the dispatch already set.
     s
@@ -383,6 +411,8 @@ pub const GRPC_INVALID_ARGUMENT: u32 = 3;
 /// and whether a report was dropped.
 pub fn on_refusal(state: &ReporterState, sequence: u64) -> (ReporterState, bool) {
     let mut s = state.clone();
+    // It answered.
+    s.failures_in_a_row = 0;
     if s.in_flight_sequence == sequence {
         s.dispatched_at_ms = 0;
         s.in_flight_sequence = 0;

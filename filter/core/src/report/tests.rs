@@ -260,7 +260,8 @@ fn a_report_past_retention_is_dropped_counted_and_the_sequence_moves_on() {
                 );
                 break;
             }
-            TickPlan::Wait => panic!("nothing in flight, due: must act"),
+            // Put back after failures in a row ([`backoff_ms`]), and only then.
+            TickPlan::Wait => assert!(state.failures_in_a_row >= 2, "due: must act"),
         }
     }
 }
@@ -952,6 +953,56 @@ fn after_a_failed_report_any_worker_may_send_at_the_due_time() {
     assert_eq!(state.sender, 3);
     // A late failure of an older report does not unseat the sender.
     assert_eq!(on_response(&state, 1, false).sender, 3);
+}
+
+#[test]
+fn reports_failing_in_a_row_put_the_next_one_back_until_one_is_answered() {
+    const SECOND: u64 = 1_000;
+    let due_after = |state: &ReporterState, after: u64| {
+        let due = (0..=60_000)
+            .map(|t| after + t)
+            .find(|&t| plan_tick(state, t, SECOND, TIMEOUT, 1) != TickPlan::Wait);
+        due.map(|t| t - after)
+    };
+    let state = ReporterState::decode_or_new(None, 0);
+    let state = sent_by_every(SECOND, &state, 0, 1, false);
+    // One failure: the next report at its due time (a new connection may serve it at once).
+    assert_eq!(due_after(&state, 0), Some(SECOND - early_tick_ms(SECOND)));
+    let state = sent_by_every(SECOND, &state, 1_000, 1, false);
+    assert_eq!(state.failures_in_a_row, 2);
+    assert_eq!(
+        due_after(&state, 1_000),
+        Some(2 * SECOND - early_tick_ms(SECOND))
+    );
+    let state = sent_by_every(SECOND, &state, 3_000, 1, false);
+    assert_eq!(
+        due_after(&state, 3_000),
+        Some(4 * SECOND - early_tick_ms(SECOND))
+    );
+    let mut state = sent_by_every(SECOND, &state, 7_000, 1, false);
+    let mut at = 7_000;
+    for _ in 0..5 {
+        // Then 7 intervals and no more.
+        let wait = due_after(&state, at).unwrap_or(u64::MAX);
+        assert_eq!(wait, 8 * SECOND - early_tick_ms(SECOND));
+        at += wait;
+        state = sent_by_every(SECOND, &state, at, 1, false);
+    }
+    // An answer ends it.
+    let state = sent_by_every(SECOND, &state, at + 8 * SECOND, 1, true);
+    assert_eq!(state.failures_in_a_row, 0);
+    assert_eq!(
+        due_after(&state, at + 8 * SECOND),
+        Some(SECOND - early_tick_ms(SECOND))
+    );
+    // As does a refusal: the control service answered.
+    let failed = sent_by_every(SECOND, &state, at + 9 * SECOND, 1, false);
+    let failed = sent_by_every(SECOND, &failed, at + 10 * SECOND, 1, false);
+    assert_eq!(failed.failures_in_a_row, 2);
+    assert_eq!(on_refusal(&failed, 1).0.failures_in_a_row, 0);
+    // Never more than 8 s, however long the interval.
+    assert_eq!(backoff_ms(60_000, 2), MAX_BACKOFF_MS);
+    assert_eq!(backoff_ms(100, 9), 700);
 }
 
 #[test]
