@@ -367,11 +367,13 @@ impl FlyballRoot {
     /// left waits at most [`LEFT_STREAM_DEADLINE_MS`], and at most [`MAX_LEFT_STREAMS`] wait,
     /// before being reset.
     fn leave_stream(&mut self, token: u32, now_ms: u64) {
-        if let Err(status) = hostcalls::close_grpc_stream(token) {
-            log::debug!("flyball: report stream already gone: {status:?}");
-        }
         if self.transport == Transport::Stream(Some(token)) {
             self.transport = Transport::Stream(None);
+        }
+        if let Err(status) = hostcalls::close_grpc_stream(token) {
+            // Gone already: nothing to wait for, nor to reset later.
+            log::debug!("flyball: report stream already gone: {status:?}");
+            return;
         }
         self.left_streams.push_back(LeftStream {
             token,
