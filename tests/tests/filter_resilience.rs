@@ -10,7 +10,10 @@ use flyball_relay::Relay;
 use flyball_sim::{SimConfig, SimServer};
 use flyball_tests::receiver::Receiver;
 use flyball_tests::streaming_chat;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The report interval of the gateway [`sim_and_envoy_reporting_to`] starts.
+const REPORT_INTERVAL_MS: u64 = 100;
 
 async fn send(envoy: &Envoy, count: usize, model: &str) -> anyhow::Result<()> {
     let client = http_client();
@@ -42,12 +45,15 @@ async fn send(envoy: &Envoy, count: usize, model: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The simulator behind Envoy with the filter, reporting every 100 ms to `receiver`.
+/// The simulator behind Envoy with the filter, reporting every `REPORT_INTERVAL_MS` to `receiver`.
 async fn sim_and_envoy_reporting_to(receiver: &Receiver) -> anyhow::Result<(SimServer, Envoy)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim = SimServer::start(SimConfig::default(), listener).await?;
-    let config = serde_json::json!({"controlCluster": "flyball_control", "reportIntervalMs": 100})
-        .to_string();
+    let config = serde_json::json!({
+        "controlCluster": "flyball_control",
+        "reportIntervalMs": REPORT_INTERVAL_MS
+    })
+    .to_string();
     let envoy = Envoy::start(&EnvoyOptions::with_filter(
         sim.local_addr().port(),
         receiver.port(),
@@ -66,6 +72,9 @@ fn requests_in(receiver: &Receiver) -> u64 {
         .sum()
 }
 
+/// The control service goes down: requests are still served, reports that fail in a row are
+/// put back further (not resent every interval at a service that cannot take them), and once it
+/// is back every request is reported, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() -> anyhow::Result<()>
 {
@@ -86,24 +95,38 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() 
     receiver.stop().await;
     // Every request still succeeds while reports fail.
     send(&envoy, 50, "during").await?;
-    let failed = wait_for(
-        "report failures to show in Envoy stats",
-        Duration::from_secs(10),
-        || {
-            let envoy = &envoy;
-            async move {
-                let n = envoy
-                    .metric_sum("flyball_reports_failed_total", &[])
-                    .await
-                    .ok()?;
-                (n >= 3.0).then_some(n)
-            }
-        },
-    )
-    .await?;
-    println!("reports failed while the receiver was down: {failed}");
+    let failed_at_least = |count: f64| {
+        let envoy = &envoy;
+        async move {
+            let failed = envoy
+                .metric_sum("flyball_reports_failed_total", &[])
+                .await
+                .ok()?;
+            (failed >= count).then_some((failed, Instant::now()))
+        }
+    };
+    // From the fourth failure in a row on, each report is put back by 7 intervals: the next
+    // attempts are 8 intervals apart (less half a tick), not one as while the service was up.
+    let wait = Duration::from_secs(20);
+    let (seen, since) = wait_for("four reports to fail", wait, || failed_at_least(4.0)).await?;
+    let (failed, until) =
+        wait_for("four more to fail", wait, || failed_at_least(seen + 4.0)).await?;
+    // `since` may be read just before the next failure: the span holds at least three gaps.
+    let spent = until - since;
+    println!(
+        "reports failed while the receiver was down: {failed}; {} more in {:.2} s",
+        failed - seen,
+        spent.as_secs_f64()
+    );
+    let put_back = 7 * Duration::from_millis(REPORT_INTERVAL_MS);
+    assert!(
+        spent >= 3 * put_back,
+        "{} failures in {spent:?}: the attempts were not put back",
+        failed - seen
+    );
 
     receiver.restart().await?;
+    let back = Instant::now();
     wait_for(
         "the receiver to catch up with all 70 requests",
         Duration::from_secs(20),
@@ -113,6 +136,11 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() 
         },
     )
     .await?;
+    // At most the 8 intervals a report is put back, and the time to connect.
+    println!(
+        "caught up {:.2} s after the receiver came back",
+        back.elapsed().as_secs_f64()
+    );
     let totals = receiver.totals();
     assert_eq!(
         totals.gaps, 0,
