@@ -92,6 +92,9 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() 
     )
     .await?;
 
+    let failed_before = envoy
+        .metric_sum("flyball_reports_failed_total", &[])
+        .await?;
     receiver.stop().await;
     // Every request still succeeds while reports fail.
     send(&envoy, 50, "during").await?;
@@ -108,7 +111,11 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() 
     // From the fourth failure in a row on, each report is put back by 7 intervals: the next
     // attempts are 8 intervals apart (less half a tick), not one as while the service was up.
     let wait = Duration::from_secs(20);
-    let (seen, since) = wait_for("four reports to fail", wait, || failed_at_least(4.0)).await?;
+    let four_in_a_row = failed_before + 4.0;
+    let (seen, since) = wait_for("four reports to fail", wait, || {
+        failed_at_least(four_in_a_row)
+    })
+    .await?;
     let (failed, until) =
         wait_for("four more to fail", wait, || failed_at_least(seen + 4.0)).await?;
     // `since` may be read just before the next failure: the span holds at least three gaps.
