@@ -39,7 +39,7 @@ const MAX_LEFT_STREAMS: usize = 4;
 /// reset: above the control service's own give-up on a silent connection (20 s with its
 /// defaults), so that cut off one way it gives the connection up first and holds for this
 /// gateway.
-const LEFT_STREAM_DEADLINE_MS: u64 = 60_000;
+const LEFT_STREAM_DEADLINE: Duration = Duration::from_secs(60);
 
 /// What the HTTP contexts of this VM share with the root: one VM runs one thread, so a
 /// `RefCell` is enough, and callbacks never nest.
@@ -132,7 +132,11 @@ enum Transport {
 #[derive(Debug, Clone, Copy)]
 struct LeftStream {
     token: u32,
-    left_at_ms: u64,
+    /// The report given up on, if one was on it: an answer that comes after all still counts.
+    sequence: Option<u64>,
+    /// By the monotonic clock: a step of the wall clock must not reset it early (closing its
+    /// connection, which the control service would read as the gateway gone).
+    left_at: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -286,12 +290,19 @@ impl FlyballRoot {
             None => match self.build_and_store_report(&state, sequence, now_ms) {
                 Some(bytes) => bytes,
                 None => {
-                    self.settle(sequence, false, worker);
+                    self.not_delivered(sequence);
                     return;
                 }
             },
         };
         let sent = match self.transport {
+            // After a failure this worker's stream, opened before, may be on the same lost
+            // connection as the one that failed: a new stream (a new connection, one request a
+            // connection) rather than another report timed out on it.
+            Transport::Stream(Some(idle)) if state.failures_in_a_row > 0 => {
+                self.leave_stream(idle, None);
+                self.send_on_stream(&target, None, &message)
+            }
             Transport::Stream(open) => self.send_on_stream(&target, open, &message),
             Transport::Unary => hostcalls::dispatch_grpc_call(
                 &target,
@@ -362,11 +373,11 @@ impl FlyballRoot {
     /// gateway gone; cut off one way (the reports arrive, the acknowledgements do not) it would
     /// stop holding for a gateway that lives on. Half-closed, the stream keeps its connection
     /// open until the control service's answer arrives or either side gives the connection up,
-    /// the control service first (its keepalive), which holds for the gateway. Envoy calls back
-    /// for the stream when it ends: it is no longer this worker's, so that is ignored. A stream
-    /// left waits at most [`LEFT_STREAM_DEADLINE_MS`], and at most [`MAX_LEFT_STREAMS`] wait,
-    /// before being reset.
-    fn leave_stream(&mut self, token: u32, now_ms: u64) {
+    /// the control service first (its keepalive), which holds for the gateway. An answer that
+    /// still comes for `sequence`, the report given up on, counts: acknowledged or refused late.
+    /// A stream left waits at most [`LEFT_STREAM_DEADLINE`], and at most [`MAX_LEFT_STREAMS`]
+    /// wait, before being reset.
+    fn leave_stream(&mut self, token: u32, sequence: Option<u64>) {
         if self.transport == Transport::Stream(Some(token)) {
             self.transport = Transport::Stream(None);
         }
@@ -377,7 +388,8 @@ impl FlyballRoot {
         }
         self.left_streams.push_back(LeftStream {
             token,
-            left_at_ms: now_ms,
+            sequence,
+            left_at: Instant::now(),
         });
         if self.left_streams.len() > MAX_LEFT_STREAMS
             && let Some(oldest) = self.left_streams.pop_front()
@@ -386,10 +398,10 @@ impl FlyballRoot {
         }
     }
 
-    /// Resets the streams left half-closed longer than [`LEFT_STREAM_DEADLINE_MS`].
-    fn expire_left_streams(&mut self, now_ms: u64) {
+    /// Resets the streams left half-closed longer than [`LEFT_STREAM_DEADLINE`].
+    fn expire_left_streams(&mut self) {
         while let Some(&oldest) = self.left_streams.front()
-            && now_ms >= oldest.left_at_ms.saturating_add(LEFT_STREAM_DEADLINE_MS)
+            && oldest.left_at.elapsed() >= LEFT_STREAM_DEADLINE
         {
             self.left_streams.pop_front();
             Self::reset_left_stream(oldest, "unanswered past the deadline");
@@ -422,7 +434,7 @@ impl FlyballRoot {
             "flyball: report {} unacknowledged after {timeout} ms; reopening the report stream",
             in_flight.sequence
         );
-        self.leave_stream(in_flight.token, now_ms);
+        self.leave_stream(in_flight.token, Some(in_flight.sequence));
         FilterStats::count(worker.filter_stats.reports_failed);
         self.settle(in_flight.sequence, false, worker);
     }
@@ -491,10 +503,46 @@ impl FlyballRoot {
         }
     }
 
+    /// Report `sequence` did not reach the control service, through no failure of its
+    /// (`report::on_not_delivered`): it goes again at the next due time, nothing put back.
+    fn not_delivered(&mut self, sequence: u64) {
+        self.in_flight = None;
+        let now_ms = Self::now_unix_ms();
+        let result = shared::update(REPORTER_KEY, |current| {
+            let state = ReporterState::decode_or_new(current, now_ms);
+            let next = report::on_not_delivered(&state, sequence);
+            Some((next.encode_to_vec(), ()))
+        });
+        if let Err(error) = result {
+            log::warn!("flyball: cannot record the report outcome: {error}");
+        }
+    }
+
+    /// The control service acknowledged report `sequence` on a stream this worker had left
+    /// (past `reportTimeoutMs`): it was delivered, and the service answers. Applied to the
+    /// reporter state as any acknowledgement is; the report in flight, if any, is untouched.
+    fn acknowledged_late(sequence: u64) {
+        log::info!("flyball: report {sequence} acknowledged after it was given up on");
+        let now_ms = Self::now_unix_ms();
+        let result = shared::update(REPORTER_KEY, |current| {
+            let state = ReporterState::decode_or_new(current, now_ms);
+            let next = report::on_response(&state, sequence, true);
+            (next != state).then(|| (next.encode_to_vec(), ()))
+        });
+        if let Err(error) = result {
+            log::warn!("flyball: cannot record the report outcome: {error}");
+        }
+    }
+
     /// The control service refused report `sequence` as invalid: it is dropped and counted
     /// rather than resent, since the same bytes would be refused again.
     fn refuse(&mut self, sequence: u64, worker: &Worker) {
         self.in_flight = None;
+        Self::record_refusal(sequence, worker);
+    }
+
+    /// [`FlyballRoot::refuse`], for a report not (or no longer) in flight on this worker.
+    fn record_refusal(sequence: u64, worker: &Worker) {
         let now_ms = Self::now_unix_ms();
         let result = shared::update(REPORTER_KEY, |current| {
             let state = ReporterState::decode_or_new(current, now_ms);
@@ -561,17 +609,25 @@ impl Context for FlyballRoot {
     }
 
     fn on_grpc_stream_message(&mut self, token_id: u32, message_size: usize) {
+        let ack = || {
+            hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, message_size)
+                .ok()
+                .flatten()
+                .and_then(|bytes| v1::ReportResponse::decode(bytes.as_slice()).ok())
+        };
         let Some((in_flight, worker)) = self.in_flight_on(token_id, true) else {
+            let left = self.left_streams.iter().find(|left| left.token == token_id);
+            if let Some(sequence) = left.and_then(|left| left.sequence)
+                && ack().is_some_and(|ack| ack.acknowledged_sequence == sequence)
+            {
+                Self::acknowledged_late(sequence);
+            }
             return;
         };
         let Ok(worker) = worker.try_borrow() else {
             return;
         };
-        let ack = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, message_size)
-            .ok()
-            .flatten()
-            .and_then(|bytes| v1::ReportResponse::decode(bytes.as_slice()).ok());
-        match ack {
+        match ack() {
             Some(ack) if ack.acknowledged_sequence == in_flight.sequence => {
                 self.settle(in_flight.sequence, true, &worker);
             }
@@ -586,11 +642,21 @@ impl Context for FlyballRoot {
 
     fn on_grpc_stream_close(&mut self, token_id: u32, status_code: u32) {
         // Envoy lets go of an ended stream: its token must not be closed or reset after this.
-        self.left_streams.retain(|left| left.token != token_id);
+        let left = self.left_streams.iter().position(|l| l.token == token_id);
+        let left = left.and_then(|at| self.left_streams.remove(at));
+        if let Some(sequence) = left.and_then(|left| left.sequence)
+            && status_code == report::GRPC_INVALID_ARGUMENT
+            && let Some(worker) = self.worker.clone()
+            && let Ok(worker) = worker.try_borrow()
+        {
+            // Refused after it was given up on: resent, it would be refused again.
+            Self::record_refusal(sequence, &worker);
+        }
         if self.transport != Transport::Stream(Some(token_id)) {
             return;
         }
-        self.transport = if status_code == GRPC_UNIMPLEMENTED {
+        let unimplemented = status_code == GRPC_UNIMPLEMENTED;
+        self.transport = if unimplemented {
             log::info!("flyball: the control service has no ReportStream; sending unary reports");
             Transport::Unary
         } else {
@@ -599,6 +665,11 @@ impl Context for FlyballRoot {
         let Some((in_flight, worker)) = self.in_flight_on(token_id, true) else {
             return;
         };
+        if unimplemented {
+            // An answer, not a failure: the report goes again at its due time, as a unary call.
+            self.not_delivered(in_flight.sequence);
+            return;
+        }
         let Ok(worker) = worker.try_borrow() else {
             // Not left on the ended stream: the reporter state resends the report when its
             // time is up.
@@ -719,7 +790,7 @@ impl RootContext for FlyballRoot {
         };
         worker.define_held_stats();
         worker.merge_into_shared();
-        self.expire_left_streams(Self::now_unix_ms());
+        self.expire_left_streams();
         self.expire_streamed_report(&worker);
         self.send_report_if_due(&worker);
     }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::watch;
 
 #[derive(Clone, Default)]
@@ -21,6 +22,9 @@ struct Recorder {
     /// the key again for its in-flight gauge alone, or for requests that finished later).
     refuse_model: Option<String>,
     refused: Arc<Mutex<Vec<ReportRequest>>>,
+    /// How long each acknowledgement on a stream waits after its report is recorded: a control
+    /// service slower than the filter's `reportTimeoutMs`.
+    ack_delay: Duration,
 }
 
 impl Recorder {
@@ -94,7 +98,10 @@ impl TelemetryService for RecorderService {
                     service.recorder.streamed.fetch_add(1, Ordering::Relaxed);
                     // A refusal ends the stream, as the control service's does.
                     match decoded(report).and_then(|report| service.recorder.record(report)) {
-                        Ok(ack) => Some((Ok(ack), (reports, Some(service)))),
+                        Ok(ack) => {
+                            tokio::time::sleep(service.recorder.ack_delay).await;
+                            Some((Ok(ack), (reports, Some(service))))
+                        }
                         Err(status) => Some((Err(status), (reports, None))),
                     }
                 }
@@ -146,6 +153,17 @@ impl Receiver {
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
         let recorder = Recorder {
             refuse_model: Some(model.to_owned()),
+            ..Recorder::default()
+        };
+        Self::start_on(any_port, recorder, false).await
+    }
+
+    /// A receiver that records each streamed report at once and acknowledges it `ack_delay`
+    /// later.
+    pub async fn start_slow(ack_delay: Duration) -> anyhow::Result<Receiver> {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        let recorder = Recorder {
+            ack_delay,
             ..Recorder::default()
         };
         Self::start_on(any_port, recorder, false).await

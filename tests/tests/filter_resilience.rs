@@ -108,12 +108,12 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_catches_up() 
             (failed >= count).then_some((failed, Instant::now()))
         }
     };
-    // From the fourth failure in a row on, each report is put back by 7 intervals: the next
+    // From the fifth failure in a row on, each report is put back by 7 intervals: the next
     // attempts are 8 intervals apart (less half a tick), not one as while the service was up.
     let wait = Duration::from_secs(20);
-    let four_in_a_row = failed_before + 4.0;
-    let (seen, since) = wait_for("four reports to fail", wait, || {
-        failed_at_least(four_in_a_row)
+    let five_in_a_row = failed_before + 5.0;
+    let (seen, since) = wait_for("five reports to fail", wait, || {
+        failed_at_least(five_in_a_row)
     })
     .await?;
     let (failed, until) =
@@ -445,6 +445,62 @@ async fn without_the_destination_rule_an_istio_gateway_reopens_streams_on_the_de
         .await?;
     assert!(streams >= 4.0, "{streams} streams");
     assert_eq!(connections, 1.0, "connections");
+    Ok(())
+}
+
+/// A control service that answers, but later than `reportTimeoutMs` (overloaded, or far away):
+/// each report is given up on and its stream left half-closed, and the acknowledgement that
+/// still comes there counts. Without that, the gateway resent the same report, never taken as
+/// answered, until retention dropped it a minute later, and nothing newer went meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_service_that_answers_late_still_gets_every_report() -> anyhow::Result<()> {
+    const TIMEOUT_MS: u64 = 200;
+    let receiver = Receiver::start_slow(Duration::from_millis(3 * TIMEOUT_MS)).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = SimServer::start(SimConfig::default(), listener).await?;
+    let config = serde_json::json!({
+        "controlCluster": "flyball_control",
+        "reportIntervalMs": REPORT_INTERVAL_MS,
+        "reportTimeoutMs": TIMEOUT_MS
+    })
+    .to_string();
+    let envoy = Envoy::start(&EnvoyOptions::with_filter(
+        sim.local_addr().port(),
+        receiver.port(),
+        &config,
+    ))
+    .await?;
+    // Each batch needs a report newer than the last one answered late.
+    for batch in 1..=3 {
+        send(&envoy, 5, "answered-late").await?;
+        wait_for(
+            &format!("batch {batch} reported"),
+            Duration::from_secs(15),
+            || {
+                let seen = requests_in(&receiver);
+                async move { (seen == 5 * batch).then_some(()) }
+            },
+        )
+        .await?;
+    }
+    let failed = envoy
+        .metric_sum("flyball_reports_failed_total", &[])
+        .await?;
+    let dropped = envoy
+        .metric_sum("flyball_reports_dropped_total", &[])
+        .await?;
+    let totals = receiver.totals();
+    println!(
+        "reports: {} (+{} resent), {failed} given up on unanswered, {dropped} dropped",
+        totals.reports, totals.duplicates
+    );
+    assert!(
+        failed >= 1.0,
+        "every report answered in time: nothing came late"
+    );
+    assert_eq!(dropped, 0.0, "reports dropped");
+    assert_eq!(totals.gaps, 0, "sequences missing");
+    drop(sim);
     Ok(())
 }
 

@@ -169,16 +169,19 @@ pub fn early_tick_ms(interval_ms: u64) -> u64 {
 }
 
 /// How much later than its due time a report goes after `failures` reports in a row failed: none
-/// after one (a connection lost, say: the next report goes on a new one at once), then 1, 3 and 7
-/// intervals, and no more than that or 8 s. A control service that answers too slowly or not at
-/// all would otherwise get a new stream from every gateway each interval, and a new connection
-/// with one request a connection (the Istio `DestinationRule`): more load on a service already
-/// failing to keep up. Reports are only delayed: what they carry accumulates meanwhile.
+/// after one or two, then 1, 3 and 7 intervals, and no more than that or 8 s. A control service
+/// that answers too slowly or not at all would otherwise get a new stream from every gateway
+/// each interval, and a new connection with one request a connection (the Istio
+/// `DestinationRule`): more load on a service already failing to keep up. Reports are only
+/// delayed: what they carry accumulates meanwhile. Not before the third: one lost connection can
+/// fail two reports (the stream on it, then another worker's), each after up to
+/// `reportTimeoutMs`, and an interval put back on top of those would take a healthy gateway past
+/// the control service's stale limit (3 s; at 1 s intervals the gap went from 2.9 to 3.9 s).
 pub fn backoff_ms(interval_ms: u64, failures: u64) -> u64 {
     let intervals = match failures {
-        0 | 1 => 0,
-        2 => 1,
-        3 => 3,
+        0..=2 => 0,
+        3 => 1,
+        4 => 3,
         _ => 7,
     };
     interval_ms.saturating_mul(intervals).min(MAX_BACKOFF_MS)
@@ -214,6 +217,9 @@ pub fn register_configuration(
     if s.newest_generation == 0 || s.newest_config_hash != config_hash {
         s.newest_generation = s.newest_generation.saturating_add(1);
         s.newest_config_hash = config_hash;
+        // The failures were the old configuration's (a wrong `controlCluster`, say): the new one
+        // sends at its due time, not put back.
+        s.failures_in_a_row = 0;
     }
     s.newest_seen_ms = now_ms;
     let generation = s.newest_generation;
@@ -380,19 +386,32 @@ pub fn on_response(state: &ReporterState, sequence: u64, ok: bool) -> ReporterSt
     s
 }
 
+/// Applies the end of the call that sent `sequence` without an answer from the control
+/// service, through no failure of its: the filter cancelled the call (its configuration
+/// retired), could not build the report, or the service has no `ReportStream` (the report goes
+/// again as a unary call). As a failure, the report goes again at the next due time, by any
+/// worker; unlike one, it puts nothing back ([`backoff_ms`]).
+pub fn on_not_delivered(state: &ReporterState, sequence: u64) -> ReporterState {
+    let failures_in_a_row = state.failures_in_a_row;
+    ReporterState {
+        failures_in_a_row,
+        ..on_response(state, sequence, false)
+    }
+}
+
 /// Applies the end of `worker`'s root context (its plugin configuration replaced or removed:
 /// Envoy calls `on_done`, and nothing of that worker ticks or answers again). The report it had
-/// in flight, `in_flight_sequence`, counts as failed, so the pending report goes again at the
+/// in flight, `in_flight_sequence`, ends undelivered, so the pending report goes again at the
 /// next due time rather than after the call's expiry (the control service ignores a sequence it
 /// already merged), and the next report is anyone's to send at its due time rather than after a
-/// takeover delay.
+/// takeover delay. The control service did not fail it: nothing is put back.
 pub fn on_worker_gone(
     state: &ReporterState,
     worker: u64,
     in_flight_sequence: Option<u64>,
 ) -> ReporterState {
     let mut s = match in_flight_sequence {
-        Some(sequence) => on_response(state, sequence, false),
+        Some(sequence) => on_not_delivered(state, sequence),
         None => state.clone(),
     };
     if s.sender == worker {

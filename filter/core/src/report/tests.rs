@@ -261,7 +261,7 @@ fn a_report_past_retention_is_dropped_counted_and_the_sequence_moves_on() {
                 break;
             }
             // Put back after failures in a row ([`backoff_ms`]), and only then.
-            TickPlan::Wait => assert!(state.failures_in_a_row >= 2, "due: must act"),
+            TickPlan::Wait => assert!(state.failures_in_a_row >= 3, "due: must act"),
         }
     }
 }
@@ -964,45 +964,77 @@ fn reports_failing_in_a_row_put_the_next_one_back_until_one_is_answered() {
             .find(|&t| plan_tick(state, t, SECOND, TIMEOUT, 1) != TickPlan::Wait);
         due.map(|t| t - after)
     };
+    let on_time = SECOND - early_tick_ms(SECOND);
     let state = ReporterState::decode_or_new(None, 0);
     let state = sent_by_every(SECOND, &state, 0, 1, false);
-    // One failure: the next report at its due time (a new connection may serve it at once).
-    assert_eq!(due_after(&state, 0), Some(SECOND - early_tick_ms(SECOND)));
+    // One failure, or two (one lost connection can fail two reports): the next report at its due
+    // time, so a healthy gateway stays within the control service's stale limit.
+    assert_eq!(due_after(&state, 0), Some(on_time));
     let state = sent_by_every(SECOND, &state, 1_000, 1, false);
     assert_eq!(state.failures_in_a_row, 2);
-    assert_eq!(
-        due_after(&state, 1_000),
-        Some(2 * SECOND - early_tick_ms(SECOND))
-    );
-    let state = sent_by_every(SECOND, &state, 3_000, 1, false);
-    assert_eq!(
-        due_after(&state, 3_000),
-        Some(4 * SECOND - early_tick_ms(SECOND))
-    );
-    let mut state = sent_by_every(SECOND, &state, 7_000, 1, false);
-    let mut at = 7_000;
+    assert_eq!(due_after(&state, 1_000), Some(on_time));
+    // Then 1 and 3 intervals put back.
+    let state = sent_by_every(SECOND, &state, 2_000, 1, false);
+    assert_eq!(due_after(&state, 2_000), Some(on_time + SECOND));
+    let state = sent_by_every(SECOND, &state, 4_000, 1, false);
+    assert_eq!(due_after(&state, 4_000), Some(on_time + 3 * SECOND));
+    let mut state = sent_by_every(SECOND, &state, 8_000, 1, false);
+    let mut at = 8_000;
     for _ in 0..5 {
         // Then 7 intervals and no more.
         let wait = due_after(&state, at).unwrap_or(u64::MAX);
-        assert_eq!(wait, 8 * SECOND - early_tick_ms(SECOND));
+        assert_eq!(wait, on_time + 7 * SECOND);
         at += wait;
         state = sent_by_every(SECOND, &state, at, 1, false);
     }
     // An answer ends it.
     let state = sent_by_every(SECOND, &state, at + 8 * SECOND, 1, true);
     assert_eq!(state.failures_in_a_row, 0);
-    assert_eq!(
-        due_after(&state, at + 8 * SECOND),
-        Some(SECOND - early_tick_ms(SECOND))
-    );
+    assert_eq!(due_after(&state, at + 8 * SECOND), Some(on_time));
     // As does a refusal: the control service answered.
-    let failed = sent_by_every(SECOND, &state, at + 9 * SECOND, 1, false);
-    let failed = sent_by_every(SECOND, &failed, at + 10 * SECOND, 1, false);
-    assert_eq!(failed.failures_in_a_row, 2);
+    let mut failed = state;
+    for n in 9..12 {
+        failed = sent_by_every(SECOND, &failed, at + n * SECOND, 1, false);
+    }
+    assert_eq!(failed.failures_in_a_row, 3);
     assert_eq!(on_refusal(&failed, 1).0.failures_in_a_row, 0);
+    // As does a late acknowledgement of a report given up on (its stream left half-closed).
+    let sequence = failed.pending_sequence;
+    let answered = on_response(&failed, sequence, true);
+    assert_eq!(answered.failures_in_a_row, 0);
+    assert!(answered.pending.is_none(), "the report acknowledged late");
+    // And a new configuration: the failures were the old one's.
+    let (renewed, _) = register_configuration(&failed, config_hash(b"{}"), at);
+    assert_eq!(renewed.failures_in_a_row, 0);
     // Never more than 8 s, however long the interval.
-    assert_eq!(backoff_ms(60_000, 2), MAX_BACKOFF_MS);
+    assert_eq!(backoff_ms(60_000, 3), MAX_BACKOFF_MS);
     assert_eq!(backoff_ms(100, 9), 700);
+}
+
+#[test]
+fn a_report_undelivered_through_no_failure_of_the_service_puts_nothing_back() {
+    let state = ReporterState::decode_or_new(None, 0);
+    let failed = sent_by(&sent_by(&state, 0, 2, false), 100, 2, false);
+    assert_eq!(failed.failures_in_a_row, 2);
+    // Cancelled by the filter, not built, or sent where the service has no ReportStream: resent
+    // at the next due time by any worker, the failures in a row unchanged.
+    let TickPlan::BuildNew { state, sequence } = plan_tick(&failed, 200, INTERVAL, TIMEOUT, 2)
+    else {
+        panic!("expected a new report");
+    };
+    let sending = record_pending(&state, sequence, vec![7], 3, 200);
+    let undelivered = on_not_delivered(&sending, sequence);
+    assert_eq!(undelivered.failures_in_a_row, 2);
+    assert_eq!((undelivered.sender, undelivered.dispatched_at_ms), (0, 0));
+    assert_eq!(undelivered.pending_sequence, sequence, "still to be resent");
+    assert_eq!(
+        on_worker_gone(&sending, 2, Some(sequence)).failures_in_a_row,
+        2
+    );
+    assert!(matches!(
+        plan_tick(&undelivered, 300, INTERVAL, TIMEOUT, 3),
+        TickPlan::Resend { .. }
+    ));
 }
 
 #[test]
