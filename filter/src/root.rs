@@ -518,19 +518,26 @@ impl FlyballRoot {
         }
     }
 
-    /// The control service acknowledged report `sequence` on a stream this worker had left
-    /// (past `reportTimeoutMs`): it was delivered, and the service answers. Applied to the
-    /// reporter state as any acknowledgement is; the report in flight, if any, is untouched.
-    fn acknowledged_late(sequence: u64) {
-        log::info!("flyball: report {sequence} acknowledged after it was given up on");
+    /// The control service answered report `sequence` on a stream this worker had left (past
+    /// `reportTimeoutMs`): acknowledged it, or `refused` it (`report::on_late_answer`).
+    fn answered_late(sequence: u64, refused: bool, worker: Option<&Worker>) {
         let now_ms = Self::now_unix_ms();
         let result = shared::update(REPORTER_KEY, |current| {
             let state = ReporterState::decode_or_new(current, now_ms);
-            let next = report::on_response(&state, sequence, true);
-            (next != state).then(|| (next.encode_to_vec(), ()))
+            let (next, dropped) = report::on_late_answer(&state, sequence, refused);
+            (next != state).then(|| (next.encode_to_vec(), dropped))
         });
-        if let Err(error) = result {
-            log::warn!("flyball: cannot record the report outcome: {error}");
+        let what = if refused { "refused" } else { "acknowledged" };
+        log::info!("flyball: report {sequence} {what} after it was given up on");
+        match result {
+            Ok(Some(true)) => {
+                log::warn!("flyball: the control service refused report {sequence}; dropped");
+                if let Some(worker) = worker {
+                    FilterStats::count(worker.filter_stats.reports_dropped);
+                }
+            }
+            Ok(_) => {}
+            Err(error) => log::warn!("flyball: cannot record the report outcome: {error}"),
         }
     }
 
@@ -538,11 +545,6 @@ impl FlyballRoot {
     /// rather than resent, since the same bytes would be refused again.
     fn refuse(&mut self, sequence: u64, worker: &Worker) {
         self.in_flight = None;
-        Self::record_refusal(sequence, worker);
-    }
-
-    /// [`FlyballRoot::refuse`], for a report not (or no longer) in flight on this worker.
-    fn record_refusal(sequence: u64, worker: &Worker) {
         let now_ms = Self::now_unix_ms();
         let result = shared::update(REPORTER_KEY, |current| {
             let state = ReporterState::decode_or_new(current, now_ms);
@@ -620,7 +622,7 @@ impl Context for FlyballRoot {
             if let Some(sequence) = left.and_then(|left| left.sequence)
                 && ack().is_some_and(|ack| ack.acknowledged_sequence == sequence)
             {
-                Self::acknowledged_late(sequence);
+                Self::answered_late(sequence, false, None);
             }
             return;
         };
@@ -646,11 +648,11 @@ impl Context for FlyballRoot {
         let left = left.and_then(|at| self.left_streams.remove(at));
         if let Some(sequence) = left.and_then(|left| left.sequence)
             && status_code == report::GRPC_INVALID_ARGUMENT
-            && let Some(worker) = self.worker.clone()
-            && let Ok(worker) = worker.try_borrow()
         {
             // Refused after it was given up on: resent, it would be refused again.
-            Self::record_refusal(sequence, &worker);
+            let worker = self.worker.clone();
+            let worker = worker.as_ref().and_then(|w| w.try_borrow().ok());
+            Self::answered_late(sequence, true, worker.as_deref());
         }
         if self.transport != Transport::Stream(Some(token_id)) {
             return;

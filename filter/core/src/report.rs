@@ -386,6 +386,29 @@ pub fn on_response(state: &ReporterState, sequence: u64, ok: bool) -> ReporterSt
     s
 }
 
+/// Applies an answer to `sequence` that came after the filter gave its call up (past
+/// `reportTimeoutMs`, on the stream it left half-closed): an acknowledgement, or a refusal when
+/// `refused`. The report, if still pending, was delivered (or refused: dropped, as
+/// [`on_refusal`] drops it) and is not sent again. What is in flight now (a resend of it,
+/// perhaps, on another worker) is left alone, so no second call goes beside it, and so are the
+/// failures in a row: a service that answers only after the timeout is still put back
+/// ([`backoff_ms`]), taking fewer reports, each carrying what accumulated meanwhile. Returns the
+/// state and whether a report was dropped.
+pub fn on_late_answer(
+    state: &ReporterState,
+    sequence: u64,
+    refused: bool,
+) -> (ReporterState, bool) {
+    let mut s = state.clone();
+    let was_pending = s.pending.is_some() && s.pending_sequence == sequence;
+    if was_pending && refused {
+        drop_pending(&mut s);
+    } else if was_pending {
+        clear_pending(&mut s);
+    }
+    (s, was_pending && refused)
+}
+
 /// Applies the end of the call that sent `sequence` without an answer from the control
 /// service, through no failure of its: the filter cancelled the call (its configuration
 /// retired), could not build the report, or the service has no `ReportStream` (the report goes

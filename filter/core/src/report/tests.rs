@@ -998,17 +998,55 @@ fn reports_failing_in_a_row_put_the_next_one_back_until_one_is_answered() {
     }
     assert_eq!(failed.failures_in_a_row, 3);
     assert_eq!(on_refusal(&failed, 1).0.failures_in_a_row, 0);
-    // As does a late acknowledgement of a report given up on (its stream left half-closed).
+    // Not an answer after the timeout (on the stream left half-closed): the report is taken as
+    // delivered, but a service that answers that late is still put back.
     let sequence = failed.pending_sequence;
-    let answered = on_response(&failed, sequence, true);
-    assert_eq!(answered.failures_in_a_row, 0);
+    let (answered, dropped) = on_late_answer(&failed, sequence, false);
+    assert_eq!(answered.failures_in_a_row, 3);
     assert!(answered.pending.is_none(), "the report acknowledged late");
+    assert!(!dropped);
     // And a new configuration: the failures were the old one's.
     let (renewed, _) = register_configuration(&failed, config_hash(b"{}"), at);
     assert_eq!(renewed.failures_in_a_row, 0);
     // Never more than 8 s, however long the interval.
     assert_eq!(backoff_ms(60_000, 3), MAX_BACKOFF_MS);
     assert_eq!(backoff_ms(100, 9), 700);
+}
+
+#[test]
+fn an_answer_after_the_timeout_settles_its_report_and_leaves_what_is_in_flight() {
+    let state = ReporterState::decode_or_new(None, 0);
+    let TickPlan::BuildNew { state, sequence } = plan_tick(&state, 0, INTERVAL, TIMEOUT, 2) else {
+        panic!("expected a new report");
+    };
+    let state = record_pending(&state, sequence, vec![7], 3, 0);
+    // Given up on at the timeout, then resent by worker 3.
+    let failed = on_response(&state, sequence, false);
+    let TickPlan::Resend {
+        state: resending, ..
+    } = plan_tick(&failed, INTERVAL, INTERVAL, TIMEOUT, 3)
+    else {
+        panic!("expected a resend");
+    };
+    // The first call's acknowledgement comes now: delivered, not to go again, and the resend
+    // stays in flight (no second call beside it).
+    let (late, dropped) = on_late_answer(&resending, sequence, false);
+    assert!(late.pending.is_none() && !dropped);
+    assert_eq!(late.in_flight_sequence, sequence);
+    assert_eq!(late.dispatched_at_ms, resending.dispatched_at_ms);
+    assert_eq!(
+        plan_tick(&late, 2 * INTERVAL, INTERVAL, TIMEOUT, 4),
+        TickPlan::Wait
+    );
+    // A refusal that comes late drops it, counted once.
+    let (refused, dropped) = on_late_answer(&resending, sequence, true);
+    assert!(dropped && refused.pending.is_none());
+    assert_eq!((refused.dropped_reports, refused.dropped_requests), (1, 3));
+    // An answer to an older report leaves a newer pending one alone.
+    assert_eq!(
+        on_late_answer(&resending, sequence - 1, true),
+        (resending, false)
+    );
 }
 
 #[test]
