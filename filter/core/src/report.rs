@@ -412,12 +412,14 @@ pub fn on_late_answer(
 /// Applies the end of the call that sent `sequence` without an answer from the control
 /// service, through no failure of its: the filter cancelled the call (its configuration
 /// retired), could not build the report, or the service has no `ReportStream` (the report goes
-/// again as a unary call). As a failure, the report goes again at the next due time, by any
-/// worker; unlike one, it puts nothing back ([`backoff_ms`]).
+/// again as a unary call). The report goes again at the next due time, as after a failure, but
+/// nothing is put back ([`backoff_ms`]), and by the same worker (no connection of its failed),
+/// which now knows to send it as a unary call: another worker would try a `ReportStream` first,
+/// each costing an interval. A worker gone is let go by [`on_worker_gone`].
 pub fn on_not_delivered(state: &ReporterState, sequence: u64) -> ReporterState {
-    let failures_in_a_row = state.failures_in_a_row;
     ReporterState {
-        failures_in_a_row,
+        failures_in_a_row: state.failures_in_a_row,
+        sender: state.sender,
         ..on_response(state, sequence, false)
     }
 }

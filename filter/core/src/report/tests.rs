@@ -1063,14 +1063,23 @@ fn a_report_undelivered_through_no_failure_of_the_service_puts_nothing_back() {
     let sending = record_pending(&state, sequence, vec![7], 3, 200);
     let undelivered = on_not_delivered(&sending, sequence);
     assert_eq!(undelivered.failures_in_a_row, 2);
-    assert_eq!((undelivered.sender, undelivered.dispatched_at_ms), (0, 0));
+    assert_eq!(undelivered.dispatched_at_ms, 0);
     assert_eq!(undelivered.pending_sequence, sequence, "still to be resent");
+    // By the same worker at the due time (another only after the takeover delay).
+    assert_eq!(undelivered.sender, 2);
     assert_eq!(
-        on_worker_gone(&sending, 2, Some(sequence)).failures_in_a_row,
-        2
+        plan_tick(&undelivered, 300, INTERVAL, TIMEOUT, 3),
+        TickPlan::Wait
     );
     assert!(matches!(
-        plan_tick(&undelivered, 300, INTERVAL, TIMEOUT, 3),
+        plan_tick(&undelivered, 300, INTERVAL, TIMEOUT, 2),
+        TickPlan::Resend { .. }
+    ));
+    // Its worker gone, by any worker at the due time.
+    let gone = on_worker_gone(&sending, 2, Some(sequence));
+    assert_eq!((gone.failures_in_a_row, gone.sender), (2, 0));
+    assert!(matches!(
+        plan_tick(&gone, 300, INTERVAL, TIMEOUT, 3),
         TickPlan::Resend { .. }
     ));
 }
