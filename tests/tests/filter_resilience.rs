@@ -791,9 +791,9 @@ async fn one_envoy_reports_on_one_stream_whatever_its_worker_count() -> anyhow::
     .await?;
     let (reports, streams) = (receiver.streamed_reports(), receiver.streams_opened());
     println!("4 workers and the main thread: {reports} reports on {streams} report streams");
-    // One, or two should a busy worker have missed a whole tick once; five, one per thread,
-    // without a worker keeping the sending.
-    assert!(streams <= 2, "{reports} reports on {streams} streams");
+    // One, or a few should a busy worker have been half a second late (the takeover delay) once
+    // or twice; five, one per thread, without a worker keeping the sending.
+    assert!(streams <= 3, "{reports} reports on {streams} streams");
     drop(envoy);
     drop(sim);
     Ok(())
