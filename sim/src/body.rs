@@ -305,9 +305,12 @@ mod tests {
         // "data: role\n\n" is 12 bytes; "data: é✓\n\n" ends at byte 12 + 13 = 25.
         let mut sent = 0;
         while sent < 24 {
-            if let Some(Ok(piece)) = b.next().await {
-                sent += piece.len();
-            }
+            let next = b.next().await;
+            assert!(
+                matches!(next, Some(Ok(_))),
+                "the body gave {next:?} at byte {sent}"
+            );
+            sent += next.and_then(Result::ok).map_or(0, |piece| piece.len());
         }
         drop(b);
         let truth = log.snapshot();

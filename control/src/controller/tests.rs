@@ -940,30 +940,36 @@ async fn a_want_shared_by_a_removed_autoscaler_finishing_an_evaluation_is_not_ke
         "llama {llama_held} and qwen {qwen_held} replicas of one GPU each, budget 4"
     );
 
-    // Both in the middle of an evaluation: llama waiting for its read, qwen busy on a thread.
-    h.actuator.llama_armed.store(true, SeqCst);
-    h.actuator.qwen_armed.store(true, SeqCst);
-    h.actuator.llama_reading.notified().await;
-    h.actuator.qwen_reading.notified().await;
-    feed.abort();
-    // qwen removed: once its series have left /metrics its task has been told to stop.
-    assert!(reconfigure(
-        &h.live,
-        &h.telemetry,
-        &h.status,
-        sharing_without_qwen()
-    ));
-    while decision_series(&h.status).contains("autoscaler=\"qwen\"") {
-        tokio::task::yield_now().await;
-    }
-    // qwen finishes its evaluation: it shares its want, then is cancelled at its next await.
-    release_qwen.send(()).unwrap();
-    h.actuator.qwen_recorded.notified().await;
+    // A step that never comes fails the test rather than hangs it.
+    let handed_over = async {
+        // Both in the middle of an evaluation: llama waiting for its read, qwen busy on a thread.
+        h.actuator.llama_armed.store(true, SeqCst);
+        h.actuator.qwen_armed.store(true, SeqCst);
+        h.actuator.llama_reading.notified().await;
+        h.actuator.qwen_reading.notified().await;
+        feed.abort();
+        // qwen removed: once its series have left /metrics its task has been told to stop.
+        assert!(reconfigure(
+            &h.live,
+            &h.telemetry,
+            &h.status,
+            sharing_without_qwen()
+        ));
+        while decision_series(&h.status).contains("autoscaler=\"qwen\"") {
+            tokio::task::yield_now().await;
+        }
+        // qwen finishes its evaluation: it shares its want, then is cancelled at its next await.
+        release_qwen.send(()).unwrap();
+        h.actuator.qwen_recorded.notified().await;
 
-    llama.borrow_and_update();
-    h.actuator.llama_go.notify_one();
-    let after = llama.changed().await.map(|()| llama.borrow().clone());
-    let after = after.unwrap();
+        llama.borrow_and_update();
+        h.actuator.llama_go.notify_one();
+        llama.changed().await.map(|()| llama.borrow().clone())
+    };
+    let after = tokio::time::timeout(Duration::from_secs(20), handed_over)
+        .await
+        .expect("qwen's removal and llama's next evaluation within 20 s")
+        .unwrap();
     assert_eq!(
         after.desired,
         Some(4),
