@@ -485,19 +485,28 @@ impl FlyballRoot {
         }
     }
 
-    fn settle(&mut self, sequence: u64, ok: bool, worker: &Worker) {
-        self.in_flight = None;
+    /// Applies a report's outcome to the reporter state in shared data (CAS loop), writing it
+    /// when it changes; returns what `apply` returns beside the state (its default when the
+    /// state could not be written, which is logged).
+    fn record_outcome<T: Default>(apply: impl Fn(&ReporterState) -> (ReporterState, T)) -> T {
         let now_ms = Self::now_unix_ms();
         let result = shared::update(REPORTER_KEY, |current| {
             let state = ReporterState::decode_or_new(current, now_ms);
-            Some((
-                report::on_response(&state, sequence, ok).encode_to_vec(),
-                (),
-            ))
+            let (next, result) = apply(&state);
+            (next != state).then(|| (next.encode_to_vec(), result))
         });
-        if let Err(error) = result {
-            log::warn!("flyball: cannot record the report outcome: {error}");
+        match result {
+            Ok(result) => result.unwrap_or_default(),
+            Err(error) => {
+                log::warn!("flyball: cannot record the report outcome: {error}");
+                T::default()
+            }
         }
+    }
+
+    fn settle(&mut self, sequence: u64, ok: bool, worker: &Worker) {
+        self.in_flight = None;
+        Self::record_outcome(|state| (report::on_response(state, sequence, ok), ()));
         if ok {
             FilterStats::count(worker.filter_stats.reports_sent);
         }
@@ -507,37 +516,21 @@ impl FlyballRoot {
     /// (`report::on_not_delivered`): it goes again at the next due time, nothing put back.
     fn not_delivered(&mut self, sequence: u64) {
         self.in_flight = None;
-        let now_ms = Self::now_unix_ms();
-        let result = shared::update(REPORTER_KEY, |current| {
-            let state = ReporterState::decode_or_new(current, now_ms);
-            let next = report::on_not_delivered(&state, sequence);
-            Some((next.encode_to_vec(), ()))
-        });
-        if let Err(error) = result {
-            log::warn!("flyball: cannot record the report outcome: {error}");
-        }
+        Self::record_outcome(|state| (report::on_not_delivered(state, sequence), ()));
     }
 
     /// The control service answered report `sequence` on a stream this worker had left (past
     /// `reportTimeoutMs`): acknowledged it, or `refused` it (`report::on_late_answer`).
     fn answered_late(sequence: u64, refused: bool, worker: Option<&Worker>) {
-        let now_ms = Self::now_unix_ms();
-        let result = shared::update(REPORTER_KEY, |current| {
-            let state = ReporterState::decode_or_new(current, now_ms);
-            let (next, dropped) = report::on_late_answer(&state, sequence, refused);
-            (next != state).then(|| (next.encode_to_vec(), dropped))
-        });
+        let dropped =
+            Self::record_outcome(|state| report::on_late_answer(state, sequence, refused));
         let what = if refused { "refused" } else { "acknowledged" };
         log::info!("flyball: report {sequence} {what} after it was given up on");
-        match result {
-            Ok(Some(true)) => {
-                log::warn!("flyball: the control service refused report {sequence}; dropped");
-                if let Some(worker) = worker {
-                    FilterStats::count(worker.filter_stats.reports_dropped);
-                }
+        if dropped {
+            log::warn!("flyball: the control service refused report {sequence}; dropped");
+            if let Some(worker) = worker {
+                FilterStats::count(worker.filter_stats.reports_dropped);
             }
-            Ok(_) => {}
-            Err(error) => log::warn!("flyball: cannot record the report outcome: {error}"),
         }
     }
 
@@ -545,21 +538,14 @@ impl FlyballRoot {
     /// rather than resent, since the same bytes would be refused again.
     fn refuse(&mut self, sequence: u64, worker: &Worker) {
         self.in_flight = None;
-        let now_ms = Self::now_unix_ms();
-        let result = shared::update(REPORTER_KEY, |current| {
-            let state = ReporterState::decode_or_new(current, now_ms);
-            let (next, dropped) = report::on_refusal(&state, sequence);
-            Some((next.encode_to_vec(), dropped))
-        });
+        let dropped = Self::record_outcome(|state| report::on_refusal(state, sequence));
         let message = hostcalls::get_grpc_status().ok().and_then(|(_, m)| m);
         log::warn!(
             "flyball: the control service refused report {sequence} ({}); dropped, not resent",
             message.unwrap_or_default()
         );
-        match result {
-            Ok(Some(true)) => FilterStats::count(worker.filter_stats.reports_dropped),
-            Ok(_) => {}
-            Err(error) => log::warn!("flyball: cannot record the report outcome: {error}"),
+        if dropped {
+            FilterStats::count(worker.filter_stats.reports_dropped);
         }
     }
 }

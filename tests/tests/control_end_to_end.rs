@@ -88,6 +88,24 @@ fn gateway(sim: &SimServer, control: &LocalControl, gateway: &str) -> EnvoyOptio
     EnvoyOptions::with_filter(sim.local_addr().port(), control.grpc.port(), &plugin)
 }
 
+/// Sends `count` streaming chats of 4 tokens through `envoy`, each answered 200.
+async fn send_chats(envoy: &Envoy, count: usize) -> anyhow::Result<()> {
+    let client = http_client();
+    for i in 0..count {
+        let r = post(
+            &client,
+            envoy.listener(),
+            "/v1/chat/completions",
+            &chat(i),
+            &[("x-sim-output-tokens", "4".to_owned())],
+            None,
+        )
+        .await?;
+        anyhow::ensure!(r.status == 200, "request: {}", r.status);
+    }
+    Ok(())
+}
+
 /// The value of `series` (name and labels, exactly as exposed) on `control`'s `/metrics`.
 async fn control_metric(control: &LocalControl, series: &str) -> Option<f64> {
     let metrics = format!("http://{}/metrics", control.http);
@@ -450,19 +468,7 @@ async fn a_gateway_whose_envoy_exits_is_gone_not_missing() -> anyhow::Result<()>
     let sim = SimServer::start(SimConfig::default(), listener).await?;
     let control = LocalControl::start(CONFIG, &["--dry-run", "--stale-after", "1s"]).await?;
     let mut envoy = Envoy::start(&gateway(&sim, &control, "e2e-exits")).await?;
-    let client = http_client();
-    for i in 0..5 {
-        let r = post(
-            &client,
-            envoy.listener(),
-            "/v1/chat/completions",
-            &chat(i),
-            &[("x-sim-output-tokens", "4".to_owned())],
-            None,
-        )
-        .await?;
-        anyhow::ensure!(r.status == 200, "request: {}", r.status);
-    }
+    send_chats(&envoy, 5).await?;
     let metric = |series: &'static str| control_metric(&control, series);
     let silent = r#"flyball_pool_silent_reporters{autoscaler="e2e",namespace="default",pool="llama-e2e",role="unified"}"#;
     let url = control.pools_url();
@@ -520,19 +526,7 @@ async fn a_gateway_cut_off_one_way_is_held_for_not_taken_for_gone() -> anyhow::R
         ..gateway(&sim, &control, "e2e-one-way")
     };
     let envoy = Envoy::start(&options).await?;
-    let client = http_client();
-    for i in 0..5 {
-        let r = post(
-            &client,
-            envoy.listener(),
-            "/v1/chat/completions",
-            &chat(i),
-            &[("x-sim-output-tokens", "4".to_owned())],
-            None,
-        )
-        .await?;
-        anyhow::ensure!(r.status == 200, "request: {}", r.status);
-    }
+    send_chats(&envoy, 5).await?;
     wait_for_pool(
         "control to see the requests",
         &control.pools_url(),

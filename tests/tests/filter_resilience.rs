@@ -47,13 +47,24 @@ async fn send(envoy: &Envoy, count: usize, model: &str) -> anyhow::Result<()> {
 
 /// The simulator behind Envoy with the filter, reporting every `REPORT_INTERVAL_MS` to `receiver`.
 async fn sim_and_envoy_reporting_to(receiver: &Receiver) -> anyhow::Result<(SimServer, Envoy)> {
+    sim_and_envoy_configured(receiver, serde_json::json!({})).await
+}
+
+/// As [`sim_and_envoy_reporting_to`], with the plugin configuration's other fields `more`.
+async fn sim_and_envoy_configured(
+    receiver: &Receiver,
+    more: serde_json::Value,
+) -> anyhow::Result<(SimServer, Envoy)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim = SimServer::start(SimConfig::default(), listener).await?;
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "controlCluster": "flyball_control",
         "reportIntervalMs": REPORT_INTERVAL_MS
-    })
-    .to_string();
+    });
+    if let (Some(config), Some(more)) = (config.as_object_mut(), more.as_object()) {
+        config.extend(more.clone());
+    }
+    let config = config.to_string();
     let envoy = Envoy::start(&EnvoyOptions::with_filter(
         sim.local_addr().port(),
         receiver.port(),
@@ -456,20 +467,8 @@ async fn without_the_destination_rule_an_istio_gateway_reopens_streams_on_the_de
 async fn a_control_service_that_answers_late_still_gets_every_report() -> anyhow::Result<()> {
     const TIMEOUT_MS: u64 = 200;
     let receiver = Receiver::start_slow(Duration::from_millis(3 * TIMEOUT_MS)).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let sim = SimServer::start(SimConfig::default(), listener).await?;
-    let config = serde_json::json!({
-        "controlCluster": "flyball_control",
-        "reportIntervalMs": REPORT_INTERVAL_MS,
-        "reportTimeoutMs": TIMEOUT_MS
-    })
-    .to_string();
-    let envoy = Envoy::start(&EnvoyOptions::with_filter(
-        sim.local_addr().port(),
-        receiver.port(),
-        &config,
-    ))
-    .await?;
+    let more = serde_json::json!({"reportTimeoutMs": TIMEOUT_MS});
+    let (sim, envoy) = sim_and_envoy_configured(&receiver, more).await?;
     // Each batch needs a report newer than the last one answered late.
     for batch in 1..=3 {
         send(&envoy, 5, "answered-late").await?;

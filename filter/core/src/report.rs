@@ -76,8 +76,8 @@ pub struct ReporterState {
     /// The report interval of the sender that set `next_due_ms` (configurations may differ).
     #[prost(uint64, tag = "17")]
     pub sender_interval_ms: u64,
-    /// Reports that failed since the control service last answered one: each past the first puts
-    /// the next one back ([`backoff_ms`]).
+    /// Reports that failed since the control service last answered one in time: from the third,
+    /// each puts the next one back ([`backoff_ms`]).
     #[prost(uint64, tag = "18")]
     pub failures_in_a_row: u64,
 }
