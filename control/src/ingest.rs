@@ -367,7 +367,7 @@ impl Default for IngestConfig {
             stale_intervals: 3,
             forget_after: Duration::from_secs(600),
             max_report_bytes: 1024 * 1024,
-            max_keys_per_report: 1024,
+            max_keys_per_report: flyball_proto::DEFAULT_MAX_KEYS_PER_REPORT,
             max_keys: 10_000,
             max_reporters: 100_000,
             departed_on_close: true,

@@ -143,8 +143,9 @@ pub struct ControlArgs {
     /// Reports larger than this (encoded) are refused.
     #[arg(long, default_value_t = 1024 * 1024)]
     pub max_report_bytes: usize,
-    /// Keys (backend, model) in one report.
-    #[arg(long, default_value_t = 1024)]
+    /// Keys (backend, model) in one report; a report with more is refused whole. The default
+    /// takes whatever a gateway with the filter's default label caps sends.
+    #[arg(long, default_value_t = flyball_proto::DEFAULT_MAX_KEYS_PER_REPORT)]
     pub max_keys_per_report: usize,
     /// Distinct keys tracked; telemetry for more is dropped and counted, and the pools it would
     /// feed do not scale down meanwhile. A key unreported for `--forget-after` plus the stable

@@ -746,6 +746,9 @@ impl RootContext for FlyballRoot {
                 log::warn!("flyball: cannot register the configuration: {error}");
             }
         }
+        for caveat in config.caveats() {
+            log::warn!("flyball: {caveat}");
+        }
         let config = Rc::new(config);
         let worker = Worker {
             accumulator: Accumulator::new(&config),

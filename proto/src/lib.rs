@@ -42,6 +42,24 @@ pub use flyball_sketch::{Sketch, SketchError, SparseSketch};
 /// sends one: it labels a longer model or backend `other` and cuts a longer node id.
 pub const MAX_NAME_BYTES: usize = 1024;
 
+/// The filter's `maxBackends` by default.
+pub const DEFAULT_MAX_BACKENDS: usize = 64;
+/// The filter's `maxModelsPerBackend` by default.
+pub const DEFAULT_MAX_MODELS_PER_BACKEND: usize = 256;
+
+/// The most keys one gateway's report can carry under its label caps: each backend admitted has
+/// its models, `other` and `unknown`, and the backends past the cap share the `other` backend,
+/// which has as many.
+pub const fn max_keys_under_caps(max_backends: usize, max_models_per_backend: usize) -> usize {
+    (max_backends + 1) * (max_models_per_backend + 2)
+}
+
+/// The control service's `--max-keys-per-report` by default: every report a gateway with the
+/// default caps can send (16,770 keys), so that only a gateway whose caps were raised past them
+/// can be refused for its keys.
+pub const DEFAULT_MAX_KEYS_PER_REPORT: usize =
+    max_keys_under_caps(DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MODELS_PER_BACKEND);
+
 // === impl v1::Sketch ===
 
 impl From<&Sketch> for v1::Sketch {

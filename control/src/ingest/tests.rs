@@ -9,6 +9,11 @@ fn telemetry(base: Instant) -> Telemetry {
 
 /// One pool per backend, `PoolId(i)` selecting `backends[i]`.
 fn telemetry_of(base: Instant, backends: &[&str]) -> Telemetry {
+    telemetry_configured(IngestConfig::default(), base, backends)
+}
+
+/// Pools selecting `backends`, one each, over `config`.
+fn telemetry_configured(config: IngestConfig, base: Instant, backends: &[&str]) -> Telemetry {
     let pools = backends
         .iter()
         .map(|backend| Selector {
@@ -16,12 +21,7 @@ fn telemetry_of(base: Instant, backends: &[&str]) -> Telemetry {
             model: None,
         })
         .collect();
-    Telemetry::new(
-        IngestConfig::default(),
-        WindowConfig::default(),
-        pools,
-        base,
-    )
+    Telemetry::new(config, WindowConfig::default(), pools, base)
 }
 
 fn report(
@@ -384,11 +384,11 @@ fn malformed_reports_are_refused_with_the_reason() {
     assert_eq!(refusal.to_status().code(), tonic::Code::InvalidArgument);
 
     let mut many = report("gw", 1, 1, 1, 0);
-    many.keys = vec![many.keys[0].clone(); 1025];
+    many.keys = vec![many.keys[0].clone(); 16_771];
     let refusal = t.ingest(many, base).unwrap_err();
     assert_eq!(
         refusal.to_string(),
-        "keys: 1025 entries, at most 1024 per report"
+        "keys: 16771 entries, at most 16770 per report"
     );
     assert_eq!(refusal.to_status().code(), tonic::Code::ResourceExhausted);
 
@@ -1428,15 +1428,19 @@ fn a_quiet_gateway_whose_keys_were_over_the_limit_still_holds_its_pool() {
 /// README: telemetry "turned away for want of room" holds the pools it would feed
 /// (`keys_over_limit_hold`, for keys over `--max-keys` and for a reporter over
 /// `--max-reporters`, refused `RESOURCE_EXHAUSTED`). A report with more keys than
-/// `--max-keys-per-report` (1,024; the filter may send 64 backends x 257 models) is refused
-/// `RESOURCE_EXHAUSTED` too, every key of it lost, yet the pools its keys select are not held:
-/// pool b, whose whole load is in such reports, reads fresh and idle while the other gateway
-/// reports, and scales down (to zero, with scaleToZero) without it.
+/// `--max-keys-per-report` (a gateway whose label caps were raised past the defaults) is
+/// refused `RESOURCE_EXHAUSTED` too, every key of it lost, and the pools its keys select are
+/// held as well: pool b, whose whole load is in such reports, does not read fresh and idle
+/// while the other gateway reports.
 #[test]
 fn a_report_refused_for_too_many_keys_holds_the_pools_it_would_feed() {
     use flyball_policy::inputs::Freshness;
     let base = Instant::now();
-    let t = telemetry_of(base, &["a", "b"]);
+    let config = IngestConfig {
+        max_keys_per_report: 8,
+        ..IngestConfig::default()
+    };
+    let t = telemetry_configured(config, base, &["a", "b"]);
     let pool_b = PoolId(1);
     let max = t.config().max_keys_per_report;
     let crowded = |sequence: u64| {

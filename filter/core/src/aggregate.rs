@@ -553,6 +553,34 @@ mod tests {
         }
     }
 
+    /// The control service takes every report a gateway with the default caps can send
+    /// (`DEFAULT_MAX_KEYS_PER_REPORT`), which counts on this bound: reached, never passed.
+    #[test]
+    fn the_keys_reach_but_never_pass_the_bound_the_control_service_counts_on() {
+        let (max_backends, max_models) = (3, 4);
+        let mut labels = Labels::new(max_backends, max_models);
+        let long = "x".repeat(MAX_NAME_BYTES + 1);
+        let mut names: Vec<String> = (0..8).map(|i| format!("n{i}")).collect();
+        names.extend([OTHER.to_string(), UNKNOWN.to_string(), long]);
+        for backend in &names {
+            for model in &names {
+                labels.key(backend, Some(model));
+            }
+            labels.key(backend, None);
+        }
+        assert_eq!(
+            labels.len(),
+            flyball_proto::max_keys_under_caps(max_backends, max_models)
+        );
+        assert!(
+            flyball_proto::DEFAULT_MAX_KEYS_PER_REPORT
+                >= flyball_proto::max_keys_under_caps(
+                    FilterConfig::default().max_backends,
+                    FilterConfig::default().max_models_per_backend
+                )
+        );
+    }
+
     #[test]
     fn the_caps_hold_for_the_process_not_per_worker() {
         let mut table = crate::shared::LabelTable::default();

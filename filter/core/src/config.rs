@@ -5,7 +5,7 @@
 //! of the filter sees. Every error names the field path, the value and the rule, so Envoy's log
 //! line (the glue returns `false` from `on_configure`) is enough to fix the configuration.
 
-use flyball_proto::MAX_NAME_BYTES;
+use flyball_proto::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MODELS_PER_BACKEND, MAX_NAME_BYTES};
 use serde::Deserialize;
 use std::fmt;
 
@@ -178,6 +178,25 @@ impl FilterConfig {
         }
     }
 
+    /// What in this valid configuration may still lose telemetry, for the glue to log: label
+    /// caps that allow more keys a report than a control service with its defaults takes.
+    pub fn caveats(&self) -> Vec<String> {
+        let keys =
+            flyball_proto::max_keys_under_caps(self.max_backends, self.max_models_per_backend);
+        let mut caveats = Vec::new();
+        if keys > flyball_proto::DEFAULT_MAX_KEYS_PER_REPORT {
+            caveats.push(format!(
+                "maxBackends = {} and maxModelsPerBackend = {} allow {keys} keys a report, more than \
+                 a control service takes by default ({}): a fuller report would be refused whole \
+                 unless its --max-keys-per-report is raised to {keys}",
+                self.max_backends,
+                self.max_models_per_backend,
+                flyball_proto::DEFAULT_MAX_KEYS_PER_REPORT
+            ));
+        }
+        caveats
+    }
+
     // Only reachable if the defaults stopped validating, which a test forbids.
     fn fallback() -> Self {
         FilterConfig {
@@ -188,8 +207,8 @@ impl FilterConfig {
             gateway: None,
             paths: default_paths(),
             backend: None,
-            max_models_per_backend: 256,
-            max_backends: 64,
+            max_models_per_backend: DEFAULT_MAX_MODELS_PER_BACKEND,
+            max_backends: DEFAULT_MAX_BACKENDS,
             inject_include_usage: true,
             continuous_usage_stats: Vec::new(),
             max_request_body_bytes: MIB as usize,
@@ -306,11 +325,17 @@ impl TryFrom<RawConfig> for FilterConfig {
             max_models_per_backend: in_range(
                 "maxModelsPerBackend",
                 raw.max_models_per_backend,
-                256,
+                DEFAULT_MAX_MODELS_PER_BACKEND as u64,
                 1,
                 10_000,
             )? as usize,
-            max_backends: in_range("maxBackends", raw.max_backends, 64, 1, 10_000)? as usize,
+            max_backends: in_range(
+                "maxBackends",
+                raw.max_backends,
+                DEFAULT_MAX_BACKENDS as u64,
+                1,
+                10_000,
+            )? as usize,
             inject_include_usage: raw.inject_include_usage.unwrap_or(true),
             continuous_usage_stats,
             max_request_body_bytes: in_range(
@@ -451,6 +476,21 @@ mod tests {
     fn defaults_validate() {
         assert!(FilterConfig::try_from(RawConfig::default()).is_ok());
         assert_eq!(FilterConfig::default(), FilterConfig::fallback());
+    }
+
+    #[test]
+    fn label_caps_past_what_the_control_service_takes_are_named() {
+        assert!(FilterConfig::default().caveats().is_empty());
+        let raised =
+            FilterConfig::from_json(br#"{"maxBackends":64,"maxModelsPerBackend":257}"#).unwrap();
+        assert_eq!(
+            raised.caveats(),
+            [
+                "maxBackends = 64 and maxModelsPerBackend = 257 allow 16835 keys a report, more than \
+              a control service takes by default (16770): a fuller report would be refused whole \
+              unless its --max-keys-per-report is raised to 16835"
+            ]
+        );
     }
 
     #[test]
