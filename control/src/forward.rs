@@ -685,6 +685,28 @@ mod tests {
         leader: watch::Sender<Option<String>>,
     }
 
+    /// Runs the follower's lanes; returns what each holds, to see them let everything go.
+    fn spawn_lanes(f: &mut Follower) -> Vec<Arc<Mutex<Outstanding>>> {
+        f.lanes
+            .drain(..)
+            .map(|lane| {
+                let outstanding = lane.outstanding.clone();
+                tokio::spawn(lane.run());
+                outstanding
+            })
+            .collect()
+    }
+
+    /// Waits (up to 10 s) until no lane holds a report: nothing is left that could be dropped
+    /// (and counted) again.
+    async fn let_go(lanes: &[Arc<Mutex<Outstanding>>]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lanes.iter().any(|l| !lock(l).reports.is_empty()) {
+            assert!(Instant::now() < deadline, "reports still held after 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn follower(leader: Option<String>, settings: ForwardSettings) -> Follower {
         let (leading_tx, leading) = watch::channel(false);
         let (leader_tx, leader) = watch::channel(leader);
@@ -737,13 +759,11 @@ mod tests {
             ..ForwardSettings::default()
         };
         let mut f = follower(None, settings);
-        for lane in f.lanes.drain(..) {
-            tokio::spawn(lane.run());
-        }
+        let lanes = spawn_lanes(&mut f);
         f.forwarder.offer_report(report("gw", 1));
         f.forwarder.offer_report(report("gw", 2));
         dropped(&f.counters, "no_leader", 2).await;
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        let_go(&lanes).await;
         assert_eq!(dropped_now(&f.counters, "no_leader"), 2);
         assert_eq!(f.counters.forwarded.get(), 0);
     }
@@ -761,8 +781,8 @@ mod tests {
     }
 
     /// A follower whose leader is at a closed port, holding reports for `resend_within`, its
-    /// lanes running.
-    fn unreachable_leader(resend_within: Duration) -> Follower {
+    /// lanes running (what each holds beside it).
+    fn unreachable_leader(resend_within: Duration) -> (Follower, Vec<Arc<Mutex<Outstanding>>>) {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let uri = format!("http://{}", closed.local_addr().unwrap());
         drop(closed);
@@ -772,32 +792,32 @@ mod tests {
             ..ForwardSettings::default()
         };
         let mut f = follower(Some(uri), settings);
-        for lane in f.lanes.drain(..) {
-            tokio::spawn(lane.run());
-        }
-        f
+        let lanes = spawn_lanes(&mut f);
+        (f, lanes)
     }
 
     #[tokio::test]
     async fn reports_no_leader_takes_in_time_are_dropped_and_counted_once() {
-        let f = unreachable_leader(Duration::from_millis(300));
+        let (f, lanes) = unreachable_leader(Duration::from_millis(300));
         for sequence in 1..=3 {
             f.forwarder.offer_report(report("gw", sequence));
         }
         dropped(&f.counters, "send_failed", 3).await;
         // Each once, however often the lane tried again.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        let_go(&lanes).await;
         assert_eq!(dropped_now(&f.counters, "send_failed"), 3);
         assert_eq!(f.counters.forwarded.get(), 0);
     }
 
     #[tokio::test]
     async fn reports_held_for_a_leader_are_let_go_when_this_replica_takes_the_lead() {
-        let f = unreachable_leader(RESEND_WITHIN);
+        let (f, lanes) = unreachable_leader(RESEND_WITHIN);
         f.forwarder.offer_report(report("gw", 1));
         f.forwarder.offer_report(report("gw", 2));
         f.leading.send(true).unwrap();
         dropped(&f.counters, "leading", 2).await;
+        let_go(&lanes).await;
+        assert_eq!(dropped_now(&f.counters, "leading"), 2);
         assert_eq!(dropped_now(&f.counters, "send_failed"), 0);
     }
 
@@ -895,13 +915,15 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reports_taken_while_no_leader_is_named_reach_the_next_one() {
         let mut f = follower(None, ForwardSettings::default());
-        for lane in f.lanes.drain(..) {
-            tokio::spawn(lane.run());
-        }
+        let lanes = spawn_lanes(&mut f);
         f.forwarder.offer_report(report("gw", 1));
         f.forwarder.offer_report(report("gw", 2));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        // One poll later the Lease names the next leader.
+        // Both held for want of a leader; one poll later the Lease names the next one.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lanes.iter().map(|l| lock(l).reports.len()).sum::<usize>() < 2 {
+            assert!(Instant::now() < deadline, "the reports not held in 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let next = RecordingLeader::default();
         f.leader.send(Some(next.serve().await)).unwrap();
         f.forwarder.offer_report(report("gw", 3));
@@ -923,7 +945,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reports_sent_again_after_a_hand_over_say_how_long_they_were_held() {
-        let f = unreachable_leader(RESEND_WITHIN);
+        let (f, _lanes) = unreachable_leader(RESEND_WITHIN);
         let taken = Instant::now();
         f.forwarder.offer_report(report("gw", 1));
         f.forwarder.offer_report(report("gw", 2));
