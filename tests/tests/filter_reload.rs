@@ -252,6 +252,96 @@ fn print_reports(receiver: &Receiver) {
     );
 }
 
+/// The median gap (ms) between the ten reports that follow the first two after `from` (the
+/// first after a reload may still come from the old configuration's sender, on its schedule),
+/// and the sorted gaps.
+async fn median_gap_after(receiver: &Receiver, from: usize) -> anyhow::Result<(u64, Vec<u64>)> {
+    let after = wait_for(
+        "ten reports after the reload",
+        Duration::from_secs(10),
+        || {
+            let reports = receiver.reports();
+            async move { (reports.len() >= from + 12).then_some(reports) }
+        },
+    )
+    .await?;
+    let mut gaps: Vec<u64> = after[from + 2..from + 12]
+        .windows(2)
+        .map(|w| w[1].sent_at_unix_ms.saturating_sub(w[0].sent_at_unix_ms))
+        .collect();
+    gaps.sort_unstable();
+    println!("gaps between reports after the reload (ms): {gaps:?}");
+    Ok((gaps.get(gaps.len() / 2).copied().unwrap_or_default(), gaps))
+}
+
+/// A configuration rolled back while the one it replaced still drains: Envoy reuses its root
+/// contexts without a call into the VM (its thread-local plugin is cached by configuration), so
+/// nothing tells them they are current again, and the edit they replaced keeps reporting until
+/// it has drained (README); then the rolled-back one takes over. A (100 ms) -> B (300 ms) -> A,
+/// within an 8 s drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_rolled_back_within_the_drain_reports_once_the_edit_has_drained()
+-> anyhow::Result<()> {
+    let drain = Duration::from_secs(8);
+    let stack = start_stack(drain).await?;
+    let (envoy, receiver) = (&stack.envoy, &stack.receiver);
+    let a = plugin_config(100, 8);
+    let b = plugin_config(300, 8);
+    send_quick(envoy, "on-a", 5).await?;
+
+    envoy
+        .reload_listener(&options(&stack.sim, receiver, &b))
+        .await?;
+    let (median, gaps) = median_gap_after(receiver, receiver.reports().len()).await?;
+    assert!(
+        (250..=600).contains(&median),
+        "B (300 ms) reports after the first reload: {gaps:?}"
+    );
+    send_quick(envoy, "on-b", 5).await?;
+
+    envoy
+        .reload_listener(&options(&stack.sim, receiver, &a))
+        .await?;
+    let rolled_back = std::time::Instant::now();
+    // The premise: A's root contexts were reused, not configured again (a fresh A would be the
+    // newest configuration and report every 100 ms at once).
+    let (median, gaps) = median_gap_after(receiver, receiver.reports().len()).await?;
+    anyhow::ensure!(
+        median >= 250,
+        "A reported at once after the rollback ({gaps:?}): its root contexts were not reused"
+    );
+    send_quick(envoy, "on-a-again", 5).await?;
+
+    let admin = http_client();
+    wait_for("B's filter chain to drain", drain * 3, || {
+        let admin = admin.clone();
+        async move {
+            let n = envoy
+                .admin_stat(&admin, "listener_manager.total_filter_chains_draining")
+                .await?;
+            (n == 0).then_some(())
+        }
+    })
+    .await?;
+    let drained = receiver.reports().len();
+    let (median, gaps) = median_gap_after(receiver, drained).await?;
+    println!(
+        "A reports every {median} ms again, {:.1} s after the rollback",
+        rolled_back.elapsed().as_secs_f64()
+    );
+    assert!(
+        (50..=200).contains(&median),
+        "A (100 ms) reports once B has drained: {gaps:?}"
+    );
+    let totals = wait_for_settled(receiver, 15).await?;
+    print_reports(receiver);
+    for model in ["on-a", "on-b", "on-a-again"] {
+        assert_eq!(requests_of(&totals, model), 5, "{model}");
+    }
+    assert_eq!(totals.gaps, 0);
+    Ok(())
+}
+
 /// Streams in flight when the plugin configuration changes finish on the old configuration
 /// (Envoy's drain time outlasts them); new requests run on the new one. Twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,24 +403,7 @@ async fn streams_in_flight_across_a_plugin_reload_are_counted_once_and_leave_not
     assert_eq!(totals.gaps, 0);
 
     // Reports after the reload come at the new configuration's interval.
-    let after = wait_for(
-        "ten reports after the reload",
-        Duration::from_secs(10),
-        || {
-            let reports = receiver.reports();
-            async move { (reports.len() >= reloaded_at + 12).then_some(reports) }
-        },
-    )
-    .await?;
-    // (The first report after the reload may still come from the old configuration's sender,
-    // on its schedule.)
-    let mut gaps: Vec<u64> = after[reloaded_at + 2..]
-        .windows(2)
-        .map(|w| w[1].sent_at_unix_ms.saturating_sub(w[0].sent_at_unix_ms))
-        .collect();
-    gaps.sort_unstable();
-    println!("gaps between reports after the reload (ms): {gaps:?}");
-    let median = gaps.get(gaps.len() / 2).copied().unwrap_or_default();
+    let (median, gaps) = median_gap_after(receiver, reloaded_at).await?;
     // At least 150 ms tells 200 ms from the old 100; the upper bound is generous, for a busy
     // machine, and still catches reports held back.
     assert!(
