@@ -12,6 +12,7 @@ use crate::shared::{self, ACCUMULATION_KEY, LABELS_KEY, REPORTER_KEY};
 use crate::stats::{FilterStats, StatsTable};
 use crate::{control_target, now_nanos};
 use flyball_filter_core::config::gateway_from_node_id;
+use flyball_filter_core::left::{LeftStream, LeftStreams};
 use flyball_filter_core::report::{self, ReporterState, TickPlan};
 use flyball_filter_core::shared as shared_core;
 use flyball_filter_core::{Accumulator, FilterConfig, KeyId, WorkerDelta};
@@ -21,7 +22,6 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::rc::Rc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -30,17 +30,6 @@ const SERVICE: &str = "flyball.v1.TelemetryService";
 const UNARY_METHOD: &str = "Report";
 const STREAM_METHOD: &str = "ReportStream";
 const GRPC_UNIMPLEMENTED: u32 = 12;
-/// Streams left half-closed ([`FlyballRoot::leave_stream`]) a worker keeps waiting for an
-/// answer: past that the oldest is reset, so a control service that stalls with its
-/// connections open does not collect a stream (and, one request a connection, a connection) per
-/// report.
-const MAX_LEFT_STREAMS: usize = 4;
-/// How long a stream left half-closed waits for the control service's answer before it is
-/// reset: above the control service's own give-up on a silent connection (20 s with its
-/// defaults), so that cut off one way it gives the connection up first and holds for this
-/// gateway.
-const LEFT_STREAM_DEADLINE: Duration = Duration::from_secs(60);
-
 /// What the HTTP contexts of this VM share with the root: one VM runs one thread, so a
 /// `RefCell` is enough, and callbacks never nest.
 pub(crate) struct Worker {
@@ -113,7 +102,7 @@ pub(crate) struct FlyballRoot {
     /// The report this worker has in flight.
     in_flight: Option<InFlight>,
     /// Streams given up on and half-closed, oldest first, until they end or are reset.
-    left_streams: VecDeque<LeftStream>,
+    left_streams: LeftStreams,
     /// This worker's number in the reporter state (`report::plan_tick`): random, not 0.
     worker_number: u64,
     /// The generation of this root context's configuration (`report::register_configuration`).
@@ -127,16 +116,6 @@ enum Transport {
     Stream(Option<u32>),
     /// Unary calls: the control service has no `ReportStream` (an older version).
     Unary,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct LeftStream {
-    token: u32,
-    /// The report given up on, if one was on it: an answer that comes after all still counts.
-    sequence: Option<u64>,
-    /// By the monotonic clock: a step of the wall clock must not reset it early (closing its
-    /// connection, which the control service would read as the gateway gone).
-    left_at: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -160,7 +139,7 @@ impl FlyballRoot {
             sparse_sketches: true,
             transport: Transport::Stream(None),
             in_flight: None,
-            left_streams: VecDeque::new(),
+            left_streams: LeftStreams::default(),
             // Context ids repeat across the workers' VMs; std's hasher keys come from WASI's
             // random_get, different in every VM.
             worker_number: RandomState::new().hash_one(context_id).max(1),
@@ -375,7 +354,7 @@ impl FlyballRoot {
     /// open until the control service's answer arrives or either side gives the connection up,
     /// the control service first (its keepalive), which holds for the gateway. An answer that
     /// still comes for `sequence`, the report given up on, counts: acknowledged or refused late.
-    /// A stream left waits at most [`LEFT_STREAM_DEADLINE`], and at most [`MAX_LEFT_STREAMS`]
+    /// A stream left waits at most [`flyball_filter_core::left::LEFT_STREAM_DEADLINE_NS`], and at most [`flyball_filter_core::left::MAX_LEFT_STREAMS`]
     /// wait, before being reset.
     fn leave_stream(&mut self, token: u32, sequence: Option<u64>) {
         if self.transport == Transport::Stream(Some(token)) {
@@ -386,24 +365,16 @@ impl FlyballRoot {
             log::debug!("flyball: report stream already gone: {status:?}");
             return;
         }
-        self.left_streams.push_back(LeftStream {
-            token,
-            sequence,
-            left_at: Instant::now(),
-        });
-        if self.left_streams.len() > MAX_LEFT_STREAMS
-            && let Some(oldest) = self.left_streams.pop_front()
-        {
+        let now = now_nanos(self.epoch);
+        if let Some(oldest) = self.left_streams.leave(token, sequence, now) {
             Self::reset_left_stream(oldest, "too many unanswered");
         }
     }
 
-    /// Resets the streams left half-closed longer than [`LEFT_STREAM_DEADLINE`].
+    /// Resets the streams left half-closed longer than [`flyball_filter_core::left::LEFT_STREAM_DEADLINE_NS`].
     fn expire_left_streams(&mut self) {
-        while let Some(&oldest) = self.left_streams.front()
-            && oldest.left_at.elapsed() >= LEFT_STREAM_DEADLINE
-        {
-            self.left_streams.pop_front();
+        let now = now_nanos(self.epoch);
+        while let Some(oldest) = self.left_streams.take_expired(now) {
             Self::reset_left_stream(oldest, "unanswered past the deadline");
         }
     }
@@ -604,7 +575,7 @@ impl Context for FlyballRoot {
                 .and_then(|bytes| v1::ReportResponse::decode(bytes.as_slice()).ok())
         };
         let Some((in_flight, worker)) = self.in_flight_on(token_id, true) else {
-            let left = self.left_streams.iter().find(|left| left.token == token_id);
+            let left = self.left_streams.get(token_id);
             if let Some(sequence) = left.and_then(|left| left.sequence)
                 && ack().is_some_and(|ack| ack.acknowledged_sequence == sequence)
             {
@@ -630,8 +601,7 @@ impl Context for FlyballRoot {
 
     fn on_grpc_stream_close(&mut self, token_id: u32, status_code: u32) {
         // Envoy lets go of an ended stream: its token must not be closed or reset after this.
-        let left = self.left_streams.iter().position(|l| l.token == token_id);
-        let left = left.and_then(|at| self.left_streams.remove(at));
+        let left = self.left_streams.ended(token_id);
         if let Some(sequence) = left.and_then(|left| left.sequence)
             && status_code == report::GRPC_INVALID_ARGUMENT
         {

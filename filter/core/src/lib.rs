@@ -5,6 +5,7 @@
 //! tokens, stripping what the filter injected) -> [`response::RequestRecord`] ->
 //! [`aggregate::Accumulator`] (per worker) -> [`shared::merge_worker_delta`] (process-wide, in
 //! Envoy shared data) -> [`report::plan_tick`] / [`report::build_report`] -> `flyball.v1` report.
+//! A report stream given up on is half-closed and waited on, within bounds ([`left::LeftStreams`]).
 //!
 //! The glue in `filter/` turns host calls into these values and back; this crate reads no clock
 //! (time is a [`Nanos`] or millisecond parameter), does no I/O, and builds for `wasm32-wasip1`
@@ -16,6 +17,7 @@
 pub mod aggregate;
 pub mod config;
 pub mod event;
+pub mod left;
 pub mod report;
 pub mod request;
 pub mod response;
