@@ -698,7 +698,9 @@ mod tests {
     }
 
     /// Waits (up to 10 s) until no lane holds a report: nothing is left that could be dropped
-    /// (and counted) again.
+    /// (and counted) again. A lane counts a report as it lets it go from what it holds, and sends
+    /// or sends again only what it holds, so once every lane holds nothing (and nothing more was
+    /// offered) no later pass can count one.
     async fn let_go(lanes: &[Arc<Mutex<Outstanding>>]) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while lanes.iter().any(|l| !lock(l).reports.is_empty()) {

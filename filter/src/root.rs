@@ -354,8 +354,8 @@ impl FlyballRoot {
     /// open until the control service's answer arrives or either side gives the connection up,
     /// the control service first (its keepalive), which holds for the gateway. An answer that
     /// still comes for `sequence`, the report given up on, counts: acknowledged or refused late.
-    /// A stream left waits at most [`flyball_filter_core::left::LEFT_STREAM_DEADLINE_NS`], and at most [`flyball_filter_core::left::MAX_LEFT_STREAMS`]
-    /// wait, before being reset.
+    /// A stream left waits for a bounded time, and a bounded number wait
+    /// ([`flyball_filter_core::left`]), before being reset.
     fn leave_stream(&mut self, token: u32, sequence: Option<u64>) {
         if self.transport == Transport::Stream(Some(token)) {
             self.transport = Transport::Stream(None);
@@ -371,7 +371,7 @@ impl FlyballRoot {
         }
     }
 
-    /// Resets the streams left half-closed longer than [`flyball_filter_core::left::LEFT_STREAM_DEADLINE_NS`].
+    /// Resets the streams left half-closed past their deadline ([`flyball_filter_core::left`]).
     fn expire_left_streams(&mut self) {
         let now = now_nanos(self.epoch);
         while let Some(oldest) = self.left_streams.take_expired(now) {

@@ -49,14 +49,16 @@ pub const DEFAULT_MAX_MODELS_PER_BACKEND: usize = 256;
 
 /// The most keys one gateway's report can carry under its label caps: each backend admitted has
 /// its models, `other` and `unknown`, and the backends past the cap share the `other` backend,
-/// which has as many.
+/// which has as many. Caps lowered by a reload do not lower it at once: the process keeps the
+/// names it admitted under the higher ones.
 pub const fn max_keys_under_caps(max_backends: usize, max_models_per_backend: usize) -> usize {
     (max_backends + 1) * (max_models_per_backend + 2)
 }
 
-/// The control service's `--max-keys-per-report` by default: every report a gateway with the
-/// default caps can send (16,770 keys), so that only a gateway whose caps were raised past them
-/// can be refused for its keys.
+/// The control service's `--max-keys-per-report` by default: as many keys as a gateway with the
+/// default caps can send (16,770), so that only a gateway whose caps were raised past them has a
+/// report refused whole for its keys. What all reports together may track is `--max-keys`'s
+/// bound (keys past it are dropped, counted, and their pools hold).
 pub const DEFAULT_MAX_KEYS_PER_REPORT: usize =
     max_keys_under_caps(DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MODELS_PER_BACKEND);
 

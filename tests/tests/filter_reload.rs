@@ -252,6 +252,12 @@ fn print_reports(receiver: &Receiver) {
     );
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The median gap (ms) between the ten reports that follow the first two after `from` (the
 /// first after a reload may still come from the old configuration's sender, on its schedule),
 /// and the sorted gaps.
@@ -303,9 +309,11 @@ async fn a_configuration_rolled_back_within_the_drain_reports_once_the_edit_has_
         .reload_listener(&options(&stack.sim, receiver, &a))
         .await?;
     let rolled_back = std::time::Instant::now();
+    let rolled_back_unix_ms = unix_ms();
+    let rolled_back_at = receiver.reports().len();
     // The premise: A's root contexts were reused, not configured again (a fresh A would be the
     // newest configuration and report every 100 ms at once).
-    let (median, gaps) = median_gap_after(receiver, receiver.reports().len()).await?;
+    let (median, gaps) = median_gap_after(receiver, rolled_back_at).await?;
     anyhow::ensure!(
         median >= 250,
         "A reported at once after the rollback ({gaps:?}): its root contexts were not reused"
@@ -323,6 +331,21 @@ async fn a_configuration_rolled_back_within_the_drain_reports_once_the_edit_has_
         }
     })
     .await?;
+    // B reported at its own interval for as long as it drained (to a second before its end).
+    let draining_until = rolled_back_unix_ms + drain.as_millis() as u64 - 1_000;
+    let during: Vec<u64> = receiver.reports()[rolled_back_at + 1..]
+        .iter()
+        .map(|r| r.sent_at_unix_ms)
+        .take_while(|&sent| sent <= draining_until)
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| w[1].saturating_sub(w[0]))
+        .collect();
+    println!("gaps while B drained (ms): {during:?}");
+    assert!(
+        during.len() >= 15 && during.iter().all(|&gap| gap >= 150),
+        "B (300 ms) reports until it has drained: {during:?}"
+    );
     let drained = receiver.reports().len();
     let (median, gaps) = median_gap_after(receiver, drained).await?;
     println!(

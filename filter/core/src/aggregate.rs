@@ -572,12 +572,40 @@ mod tests {
             labels.len(),
             flyball_proto::max_keys_under_caps(max_backends, max_models)
         );
-        assert!(
-            flyball_proto::DEFAULT_MAX_KEYS_PER_REPORT
-                >= flyball_proto::max_keys_under_caps(
-                    FilterConfig::default().max_backends,
-                    FilterConfig::default().max_models_per_backend
-                )
+    }
+
+    /// The report merges every worker's keys: workers that meet the names in different orders,
+    /// admitted through the process's one table, still make no more keys between them.
+    #[test]
+    fn workers_meeting_names_in_different_orders_make_no_more_keys_together() {
+        let (max_backends, max_models) = (2, 3);
+        let mut table = crate::shared::LabelTable::default();
+        let mut names: Vec<String> = (0..6).map(|i| format!("n{i}")).collect();
+        names.extend([OTHER.to_string(), UNKNOWN.to_string()]);
+        let mut keys = std::collections::BTreeSet::new();
+        for order in [false, true] {
+            let mut worker = Labels::new(max_backends, max_models);
+            let mut ordered = names.clone();
+            if order {
+                ordered.reverse();
+            }
+            for backend in &ordered {
+                for model in &ordered {
+                    let mut process = Process {
+                        table: &mut table,
+                        max_backends,
+                        max_models,
+                    };
+                    let (id, _) = worker.key_with(backend, Some(model), &mut process);
+                    let (b, m) = worker.get(id);
+                    keys.insert((b.to_string(), m.to_string()));
+                }
+            }
+        }
+        assert_eq!(
+            keys.len(),
+            flyball_proto::max_keys_under_caps(max_backends, max_models),
+            "{keys:?}"
         );
     }
 

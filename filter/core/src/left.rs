@@ -145,6 +145,19 @@ mod tests {
         }
     }
 
+    /// The control service gives up a silent connection after its keepalive and its keepalive
+    /// timeout, 10 s each by default: a stream cut off one way must wait longer, so that the
+    /// control service lets the connection go first and holds for the gateway.
+    #[test]
+    fn a_left_stream_outwaits_the_control_services_give_up() {
+        let control_gives_up = 20 * SECOND;
+        assert!(LEFT_STREAM_DEADLINE_NS >= 2 * control_gives_up);
+        let mut left = LeftStreams::default();
+        left.leave(1, None, 0);
+        assert_eq!(left.take_expired(control_gives_up), None);
+        assert_eq!(left.take_expired(60 * SECOND).map(|l| l.token), Some(1));
+    }
+
     #[test]
     fn a_clock_read_before_the_stream_was_left_expires_nothing() {
         let mut left = LeftStreams::default();
