@@ -702,9 +702,18 @@ mod tests {
     /// or sends again only what it holds, so once every lane holds nothing (and nothing more was
     /// offered) no later pass can count one.
     async fn let_go(lanes: &[Arc<Mutex<Outstanding>>]) {
+        held_until(lanes, "no report held", |held| held == 0).await;
+    }
+
+    /// Waits (up to 10 s) until the number of reports the lanes hold satisfies `wanted`.
+    async fn held_until(
+        lanes: &[Arc<Mutex<Outstanding>>],
+        what: &str,
+        wanted: impl Fn(usize) -> bool,
+    ) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while lanes.iter().any(|l| !lock(l).reports.is_empty()) {
-            assert!(Instant::now() < deadline, "reports still held after 10 s");
+        while !wanted(lanes.iter().map(|l| lock(l).reports.len()).sum()) {
+            assert!(Instant::now() < deadline, "{what}: not within 10 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -921,11 +930,7 @@ mod tests {
         f.forwarder.offer_report(report("gw", 1));
         f.forwarder.offer_report(report("gw", 2));
         // Both held for want of a leader; one poll later the Lease names the next one.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while lanes.iter().map(|l| lock(l).reports.len()).sum::<usize>() < 2 {
-            assert!(Instant::now() < deadline, "the reports not held in 10 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        held_until(&lanes, "both reports held", |held| held >= 2).await;
         let next = RecordingLeader::default();
         f.leader.send(Some(next.serve().await)).unwrap();
         f.forwarder.offer_report(report("gw", 3));
