@@ -429,7 +429,22 @@ impl Varints {
     /// `body`'s varints, `body` lying at `start` in its sketch.
     fn read(body: &[u8], start: usize) -> Read<Self> {
         // A varint ends at its first byte below 0x80; one of more than 10 bytes, or whose tenth
-        // takes it past 64 bits, or that does not end, is prost's to refuse.
+        // takes it past 64 bits, or that does not end, is prost's to refuse. With fewer than 9
+        // bytes of 0x80 or more in the whole field, no varint in it is longer than 9 bytes: only
+        // the last one's end is left to check. A second of traffic seldom counts past 127 in a
+        // bucket, so this is the common case, and counted so, the bytes are read many at a
+        // time (the loop below took ~15% of reading a report, byte by byte).
+        let ends = body.iter().filter(|&&byte| byte < 0x80).count();
+        if body.len() - ends < 9 {
+            if body.last().is_some_and(|&last| last >= 0x80) {
+                return Err(LeftToProst);
+            }
+            return Ok(Varints {
+                start,
+                end: start + body.len(),
+                len: ends,
+            });
+        }
         let (mut len, mut run) = (0, 0);
         for &byte in body {
             run += 1;

@@ -325,11 +325,49 @@ fn a_forged_packed_sketch_is_refused_as_the_decoded_one_is() {
     }
 }
 
+proptest! {
+    /// Packed counts made of varints of 1 to 12 bytes, any last byte, and maybe one that does not
+    /// end: both ways of reading them (with fewer than 9 bytes of 0x80 or more in the field, and
+    /// with more) meet varints that end, that do not, and that run past 10 bytes or 64 bits.
+    #[test]
+    fn packed_varints_of_any_bytes_read_as_prost_reads_them(
+        varints in proptest::collection::vec((0usize..=11, 0u8..0x80), 0..5),
+        unended in 0usize..3,
+    ) {
+        let mut counts = Vec::new();
+        for (continued, last) in varints {
+            counts.extend((0..continued).map(|at| 0x80 | at as u8));
+            counts.push(last);
+        }
+        counts.extend(std::iter::repeat_n(0xff, unended));
+        assert_packed_counts_read_as_prost_reads_them(&counts);
+    }
+}
+
+/// Sends `counts` as a sketch's packed `counts` field and checks that the reader takes or
+/// refuses it as prost does.
+fn assert_packed_counts_read_as_prost_reads_them(counts: &[u8]) {
+    let mut summary = recorded(&[5.0]);
+    summary.counts.clear();
+    let mut sketch = summary.encode_to_vec();
+    encode_key(3, WireType::LengthDelimited, &mut sketch);
+    encode_varint(counts.len() as u64, &mut sketch);
+    sketch.extend_from_slice(counts);
+    let encoded = report_with_sketch_bytes(&sketch);
+    let theirs = v1::ReportRequest::decode(encoded.as_slice());
+    let mine = packed::ReportRequest::decode(&Bytes::from(encoded));
+    assert_eq!(
+        mine.is_ok(),
+        theirs.is_ok(),
+        "{counts:x?}: {mine:?} / {theirs:?}"
+    );
+    if let (Ok(mine), Ok(theirs)) = (mine, theirs) {
+        assert_same_report(&mine, &theirs);
+    }
+}
+
 #[test]
 fn packed_varints_fail_where_prost_fails() {
-    let head = recorded(&[5.0]);
-    let mut summary = head.clone();
-    summary.counts.clear();
     let longest = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
     let mut over_64_bits = longest;
     over_64_bits[9] = 0x02;
@@ -344,21 +382,7 @@ fn packed_varints_fail_where_prost_fails() {
         &[0x05, 0x80],
     ];
     for counts in cases {
-        let mut sketch = summary.encode_to_vec();
-        encode_key(3, WireType::LengthDelimited, &mut sketch);
-        encode_varint(counts.len() as u64, &mut sketch);
-        sketch.extend_from_slice(counts);
-        let encoded = report_with_sketch_bytes(&sketch);
-        let theirs = v1::ReportRequest::decode(encoded.as_slice());
-        let mine = packed::ReportRequest::decode(&Bytes::from(encoded));
-        assert_eq!(
-            mine.is_ok(),
-            theirs.is_ok(),
-            "{counts:x?}: {mine:?} / {theirs:?}"
-        );
-        if let (Ok(mine), Ok(theirs)) = (mine, theirs) {
-            assert_same_report(&mine, &theirs);
-        }
+        assert_packed_counts_read_as_prost_reads_them(counts);
     }
 }
 
