@@ -1103,6 +1103,7 @@ impl IngestState {
                 continue;
             };
             process.note_fed(id, now, lookback);
+            self.windows.note_reported(id, now);
             if report.held.is_zero() {
                 self.windows.record(id, backlog_since, now, &key.delta);
             } else {

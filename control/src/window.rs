@@ -77,10 +77,10 @@ pub struct InFlight {
 
 /// Requests in flight integrated over time, in request-microseconds: the in-flight sums as the
 /// control service saw them, each gateway's gauges held from one of its reports to the next (a
-/// gateway gone quiet: until it is given up on, as for the sums). Time before a key's first
-/// report counts as nothing in flight.
-/// Divided by the time covered, the mean number in flight over a window, which is what a latency
-/// measured over the same window answers to; the sum at the window's end is one moment of it.
+/// gateway gone quiet: until it is given up on, as for the sums). Divided by the time spanned
+/// (which starts no earlier than the key's first report), the mean number in flight over a
+/// window, which is what a latency measured over the same window answers to; the sum at the
+/// window's end is one moment of it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InFlightTime {
     pub waiting_first_token_us: u64,
@@ -105,6 +105,12 @@ pub struct Window {
     width_ns: u64,
     epoch: Instant,
     slots: Vec<Slot>,
+    /// When its key first reported (a pool's: the first of its keys). Requests in flight are
+    /// known from then on: before it, nothing says how many there were, and counted as none
+    /// they would pull the mean down for a whole window after the key appears, or after the
+    /// service starts (a gateway reporting each second, first heard 0.9 s after the start, read
+    /// as a tenth of its load at 1 s).
+    reported_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -122,8 +128,8 @@ struct Slot {
 pub struct WindowSummary {
     /// The time the figures cover: the span, or less just after the epoch; never under one bucket.
     pub covered: Duration,
-    /// The oldest bucket's start to now, not padded to a bucket as `covered` is: the time
-    /// `in_flight` was integrated over.
+    /// The oldest bucket's start, or the key's first report if later, to now; not padded to a
+    /// bucket as `covered` is: the time `in_flight` was integrated over.
     pub spanned: Duration,
     pub requests: RequestOutcomes,
     pub tokens: TokenUsage,
@@ -371,7 +377,13 @@ impl Window {
                 .max(1),
             epoch,
             slots: vec![Slot::default(); config.slots()],
+            reported_since: None,
         }
+    }
+
+    /// Its key reported at `now`: requests in flight are known from the first such time on.
+    fn note_reported(&mut self, now: Instant) {
+        self.reported_since = Some(self.reported_since.map_or(now, |since| since.min(now)));
     }
 
     fn bucket_of(&self, now: Instant) -> u64 {
@@ -497,7 +509,10 @@ impl Window {
         let since_ns = now.saturating_duration_since(self.epoch).as_nanos();
         let covered_ns = since_ns.saturating_sub(u128::from(oldest) * self.width.as_nanos());
         let covered = Duration::from_nanos(u64::try_from(covered_ns).unwrap_or(u64::MAX));
-        summary.spanned = covered;
+        let known = self
+            .reported_since
+            .map_or(covered, |since| now.saturating_duration_since(since));
+        summary.spanned = covered.min(known);
         summary.covered = covered.max(self.width);
         summary
     }
@@ -505,6 +520,9 @@ impl Window {
     /// Adds `other`'s buckets to this window's. Both must share the epoch and configuration
     /// (all windows of one [`Windows`] do), so a bucket sits at the same slot in both.
     fn merge(&mut self, other: &Window) {
+        if let Some(since) = other.reported_since {
+            self.note_reported(since);
+        }
         for (mine, theirs) in self.slots.iter_mut().zip(&other.slots) {
             let Some(index) = theirs.index else {
                 continue;
@@ -831,6 +849,28 @@ impl Windows {
                 record(&mut pool.window);
                 pool.totals.add(delta);
                 pool.last_update = pool.last_update.max(Some(now));
+            }
+        }
+    }
+
+    /// A report for `key` arrived at `now`: its windows and its pools' know its requests in
+    /// flight from the first one on.
+    pub fn note_reported(&mut self, key: KeyId, now: Instant) {
+        let Some(state) = self.keys.get_mut(key.0 as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        // A pool's window is its keys' merged or noted with them: a key noted once is done.
+        if state
+            .window
+            .reported_since
+            .is_some_and(|since| since <= now)
+        {
+            return;
+        }
+        state.window.note_reported(now);
+        for pool in &state.pools {
+            if let Some(Some(pool)) = self.pools.get_mut(pool.0) {
+                pool.window.note_reported(now);
             }
         }
     }

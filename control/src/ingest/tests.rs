@@ -180,6 +180,22 @@ fn in_flight_is_the_sum_of_each_live_gateways_latest_gauge() {
     );
 }
 
+/// Just after the service starts, a pool's mean in flight counts from its first report: a
+/// gateway first heard 0.9 s in, 10 decoding, reads as 10 at 1 s, not as the tenth of it that
+/// the time before the report, counted as nothing in flight, made it.
+#[test]
+fn requests_in_flight_are_averaged_from_the_first_report_not_the_start() {
+    let base = Instant::now();
+    let t = telemetry(base);
+    t.ingest(report("a", 1, 1, 0, 10), at(base, 900)).unwrap();
+    let pool = t.pool(PoolId(0), at(base, 1_000)).unwrap();
+    assert!((pool.short.mean_decoding() - 10.0).abs() < 1e-9, "{pool:?}");
+    assert!(
+        (pool.stable.mean_decoding() - 10.0).abs() < 1e-9,
+        "{pool:?}"
+    );
+}
+
 #[test]
 fn a_silent_reporter_goes_stale_and_its_gauge_drops_out_until_it_reports_again() {
     let base = Instant::now();
