@@ -1066,6 +1066,7 @@ impl IngestState {
             return merged;
         };
         self.last_report = Some(now);
+        self.windows.note_heard(now);
         // Live on its own schedule: a gateway reporting every 5 s is not stale 3 s after one.
         let live_until =
             now + stale_limit(stale_after, stale_intervals, forget_after, process.interval);
@@ -1103,7 +1104,6 @@ impl IngestState {
                 continue;
             };
             process.note_fed(id, now, lookback);
-            self.windows.note_reported(id, now);
             if report.held.is_zero() {
                 self.windows.record(id, backlog_since, now, &key.delta);
             } else {

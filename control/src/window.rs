@@ -78,9 +78,9 @@ pub struct InFlight {
 /// Requests in flight integrated over time, in request-microseconds: the in-flight sums as the
 /// control service saw them, each gateway's gauges held from one of its reports to the next (a
 /// gateway gone quiet: until it is given up on, as for the sums). Divided by the time spanned
-/// (which starts no earlier than the key's first report), the mean number in flight over a
-/// window, which is what a latency measured over the same window answers to; the sum at the
-/// window's end is one moment of it.
+/// (which starts no earlier than the first report the service heard), the mean number in
+/// flight over a window, which is what a latency measured over the same window answers to; the
+/// sum at the window's end is one moment of it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InFlightTime {
     pub waiting_first_token_us: u64,
@@ -105,12 +105,6 @@ pub struct Window {
     width_ns: u64,
     epoch: Instant,
     slots: Vec<Slot>,
-    /// When its key first reported (a pool's: the first of its keys). Requests in flight are
-    /// known from then on: before it, nothing says how many there were, and counted as none
-    /// they would pull the mean down for a whole window after the key appears, or after the
-    /// service starts (a gateway reporting each second, first heard 0.9 s after the start, read
-    /// as a tenth of its load at 1 s).
-    reported_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -128,8 +122,8 @@ struct Slot {
 pub struct WindowSummary {
     /// The time the figures cover: the span, or less just after the epoch; never under one bucket.
     pub covered: Duration,
-    /// The oldest bucket's start, or the key's first report if later, to now; not padded to a
-    /// bucket as `covered` is: the time `in_flight` was integrated over.
+    /// The oldest bucket's start, or the first report the service heard if later, to now; not
+    /// padded to a bucket as `covered` is: the time `in_flight` was integrated over.
     pub spanned: Duration,
     pub requests: RequestOutcomes,
     pub tokens: TokenUsage,
@@ -166,6 +160,12 @@ pub struct Windows {
     /// Indexed by [`PoolId`]; `None` for ids no pool holds (any more). Ids are never reused, so
     /// a reader holding an older configuration never sees another pool's figures.
     pools: Vec<Option<PoolState>>,
+    /// When the first report arrived. Requests in flight are known from then on (a key absent
+    /// from a report has none in flight at its gateway); before it nothing says how many there
+    /// were, and counted as none they pulled the means down for a whole window after the
+    /// service started (a gateway first heard 0.9 s after the start read as a tenth of its load
+    /// at 1 s).
+    heard_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -377,13 +377,7 @@ impl Window {
                 .max(1),
             epoch,
             slots: vec![Slot::default(); config.slots()],
-            reported_since: None,
         }
-    }
-
-    /// Its key reported at `now`: requests in flight are known from the first such time on.
-    fn note_reported(&mut self, now: Instant) {
-        self.reported_since = Some(self.reported_since.map_or(now, |since| since.min(now)));
     }
 
     fn bucket_of(&self, now: Instant) -> u64 {
@@ -509,10 +503,7 @@ impl Window {
         let since_ns = now.saturating_duration_since(self.epoch).as_nanos();
         let covered_ns = since_ns.saturating_sub(u128::from(oldest) * self.width.as_nanos());
         let covered = Duration::from_nanos(u64::try_from(covered_ns).unwrap_or(u64::MAX));
-        let known = self
-            .reported_since
-            .map_or(covered, |since| now.saturating_duration_since(since));
-        summary.spanned = covered.min(known);
+        summary.spanned = covered;
         summary.covered = covered.max(self.width);
         summary
     }
@@ -520,9 +511,6 @@ impl Window {
     /// Adds `other`'s buckets to this window's. Both must share the epoch and configuration
     /// (all windows of one [`Windows`] do), so a bucket sits at the same slot in both.
     fn merge(&mut self, other: &Window) {
-        if let Some(since) = other.reported_since {
-            self.note_reported(since);
-        }
         for (mine, theirs) in self.slots.iter_mut().zip(&other.slots) {
             let Some(index) = theirs.index else {
                 continue;
@@ -620,6 +608,7 @@ impl Windows {
             keys: Vec::new(),
             free: Vec::new(),
             pools: Vec::new(),
+            heard_since: None,
         }
     }
 
@@ -853,28 +842,6 @@ impl Windows {
         }
     }
 
-    /// A report for `key` arrived at `now`: its windows and its pools' know its requests in
-    /// flight from the first one on.
-    pub fn note_reported(&mut self, key: KeyId, now: Instant) {
-        let Some(state) = self.keys.get_mut(key.0 as usize).and_then(Option::as_mut) else {
-            return;
-        };
-        // A pool's window is its keys' merged or noted with them: a key noted once is done.
-        if state
-            .window
-            .reported_since
-            .is_some_and(|since| since <= now)
-        {
-            return;
-        }
-        state.window.note_reported(now);
-        for pool in &state.pools {
-            if let Some(Some(pool)) = self.pools.get_mut(pool.0) {
-                pool.window.note_reported(now);
-            }
-        }
-    }
-
     /// Replaces one gateway's contribution to a key's in-flight sum at `now`, first adding the
     /// sum as it held until then to the key's and its pools' windows.
     pub fn replace_in_flight(&mut self, key: KeyId, old: InFlight, new: InFlight, now: Instant) {
@@ -899,11 +866,26 @@ impl Windows {
         state.in_flight.add(new);
     }
 
+    /// A report arrived at `now`: requests in flight are known from the first one on.
+    pub fn note_heard(&mut self, now: Instant) {
+        self.heard_since = Some(self.heard_since.map_or(now, |since| since.min(now)));
+    }
+
+    /// `window`'s figures over `span` before `now`, their time in flight spanning no earlier than
+    /// the first report heard.
+    fn summary(&self, window: &Window, now: Instant, span: Duration) -> WindowSummary {
+        let mut summary = window.summary(now, span);
+        if let Some(since) = self.heard_since {
+            summary.spanned = summary.spanned.min(now.saturating_duration_since(since));
+        }
+        summary
+    }
+
     pub fn pool(&self, pool: PoolId, now: Instant) -> Option<View> {
         let state = self.pools.get(pool.0)?.as_ref()?;
         let mut view = View {
-            short: state.window.summary(now, self.config.short),
-            stable: state.window.summary(now, self.config.stable),
+            short: self.summary(&state.window, now, self.config.short),
+            stable: self.summary(&state.window, now, self.config.stable),
             totals: state.totals,
             in_flight: InFlight::default(),
             last_update: state.last_update,
@@ -922,8 +904,8 @@ impl Windows {
             .flatten()
             .map(|key| {
                 let mut view = View {
-                    short: key.window.summary(now, self.config.short),
-                    stable: key.window.summary(now, self.config.stable),
+                    short: self.summary(&key.window, now, self.config.short),
+                    stable: self.summary(&key.window, now, self.config.stable),
                     totals: key.totals,
                     in_flight: InFlight::default(),
                     last_update: key.last_update,

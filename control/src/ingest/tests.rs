@@ -180,7 +180,7 @@ fn in_flight_is_the_sum_of_each_live_gateways_latest_gauge() {
     );
 }
 
-/// Just after the service starts, a pool's mean in flight counts from its first report: a
+/// Just after the service starts, a pool's mean in flight counts from the first report heard: a
 /// gateway first heard 0.9 s in, 10 decoding, reads as 10 at 1 s, not as the tenth of it that
 /// the time before the report, counted as nothing in flight, made it.
 #[test]

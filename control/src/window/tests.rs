@@ -286,18 +286,18 @@ fn decoding(n: u64) -> InFlight {
     }
 }
 
-/// Just after the service starts (or a key appears), requests in flight are known only from the
-/// key's first report: the mean is taken over the time since, not over the time before anything
-/// was known, which would count as none in flight.
+/// Just after the service starts, requests in flight are known only from the first report it
+/// heard: the mean is taken over the time since, not over the time before anything was known,
+/// which would count as none in flight.
 #[test]
-fn requests_in_flight_are_averaged_from_the_keys_first_report() {
+fn requests_in_flight_are_averaged_from_the_first_report_heard() {
     let base = Instant::now();
     let mut windows = Windows::new(WindowConfig::default(), base, 10);
     windows.set_pools(vec![selector(None, None)]);
     let key = windows.key("b", "m").unwrap();
     // A gateway reporting each second, first heard 0.9 s after the start, 10 decoding.
     let first = at(base, 900);
-    windows.note_reported(key, first);
+    windows.note_heard(first);
     windows.replace_in_flight(key, InFlight::default(), decoding(10), first);
     let view = windows.pool(PoolId(0), at(base, 1_000)).unwrap();
     assert_eq!(view.short.spanned, Duration::from_millis(100));
@@ -309,7 +309,6 @@ fn requests_in_flight_are_averaged_from_the_keys_first_report() {
     let keys = windows.keys(at(base, 1_000));
     assert!((keys[0].view.short.mean_decoding() - 10.0).abs() < 1e-9);
     // Once the window reaches past the first report, it spans the window again.
-    windows.note_reported(key, at(base, 20_000));
     let later = windows.pool(PoolId(0), at(base, 20_500)).unwrap();
     assert_eq!(later.short.spanned, Duration::from_millis(9_500));
     assert!(
@@ -318,50 +317,25 @@ fn requests_in_flight_are_averaged_from_the_keys_first_report() {
     );
 }
 
-/// Time after the first report with nothing in flight is known to have had nothing in flight:
-/// it counts, as zeros.
+/// A key absent from the reports has none in flight: once the service hears reports, the time
+/// before a key first appears counts, as zeros, in its mean and its pool's.
 #[test]
-fn reports_of_nothing_in_flight_count_toward_the_mean() {
+fn time_before_a_key_appears_counts_as_nothing_in_flight_once_reports_are_heard() {
     let base = Instant::now();
     let mut windows = Windows::new(WindowConfig::default(), base, 10);
-    windows.set_pools(vec![selector(None, None)]);
+    windows.set_pools(vec![selector(Some("b"), None)]);
+    // Another backend's gateway reports from 0.5 s on; backend b's key appears at 5.5 s, with
+    // 10 decoding until 10.5 s.
+    windows.note_heard(at(base, 500));
     let key = windows.key("b", "m").unwrap();
-    windows.note_reported(key, at(base, 500));
-    // Nothing in flight for 5 s, then 10 decoding for 5 s.
-    windows.note_reported(key, at(base, 5_500));
+    windows.note_heard(at(base, 5_500));
     windows.replace_in_flight(key, InFlight::default(), decoding(10), at(base, 5_500));
-    let view = windows.pool(PoolId(0), at(base, 10_500)).unwrap();
+    let now = at(base, 10_500);
+    let view = windows.pool(PoolId(0), now).unwrap();
     assert_eq!(view.stable.spanned, Duration::from_secs(10));
     assert!((view.stable.mean_decoding() - 5.0).abs() < 1e-9, "{view:?}");
-}
-
-/// A pool is known from its first key's first report, and a pool made after its keys reported
-/// (a configuration change) knows what they knew.
-#[test]
-fn a_pool_knows_its_requests_in_flight_from_its_first_keys_first_report() {
-    let base = Instant::now();
-    let mut windows = Windows::new(WindowConfig::default(), base, 10);
-    windows.set_pools(vec![selector(None, None)]);
-    let (early, late) = (
-        windows.key("a", "m").unwrap(),
-        windows.key("b", "m").unwrap(),
-    );
-    windows.note_reported(early, at(base, 2_000));
-    windows.replace_in_flight(early, InFlight::default(), decoding(4), at(base, 2_000));
-    windows.note_reported(late, at(base, 3_000));
-    windows.replace_in_flight(late, InFlight::default(), decoding(6), at(base, 3_000));
-    let now = at(base, 4_000);
-    // 4 for 2 s and 6 for 1 s, over the 2 s since the first report.
-    let view = windows.pool(PoolId(0), now).unwrap();
-    assert_eq!(view.stable.spanned, Duration::from_secs(2));
-    assert!((view.stable.mean_decoding() - 7.0).abs() < 1e-9, "{view:?}");
-    windows.set_pools(vec![selector(None, None), selector(Some("a"), None)]);
-    let added = windows.pool(PoolId(1), now).unwrap();
-    assert_eq!(added.stable.spanned, Duration::from_secs(2));
-    assert!(
-        (added.stable.mean_decoding() - 4.0).abs() < 1e-9,
-        "{added:?}"
-    );
+    let keys = windows.keys(now);
+    assert!((keys[0].view.stable.mean_decoding() - 5.0).abs() < 1e-9);
 }
 
 #[test]
